@@ -1,0 +1,61 @@
+# icegate's developer entry points. Every target creates the virtual environment it needs, so
+# `make run` and `make test` are the only two commands a fresh clone needs.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PROTOS := $(wildcard protos/icegate/v1/*.proto)
+GENERATED_DIR := client/icegate/v1
+
+.PHONY: all venv proto proto-check run test lint coturn bench clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --editable '.[server,dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The one way stubs are made. The proto package maps onto the Python package
+# (icegate.v1 -> client/icegate/v1/), so generated imports need no rewriting.
+proto: $(STAMP)
+	find $(GENERATED_DIR) -name '*_pb2*.py*' -delete
+	$(BIN)/python -m grpc_tools.protoc -I protos \
+	  --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy \
+	  --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
+	  --python_out=client --grpc_python_out=client \
+	  --mypy_out=client --mypy_grpc_out=client \
+	  $(PROTOS)
+
+# Regenerates the committed stubs and fails if they differ from what is committed.
+proto-check: proto
+	@git diff --exit-code --stat -- $(GENERATED_DIR) || \
+	  { echo "generated code is stale: run 'make proto' and commit $(GENERATED_DIR)"; exit 1; }
+	@test -z "$$(git status --porcelain -- $(GENERATED_DIR))" || \
+	  { echo "generated code is not committed: run 'make proto' and commit $(GENERATED_DIR)"; exit 1; }
+
+run: proto
+	$(BIN)/icegate-server $(ARGS)
+
+test: proto
+	scripts/install-system-packages
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check client server tests examples
+	$(BIN)/ruff format --check client server tests examples
+	$(BIN)/mypy
+
+# Starts a local coturn with the same secrets and realm as `make run`'s server.
+coturn: $(STAMP)
+	scripts/install-system-packages
+	$(BIN)/icegate-server coturn-config --output .icegate/turnserver.conf $(ARGS)
+	turnserver -c .icegate/turnserver.conf
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

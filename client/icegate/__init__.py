@@ -1,0 +1,69 @@
+"""icegate: the typed Python client for the icegate service (sync and asyncio).
+
+    from icegate import Client
+    with Client() as icegate:                 # ICEGATE_TARGET / ICEGATE_API_KEY
+        servers = icegate.get_ice_servers("alice", ttl=600)
+        ice_servers = rtc_ice_servers(servers.ice_servers)   # JSON for the browser
+"""
+
+from icegate.aio import AsyncClient
+from icegate.client import Client
+from icegate.connection import ConfigurationError
+from icegate.errors import (
+    AlreadyExistsError,
+    AuthenticationError,
+    CancelledError,
+    ConcurrentLimitError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    FieldViolation,
+    IcegateError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    ProjectForbiddenError,
+    QuotaExceededError,
+    QuotaUsage,
+    RateLimitedError,
+    ResourceExhaustedError,
+    UnavailableError,
+    UpstreamAuthFailedError,
+    UpstreamNotConfiguredError,
+    UpstreamQuotaError,
+    UpstreamRejectedError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
+from icegate.ice import rtc_ice_servers
+
+__all__ = [
+    "AlreadyExistsError",
+    "AsyncClient",
+    "AuthenticationError",
+    "CancelledError",
+    "Client",
+    "ConcurrentLimitError",
+    "ConfigurationError",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "FieldViolation",
+    "IcegateError",
+    "InternalError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "ProjectForbiddenError",
+    "QuotaExceededError",
+    "QuotaUsage",
+    "RateLimitedError",
+    "ResourceExhaustedError",
+    "UnavailableError",
+    "UpstreamAuthFailedError",
+    "UpstreamNotConfiguredError",
+    "UpstreamQuotaError",
+    "UpstreamRejectedError",
+    "UpstreamTimeoutError",
+    "UpstreamUnavailableError",
+    "rtc_ice_servers",
+]

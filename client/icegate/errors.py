@@ -1,0 +1,304 @@
+"""The exceptions the icegate client raises: one class per situation a caller handles differently.
+
+    IcegateError
+    ├── AuthenticationError          UNAUTHENTICATED (INVALID_API_KEY)
+    ├── PermissionDeniedError        PERMISSION_DENIED
+    │   └── ProjectForbiddenError        PROJECT_FORBIDDEN
+    ├── InvalidArgumentError         INVALID_ARGUMENT (INVALID_FIELD; .field_violations)
+    ├── NotFoundError                NOT_FOUND
+    ├── AlreadyExistsError           ALREADY_EXISTS
+    ├── ResourceExhaustedError       RESOURCE_EXHAUSTED
+    │   ├── RateLimitedError             RATE_LIMITED (.reset_at, .retry_after, .limit)
+    │   ├── QuotaExceededError           QUOTA_EXCEEDED (.usage, .upgrade_url, .plan)
+    │   ├── ConcurrentLimitError         CONCURRENT_LIMIT (.current, .max_sessions)
+    │   └── UpstreamQuotaError           UPSTREAM_QUOTA_EXCEEDED
+    ├── FailedPreconditionError      FAILED_PRECONDITION
+    │   ├── UpstreamNotConfiguredError   UPSTREAM_NOT_CONFIGURED
+    │   ├── UpstreamAuthFailedError      UPSTREAM_AUTH_FAILED (.provider, .upstream_request_id)
+    │   └── UpstreamRejectedError        UPSTREAM_REJECTED
+    ├── UnavailableError             UNAVAILABLE (safe to retry)
+    │   └── UpstreamUnavailableError     UPSTREAM_UNAVAILABLE
+    ├── DeadlineExceededError        DEADLINE_EXCEEDED
+    │   └── UpstreamTimeoutError         UPSTREAM_UNAVAILABLE within the deadline
+    ├── CancelledError               CANCELLED
+    ├── InternalError                INTERNAL, UNKNOWN, DATA_LOSS, UNIMPLEMENTED ...
+
+`from_rpc_error` is the one place a `grpc.RpcError` becomes one of these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad request field, as the server described it."""
+
+    field: str
+    description: str
+
+
+@dataclass(frozen=True)
+class QuotaUsage:
+    """A project's monthly session quota at the moment it ran out."""
+
+    plan: str
+    sessions_included: int
+    sessions_used: int
+    sessions_remaining: int
+
+
+class IcegateError(Exception):
+    """Base of every error the client raises; carries the status and ErrorInfo of the answer."""
+
+    def __init__(self, message: str, *, code: grpc.StatusCode = grpc.StatusCode.UNKNOWN,
+                 reason: str = "", metadata: dict[str, str] | None = None,
+                 details: tuple[Any, ...] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.reason = reason
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self.details = details
+
+    def __str__(self) -> str:
+        reason = f" {self.reason}" if self.reason else ""
+        return f"{self.code.name}{reason}: {self.message}"
+
+
+class AuthenticationError(IcegateError):
+    """The server did not accept the API key (missing, malformed, unknown or revoked)."""
+
+
+class PermissionDeniedError(IcegateError):
+    """The key is valid but may not do this."""
+
+
+class ProjectForbiddenError(PermissionDeniedError):
+    """The key is valid but not for the project the call names."""
+
+
+class InvalidArgumentError(IcegateError):
+    """A request field is invalid; `field_violations` says which and why."""
+
+    @property
+    def field_violations(self) -> tuple[FieldViolation, ...]:
+        return tuple(
+            FieldViolation(v.field, v.description)
+            for detail in self.details if isinstance(detail, error_details_pb2.BadRequest)
+            for v in detail.field_violations
+        )
+
+
+class NotFoundError(IcegateError):
+    """The named project, key or session does not exist."""
+
+
+class AlreadyExistsError(IcegateError):
+    """A resource with that identity exists already."""
+
+
+class ResourceExhaustedError(IcegateError):
+    """A limit was reached."""
+
+
+def _retry_delay(details: tuple[Any, ...]) -> timedelta | None:
+    for detail in details:
+        if isinstance(detail, error_details_pb2.RetryInfo):
+            return detail.retry_delay.ToTimedelta()  # type: ignore[no-any-return]
+    return None
+
+
+class RateLimitedError(ResourceExhaustedError):
+    """The project used its requests for the current window; retry at `reset_at`."""
+
+    @property
+    def reset_at(self) -> datetime | None:
+        value = self.metadata.get("reset_at")
+        return datetime.fromisoformat(value) if value else None
+
+    @property
+    def retry_after(self) -> timedelta | None:
+        return _retry_delay(self.details)
+
+    @property
+    def limit(self) -> int | None:
+        value = self.metadata.get("limit")
+        return int(value) if value else None
+
+
+class QuotaExceededError(ResourceExhaustedError):
+    """The project created every session its plan includes this month."""
+
+    @property
+    def usage(self) -> QuotaUsage:
+        return QuotaUsage(
+            plan=self.metadata.get("plan", ""),
+            sessions_included=int(self.metadata.get("sessions_included", 0)),
+            sessions_used=int(self.metadata.get("sessions_used", 0)),
+            sessions_remaining=int(self.metadata.get("sessions_remaining", 0)),
+        )
+
+    @property
+    def plan(self) -> str:
+        return self.metadata.get("plan", "")
+
+    @property
+    def upgrade_url(self) -> str:
+        return self.metadata.get("upgrade_url", "")
+
+    @property
+    def resets_at(self) -> datetime | None:
+        value = self.metadata.get("resets_at")
+        return datetime.fromisoformat(value) if value else None
+
+
+class ConcurrentLimitError(ResourceExhaustedError):
+    """The project holds as many live sessions as it may; end one first."""
+
+    @property
+    def current(self) -> int:
+        return int(self.metadata.get("current", 0))
+
+    @property
+    def max_sessions(self) -> int:
+        return int(self.metadata.get("max", 0))
+
+
+class _UpstreamDetails:
+    """What the server says about a failed upstream provider call."""
+
+    metadata: dict[str, str]
+
+    @property
+    def provider(self) -> str:
+        return self.metadata.get("provider", "")
+
+    @property
+    def upstream_status(self) -> int:
+        return int(self.metadata.get("upstream_status", 0))
+
+    @property
+    def upstream_request_id(self) -> str:
+        return self.metadata.get("upstream_request_id", "")
+
+
+class UpstreamQuotaError(_UpstreamDetails, ResourceExhaustedError):
+    """The provider account behind the project is out of quota or credit."""
+
+
+class FailedPreconditionError(IcegateError):
+    """The system is not in a state where the call can succeed; fix it before retrying."""
+
+
+class UpstreamNotConfiguredError(_UpstreamDetails, FailedPreconditionError):
+    """The project has no key for the provider it asked for."""
+
+
+class UpstreamAuthFailedError(_UpstreamDetails, FailedPreconditionError):
+    """The provider refused the project's key."""
+
+
+class UpstreamRejectedError(_UpstreamDetails, FailedPreconditionError):
+    """The provider refused the request itself."""
+
+
+class UnavailableError(IcegateError):
+    """The server or something it depends on is unavailable; safe to retry with backoff."""
+
+    @property
+    def retry_after(self) -> timedelta | None:
+        return _retry_delay(self.details)
+
+
+class UpstreamUnavailableError(_UpstreamDetails, UnavailableError):
+    """The provider was down, slow or failing."""
+
+
+class DeadlineExceededError(IcegateError):
+    """The call did not finish before its deadline."""
+
+
+class UpstreamTimeoutError(_UpstreamDetails, DeadlineExceededError):
+    """The provider did not answer in time."""
+
+
+class CancelledError(IcegateError):
+    """The call was cancelled."""
+
+
+class InternalError(IcegateError):
+    """The server failed in a way it does not explain (a bug, or an unknown status)."""
+
+
+_BY_REASON: dict[str, type[IcegateError]] = {
+    "PROJECT_FORBIDDEN": ProjectForbiddenError,
+    "RATE_LIMITED": RateLimitedError,
+    "QUOTA_EXCEEDED": QuotaExceededError,
+    "CONCURRENT_LIMIT": ConcurrentLimitError,
+    "UPSTREAM_QUOTA_EXCEEDED": UpstreamQuotaError,
+    "UPSTREAM_NOT_CONFIGURED": UpstreamNotConfiguredError,
+    "UPSTREAM_AUTH_FAILED": UpstreamAuthFailedError,
+    "UPSTREAM_REJECTED": UpstreamRejectedError,
+}
+
+_BY_CODE: dict[grpc.StatusCode, type[IcegateError]] = {
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.CANCELLED: CancelledError,
+}
+
+
+def _unpack_details(error: grpc.Call) -> tuple[str, dict[str, str], tuple[Any, ...]]:
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:  # status and details disagree: trust the status, drop the details
+        status = None
+    if status is None:
+        return "", {}, ()
+    details: list[Any] = []
+    reason, metadata = "", {}
+    for packed in status.details:
+        for cls in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest,
+                    error_details_pb2.RetryInfo, error_details_pb2.QuotaFailure,
+                    error_details_pb2.Help):
+            if packed.Is(cls.DESCRIPTOR):
+                message = cls()
+                packed.Unpack(message)
+                details.append(message)
+                if isinstance(message, error_details_pb2.ErrorInfo):
+                    reason, metadata = message.reason, dict(message.metadata)
+                break
+    return reason, metadata, tuple(details)
+
+
+def from_rpc_error(error: grpc.RpcError) -> IcegateError:
+    """The typed exception for a failed call, with its rich details as attributes."""
+    call: Any = error
+    code: grpc.StatusCode = call.code() if hasattr(call, "code") else grpc.StatusCode.UNKNOWN
+    message: str = (call.details() if hasattr(call, "details") else None) or code.name
+    reason, metadata, details = _unpack_details(call) if hasattr(call, "trailing_metadata") \
+        else ("", {}, ())
+    if reason == "UPSTREAM_UNAVAILABLE" and code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        cls: type[IcegateError] = UpstreamTimeoutError
+    elif reason == "UPSTREAM_UNAVAILABLE":
+        cls = UpstreamUnavailableError
+    else:
+        cls = _BY_REASON.get(reason) or _BY_CODE.get(code, InternalError)
+    return cls(message, code=code, reason=reason, metadata=metadata, details=details)
+

@@ -1,0 +1,79 @@
+"""Caller authentication: `authorization: Bearer <key>` metadata -> the `Caller` it stands for.
+
+Keys are looked up by their SHA-256 digest, never compared as strings: whatever timing the
+lookup shows depends only on the digest, and learning digest prefixes tells an attacker
+nothing about any key (that is the constant-time property string comparison lacks). Keys are high-entropy random strings, so a plain
+(unsalted, fast) hash is enough: there is no dictionary to guess from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from icegate_server.errors import InvalidApiKeyError
+
+AUTHORIZATION_HEADER = "authorization"
+_BEARER_PREFIX = "bearer "
+MAX_KEY_LENGTH = 512
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: a key's id (never the key) and what it may act on.
+
+    An admin caller may act on every project; any other caller only on `project_id`.
+    """
+
+    key_id: str
+    is_admin: bool
+    project_id: str = ""
+
+
+def key_digest(key: str) -> bytes:
+    """The SHA-256 digest a key is stored and looked up under."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+
+def bearer_key(metadata: Iterable[tuple[str, str | bytes]]) -> str:
+    """The key of the single `authorization: Bearer <key>` header in `metadata`.
+
+    Raises:
+        InvalidApiKeyError: No such header, several, or one not of the Bearer form.
+    """
+    values = [value for name, value in metadata if name == AUTHORIZATION_HEADER]
+    if not values:
+        raise InvalidApiKeyError("missing 'authorization: Bearer <key>' metadata")
+    if len(values) > 1:
+        raise InvalidApiKeyError("more than one authorization header")
+    value = values[0]
+    if isinstance(value, bytes) or len(value) > MAX_KEY_LENGTH + len(_BEARER_PREFIX):
+        raise InvalidApiKeyError("malformed authorization header")
+    if value[: len(_BEARER_PREFIX)].lower() != _BEARER_PREFIX:
+        raise InvalidApiKeyError("authorization header must be 'Bearer <key>'")
+    key = value[len(_BEARER_PREFIX):].strip()
+    if not key:
+        raise InvalidApiKeyError("authorization header carries no key")
+    return key
+
+
+class StaticKeyAuthenticator:
+    """Recognises the static admin keys from settings (`ICEGATE_API_KEYS`)."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self._callers: dict[bytes, Caller] = {
+            key_digest(key): Caller(key_id=f"static-{index}", is_admin=True)
+            for index, key in enumerate(keys)
+        }
+
+    async def authenticate(self, key: str) -> Caller:
+        """The caller `key` stands for.
+
+        Raises:
+            InvalidApiKeyError: The key is unknown.
+        """
+        caller = self._callers.get(key_digest(key))
+        if caller is None:
+            raise InvalidApiKeyError("unknown API key")
+        return caller

@@ -1,0 +1,83 @@
+"""`icegate-server`: runs the service, or prints a coturn config that matches its settings.
+
+    icegate-server [--listen HOST:PORT] [--config FILE] [...]   run the service
+    icegate-server coturn-config [--output FILE] [...]          print a matching turnserver.conf
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from icegate_server.config import ConfigError, Settings, add_setting_flags, load_settings
+from icegate_server.dev_secrets import apply_dev_secrets
+
+log = logging.getLogger("icegate_server")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="icegate-server",
+        description="TURN credentials, ICE servers and realtime session tokens over gRPC. "
+        "Settings: flags, then ICEGATE_* environment variables, then --config FILE (TOML).",
+    )
+    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "coturn-config"])
+    parser.add_argument("--output", "-o", metavar="FILE",
+                        help="coturn-config: write here (mode 0600) instead of standard output")
+    add_setting_flags(parser)
+    return parser
+
+
+def _resolve_settings(args: argparse.Namespace) -> Settings:
+    flags = {key: value for key, value in vars(args).items() if key not in {"command", "output"}}
+    settings = load_settings(flags)
+    settings, dev_file, created = apply_dev_secrets(settings)
+    if dev_file is not None:
+        verb = "generated" if created else "using"
+        log.warning(
+            "%s development secrets in %s (mode 0600) for the settings left empty; set "
+            "ICEGATE_TURN_SECRETS and ICEGATE_API_KEYS in production", verb, dev_file)
+        log.warning(
+            "the icegate command run from this directory picks the dev key up by itself; "
+            "other callers: export ICEGATE_API_KEY=\"$(python3 -c 'import json; "
+            "print(json.load(open(\"%s\"))[\"api_key\"])')\"", dev_file)
+    return settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = _resolve_settings(args)
+    except ConfigError as error:
+        print(f"icegate-server: {error}", file=sys.stderr)
+        return 2
+    logging.getLogger().setLevel(settings.log_level)
+
+    if args.command == "coturn-config":
+        from icegate_server.coturn_config import write_coturn_config
+
+        write_coturn_config(settings, args.output)
+        return 0
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is in the server extra except on Windows
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    from icegate_server.server import serve
+
+    try:
+        runner(serve(settings))
+    except OSError as error:
+        print(f"icegate-server: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Settings: flags, then `ICEGATE_*` environment variables, then an optional TOML file.
+
+Every setting is declared once in `SETTINGS`, which gives its flag, its variable, its TOML key,
+its parser and its default. Loading validates everything before anything starts; a bad value
+raises `ConfigError` with one line that names the setting and never shows a secret's value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names it in one line."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server reads at start. Field names are the TOML keys."""
+
+    listen: str = "127.0.0.1:50051"
+    data_dir: Path = Path(".icegate")
+    store: str = ""
+    turn_secrets: tuple[str, ...] = ()
+    # Defaults match `make coturn`: a coturn on this machine's port 3478.
+    turn_uris: tuple[str, ...] = ("turn:127.0.0.1:3478?transport=udp",
+                                  "turn:127.0.0.1:3478?transport=tcp")
+    stun_uris: tuple[str, ...] = ("stun:127.0.0.1:3478",)
+    turn_realm: str = "icegate.local"
+    turn_ttl_default: int = 3600
+    turn_ttl_min: int = 60
+    turn_ttl_max: int = 86400
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    dev_secrets: bool = True
+    shutdown_grace: float = 10.0
+    log_level: str = "INFO"
+
+    def __repr__(self) -> str:
+        # Settings are printed in logs and tracebacks: secrets show as counts only.
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in SECRET_SETTINGS:
+                value = f"<{len(value)} hidden>"
+            shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
+    @property
+    def store_url(self) -> str:
+        """The store URL in force: the setting, or a SQLite file under the data directory."""
+        return self.store or f"sqlite:///{self.data_dir / 'icegate.sqlite3'}"
+
+
+SECRET_SETTINGS = frozenset({"turn_secrets", "api_keys"})
+STORE_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://")
+
+
+def _parse_list(raw: str | Sequence[str]) -> tuple[str, ...]:
+    items = raw.split(",") if isinstance(raw, str) else list(raw)
+    return tuple(str(item).strip() for item in items if str(item).strip())
+
+
+def _parse_int(raw: str | int) -> int:
+    if isinstance(raw, bool):
+        raise ValueError("must be a whole number")
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+
+
+def _parse_float(raw: str | float) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError("must be a number") from None
+
+
+def _parse_bool(raw: str | bool) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("must be true or false")
+
+
+def _parse_str(raw: str) -> str:
+    if not isinstance(raw, str):
+        raise ValueError("must be a string")
+    return raw.strip()
+
+
+_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "listen": _parse_str,
+    "data_dir": lambda raw: Path(_parse_str(raw)),
+    "store": _parse_str,
+    "turn_secrets": _parse_list,
+    "turn_uris": _parse_list,
+    "stun_uris": _parse_list,
+    "turn_realm": _parse_str,
+    "turn_ttl_default": _parse_int,
+    "turn_ttl_min": _parse_int,
+    "turn_ttl_max": _parse_int,
+    "api_keys": _parse_list,
+    "dev_secrets": _parse_bool,
+    "shutdown_grace": _parse_float,
+    "log_level": lambda raw: _parse_str(raw).upper(),
+}
+
+_HELP: dict[str, str] = {
+    "listen": "host:port to listen on (default 127.0.0.1:50051)",
+    "data_dir": "directory for the SQLite store and generated dev secrets (default .icegate)",
+    "store": "sqlite:///path (default under --data-dir) or redis://host:port/db",
+    "turn_secrets": "comma-separated TURN shared secrets; the first signs, all stay valid",
+    "turn_uris": "comma-separated turn:/turns: URIs handed to browsers",
+    "stun_uris": "comma-separated stun: URIs handed to browsers",
+    "turn_realm": "the coturn realm (default icegate.local)",
+    "turn_ttl_default": "TURN credential lifetime when a caller names none, seconds (3600)",
+    "turn_ttl_min": "shortest TURN credential lifetime a caller may ask for, seconds (60)",
+    "turn_ttl_max": "longest TURN credential lifetime a caller may ask for, seconds (86400)",
+    "api_keys": "comma-separated static caller keys with full (admin) access",
+    "dev_secrets": "generate and keep dev secrets when none are configured (default true)",
+    "shutdown_grace": "seconds in-flight calls get to finish on SIGTERM (default 10)",
+    "log_level": "DEBUG, INFO, WARNING or ERROR (default INFO)",
+}
+
+
+def env_name(setting: str) -> str:
+    """The environment variable of a setting, e.g. `turn_secrets` -> `ICEGATE_TURN_SECRETS`."""
+    return "ICEGATE_" + setting.upper()
+
+
+def flag_name(setting: str) -> str:
+    """The command-line flag of a setting, e.g. `turn_secrets` -> `--turn-secrets`."""
+    return "--" + setting.replace("_", "-")
+
+
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """Adds one flag per setting (all default to None: unset falls through to env and TOML)."""
+    parser.add_argument("--config", metavar="FILE", help="TOML settings file (ICEGATE_CONFIG)")
+    for name in _PARSERS:
+        parser.add_argument(flag_name(name), dest=name, default=None, help=_HELP[name])
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merges flags over environment over TOML file over defaults, then validates.
+
+    Args:
+        flags: Values from the command line (None values count as unset); may hold `config`.
+        environ: The environment to read; `os.environ` when omitted.
+
+    Raises:
+        ConfigError: A setting is malformed or the settings contradict each other.
+    """
+    flags = {key: value for key, value in (flags or {}).items() if value is not None}
+    environ = os.environ if environ is None else environ
+
+    config_path = flags.pop("config", None) or environ.get("ICEGATE_CONFIG")
+    from_file = _read_toml(Path(config_path)) if config_path else {}
+
+    values: dict[str, Any] = {}
+    for name, parse in _PARSERS.items():
+        if name in flags:
+            source, raw = flag_name(name), flags[name]
+        elif env_name(name) in environ:
+            source, raw = env_name(name), environ[env_name(name)]
+        elif name in from_file:
+            source, raw = f"{name} in {config_path}", from_file.pop(name)
+        else:
+            continue
+        try:
+            values[name] = parse(raw)
+        except ValueError as error:
+            raise ConfigError(f"invalid setting {source}: {error}") from None
+    if from_file:
+        raise ConfigError(f"unknown setting {sorted(from_file)[0]!r} in {config_path}")
+
+    settings = Settings(**values)
+    _validate(settings)
+    return settings
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return dict(tomllib.load(handle))
+    except OSError as error:
+        raise ConfigError(f"invalid setting ICEGATE_CONFIG: cannot read {path}: "
+                          f"{error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"invalid setting ICEGATE_CONFIG: {path} is not TOML: {error}") from None
+
+
+def parse_listen_address(listen: str) -> tuple[str, int]:
+    """Splits `host:port` (IPv6 hosts in brackets) and checks the port."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError("must be host:port, e.g. 127.0.0.1:50051")
+    return host, int(port_text)
+
+
+def _validate(settings: Settings) -> None:
+    def fail(name: str, problem: str) -> None:
+        raise ConfigError(f"invalid setting {env_name(name)}: {problem}")
+
+    try:
+        parse_listen_address(settings.listen)
+    except ValueError as error:
+        fail("listen", str(error))
+    if settings.store and not settings.store.startswith(STORE_SCHEMES):
+        fail("store", "must start with sqlite:/// or redis://")
+    for secret in settings.turn_secrets:
+        if len(secret) < 16:
+            fail("turn_secrets", "every secret must be at least 16 characters long")
+    if len(set(settings.turn_secrets)) != len(settings.turn_secrets):
+        fail("turn_secrets", "lists the same secret twice")
+    for uri in settings.turn_uris:
+        if not uri.startswith(("turn:", "turns:")):
+            fail("turn_uris", f"{uri!r} does not start with turn: or turns:")
+    for uri in settings.stun_uris:
+        if not uri.startswith(("stun:", "stuns:")):
+            fail("stun_uris", f"{uri!r} does not start with stun: or stuns:")
+    if not settings.turn_realm or any(c.isspace() for c in settings.turn_realm):
+        fail("turn_realm", "must be a non-empty name without spaces")
+    for key in settings.api_keys:
+        if len(key) < 16:
+            fail("api_keys", "every key must be at least 16 characters long")
+    if settings.turn_ttl_min < 1:
+        fail("turn_ttl_min", "must be at least 1 second")
+    if settings.turn_ttl_max < settings.turn_ttl_min:
+        fail("turn_ttl_max", f"must be at least ICEGATE_TURN_TTL_MIN ({settings.turn_ttl_min})")
+    if not settings.turn_ttl_min <= settings.turn_ttl_default <= settings.turn_ttl_max:
+        fail("turn_ttl_default",
+             f"must lie between {settings.turn_ttl_min} and {settings.turn_ttl_max}")
+    if settings.shutdown_grace < 0:
+        fail("shutdown_grace", "must not be negative")
+    if settings.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        fail("log_level", "must be DEBUG, INFO, WARNING or ERROR")
+    if not settings.dev_secrets and not settings.turn_secrets:
+        fail("turn_secrets", "is required when ICEGATE_DEV_SECRETS is false")
+    if not settings.dev_secrets and not settings.api_keys:
+        fail("api_keys", "is required when ICEGATE_DEV_SECRETS is false")

@@ -1,0 +1,119 @@
+"""Assembles the grpc.aio server from settings, and runs it until SIGTERM/SIGINT.
+
+`create_server` is separate from `serve` so tests start real servers on port 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from icegate.v1 import credentials_pb2, credentials_pb2_grpc
+from icegate_server.auth import StaticKeyAuthenticator
+from icegate_server.clock import Clock, SystemClock
+from icegate_server.config import Settings
+from icegate_server.interceptor import CallGuard
+from icegate_server.servicers.credentials import CredentialServicer
+from icegate_server.store import Store, open_store
+from icegate_server.turn import TtlPolicy, TurnCredentialIssuer, TurnSecretKeyring
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    credentials_pb2.DESCRIPTOR.services_by_name["CredentialService"].full_name,
+)
+"""The icegate services this server registers (health reports each, and the overall "")."""
+
+
+@dataclass
+class IcegateServer:
+    """A created (not yet started) icegate server and what it owns."""
+
+    grpc_server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    store: Store
+    settings: Settings
+    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self) -> None:
+        """Starts serving and reports SERVING."""
+        await self.grpc_server.start()
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Reports NOT_SERVING, lets in-flight calls finish within `grace`, then releases all."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        await self.health.enter_graceful_shutdown()
+        await self.grpc_server.stop(self.settings.shutdown_grace if grace is None else grace)
+        await self.store.close()
+
+    async def wait_for_termination(self) -> None:
+        await self.grpc_server.wait_for_termination()
+
+
+async def create_server(
+    settings: Settings, *, clock: Clock | None = None
+) -> tuple[IcegateServer, int]:
+    """Builds the server and binds its port (0 picks a free one); call `start()` next.
+
+    Returns:
+        The server and the port it is bound to.
+    """
+    clock = clock or SystemClock()
+    store = await open_store(settings.store_url)
+    try:
+        keyring = TurnSecretKeyring(settings.turn_secrets)
+        issuer = TurnCredentialIssuer(keyring, clock, settings.turn_uris)
+        ttl_policy = TtlPolicy(default=settings.turn_ttl_default, minimum=settings.turn_ttl_min,
+                               maximum=settings.turn_ttl_max)
+        authenticator = StaticKeyAuthenticator(settings.api_keys)
+
+        server = grpc.aio.server(
+            interceptors=[CallGuard(authenticator)],
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", 64 * 1024),
+            ],
+        )
+        credentials_pb2_grpc.add_CredentialServiceServicer_to_server(
+            CredentialServicer(issuer, ttl_policy, settings.stun_uris), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        port = server.add_insecure_port(settings.listen)
+    except BaseException:
+        await store.close()
+        raise
+    if port == 0:
+        await store.close()
+        raise OSError(f"cannot listen on {settings.listen}: address in use or not available")
+    return IcegateServer(server, health_servicer, store, settings), port
+
+
+async def serve(settings: Settings) -> None:
+    """Runs the server until SIGTERM or SIGINT, then shuts down gracefully."""
+    server, port = await create_server(settings)
+    await server.start()
+    host = settings.listen.rpartition(":")[0]
+    log.info("icegate-server listening on %s:%d (store %s)", host, port,
+             settings.store_url.split("://", 1)[0])
+
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    await stop_requested.wait()
+    log.info("shutting down: finishing in-flight calls (grace %.1f s)", settings.shutdown_grace)
+    await server.stop()
+    log.info("stopped")

@@ -1,0 +1,1 @@
+"""Thin gRPC servicers: unpack the request, call domain code, pack the response."""

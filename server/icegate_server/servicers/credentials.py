@@ -1,0 +1,62 @@
+"""icegate.v1.CredentialService: TURN credentials and ICE server lists."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc.aio
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from icegate.v1 import credentials_pb2, credentials_pb2_grpc
+from icegate_server.ice_servers import build_ice_servers
+from icegate_server.turn import TtlPolicy, TurnCredential, TurnCredentialIssuer, validate_user_id
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def requested_ttl(request: Any) -> float | None:
+    """The TTL a request asks for in seconds, or None when its `ttl` field is unset."""
+    if not request.HasField("ttl"):
+        return None
+    ttl: duration_pb2.Duration = request.ttl
+    return ttl.seconds + ttl.nanos / 1e9
+
+
+class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
+    """Issues TURN credentials and RTCIceServer lists."""
+
+    def __init__(self, issuer: TurnCredentialIssuer, ttl_policy: TtlPolicy,
+                 stun_uris: tuple[str, ...]) -> None:
+        self._issuer = issuer
+        self._ttl_policy = ttl_policy
+        self._stun_uris = stun_uris
+
+    def _issue(self, request: Any) -> TurnCredential:
+        validate_user_id(request.user_id)
+        ttl = self._ttl_policy.resolve(requested_ttl(request))
+        return self._issuer.issue(request.user_id, ttl)
+
+    async def IssueTurnCredentials(  # noqa: N802 - the RPC's name
+        self, request: credentials_pb2.IssueTurnCredentialsRequest, context: Context
+    ) -> credentials_pb2.IssueTurnCredentialsResponse:
+        credential = self._issue(request)
+        return credentials_pb2.IssueTurnCredentialsResponse(
+            username=credential.username,
+            password=credential.password,
+            ttl=duration_pb2.Duration(seconds=credential.ttl_seconds),
+            expire_time=timestamp_pb2.Timestamp(seconds=credential.expires_at),
+            uris=credential.uris,
+        )
+
+    async def GetIceServers(  # noqa: N802 - the RPC's name
+        self, request: credentials_pb2.GetIceServersRequest, context: Context
+    ) -> credentials_pb2.GetIceServersResponse:
+        credential = self._issue(request)
+        servers = build_ice_servers(self._stun_uris, credential)
+        response = credentials_pb2.GetIceServersResponse(ice_servers=[
+            credentials_pb2.IceServer(urls=s.urls, username=s.username, credential=s.credential)
+            for s in servers
+        ])
+        if credential.uris:
+            response.expire_time.seconds = credential.expires_at
+        return response

@@ -1,0 +1,116 @@
+"""The one place domain errors become gRPC statuses with google.rpc rich error details.
+
+`ERROR_TABLE` maps each error class to its status code and ErrorInfo reason; `to_grpc_status`
+adds the details a caller acts on (BadRequest, RetryInfo, QuotaFailure) and ErrorInfo
+metadata with the figures the typed client exposes as attributes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from icegate_server import errors
+
+ERROR_DOMAIN = "icegate.dev"
+"""ErrorInfo.domain of every error icegate raises."""
+
+
+ERROR_TABLE: dict[type[errors.IcegateError], tuple[grpc.StatusCode, str]] = {
+    errors.InvalidFieldError: (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD"),
+    errors.InvalidApiKeyError: (grpc.StatusCode.UNAUTHENTICATED, "INVALID_API_KEY"),
+    errors.ProjectForbiddenError: (grpc.StatusCode.PERMISSION_DENIED, "PROJECT_FORBIDDEN"),
+    errors.NotFoundError: (grpc.StatusCode.NOT_FOUND, "NOT_FOUND"),
+    errors.AlreadyExistsError: (grpc.StatusCode.ALREADY_EXISTS, "ALREADY_EXISTS"),
+    errors.RateLimitedError: (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED"),
+    errors.QuotaExceededError: (grpc.StatusCode.RESOURCE_EXHAUSTED, "QUOTA_EXCEEDED"),
+    errors.ConcurrentLimitError: (grpc.StatusCode.RESOURCE_EXHAUSTED, "CONCURRENT_LIMIT"),
+    errors.StoreUnavailableError: (grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE"),
+    errors.UpstreamNotConfiguredError: (grpc.StatusCode.FAILED_PRECONDITION,
+                                        "UPSTREAM_NOT_CONFIGURED"),
+    errors.UpstreamAuthFailedError: (grpc.StatusCode.FAILED_PRECONDITION, "UPSTREAM_AUTH_FAILED"),
+    errors.UpstreamRejectedError: (grpc.StatusCode.FAILED_PRECONDITION, "UPSTREAM_REJECTED"),
+    errors.UpstreamQuotaError: (grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_QUOTA_EXCEEDED"),
+    errors.UpstreamUnavailableError: (grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNAVAILABLE"),
+    errors.UpstreamTimeoutError: (grpc.StatusCode.DEADLINE_EXCEEDED, "UPSTREAM_UNAVAILABLE"),
+}
+
+
+def lookup(error: errors.IcegateError) -> tuple[grpc.StatusCode, str]:
+    """The status code and reason of `error`, from its class or its nearest mapped base."""
+    for cls in type(error).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls]  # type: ignore[index]
+    return grpc.StatusCode.INTERNAL, "INTERNAL"
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    whole = math.ceil(max(seconds, 0.0))
+    return duration_pb2.Duration(seconds=whole)
+
+
+def to_rpc_status(error: errors.IcegateError) -> status_pb2.Status:
+    """The google.rpc.Status for `error`: code, message, ErrorInfo and the details that apply."""
+    code, reason = lookup(error)
+    metadata: dict[str, str] = {}
+    details: list[any_pb2.Any] = []
+
+    if isinstance(error, errors.InvalidFieldError):
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in error.violations
+        ])))
+    elif isinstance(error, errors.RateLimitedError):
+        metadata.update(limit=str(error.limit), window_seconds=str(error.window_seconds),
+                        reset_at=error.reset_at.isoformat())
+        details.append(_pack(error_details_pb2.RetryInfo(
+            retry_delay=_duration(error.retry_after_seconds))))
+    elif isinstance(error, errors.QuotaExceededError):
+        remaining = max(error.included - error.used, 0)
+        metadata.update(plan=error.plan, sessions_included=str(error.included),
+                        sessions_used=str(error.used), sessions_remaining=str(remaining),
+                        upgrade_url=error.upgrade_url, resets_at=error.resets_at.isoformat())
+        details.append(_pack(error_details_pb2.QuotaFailure(violations=[
+            error_details_pb2.QuotaFailure.Violation(
+                subject="project", description=error.message)
+        ])))
+        if error.upgrade_url:
+            details.append(_pack(error_details_pb2.Help(links=[
+                error_details_pb2.Help.Link(description="Upgrade plan", url=error.upgrade_url)
+            ])))
+    elif isinstance(error, errors.ConcurrentLimitError):
+        metadata.update(current=str(error.current), max=str(error.maximum))
+    elif isinstance(error, errors.UpstreamError):
+        metadata.update(provider=error.provider, upstream_status=str(error.upstream_status))
+        if error.upstream_request_id:
+            metadata["upstream_request_id"] = error.upstream_request_id
+        if error.retry_after_seconds is not None:
+            details.append(_pack(error_details_pb2.RetryInfo(
+                retry_delay=_duration(error.retry_after_seconds))))
+
+    details.insert(0, _pack(error_details_pb2.ErrorInfo(
+        reason=reason, domain=ERROR_DOMAIN, metadata=metadata)))
+    return status_pb2.Status(code=code.value[0], message=error.message, details=details)
+
+
+def to_grpc_status(error: errors.IcegateError) -> grpc.Status:
+    """`to_rpc_status` in the form `ServicerContext.abort_with_status` takes."""
+    return rpc_status.to_status(to_rpc_status(error))  # type: ignore[no-any-return]
+
+
+INTERNAL_STATUS = rpc_status.to_status(status_pb2.Status(
+    code=code_pb2.INTERNAL,
+    message="internal error; the server log has the details",
+    details=[_pack(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=ERROR_DOMAIN))],
+))
+"""What a caller sees for a bug: nothing of the exception, which may hold anything."""
