@@ -1,0 +1,332 @@
+"""A real coturn (`turnserver`) on free loopback ports, and a real TURN client to test it.
+
+`Coturn` renders deploy/coturn/turnserver.conf.template (the same template `make coturn`
+uses) into a temporary directory, starts `turnserver -c <file>`, and waits until a STUN
+Binding request on its UDP port is answered. `allocate()` runs `turnutils_uclient`, which
+performs a real authenticated TURN Allocate with the credentials given: exit code 0 means
+coturn accepted them, 255 ("Cannot complete Allocation") means it refused them.
+
+Secrets come either from `static-auth-secret=` lines (the `secrets` argument; changing them
+needs `restart()`), or from Redis (`redis_port`): coturn then reads the shared secrets of
+realm R from the Redis set `turn/realm/R/secret` (see `redis_secret_key`).
+
+How coturn 4.6.1 treats secrets kept in Redis (checked by tests/integration/test_harness.py):
+coturn does not cache them. For every Allocate (each authenticated request, in fact) it runs
+SMEMBERS on the set again, so a secret added with SADD is accepted by the very next
+allocation and a secret removed with SREM is refused by the very next one, without a
+restart or a signal. Static secrets, if also configured, are tried in addition to the Redis
+ones. An allocation that already exists is not affected by removing its secret: like expiry,
+the secret is only checked when an allocation (or its refresh) authenticates.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+from harness.ports import LOOPBACK, RelayPortRange, free_tcp_udp_port, reserve_relay_range
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TURNSERVER_CONF_TEMPLATE = REPO_ROOT / "deploy" / "coturn" / "turnserver.conf.template"
+DEFAULT_REALM = "icegate.test"
+
+_STUN_MAGIC_COOKIE = 0x2112A442
+_STUN_BINDING_REQUEST = 0x0001
+_STUN_BINDING_SUCCESS = 0x0101
+
+
+def redis_secret_key(realm: str) -> str:
+    """The Redis set coturn reads the REST shared secrets of `realm` from."""
+    return f"turn/realm/{realm}/secret"
+
+
+def rest_credential(secret: str, user_id: str, expiry: int) -> tuple[str, str]:
+    """A TURN REST credential computed independently of icegate, as coturn checks it.
+
+    Returns:
+        `(username, password)`: username `"<expiry>:<user_id>"`, password
+        base64(HMAC-SHA1(secret, username)).
+    """
+    username = f"{expiry}:{user_id}"
+    digest = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
+    return username, base64.b64encode(digest).decode()
+
+
+def render_turnserver_config(
+    *,
+    listening_ip: str,
+    listening_port: int,
+    relay_ip: str,
+    min_port: int,
+    max_port: int,
+    realm: str,
+    secrets: Sequence[str],
+    state_dir: Path,
+    redis_userdb: str | None = None,
+    template: Path = TURNSERVER_CONF_TEMPLATE,
+) -> str:
+    """Fills in the coturn config template.
+
+    Args:
+        secrets: shared secrets for `static-auth-secret=` lines, newest first; may be empty
+            when the secrets live in Redis.
+        redis_userdb: a coturn Redis connection string (`ip=... port=... dbname=0`) to read
+            secrets from Redis instead of using the SQLite user database in `state_dir`.
+    """
+    for secret in secrets:
+        # A newline would let a "secret" inject configuration lines.
+        if not secret or "\n" in secret or "\r" in secret:
+            raise ValueError("a TURN secret must be a non-empty single line")
+    user_database = (
+        f'redis-userdb="{redis_userdb}"' if redis_userdb is not None
+        else f"userdb={state_dir / 'turndb'}"
+    )
+    return string.Template(template.read_text()).substitute(
+        listening_ip=listening_ip,
+        listening_port=listening_port,
+        relay_ip=relay_ip,
+        min_port=min_port,
+        max_port=max_port,
+        realm=realm,
+        static_auth_secrets="\n".join(f"static-auth-secret={s}" for s in secrets),
+        user_database=user_database,
+        state_dir=state_dir,
+    )
+
+
+@dataclass(frozen=True)
+class AllocationResult:
+    """What `turnutils_uclient` reported for one Allocate attempt.
+
+    Attributes:
+        ok: coturn accepted the credential and relayed traffic (exit code 0).
+        exit_code: the client's exit code (255 when the allocation was refused, -1 when the
+            client had to be killed after the timeout).
+        output: the client's combined stdout and stderr.
+    """
+
+    ok: bool
+    exit_code: int
+    output: str
+
+
+class Coturn:
+    """One `turnserver` process on free loopback ports.
+
+    Args:
+        secrets: REST shared secrets, newest first (`static-auth-secret=` lines).
+        realm: the TURN realm.
+        redis_port: read secrets from the Redis on this loopback port as well.
+        binary: the turnserver executable.
+        client_binary: the turnutils_uclient executable.
+        startup_timeout: seconds to wait until coturn answers STUN.
+    """
+
+    def __init__(
+        self,
+        secrets: Sequence[str] = (),
+        *,
+        realm: str = DEFAULT_REALM,
+        redis_port: int | None = None,
+        binary: str = "turnserver",
+        client_binary: str = "turnutils_uclient",
+        startup_timeout: float = 10.0,
+    ) -> None:
+        if not secrets and redis_port is None:
+            raise ValueError("coturn needs static secrets, a Redis to read them from, or both")
+        self.secrets = tuple(secrets)
+        self.realm = realm
+        self.redis_port = redis_port
+        self.binary = binary
+        self.client_binary = client_binary
+        self.startup_timeout = startup_timeout
+        self.host = LOOPBACK
+        self.port = 0
+        self.relay_range: RelayPortRange | None = None
+        self.directory: Path | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._last_log = ""
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> Coturn:
+        """Starts coturn and returns once it answers a STUN Binding request.
+
+        Raises:
+            RuntimeError: coturn exited or stayed silent; the message carries its log.
+        """
+        if self._process is not None:
+            raise RuntimeError("turnserver is already running")
+        self.directory = Path(tempfile.mkdtemp(prefix="icegate-coturn-"))
+        if self.relay_range is None:
+            self.relay_range = reserve_relay_range(self.host)
+        # Another process can take the port between our probe and coturn's bind; a fresh
+        # port on the next try is the cure.
+        for _ in range(3):
+            self.port = free_tcp_udp_port(self.host)
+            self._spawn()
+            if self._wait_ready():
+                return self
+            self._last_log = self.log
+            self._kill_process()
+        log = self._last_log
+        self.stop()
+        raise RuntimeError(f"turnserver did not answer STUN on port {self.port}:\n{log}")
+
+    def _spawn(self) -> None:
+        assert self.directory is not None and self.relay_range is not None
+        redis_userdb = None
+        if self.redis_port is not None:
+            redis_userdb = f"ip={LOOPBACK} dbname=0 port={self.redis_port} connect_timeout=5"
+        config = render_turnserver_config(
+            listening_ip=self.host,
+            listening_port=self.port,
+            relay_ip=self.host,
+            min_port=self.relay_range.min_port,
+            max_port=self.relay_range.max_port,
+            realm=self.realm,
+            secrets=self.secrets,
+            state_dir=self.directory,
+            redis_userdb=redis_userdb,
+        )
+        config_path = self.directory / "turnserver.conf"
+        config_path.write_text(config)
+        self._log = (self.directory / "turnserver.log").open("wb")
+        self._process = subprocess.Popen(
+            [self.binary, "-c", str(config_path)],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=self.directory,
+            # Its own process group, so a Ctrl-C aimed at pytest does not hit coturn first.
+            start_new_session=True,
+        )
+
+    def _wait_ready(self) -> bool:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self._process is None or self._process.poll() is not None:
+                return False
+            if _stun_binding_answered(self.host, self.port, timeout=0.1):
+                return True
+        return False
+
+    def stop(self) -> None:
+        """Stops coturn, frees its relay ports and removes its directory."""
+        if self._process is not None:
+            self._last_log = self.log
+        self._kill_process()
+        if self.relay_range is not None:
+            self.relay_range.release()
+            self.relay_range = None
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
+
+    def restart(self, secrets: Sequence[str] | None = None) -> None:
+        """Restarts coturn, with a new list of static secrets when `secrets` is given.
+
+        The listening port may change; read `port` again after a restart.
+        """
+        self.stop()
+        if secrets is not None:
+            self.secrets = tuple(secrets)
+        self.start()
+
+    def _kill_process(self) -> None:
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.send_signal(signal.SIGTERM)
+                try:
+                    self._process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self._process.kill()
+                    self._process.wait(timeout=5)
+            self._process = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> Coturn:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    # -- use -----------------------------------------------------------------------------
+
+    @property
+    def log(self) -> str:
+        """coturn's log so far (or, once stopped, as it was when it stopped)."""
+        if self.directory is None:
+            return self._last_log
+        path = self.directory / "turnserver.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    @property
+    def turn_uri(self) -> str:
+        """The `turn:` URI of this server (UDP)."""
+        return f"turn:{self.host}:{self.port}?transport=udp"
+
+    def allocate(self, username: str, password: str, *, timeout: float = 10.0) -> AllocationResult:
+        """Runs a real TURN Allocate (and relays one message) with these credentials."""
+        if self._process is None:
+            raise RuntimeError("turnserver is not running")
+        args = [
+            self.client_binary, "-p", str(self.port), "-n", "1", "-m", "1", "-l", "100", "-y",
+            "-u", username, "-w", password, "-e", self.host, self.host,
+        ]
+        try:
+            completed = subprocess.run(
+                args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            output = _decode(exc.stdout) + _decode(exc.stderr)
+            return AllocationResult(ok=False, exit_code=-1, output=output + "\n(timed out)")
+        output = _decode(completed.stdout) + _decode(completed.stderr)
+        return AllocationResult(ok=completed.returncode == 0, exit_code=completed.returncode,
+                                output=output)
+
+
+def _decode(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    return data if isinstance(data, str) else data.decode(errors="replace")
+
+
+def _stun_binding_answered(host: str, port: int, timeout: float) -> bool:
+    """Whether a STUN server on host:port (UDP) answers a Binding request."""
+    transaction_id = os.urandom(12)
+    request = (
+        _STUN_BINDING_REQUEST.to_bytes(2, "big") + (0).to_bytes(2, "big")
+        + _STUN_MAGIC_COOKIE.to_bytes(4, "big") + transaction_id
+    )
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.sendto(request, (host, port))
+            reply, _ = sock.recvfrom(2048)
+        except OSError:
+            # A timeout or an ICMP port-unreachable (ConnectionRefusedError): not up yet.
+            time.sleep(0.02)
+            return False
+    return (
+        len(reply) >= 20
+        and int.from_bytes(reply[0:2], "big") == _STUN_BINDING_SUCCESS
+        and reply[8:20] == transaction_id
+    )

@@ -1,0 +1,75 @@
+"""pytest fixtures that start real coturn and Redis servers for a test.
+
+Loaded from tests/conftest.py with `pytest_plugins = ["harness.pytest_plugin"]`.
+
+When `turnserver`, `turnutils_uclient` or `redis-server` is not installed, a test that needs it
+is skipped on a developer machine, and fails when the environment variable CI is "true": CI
+must never pass by skipping the tests that talk to real servers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+
+import pytest
+
+from harness.coturn import DEFAULT_REALM, Coturn
+from harness.redis_server import RedisServer
+
+CoturnFactory = Callable[..., Coturn]
+
+_INSTALL_HINT = "run scripts/install-system-packages to install it"
+
+
+def require_binaries(*names: str) -> None:
+    """Skips the running test (fails it on CI) unless every named executable is on PATH."""
+    missing = [name for name in names if shutil.which(name) is None]
+    if not missing:
+        return
+    message = f"{', '.join(missing)} not found on PATH; {_INSTALL_HINT}"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture
+def coturn_factory() -> Iterator[CoturnFactory]:
+    """A function that starts a `Coturn` and stops it when the test ends.
+
+    Call it as `coturn_factory(secrets=["new", "old"], realm="example.test")` or, to read
+    secrets from Redis, `coturn_factory(redis_port=redis_server.port)`.
+    """
+    require_binaries("turnserver", "turnutils_uclient")
+    started: list[Coturn] = []
+
+    def start(secrets: Sequence[str] = (), *, realm: str = DEFAULT_REALM,
+              redis_port: int | None = None) -> Coturn:
+        coturn = Coturn(secrets, realm=realm, redis_port=redis_port)
+        started.append(coturn)
+        return coturn.start()
+
+    yield start
+    for coturn in reversed(started):
+        coturn.stop()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A fresh, empty `redis-server` (appendonly, so `kill()` keeps data) for this test."""
+    require_binaries("redis-server")
+    with RedisServer(appendonly=True) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_server_session() -> Iterator[RedisServer]:
+    """One `redis-server` shared by the whole session; tests must not kill or pause it.
+
+    Use it where starting a server per test costs too much, and keep each test's keys apart
+    (a unique prefix) or FLUSHDB at the start.
+    """
+    require_binaries("redis-server")
+    with RedisServer() as server:
+        yield server
