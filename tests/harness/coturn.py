@@ -10,13 +10,16 @@ Secrets come either from `static-auth-secret=` lines (the `secrets` argument; ch
 needs `restart()`), or from Redis (`redis_port`): coturn then reads the shared secrets of
 realm R from the Redis set `turn/realm/R/secret` (see `redis_secret_key`).
 
-How coturn 4.6.1 treats secrets kept in Redis (checked by tests/integration/test_harness.py):
-coturn does not cache them. For every Allocate (each authenticated request, in fact) it runs
-SMEMBERS on the set again, so a secret added with SADD is accepted by the very next
-allocation and a secret removed with SREM is refused by the very next one, without a
-restart or a signal. Static secrets, if also configured, are tried in addition to the Redis
-ones. An allocation that already exists is not affected by removing its secret: like expiry,
-the secret is only checked when an allocation (or its refresh) authenticates.
+How coturn 4.6.1 treats secrets kept in Redis (seen here; the Redis test in
+tests/integration/test_harness.py pins the first two points):
+- No caching: the set is read again when a request authenticates. A secret added with SADD
+  is accepted by the very next Allocate, and one removed with SREM is refused by the very
+  next Allocate, with no restart or signal.
+- Static secrets, if also configured, are accepted in addition to the Redis ones.
+- Redis down: every Allocate is refused (exit 255) at once; when Redis is back coturn
+  reconnects by itself and the next Allocate succeeds.
+- Not checked here: per coturn.md, expiry (and so the secret) is only checked when an
+  allocation authenticates, so removing a secret does not end allocations already made.
 """
 
 from __future__ import annotations
