@@ -1,0 +1,75 @@
+"""A real icegate grpc.aio server on a free loopback port, in a thread with its own event loop.
+
+Tests drive it with the real sync client from the test's thread and with the async client
+from their own loop, exactly as callers do. The clock is injected, so tests freeze time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from icegate_server.clock import Clock, FrozenClock
+from icegate_server.config import Settings
+from icegate_server.server import IcegateServer, create_server
+
+T = TypeVar("T")
+
+TEST_TURN_SECRET = "test-turn-secret-0123456789"
+TEST_ADMIN_KEY = "igk_test_admin_key_0123456789abcdef"
+
+
+def server_settings(data_dir: Path, **overrides: Any) -> Settings:
+    """Settings for a test server: port 0, its own data dir, known secrets, no dev secrets."""
+    base = Settings(
+        listen="127.0.0.1:0",
+        data_dir=data_dir,
+        turn_secrets=(TEST_TURN_SECRET,),
+        turn_uris=("turn:127.0.0.1:3478?transport=udp", "turns:turn.example.test:5349"),
+        stun_uris=("stun:127.0.0.1:3478",),
+        api_keys=(TEST_ADMIN_KEY,),
+        dev_secrets=False,
+        shutdown_grace=2.0,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+class RunningServer:
+    """An icegate server running on a background event loop until `stop()`."""
+
+    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or FrozenClock()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="icegate-test-server",
+                                        daemon=True)
+        self._thread.start()
+        self.server: IcegateServer
+        self.server, self.port = self.run(create_server(settings, clock=self.clock))
+        self.run(self.server.start())
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        """Runs `coroutine` on the server's loop and returns its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self, grace: float | None = 0.5) -> None:
+        if self.loop.is_closed():
+            return
+        self.run(self.server.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
