@@ -1,17 +1,77 @@
-"""The store interface every backend implements and every backend's contract test drives."""
+"""The store interface every backend implements and one contract test suite drives.
+
+Times are integer Unix milliseconds passed in by the caller (the clock is injected, so tests
+freeze it on every backend). Every counter update is atomic inside the backend (one SQLite
+transaction, one Redis Lua script), never read-modify-write in Python. A backend that cannot
+be reached raises `StoreUnavailableError`; every other failure is one of the outcomes below.
+"""
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
+
+from icegate_server.projects import ApiKey, Project
+
+
+class AdmitOutcome(enum.Enum):
+    """What `Store.admit` decided."""
+
+    ADMITTED = "admitted"
+    UNKNOWN_KEY = "unknown_key"
+    """No key with that digest, or it was revoked."""
+    FORBIDDEN = "forbidden"
+    """The key is bound to another project than the one named."""
+    NO_PROJECT = "no_project"
+    """The project named (or the key's project) does not exist."""
+    RATE_LIMITED = "rate_limited"
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The answer of `Store.admit`: who called, for which project, and the rate position."""
+
+    outcome: AdmitOutcome
+    key: ApiKey | None = None
+    """The key record for a stored key (None for static keys, and for UNKNOWN_KEY)."""
+    project: Project | None = None
+    """The project acted on (set for ADMITTED and RATE_LIMITED)."""
+    tat_ms: int | None = None
+    """The project's GCRA theoretical arrival time after this call (see `limits`)."""
+
+
+class SessionOutcome(enum.Enum):
+    """What `Store.begin_session` decided."""
+
+    STARTED = "started"
+    CONCURRENT_LIMIT = "concurrent_limit"
+    QUOTA_EXCEEDED = "quota_exceeded"
+
+
+@dataclass(frozen=True)
+class SessionAdmission:
+    """The answer of `Store.begin_session`, with the counts as they stand after it."""
+
+    outcome: SessionOutcome
+    active_sessions: int
+    sessions_this_month: int
+
+
+@dataclass(frozen=True)
+class ProviderKeyRecord:
+    """A provider API key as stored: sealed (see `icegate_server.vault`), never in clear."""
+
+    project_id: str
+    provider: str
+    sealed: bytes
+    last4: str
+    update_time_ms: int
 
 
 class Store(Protocol):
-    """Durable state shared by every icegate process using the same store URL.
-
-    Every counter update is atomic inside the backend (one transaction or one Lua script),
-    never read-modify-write in Python. Failures to reach the backend raise
-    `StoreUnavailableError`.
-    """
+    """Durable state shared by every icegate process using the same store URL."""
 
     async def ping(self) -> None:
         """Checks the backend answers; raises `StoreUnavailableError` when it does not."""
@@ -20,3 +80,122 @@ class Store(Protocol):
     async def close(self) -> None:
         """Releases connections and threads; the store is unusable afterwards."""
         ...
+
+    # -- projects (admin) -----------------------------------------------------------------
+
+    async def create_project(self, project: Project) -> bool:
+        """Stores a new project; False (and nothing written) if the id exists already."""
+        ...
+
+    async def get_project(self, project_id: str) -> Project | None:
+        ...
+
+    async def list_projects(self, *, after: str, limit: int) -> list[Project]:
+        """Projects ordered by id, starting after `after` ("" for the first page)."""
+        ...
+
+    async def update_project(self, project: Project) -> bool:
+        """Replaces a project's record; False if it does not exist."""
+        ...
+
+    async def delete_project(self, project_id: str, now_ms: int) -> bool:
+        """Deletes a project with its counters, and revokes its keys; False if absent."""
+        ...
+
+    # -- caller keys (admin) ----------------------------------------------------------------
+
+    async def create_api_key(self, key: ApiKey, digest: bytes) -> None:
+        """Stores a key record under the SHA-256 digest of its secret."""
+        ...
+
+    async def list_api_keys(self, project_id: str | None) -> list[ApiKey]:
+        """Keys of one project, or admin keys when `project_id` is None; revoked ones too."""
+        ...
+
+    async def revoke_api_key(self, key_id: str, now_ms: int) -> ApiKey | None:
+        """Marks a key revoked (refused from the next call on, on every replica)."""
+        ...
+
+    # -- the hot path: one round trip per call -----------------------------------------------
+
+    async def admit(self, *, digest: bytes | None, project_id: str, now_ms: int,
+                    count: bool) -> Admission:
+        """Authenticates, authorises and rate-limits one call, atomically.
+
+        Args:
+            digest: The SHA-256 digest of a stored caller key, or None for a caller already
+                authenticated as admin (a static key).
+            project_id: The project the call names; "" means the key's own project (for a
+                None digest the caller passes the project explicitly).
+            now_ms: The current time.
+            count: Whether the call counts against the project's rate limit (the project's
+                own `rate_limit_requests` per `rate_limit_window_seconds`, GCRA as in
+                `icegate_server.limits`).
+
+        A key bound to project A naming project B gets FORBIDDEN and counts nothing. An admin
+        key may name any project. RATE_LIMITED leaves the TAT unchanged.
+        """
+        ...
+
+    async def rate_position(self, project_id: str) -> int | None:
+        """The project's current GCRA TAT (None when it never called), for usage reports."""
+        ...
+
+    # -- sessions: monthly quota and concurrency leases (see `icegate_server.sessions`) ------
+
+    async def begin_session(self, *, project_id: str, session_id: str, month: str,
+                            now_ms: int, lease_ms: int, quota: int,
+                            max_concurrent: int) -> SessionAdmission:
+        """Atomically: expire stale leases, check concurrency then quota, count and lease.
+
+        On STARTED the month's count is incremented and a lease for `session_id` expiring at
+        `now_ms + lease_ms` is held. Otherwise nothing changes.
+        """
+        ...
+
+    async def renew_session(self, *, project_id: str, session_id: str, now_ms: int,
+                            lease_ms: int) -> bool:
+        """Extends a live lease to `now_ms + lease_ms`; False if it is not held (or expired)."""
+        ...
+
+    async def end_session(self, *, project_id: str, session_id: str, now_ms: int) -> bool:
+        """Releases a lease; False if it was not held. The month's count is kept."""
+        ...
+
+    async def cancel_session(self, *, project_id: str, session_id: str, month: str) -> None:
+        """Undoes `begin_session` after a failed upstream call: lease and quota unit back."""
+        ...
+
+    async def session_counts(self, *, project_id: str, month: str,
+                             now_ms: int) -> tuple[int, int]:
+        """(sessions created in `month`, leases live at `now_ms`)."""
+        ...
+
+    # -- the vault's storage -----------------------------------------------------------------
+
+    async def put_provider_key(self, record: ProviderKeyRecord) -> None:
+        """Creates or replaces the sealed key of (project, provider)."""
+        ...
+
+    async def get_provider_key(self, project_id: str, provider: str) -> ProviderKeyRecord | None:
+        ...
+
+    async def list_provider_keys(self, project_id: str | None) -> list[ProviderKeyRecord]:
+        """One project's keys, or every project's when None (for master-key rotation)."""
+        ...
+
+    async def delete_provider_key(self, project_id: str, provider: str) -> bool:
+        ...
+
+
+def month_of(now_ms: int) -> str:
+    """The UTC calendar month of a time, `YYYY-MM`: the unit of the monthly session quota."""
+    import time
+
+    return time.strftime("%Y-%m", time.gmtime(now_ms // 1000))
+
+
+__all__: Sequence[str] = (
+    "Admission", "AdmitOutcome", "ProviderKeyRecord", "SessionAdmission", "SessionOutcome",
+    "Store", "month_of",
+)
