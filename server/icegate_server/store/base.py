@@ -125,8 +125,8 @@ class Store(Protocol):
         Args:
             digest: The SHA-256 digest of a stored caller key, or None for a caller already
                 authenticated as admin (a static key).
-            project_id: The project the call names; "" means the key's own project (for a
-                None digest the caller passes the project explicitly).
+            project_id: The project the call names; "" means the key's own project, and
+                for admin callers (admin keys, and a None digest) `DEFAULT_PROJECT_ID`.
             now_ms: The current time.
             count: Whether the call counts against the project's rate limit (the project's
                 own `rate_limit_requests` per `rate_limit_window_seconds`, GCRA as in

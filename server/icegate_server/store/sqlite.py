@@ -1,40 +1,128 @@
-"""The embedded SQLite store: one file, WAL, all access on one dedicated thread.
+"""The embedded SQLite store: one file, WAL, every statement on one dedicated thread.
 
 SQLite calls block, so none runs on the event loop: a single-thread executor owns the one
-connection, which also serialises writers inside the process (SQLite allows one writer at a
-time anyway). With WAL and `synchronous=NORMAL` a commit appends to the log without fsync;
-durability is at checkpoint, which is the trade SQLite documents for WAL mode.
+connection, which also serialises this process's writers (SQLite allows one writer at a time
+anyway). Other processes on the same file (`--workers`) are serialised by SQLite's own lock:
+every read-modify-write is one `BEGIN IMMEDIATE` transaction, and counters change through
+`INSERT ... ON CONFLICT DO UPDATE ... RETURNING`, never through Python arithmetic on a value
+read earlier. With WAL and `synchronous=NORMAL` a commit appends to the log without fsync
+(durability comes at checkpoint), the trade SQLite documents for WAL mode.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from icegate_server.errors import StoreUnavailableError
+from icegate_server.limits import RateLimitPolicy
+from icegate_server.projects import DEFAULT_PROJECT_ID, ApiKey, Project
+from icegate_server.store.base import (
+    Admission,
+    AdmitOutcome,
+    ProviderKeyRecord,
+    SessionAdmission,
+    SessionOutcome,
+)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS projects (
+    project_id TEXT PRIMARY KEY,
+    record     TEXT NOT NULL              -- the Project dataclass as JSON
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    digest       BLOB PRIMARY KEY,        -- SHA-256 of the key; the key itself is never kept
+    key_id       TEXT NOT NULL UNIQUE,
+    project_id   TEXT NOT NULL,           -- '' for admin keys
+    admin        INTEGER NOT NULL,
+    display_name TEXT NOT NULL,
+    key_prefix   TEXT NOT NULL,
+    create_time  REAL NOT NULL,
+    revoke_time  REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS api_keys_by_project ON api_keys(project_id);
+CREATE TABLE IF NOT EXISTS rate_limits (
+    project_id TEXT PRIMARY KEY,
+    tat_ms     INTEGER NOT NULL           -- GCRA theoretical arrival time (see limits.py)
+);
+CREATE TABLE IF NOT EXISTS session_quota (
+    project_id TEXT NOT NULL,
+    month      TEXT NOT NULL,             -- YYYY-MM, UTC
+    used       INTEGER NOT NULL,
+    PRIMARY KEY (project_id, month)
+);
+CREATE TABLE IF NOT EXISTS leases (
+    project_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    PRIMARY KEY (project_id, session_id)
+);
+CREATE TABLE IF NOT EXISTS provider_keys (
+    project_id     TEXT NOT NULL,
+    provider       TEXT NOT NULL,
+    sealed         BLOB NOT NULL,
+    last4          TEXT NOT NULL,
+    update_time_ms INTEGER NOT NULL,
+    PRIMARY KEY (project_id, provider)
+);
 """
+
+
+def _project_from_json(text: str) -> Project:
+    fields = {f.name for f in dataclasses.fields(Project)}
+    return Project(**{k: v for k, v in json.loads(text).items() if k in fields})
+
+
+def _project_json(project: Project) -> str:
+    return json.dumps(dataclasses.asdict(project), separators=(",", ":"))
+
+
+_KEY_COLUMNS = "key_id, project_id, admin, display_name, create_time, revoke_time, key_prefix"
+
+
+def _key_from_row(row: tuple[Any, ...]) -> ApiKey:
+    key_id, project_id, admin, display_name, create_time, revoke_time, prefix = row
+    return ApiKey(key_id=key_id, project_id=project_id, admin=bool(admin),
+                  display_name=display_name, create_time=create_time,
+                  revoke_time=revoke_time, key_prefix=prefix)
+
+
+@contextmanager
+def _write_transaction(db: sqlite3.Connection) -> Iterator[None]:
+    # IMMEDIATE takes the write lock up front, so two processes never both read a value
+    # and then race to write it.
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 class SqliteStore:
     """The `Store` on a SQLite file."""
 
-    def __init__(self, connection: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, connection: sqlite3.Connection, executor: ThreadPoolExecutor,
+                 path: str) -> None:
         self._db = connection
         self._executor = executor
+        self._path = path
 
     @classmethod
     async def open(cls, path: str) -> SqliteStore:
@@ -46,7 +134,7 @@ class SqliteStore:
         except (OSError, sqlite3.Error) as error:
             executor.shutdown(wait=False)
             raise StoreUnavailableError(f"cannot open SQLite store {path}: {error}") from None
-        return cls(connection, executor)
+        return cls(connection, executor, path)
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -63,17 +151,246 @@ class SqliteStore:
         await loop.run_in_executor(self._executor, self._db.close)
         self._executor.shutdown(wait=True)
 
+    # -- projects ---------------------------------------------------------------------------
+
+    async def create_project(self, project: Project) -> bool:
+        def work(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
+                "INSERT INTO projects(project_id, record) VALUES (?, ?) "
+                "ON CONFLICT(project_id) DO NOTHING", (project.project_id, _project_json(project)))
+            return cursor.rowcount == 1
+
+        return await self._run(work)
+
+    async def get_project(self, project_id: str) -> Project | None:
+        row = await self._run(lambda db: db.execute(
+            "SELECT record FROM projects WHERE project_id = ?", (project_id,)).fetchone())
+        return _project_from_json(row[0]) if row else None
+
+    async def list_projects(self, *, after: str, limit: int) -> list[Project]:
+        rows = await self._run(lambda db: db.execute(
+            "SELECT record FROM projects WHERE project_id > ? ORDER BY project_id LIMIT ?",
+            (after, limit)).fetchall())
+        return [_project_from_json(row[0]) for row in rows]
+
+    async def update_project(self, project: Project) -> bool:
+        def work(db: sqlite3.Connection) -> bool:
+            cursor = db.execute("UPDATE projects SET record = ? WHERE project_id = ?",
+                                (_project_json(project), project.project_id))
+            return cursor.rowcount == 1
+
+        return await self._run(work)
+
+    async def delete_project(self, project_id: str, now_ms: int) -> bool:
+        def work(db: sqlite3.Connection) -> bool:
+            with _write_transaction(db):
+                deleted = db.execute("DELETE FROM projects WHERE project_id = ?",
+                                     (project_id,)).rowcount == 1
+                for table in ("rate_limits", "session_quota", "leases", "provider_keys"):
+                    db.execute(f"DELETE FROM {table} WHERE project_id = ?",  # noqa: S608
+                               (project_id,))
+                db.execute("UPDATE api_keys SET revoke_time = ? "
+                           "WHERE project_id = ? AND revoke_time = 0",
+                           (now_ms / 1000, project_id))
+            return deleted
+
+        return await self._run(work)
+
+    # -- caller keys ---------------------------------------------------------------------------
+
+    async def create_api_key(self, key: ApiKey, digest: bytes) -> None:
+        await self._run(lambda db: db.execute(
+            "INSERT INTO api_keys(digest, key_id, project_id, admin, display_name, key_prefix, "
+            "create_time, revoke_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (digest, key.key_id, key.project_id, int(key.admin), key.display_name,
+             key.key_prefix, key.create_time, key.revoke_time)))
+
+    async def list_api_keys(self, project_id: str | None) -> list[ApiKey]:
+        if project_id is None:
+            query, args = f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE admin = 1", ()  # noqa: S608
+        else:
+            query = f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE project_id = ? AND admin = 0"  # noqa: S608
+            args = (project_id,)  # type: ignore[assignment]
+        rows = await self._run(lambda db: db.execute(query + " ORDER BY create_time, key_id",
+                                                     args).fetchall())
+        return [_key_from_row(row) for row in rows]
+
+    async def revoke_api_key(self, key_id: str, now_ms: int) -> ApiKey | None:
+        def work(db: sqlite3.Connection) -> ApiKey | None:
+            row = db.execute(
+                "UPDATE api_keys SET revoke_time = CASE WHEN revoke_time = 0 THEN ? "
+                f"ELSE revoke_time END WHERE key_id = ? RETURNING {_KEY_COLUMNS}",  # noqa: S608
+                (now_ms / 1000, key_id)).fetchone()
+            return _key_from_row(row) if row else None
+
+        return await self._run(work)
+
+    # -- the hot path --------------------------------------------------------------------------
+
+    async def admit(self, *, digest: bytes | None, project_id: str, now_ms: int,
+                    count: bool) -> Admission:
+        return await self._run(lambda db: _admit(db, digest, project_id, now_ms, count))
+
+    async def rate_position(self, project_id: str) -> int | None:
+        row = await self._run(lambda db: db.execute(
+            "SELECT tat_ms FROM rate_limits WHERE project_id = ?", (project_id,)).fetchone())
+        return int(row[0]) if row else None
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    async def begin_session(self, *, project_id: str, session_id: str, month: str,
+                            now_ms: int, lease_ms: int, quota: int,
+                            max_concurrent: int) -> SessionAdmission:
+        def work(db: sqlite3.Connection) -> SessionAdmission:
+            with _write_transaction(db):
+                db.execute("DELETE FROM leases WHERE project_id = ? AND expires_ms <= ?",
+                           (project_id, now_ms))
+                active = db.execute("SELECT count(*) FROM leases WHERE project_id = ?",
+                                    (project_id,)).fetchone()[0]
+                used_row = db.execute(
+                    "SELECT used FROM session_quota WHERE project_id = ? AND month = ?",
+                    (project_id, month)).fetchone()
+                used = used_row[0] if used_row else 0
+                # Concurrency first: a caller at its concurrent limit should end a session,
+                # which a quota error would not tell it.
+                if active >= max_concurrent:
+                    return SessionAdmission(SessionOutcome.CONCURRENT_LIMIT, active, used)
+                if used >= quota:
+                    return SessionAdmission(SessionOutcome.QUOTA_EXCEEDED, active, used)
+                used = db.execute(
+                    "INSERT INTO session_quota(project_id, month, used) VALUES (?, ?, 1) "
+                    "ON CONFLICT(project_id, month) DO UPDATE SET used = used + 1 "
+                    "RETURNING used", (project_id, month)).fetchone()[0]
+                db.execute(
+                    "INSERT INTO leases(project_id, session_id, expires_ms) VALUES (?, ?, ?) "
+                    "ON CONFLICT(project_id, session_id) DO UPDATE SET expires_ms = excluded.expires_ms",
+                    (project_id, session_id, now_ms + lease_ms))
+                return SessionAdmission(SessionOutcome.STARTED, active + 1, used)
+
+        return await self._run(work)
+
+    async def renew_session(self, *, project_id: str, session_id: str, now_ms: int,
+                            lease_ms: int) -> bool:
+        return await self._run(lambda db: db.execute(
+            "UPDATE leases SET expires_ms = ? "
+            "WHERE project_id = ? AND session_id = ? AND expires_ms > ?",
+            (now_ms + lease_ms, project_id, session_id, now_ms)).rowcount == 1)
+
+    async def end_session(self, *, project_id: str, session_id: str, now_ms: int) -> bool:
+        return await self._run(lambda db: db.execute(
+            "DELETE FROM leases WHERE project_id = ? AND session_id = ? AND expires_ms > ?",
+            (project_id, session_id, now_ms)).rowcount == 1)
+
+    async def cancel_session(self, *, project_id: str, session_id: str, month: str) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            with _write_transaction(db):
+                released = db.execute(
+                    "DELETE FROM leases WHERE project_id = ? AND session_id = ?",
+                    (project_id, session_id)).rowcount
+                if released:
+                    db.execute("UPDATE session_quota SET used = max(used - 1, 0) "
+                               "WHERE project_id = ? AND month = ?", (project_id, month))
+
+        await self._run(work)
+
+    async def session_counts(self, *, project_id: str, month: str,
+                             now_ms: int) -> tuple[int, int]:
+        def work(db: sqlite3.Connection) -> tuple[int, int]:
+            used = db.execute("SELECT used FROM session_quota WHERE project_id = ? AND month = ?",
+                              (project_id, month)).fetchone()
+            active = db.execute(
+                "SELECT count(*) FROM leases WHERE project_id = ? AND expires_ms > ?",
+                (project_id, now_ms)).fetchone()[0]
+            return (used[0] if used else 0), active
+
+        return await self._run(work)
+
+    # -- provider keys -------------------------------------------------------------------------
+
+    async def put_provider_key(self, record: ProviderKeyRecord) -> None:
+        await self._run(lambda db: db.execute(
+            "INSERT INTO provider_keys(project_id, provider, sealed, last4, update_time_ms) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(project_id, provider) DO UPDATE SET "
+            "sealed = excluded.sealed, last4 = excluded.last4, "
+            "update_time_ms = excluded.update_time_ms",
+            (record.project_id, record.provider, record.sealed, record.last4,
+             record.update_time_ms)))
+
+    async def get_provider_key(self, project_id: str, provider: str) -> ProviderKeyRecord | None:
+        row = await self._run(lambda db: db.execute(
+            "SELECT project_id, provider, sealed, last4, update_time_ms FROM provider_keys "
+            "WHERE project_id = ? AND provider = ?", (project_id, provider)).fetchone())
+        return ProviderKeyRecord(*row) if row else None
+
+    async def list_provider_keys(self, project_id: str | None) -> list[ProviderKeyRecord]:
+        query = "SELECT project_id, provider, sealed, last4, update_time_ms FROM provider_keys"
+        args: tuple[str, ...] = ()
+        if project_id is not None:
+            query, args = query + " WHERE project_id = ?", (project_id,)
+        rows = await self._run(lambda db: db.execute(query + " ORDER BY project_id, provider",
+                                                     args).fetchall())
+        return [ProviderKeyRecord(*row) for row in rows]
+
+    async def delete_provider_key(self, project_id: str, provider: str) -> bool:
+        return await self._run(lambda db: db.execute(
+            "DELETE FROM provider_keys WHERE project_id = ? AND provider = ?",
+            (project_id, provider)).rowcount == 1)
+
+
+def _admit(db: sqlite3.Connection, digest: bytes | None, project_id: str, now_ms: int,
+           count: bool) -> Admission:
+    key = None
+    if digest is not None:
+        row = db.execute(f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE digest = ?",  # noqa: S608
+                         (digest,)).fetchone()
+        if row is None:
+            return Admission(AdmitOutcome.UNKNOWN_KEY)
+        key = _key_from_row(row)
+        if key.revoked:
+            return Admission(AdmitOutcome.UNKNOWN_KEY)
+        if not key.admin:
+            if project_id and project_id != key.project_id:
+                return Admission(AdmitOutcome.FORBIDDEN, key=key)
+            project_id = key.project_id
+    project_id = project_id or DEFAULT_PROJECT_ID
+
+    row = db.execute("SELECT record FROM projects WHERE project_id = ?", (project_id,)).fetchone()
+    if row is None:
+        return Admission(AdmitOutcome.NO_PROJECT, key=key)
+    project = _project_from_json(row[0])
+
+    if not count:
+        tat = db.execute("SELECT tat_ms FROM rate_limits WHERE project_id = ?",
+                         (project_id,)).fetchone()
+        return Admission(AdmitOutcome.ADMITTED, key, project, tat[0] if tat else None)
+
+    policy = RateLimitPolicy.of(project.rate_limit_requests, project.rate_limit_window_seconds)
+    # The GCRA step of limits.gcra_admit, done by SQLite itself: the UPDATE only happens (and
+    # only returns a row) when the request is admitted.
+    admitted = db.execute(
+        "INSERT INTO rate_limits(project_id, tat_ms) VALUES (:p, :now + :t) "
+        "ON CONFLICT(project_id) DO UPDATE SET tat_ms = max(tat_ms, :now) + :t "
+        "WHERE max(tat_ms, :now) + :t - :now <= :w RETURNING tat_ms",
+        {"p": project_id, "now": now_ms, "t": policy.interval_ms, "w": policy.window_ms},
+    ).fetchone()
+    if admitted is not None:
+        return Admission(AdmitOutcome.ADMITTED, key, project, admitted[0])
+    tat = db.execute("SELECT tat_ms FROM rate_limits WHERE project_id = ?",
+                     (project_id,)).fetchone()
+    return Admission(AdmitOutcome.RATE_LIMITED, key, project, tat[0])
+
 
 def _connect(path: str) -> sqlite3.Connection:
     file = Path(path)
     file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    # Create the file 0600 before SQLite opens it: it will hold key digests and sealed keys.
+    # Create the file 0600 before SQLite opens it: it holds key digests and sealed keys.
     os.close(os.open(file, os.O_RDWR | os.O_CREAT, 0o600))
     db = sqlite3.connect(file, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
-    db.execute("PRAGMA busy_timeout=2000")
+    db.execute("PRAGMA busy_timeout=5000")
+    db.execute("PRAGMA foreign_keys=ON")
     db.executescript(_SCHEMA)
-    db.execute("INSERT OR IGNORE INTO schema_meta(key, value) VALUES ('version', ?)",
-               (str(SCHEMA_VERSION),))
+    db.execute("INSERT INTO schema_meta(key, value) VALUES ('version', ?) "
+               "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(SCHEMA_VERSION),))
     return db
