@@ -1,0 +1,103 @@
+"""The registry the server uses: kinds, settings from the environment, the shared client."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from fake_upstreams.harness import API_KEY, CASES_BY_KIND, mint
+from icegate_server.errors import (
+    InvalidFieldError,
+    UpstreamAuthFailedError,
+    UpstreamNotConfiguredError,
+)
+from icegate_server.providers import (
+    BASE_URL_ENV,
+    ProviderKind,
+    ProviderRuntime,
+    ProviderSettings,
+    SessionOptions,
+    build_providers,
+    make_http_client,
+    parse_provider_kind,
+)
+
+
+def test_every_kind_has_an_adapter_of_that_kind() -> None:
+    async def build() -> None:
+        async with make_http_client() as http:
+            providers = build_providers(ProviderSettings(), ProviderRuntime(http))
+            assert set(providers) == set(ProviderKind)
+            assert all(p.kind is kind for kind, p in providers.items())
+
+    asyncio.run(build())
+
+
+def test_settings_from_env_override_defaults() -> None:
+    settings = ProviderSettings.from_env({
+        "ICEGATE_OPENAI_BASE_URL": "http://127.0.0.1:9000",
+        "ICEGATE_AZURE_BASE_URL": "https://res.openai.azure.com",
+        "ICEGATE_GEMINI_BASE_URL": "",
+    })
+    assert settings.openai_base_url == "http://127.0.0.1:9000"
+    assert settings.azure_base_url == "https://res.openai.azure.com"
+    assert settings.orga_base_url == "https://api.orga-ai.com"
+    assert settings.gemini_base_url == "https://generativelanguage.googleapis.com"
+    assert ProviderSettings.from_env({}) == ProviderSettings()
+    assert ProviderSettings().azure_base_url is None
+    assert set(BASE_URL_ENV.values()) == {
+        "ICEGATE_OPENAI_BASE_URL", "ICEGATE_AZURE_BASE_URL", "ICEGATE_ORGA_BASE_URL",
+        "ICEGATE_GEMINI_BASE_URL",
+    }
+
+
+@pytest.mark.parametrize("bad", ["ftp://x", "api.openai.com", "https://"])
+def test_bad_base_url_names_the_variable(bad: str) -> None:
+    with pytest.raises(ValueError, match="ICEGATE_ORGA_BASE_URL"):
+        ProviderSettings.from_env({"ICEGATE_ORGA_BASE_URL": bad})
+
+
+def test_parse_provider_kind() -> None:
+    assert parse_provider_kind(" Azure_Legacy ") is ProviderKind.AZURE_LEGACY
+    with pytest.raises(InvalidFieldError) as caught:
+        parse_provider_kind("deepgram")
+    assert caught.value.violations[0].field == "provider"
+
+
+@pytest.mark.parametrize("kind", [ProviderKind.AZURE, ProviderKind.AZURE_LEGACY])
+def test_azure_without_endpoint_is_not_configured(kind: ProviderKind) -> None:
+    with pytest.raises(UpstreamNotConfiguredError, match="ICEGATE_AZURE_BASE_URL") as caught:
+        mint(CASES_BY_KIND[kind], None)
+    assert caught.value.provider == kind.value
+
+
+@pytest.mark.parametrize("kind", list(ProviderKind))
+def test_missing_key_is_not_configured_and_sends_nothing(kind: ProviderKind) -> None:
+    with pytest.raises(UpstreamNotConfiguredError):
+        mint(CASES_BY_KIND[kind], "http://127.0.0.1:9", api_key="")
+
+
+def test_unprintable_key_is_refused_without_quoting_it() -> None:
+    with pytest.raises(UpstreamAuthFailedError) as caught:
+        mint(CASES_BY_KIND[ProviderKind.OPENAI], "http://127.0.0.1:9",
+             api_key=API_KEY + "\r\nX-Evil: 1")
+    assert API_KEY not in str(caught.value)
+
+
+def test_http_client_factory_sets_timeouts_and_no_redirects() -> None:
+    async def check() -> None:
+        transport = httpx.MockTransport(lambda request: httpx.Response(204))
+        async with make_http_client(1.5, 7.0, transport=transport) as http:
+            assert http.timeout.connect == 1.5
+            assert http.timeout.read == 7.0
+            assert http.follow_redirects is False
+            assert (await http.get("https://example.test/")).status_code == 204
+
+    asyncio.run(check())
+
+
+def test_session_options_defaults_are_provider_defaults() -> None:
+    options = SessionOptions()
+    assert (options.model, options.voice, options.modalities) == ("", "", ())
+    assert options.temperature is None and options.token_ttl_seconds is None
