@@ -13,7 +13,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from icegate import requests
 from icegate.connection import CHANNEL_OPTIONS, DEFAULT_TIMEOUT, Connection, Metadata
 from icegate.errors import from_rpc_error
-from icegate.v1 import credentials_pb2, credentials_pb2_grpc
+from icegate.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    credentials_pb2,
+    credentials_pb2_grpc,
+    usage_pb2,
+    usage_pb2_grpc,
+)
 
 log = logging.getLogger("icegate")
 
@@ -28,18 +35,25 @@ class Client:
         api_key: The caller key; `ICEGATE_API_KEY` (or the `make run` dev key) when omitted.
         default_timeout: Seconds a call may take when it names no `timeout`.
         debug: Log every call (method, duration, outcome; never a key or a credential).
+        channel: A channel to call over instead of an insecure one to `target` (for TLS,
+            custom options or tests); the client closes it on `close()`.
 
     Every method takes keyword-only `timeout` (seconds) and `metadata`, and raises a subclass
     of `icegate.errors.IcegateError` on failure.
     """
 
     def __init__(self, target: str | None = None, api_key: str | None = None, *,
-                 default_timeout: float = DEFAULT_TIMEOUT, debug: bool = False) -> None:
+                 default_timeout: float = DEFAULT_TIMEOUT, debug: bool = False,
+                 channel: grpc.Channel | None = None) -> None:
         self._connection = Connection.resolve(target, api_key, default_timeout=default_timeout,
                                               debug=debug)
-        self._channel = grpc.insecure_channel(self._connection.target, options=CHANNEL_OPTIONS)
+        if channel is None:
+            channel = grpc.insecure_channel(self._connection.target, options=CHANNEL_OPTIONS)
+        self._channel = channel
         self._credentials = credentials_pb2_grpc.CredentialServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
+        self._usage = usage_pb2_grpc.UsageServiceStub(self._channel)
 
     def __enter__(self) -> Client:
         return self
@@ -90,6 +104,85 @@ class Client:
         return self._call(self._credentials.GetIceServers,  # type: ignore[no-any-return]
                           requests.get_ice_servers(user_id, ttl, project_id),
                           timeout, metadata)
+
+    def get_usage(self, project_id: str = "", *, timeout: float | None = None,
+                  metadata: Metadata = ()) -> usage_pb2.GetUsageResponse:
+        """The project's rate-limit position, session counts and limits (not rate limited)."""
+        return self._call(self._usage.GetUsage,  # type: ignore[no-any-return]
+                          usage_pb2.GetUsageRequest(project_id=project_id), timeout, metadata)
+
+    # -- administration (admin keys only) ----------------------------------------------------
+
+    def create_project(self, project_id: str, *, timeout: float | None = None,
+                       metadata: Metadata = (), **fields: Any) -> admin_pb2.Project:
+        """Creates a project; `fields` are Project fields (durations as seconds or timedelta)."""
+        message, _ = requests.project(project_id, fields)
+        return self._call(self._admin.CreateProject,  # type: ignore[no-any-return]
+                          admin_pb2.CreateProjectRequest(project=message), timeout,
+                          metadata).project
+
+    def get_project(self, project_id: str, *, timeout: float | None = None,
+                    metadata: Metadata = ()) -> admin_pb2.Project:
+        return self._call(self._admin.GetProject,  # type: ignore[no-any-return]
+                          admin_pb2.GetProjectRequest(project_id=project_id), timeout,
+                          metadata).project
+
+    def list_projects(self, *, page_size: int = 0, page_token: str = "",
+                      timeout: float | None = None,
+                      metadata: Metadata = ()) -> admin_pb2.ListProjectsResponse:
+        """One page of projects; pass `next_page_token` back for the next one."""
+        return self._call(self._admin.ListProjects,  # type: ignore[no-any-return]
+                          admin_pb2.ListProjectsRequest(page_size=page_size,
+                                                        page_token=page_token),
+                          timeout, metadata)
+
+    def list_all_projects(self, *, timeout: float | None = None,
+                          metadata: Metadata = ()) -> list[admin_pb2.Project]:
+        """Every project, following the pages."""
+        projects: list[admin_pb2.Project] = []
+        token = ""
+        while True:
+            page = self.list_projects(page_token=token, timeout=timeout, metadata=metadata)
+            projects.extend(page.projects)
+            token = page.next_page_token
+            if not token:
+                return projects
+
+    def update_project(self, project_id: str, *, timeout: float | None = None,
+                       metadata: Metadata = (), **fields: Any) -> admin_pb2.Project:
+        """Changes the given fields of a project (None values are left alone)."""
+        return self._call(self._admin.UpdateProject,  # type: ignore[no-any-return]
+                          requests.update_project(project_id, fields), timeout,
+                          metadata).project
+
+    def delete_project(self, project_id: str, *, timeout: float | None = None,
+                       metadata: Metadata = ()) -> None:
+        """Deletes a project, its counters and provider keys; revokes its caller keys."""
+        self._call(self._admin.DeleteProject,
+                   admin_pb2.DeleteProjectRequest(project_id=project_id), timeout, metadata)
+
+    def create_api_key(self, project_id: str = "", *, admin: bool = False,
+                       display_name: str = "", timeout: float | None = None,
+                       metadata: Metadata = ()) -> admin_pb2.CreateApiKeyResponse:
+        """Creates a caller key; the answer's `secret` is shown this once only."""
+        return self._call(self._admin.CreateApiKey,  # type: ignore[no-any-return]
+                          admin_pb2.CreateApiKeyRequest(project_id=project_id, admin=admin,
+                                                        display_name=display_name),
+                          timeout, metadata)
+
+    def list_api_keys(self, project_id: str = "", *, timeout: float | None = None,
+                      metadata: Metadata = ()) -> list[admin_pb2.ApiKey]:
+        """A project's keys (or the admin keys when `project_id` is empty), revoked included."""
+        return list(self._call(self._admin.ListApiKeys,
+                               admin_pb2.ListApiKeysRequest(project_id=project_id),
+                               timeout, metadata).api_keys)
+
+    def revoke_api_key(self, key_id: str, *, timeout: float | None = None,
+                       metadata: Metadata = ()) -> admin_pb2.ApiKey:
+        """Revokes a key: refused from its next call on, on every replica."""
+        return self._call(self._admin.RevokeApiKey,  # type: ignore[no-any-return]
+                          admin_pb2.RevokeApiKeyRequest(key_id=key_id), timeout,
+                          metadata).api_key
 
     def health(self, service: str = "", *, timeout: float | None = None,
                metadata: Metadata = ()) -> str:

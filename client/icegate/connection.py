@@ -27,6 +27,7 @@ Metadata = Sequence[tuple[str, str]]
 SERVICE_CONFIG = json.dumps({
     "methodConfig": [{
         "name": [{"service": "icegate.v1.CredentialService"},
+                 {"service": "icegate.v1.UsageService"},
                  {"service": "grpc.health.v1.Health"}],
         "retryPolicy": {
             "maxAttempts": 3,

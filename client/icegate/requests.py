@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, field_mask_pb2
 
-from icegate.v1 import credentials_pb2
+from icegate.v1 import admin_pb2, credentials_pb2
 
 Ttl = int | float | timedelta | None
 """A lifetime: seconds, a timedelta, or None for the server's default."""
@@ -32,3 +32,42 @@ def get_ice_servers(user_id: str, ttl: Ttl, project_id: str) -> credentials_pb2.
     if ttl is not None:
         request.ttl.CopyFrom(duration(ttl))
     return request
+
+
+_DURATION_FIELDS = frozenset({"rate_limit_window", "turn_ttl_default", "turn_ttl_max"})
+PROJECT_FIELDS = frozenset({
+    "display_name", "rate_limit_requests", "rate_limit_window", "turn_ttl_default",
+    "turn_ttl_max", "plan", "upgrade_url", "monthly_session_quota", "max_concurrent_sessions",
+})
+"""The Project fields a caller sets at creation or changes with `update_project`."""
+
+
+def project(project_id: str, fields: dict[str, object]) -> tuple[admin_pb2.Project, list[str]]:
+    """A Project message with `fields` set (None values skipped), and the names that were set.
+
+    Raises:
+        TypeError: A field that is not a settable Project field.
+    """
+    unknown = set(fields) - PROJECT_FIELDS
+    if unknown:
+        raise TypeError(f"unknown project field {sorted(unknown)[0]!r}")
+    message = admin_pb2.Project(project_id=project_id)
+    names = []
+    for name, value in fields.items():
+        if value is None:
+            continue
+        if name in _DURATION_FIELDS:
+            assert isinstance(value, (int, float, timedelta))
+            getattr(message, name).CopyFrom(duration(value))
+        else:
+            setattr(message, name, value)
+        names.append(name)
+    return message, names
+
+
+def update_project(project_id: str, fields: dict[str, object]) -> admin_pb2.UpdateProjectRequest:
+    message, names = project(project_id, fields)
+    if not names:
+        raise TypeError("update_project needs at least one field to change")
+    return admin_pb2.UpdateProjectRequest(project=message,
+                                          update_mask=field_mask_pb2.FieldMask(paths=names))

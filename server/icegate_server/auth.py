@@ -9,7 +9,7 @@ nothing about any key (that is the constant-time property string comparison lack
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from icegate_server.errors import InvalidApiKeyError
@@ -56,24 +56,3 @@ def bearer_key(metadata: Iterable[tuple[str, str | bytes]]) -> str:
     if not key:
         raise InvalidApiKeyError("authorization header carries no key")
     return key
-
-
-class StaticKeyAuthenticator:
-    """Recognises the static admin keys from settings (`ICEGATE_API_KEYS`)."""
-
-    def __init__(self, keys: Sequence[str]) -> None:
-        self._callers: dict[bytes, Caller] = {
-            key_digest(key): Caller(key_id=f"static-{index}", is_admin=True)
-            for index, key in enumerate(keys)
-        }
-
-    async def authenticate(self, key: str) -> Caller:
-        """The caller `key` stands for.
-
-        Raises:
-            InvalidApiKeyError: The key is unknown.
-        """
-        caller = self._callers.get(key_digest(key))
-        if caller is None:
-            raise InvalidApiKeyError("unknown API key")
-        return caller

@@ -8,6 +8,7 @@ raises `ConfigError` with one line that names the setting and never shows a secr
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -43,6 +44,8 @@ class Settings:
     turn_ttl_max: int = 86400
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     dev_secrets: bool = True
+    store_timeout: float = 0.1
+    rate_limit_fail_open: bool = False
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
 
@@ -66,13 +69,19 @@ SECRET_SETTINGS = frozenset({"turn_secrets", "api_keys"})
 STORE_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://")
 
 
+# TOML hands the parsers typed values (lists, tables, dates...): a wrong type must become
+# a ValueError, which `load_settings` reports as one line, never a TypeError traceback.
+
+
 def _parse_list(raw: str | Sequence[str]) -> tuple[str, ...]:
+    if not isinstance(raw, (str, list, tuple)):
+        raise ValueError("must be a comma-separated string or a list of strings")
     items = raw.split(",") if isinstance(raw, str) else list(raw)
     return tuple(str(item).strip() for item in items if str(item).strip())
 
 
 def _parse_int(raw: str | int) -> int:
-    if isinstance(raw, bool):
+    if isinstance(raw, bool) or not isinstance(raw, (str, int)):
         raise ValueError("must be a whole number")
     try:
         return int(raw)
@@ -81,6 +90,8 @@ def _parse_int(raw: str | int) -> int:
 
 
 def _parse_float(raw: str | float) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+        raise ValueError("must be a number")
     try:
         return float(raw)
     except ValueError:
@@ -90,6 +101,8 @@ def _parse_float(raw: str | float) -> float:
 def _parse_bool(raw: str | bool) -> bool:
     if isinstance(raw, bool):
         return raw
+    if not isinstance(raw, str):
+        raise ValueError("must be true or false")
     lowered = raw.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
         return True
@@ -117,6 +130,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "turn_ttl_max": _parse_int,
     "api_keys": _parse_list,
     "dev_secrets": _parse_bool,
+    "store_timeout": _parse_float,
+    "rate_limit_fail_open": _parse_bool,
     "shutdown_grace": _parse_float,
     "log_level": lambda raw: _parse_str(raw).upper(),
 }
@@ -134,6 +149,8 @@ _HELP: dict[str, str] = {
     "turn_ttl_max": "longest TURN credential lifetime a caller may ask for, seconds (86400)",
     "api_keys": "comma-separated static caller keys with full (admin) access",
     "dev_secrets": "generate and keep dev secrets when none are configured (default true)",
+    "store_timeout": "seconds a Redis store call may take before the call fails UNAVAILABLE (0.1)",
+    "rate_limit_fail_open": "admit known callers uncounted while the store is unreachable (false)",
     "shutdown_grace": "seconds in-flight calls get to finish on SIGTERM (default 10)",
     "log_level": "DEBUG, INFO, WARNING or ERROR (default INFO)",
 }
@@ -174,6 +191,10 @@ def load_settings(
 
     config_path = flags.pop("config", None) or environ.get("ICEGATE_CONFIG")
     from_file = _read_toml(Path(config_path)) if config_path else {}
+    # Checked before merging: a key the file sets and a flag overrides is still a known key.
+    unknown = sorted(set(from_file) - set(_PARSERS))
+    if unknown:
+        raise ConfigError(f"unknown setting {unknown[0]!r} in {config_path}")
 
     values: dict[str, Any] = {}
     for name, parse in _PARSERS.items():
@@ -182,15 +203,13 @@ def load_settings(
         elif env_name(name) in environ:
             source, raw = env_name(name), environ[env_name(name)]
         elif name in from_file:
-            source, raw = f"{name} in {config_path}", from_file.pop(name)
+            source, raw = f"{name} in {config_path}", from_file[name]
         else:
             continue
         try:
             values[name] = parse(raw)
         except ValueError as error:
             raise ConfigError(f"invalid setting {source}: {error}") from None
-    if from_file:
-        raise ConfigError(f"unknown setting {sorted(from_file)[0]!r} in {config_path}")
 
     settings = Settings(**values)
     _validate(settings)
@@ -211,8 +230,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def parse_listen_address(listen: str) -> tuple[str, int]:
     """Splits `host:port` (IPv6 hosts in brackets) and checks the port."""
     host, sep, port_text = listen.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError("must be host:port, e.g. 127.0.0.1:50051")
+    # An unbracketed IPv6 host ("::1") is ambiguous: its last group would be read as the port.
+    unbracketed_ipv6 = ":" in host and not (host.startswith("[") and host.endswith("]"))
+    if (not sep or not host or unbracketed_ipv6 or not port_text.isdigit()
+            or not 0 <= int(port_text) <= 65535):
+        raise ValueError("must be host:port, e.g. 127.0.0.1:50051 or [::1]:50051")
     return host, int(port_text)
 
 
@@ -249,8 +271,10 @@ def _validate(settings: Settings) -> None:
     if not settings.turn_ttl_min <= settings.turn_ttl_default <= settings.turn_ttl_max:
         fail("turn_ttl_default",
              f"must lie between {settings.turn_ttl_min} and {settings.turn_ttl_max}")
-    if settings.shutdown_grace < 0:
-        fail("shutdown_grace", "must not be negative")
+    if not math.isfinite(settings.shutdown_grace) or settings.shutdown_grace < 0:
+        fail("shutdown_grace", "must be a finite number of seconds, not negative")
+    if not 0 < settings.store_timeout <= 60:
+        fail("store_timeout", "must be more than 0 and at most 60 seconds")
     if settings.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         fail("log_level", "must be DEBUG, INFO, WARNING or ERROR")
     if not settings.dev_secrets and not settings.turn_secrets:

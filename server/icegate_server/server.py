@@ -15,19 +15,32 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from icegate.v1 import credentials_pb2, credentials_pb2_grpc
-from icegate_server.auth import StaticKeyAuthenticator
+from icegate.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    credentials_pb2,
+    credentials_pb2_grpc,
+    usage_pb2,
+    usage_pb2_grpc,
+)
+from icegate_server.access import AccessControl
 from icegate_server.clock import Clock, SystemClock
 from icegate_server.config import Settings
 from icegate_server.interceptor import CallGuard
+from icegate_server.project_admin import ProjectAdmin, ProjectDefaults
+from icegate_server.servicers.admin import AdminServicer
 from icegate_server.servicers.credentials import CredentialServicer
+from icegate_server.servicers.usage import UsageServicer
 from icegate_server.store import Store, open_store
-from icegate_server.turn import TtlPolicy, TurnCredentialIssuer, TurnSecretKeyring
+from icegate_server.turn import TurnCredentialIssuer, TurnSecretKeyring
+from icegate_server.usage import UsageReporter
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = (
     credentials_pb2.DESCRIPTOR.services_by_name["CredentialService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
 )
 """The icegate services this server registers (health reports each, and the overall "")."""
 
@@ -70,23 +83,31 @@ async def create_server(
         The server and the port it is bound to.
     """
     clock = clock or SystemClock()
-    store = await open_store(settings.store_url)
+    store = await open_store(settings.store_url, timeout=settings.store_timeout)
     try:
         keyring = TurnSecretKeyring(settings.turn_secrets)
-        issuer = TurnCredentialIssuer(keyring, clock, settings.turn_uris)
-        ttl_policy = TtlPolicy(default=settings.turn_ttl_default, minimum=settings.turn_ttl_min,
-                               maximum=settings.turn_ttl_max)
-        authenticator = StaticKeyAuthenticator(settings.api_keys)
+        issuer = TurnCredentialIssuer(keyring, clock, settings.turn_uris,
+                                      min_ttl_seconds=settings.turn_ttl_min)
+        admin = ProjectAdmin(store, clock, ProjectDefaults(
+            turn_ttl_default_seconds=settings.turn_ttl_default,
+            turn_ttl_max_seconds=settings.turn_ttl_max,
+            turn_ttl_min_seconds=settings.turn_ttl_min))
+        await admin.ensure_default_project()
+        access = AccessControl(store, clock, settings.api_keys,
+                               fail_open_rate_limit=settings.rate_limit_fail_open)
 
         server = grpc.aio.server(
-            interceptors=[CallGuard(authenticator)],
+            interceptors=[CallGuard(access)],
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", 64 * 1024),
             ],
         )
         credentials_pb2_grpc.add_CredentialServiceServicer_to_server(
-            CredentialServicer(issuer, ttl_policy, settings.stun_uris), server)
+            CredentialServicer(issuer, settings.stun_uris), server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(admin), server)
+        usage_pb2_grpc.add_UsageServiceServicer_to_server(
+            UsageServicer(UsageReporter(store, clock)), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(

@@ -4,6 +4,12 @@ username = `<unix expiry seconds>:<user id>`; password = base64(HMAC-SHA1(secret
 coturn reads the expiry before the first separator and tries every configured secret in turn,
 so rotation is: sign with the newest secret, keep the older ones configured on both sides until
 the credentials they signed have expired.
+
+icegate's usernames bind the project in: `<expiry>:<project id>/<user id>`, e.g.
+`1767225600:acme/alice@example.com`. coturn only reads the digits before the first `:`; the
+rest is opaque to it, so two projects' users named alike get different usernames (and show
+apart in coturn's logs). Project ids cannot hold `/` or `:`, and user ids cannot hold `:`, so
+the layout parses back unambiguously: split at the first `:`, then at the first `/`.
 """
 
 from __future__ import annotations
@@ -17,9 +23,13 @@ from dataclasses import dataclass
 
 from icegate_server.clock import Clock
 from icegate_server.errors import InvalidFieldError
+from icegate_server.projects import Project
 
 SEPARATOR = ":"
 """coturn's default `--rest-api-separator`; a user id must never contain it."""
+
+PROJECT_SEPARATOR = "/"
+"""Between the project id and the user id in icegate's usernames."""
 
 MAX_USER_ID_BYTES = 256
 
@@ -118,14 +128,29 @@ class TurnCredential:
 class TurnCredentialIssuer:
     """Issues TURN REST credentials for the configured URIs, signed by the keyring."""
 
-    def __init__(self, keyring: TurnSecretKeyring, clock: Clock, uris: Sequence[str]) -> None:
+    def __init__(self, keyring: TurnSecretKeyring, clock: Clock, uris: Sequence[str], *,
+                 min_ttl_seconds: int = 60) -> None:
         self._keyring = keyring
         self._clock = clock
         self._uris = tuple(uris)
+        self._min_ttl = min_ttl_seconds
 
     @property
     def uris(self) -> tuple[str, ...]:
         return self._uris
+
+    def issue_for(self, project: Project, user_id: str,
+                  requested_ttl: float | None) -> TurnCredential:
+        """Validates the request against the project's policy and issues its credential.
+
+        Raises:
+            InvalidFieldError: A bad `user_id`, or a `ttl` outside the project's bounds.
+        """
+        validate_user_id(user_id)
+        policy = TtlPolicy(default=project.turn_ttl_default_seconds, minimum=self._min_ttl,
+                           maximum=project.turn_ttl_max_seconds)
+        ttl = policy.resolve(requested_ttl)
+        return self.issue(f"{project.project_id}{PROJECT_SEPARATOR}{user_id}", ttl)
 
     def issue(self, user: str, ttl_seconds: int) -> TurnCredential:
         """Signs a credential for `user` (already validated) valid for `ttl_seconds` from now."""

@@ -32,7 +32,7 @@ def client(icegate_server):
 def test_issue_turn_credentials_signs_expiry_and_user(icegate_server, client):
     now = int(icegate_server.clock.now())
     credential = client.issue_turn_credentials("alice", ttl=600)
-    assert credential.username == f"{now + 600}:alice"
+    assert credential.username == f"{now + 600}:default/alice"
     assert credential.password == expected_password(credential.username)
     assert credential.ttl.seconds == 600
     assert credential.expire_time.seconds == now + 600
@@ -42,7 +42,7 @@ def test_issue_turn_credentials_signs_expiry_and_user(icegate_server, client):
 def test_default_ttl_is_one_hour(icegate_server, client):
     credential = client.issue_turn_credentials("bob")
     assert credential.ttl.seconds == 3600
-    assert credential.username == f"{int(icegate_server.clock.now()) + 3600}:bob"
+    assert credential.username == f"{int(icegate_server.clock.now()) + 3600}:default/bob"
 
 
 def test_ttl_accepts_a_timedelta(client):
@@ -55,7 +55,7 @@ def test_ice_servers_are_browser_ready(icegate_server, client):
     assert servers[0] == {"urls": ["stun:127.0.0.1:3478"]}
     turn = servers[1]
     assert turn["urls"] == list(icegate_server.settings.turn_uris)
-    assert turn["username"] == f"{int(icegate_server.clock.now()) + 120}:alice"
+    assert turn["username"] == f"{int(icegate_server.clock.now()) + 120}:default/alice"
     assert turn["credential"] == expected_password(turn["username"])
     assert response.expire_time.seconds == int(icegate_server.clock.now()) + 120
 
@@ -163,9 +163,9 @@ def test_async_client_twin(icegate_server):
             return credential, servers
 
     credential, servers = asyncio.run(scenario())
-    assert credential.username == f"{int(icegate_server.clock.now()) + 300}:dave"
+    assert credential.username == f"{int(icegate_server.clock.now()) + 300}:default/dave"
     assert credential.password == expected_password(credential.username)
-    assert servers.ice_servers[1].username.endswith(":dave")
+    assert servers.ice_servers[1].username.endswith(":default/dave")
 
 
 def test_async_client_raises_typed_unauthenticated(icegate_server):

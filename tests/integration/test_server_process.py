@@ -77,7 +77,7 @@ def test_cli_ice_servers_prints_an_rtc_ice_server_list(dev_server, tmp_path):
         assert isinstance(urls, list) and all(u.split(":")[0] in {"stun", "turn", "turns"}
                                               for u in urls)
         if any(u.startswith("turn") for u in urls):
-            assert server["username"].endswith(":alice")
+            assert server["username"].endswith(":default/alice")
             assert server["username"].split(":")[0].isdigit()
             assert len(server["credential"]) == 28  # base64 of a 20-byte HMAC-SHA1
         else:

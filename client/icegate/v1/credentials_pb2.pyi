@@ -35,14 +35,16 @@ class IssueTurnCredentialsRequest(_message.Message):
     (coturn would read a username containing the separator differently).
     """
     project_id: _builtins.str
-    """The project to issue for. Empty means the project of the caller's key; an admin key may
-    name any project.
+    """The project to issue for. Empty means the project of the caller's key (for admin keys,
+    the project "default"); an admin key may name any project, a project key only its own
+    (PERMISSION_DENIED, reason PROJECT_FORBIDDEN, otherwise). NOT_FOUND if it does not exist.
     """
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
         """How long the credential stays valid. Unset means the project's default TTL (3600 s unless
-        configured). Must lie within the project's TTL bounds (default 60 s to 86400 s); a value
-        outside them is INVALID_ARGUMENT, never silently clamped. Whole seconds only.
+        configured). Must lie within ICEGATE_TURN_TTL_MIN (60 s) and the project's maximum
+        (86400 s unless configured); a value outside is INVALID_ARGUMENT, never silently clamped.
+        Whole seconds only.
         """
 
     def __init__(
@@ -72,7 +74,7 @@ class IssueTurnCredentialsResponse(_message.Message):
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     URIS_FIELD_NUMBER: _builtins.int
     username: _builtins.str
-    """The TURN username, `<unix expiry seconds>:<user id>`."""
+    """The TURN username, `<unix expiry seconds>:<project id>/<user id>`."""
     password: _builtins.str
     """The TURN password: standard base64 (with padding) of HMAC-SHA1 over the username."""
     @_builtins.property

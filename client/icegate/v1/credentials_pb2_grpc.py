@@ -72,8 +72,9 @@ class CredentialServiceServicer:
     """
 
     def IssueTurnCredentials(self, request, context):
-        """Issues one TURN credential for a user: username `<expiry>:<user>` and password
-        base64(HMAC-SHA1(secret, username)), signed with the newest TURN secret.
+        """Issues one TURN credential for a user: username `<expiry>:<project id>/<user id>` and
+        password base64(HMAC-SHA1(secret, username)), signed with the newest TURN secret. coturn
+        reads only the expiry before the first `:`; the project keeps two projects' users apart.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

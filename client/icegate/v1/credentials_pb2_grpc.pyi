@@ -45,8 +45,9 @@ class CredentialServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> CredentialServiceAsyncStub: ...
     IssueTurnCredentials: _grpc.UnaryUnaryMultiCallable[_credentials_pb2.IssueTurnCredentialsRequest, _credentials_pb2.IssueTurnCredentialsResponse]
-    """Issues one TURN credential for a user: username `<expiry>:<user>` and password
-    base64(HMAC-SHA1(secret, username)), signed with the newest TURN secret.
+    """Issues one TURN credential for a user: username `<expiry>:<project id>/<user id>` and
+    password base64(HMAC-SHA1(secret, username)), signed with the newest TURN secret. coturn
+    reads only the expiry before the first `:`; the project keeps two projects' users apart.
     """
     GetIceServers: _grpc.UnaryUnaryMultiCallable[_credentials_pb2.GetIceServersRequest, _credentials_pb2.GetIceServersResponse]
     """Returns the RTCIceServer list for a user: one entry for the STUN URIs (no credential) and
@@ -71,8 +72,9 @@ class CredentialServiceAsyncStub(CredentialServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     IssueTurnCredentials: _aio.UnaryUnaryMultiCallable[_credentials_pb2.IssueTurnCredentialsRequest, _credentials_pb2.IssueTurnCredentialsResponse]  # type: ignore[assignment]
-    """Issues one TURN credential for a user: username `<expiry>:<user>` and password
-    base64(HMAC-SHA1(secret, username)), signed with the newest TURN secret.
+    """Issues one TURN credential for a user: username `<expiry>:<project id>/<user id>` and
+    password base64(HMAC-SHA1(secret, username)), signed with the newest TURN secret. coturn
+    reads only the expiry before the first `:`; the project keeps two projects' users apart.
     """
     GetIceServers: _aio.UnaryUnaryMultiCallable[_credentials_pb2.GetIceServersRequest, _credentials_pb2.GetIceServersResponse]  # type: ignore[assignment]
     """Returns the RTCIceServer list for a user: one entry for the STUN URIs (no credential) and
@@ -100,8 +102,9 @@ class CredentialServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _credentials_pb2.IssueTurnCredentialsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_credentials_pb2.IssueTurnCredentialsResponse, _abc.Awaitable[_credentials_pb2.IssueTurnCredentialsResponse]]:
-        """Issues one TURN credential for a user: username `<expiry>:<user>` and password
-        base64(HMAC-SHA1(secret, username)), signed with the newest TURN secret.
+        """Issues one TURN credential for a user: username `<expiry>:<project id>/<user id>` and
+        password base64(HMAC-SHA1(secret, username)), signed with the newest TURN secret. coturn
+        reads only the expiry before the first `:`; the project keeps two projects' users apart.
         """
 
     @_abc_1.abstractmethod

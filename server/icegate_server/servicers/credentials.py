@@ -9,7 +9,8 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from icegate.v1 import credentials_pb2, credentials_pb2_grpc
 from icegate_server.ice_servers import build_ice_servers
-from icegate_server.turn import TtlPolicy, TurnCredential, TurnCredentialIssuer, validate_user_id
+from icegate_server.interceptor import current_call
+from icegate_server.turn import TurnCredential, TurnCredentialIssuer
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -25,16 +26,14 @@ def requested_ttl(request: Any) -> float | None:
 class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
     """Issues TURN credentials and RTCIceServer lists."""
 
-    def __init__(self, issuer: TurnCredentialIssuer, ttl_policy: TtlPolicy,
-                 stun_uris: tuple[str, ...]) -> None:
+    def __init__(self, issuer: TurnCredentialIssuer, stun_uris: tuple[str, ...]) -> None:
         self._issuer = issuer
-        self._ttl_policy = ttl_policy
         self._stun_uris = stun_uris
 
     def _issue(self, request: Any) -> TurnCredential:
-        validate_user_id(request.user_id)
-        ttl = self._ttl_policy.resolve(requested_ttl(request))
-        return self._issuer.issue(request.user_id, ttl)
+        project = current_call().project
+        assert project is not None  # the interceptor admits credential calls for a project
+        return self._issuer.issue_for(project, request.user_id, requested_ttl(request))
 
     async def IssueTurnCredentials(  # noqa: N802 - the RPC's name
         self, request: credentials_pb2.IssueTurnCredentialsRequest, context: Context

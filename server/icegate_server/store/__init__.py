@@ -5,12 +5,16 @@ from __future__ import annotations
 from icegate_server.store.base import Store
 
 
-async def open_store(url: str) -> Store:
-    """Opens the store `url` names: `sqlite:///path` or `redis://...`."""
+async def open_store(url: str, *, timeout: float = 0.1) -> Store:
+    """Opens the store `url` names: `sqlite:///path` or `redis://...` (`timeout`: Redis only)."""
     if url.startswith("sqlite:///"):
         from icegate_server.store.sqlite import SqliteStore
 
         return await SqliteStore.open(url.removeprefix("sqlite:///"))
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from icegate_server.store.redis import RedisStore
+
+        return await RedisStore.open(url, timeout=timeout)
     raise ValueError(f"unsupported store URL scheme in {url.split(':', 1)[0]!r}")
 
 

@@ -1,0 +1,159 @@
+"""Access control: a presented key and a method's policy -> the caller and project of a call.
+
+Each call costs one store round trip (`Store.admit`), which authenticates the key (stored
+keys by digest; static keys are recognised in memory first), authorises the project, and
+applies the project's rate limit, atomically. Revocation is therefore seen by every replica
+on the very next call.
+
+Fail open: with `fail_open_rate_limit`, a call whose store is unreachable is let through,
+uncounted, when the same key was admitted for the same project within the last
+`FAIL_OPEN_MEMORY_SECONDS`. Only the rate limit opens: an unknown key is never let in, and
+admin calls and session quotas still fail closed. The price is that a key revoked in the last
+minute before the store went away keeps working until the store is back.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from icegate_server.auth import Caller, key_digest
+from icegate_server.clock import Clock, utc_datetime
+from icegate_server.errors import (
+    InvalidApiKeyError,
+    NotFoundError,
+    ProjectForbiddenError,
+    RateLimitedError,
+    StoreUnavailableError,
+)
+from icegate_server.limits import RateLimitPolicy, usage_at
+from icegate_server.projects import Project
+from icegate_server.store import Store
+from icegate_server.store.base import Admission, AdmitOutcome
+
+log = logging.getLogger(__name__)
+
+FAIL_OPEN_MEMORY_SECONDS = 60.0
+_FAIL_OPEN_MEMORY_SIZE = 10_000
+
+
+class MethodPolicy(enum.Enum):
+    """What a method requires of its caller."""
+
+    ADMIN = "admin"
+    """Admin keys only; no project, no rate limit."""
+    PROJECT = "project"
+    """A key for the named project; counts against its rate limit."""
+    PROJECT_UNCOUNTED = "project_uncounted"
+    """A key for the named project; does not count (usage reports)."""
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """Who is calling, and the project the call acts on (None for admin calls)."""
+
+    caller: Caller
+    project: Project | None
+
+
+class AccessControl:
+    """Admits calls: authentication, project authorisation and the rate limit."""
+
+    def __init__(self, store: Store, clock: Clock, static_keys: Sequence[str], *,
+                 fail_open_rate_limit: bool = False) -> None:
+        self._store = store
+        self._clock = clock
+        self._static: dict[bytes, Caller] = {
+            key_digest(key): Caller(key_id=f"static-{index}", is_admin=True)
+            for index, key in enumerate(static_keys)
+        }
+        self._fail_open = fail_open_rate_limit
+        self._last_admitted: OrderedDict[tuple[bytes, str], tuple[CallContext, float]] = \
+            OrderedDict()
+
+    async def admit(self, key: str, policy: MethodPolicy, project_id: str) -> CallContext:
+        """Admits one call, or raises the domain error that says why not.
+
+        Raises:
+            InvalidApiKeyError: Unknown or revoked key.
+            ProjectForbiddenError: The key may not act on the project, or is not an admin key
+                for an admin method.
+            NotFoundError: The project does not exist.
+            RateLimitedError: The project used its requests for now.
+            StoreUnavailableError: The store cannot be reached (and fail-open did not apply).
+        """
+        digest = key_digest(key)
+        static_caller = self._static.get(digest)
+        if policy is MethodPolicy.ADMIN:
+            if static_caller is not None:
+                return CallContext(static_caller, None)
+            admission = await self._store.admit(digest=digest, project_id="",
+                                                now_ms=self._now_ms(), count=False)
+            caller = self._caller_of(admission)
+            if not caller.is_admin:
+                raise ProjectForbiddenError("this call needs an admin key")
+            return CallContext(caller, None)
+
+        try:
+            admission = await self._store.admit(
+                digest=None if static_caller is not None else digest, project_id=project_id,
+                now_ms=self._now_ms(), count=policy is MethodPolicy.PROJECT)
+        except StoreUnavailableError:
+            remembered = self._remembered(digest, project_id)
+            if remembered is None:
+                raise
+            log.warning("store unavailable: admitting a known caller uncounted (fail open)")
+            return remembered
+        caller = static_caller or self._caller_of(admission)
+        context = self._decide(admission, caller, project_id)
+        if self._fail_open:
+            self._remember(digest, project_id, context)
+        return context
+
+    def _now_ms(self) -> int:
+        return int(self._clock.now() * 1000)
+
+    @staticmethod
+    def _caller_of(admission: Admission) -> Caller:
+        key = admission.key
+        if admission.outcome is AdmitOutcome.UNKNOWN_KEY or key is None:
+            raise InvalidApiKeyError("unknown or revoked API key")
+        return Caller(key_id=key.key_id, is_admin=key.admin, project_id=key.project_id)
+
+    def _decide(self, admission: Admission, caller: Caller, project_id: str) -> CallContext:
+        outcome = admission.outcome
+        if outcome is AdmitOutcome.FORBIDDEN:
+            raise ProjectForbiddenError("this key may not act on the named project")
+        if outcome is AdmitOutcome.NO_PROJECT:
+            raise NotFoundError(f"project {project_id or caller.project_id or 'default'!r} "
+                                "does not exist")
+        project = admission.project
+        assert project is not None
+        if outcome is AdmitOutcome.RATE_LIMITED:
+            now_ms = self._now_ms()
+            policy = RateLimitPolicy.of(project.rate_limit_requests,
+                                        project.rate_limit_window_seconds)
+            usage = usage_at(admission.tat_ms, now_ms, policy)
+            raise RateLimitedError(
+                limit=policy.limit, window_seconds=project.rate_limit_window_seconds,
+                reset_at=utc_datetime((now_ms + usage.retry_after_ms) / 1000),
+                retry_after_seconds=usage.retry_after_ms / 1000)
+        return CallContext(caller, project)
+
+    def _remember(self, digest: bytes, project_id: str, context: CallContext) -> None:
+        memory = self._last_admitted
+        memory[(digest, project_id)] = (context, self._clock.monotonic())
+        memory.move_to_end((digest, project_id))
+        if len(memory) > _FAIL_OPEN_MEMORY_SIZE:
+            memory.popitem(last=False)
+
+    def _remembered(self, digest: bytes, project_id: str) -> CallContext | None:
+        if not self._fail_open:
+            return None
+        entry = self._last_admitted.get((digest, project_id))
+        if entry is None or self._clock.monotonic() - entry[1] > FAIL_OPEN_MEMORY_SECONDS:
+            return None
+        return entry[0]

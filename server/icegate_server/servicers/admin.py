@@ -1,0 +1,134 @@
+"""icegate.v1.AdminService: projects and caller keys."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc.aio
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from icegate.v1 import admin_pb2, admin_pb2_grpc
+from icegate_server.errors import InvalidFieldError
+from icegate_server.project_admin import ProjectAdmin
+from icegate_server.projects import ApiKey, Project
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+_DURATION_FIELDS = {
+    "rate_limit_window": "rate_limit_window_seconds",
+    "turn_ttl_default": "turn_ttl_default_seconds",
+    "turn_ttl_max": "turn_ttl_max_seconds",
+}
+_PLAIN_FIELDS = ("display_name", "plan", "upgrade_url", "rate_limit_requests",
+                 "monthly_session_quota", "max_concurrent_sessions")
+_OPTIONAL_INT_FIELDS = {"rate_limit_requests", "monthly_session_quota", "max_concurrent_sessions"}
+SETTABLE_FIELDS = frozenset(_PLAIN_FIELDS) | frozenset(_DURATION_FIELDS)
+
+
+def _timestamp(unix_seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(unix_seconds * 1e9))
+    return stamp
+
+
+def _whole_seconds(value: duration_pb2.Duration, field: str) -> int:
+    if value.nanos:
+        raise InvalidFieldError(field, "must be a whole number of seconds")
+    return int(value.seconds)
+
+
+def project_to_proto(project: Project) -> admin_pb2.Project:
+    return admin_pb2.Project(
+        project_id=project.project_id,
+        display_name=project.display_name,
+        rate_limit_requests=project.rate_limit_requests,
+        rate_limit_window=duration_pb2.Duration(seconds=project.rate_limit_window_seconds),
+        turn_ttl_default=duration_pb2.Duration(seconds=project.turn_ttl_default_seconds),
+        turn_ttl_max=duration_pb2.Duration(seconds=project.turn_ttl_max_seconds),
+        plan=project.plan,
+        upgrade_url=project.upgrade_url,
+        monthly_session_quota=project.monthly_session_quota,
+        max_concurrent_sessions=project.max_concurrent_sessions,
+        create_time=_timestamp(project.create_time),
+        update_time=_timestamp(project.update_time),
+    )
+
+
+def project_fields(message: admin_pb2.Project, names: set[str] | None) -> dict[str, Any]:
+    """The domain fields a request sets: those named (update) or those present (create)."""
+    fields: dict[str, Any] = {}
+    for name in names if names is not None else SETTABLE_FIELDS:
+        if name in _DURATION_FIELDS:
+            if message.HasField(name):  # type: ignore[arg-type]
+                fields[_DURATION_FIELDS[name]] = _whole_seconds(getattr(message, name), name)
+            elif names is not None:
+                raise InvalidFieldError(name, "is named in update_mask but not set")
+        elif name in _OPTIONAL_INT_FIELDS:
+            if message.HasField(name) or names is not None:  # type: ignore[arg-type]
+                fields[name] = getattr(message, name)
+        elif name in _PLAIN_FIELDS:
+            if getattr(message, name) or names is not None:
+                fields[name] = getattr(message, name)
+        else:
+            raise InvalidFieldError("update_mask", f"cannot update {name!r}")
+    return fields
+
+
+def api_key_to_proto(key: ApiKey) -> admin_pb2.ApiKey:
+    message = admin_pb2.ApiKey(key_id=key.key_id, project_id=key.project_id, admin=key.admin,
+                               display_name=key.display_name,
+                               create_time=_timestamp(key.create_time))
+    if key.revoked:
+        message.revoke_time.CopyFrom(_timestamp(key.revoke_time))
+    return message
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    """Projects and caller keys, for admin keys only (the interceptor checks)."""
+
+    def __init__(self, admin: ProjectAdmin) -> None:
+        self._admin = admin
+
+    async def CreateProject(self, request: admin_pb2.CreateProjectRequest,  # noqa: N802
+                            context: Context) -> admin_pb2.CreateProjectResponse:
+        project = await self._admin.create_project(request.project.project_id,
+                                                   project_fields(request.project, None))
+        return admin_pb2.CreateProjectResponse(project=project_to_proto(project))
+
+    async def GetProject(self, request: admin_pb2.GetProjectRequest,  # noqa: N802
+                         context: Context) -> admin_pb2.GetProjectResponse:
+        project = await self._admin.get_project(request.project_id)
+        return admin_pb2.GetProjectResponse(project=project_to_proto(project))
+
+    async def ListProjects(self, request: admin_pb2.ListProjectsRequest,  # noqa: N802
+                           context: Context) -> admin_pb2.ListProjectsResponse:
+        projects, token = await self._admin.list_projects(request.page_size, request.page_token)
+        return admin_pb2.ListProjectsResponse(projects=[project_to_proto(p) for p in projects],
+                                              next_page_token=token)
+
+    async def UpdateProject(self, request: admin_pb2.UpdateProjectRequest,  # noqa: N802
+                            context: Context) -> admin_pb2.UpdateProjectResponse:
+        changes = project_fields(request.project, set(request.update_mask.paths))
+        project = await self._admin.update_project(request.project.project_id, changes)
+        return admin_pb2.UpdateProjectResponse(project=project_to_proto(project))
+
+    async def DeleteProject(self, request: admin_pb2.DeleteProjectRequest,  # noqa: N802
+                            context: Context) -> admin_pb2.DeleteProjectResponse:
+        await self._admin.delete_project(request.project_id)
+        return admin_pb2.DeleteProjectResponse()
+
+    async def CreateApiKey(self, request: admin_pb2.CreateApiKeyRequest,  # noqa: N802
+                           context: Context) -> admin_pb2.CreateApiKeyResponse:
+        key, secret = await self._admin.create_api_key(
+            request.project_id, admin=request.admin, display_name=request.display_name)
+        return admin_pb2.CreateApiKeyResponse(api_key=api_key_to_proto(key), secret=secret)
+
+    async def ListApiKeys(self, request: admin_pb2.ListApiKeysRequest,  # noqa: N802
+                          context: Context) -> admin_pb2.ListApiKeysResponse:
+        keys = await self._admin.list_api_keys(request.project_id)
+        return admin_pb2.ListApiKeysResponse(api_keys=[api_key_to_proto(k) for k in keys])
+
+    async def RevokeApiKey(self, request: admin_pb2.RevokeApiKeyRequest,  # noqa: N802
+                           context: Context) -> admin_pb2.RevokeApiKeyResponse:
+        key = await self._admin.revoke_api_key(request.key_id)
+        return admin_pb2.RevokeApiKeyResponse(api_key=api_key_to_proto(key))

@@ -1,0 +1,48 @@
+"""icegate.v1.UsageService: a project's position against its limits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc.aio
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from icegate.v1 import usage_pb2, usage_pb2_grpc
+from icegate_server.interceptor import current_call
+from icegate_server.usage import UsageReporter
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
+    """Reports usage for the project the interceptor admitted."""
+
+    def __init__(self, reporter: UsageReporter) -> None:
+        self._reporter = reporter
+
+    async def GetUsage(self, request: usage_pb2.GetUsageRequest,  # noqa: N802
+                       context: Context) -> usage_pb2.GetUsageResponse:
+        project = current_call().project
+        assert project is not None
+        usage = await self._reporter.usage(project)
+        rate = usage.rate
+        reset = timestamp_pb2.Timestamp()
+        reset.FromMilliseconds(rate.reset_at_ms)
+        quota_reset = timestamp_pb2.Timestamp()
+        quota_reset.FromMilliseconds(usage.quota_resets_at_ms)
+        return usage_pb2.GetUsageResponse(
+            project_id=project.project_id,
+            rate_limit=usage_pb2.RateLimitUsage(
+                limit=rate.limit, window=duration_pb2.Duration(seconds=rate.window_seconds),
+                used=rate.used, remaining=rate.remaining, reset_time=reset),
+            sessions=usage_pb2.SessionUsage(
+                monthly_quota=project.monthly_session_quota,
+                used_this_month=usage.sessions_this_month,
+                remaining_this_month=max(project.monthly_session_quota
+                                         - usage.sessions_this_month, 0),
+                quota_reset_time=quota_reset,
+                max_concurrent=project.max_concurrent_sessions,
+                active=usage.active_sessions),
+            plan=project.plan,
+            upgrade_url=project.upgrade_url,
+        )
