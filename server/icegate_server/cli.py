@@ -39,7 +39,8 @@ def _resolve_settings(args: argparse.Namespace) -> Settings:
         verb = "generated" if created else "using"
         log.warning(
             "%s development secrets in %s (mode 0600) for the settings left empty; set "
-            "ICEGATE_TURN_SECRETS and ICEGATE_API_KEYS in production", verb, dev_file)
+            "ICEGATE_TURN_SECRETS, ICEGATE_API_KEYS and ICEGATE_MASTER_KEY in production",
+            verb, dev_file)
         log.warning(
             "the icegate command run from this directory picks the dev key up by itself; "
             "other callers: export ICEGATE_API_KEY=\"$(python3 -c 'import json; "

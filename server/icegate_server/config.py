@@ -46,6 +46,15 @@ class Settings:
     dev_secrets: bool = True
     store_timeout: float = 0.1
     rate_limit_fail_open: bool = False
+    master_key: str = field(default="", repr=False)
+    master_key_file: str = ""
+    session_lease_seconds: int = 3600
+    upstream_connect_timeout: float = 5.0
+    upstream_read_timeout: float = 30.0
+    openai_base_url: str = ""
+    azure_base_url: str = ""
+    orga_base_url: str = ""
+    gemini_base_url: str = ""
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
 
@@ -65,7 +74,7 @@ class Settings:
         return self.store or f"sqlite:///{self.data_dir / 'icegate.sqlite3'}"
 
 
-SECRET_SETTINGS = frozenset({"turn_secrets", "api_keys"})
+SECRET_SETTINGS = frozenset({"turn_secrets", "api_keys", "master_key"})
 STORE_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://")
 
 
@@ -132,6 +141,15 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "dev_secrets": _parse_bool,
     "store_timeout": _parse_float,
     "rate_limit_fail_open": _parse_bool,
+    "master_key": _parse_str,
+    "master_key_file": _parse_str,
+    "session_lease_seconds": _parse_int,
+    "upstream_connect_timeout": _parse_float,
+    "upstream_read_timeout": _parse_float,
+    "openai_base_url": _parse_str,
+    "azure_base_url": _parse_str,
+    "orga_base_url": _parse_str,
+    "gemini_base_url": _parse_str,
     "shutdown_grace": _parse_float,
     "log_level": lambda raw: _parse_str(raw).upper(),
 }
@@ -151,6 +169,15 @@ _HELP: dict[str, str] = {
     "dev_secrets": "generate and keep dev secrets when none are configured (default true)",
     "store_timeout": "seconds a Redis store call may take before the call fails UNAVAILABLE (0.1)",
     "rate_limit_fail_open": "admit known callers uncounted while the store is unreachable (false)",
+    "master_key": "base64 of 32 bytes sealing provider keys; comma-separated, first seals",
+    "master_key_file": "a file holding the master key(s), instead of ICEGATE_MASTER_KEY",
+    "session_lease_seconds": "a session not kept alive this long frees its slot (3600)",
+    "upstream_connect_timeout": "seconds to connect to a provider (5)",
+    "upstream_read_timeout": "seconds to wait for a provider's answer (30)",
+    "openai_base_url": "OpenAI API base URL (https://api.openai.com)",
+    "azure_base_url": "Azure OpenAI resource URL, https://<resource>.openai.azure.com",
+    "orga_base_url": "Orga AI API base URL (https://api.orga-ai.com)",
+    "gemini_base_url": "Gemini API base URL (https://generativelanguage.googleapis.com)",
     "shutdown_grace": "seconds in-flight calls get to finish on SIGTERM (default 10)",
     "log_level": "DEBUG, INFO, WARNING or ERROR (default INFO)",
 }
@@ -273,6 +300,24 @@ def _validate(settings: Settings) -> None:
              f"must lie between {settings.turn_ttl_min} and {settings.turn_ttl_max}")
     if not math.isfinite(settings.shutdown_grace) or settings.shutdown_grace < 0:
         fail("shutdown_grace", "must be a finite number of seconds, not negative")
+    if not 1 <= settings.session_lease_seconds <= 7 * 86400:
+        fail("session_lease_seconds", "must be between 1 second and 7 days")
+    for name in ("upstream_connect_timeout", "upstream_read_timeout"):
+        if not 0 < getattr(settings, name) <= 600:
+            fail(name, "must be more than 0 and at most 600 seconds")
+    if settings.master_key and settings.master_key_file:
+        fail("master_key", "set ICEGATE_MASTER_KEY or ICEGATE_MASTER_KEY_FILE, not both")
+    if settings.master_key or settings.master_key_file:
+        from icegate_server.vault import load_master_keys
+
+        try:
+            load_master_keys(settings.master_key or None, settings.master_key_file or None)
+        except ValueError as error:
+            raise ConfigError(f"invalid setting {error}") from None
+    for name in ("openai_base_url", "azure_base_url", "orga_base_url", "gemini_base_url"):
+        url = getattr(settings, name)
+        if url and (not url.startswith(("https://", "http://")) or any(c.isspace() for c in url)):
+            fail(name, "must be an http(s) URL")
     if not 0 < settings.store_timeout <= 60:
         fail("store_timeout", "must be more than 0 and at most 60 seconds")
     if settings.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -281,3 +326,5 @@ def _validate(settings: Settings) -> None:
         fail("turn_secrets", "is required when ICEGATE_DEV_SECRETS is false")
     if not settings.dev_secrets and not settings.api_keys:
         fail("api_keys", "is required when ICEGATE_DEV_SECRETS is false")
+    if not settings.dev_secrets and not (settings.master_key or settings.master_key_file):
+        fail("master_key", "is required when ICEGATE_DEV_SECRETS is false")

@@ -13,6 +13,7 @@ import secrets
 from pathlib import Path
 
 from icegate_server.config import Settings
+from icegate_server.vault import generate_master_key
 
 DEV_SECRETS_FILE = "dev-secrets.json"
 
@@ -21,6 +22,7 @@ def _generate() -> dict[str, str]:
     return {
         "turn_secret": secrets.token_urlsafe(32),
         "api_key": "igk_dev_" + secrets.token_urlsafe(32),
+        "master_key": generate_master_key(),
     }
 
 
@@ -58,7 +60,9 @@ def apply_dev_secrets(settings: Settings) -> tuple[Settings, Path | None, bool]:
         The settings to run with, the dev secrets file (None when none was needed) and
         whether it was created just now.
     """
-    if not settings.dev_secrets or (settings.turn_secrets and settings.api_keys):
+    has_master_key = bool(settings.master_key or settings.master_key_file)
+    if not settings.dev_secrets or (settings.turn_secrets and settings.api_keys
+                                    and has_master_key):
         return settings, None, False
     stored, path, created = load_or_create(settings.data_dir)
     changes: dict[str, object] = {}
@@ -66,4 +70,6 @@ def apply_dev_secrets(settings: Settings) -> tuple[Settings, Path | None, bool]:
         changes["turn_secrets"] = (stored["turn_secret"],)
     if not settings.api_keys:
         changes["api_keys"] = (stored["api_key"],)
+    if not has_master_key:
+        changes["master_key"] = stored["master_key"]
     return dataclasses.replace(settings, **changes), path, created

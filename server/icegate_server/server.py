@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import grpc.aio
+import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -20,6 +21,8 @@ from icegate.v1 import (
     admin_pb2_grpc,
     credentials_pb2,
     credentials_pb2_grpc,
+    sessions_pb2,
+    sessions_pb2_grpc,
     usage_pb2,
     usage_pb2_grpc,
 )
@@ -28,12 +31,22 @@ from icegate_server.clock import Clock, SystemClock
 from icegate_server.config import Settings
 from icegate_server.interceptor import CallGuard
 from icegate_server.project_admin import ProjectAdmin, ProjectDefaults
+from icegate_server.provider_keys import ProviderKeys
+from icegate_server.providers import (
+    ProviderRuntime,
+    ProviderSettings,
+    build_providers,
+    make_http_client,
+)
 from icegate_server.servicers.admin import AdminServicer
 from icegate_server.servicers.credentials import CredentialServicer
+from icegate_server.servicers.sessions import SessionServicer
 from icegate_server.servicers.usage import UsageServicer
+from icegate_server.sessions import RealtimeSessions
 from icegate_server.store import Store, open_store
 from icegate_server.turn import TurnCredentialIssuer, TurnSecretKeyring
 from icegate_server.usage import UsageReporter
+from icegate_server.vault import Vault, load_master_keys
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +54,7 @@ SERVICE_NAMES = (
     credentials_pb2.DESCRIPTOR.services_by_name["CredentialService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
+    sessions_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
 )
 """The icegate services this server registers (health reports each, and the overall "")."""
 
@@ -53,6 +67,7 @@ class IcegateServer:
     health: health.aio.HealthServicer
     store: Store
     settings: Settings
+    http: httpx.AsyncClient
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def start(self) -> None:
@@ -68,14 +83,24 @@ class IcegateServer:
         self._stopped.set()
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(self.settings.shutdown_grace if grace is None else grace)
+        await self.http.aclose()
         await self.store.close()
 
     async def wait_for_termination(self) -> None:
         await self.grpc_server.wait_for_termination()
 
 
+def provider_settings(settings: Settings) -> ProviderSettings:
+    """Where each upstream provider lives; empty settings keep the providers' defaults."""
+    given = {name: getattr(settings, name) for name in
+             ("openai_base_url", "azure_base_url", "orga_base_url", "gemini_base_url")
+             if getattr(settings, name)}
+    return ProviderSettings(**given)
+
+
 async def create_server(
-    settings: Settings, *, clock: Clock | None = None
+    settings: Settings, *, clock: Clock | None = None,
+    http_transport: httpx.AsyncBaseTransport | None = None,
 ) -> tuple[IcegateServer, int]:
     """Builds the server and binds its port (0 picks a free one); call `start()` next.
 
@@ -83,7 +108,11 @@ async def create_server(
         The server and the port it is bound to.
     """
     clock = clock or SystemClock()
+    vault = Vault(load_master_keys(settings.master_key or None,
+                                   settings.master_key_file or None))
     store = await open_store(settings.store_url, timeout=settings.store_timeout)
+    http = make_http_client(settings.upstream_connect_timeout, settings.upstream_read_timeout,
+                            transport=http_transport)
     try:
         keyring = TurnSecretKeyring(settings.turn_secrets)
         issuer = TurnCredentialIssuer(keyring, clock, settings.turn_uris,
@@ -103,9 +132,16 @@ async def create_server(
                 ("grpc.max_receive_message_length", 64 * 1024),
             ],
         )
+        provider_keys = ProviderKeys(store, vault, clock)
+        providers = build_providers(provider_settings(settings),
+                                    ProviderRuntime(http))
+        sessions = RealtimeSessions(store, provider_keys, providers, issuer, settings.stun_uris,
+                                    clock, lease_seconds=settings.session_lease_seconds)
         credentials_pb2_grpc.add_CredentialServiceServicer_to_server(
             CredentialServicer(issuer, settings.stun_uris), server)
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(admin), server)
+        sessions_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(sessions), server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(
+            AdminServicer(admin, provider_keys), server)
         usage_pb2_grpc.add_UsageServiceServicer_to_server(
             UsageServicer(UsageReporter(store, clock)), server)
         health_servicer = health.aio.HealthServicer()
@@ -117,12 +153,14 @@ async def create_server(
         except RuntimeError:
             port = 0
     except BaseException:
+        await http.aclose()
         await store.close()
         raise
     if port == 0:
+        await http.aclose()
         await store.close()
         raise OSError(f"cannot listen on {settings.listen}: address in use or not available")
-    return IcegateServer(server, health_servicer, store, settings), port
+    return IcegateServer(server, health_servicer, store, settings, http), port
 
 
 async def serve(settings: Settings) -> None:

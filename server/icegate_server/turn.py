@@ -139,8 +139,8 @@ class TurnCredentialIssuer:
     def uris(self) -> tuple[str, ...]:
         return self._uris
 
-    def issue_for(self, project: Project, user_id: str,
-                  requested_ttl: float | None) -> TurnCredential:
+    def issue_for(self, project: Project, user_id: str, requested_ttl: float | None, *,
+                  ttl_field: str = "ttl") -> TurnCredential:
         """Validates the request against the project's policy and issues its credential.
 
         Raises:
@@ -149,7 +149,7 @@ class TurnCredentialIssuer:
         validate_user_id(user_id)
         policy = TtlPolicy(default=project.turn_ttl_default_seconds, minimum=self._min_ttl,
                            maximum=project.turn_ttl_max_seconds)
-        ttl = policy.resolve(requested_ttl)
+        ttl = policy.resolve(requested_ttl, field=ttl_field)
         return self.issue(f"{project.project_id}{PROJECT_SEPARATOR}{user_id}", ttl)
 
     def issue(self, user: str, ttl_seconds: int) -> TurnCredential:

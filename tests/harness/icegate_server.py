@@ -7,6 +7,7 @@ from their own loop, exactly as callers do. The clock is injected, so tests free
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import threading
 from collections.abc import Coroutine
@@ -21,6 +22,7 @@ T = TypeVar("T")
 
 TEST_TURN_SECRET = "test-turn-secret-0123456789"
 TEST_ADMIN_KEY = "igk_test_admin_key_0123456789abcdef"
+TEST_MASTER_KEY = base64.b64encode(bytes(range(32))).decode()
 
 
 def server_settings(data_dir: Path, **overrides: Any) -> Settings:
@@ -32,6 +34,7 @@ def server_settings(data_dir: Path, **overrides: Any) -> Settings:
         turn_uris=("turn:127.0.0.1:3478?transport=udp", "turns:turn.example.test:5349"),
         stun_uris=("stun:127.0.0.1:3478",),
         api_keys=(TEST_ADMIN_KEY,),
+        master_key=TEST_MASTER_KEY,
         dev_secrets=False,
         shutdown_grace=2.0,
     )

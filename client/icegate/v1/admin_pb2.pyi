@@ -552,3 +552,231 @@ class RevokeApiKeyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeApiKeyResponse: _TypeAlias = RevokeApiKeyResponse  # noqa: Y015
+
+@_typing.final
+class ProviderKeyInfo(_message.Message):
+    """ProviderKeyInfo describes a stored provider key without revealing it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    LAST4_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.str
+    """The project the key belongs to."""
+    provider: _builtins.str
+    """The provider's name: openai, azure, orga or gemini (the GA and older dialects of a
+    provider share its key).
+    """
+    last4: _builtins.str
+    """The key's last four characters, e.g. "…a1b2" (nothing for keys shorter than 12)."""
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the key was stored."""
+
+    def __init__(
+        self,
+        *,
+        project_id: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        last4: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last4", b"last4", "project_id", b"project_id", "provider", b"provider", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProviderKeyInfo: _TypeAlias = ProviderKeyInfo  # noqa: Y015
+
+@_typing.final
+class SetProviderKeyRequest(_message.Message):
+    """SetProviderKeyRequest carries a provider key to seal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    API_KEY_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.str
+    """The project; must exist."""
+    provider: _builtins.str
+    """The provider's name: openai, azure, orga or gemini."""
+    api_key: _builtins.str
+    """The provider API key; 8 to 4096 printable characters. Sealed at once, never logged."""
+    def __init__(
+        self,
+        *,
+        project_id: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        api_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "project_id", b"project_id", "provider", b"provider"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetProviderKeyRequest: _TypeAlias = SetProviderKeyRequest  # noqa: Y015
+
+@_typing.final
+class SetProviderKeyResponse(_message.Message):
+    """SetProviderKeyResponse describes the stored key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_KEY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def provider_key(self) -> Global___ProviderKeyInfo:
+        """The stored key's description."""
+
+    def __init__(
+        self,
+        *,
+        provider_key: Global___ProviderKeyInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["provider_key", b"provider_key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["provider_key", b"provider_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetProviderKeyResponse: _TypeAlias = SetProviderKeyResponse  # noqa: Y015
+
+@_typing.final
+class ListProviderKeysRequest(_message.Message):
+    """ListProviderKeysRequest names the project."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.str
+    """The project; must exist."""
+    def __init__(
+        self,
+        *,
+        project_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project_id", b"project_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProviderKeysRequest: _TypeAlias = ListProviderKeysRequest  # noqa: Y015
+
+@_typing.final
+class ListProviderKeysResponse(_message.Message):
+    """ListProviderKeysResponse lists a project's provider keys."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_KEYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def provider_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProviderKeyInfo]:
+        """The keys, by provider name."""
+
+    def __init__(
+        self,
+        *,
+        provider_keys: _abc.Iterable[Global___ProviderKeyInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["provider_keys", b"provider_keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProviderKeysResponse: _TypeAlias = ListProviderKeysResponse  # noqa: Y015
+
+@_typing.final
+class DeleteProviderKeyRequest(_message.Message):
+    """DeleteProviderKeyRequest names the key to delete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.str
+    """The project."""
+    provider: _builtins.str
+    """The provider's name."""
+    def __init__(
+        self,
+        *,
+        project_id: _builtins.str = ...,
+        provider: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project_id", b"project_id", "provider", b"provider"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteProviderKeyRequest: _TypeAlias = DeleteProviderKeyRequest  # noqa: Y015
+
+@_typing.final
+class DeleteProviderKeyResponse(_message.Message):
+    """DeleteProviderKeyResponse confirms a deletion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteProviderKeyResponse: _TypeAlias = DeleteProviderKeyResponse  # noqa: Y015
+
+@_typing.final
+class ResealProviderKeysRequest(_message.Message):
+    """ResealProviderKeysRequest asks for a re-seal of every stored provider key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResealProviderKeysRequest: _TypeAlias = ResealProviderKeysRequest  # noqa: Y015
+
+@_typing.final
+class ResealProviderKeysResponse(_message.Message):
+    """ResealProviderKeysResponse counts what the re-seal did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESEALED_FIELD_NUMBER: _builtins.int
+    UNCHANGED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    resealed: _builtins.int
+    """Keys re-sealed under the current master key."""
+    unchanged: _builtins.int
+    """Keys already sealed under the current master key."""
+    failed: _builtins.int
+    """Keys no configured master key could open (left untouched)."""
+    def __init__(
+        self,
+        *,
+        resealed: _builtins.int = ...,
+        unchanged: _builtins.int = ...,
+        failed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "resealed", b"resealed", "unchanged", b"unchanged"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResealProviderKeysResponse: _TypeAlias = ResealProviderKeysResponse  # noqa: Y015

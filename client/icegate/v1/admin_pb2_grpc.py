@@ -80,6 +80,26 @@ class AdminServiceStub:
                 request_serializer=icegate_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.SerializeToString,
                 response_deserializer=icegate_dot_v1_dot_admin__pb2.RevokeApiKeyResponse.FromString,
                 _registered_method=True)
+        self.SetProviderKey = channel.unary_unary(
+                '/icegate.v1.AdminService/SetProviderKey',
+                request_serializer=icegate_dot_v1_dot_admin__pb2.SetProviderKeyRequest.SerializeToString,
+                response_deserializer=icegate_dot_v1_dot_admin__pb2.SetProviderKeyResponse.FromString,
+                _registered_method=True)
+        self.ListProviderKeys = channel.unary_unary(
+                '/icegate.v1.AdminService/ListProviderKeys',
+                request_serializer=icegate_dot_v1_dot_admin__pb2.ListProviderKeysRequest.SerializeToString,
+                response_deserializer=icegate_dot_v1_dot_admin__pb2.ListProviderKeysResponse.FromString,
+                _registered_method=True)
+        self.DeleteProviderKey = channel.unary_unary(
+                '/icegate.v1.AdminService/DeleteProviderKey',
+                request_serializer=icegate_dot_v1_dot_admin__pb2.DeleteProviderKeyRequest.SerializeToString,
+                response_deserializer=icegate_dot_v1_dot_admin__pb2.DeleteProviderKeyResponse.FromString,
+                _registered_method=True)
+        self.ResealProviderKeys = channel.unary_unary(
+                '/icegate.v1.AdminService/ResealProviderKeys',
+                request_serializer=icegate_dot_v1_dot_admin__pb2.ResealProviderKeysRequest.SerializeToString,
+                response_deserializer=icegate_dot_v1_dot_admin__pb2.ResealProviderKeysResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -148,6 +168,37 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetProviderKey(self, request, context):
+        """Stores a project's API key for a provider, sealed with AES-GCM under the master key.
+        Replaces any previous key for that provider. The key is never returned by any RPC.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListProviderKeys(self, request, context):
+        """Lists a project's provider keys: provider and last four characters only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteProviderKey(self, request, context):
+        """Deletes a project's key for a provider. NOT_FOUND if there is none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResealProviderKeys(self, request, context):
+        """Re-seals every stored provider key under the current (first) master key, after a master
+        key rotation. Safe to retry. Keys no configured master key can open are left as they are
+        and counted in `failed`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -190,6 +241,26 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RevokeApiKey,
                     request_deserializer=icegate_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.FromString,
                     response_serializer=icegate_dot_v1_dot_admin__pb2.RevokeApiKeyResponse.SerializeToString,
+            ),
+            'SetProviderKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetProviderKey,
+                    request_deserializer=icegate_dot_v1_dot_admin__pb2.SetProviderKeyRequest.FromString,
+                    response_serializer=icegate_dot_v1_dot_admin__pb2.SetProviderKeyResponse.SerializeToString,
+            ),
+            'ListProviderKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProviderKeys,
+                    request_deserializer=icegate_dot_v1_dot_admin__pb2.ListProviderKeysRequest.FromString,
+                    response_serializer=icegate_dot_v1_dot_admin__pb2.ListProviderKeysResponse.SerializeToString,
+            ),
+            'DeleteProviderKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteProviderKey,
+                    request_deserializer=icegate_dot_v1_dot_admin__pb2.DeleteProviderKeyRequest.FromString,
+                    response_serializer=icegate_dot_v1_dot_admin__pb2.DeleteProviderKeyResponse.SerializeToString,
+            ),
+            'ResealProviderKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResealProviderKeys,
+                    request_deserializer=icegate_dot_v1_dot_admin__pb2.ResealProviderKeysRequest.FromString,
+                    response_serializer=icegate_dot_v1_dot_admin__pb2.ResealProviderKeysResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -414,6 +485,114 @@ class AdminService:
             '/icegate.v1.AdminService/RevokeApiKey',
             icegate_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.SerializeToString,
             icegate_dot_v1_dot_admin__pb2.RevokeApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetProviderKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/icegate.v1.AdminService/SetProviderKey',
+            icegate_dot_v1_dot_admin__pb2.SetProviderKeyRequest.SerializeToString,
+            icegate_dot_v1_dot_admin__pb2.SetProviderKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProviderKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/icegate.v1.AdminService/ListProviderKeys',
+            icegate_dot_v1_dot_admin__pb2.ListProviderKeysRequest.SerializeToString,
+            icegate_dot_v1_dot_admin__pb2.ListProviderKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteProviderKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/icegate.v1.AdminService/DeleteProviderKey',
+            icegate_dot_v1_dot_admin__pb2.DeleteProviderKeyRequest.SerializeToString,
+            icegate_dot_v1_dot_admin__pb2.DeleteProviderKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResealProviderKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/icegate.v1.AdminService/ResealProviderKeys',
+            icegate_dot_v1_dot_admin__pb2.ResealProviderKeysRequest.SerializeToString,
+            icegate_dot_v1_dot_admin__pb2.ResealProviderKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,19 @@ class AdminServiceStub:
     """Lists the keys of a project (or the admin keys), revoked ones included, never secrets."""
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeApiKeyRequest, _admin_pb2.RevokeApiKeyResponse]
     """Revokes a key: every replica refuses it from its next call on. Revoking twice is a no-op."""
+    SetProviderKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetProviderKeyRequest, _admin_pb2.SetProviderKeyResponse]
+    """Stores a project's API key for a provider, sealed with AES-GCM under the master key.
+    Replaces any previous key for that provider. The key is never returned by any RPC.
+    """
+    ListProviderKeys: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListProviderKeysRequest, _admin_pb2.ListProviderKeysResponse]
+    """Lists a project's provider keys: provider and last four characters only."""
+    DeleteProviderKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DeleteProviderKeyRequest, _admin_pb2.DeleteProviderKeyResponse]
+    """Deletes a project's key for a provider. NOT_FOUND if there is none."""
+    ResealProviderKeys: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ResealProviderKeysRequest, _admin_pb2.ResealProviderKeysResponse]
+    """Re-seals every stored provider key under the current (first) master key, after a master
+    key rotation. Safe to retry. Keys no configured master key can open are left as they are
+    and counted in `failed`.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -87,6 +100,19 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Lists the keys of a project (or the admin keys), revoked ones included, never secrets."""
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeApiKeyRequest, _admin_pb2.RevokeApiKeyResponse]  # type: ignore[assignment]
     """Revokes a key: every replica refuses it from its next call on. Revoking twice is a no-op."""
+    SetProviderKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetProviderKeyRequest, _admin_pb2.SetProviderKeyResponse]  # type: ignore[assignment]
+    """Stores a project's API key for a provider, sealed with AES-GCM under the master key.
+    Replaces any previous key for that provider. The key is never returned by any RPC.
+    """
+    ListProviderKeys: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListProviderKeysRequest, _admin_pb2.ListProviderKeysResponse]  # type: ignore[assignment]
+    """Lists a project's provider keys: provider and last four characters only."""
+    DeleteProviderKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeleteProviderKeyRequest, _admin_pb2.DeleteProviderKeyResponse]  # type: ignore[assignment]
+    """Deletes a project's key for a provider. NOT_FOUND if there is none."""
+    ResealProviderKeys: _aio.UnaryUnaryMultiCallable[_admin_pb2.ResealProviderKeysRequest, _admin_pb2.ResealProviderKeysResponse]  # type: ignore[assignment]
+    """Re-seals every stored provider key under the current (first) master key, after a master
+    key rotation. Safe to retry. Keys no configured master key can open are left as they are
+    and counted in `failed`.
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService manages projects and the caller keys bound to them. Only admin keys (static
@@ -162,5 +188,42 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.RevokeApiKeyResponse, _abc.Awaitable[_admin_pb2.RevokeApiKeyResponse]]:
         """Revokes a key: every replica refuses it from its next call on. Revoking twice is a no-op."""
+
+    @_abc_1.abstractmethod
+    def SetProviderKey(
+        self,
+        request: _admin_pb2.SetProviderKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetProviderKeyResponse, _abc.Awaitable[_admin_pb2.SetProviderKeyResponse]]:
+        """Stores a project's API key for a provider, sealed with AES-GCM under the master key.
+        Replaces any previous key for that provider. The key is never returned by any RPC.
+        """
+
+    @_abc_1.abstractmethod
+    def ListProviderKeys(
+        self,
+        request: _admin_pb2.ListProviderKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListProviderKeysResponse, _abc.Awaitable[_admin_pb2.ListProviderKeysResponse]]:
+        """Lists a project's provider keys: provider and last four characters only."""
+
+    @_abc_1.abstractmethod
+    def DeleteProviderKey(
+        self,
+        request: _admin_pb2.DeleteProviderKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.DeleteProviderKeyResponse, _abc.Awaitable[_admin_pb2.DeleteProviderKeyResponse]]:
+        """Deletes a project's key for a provider. NOT_FOUND if there is none."""
+
+    @_abc_1.abstractmethod
+    def ResealProviderKeys(
+        self,
+        request: _admin_pb2.ResealProviderKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ResealProviderKeysResponse, _abc.Awaitable[_admin_pb2.ResealProviderKeysResponse]]:
+        """Re-seals every stored provider key under the current (first) master key, after a master
+        key rotation. Safe to retry. Keys no configured master key can open are left as they are
+        and counted in `failed`.
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -30,6 +30,7 @@ from icegate_server.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+from icegate_server.ice_servers import IceServer
 
 logger = logging.getLogger(__name__)
 
@@ -56,15 +57,6 @@ class ProviderKind(str, Enum):
     AZURE_LEGACY = "azure_legacy"
     ORGA = "orga"
     GEMINI = "gemini"
-
-
-@dataclass(frozen=True)
-class IceServer:
-    """One RTCIceServer entry a provider handed out (only Orga does)."""
-
-    urls: tuple[str, ...]
-    username: str = ""
-    credential: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)

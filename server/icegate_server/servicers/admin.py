@@ -10,7 +10,9 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from icegate.v1 import admin_pb2, admin_pb2_grpc
 from icegate_server.errors import InvalidFieldError
 from icegate_server.project_admin import ProjectAdmin
+from icegate_server.provider_keys import ProviderKeys
 from icegate_server.projects import ApiKey, Project
+from icegate_server.store.base import ProviderKeyRecord
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -83,11 +85,18 @@ def api_key_to_proto(key: ApiKey) -> admin_pb2.ApiKey:
     return message
 
 
-class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    """Projects and caller keys, for admin keys only (the interceptor checks)."""
+def provider_key_to_proto(record: ProviderKeyRecord) -> admin_pb2.ProviderKeyInfo:
+    return admin_pb2.ProviderKeyInfo(project_id=record.project_id, provider=record.provider,
+                                     last4=record.last4,
+                                     update_time=_timestamp(record.update_time_ms / 1000))
 
-    def __init__(self, admin: ProjectAdmin) -> None:
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    """Projects, caller keys and provider keys, for admin keys only (the interceptor checks)."""
+
+    def __init__(self, admin: ProjectAdmin, provider_keys: ProviderKeys) -> None:
         self._admin = admin
+        self._provider_keys = provider_keys
 
     async def CreateProject(self, request: admin_pb2.CreateProjectRequest,  # noqa: N802
                             context: Context) -> admin_pb2.CreateProjectResponse:
@@ -132,3 +141,30 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                            context: Context) -> admin_pb2.RevokeApiKeyResponse:
         key = await self._admin.revoke_api_key(request.key_id)
         return admin_pb2.RevokeApiKeyResponse(api_key=api_key_to_proto(key))
+
+    async def SetProviderKey(self, request: admin_pb2.SetProviderKeyRequest,  # noqa: N802
+                             context: Context) -> admin_pb2.SetProviderKeyResponse:
+        await self._admin.get_project(request.project_id)
+        record = await self._provider_keys.set(request.project_id, request.provider,
+                                               request.api_key)
+        return admin_pb2.SetProviderKeyResponse(provider_key=provider_key_to_proto(record))
+
+    async def ListProviderKeys(self, request: admin_pb2.ListProviderKeysRequest,  # noqa: N802
+                               context: Context) -> admin_pb2.ListProviderKeysResponse:
+        await self._admin.get_project(request.project_id)
+        records = await self._provider_keys.list(request.project_id)
+        return admin_pb2.ListProviderKeysResponse(
+            provider_keys=[provider_key_to_proto(r) for r in records])
+
+    async def DeleteProviderKey(self, request: admin_pb2.DeleteProviderKeyRequest,  # noqa: N802
+                                context: Context) -> admin_pb2.DeleteProviderKeyResponse:
+        await self._admin.get_project(request.project_id)
+        await self._provider_keys.delete(request.project_id, request.provider)
+        return admin_pb2.DeleteProviderKeyResponse()
+
+    async def ResealProviderKeys(  # noqa: N802
+        self, request: admin_pb2.ResealProviderKeysRequest, context: Context
+    ) -> admin_pb2.ResealProviderKeysResponse:
+        report = await self._provider_keys.reseal_all()
+        return admin_pb2.ResealProviderKeysResponse(
+            resealed=report.resealed, unchanged=report.unchanged, failed=report.failed)

@@ -15,11 +15,11 @@ from icegate_server.turn import TurnCredential, TurnCredentialIssuer
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def requested_ttl(request: Any) -> float | None:
-    """The TTL a request asks for in seconds, or None when its `ttl` field is unset."""
-    if not request.HasField("ttl"):
+def requested_ttl(request: Any, *, field: str = "ttl") -> float | None:
+    """The span a request's Duration field asks for, in seconds; None when it is unset."""
+    if not request.HasField(field):
         return None
-    ttl: duration_pb2.Duration = request.ttl
+    ttl: duration_pb2.Duration = getattr(request, field)
     return ttl.seconds + ttl.nanos / 1e9
 
 

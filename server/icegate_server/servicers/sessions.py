@@ -1,0 +1,140 @@
+"""icegate.v1.SessionService: realtime sessions and provider tokens."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import grpc.aio
+from google.protobuf import timestamp_pb2
+
+from icegate.v1 import credentials_pb2, sessions_pb2, sessions_pb2_grpc
+from icegate_server.errors import InvalidFieldError
+from icegate_server.ice_servers import IceServer
+from icegate_server.interceptor import current_call
+from icegate_server.projects import Project
+from icegate_server.providers import MintedToken, ProviderKind, SessionOptions
+from icegate_server.servicers.credentials import requested_ttl
+from icegate_server.sessions import RealtimeSessions
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+PROVIDER_KINDS: dict[int, ProviderKind] = {
+    sessions_pb2.PROVIDER_OPENAI: ProviderKind.OPENAI,
+    sessions_pb2.PROVIDER_OPENAI_BETA: ProviderKind.OPENAI_BETA,
+    sessions_pb2.PROVIDER_AZURE: ProviderKind.AZURE,
+    sessions_pb2.PROVIDER_AZURE_LEGACY: ProviderKind.AZURE_LEGACY,
+    sessions_pb2.PROVIDER_ORGA: ProviderKind.ORGA,
+    sessions_pb2.PROVIDER_GEMINI: ProviderKind.GEMINI,
+}
+PROVIDER_ENUMS = {kind: number for number, kind in PROVIDER_KINDS.items()}
+
+
+def provider_kind(value: int) -> ProviderKind:
+    kind = PROVIDER_KINDS.get(value)
+    if kind is None:
+        raise InvalidFieldError("provider", "must name a provider (e.g. PROVIDER_OPENAI)")
+    return kind
+
+
+def _finite(value: float, field: str) -> float:
+    if not math.isfinite(value):
+        raise InvalidFieldError(field, "must be a finite number")
+    return value
+
+
+def session_options(message: sessions_pb2.SessionOptions) -> SessionOptions:
+    """The domain options of a request (the provider adapter validates the values)."""
+    token_ttl = requested_ttl(message, field="token_ttl")
+    if token_ttl is not None and token_ttl != int(token_ttl):
+        raise InvalidFieldError("token_ttl", "must be a whole number of seconds")
+    return SessionOptions(
+        model=message.model,
+        voice=message.voice,
+        instructions=message.instructions,
+        temperature=_finite(message.temperature, "temperature")
+        if message.HasField("temperature") else None,
+        speed=_finite(message.speed, "speed") if message.HasField("speed") else None,
+        token_ttl_seconds=int(token_ttl) if token_ttl is not None else None,
+        modalities=tuple(message.modalities),
+        email=message.email,
+    )
+
+
+def _timestamp(unix_seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromMilliseconds(int(unix_seconds * 1000))
+    return stamp
+
+
+def ice_servers_to_proto(servers: Iterable[IceServer]) -> list[credentials_pb2.IceServer]:
+    return [credentials_pb2.IceServer(urls=s.urls, username=s.username, credential=s.credential)
+            for s in servers]
+
+
+def _token(token: MintedToken) -> sessions_pb2.EphemeralToken:
+    return sessions_pb2.EphemeralToken(value=token.value,
+                                       expire_time=_timestamp(token.expires_at))
+
+
+def _project() -> Project:
+    project = current_call().project
+    assert project is not None  # session calls are admitted for a project
+    return project
+
+
+def _time_left(context: Context) -> float | None:
+    remaining: float | None = context.time_remaining()
+    return remaining
+
+
+class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
+    """Realtime sessions for the project the interceptor admitted."""
+
+    def __init__(self, sessions: RealtimeSessions) -> None:
+        self._sessions = sessions
+
+    async def CreateSession(self, request: sessions_pb2.CreateSessionRequest,  # noqa: N802
+                            context: Context) -> sessions_pb2.CreateSessionResponse:
+        kind = provider_kind(request.provider)
+        created = await self._sessions.create(
+            _project(), kind, session_options(request.options), user_id=request.user_id,
+            turn_ttl=requested_ttl(request, field="turn_ttl"), timeout=_time_left(context))
+        token = created.token
+        return sessions_pb2.CreateSessionResponse(
+            session_id=created.session_id,
+            ephemeral_token=_token(token),
+            upstream_session_id=token.upstream_session_id,
+            model=token.model,
+            voice=token.voice,
+            create_time=_timestamp(created.create_time),
+            lease_expire_time=_timestamp(created.lease_expires_at),
+            ice_servers=ice_servers_to_proto(created.ice_servers),
+            provider_ice_servers=ice_servers_to_proto(token.ice_servers),
+            provider=request.provider,
+            upstream_request_id=token.upstream_request_id,
+        )
+
+    async def MintEphemeralToken(  # noqa: N802
+        self, request: sessions_pb2.MintEphemeralTokenRequest, context: Context
+    ) -> sessions_pb2.MintEphemeralTokenResponse:
+        kind = provider_kind(request.provider)
+        token = await self._sessions.mint(_project(), kind, session_options(request.options),
+                                          timeout=_time_left(context))
+        return sessions_pb2.MintEphemeralTokenResponse(
+            ephemeral_token=_token(token), upstream_session_id=token.upstream_session_id,
+            model=token.model, voice=token.voice,
+            provider_ice_servers=ice_servers_to_proto(token.ice_servers),
+            upstream_request_id=token.upstream_request_id)
+
+    async def KeepAliveSession(  # noqa: N802
+        self, request: sessions_pb2.KeepAliveSessionRequest, context: Context
+    ) -> sessions_pb2.KeepAliveSessionResponse:
+        expires_at = await self._sessions.keep_alive(_project(), request.session_id)
+        return sessions_pb2.KeepAliveSessionResponse(lease_expire_time=_timestamp(expires_at))
+
+    async def EndSession(self, request: sessions_pb2.EndSessionRequest,  # noqa: N802
+                         context: Context) -> sessions_pb2.EndSessionResponse:
+        await self._sessions.end(_project(), request.session_id)
+        return sessions_pb2.EndSessionResponse()
