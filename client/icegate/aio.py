@@ -19,6 +19,8 @@ from icegate.v1 import (
     admin_pb2_grpc,
     credentials_pb2,
     credentials_pb2_grpc,
+    sessions_pb2,
+    sessions_pb2_grpc,
     usage_pb2,
     usage_pb2_grpc,
 )
@@ -55,6 +57,7 @@ class AsyncClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
         self._usage = usage_pb2_grpc.UsageServiceStub(self._channel)
+        self._sessions = sessions_pb2_grpc.SessionServiceStub(self._channel)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -184,6 +187,82 @@ class AsyncClient:
         return (await self._call(self._admin.RevokeApiKey,  # type: ignore[no-any-return]
                           admin_pb2.RevokeApiKeyRequest(key_id=key_id), timeout,
                           metadata)).api_key
+
+    # -- realtime sessions -----------------------------------------------------------------
+
+    async def create_session(
+        self, provider: requests.ProviderName = "openai", *, project_id: str = "",
+        user_id: str = "", turn_ttl: requests.Ttl = None, timeout: float | None = None,
+        metadata: Metadata = (), **options: Any,
+    ) -> sessions_pb2.CreateSessionResponse:
+        """Creates a realtime session: a provider token plus ICE servers, under the quota.
+
+        `options` are SessionOptions fields: model, voice, instructions, temperature, speed,
+        token_ttl, modalities, email. Not retried: a retry would create a second session.
+        """
+        request = sessions_pb2.CreateSessionRequest(
+            project_id=project_id, provider=requests.provider(provider),
+            options=requests.session_options(**options), user_id=user_id)
+        if turn_ttl is not None:
+            request.turn_ttl.CopyFrom(requests.duration(turn_ttl))
+        return await self._call(self._sessions.CreateSession,  # type: ignore[no-any-return]
+                          request, timeout, metadata)
+
+    async def mint_ephemeral_token(
+        self, provider: requests.ProviderName = "openai", *, project_id: str = "",
+        timeout: float | None = None, metadata: Metadata = (), **options: Any,
+    ) -> sessions_pb2.MintEphemeralTokenResponse:
+        """A provider token alone (rate limited, but no quota unit and no lease)."""
+        return await self._call(self._sessions.MintEphemeralToken,  # type: ignore[no-any-return]
+                          sessions_pb2.MintEphemeralTokenRequest(
+                              project_id=project_id, provider=requests.provider(provider),
+                              options=requests.session_options(**options)),
+                          timeout, metadata)
+
+    async def keep_alive_session(self, session_id: str, *, project_id: str = "",
+                           timeout: float | None = None,
+                           metadata: Metadata = ()) -> sessions_pb2.KeepAliveSessionResponse:
+        """Renews a session's lease; NotFoundError once it ended or expired."""
+        return await self._call(self._sessions.KeepAliveSession,  # type: ignore[no-any-return]
+                          sessions_pb2.KeepAliveSessionRequest(project_id=project_id,
+                                                               session_id=session_id),
+                          timeout, metadata)
+
+    async def end_session(self, session_id: str, *, project_id: str = "",
+                    timeout: float | None = None, metadata: Metadata = ()) -> None:
+        """Ends a session, freeing its concurrency slot."""
+        await self._call(self._sessions.EndSession,
+                   sessions_pb2.EndSessionRequest(project_id=project_id, session_id=session_id),
+                   timeout, metadata)
+
+    # -- provider keys (admin keys only) ----------------------------------------------------
+
+    async def set_provider_key(self, project_id: str, provider: str, api_key: str, *,
+                         timeout: float | None = None,
+                         metadata: Metadata = ()) -> admin_pb2.ProviderKeyInfo:
+        """Seals and stores a project's provider key; only its last 4 characters come back."""
+        return (await self._call(self._admin.SetProviderKey,  # type: ignore[no-any-return]
+                          admin_pb2.SetProviderKeyRequest(project_id=project_id,
+                                                          provider=provider, api_key=api_key),
+                          timeout, metadata)).provider_key
+
+    async def list_provider_keys(self, project_id: str, *, timeout: float | None = None,
+                           metadata: Metadata = ()) -> list[admin_pb2.ProviderKeyInfo]:
+        return list((await self._call(self._admin.ListProviderKeys,
+                               admin_pb2.ListProviderKeysRequest(project_id=project_id),
+                               timeout, metadata)).provider_keys)
+
+    async def delete_provider_key(self, project_id: str, provider: str, *,
+                            timeout: float | None = None, metadata: Metadata = ()) -> None:
+        await self._call(self._admin.DeleteProviderKey,
+                   admin_pb2.DeleteProviderKeyRequest(project_id=project_id, provider=provider),
+                   timeout, metadata)
+
+    async def reseal_provider_keys(self, *, timeout: float | None = None, metadata: Metadata = ()
+                             ) -> admin_pb2.ResealProviderKeysResponse:
+        """Re-seals every provider key under the current master key (after a rotation)."""
+        return await self._call(self._admin.ResealProviderKeys,  # type: ignore[no-any-return]
+                          admin_pb2.ResealProviderKeysRequest(), timeout, metadata)
 
     async def health(self, service: str = "", *, timeout: float | None = None,
                metadata: Metadata = ()) -> str:

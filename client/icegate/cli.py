@@ -43,9 +43,54 @@ def _parser() -> argparse.ArgumentParser:
     usage = commands.add_parser("usage", help="print a project's usage and limits")
     usage.add_argument("--project", default="", help="project id (default: the key's)")
 
+    _add_session_commands(commands.add_parser("session", help="realtime AI sessions"))
     _add_admin_commands(commands.add_parser("admin", help="manage projects and keys "
                                             "(admin keys only)"))
     return parser
+
+
+def _add_session_commands(session: argparse.ArgumentParser) -> None:
+    commands = session.add_subparsers(dest="session_command", required=True)
+    create = commands.add_parser("create", help="mint a provider token plus ICE servers")
+    create.add_argument("--provider", default="openai",
+                        help="openai, openai_beta, azure, azure_legacy, orga or gemini")
+    create.add_argument("--project", default="", help="project id (admin keys only)")
+    create.add_argument("--user", default="", help="end user the TURN credential is for")
+    create.add_argument("--model", default="")
+    create.add_argument("--voice", default="")
+    create.add_argument("--instructions", default="")
+    create.add_argument("--temperature", type=float)
+    create.add_argument("--speed", type=float)
+    create.add_argument("--token-ttl", type=int, help="provider token lifetime, seconds")
+    create.add_argument("--modality", action="append", default=[], dest="modalities",
+                        help="audio or text; repeat for several")
+    create.add_argument("--email", default="", help="Orga only: the end user's e-mail")
+    for name, help_text in (("keepalive", "renew a session's lease"),
+                            ("end", "end a session, freeing its slot")):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("session_id")
+        command.add_argument("--project", default="")
+
+
+def _run_session(args: argparse.Namespace, client: Client) -> Any:
+    if args.session_command == "create":
+        created = client.create_session(
+            args.provider, project_id=args.project, user_id=args.user, model=args.model,
+            voice=args.voice, instructions=args.instructions, temperature=args.temperature,
+            speed=args.speed, token_ttl=args.token_ttl, modalities=args.modalities,
+            email=args.email)
+        answer = _as_dict(created)
+        # What a browser takes, in the shape the seeds' frontends expect.
+        answer["browser"] = {
+            "ephemeralToken": created.ephemeral_token.value,
+            "iceServers": rtc_ice_servers([*created.ice_servers,
+                                           *created.provider_ice_servers]),
+        }
+        return answer
+    if args.session_command == "keepalive":
+        return _as_dict(client.keep_alive_session(args.session_id, project_id=args.project))
+    client.end_session(args.session_id, project_id=args.project)
+    return {"ended": args.session_id}
 
 
 def _add_project_fields(command: argparse.ArgumentParser) -> None:
@@ -92,6 +137,18 @@ def _add_admin_commands(admin: argparse.ArgumentParser) -> None:
     list_keys.add_argument("--project", default="")
     key.add_parser("revoke", help="revoke a key").add_argument("key_id")
 
+    provider_key = groups.add_parser("provider-key", help="projects' provider API keys").\
+        add_subparsers(dest="admin_command", required=True)
+    set_key = provider_key.add_parser(
+        "set", help="store a provider key, read from standard input (never from argv)")
+    list_provider = provider_key.add_parser("list", help="providers and last 4 characters")
+    delete_key = provider_key.add_parser("delete", help="delete a provider key")
+    for command in (set_key, list_provider, delete_key):
+        command.add_argument("--project", required=True)
+    for command in (set_key, delete_key):
+        command.add_argument("--provider", required=True, help="openai, azure, orga, gemini")
+    provider_key.add_parser("reseal", help="re-seal every key under the current master key")
+
 
 _PROJECT_FIELD_NAMES = ("display_name", "rate_limit_requests", "rate_limit_window",
                         "turn_ttl_default", "turn_ttl_max", "plan", "upgrade_url",
@@ -124,6 +181,18 @@ def _run_admin(args: argparse.Namespace, client: Client) -> Any:
         return [_as_dict(k) for k in client.list_api_keys(args.project)]
     if command == ("key", "revoke"):
         return _as_dict(client.revoke_api_key(args.key_id))
+    if command == ("provider-key", "set"):
+        secret = sys.stdin.readline().strip()
+        if not secret:
+            raise ConfigurationError("no key on standard input")
+        return _as_dict(client.set_provider_key(args.project, args.provider, secret))
+    if command == ("provider-key", "list"):
+        return [_as_dict(k) for k in client.list_provider_keys(args.project)]
+    if command == ("provider-key", "delete"):
+        client.delete_provider_key(args.project, args.provider)
+        return {"deleted": f"{args.project}/{args.provider}"}
+    if command == ("provider-key", "reseal"):
+        return _as_dict(client.reseal_provider_keys())
     raise AssertionError(command)
 
 
@@ -147,6 +216,8 @@ def _run(args: argparse.Namespace, client: Client) -> Any:
         return _as_dict(client.get_usage(args.project))
     if args.command == "admin":
         return _run_admin(args, client)
+    if args.command == "session":
+        return _run_session(args, client)
     raise AssertionError(args.command)
 
 
@@ -159,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with Client(args.target, default_timeout=args.timeout, debug=args.debug) as client:
             result = _run(args, client)
-    except (IcegateError, ConfigurationError) as error:
+    except (IcegateError, ConfigurationError, ValueError) as error:
         print(f"icegate: {error}", file=sys.stderr)
         return 1
     if isinstance(result, str):

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from google.protobuf import duration_pb2, field_mask_pb2
 
-from icegate.v1 import admin_pb2, credentials_pb2
+from icegate.v1 import admin_pb2, credentials_pb2, sessions_pb2
 
 Ttl = int | float | timedelta | None
 """A lifetime: seconds, a timedelta, or None for the server's default."""
@@ -71,3 +71,39 @@ def update_project(project_id: str, fields: dict[str, object]) -> admin_pb2.Upda
         raise TypeError("update_project needs at least one field to change")
     return admin_pb2.UpdateProjectRequest(project=message,
                                           update_mask=field_mask_pb2.FieldMask(paths=names))
+
+
+ProviderName = str | int
+"""A provider by name ("openai", "openai_beta", "azure", "azure_legacy", "orga", "gemini")
+or by its `icegate.v1.Provider` enum value."""
+
+
+def provider(value: ProviderName) -> int:
+    """The `icegate.v1.Provider` enum value of a provider name.
+
+    Raises:
+        ValueError: An unknown provider name.
+    """
+    if isinstance(value, int):
+        return value
+    try:
+        return sessions_pb2.Provider.Value("PROVIDER_" + value.upper())
+    except ValueError:
+        names = [n.removeprefix("PROVIDER_").lower() for n in sessions_pb2.Provider.keys()[1:]]
+        raise ValueError(f"unknown provider {value!r}; one of {', '.join(names)}") from None
+
+
+def session_options(*, model: str = "", voice: str = "", instructions: str = "",
+                    temperature: float | None = None, speed: float | None = None,
+                    token_ttl: Ttl = None, modalities: tuple[str, ...] | list[str] = (),
+                    email: str = "") -> sessions_pb2.SessionOptions:
+    """The SessionOptions message of keyword options (None and empty mean the default)."""
+    message = sessions_pb2.SessionOptions(model=model, voice=voice, instructions=instructions,
+                                          modalities=list(modalities), email=email)
+    if temperature is not None:
+        message.temperature = temperature
+    if speed is not None:
+        message.speed = speed
+    if token_ttl is not None:
+        message.token_ttl.CopyFrom(duration(token_ttl))
+    return message
