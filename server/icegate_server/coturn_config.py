@@ -31,10 +31,10 @@ def listening_port(settings: Settings) -> int:
     """The port coturn must listen on: the one in the first plain turn: URI, else 3478."""
     for uri in settings.turn_uris:
         if uri.startswith("turn:"):
-            # turn:host:port?transport=udp -> parse as a URL with a fake authority.
+            # turn:host:port?transport=udp -> parse as a URL with a fake authority. A URI
+            # without a port means 3478 to browsers, so it does not defer to a later URI.
             parts = urlsplit("turn://" + uri.removeprefix("turn:"))
-            if parts.port:
-                return parts.port
+            return parts.port or DEFAULT_TURN_PORT
     return DEFAULT_TURN_PORT
 
 

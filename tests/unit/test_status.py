@@ -1,0 +1,253 @@
+"""Domain errors -> gRPC status with rich details -> the typed client exception callers catch."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import grpc
+import icegate.errors as client_errors
+import pytest
+from google.rpc import error_details_pb2
+from icegate_server import errors, status
+
+RESET_AT = datetime(2030, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+
+
+def all_subclasses(cls: type) -> list[type]:
+    found = []
+    for sub in cls.__subclasses__():
+        found.append(sub)
+        found.extend(all_subclasses(sub))
+    return found
+
+
+def concrete_error_classes() -> list[type[errors.IcegateError]]:
+    """Every error class domain code raises: the leaves, plus any class mapped in its own right.
+
+    A class with subclasses and no row of its own (UpstreamError) is a base: the one raised is
+    always a subclass.
+    """
+    return [cls for cls in all_subclasses(errors.IcegateError)
+            if cls.__module__ == errors.__name__
+            and (not cls.__subclasses__() or cls in status.ERROR_TABLE)]
+
+
+def sample(cls: type[errors.IcegateError]) -> errors.IcegateError:
+    """An instance of `cls` as domain code would raise it."""
+    if issubclass(cls, errors.InvalidFieldError):
+        return cls("user_id", "must not contain ':'")
+    if issubclass(cls, errors.RateLimitedError):
+        return cls(limit=100, window_seconds=900, reset_at=RESET_AT, retry_after_seconds=41.2)
+    if issubclass(cls, errors.QuotaExceededError):
+        return cls(plan="starter", included=1000, used=1000,
+                   upgrade_url="https://icegate.example.test/upgrade", resets_at=RESET_AT)
+    if issubclass(cls, errors.ConcurrentLimitError):
+        return cls(current=5, maximum=5)
+    if issubclass(cls, errors.UpstreamError):
+        return cls("the provider did not mint a token", provider="openai", upstream_status=503,
+                   upstream_request_id="req_123", retry_after_seconds=7.0)
+    return cls(f"{cls.__name__} happened")
+
+
+# The client class a caller catches for each server error. A new server error class fails
+# test_every_error_class_has_a_client_class until it is added here.
+CLIENT_CLASS: dict[type[errors.IcegateError], type[client_errors.IcegateError]] = {
+    errors.InvalidFieldError: client_errors.InvalidArgumentError,
+    errors.InvalidApiKeyError: client_errors.AuthenticationError,
+    errors.ProjectForbiddenError: client_errors.ProjectForbiddenError,
+    errors.NotFoundError: client_errors.NotFoundError,
+    errors.AlreadyExistsError: client_errors.AlreadyExistsError,
+    errors.RateLimitedError: client_errors.RateLimitedError,
+    errors.QuotaExceededError: client_errors.QuotaExceededError,
+    errors.ConcurrentLimitError: client_errors.ConcurrentLimitError,
+    errors.StoreUnavailableError: client_errors.UnavailableError,
+    errors.UpstreamNotConfiguredError: client_errors.UpstreamNotConfiguredError,
+    errors.UpstreamAuthFailedError: client_errors.UpstreamAuthFailedError,
+    errors.UpstreamRejectedError: client_errors.UpstreamRejectedError,
+    errors.UpstreamQuotaError: client_errors.UpstreamQuotaError,
+    errors.UpstreamUnavailableError: client_errors.UpstreamUnavailableError,
+    errors.UpstreamTimeoutError: client_errors.UpstreamTimeoutError,
+}
+
+CONCRETE = concrete_error_classes()
+
+
+class FakeRpcError(grpc.RpcError):
+    """A failed call as grpc presents it, answered with `answer` (what the server sent)."""
+
+    def __init__(self, answer: grpc.Status) -> None:
+        self._answer = answer
+
+    def code(self) -> grpc.StatusCode:
+        return self._answer.code
+
+    def details(self) -> str:
+        return self._answer.details
+
+    def trailing_metadata(self):
+        return self._answer.trailing_metadata
+
+
+def unpack(rpc_status, cls):
+    found = []
+    for packed in rpc_status.details:
+        if packed.Is(cls.DESCRIPTOR):
+            message = cls()
+            packed.Unpack(message)
+            found.append(message)
+    return found
+
+
+def error_info(error: errors.IcegateError) -> error_details_pb2.ErrorInfo:
+    (info,) = unpack(status.to_rpc_status(error), error_details_pb2.ErrorInfo)
+    return info
+
+
+def test_discovery_finds_the_error_classes():
+    # Guards the parametrisation below against silently testing nothing.
+    assert errors.InvalidFieldError in CONCRETE
+    assert errors.UpstreamTimeoutError in CONCRETE
+    assert len(CONCRETE) >= len(CLIENT_CLASS)
+
+
+@pytest.mark.parametrize("cls", CONCRETE, ids=lambda cls: cls.__name__)
+def test_every_error_class_is_mapped_and_never_internal(cls):
+    code, reason = status.lookup(sample(cls))
+    assert code is not grpc.StatusCode.INTERNAL
+    assert code is not grpc.StatusCode.UNKNOWN
+    assert reason and reason != "INTERNAL"
+    assert any(issubclass(cls, mapped) for mapped in status.ERROR_TABLE)
+
+
+@pytest.mark.parametrize("cls", CONCRETE, ids=lambda cls: cls.__name__)
+def test_every_error_class_has_a_client_class(cls):
+    assert cls in CLIENT_CLASS, f"say which client exception {cls.__name__} becomes"
+
+
+@pytest.mark.parametrize("cls", CONCRETE, ids=lambda cls: cls.__name__)
+def test_status_carries_code_message_and_error_info(cls):
+    error = sample(cls)
+    code, reason = status.lookup(error)
+    rpc_status = status.to_rpc_status(error)
+    assert rpc_status.code == code.value[0]
+    assert rpc_status.message == error.message == str(error)
+    info = error_info(error)
+    assert info.reason == reason
+    assert info.domain == status.ERROR_DOMAIN
+    # ErrorInfo comes first: clients that read only one detail read the reason.
+    assert rpc_status.details[0].Is(error_details_pb2.ErrorInfo.DESCRIPTOR)
+
+
+def test_subclass_without_its_own_row_maps_through_its_base():
+    class SlowDownError(errors.RateLimitedError):
+        pass
+
+    error = SlowDownError(limit=1, window_seconds=1, reset_at=RESET_AT, retry_after_seconds=1)
+    assert status.lookup(error) == status.ERROR_TABLE[errors.RateLimitedError]
+
+
+def test_invalid_field_becomes_bad_request_with_the_field():
+    rpc_status = status.to_rpc_status(errors.InvalidFieldError("ttl", "must be at least 60"))
+    assert rpc_status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    (bad_request,) = unpack(rpc_status, error_details_pb2.BadRequest)
+    assert [(v.field, v.description) for v in bad_request.field_violations] == [
+        ("ttl", "must be at least 60")]
+
+
+def test_rate_limited_carries_retry_info_and_reset_time():
+    error = sample(errors.RateLimitedError)
+    rpc_status = status.to_rpc_status(error)
+    (retry,) = unpack(rpc_status, error_details_pb2.RetryInfo)
+    # Rounded up: retrying after a rounded-down delay would be refused again.
+    assert retry.retry_delay.ToTimedelta() == timedelta(seconds=42)
+    metadata = error_info(error).metadata
+    assert datetime.fromisoformat(metadata["reset_at"]) == RESET_AT
+    assert metadata["limit"] == "100"
+    assert metadata["window_seconds"] == "900"
+
+
+def test_quota_exceeded_carries_quota_failure_usage_and_upgrade_url():
+    error = errors.QuotaExceededError(plan="starter", included=1000, used=1003,
+                                      upgrade_url="https://icegate.example.test/upgrade",
+                                      resets_at=RESET_AT)
+    rpc_status = status.to_rpc_status(error)
+    (failure,) = unpack(rpc_status, error_details_pb2.QuotaFailure)
+    assert len(failure.violations) == 1
+    metadata = error_info(error).metadata
+    assert metadata["plan"] == "starter"
+    assert metadata["sessions_included"] == "1000"
+    assert metadata["sessions_used"] == "1003"
+    assert metadata["sessions_remaining"] == "0"  # never negative
+    assert metadata["upgrade_url"] == "https://icegate.example.test/upgrade"
+    (help_,) = unpack(rpc_status, error_details_pb2.Help)
+    assert [link.url for link in help_.links] == ["https://icegate.example.test/upgrade"]
+
+
+def test_concurrent_limit_carries_current_and_max():
+    metadata = error_info(errors.ConcurrentLimitError(current=4, maximum=5)).metadata
+    assert (metadata["current"], metadata["max"]) == ("4", "5")
+
+
+@pytest.mark.parametrize(
+    "cls", [c for c in CONCRETE if issubclass(c, errors.UpstreamError)],
+    ids=lambda cls: cls.__name__,
+)
+def test_upstream_error_names_provider_and_request_but_never_a_key(cls):
+    error = cls("the provider refused the request", provider="gemini", upstream_status=401,
+                upstream_request_id="req_abc")
+    # Exactly these: nothing that could carry the project's provider key reaches the caller.
+    assert dict(error_info(error).metadata) == {
+        "provider": "gemini", "upstream_status": "401", "upstream_request_id": "req_abc"}
+
+
+def test_upstream_retry_after_becomes_retry_info():
+    error = errors.UpstreamUnavailableError("down", provider="openai", upstream_status=503,
+                                            retry_after_seconds=2.5)
+    (retry,) = unpack(status.to_rpc_status(error), error_details_pb2.RetryInfo)
+    assert retry.retry_delay.ToTimedelta() == timedelta(seconds=3)
+
+
+@pytest.mark.parametrize("cls", CONCRETE, ids=lambda cls: cls.__name__)
+def test_round_trip_to_the_typed_client_exception(cls):
+    error = sample(cls)
+    answer = status.to_grpc_status(error)
+    typed = client_errors.from_rpc_error(FakeRpcError(answer))
+
+    assert type(typed) is CLIENT_CLASS[cls]
+    assert isinstance(typed, client_errors.IcegateError)
+    assert typed.code is answer.code
+    assert typed.message == error.message
+    assert typed.reason == status.lookup(error)[1]
+
+    if isinstance(error, errors.InvalidFieldError):
+        assert typed.field_violations == (
+            client_errors.FieldViolation("user_id", "must not contain ':'"),)
+    if isinstance(error, errors.RateLimitedError):
+        assert typed.reset_at == RESET_AT
+        assert typed.retry_after == timedelta(seconds=42)
+        assert typed.limit == 100
+    if isinstance(error, errors.QuotaExceededError):
+        assert typed.usage == client_errors.QuotaUsage(
+            plan="starter", sessions_included=1000, sessions_used=1000, sessions_remaining=0)
+        assert typed.upgrade_url == "https://icegate.example.test/upgrade"
+        assert typed.resets_at == RESET_AT
+    if isinstance(error, errors.ConcurrentLimitError):
+        assert (typed.current, typed.max_sessions) == (5, 5)
+    if isinstance(error, errors.UpstreamError):
+        assert typed.provider == "openai"
+        assert typed.upstream_status == 503
+        assert typed.upstream_request_id == "req_123"
+        if isinstance(typed, client_errors.UnavailableError):
+            assert typed.retry_after == timedelta(seconds=7)
+
+
+def test_client_trusts_the_code_when_details_disagree_with_it():
+    answer = status.to_grpc_status(sample(errors.RateLimitedError))
+
+    class Mismatch(FakeRpcError):
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+    typed = client_errors.from_rpc_error(Mismatch(answer))
+    assert type(typed) is client_errors.UnavailableError
+    assert typed.details == ()
