@@ -47,7 +47,10 @@ def test_unknown_secret_tampered_and_expired_are_refused(tmp_path, coturn_factor
         foreign = issue(stranger, "mallory")
     with real_time_server(tmp_path / "b", coturn, [OLD_SECRET]) as server:
         username, password = issue(server, "alice")
-        server.clock.set(time.time() - 3600)  # issue as if an hour ago, 60 s TTL: expired
+    settings = server_settings(tmp_path / "c", turn_secrets=(OLD_SECRET,),
+                               turn_uris=(coturn.turn_uri,))
+    # Issued as if an hour ago with a 60 s TTL: expired by now.
+    with RunningServer(settings, clock=FrozenClock(time.time() - 3600)) as server:
         expired = issue(server, "bob", ttl=60)
 
     assert not coturn.allocate(*foreign).ok
