@@ -267,6 +267,7 @@ class AsyncClient:
     async def health(self, service: str = "", *, timeout: float | None = None,
                metadata: Metadata = ()) -> str:
         """The serving status of the server (or of one service): e.g. "SERVING"."""
-        response = await self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service),
+        response = await self._call(self._health.Check,
+                                    health_pb2.HealthCheckRequest(service=service),
                               timeout, metadata, authenticated=False)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))

@@ -162,7 +162,7 @@ def _as_dict(message: Message) -> dict[str, Any]:
 
 def _run_admin(args: argparse.Namespace, client: Client) -> Any:
     command = (args.admin_group, args.admin_command)
-    fields = {name: getattr(args, name, None) for name in _PROJECT_FIELD_NAMES}
+    fields: dict[str, Any] = {name: getattr(args, name, None) for name in _PROJECT_FIELD_NAMES}
     if command == ("project", "create"):
         return _as_dict(client.create_project(args.project_id, **fields))
     if command == ("project", "update"):

@@ -268,4 +268,4 @@ class Client:
         """The serving status of the server (or of one service): e.g. "SERVING"."""
         response = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service),
                               timeout, metadata, authenticated=False)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))

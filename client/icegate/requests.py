@@ -27,7 +27,8 @@ def issue_turn_credentials(user_id: str, ttl: Ttl, project_id: str
     return request
 
 
-def get_ice_servers(user_id: str, ttl: Ttl, project_id: str) -> credentials_pb2.GetIceServersRequest:
+def get_ice_servers(user_id: str, ttl: Ttl, project_id: str
+                    ) -> credentials_pb2.GetIceServersRequest:
     request = credentials_pb2.GetIceServersRequest(user_id=user_id, project_id=project_id)
     if ttl is not None:
         request.ttl.CopyFrom(duration(ttl))
@@ -78,14 +79,14 @@ ProviderName = str | int
 or by its `icegate.v1.Provider` enum value."""
 
 
-def provider(value: ProviderName) -> int:
+def provider(value: ProviderName) -> sessions_pb2.Provider.ValueType:
     """The `icegate.v1.Provider` enum value of a provider name.
 
     Raises:
         ValueError: An unknown provider name.
     """
     if isinstance(value, int):
-        return value
+        return sessions_pb2.Provider.ValueType(value)
     try:
         return sessions_pb2.Provider.Value("PROVIDER_" + value.upper())
     except ValueError:

@@ -1,9 +1,10 @@
-"""Caller authentication: `authorization: Bearer <key>` metadata -> the `Caller` it stands for.
+"""Caller authentication: the `authorization: Bearer <key>` metadata, and key digests.
 
 Keys are looked up by their SHA-256 digest, never compared as strings: whatever timing the
 lookup shows depends only on the digest, and learning digest prefixes tells an attacker
-nothing about any key (that is the constant-time property string comparison lacks). Keys are high-entropy random strings, so a plain
-(unsalted, fast) hash is enough: there is no dictionary to guess from.
+nothing about any key (that is the constant-time property string comparison lacks). Keys
+are high-entropy random strings (256 bits), so a plain, unsalted, fast hash is enough:
+there is no dictionary to guess from, and a slow password hash would only tax every call.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Time, injected: domain code asks a `Clock` instead of calling `time` itself, so tests freeze it."""
+"""Time, injected: domain code asks a `Clock` instead of calling `time`, so tests freeze it."""
 
 from __future__ import annotations
 

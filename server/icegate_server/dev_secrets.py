@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 from icegate_server.config import Settings
 from icegate_server.vault import generate_master_key
@@ -65,7 +66,7 @@ def apply_dev_secrets(settings: Settings) -> tuple[Settings, Path | None, bool]:
                                     and has_master_key):
         return settings, None, False
     stored, path, created = load_or_create(settings.data_dir)
-    changes: dict[str, object] = {}
+    changes: dict[str, Any] = {}
     if not settings.turn_secrets:
         changes["turn_secrets"] = (stored["turn_secret"],)
     if not settings.api_keys:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextvars
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import grpc.aio
@@ -49,6 +49,10 @@ def method_policy(method: str) -> MethodPolicy:
     return MethodPolicy.PROJECT
 
 
+if TYPE_CHECKING:  # grpc's stubs make the handler generic; at run time it is not subscriptable.
+    Handler = grpc.RpcMethodHandler[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
 
@@ -57,14 +61,14 @@ class CallGuard(grpc.aio.ServerInterceptor):
 
     def __init__(self, access: AccessControl) -> None:
         self._access = access
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._wrapped: dict[str, Handler] = {}
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+    ) -> Handler | None:
+        method: str = handler_call_details.method
         wrapped = self._wrapped.get(method)
         if wrapped is not None:
             return wrapped
@@ -74,7 +78,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         if handler.unary_unary is None:
             raise TypeError(f"{method}: icegate serves unary-unary RPCs only")
         wrapped = grpc.unary_unary_rpc_method_handler(
-            self._guard(handler.unary_unary, method_policy(method)),
+            self._guard(cast(UnaryBehavior, handler.unary_unary), method_policy(method)),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )

@@ -23,8 +23,8 @@ from icegate_server.errors import (
     UpstreamNotConfiguredError,
 )
 from icegate_server.ice_servers import IceServer, build_ice_servers
-from icegate_server.provider_keys import ProviderKeys
 from icegate_server.projects import Project
+from icegate_server.provider_keys import ProviderKeys
 from icegate_server.providers import MintedToken, Provider, ProviderKind, SessionOptions
 from icegate_server.store import Store
 from icegate_server.store.base import SessionOutcome, month_of

@@ -44,7 +44,7 @@ def lookup(error: errors.IcegateError) -> tuple[grpc.StatusCode, str]:
     """The status code and reason of `error`, from its class or its nearest mapped base."""
     for cls in type(error).__mro__:
         if cls in ERROR_TABLE:
-            return ERROR_TABLE[cls]  # type: ignore[index]
+            return ERROR_TABLE[cls]
     return grpc.StatusCode.INTERNAL, "INTERNAL"
 
 

@@ -1,4 +1,4 @@
-"""TURN REST credentials (draft-uberti-behave-turn-rest-00), as coturn's `use-auth-secret` checks them.
+"""TURN REST credentials (draft-uberti-behave-turn-rest-00), as coturn's use-auth-secret checks.
 
 username = `<unix expiry seconds>:<user id>`; password = base64(HMAC-SHA1(secret, username)).
 coturn reads the expiry before the first separator and tries every configured secret in turn,

@@ -9,6 +9,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
+
+from fake_upstreams.azure import AzureEmulation, azure_error
+from fake_upstreams.gemini import AUTH_TOKENS_PATH, GeminiEmulation, gemini_error
+from fake_upstreams.openai import OpenAIEmulation, openai_error
+from fake_upstreams.orga import SECRETS_PATH, OrgaEmulation, orga_error
+from fake_upstreams.server import CannedResponse, Responder
 from icegate_server.clock import Clock, SystemClock
 from icegate_server.providers import (
     MintedToken,
@@ -19,12 +25,6 @@ from icegate_server.providers import (
     build_providers,
     make_http_client,
 )
-
-from fake_upstreams.azure import AzureEmulation, azure_error
-from fake_upstreams.gemini import AUTH_TOKENS_PATH, GeminiEmulation, gemini_error
-from fake_upstreams.openai import OpenAIEmulation, openai_error
-from fake_upstreams.orga import SECRETS_PATH, OrgaEmulation, orga_error
-from fake_upstreams.server import CannedResponse, Responder
 
 API_KEY = "sk-test-SECRET-1234"
 AZURE_DEPLOYMENT = "my-realtime"

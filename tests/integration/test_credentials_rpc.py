@@ -102,7 +102,8 @@ def test_missing_or_wrong_key_is_unauthenticated(icegate_server, key, monkeypatc
         (),
         (("authorization", "Basic dXNlcjpwYXNz"),),
         (("authorization", "Bearer "),),
-        (("authorization", f"Bearer {TEST_ADMIN_KEY}"), ("authorization", f"Bearer {TEST_ADMIN_KEY}")),
+        (("authorization", f"Bearer {TEST_ADMIN_KEY}"),
+         ("authorization", f"Bearer {TEST_ADMIN_KEY}")),
     ],
     ids=["none", "basic-scheme", "empty-bearer", "repeated"],
 )

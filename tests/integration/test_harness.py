@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
 from harness.coturn import AllocationResult, Coturn, redis_secret_key, rest_credential
 from harness.ports import reserve_relay_range
 from harness.pytest_plugin import CoturnFactory, require_binaries

@@ -6,9 +6,9 @@ import asyncio
 import time
 
 import pytest
-from fake_upstreams import FakeUpstream, OpenAIEmulation
 
 import icegate
+from fake_upstreams import FakeUpstream, OpenAIEmulation
 from harness.icegate_server import TEST_ADMIN_KEY
 from harness.server_process import ServerProcess
 

@@ -174,7 +174,7 @@ def test_bad_flag_names_the_flag(tmp_path):
 
 
 def test_port_in_use_is_refused(dev_server, tmp_path):
-    _, target, env = dev_server
+    _, _, env = dev_server
     other = tmp_path / "second"
     other.mkdir()
     result = subprocess.run([command("icegate-server")], cwd=other, env=env,

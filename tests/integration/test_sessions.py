@@ -7,9 +7,9 @@ import time
 from datetime import datetime, timezone
 
 import pytest
-from fake_upstreams import CannedResponse, FakeUpstream, OpenAIEmulation, openai_error
 
 import icegate
+from fake_upstreams import CannedResponse, FakeUpstream, OpenAIEmulation, openai_error
 from harness.icegate_server import TEST_ADMIN_KEY, RunningServer, server_settings
 from icegate_server.clock import FrozenClock
 

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from fake_upstreams import FakeUpstream, OpenAIEmulation, OrgaEmulation
 
 import icegate
+from fake_upstreams import FakeUpstream, OpenAIEmulation, OrgaEmulation
 from harness.icegate_server import (
     TEST_ADMIN_KEY,
     TEST_MASTER_KEY,

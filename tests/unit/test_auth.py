@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from icegate_server.access import AccessControl, MethodPolicy
 from icegate_server.auth import MAX_KEY_LENGTH, bearer_key
 from icegate_server.clock import FrozenClock

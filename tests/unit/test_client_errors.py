@@ -10,10 +10,11 @@ from typing import Any
 
 import grpc
 import grpc_testing
-import icegate
 import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
 from grpc_health.v1 import health_pb2
+
+import icegate
 from icegate.connection import DEFAULT_TIMEOUT
 from icegate.v1 import credentials_pb2
 from icegate_server import errors as server_errors

@@ -8,6 +8,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+
 from icegate.connection import DEFAULT_TARGET
 from icegate_server.config import (
     ConfigError,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+
 from icegate_server.config import Settings
 from icegate_server.coturn_config import render_coturn_config
 

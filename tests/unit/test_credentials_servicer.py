@@ -12,6 +12,7 @@ import grpc
 import grpc_testing
 import pytest
 from google.protobuf import duration_pb2
+
 from icegate.v1 import credentials_pb2
 from icegate_server import interceptor
 from icegate_server.access import CallContext

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
+
 import icegate
 import icegate.errors
-import pytest
 from icegate.aio import AsyncClient
 from icegate.client import Client
 

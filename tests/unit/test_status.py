@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import grpc
-import icegate.errors as client_errors
 import pytest
 from google.rpc import error_details_pb2
+
+import icegate.errors as client_errors
 from icegate_server import errors, status
 
 RESET_AT = datetime(2030, 1, 2, 3, 4, 5, tzinfo=timezone.utc)

@@ -10,6 +10,7 @@ import math
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from icegate_server.clock import FrozenClock
 from icegate_server.errors import InvalidFieldError
 from icegate_server.projects import Project

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from icegate_server.errors import IcegateError
 from icegate_server.vault import (
     MasterKeyring,

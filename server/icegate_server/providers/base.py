@@ -30,7 +30,7 @@ from icegate_server.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from icegate_server.ice_servers import IceServer
+from icegate_server.ice_servers import IceServer as IceServer
 
 logger = logging.getLogger(__name__)
 

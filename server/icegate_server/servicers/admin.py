@@ -10,8 +10,8 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from icegate.v1 import admin_pb2, admin_pb2_grpc
 from icegate_server.errors import InvalidFieldError
 from icegate_server.project_admin import ProjectAdmin
-from icegate_server.provider_keys import ProviderKeys
 from icegate_server.projects import ApiKey, Project
+from icegate_server.provider_keys import ProviderKeys
 from icegate_server.store.base import ProviderKeyRecord
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -98,71 +98,71 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self._admin = admin
         self._provider_keys = provider_keys
 
-    async def CreateProject(self, request: admin_pb2.CreateProjectRequest,  # noqa: N802
+    async def CreateProject(self, request: admin_pb2.CreateProjectRequest,
                             context: Context) -> admin_pb2.CreateProjectResponse:
         project = await self._admin.create_project(request.project.project_id,
                                                    project_fields(request.project, None))
         return admin_pb2.CreateProjectResponse(project=project_to_proto(project))
 
-    async def GetProject(self, request: admin_pb2.GetProjectRequest,  # noqa: N802
+    async def GetProject(self, request: admin_pb2.GetProjectRequest,
                          context: Context) -> admin_pb2.GetProjectResponse:
         project = await self._admin.get_project(request.project_id)
         return admin_pb2.GetProjectResponse(project=project_to_proto(project))
 
-    async def ListProjects(self, request: admin_pb2.ListProjectsRequest,  # noqa: N802
+    async def ListProjects(self, request: admin_pb2.ListProjectsRequest,
                            context: Context) -> admin_pb2.ListProjectsResponse:
         projects, token = await self._admin.list_projects(request.page_size, request.page_token)
         return admin_pb2.ListProjectsResponse(projects=[project_to_proto(p) for p in projects],
                                               next_page_token=token)
 
-    async def UpdateProject(self, request: admin_pb2.UpdateProjectRequest,  # noqa: N802
+    async def UpdateProject(self, request: admin_pb2.UpdateProjectRequest,
                             context: Context) -> admin_pb2.UpdateProjectResponse:
         changes = project_fields(request.project, set(request.update_mask.paths))
         project = await self._admin.update_project(request.project.project_id, changes)
         return admin_pb2.UpdateProjectResponse(project=project_to_proto(project))
 
-    async def DeleteProject(self, request: admin_pb2.DeleteProjectRequest,  # noqa: N802
+    async def DeleteProject(self, request: admin_pb2.DeleteProjectRequest,
                             context: Context) -> admin_pb2.DeleteProjectResponse:
         await self._admin.delete_project(request.project_id)
         return admin_pb2.DeleteProjectResponse()
 
-    async def CreateApiKey(self, request: admin_pb2.CreateApiKeyRequest,  # noqa: N802
+    async def CreateApiKey(self, request: admin_pb2.CreateApiKeyRequest,
                            context: Context) -> admin_pb2.CreateApiKeyResponse:
         key, secret = await self._admin.create_api_key(
             request.project_id, admin=request.admin, display_name=request.display_name)
         return admin_pb2.CreateApiKeyResponse(api_key=api_key_to_proto(key), secret=secret)
 
-    async def ListApiKeys(self, request: admin_pb2.ListApiKeysRequest,  # noqa: N802
+    async def ListApiKeys(self, request: admin_pb2.ListApiKeysRequest,
                           context: Context) -> admin_pb2.ListApiKeysResponse:
         keys = await self._admin.list_api_keys(request.project_id)
         return admin_pb2.ListApiKeysResponse(api_keys=[api_key_to_proto(k) for k in keys])
 
-    async def RevokeApiKey(self, request: admin_pb2.RevokeApiKeyRequest,  # noqa: N802
+    async def RevokeApiKey(self, request: admin_pb2.RevokeApiKeyRequest,
                            context: Context) -> admin_pb2.RevokeApiKeyResponse:
         key = await self._admin.revoke_api_key(request.key_id)
         return admin_pb2.RevokeApiKeyResponse(api_key=api_key_to_proto(key))
 
-    async def SetProviderKey(self, request: admin_pb2.SetProviderKeyRequest,  # noqa: N802
+    async def SetProviderKey(self, request: admin_pb2.SetProviderKeyRequest,
                              context: Context) -> admin_pb2.SetProviderKeyResponse:
         await self._admin.get_project(request.project_id)
         record = await self._provider_keys.set(request.project_id, request.provider,
                                                request.api_key)
         return admin_pb2.SetProviderKeyResponse(provider_key=provider_key_to_proto(record))
 
-    async def ListProviderKeys(self, request: admin_pb2.ListProviderKeysRequest,  # noqa: N802
+    async def ListProviderKeys(self, request: admin_pb2.ListProviderKeysRequest,
                                context: Context) -> admin_pb2.ListProviderKeysResponse:
         await self._admin.get_project(request.project_id)
         records = await self._provider_keys.list(request.project_id)
         return admin_pb2.ListProviderKeysResponse(
             provider_keys=[provider_key_to_proto(r) for r in records])
 
-    async def DeleteProviderKey(self, request: admin_pb2.DeleteProviderKeyRequest,  # noqa: N802
+    async def DeleteProviderKey(self, request: admin_pb2.DeleteProviderKeyRequest,
                                 context: Context) -> admin_pb2.DeleteProviderKeyResponse:
         await self._admin.get_project(request.project_id)
         await self._provider_keys.delete(request.project_id, request.provider)
         return admin_pb2.DeleteProviderKeyResponse()
 
-    async def ResealProviderKeys(  # noqa: N802
+    async def ResealProviderKeys(
         self, request: admin_pb2.ResealProviderKeysRequest, context: Context
     ) -> admin_pb2.ResealProviderKeysResponse:
         report = await self._provider_keys.reseal_all()

@@ -35,7 +35,7 @@ class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
         assert project is not None  # the interceptor admits credential calls for a project
         return self._issuer.issue_for(project, request.user_id, requested_ttl(request))
 
-    async def IssueTurnCredentials(  # noqa: N802 - the RPC's name
+    async def IssueTurnCredentials(
         self, request: credentials_pb2.IssueTurnCredentialsRequest, context: Context
     ) -> credentials_pb2.IssueTurnCredentialsResponse:
         credential = self._issue(request)
@@ -47,7 +47,7 @@ class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
             uris=credential.uris,
         )
 
-    async def GetIceServers(  # noqa: N802 - the RPC's name
+    async def GetIceServers(
         self, request: credentials_pb2.GetIceServersRequest, context: Context
     ) -> credentials_pb2.GetIceServersResponse:
         credential = self._issue(request)

@@ -95,7 +95,7 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
     def __init__(self, sessions: RealtimeSessions) -> None:
         self._sessions = sessions
 
-    async def CreateSession(self, request: sessions_pb2.CreateSessionRequest,  # noqa: N802
+    async def CreateSession(self, request: sessions_pb2.CreateSessionRequest,
                             context: Context) -> sessions_pb2.CreateSessionResponse:
         kind = provider_kind(request.provider)
         created = await self._sessions.create(
@@ -116,7 +116,7 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
             upstream_request_id=token.upstream_request_id,
         )
 
-    async def MintEphemeralToken(  # noqa: N802
+    async def MintEphemeralToken(
         self, request: sessions_pb2.MintEphemeralTokenRequest, context: Context
     ) -> sessions_pb2.MintEphemeralTokenResponse:
         kind = provider_kind(request.provider)
@@ -128,13 +128,13 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
             provider_ice_servers=ice_servers_to_proto(token.ice_servers),
             upstream_request_id=token.upstream_request_id)
 
-    async def KeepAliveSession(  # noqa: N802
+    async def KeepAliveSession(
         self, request: sessions_pb2.KeepAliveSessionRequest, context: Context
     ) -> sessions_pb2.KeepAliveSessionResponse:
         expires_at = await self._sessions.keep_alive(_project(), request.session_id)
         return sessions_pb2.KeepAliveSessionResponse(lease_expire_time=_timestamp(expires_at))
 
-    async def EndSession(self, request: sessions_pb2.EndSessionRequest,  # noqa: N802
+    async def EndSession(self, request: sessions_pb2.EndSessionRequest,
                          context: Context) -> sessions_pb2.EndSessionResponse:
         await self._sessions.end(_project(), request.session_id)
         return sessions_pb2.EndSessionResponse()

@@ -20,7 +20,7 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
     def __init__(self, reporter: UsageReporter) -> None:
         self._reporter = reporter
 
-    async def GetUsage(self, request: usage_pb2.GetUsageRequest,  # noqa: N802
+    async def GetUsage(self, request: usage_pb2.GetUsageRequest,
                        context: Context) -> usage_pb2.GetUsageResponse:
         project = current_call().project
         assert project is not None

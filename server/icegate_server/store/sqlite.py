@@ -218,8 +218,8 @@ class SqliteStore:
     async def revoke_api_key(self, key_id: str, now_ms: int) -> ApiKey | None:
         def work(db: sqlite3.Connection) -> ApiKey | None:
             row = db.execute(
-                "UPDATE api_keys SET revoke_time = CASE WHEN revoke_time = 0 THEN ? "
-                f"ELSE revoke_time END WHERE key_id = ? RETURNING {_KEY_COLUMNS}",  # noqa: S608
+                "UPDATE api_keys SET revoke_time = CASE WHEN revoke_time = 0 THEN ? "  # noqa: S608
+                f"ELSE revoke_time END WHERE key_id = ? RETURNING {_KEY_COLUMNS}",
                 (now_ms / 1000, key_id)).fetchone()
             return _key_from_row(row) if row else None
 
@@ -263,7 +263,8 @@ class SqliteStore:
                     "RETURNING used", (project_id, month)).fetchone()[0]
                 db.execute(
                     "INSERT INTO leases(project_id, session_id, expires_ms) VALUES (?, ?, ?) "
-                    "ON CONFLICT(project_id, session_id) DO UPDATE SET expires_ms = excluded.expires_ms",
+                    "ON CONFLICT(project_id, session_id) "
+                    "DO UPDATE SET expires_ms = excluded.expires_ms",
                     (project_id, session_id, now_ms + lease_ms))
                 return SessionAdmission(SessionOutcome.STARTED, active + 1, used)
 

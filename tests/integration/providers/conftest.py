@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+
 from fake_upstreams import FakeUpstream
 from fake_upstreams.harness import CASES, ProviderCase
 

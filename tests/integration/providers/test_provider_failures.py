@@ -8,6 +8,7 @@ import time
 from email.utils import formatdate
 
 import pytest
+
 from fake_upstreams import CannedResponse, FakeUpstream, unused_port
 from fake_upstreams.harness import API_KEY, CASES, ProviderCase, RecordingSleep, mint, mint_async
 from icegate_server.clock import FrozenClock

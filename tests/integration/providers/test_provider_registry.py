@@ -6,6 +6,7 @@ import asyncio
 
 import httpx
 import pytest
+
 from fake_upstreams.harness import API_KEY, CASES_BY_KIND, mint
 from icegate_server.errors import (
     InvalidFieldError,

@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+
 from fake_upstreams import CannedResponse, FakeUpstream, RecordedRequest
 from fake_upstreams.harness import API_KEY, AZURE_DEPLOYMENT, CASES_BY_KIND, ProviderCase, mint
 from fake_upstreams.orga import ICE_PATH, SECRETS_PATH

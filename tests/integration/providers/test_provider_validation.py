@@ -6,6 +6,7 @@ import dataclasses
 
 import httpx
 import pytest
+
 from fake_upstreams import FakeUpstream
 from fake_upstreams.harness import CASES_BY_KIND, ProviderCase, mint
 from icegate_server.errors import InvalidFieldError
