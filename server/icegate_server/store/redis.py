@@ -1,0 +1,624 @@
+"""The Redis store: state shared by every replica, each counter changed by one Lua script.
+
+Key layout (all under the prefix `icegate:`; `<p>` is a project id, `<d>` the hex SHA-256
+digest of a caller key):
+
+    icegate:project:<p>          string  the Project record as JSON
+    icegate:projects             zset    every project id, score 0 (ZRANGEBYLEX pages by id)
+    icegate:key:<d>              hash    key_id, project_id, admin ("1"/"0"), display_name,
+                                         create_time, revoke_time, key_prefix
+    icegate:keyid:<key_id>       string  <d>, to revoke by key id
+    icegate:keys:<p>             set     key ids of the project's keys (revoked ones stay)
+    icegate:admin-keys           set     key ids of admin keys
+    icegate:rl:<p>               string  GCRA TAT in ms; PX window + interval, so an idle
+                                         project's TAT disappears once it could not matter
+    icegate:quota:<p>:<YYYY-MM>  string  sessions begun that month; EXPIRE 62 days
+    icegate:quota-months:<p>     set     the months with a counter, for delete_project
+    icegate:leases:<p>           zset    live sessions: member session_id, score expiry ms
+    icegate:pkey:<p>             hash    provider -> JSON {sealed (base64), last4,
+                                         update_time_ms}
+    icegate:pkey-projects        set     projects holding provider keys (list over all)
+
+`admit` resolves the project from the key inside its script, so keys are not all declared
+up front: this needs a single Redis primary (standalone, or Sentinel-managed), not Redis
+Cluster.
+
+Failing fast. The client has explicit socket and connect timeouts (`timeout`, 0.1 s by
+default) and redis-py's retries are switched off: a call that times out may already have
+run on the server, and blindly re-sending a counting script would count twice. A restarted
+Redis needs no retry anyway: the pool checks a pooled connection for EOF before using it
+and reconnects (RESP2 keeps that check on). Every connection-level failure becomes
+`StoreUnavailableError`.
+
+A paused (or very slow) Redis brings one more hazard: a script the client gave up on sits
+in the server's socket buffer and runs when Redis wakes up, counting a call whose caller was
+told "unavailable". The counting scripts (`admit`, `begin_session`, `cancel_session`) are
+therefore fenced: the caller sends a deadline, half the timeout ahead, expressed on the
+server's clock (the offset between the clocks is measured from `TIME` at open and from
+every reply), and a script that starts after it changes nothing and answers "late". A late
+answer is certain to have changed nothing, so that call alone is retried once at once.
+The fence uses the real wall clock; the limits themselves use the injected `now_ms`.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import json
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+
+from icegate_server.errors import StoreUnavailableError
+from icegate_server.projects import DEFAULT_PROJECT_ID, ApiKey, Project
+from icegate_server.store.base import (
+    Admission,
+    AdmitOutcome,
+    ProviderKeyRecord,
+    SessionAdmission,
+    SessionOutcome,
+)
+
+PREFIX = "icegate:"
+QUOTA_TTL_SECONDS = 62 * 86400
+"""A month's session counter lives 62 days after its last increment: past the month's end."""
+HEALTH_CHECK_INTERVAL_SECONDS = 1
+"""A pooled connection idle longer than this is PINGed (within `timeout`) before use."""
+
+# Every fenced script starts with this: the server's clock, and a refusal past the deadline.
+_FENCE = """
+local now_parts = redis.call('TIME')
+local server_ms = tonumber(now_parts[1]) * 1000 + math.floor(tonumber(now_parts[2]) / 1000)
+local clock = string.format('%.0f', server_ms)
+if server_ms > tonumber(ARGV[1]) then return {clock, 'late'} end
+"""
+
+# ARGV: deadline, prefix, digest hex ('' for a static admin), project id, now_ms, count
+# ('1'/'0'), default project id. Returns {clock, outcome, key hash fields | false,
+# project JSON | false, TAT | false}.
+_ADMIT = _FENCE + """
+local prefix, digest, project_id = ARGV[2], ARGV[3], ARGV[4]
+local now = tonumber(ARGV[5])
+local key = false
+if digest ~= '' then
+  local fields = redis.call('HGETALL', prefix .. 'key:' .. digest)
+  if #fields == 0 then return {clock, 'unknown_key'} end
+  local record = {}
+  for i = 1, #fields, 2 do record[fields[i]] = fields[i + 1] end
+  if tonumber(record['revoke_time']) > 0 then return {clock, 'unknown_key'} end
+  key = fields
+  if record['admin'] ~= '1' then
+    if project_id ~= '' and project_id ~= record['project_id'] then
+      return {clock, 'forbidden', key}
+    end
+    project_id = record['project_id']
+  end
+end
+if project_id == '' then project_id = ARGV[7] end
+local project_json = redis.call('GET', prefix .. 'project:' .. project_id)
+if not project_json then return {clock, 'no_project', key} end
+local rate_key = prefix .. 'rl:' .. project_id
+local stored = redis.call('GET', rate_key)
+if ARGV[6] ~= '1' then return {clock, 'admitted', key, project_json, stored} end
+
+-- limits.gcra_admit, in integer milliseconds (all values are far below 2^53).
+local project = cjson.decode(project_json)
+local limit = tonumber(project['rate_limit_requests'])
+local window = tonumber(project['rate_limit_window_seconds']) * 1000
+local interval = math.floor(window / limit)
+if interval * limit < window then interval = interval + 1 end
+local base = now
+local tat = tonumber(stored)
+if tat and tat > now then base = tat end
+local candidate = base + interval
+if candidate - now > window then return {clock, 'rate_limited', key, project_json, stored} end
+local new_tat = string.format('%.0f', candidate)
+redis.call('SET', rate_key, new_tat, 'PX', string.format('%.0f', window + interval))
+return {clock, 'admitted', key, project_json, new_tat}
+"""
+
+# KEYS: leases, month counter, months set. ARGV: deadline, session id, month, now_ms,
+# lease_ms, quota, max_concurrent, counter TTL seconds.
+_BEGIN_SESSION = _FENCE + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[4])
+local active = redis.call('ZCARD', KEYS[1])
+local used = tonumber(redis.call('GET', KEYS[2]) or '0')
+-- Concurrency first: a caller at its concurrent limit should end a session, which a quota
+-- error would not tell it.
+if active >= tonumber(ARGV[7]) then return {clock, 'concurrent_limit', active, used} end
+if used >= tonumber(ARGV[6]) then return {clock, 'quota_exceeded', active, used} end
+used = redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[8])
+redis.call('SADD', KEYS[3], ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[8])
+local expiry = string.format('%.0f', tonumber(ARGV[4]) + tonumber(ARGV[5]))
+redis.call('ZADD', KEYS[1], expiry, ARGV[2])
+return {clock, 'started', redis.call('ZCARD', KEYS[1]), used}
+"""
+
+# KEYS: leases, month counter. ARGV: deadline, session id.
+_CANCEL_SESSION = _FENCE + """
+if redis.call('ZREM', KEYS[1], ARGV[2]) == 1 then
+  if tonumber(redis.call('GET', KEYS[2]) or '0') > 0 then redis.call('DECR', KEYS[2]) end
+end
+return {clock, 'done'}
+"""
+
+# KEYS: leases. ARGV: now_ms, new expiry, session id.
+_RENEW_SESSION = """
+local expiry = redis.call('ZSCORE', KEYS[1], ARGV[3])
+if not expiry or tonumber(expiry) <= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[3])
+return 1
+"""
+
+# KEYS: leases. ARGV: now_ms, session id. 1 if a live lease was released.
+_END_SESSION = """
+local expiry = redis.call('ZSCORE', KEYS[1], ARGV[2])
+if not expiry then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[2])
+if tonumber(expiry) > tonumber(ARGV[1]) then return 1 end
+return 0
+"""
+
+# KEYS: month counter, leases. ARGV: now_ms. {sessions this month, live leases}.
+_SESSION_COUNTS = """
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+return {used, redis.call('ZCOUNT', KEYS[2], '(' .. ARGV[1], '+inf')}
+"""
+
+# KEYS: project record, project index. ARGV: record JSON, project id.
+_CREATE_PROJECT = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX') then return 0 end
+redis.call('ZADD', KEYS[2], 0, ARGV[2])
+return 1
+"""
+
+# KEYS: project index. ARGV: prefix, lower bound for ZRANGEBYLEX, limit.
+_LIST_PROJECTS = """
+local records = {}
+local ids = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[2], '+', 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(ids) do
+  local record = redis.call('GET', ARGV[1] .. 'project:' .. id)
+  if record then records[#records + 1] = record end
+end
+return records
+"""
+
+# ARGV: prefix, project id, revoke_time for its live keys. 1 if the project existed.
+_DELETE_PROJECT = """
+local prefix, id = ARGV[1], ARGV[2]
+local existed = redis.call('DEL', prefix .. 'project:' .. id)
+redis.call('ZREM', prefix .. 'projects', id)
+redis.call('DEL', prefix .. 'rl:' .. id, prefix .. 'leases:' .. id, prefix .. 'pkey:' .. id)
+redis.call('SREM', prefix .. 'pkey-projects', id)
+for _, month in ipairs(redis.call('SMEMBERS', prefix .. 'quota-months:' .. id)) do
+  redis.call('DEL', prefix .. 'quota:' .. id .. ':' .. month)
+end
+redis.call('DEL', prefix .. 'quota-months:' .. id)
+for _, key_id in ipairs(redis.call('SMEMBERS', prefix .. 'keys:' .. id)) do
+  local digest = redis.call('GET', prefix .. 'keyid:' .. key_id)
+  if digest then
+    local key = prefix .. 'key:' .. digest
+    if tonumber(redis.call('HGET', key, 'revoke_time') or '1') == 0 then
+      redis.call('HSET', key, 'revoke_time', ARGV[3])
+    end
+  end
+end
+return existed
+"""
+
+# KEYS: key hash, key id -> digest, listing set. ARGV: digest hex, key id, field, value, ...
+_CREATE_API_KEY = """
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('SET', KEYS[2], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[2])
+return 1
+"""
+
+# ARGV: prefix, key id, revoke_time. The key's hash fields after revocation, or nil.
+_REVOKE_API_KEY = """
+local digest = redis.call('GET', ARGV[1] .. 'keyid:' .. ARGV[2])
+if not digest then return false end
+local key = ARGV[1] .. 'key:' .. digest
+if redis.call('EXISTS', key) == 0 then return false end
+if tonumber(redis.call('HGET', key, 'revoke_time') or '0') == 0 then
+  redis.call('HSET', key, 'revoke_time', ARGV[3])
+end
+return redis.call('HGETALL', key)
+"""
+
+# KEYS: listing set. ARGV: prefix. One array of hash fields per key.
+_LIST_API_KEYS = """
+local keys = {}
+for _, key_id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local digest = redis.call('GET', ARGV[1] .. 'keyid:' .. key_id)
+  if digest then
+    local fields = redis.call('HGETALL', ARGV[1] .. 'key:' .. digest)
+    if #fields > 0 then keys[#keys + 1] = fields end
+  end
+end
+return keys
+"""
+
+# KEYS: project's provider hash, projects set. ARGV: project id, provider, record JSON.
+_PUT_PROVIDER_KEY = """
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+"""
+
+# KEYS: project's provider hash, projects set. ARGV: project id, provider.
+_DELETE_PROVIDER_KEY = """
+local deleted = redis.call('HDEL', KEYS[1], ARGV[2])
+if redis.call('HLEN', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[1]) end
+return deleted
+"""
+
+# KEYS: projects set. ARGV: prefix. Flat {project, provider, record JSON, ...}.
+_LIST_ALL_PROVIDER_KEYS = """
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local fields = redis.call('HGETALL', ARGV[1] .. 'pkey:' .. id)
+  for i = 1, #fields, 2 do
+    out[#out + 1] = id
+    out[#out + 1] = fields[i]
+    out[#out + 1] = fields[i + 1]
+  end
+end
+return out
+"""
+
+
+def _project_key(project_id: str) -> str:
+    return f"{PREFIX}project:{project_id}"
+
+
+def _leases_key(project_id: str) -> str:
+    return f"{PREFIX}leases:{project_id}"
+
+
+def _quota_key(project_id: str, month: str) -> str:
+    return f"{PREFIX}quota:{project_id}:{month}"
+
+
+def _pkey_key(project_id: str) -> str:
+    return f"{PREFIX}pkey:{project_id}"
+
+
+def _project_json(project: Project) -> str:
+    return json.dumps(dataclasses.asdict(project), separators=(",", ":"))
+
+
+def _project_from_json(text: str) -> Project:
+    names = {f.name for f in dataclasses.fields(Project)}
+    return Project(**{k: v for k, v in json.loads(text).items() if k in names})
+
+
+def _key_fields(key: ApiKey) -> dict[str, str]:
+    return {
+        "key_id": key.key_id,
+        "project_id": key.project_id,
+        "admin": "1" if key.admin else "0",
+        "display_name": key.display_name,
+        "create_time": repr(float(key.create_time)),
+        "revoke_time": repr(float(key.revoke_time)),
+        "key_prefix": key.key_prefix,
+    }
+
+
+def _key_from_fields(flat: Sequence[str]) -> ApiKey:
+    fields = dict(zip(flat[0::2], flat[1::2], strict=True))
+    return ApiKey(
+        key_id=fields["key_id"],
+        project_id=fields["project_id"],
+        admin=fields["admin"] == "1",
+        display_name=fields["display_name"],
+        create_time=float(fields["create_time"]),
+        revoke_time=float(fields["revoke_time"]),
+        key_prefix=fields["key_prefix"],
+    )
+
+
+def _provider_json(record: ProviderKeyRecord) -> str:
+    return json.dumps({
+        "sealed": base64.b64encode(record.sealed).decode("ascii"),
+        "last4": record.last4,
+        "update_time_ms": record.update_time_ms,
+    }, separators=(",", ":"))
+
+
+def _provider_from_json(project_id: str, provider: str, text: str) -> ProviderKeyRecord:
+    data = json.loads(text)
+    return ProviderKeyRecord(project_id=project_id, provider=provider,
+                             sealed=base64.b64decode(data["sealed"]), last4=data["last4"],
+                             update_time_ms=int(data["update_time_ms"]))
+
+
+def _text(value: bytes | str) -> str:
+    # The client decodes replies (decode_responses=True); this only narrows the type.
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _wall_ms() -> float:
+    return time.time() * 1000
+
+
+class RedisStore:
+    """The `Store` on one Redis primary, shared by every replica of the service."""
+
+    def __init__(self, client: aioredis.Redis, *, timeout: float,
+                 secrets: Sequence[str] = ()) -> None:
+        self._redis = client
+        self._secrets = [secret for secret in secrets if secret]
+        """Strings never to repeat in an error message (the URL's password)."""
+        self._fence_ms = timeout * 1000 / 2
+        self._clock_offset_ms = 0.0
+        """Redis's wall clock minus ours, in ms (see the fence in the module docstring)."""
+        register = client.register_script
+        self._admit = register(_ADMIT)
+        self._begin_session = register(_BEGIN_SESSION)
+        self._cancel_session = register(_CANCEL_SESSION)
+        self._renew_session = register(_RENEW_SESSION)
+        self._end_session = register(_END_SESSION)
+        self._session_counts = register(_SESSION_COUNTS)
+        self._create_project = register(_CREATE_PROJECT)
+        self._list_projects = register(_LIST_PROJECTS)
+        self._delete_project = register(_DELETE_PROJECT)
+        self._create_api_key = register(_CREATE_API_KEY)
+        self._revoke_api_key = register(_REVOKE_API_KEY)
+        self._list_api_keys = register(_LIST_API_KEYS)
+        self._put_provider_key = register(_PUT_PROVIDER_KEY)
+        self._delete_provider_key = register(_DELETE_PROVIDER_KEY)
+        self._list_all_provider_keys = register(_LIST_ALL_PROVIDER_KEYS)
+        self._scripts = (
+            self._admit, self._begin_session, self._cancel_session, self._renew_session,
+            self._end_session, self._session_counts, self._create_project, self._list_projects,
+            self._delete_project, self._create_api_key, self._revoke_api_key,
+            self._list_api_keys, self._put_provider_key, self._delete_provider_key,
+            self._list_all_provider_keys,
+        )
+
+    @classmethod
+    async def open(cls, url: str, *, timeout: float = 0.1) -> RedisStore:
+        """Connects to the Redis at `url` and loads the scripts.
+
+        Args:
+            url: `redis://[[user]:password@]host:port/db`, `rediss://...` or
+                `unix:///path/to/socket?db=0`.
+            timeout: Seconds any one Redis operation (connect, send, read) may take before
+                the call fails with `StoreUnavailableError`.
+
+        Raises:
+            StoreUnavailableError: Redis cannot be reached now.
+        """
+        client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            # No retries: see "Failing fast" in the module docstring.
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=HEALTH_CHECK_INTERVAL_SECONDS,
+            decode_responses=True,
+            client_name="icegate",
+            # RESP2: under RESP3 redis-py enables maintenance notifications, which turn off
+            # its check that a pooled connection was not closed by the server, so the first
+            # call after a Redis restart would fail on a dead connection.
+            protocol=2,
+        )
+        parts = urlsplit(url)
+        passwords = [parts.password or "", *parse_qs(parts.query).get("password", [])]
+        store = cls(client, timeout=timeout,
+                    secrets=[*passwords, *(unquote(p) for p in passwords)])
+        try:
+            with store._unavailable_on_error():
+                for script in store._scripts:
+                    await client.script_load(script.script)
+                sent = _wall_ms()
+                seconds, micros = await client.time()
+                store._clock_offset_ms = seconds * 1000 + micros / 1000 - (sent + _wall_ms()) / 2
+        except BaseException:
+            await client.aclose()
+            raise
+        return store
+
+    @contextlib.contextmanager
+    def _unavailable_on_error(self) -> Iterator[None]:
+        try:
+            yield
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                redis.exceptions.ReadOnlyError, redis.exceptions.TryAgainError,
+                redis.exceptions.ClusterDownError, redis.exceptions.OutOfMemoryError,
+                OSError, TimeoutError) as error:
+            # ConnectionError covers BusyLoadingError (still loading its data set) and
+            # AuthenticationError; ReadOnlyError means we talk to a replica after a failover.
+            reason = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+            for secret in self._secrets:
+                reason = reason.replace(secret, "***")
+            raise StoreUnavailableError(f"Redis store unavailable: {reason}") from None
+
+    async def _call(self, script: AsyncScript, keys: Sequence[str],
+                    args: Sequence[str | int]) -> Any:
+        with self._unavailable_on_error():
+            return await script(keys=list(keys), args=list(args))
+
+    async def _fenced(self, script: AsyncScript, keys: Sequence[str],
+                      args: Sequence[str | int]) -> list[Any]:
+        """Runs a counting script that refuses to start after its deadline (see above)."""
+        for _attempt in range(2):
+            sent = _wall_ms()
+            deadline = int(sent + self._clock_offset_ms + self._fence_ms)
+            reply = await self._call(script, keys, [deadline, *args])
+            received = _wall_ms()
+            late = reply[1] == "late"
+            # A slow round trip measures the offset badly; a late answer says it is wrong.
+            if late or received - sent < self._fence_ms:
+                self._clock_offset_ms = int(reply[0]) - (sent + received) / 2
+            if not late:
+                return list(reply[1:])
+        raise StoreUnavailableError("Redis store unavailable: it ran the call after its deadline")
+
+    async def ping(self) -> None:
+        with self._unavailable_on_error():
+            await self._redis.ping()
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    # -- projects ---------------------------------------------------------------------------
+
+    async def create_project(self, project: Project) -> bool:
+        created = await self._call(
+            self._create_project, [_project_key(project.project_id), f"{PREFIX}projects"],
+            [_project_json(project), project.project_id])
+        return bool(created)
+
+    async def get_project(self, project_id: str) -> Project | None:
+        with self._unavailable_on_error():
+            record = await self._redis.get(_project_key(project_id))
+        return _project_from_json(_text(record)) if record is not None else None
+
+    async def list_projects(self, *, after: str, limit: int) -> list[Project]:
+        if limit <= 0:
+            return []
+        records = await self._call(self._list_projects, [f"{PREFIX}projects"],
+                                   [PREFIX, f"({after}" if after else "-", limit])
+        return [_project_from_json(record) for record in records]
+
+    async def update_project(self, project: Project) -> bool:
+        with self._unavailable_on_error():
+            replaced = await self._redis.set(_project_key(project.project_id),
+                                             _project_json(project), xx=True)
+        return bool(replaced)
+
+    async def delete_project(self, project_id: str, now_ms: int) -> bool:
+        existed = await self._call(self._delete_project, [],
+                                   [PREFIX, project_id, repr(now_ms / 1000)])
+        return bool(existed)
+
+    # -- caller keys ------------------------------------------------------------------------
+
+    async def create_api_key(self, key: ApiKey, digest: bytes) -> None:
+        listing = f"{PREFIX}admin-keys" if key.admin else f"{PREFIX}keys:{key.project_id}"
+        fields = [item for pair in _key_fields(key).items() for item in pair]
+        await self._call(
+            self._create_api_key,
+            [f"{PREFIX}key:{digest.hex()}", f"{PREFIX}keyid:{key.key_id}", listing],
+            [digest.hex(), key.key_id, *fields])
+
+    async def list_api_keys(self, project_id: str | None) -> list[ApiKey]:
+        listing = f"{PREFIX}admin-keys" if project_id is None else f"{PREFIX}keys:{project_id}"
+        records = await self._call(self._list_api_keys, [listing], [PREFIX])
+        keys = [_key_from_fields(record) for record in records]
+        # The same order as the SQLite store: by creation time, then id.
+        return sorted(keys, key=lambda k: (k.create_time, k.key_id))
+
+    async def revoke_api_key(self, key_id: str, now_ms: int) -> ApiKey | None:
+        fields = await self._call(self._revoke_api_key, [],
+                                  [PREFIX, key_id, repr(now_ms / 1000)])
+        return _key_from_fields(fields) if fields else None
+
+    # -- the hot path -----------------------------------------------------------------------
+
+    async def admit(self, *, digest: bytes | None, project_id: str, now_ms: int,
+                    count: bool) -> Admission:
+        reply = await self._fenced(
+            self._admit, [],
+            [PREFIX, digest.hex() if digest is not None else "", project_id, now_ms,
+             "1" if count else "0", DEFAULT_PROJECT_ID])
+        reply += [None] * (4 - len(reply))
+        outcome, key_fields, project_json, tat = reply
+        return Admission(
+            outcome=AdmitOutcome(outcome),
+            key=_key_from_fields(key_fields) if key_fields else None,
+            project=_project_from_json(project_json) if project_json else None,
+            tat_ms=int(tat) if tat is not None else None,
+        )
+
+    async def rate_position(self, project_id: str) -> int | None:
+        with self._unavailable_on_error():
+            tat = await self._redis.get(f"{PREFIX}rl:{project_id}")
+        return int(tat) if tat is not None else None
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    async def begin_session(self, *, project_id: str, session_id: str, month: str,
+                            now_ms: int, lease_ms: int, quota: int,
+                            max_concurrent: int) -> SessionAdmission:
+        outcome, active, used = await self._fenced(
+            self._begin_session,
+            [_leases_key(project_id), _quota_key(project_id, month),
+             f"{PREFIX}quota-months:{project_id}"],
+            [session_id, month, now_ms, lease_ms, quota, max_concurrent, QUOTA_TTL_SECONDS])
+        return SessionAdmission(SessionOutcome(outcome), int(active), int(used))
+
+    async def renew_session(self, *, project_id: str, session_id: str, now_ms: int,
+                            lease_ms: int) -> bool:
+        renewed = await self._call(self._renew_session, [_leases_key(project_id)],
+                                   [now_ms, now_ms + lease_ms, session_id])
+        return bool(renewed)
+
+    async def end_session(self, *, project_id: str, session_id: str, now_ms: int) -> bool:
+        ended = await self._call(self._end_session, [_leases_key(project_id)],
+                                 [now_ms, session_id])
+        return bool(ended)
+
+    async def cancel_session(self, *, project_id: str, session_id: str, month: str) -> None:
+        # Like the SQLite store, the quota unit comes back only with a lease still held, so
+        # cancelling twice gives back one unit.
+        await self._fenced(self._cancel_session,
+                           [_leases_key(project_id), _quota_key(project_id, month)],
+                           [session_id])
+
+    async def session_counts(self, *, project_id: str, month: str,
+                             now_ms: int) -> tuple[int, int]:
+        used, active = await self._call(
+            self._session_counts, [_quota_key(project_id, month), _leases_key(project_id)],
+            [now_ms])
+        return int(used), int(active)
+
+    # -- provider keys ----------------------------------------------------------------------
+
+    async def put_provider_key(self, record: ProviderKeyRecord) -> None:
+        await self._call(self._put_provider_key,
+                         [_pkey_key(record.project_id), f"{PREFIX}pkey-projects"],
+                         [record.project_id, record.provider, _provider_json(record)])
+
+    async def get_provider_key(self, project_id: str, provider: str) -> ProviderKeyRecord | None:
+        with self._unavailable_on_error():
+            text = await self._redis.hget(_pkey_key(project_id), provider)
+        if text is None:
+            return None
+        return _provider_from_json(project_id, provider, _text(text))
+
+    async def list_provider_keys(self, project_id: str | None) -> list[ProviderKeyRecord]:
+        if project_id is None:
+            flat = await self._call(self._list_all_provider_keys, [f"{PREFIX}pkey-projects"],
+                                    [PREFIX])
+            records = [_provider_from_json(p, provider, text)
+                       for p, provider, text in zip(flat[0::3], flat[1::3], flat[2::3],
+                                                    strict=True)]
+        else:
+            with self._unavailable_on_error():
+                fields = await self._redis.hgetall(_pkey_key(project_id))
+            records = [_provider_from_json(project_id, _text(provider), _text(text))
+                       for provider, text in fields.items()]
+        return sorted(records, key=lambda r: (r.project_id, r.provider))
+
+    async def delete_provider_key(self, project_id: str, provider: str) -> bool:
+        deleted = await self._call(self._delete_provider_key,
+                                   [_pkey_key(project_id), f"{PREFIX}pkey-projects"],
+                                   [project_id, provider])
+        return bool(deleted)
+
+
+__all__ = ["PREFIX", "RedisStore"]

@@ -1,0 +1,191 @@
+"""What the Redis store does when Redis dies, stalls or forgets its scripts.
+
+Each test drives a real redis-server (`redis_server` fixture, append-only so a SIGKILL keeps
+the data) and one `RedisStore` object through the fault and back: a call fails fast with
+`StoreUnavailableError`, the same object works again once Redis is back, and nothing is
+counted twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import pytest
+
+from harness.redis_server import RedisServer
+from icegate_server.errors import StoreUnavailableError
+from icegate_server.limits import RateLimitPolicy, gcra_admit
+from icegate_server.projects import Project
+from icegate_server.store import open_store
+from icegate_server.store.base import AdmitOutcome, SessionOutcome
+from icegate_server.store.redis import RedisStore
+
+pytestmark = pytest.mark.redis
+
+T = TypeVar("T")
+NOW = 1_700_000_000_000
+POLICY = RateLimitPolicy.of(10, 60)
+FAIL_FAST_LIMIT_S = 0.5
+"""The store's timeout is 0.1 s; the bound leaves room for a loaded test machine."""
+
+
+def run_with_store(url: str, scenario: Callable[[RedisStore], Awaitable[T]]) -> T:
+    async def main() -> T:
+        store = await RedisStore.open(url)
+        try:
+            return await scenario(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+async def setup_project(store: RedisStore) -> None:
+    await store.create_project(Project("alpha", rate_limit_requests=POLICY.limit,
+                                       rate_limit_window_seconds=POLICY.window_ms // 1000))
+
+
+async def admit(store: RedisStore) -> int | None:
+    admission = await store.admit(digest=None, project_id="alpha", now_ms=NOW, count=True)
+    assert admission.outcome is AdmitOutcome.ADMITTED
+    return admission.tat_ms
+
+
+def reference_tat(calls: int) -> int | None:
+    tat = None
+    for _ in range(calls):
+        tat = gcra_admit(tat, NOW, POLICY)
+    return tat
+
+
+async def time_failure(call: Callable[[], Awaitable[object]], label: str) -> float:
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailableError, match=r"^Redis store unavailable"):
+        await call()
+    elapsed = time.monotonic() - started
+    print(f"{label}: StoreUnavailableError after {elapsed * 1000:.1f} ms")
+    assert elapsed < FAIL_FAST_LIMIT_S
+    return elapsed
+
+
+def test_a_killed_redis_fails_fast_and_the_same_store_recovers(
+        redis_server: RedisServer) -> None:
+    async def scenario(store: RedisStore) -> None:
+        await setup_project(store)
+        # Fill the pool with several connections: every one of them goes stale.
+        await asyncio.gather(*(admit(store) for _ in range(3)))
+
+        redis_server.kill()
+        await time_failure(lambda: admit(store), "killed redis, admit")
+        await time_failure(store.ping, "killed redis, ping")
+        await time_failure(lambda: store.begin_session(
+            project_id="alpha", session_id="s1", month="2023-11", now_ms=NOW, lease_ms=1_000,
+            quota=5, max_concurrent=5), "killed redis, begin_session")
+
+        redis_server.start()
+        # No reopen: every following call works at once, even on formerly pooled connections
+        # and with Redis's script cache empty (NOSCRIPT is answered by loading the script).
+        tats = [await admit(store) for _ in range(3)]
+        assert tats == [reference_tat(n) for n in (4, 5, 6)]
+        await store.ping()
+
+    run_with_store(redis_server.url, scenario)
+
+
+def test_a_paused_redis_fails_fast_and_counts_nothing_it_was_sent(
+        redis_server: RedisServer) -> None:
+    async def scenario(store: RedisStore) -> None:
+        await setup_project(store)
+        assert await admit(store) == reference_tat(1)
+
+        redis_server.pause()
+        try:
+            await time_failure(lambda: admit(store), "paused redis, admit")
+            await time_failure(lambda: store.begin_session(
+                project_id="alpha", session_id="s1", month="2023-11", now_ms=NOW,
+                lease_ms=60_000, quota=5, max_concurrent=5), "paused redis, begin_session")
+            await time_failure(store.ping, "paused redis, ping")
+            await asyncio.sleep(0.2)
+        finally:
+            redis_server.resume()
+
+        # The admit and begin_session the store gave up on reached Redis's socket before it
+        # stopped, and run when it wakes: their deadline has passed, so they change nothing.
+        await asyncio.sleep(0.1)
+        assert await store.rate_position("alpha") == reference_tat(1)
+        assert await store.session_counts(project_id="alpha", month="2023-11",
+                                          now_ms=NOW) == (0, 0)
+        assert await admit(store) == reference_tat(2)
+        started = await store.begin_session(project_id="alpha", session_id="s2",
+                                            month="2023-11", now_ms=NOW, lease_ms=60_000,
+                                            quota=5, max_concurrent=5)
+        assert (started.outcome, started.active_sessions, started.sessions_this_month) == (
+            SessionOutcome.STARTED, 1, 1)
+
+    run_with_store(redis_server.url, scenario)
+
+
+def test_scripts_are_reloaded_after_redis_forgets_them(redis_server: RedisServer) -> None:
+    async def scenario(store: RedisStore) -> None:
+        await setup_project(store)
+        assert await admit(store) == reference_tat(1)
+        redis_server.command("SCRIPT", "FLUSH")
+        assert await admit(store) == reference_tat(2)
+        redis_server.restart()  # a restarted Redis starts with an empty script cache too
+        # restart() blocked this event loop; a running service's loop sees Redis close the
+        # pooled connections while Redis restarts, and the pool then reconnects them.
+        await asyncio.sleep(0.05)
+        assert await admit(store) == reference_tat(3)
+        started = await store.begin_session(project_id="alpha", session_id="s1",
+                                            month="2023-11", now_ms=NOW, lease_ms=60_000,
+                                            quota=5, max_concurrent=5)
+        assert started.outcome is SessionOutcome.STARTED
+
+    run_with_store(redis_server.url, scenario)
+
+
+def test_opening_an_unreachable_redis_fails_fast_without_the_password(
+        free_port_unused: int) -> None:
+    url = f"redis://:hunter2-secret@127.0.0.1:{free_port_unused}/0"
+
+    async def scenario() -> None:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError) as raised:
+            await open_store(url, timeout=0.1)
+        assert time.monotonic() - started < FAIL_FAST_LIMIT_S
+        assert raised.value.message.startswith("Redis store unavailable")
+        assert "hunter2-secret" not in str(raised.value)
+
+    asyncio.run(scenario())
+
+
+def test_open_store_picks_redis_for_redis_urls(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        store = await open_store(redis_server.url, timeout=0.2)
+        try:
+            assert isinstance(store, RedisStore)
+            await store.ping()
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_clock_step_after_open_costs_one_refused_attempt_not_a_double_count(
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our wall clock jumps back 10 s: the first deadline looks past to Redis, which runs
+    nothing; the store re-measures the offset from that answer and retries once."""
+    import icegate_server.store.redis as redis_store
+
+    async def scenario(store: RedisStore) -> None:
+        await setup_project(store)
+        real_wall_ms = redis_store._wall_ms
+        monkeypatch.setattr(redis_store, "_wall_ms", lambda: real_wall_ms() - 10_000)
+        assert await admit(store) == reference_tat(1)
+        assert await admit(store) == reference_tat(2)
+        assert await store.rate_position("alpha") == reference_tat(2)
+
+    run_with_store(redis_server.url, scenario)

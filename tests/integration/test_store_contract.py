@@ -1,0 +1,768 @@
+"""The store contract: every backend (SQLite, Redis) passes the same tests.
+
+Each test is one scenario, written once against the `Store` Protocol, and run by the
+`backend` fixture on every backend: a fresh SQLite file, or a fresh real redis-server. Time is
+frozen: the scenarios pass `now_ms` themselves, so nothing sleeps. pytest-asyncio is not used:
+`Backend.run` opens a store inside `asyncio.run`, runs the scenario and closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from icegate_server.limits import RateLimitPolicy, gcra_admit
+from icegate_server.projects import DEFAULT_PROJECT_ID, ApiKey, Project
+from icegate_server.store.base import (
+    AdmitOutcome,
+    ProviderKeyRecord,
+    SessionOutcome,
+    Store,
+)
+from icegate_server.store.redis import RedisStore
+from icegate_server.store.sqlite import SqliteStore
+
+T = TypeVar("T")
+Scenario = Callable[[Store], Awaitable[T]]
+
+NOW = 1_700_000_000_000
+"""A frozen "now" (Unix ms, November 2023) that scenarios advance by hand."""
+MONTH = "2023-11"
+
+
+@dataclass
+class Backend:
+    """How to open one backend's store, and how to restart what lies behind it."""
+
+    name: str
+    open: Callable[[], Awaitable[Store]]
+    restart: Callable[[], None]
+
+    def run(self, scenario: Scenario[T]) -> T:
+        """Opens a store, runs `scenario` on it in a fresh event loop, and closes it."""
+        async def main() -> T:
+            store = await self.open()
+            try:
+                return await scenario(store)
+            finally:
+                await store.close()
+
+        return asyncio.run(main())
+
+
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """Each backend in turn: SQLite on a fresh file, Redis on a fresh redis-server."""
+    if request.param == "sqlite":
+        path = str(tmp_path / "s.sqlite3")
+        return Backend("sqlite", lambda: SqliteStore.open(path), lambda: None)
+    server = request.getfixturevalue("redis_server")
+    return Backend("redis", lambda: RedisStore.open(server.url), server.restart)
+
+
+def digest_of(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def project(project_id: str, **fields: object) -> Project:
+    return replace(Project(project_id=project_id, create_time=1.5, update_time=1.5),
+                   **fields)  # type: ignore[arg-type]
+
+
+def project_key(key_id: str, project_id: str, create_time: float = 10.0) -> ApiKey:
+    return ApiKey(key_id=key_id, project_id=project_id, display_name=f"key {key_id}",
+                  create_time=create_time, key_prefix=f"igk_{key_id}")
+
+
+def admin_key(key_id: str, create_time: float = 10.0) -> ApiKey:
+    return ApiKey(key_id=key_id, admin=True, display_name=f"admin {key_id}",
+                  create_time=create_time, key_prefix=f"igk_{key_id}")
+
+
+# -- projects ---------------------------------------------------------------------------------
+
+def test_project_round_trips_every_field(backend: Backend) -> None:
+    original = Project(
+        project_id="alpha", display_name="Alpha — test", rate_limit_requests=7,
+        rate_limit_window_seconds=30, turn_ttl_default_seconds=600, turn_ttl_max_seconds=7200,
+        plan="pro", upgrade_url="https://example.test/upgrade", monthly_session_quota=12,
+        max_concurrent_sessions=3, create_time=1_700_000_000.25, update_time=1_700_000_001.5)
+
+    async def scenario(store: Store) -> None:
+        assert await store.create_project(original) is True
+        assert await store.get_project("alpha") == original
+        assert await store.get_project("missing") is None
+
+    backend.run(scenario)
+
+
+def test_creating_an_existing_project_changes_nothing(backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        assert await store.create_project(project("alpha", plan="first"))
+        assert await store.create_project(project("alpha", plan="second")) is False
+        stored = await store.get_project("alpha")
+        assert stored is not None and stored.plan == "first"
+        assert [p.project_id for p in await store.list_projects(after="", limit=10)] == ["alpha"]
+
+    backend.run(scenario)
+
+
+def test_projects_are_listed_in_id_order_page_by_page(backend: Backend) -> None:
+    ids = ["delta", "a", "b-2", "alpha", "b", "charlie", "a1", "zulu"]
+
+    async def scenario(store: Store) -> None:
+        for project_id in ids:
+            assert await store.create_project(project(project_id))
+        everything = [p.project_id for p in await store.list_projects(after="", limit=100)]
+        assert everything == sorted(ids)
+
+        paged: list[str] = []
+        after = ""
+        while page := await store.list_projects(after=after, limit=3):
+            assert len(page) <= 3
+            paged += [p.project_id for p in page]
+            after = page[-1].project_id
+        assert paged == sorted(ids)
+
+        # `after` need not exist; it is a strict lower bound.
+        assert [p.project_id for p in await store.list_projects(after="b", limit=2)] == [
+            "b-2", "charlie"]
+        assert [p.project_id for p in await store.list_projects(after="bz", limit=10)] == [
+            "charlie", "delta", "zulu"]
+        assert await store.list_projects(after="zulu", limit=10) == []
+
+    backend.run(scenario)
+
+
+def test_update_replaces_an_existing_project_only(backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        await store.create_project(project("alpha"))
+        changed = project("alpha", rate_limit_requests=3, plan="pro", update_time=9.0)
+        assert await store.update_project(changed) is True
+        assert await store.get_project("alpha") == changed
+        assert await store.update_project(project("ghost")) is False
+        assert await store.get_project("ghost") is None
+
+    backend.run(scenario)
+
+
+def test_deleting_a_project_revokes_its_keys_and_clears_its_counters(backend: Backend) -> None:
+    secret = digest_of("alpha-key")
+
+    async def scenario(store: Store) -> None:
+        policy = RateLimitPolicy.of(5, 60)
+        await store.create_project(project("alpha", rate_limit_requests=5,
+                                           rate_limit_window_seconds=60))
+        await store.create_project(project("beta"))
+        await store.create_api_key(project_key("k-alpha", "alpha"), secret)
+        await store.create_api_key(project_key("k-beta", "beta"), digest_of("beta-key"))
+        for _ in range(3):
+            admitted = await store.admit(digest=secret, project_id="", now_ms=NOW, count=True)
+            assert admitted.outcome is AdmitOutcome.ADMITTED
+        started = await store.begin_session(project_id="alpha", session_id="s1", month=MONTH,
+                                            now_ms=NOW, lease_ms=60_000, quota=10,
+                                            max_concurrent=5)
+        assert started.outcome is SessionOutcome.STARTED
+        await store.put_provider_key(ProviderKeyRecord("alpha", "openai", b"sealed", "abcd", 1))
+
+        assert await store.delete_project("alpha", NOW + 5_000) is True
+        assert await store.get_project("alpha") is None
+        assert [p.project_id for p in await store.list_projects(after="", limit=10)] == ["beta"]
+        gone = await store.admit(digest=secret, project_id="", now_ms=NOW, count=True)
+        assert gone.outcome is AdmitOutcome.UNKNOWN_KEY
+        [revoked] = await store.list_api_keys("alpha")
+        assert revoked.key_id == "k-alpha" and revoked.revoke_time == (NOW + 5_000) / 1000
+        # Other projects keep their keys.
+        [kept] = await store.list_api_keys("beta")
+        assert not kept.revoked
+        assert await store.delete_project("alpha", NOW) is False
+
+        # A new project with the same id starts from zero.
+        assert await store.create_project(project("alpha", rate_limit_requests=5,
+                                                  rate_limit_window_seconds=60))
+        assert await store.rate_position("alpha") is None
+        assert await store.session_counts(project_id="alpha", month=MONTH,
+                                          now_ms=NOW) == (0, 0)
+        assert await store.list_provider_keys("alpha") == []
+        assert await store.get_provider_key("alpha", "openai") is None
+        fresh = await store.admit(digest=None, project_id="alpha", now_ms=NOW, count=True)
+        assert fresh.tat_ms == gcra_admit(None, NOW, policy)
+
+    backend.run(scenario)
+
+
+# -- caller keys --------------------------------------------------------------------------------
+
+def test_keys_are_listed_per_project_and_admin_keys_apart(backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        await store.create_project(project("alpha"))
+        await store.create_project(project("beta"))
+        a2, a1 = project_key("a2", "alpha", 20.0), project_key("a1", "alpha", 10.0)
+        b1 = project_key("b1", "beta", 15.0)
+        root = admin_key("root", 5.0)
+        for key in (a2, a1, b1, root):
+            await store.create_api_key(key, digest_of(key.key_id))
+        revoked = await store.revoke_api_key("a2", NOW)
+        assert revoked == replace(a2, revoke_time=NOW / 1000)
+
+        assert await store.list_api_keys("alpha") == [a1, revoked]
+        assert await store.list_api_keys("beta") == [b1]
+        assert await store.list_api_keys(None) == [root]
+        assert await store.list_api_keys("nobody") == []
+
+    backend.run(scenario)
+
+
+def test_a_revoked_key_is_refused_from_the_next_call_on(backend: Backend) -> None:
+    secret = digest_of("alpha-key")
+
+    async def scenario(store: Store) -> None:
+        await store.create_project(project("alpha"))
+        await store.create_api_key(project_key("k1", "alpha"), secret)
+        await store.create_api_key(admin_key("root"), digest_of("root"))
+        before = await store.admit(digest=secret, project_id="alpha", now_ms=NOW, count=True)
+        assert before.outcome is AdmitOutcome.ADMITTED
+        tat = await store.rate_position("alpha")
+
+        first = await store.revoke_api_key("k1", NOW + 1_000)
+        assert first is not None and first.revoke_time == (NOW + 1_000) / 1000
+        after = await store.admit(digest=secret, project_id="alpha", now_ms=NOW, count=True)
+        assert after.outcome is AdmitOutcome.UNKNOWN_KEY and after.key is None
+        assert await store.rate_position("alpha") == tat  # the refused call counted nothing
+
+        # Revoking again keeps the first revocation time; unknown ids give None.
+        again = await store.revoke_api_key("k1", NOW + 9_000)
+        assert again is not None and again.revoke_time == (NOW + 1_000) / 1000
+        assert await store.revoke_api_key("no-such-key", NOW) is None
+
+        await store.revoke_api_key("root", NOW)
+        admin = await store.admit(digest=digest_of("root"), project_id="alpha", now_ms=NOW,
+                                  count=False)
+        assert admin.outcome is AdmitOutcome.UNKNOWN_KEY
+
+    backend.run(scenario)
+
+
+def test_an_unknown_digest_is_an_unknown_key(backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        await store.create_project(project("alpha"))
+        for project_id in ("", "alpha", "missing"):
+            admission = await store.admit(digest=digest_of("never stored"),
+                                          project_id=project_id, now_ms=NOW, count=True)
+            assert admission.outcome is AdmitOutcome.UNKNOWN_KEY
+            assert admission.key is None and admission.project is None
+        assert await store.rate_position("alpha") is None
+
+    backend.run(scenario)
+
+
+# -- admit: who may act on which project ----------------------------------------------------------
+
+def test_a_project_key_is_admitted_on_its_own_project(backend: Backend) -> None:
+    secret = digest_of("alpha-key")
+    policy = RateLimitPolicy.of(100, 900)
+
+    async def scenario(store: Store) -> None:
+        alpha = project("alpha")
+        await store.create_project(alpha)
+        key = project_key("k1", "alpha")
+        await store.create_api_key(key, secret)
+        implicit = await store.admit(digest=secret, project_id="", now_ms=NOW, count=True)
+        assert implicit.outcome is AdmitOutcome.ADMITTED
+        assert implicit.key == key and implicit.project == alpha
+        assert implicit.tat_ms == gcra_admit(None, NOW, policy)
+        explicit = await store.admit(digest=secret, project_id="alpha", now_ms=NOW, count=True)
+        assert explicit.outcome is AdmitOutcome.ADMITTED and explicit.project == alpha
+        assert explicit.tat_ms == gcra_admit(implicit.tat_ms, NOW, policy)
+
+    backend.run(scenario)
+
+
+def test_a_project_key_naming_another_project_is_forbidden_and_counts_nothing(
+        backend: Backend) -> None:
+    secret = digest_of("alpha-key")
+
+    async def scenario(store: Store) -> None:
+        await store.create_project(project("alpha"))
+        await store.create_project(project("beta"))
+        await store.create_api_key(project_key("k1", "alpha"), secret)
+        await store.admit(digest=None, project_id="beta", now_ms=NOW, count=True)
+        beta_tat = await store.rate_position("beta")
+        for _ in range(3):
+            refused = await store.admit(digest=secret, project_id="beta", now_ms=NOW,
+                                        count=True)
+            assert refused.outcome is AdmitOutcome.FORBIDDEN
+            assert refused.key is not None and refused.key.key_id == "k1"
+        assert await store.rate_position("beta") == beta_tat
+        assert await store.rate_position("alpha") is None
+        # Naming a project that does not exist is forbidden too, not a probe for ids.
+        ghost = await store.admit(digest=secret, project_id="ghost", now_ms=NOW, count=True)
+        assert ghost.outcome is AdmitOutcome.FORBIDDEN
+
+    backend.run(scenario)
+
+
+def test_an_admin_key_may_act_on_any_project(backend: Backend) -> None:
+    secret = digest_of("root")
+
+    async def scenario(store: Store) -> None:
+        for project_id in ("alpha", "beta", DEFAULT_PROJECT_ID):
+            await store.create_project(project(project_id))
+        root = admin_key("root")
+        await store.create_api_key(root, secret)
+        for project_id in ("alpha", "beta"):
+            admission = await store.admit(digest=secret, project_id=project_id, now_ms=NOW,
+                                          count=True)
+            assert admission.outcome is AdmitOutcome.ADMITTED
+            assert admission.key == root
+            assert admission.project is not None
+            assert admission.project.project_id == project_id
+            assert await store.rate_position(project_id) == admission.tat_ms
+        default = await store.admit(digest=secret, project_id="", now_ms=NOW, count=True)
+        assert default.outcome is AdmitOutcome.ADMITTED
+        assert default.project is not None and default.project.project_id == DEFAULT_PROJECT_ID
+
+    backend.run(scenario)
+
+
+def test_a_static_admin_acts_on_the_project_it_names(backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        await store.create_project(project("alpha"))
+        named = await store.admit(digest=None, project_id="alpha", now_ms=NOW, count=True)
+        assert named.outcome is AdmitOutcome.ADMITTED and named.key is None
+        assert named.project is not None and named.project.project_id == "alpha"
+        assert named.tat_ms is not None and await store.rate_position("alpha") == named.tat_ms
+        # "" means the default project, which does not exist yet here.
+        unnamed = await store.admit(digest=None, project_id="", now_ms=NOW, count=True)
+        assert unnamed.outcome is AdmitOutcome.NO_PROJECT
+        await store.create_project(project(DEFAULT_PROJECT_ID))
+        unnamed = await store.admit(digest=None, project_id="", now_ms=NOW, count=True)
+        assert unnamed.outcome is AdmitOutcome.ADMITTED
+        assert unnamed.project is not None and unnamed.project.project_id == DEFAULT_PROJECT_ID
+
+    backend.run(scenario)
+
+
+def test_a_missing_project_is_no_project(backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        await store.create_api_key(admin_key("root"), digest_of("root"))
+        # A key whose project is gone (stored without one, as after a partial restore).
+        await store.create_api_key(project_key("orphan", "gone"), digest_of("orphan"))
+        for digest in (None, digest_of("root")):
+            missing = await store.admit(digest=digest, project_id="ghost", now_ms=NOW,
+                                        count=True)
+            assert missing.outcome is AdmitOutcome.NO_PROJECT and missing.project is None
+        orphan = await store.admit(digest=digest_of("orphan"), project_id="", now_ms=NOW,
+                                   count=True)
+        assert orphan.outcome is AdmitOutcome.NO_PROJECT
+        assert orphan.key is not None and orphan.key.key_id == "orphan"
+        assert await store.rate_position("ghost") is None
+
+    backend.run(scenario)
+
+
+def test_an_uncounted_call_reads_the_tat_without_moving_it(backend: Backend) -> None:
+    secret = digest_of("alpha-key")
+
+    async def scenario(store: Store) -> None:
+        await store.create_project(project("alpha", rate_limit_requests=2,
+                                           rate_limit_window_seconds=60))
+        await store.create_api_key(project_key("k1", "alpha"), secret)
+        never = await store.admit(digest=secret, project_id="", now_ms=NOW, count=False)
+        assert never.outcome is AdmitOutcome.ADMITTED and never.tat_ms is None
+        assert await store.rate_position("alpha") is None
+        for _ in range(2):
+            await store.admit(digest=secret, project_id="", now_ms=NOW, count=True)
+        tat = await store.rate_position("alpha")
+        assert tat == NOW + 60_000
+        # Uncounted calls pass even at the limit, and leave the TAT where it is.
+        for _ in range(5):
+            read = await store.admit(digest=secret, project_id="", now_ms=NOW, count=False)
+            assert read.outcome is AdmitOutcome.ADMITTED and read.tat_ms == tat
+        assert await store.rate_position("alpha") == tat
+
+    backend.run(scenario)
+
+
+# -- rate limits (GCRA, frozen time) --------------------------------------------------------------
+
+def test_exactly_the_limit_passes_from_rest_then_rate_limited(backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        await store.create_project(project("alpha", rate_limit_requests=10,
+                                           rate_limit_window_seconds=60))
+        outcomes = [(await store.admit(digest=None, project_id="alpha", now_ms=NOW,
+                                       count=True)).outcome for _ in range(13)]
+        assert outcomes == [AdmitOutcome.ADMITTED] * 10 + [AdmitOutcome.RATE_LIMITED] * 3
+        refused = await store.admit(digest=None, project_id="alpha", now_ms=NOW, count=True)
+        assert refused.project is not None and refused.project.project_id == "alpha"
+        assert refused.tat_ms == NOW + 60_000  # RATE_LIMITED leaves the TAT unchanged
+        assert await store.rate_position("alpha") == NOW + 60_000
+
+    backend.run(scenario)
+
+
+def test_capacity_returns_one_request_per_interval(backend: Backend) -> None:
+    interval = 6_000  # 10 requests per 60 s
+
+    async def admit(store: Store, now_ms: int) -> AdmitOutcome:
+        return (await store.admit(digest=None, project_id="alpha", now_ms=now_ms,
+                                  count=True)).outcome
+
+    async def scenario(store: Store) -> None:
+        await store.create_project(project("alpha", rate_limit_requests=10,
+                                           rate_limit_window_seconds=60))
+        for _ in range(10):
+            assert await admit(store, NOW) is AdmitOutcome.ADMITTED
+        assert await admit(store, NOW + interval - 1) is AdmitOutcome.RATE_LIMITED
+        assert await admit(store, NOW + interval) is AdmitOutcome.ADMITTED
+        assert await admit(store, NOW + interval) is AdmitOutcome.RATE_LIMITED
+        assert await admit(store, NOW + 2 * interval - 1) is AdmitOutcome.RATE_LIMITED
+        assert await admit(store, NOW + 2 * interval) is AdmitOutcome.ADMITTED
+
+    backend.run(scenario)
+
+
+def test_a_full_burst_is_back_after_one_window(backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        await store.create_project(project("alpha", rate_limit_requests=10,
+                                           rate_limit_window_seconds=60))
+        for now_ms in (NOW, NOW + 60_000, NOW + 180_000):
+            outcomes = [(await store.admit(digest=None, project_id="alpha", now_ms=now_ms,
+                                           count=True)).outcome for _ in range(11)]
+            assert outcomes == [AdmitOutcome.ADMITTED] * 10 + [AdmitOutcome.RATE_LIMITED]
+
+    backend.run(scenario)
+
+
+def test_projects_are_rate_limited_independently(backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        await store.create_project(project("alpha", rate_limit_requests=3,
+                                           rate_limit_window_seconds=60))
+        await store.create_project(project("beta", rate_limit_requests=5,
+                                           rate_limit_window_seconds=60))
+        for _ in range(3):
+            await store.admit(digest=None, project_id="alpha", now_ms=NOW, count=True)
+        exhausted = await store.admit(digest=None, project_id="alpha", now_ms=NOW, count=True)
+        assert exhausted.outcome is AdmitOutcome.RATE_LIMITED
+        outcomes = [(await store.admit(digest=None, project_id="beta", now_ms=NOW,
+                                       count=True)).outcome for _ in range(6)]
+        assert outcomes == [AdmitOutcome.ADMITTED] * 5 + [AdmitOutcome.RATE_LIMITED]
+        assert await store.rate_position("alpha") == NOW + 60_000
+
+    backend.run(scenario)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_every_step_matches_the_gcra_reference(backend: Backend, seed: int) -> None:
+    """A random walk of (advance, admit) steps, checked against `limits.gcra_admit`."""
+    rng = random.Random(seed)
+    # Windows of 10 s or more: the Redis TAT expires after window + interval of real time.
+    policies = {
+        f"p{i}": RateLimitPolicy.of(rng.choice([1, 2, 3, 7, 10, 60, 100]),
+                                    rng.choice([10, 13, 60, 900]))
+        for i in range(3)
+    }
+
+    async def scenario(store: Store) -> None:
+        for project_id, policy in policies.items():
+            await store.create_project(project(
+                project_id, rate_limit_requests=policy.limit,
+                rate_limit_window_seconds=policy.window_ms // 1000))
+        expected: dict[str, int | None] = dict.fromkeys(policies)
+        seen: list[AdmitOutcome] = []
+        now = NOW
+        for step in range(400):
+            project_id = rng.choice(list(policies))
+            policy = policies[project_id]
+            t = policy.interval_ms
+            now += rng.choice([0, 0, 0, 1, t - 1, t, t + 1, rng.randrange(2 * policy.window_ms)])
+            count = rng.random() < 0.9
+            admission = await store.admit(digest=None, project_id=project_id, now_ms=now,
+                                          count=count)
+            tat = expected[project_id]
+            new_tat = gcra_admit(tat, now, policy)
+            if not count:
+                assert admission.outcome is AdmitOutcome.ADMITTED, step
+                assert admission.tat_ms == tat, step
+            elif new_tat is None:
+                assert admission.outcome is AdmitOutcome.RATE_LIMITED, step
+                assert admission.tat_ms == tat, step
+            else:
+                assert admission.outcome is AdmitOutcome.ADMITTED, step
+                assert admission.tat_ms == new_tat, step
+                expected[project_id] = new_tat
+            seen.append(admission.outcome)
+        # The walk must visit both sides of the limit many times to prove anything.
+        assert seen.count(AdmitOutcome.RATE_LIMITED) >= 40
+        assert seen.count(AdmitOutcome.ADMITTED) >= 40
+        for project_id, tat in expected.items():
+            assert await store.rate_position(project_id) == tat
+
+    backend.run(scenario)
+
+
+def test_concurrent_calls_admit_exactly_the_limit(backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        await store.create_project(project("alpha", rate_limit_requests=20,
+                                           rate_limit_window_seconds=60))
+        await store.create_api_key(project_key("k1", "alpha"), digest_of("alpha-key"))
+        admissions = await asyncio.gather(*(
+            store.admit(digest=digest_of("alpha-key"), project_id="alpha", now_ms=NOW,
+                        count=True) for _ in range(50)))
+        outcomes = [a.outcome for a in admissions]
+        assert outcomes.count(AdmitOutcome.ADMITTED) == 20
+        assert outcomes.count(AdmitOutcome.RATE_LIMITED) == 30
+        admitted_tats = [a.tat_ms or 0 for a in admissions if a.outcome is AdmitOutcome.ADMITTED]
+        assert sorted(admitted_tats) == [NOW + 3_000 * i for i in range(1, 21)]
+        assert await store.rate_position("alpha") == NOW + 60_000
+
+    backend.run(scenario)
+
+
+# -- sessions: concurrency leases and the monthly quota ------------------------------------------
+
+async def begin(store: Store, session_id: str, *, now_ms: int = NOW, month: str = MONTH,
+                quota: int = 100, max_concurrent: int = 10, lease_ms: int = 60_000,
+                project_id: str = "alpha") -> tuple[SessionOutcome, int, int]:
+    started = await store.begin_session(project_id=project_id, session_id=session_id,
+                                        month=month, now_ms=now_ms, lease_ms=lease_ms,
+                                        quota=quota, max_concurrent=max_concurrent)
+    return started.outcome, started.active_sessions, started.sessions_this_month
+
+
+def test_sessions_begin_up_to_the_concurrent_limit(backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        for i in range(1, 4):
+            assert await begin(store, f"s{i}", max_concurrent=3) == (
+                SessionOutcome.STARTED, i, i)
+        assert await begin(store, "s4", max_concurrent=3) == (
+            SessionOutcome.CONCURRENT_LIMIT, 3, 3)
+        # A refused session counts nothing.
+        assert await store.session_counts(project_id="alpha", month=MONTH,
+                                          now_ms=NOW) == (3, 3)
+        # Another project has its own slots.
+        assert await begin(store, "s1", max_concurrent=3, project_id="beta") == (
+            SessionOutcome.STARTED, 1, 1)
+
+    backend.run(scenario)
+
+
+def test_sessions_begin_up_to_the_monthly_quota(backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        for i in range(1, 4):
+            outcome, _, used = await begin(store, f"s{i}", quota=3)
+            assert (outcome, used) == (SessionOutcome.STARTED, i)
+            await store.end_session(project_id="alpha", session_id=f"s{i}", now_ms=NOW)
+        assert await begin(store, "s4", quota=3) == (SessionOutcome.QUOTA_EXCEEDED, 0, 3)
+        # Concurrency is checked first: at both limits the caller is told to end a session.
+        assert await begin(store, "s5", quota=4) == (SessionOutcome.STARTED, 1, 4)
+        assert await begin(store, "s6", quota=4, max_concurrent=1) == (
+            SessionOutcome.CONCURRENT_LIMIT, 1, 4)
+
+    backend.run(scenario)
+
+
+def test_a_new_month_starts_from_zero(backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        for i in range(2):
+            await begin(store, f"s{i}", quota=2, lease_ms=1_000)
+        assert (await begin(store, "s2", quota=2))[0] is SessionOutcome.QUOTA_EXCEEDED
+        later = NOW + 30 * 86_400_000
+        assert await begin(store, "s3", month="2023-12", now_ms=later, quota=2) == (
+            SessionOutcome.STARTED, 1, 1)
+        assert await store.session_counts(project_id="alpha", month=MONTH,
+                                          now_ms=later) == (2, 1)
+
+    backend.run(scenario)
+
+
+def test_an_expired_lease_frees_its_slot(backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        assert (await begin(store, "s1", max_concurrent=1, lease_ms=5_000))[0] is \
+            SessionOutcome.STARTED
+        assert (await begin(store, "s2", max_concurrent=1, now_ms=NOW + 4_999))[0] is \
+            SessionOutcome.CONCURRENT_LIMIT
+        assert await begin(store, "s2", max_concurrent=1, now_ms=NOW + 5_000) == (
+            SessionOutcome.STARTED, 1, 2)
+
+    backend.run(scenario)
+
+
+def test_a_renewed_lease_outlives_its_first_expiry(backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        await begin(store, "s1", max_concurrent=1, lease_ms=5_000)
+        assert await store.renew_session(project_id="alpha", session_id="s1",
+                                         now_ms=NOW + 4_000, lease_ms=5_000) is True
+        # Past the first expiry (NOW + 5 s) the slot is still taken, until NOW + 9 s.
+        assert (await begin(store, "s2", max_concurrent=1, now_ms=NOW + 8_999))[0] is \
+            SessionOutcome.CONCURRENT_LIMIT
+        assert await store.session_counts(project_id="alpha", month=MONTH,
+                                          now_ms=NOW + 8_999) == (1, 1)
+        assert await store.session_counts(project_id="alpha", month=MONTH,
+                                          now_ms=NOW + 9_000) == (1, 0)
+        assert (await begin(store, "s2", max_concurrent=1, now_ms=NOW + 9_000))[0] is \
+            SessionOutcome.STARTED
+
+    backend.run(scenario)
+
+
+def test_renewing_an_expired_or_unknown_lease_fails(backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        await begin(store, "s1", lease_ms=5_000)
+        assert await store.renew_session(project_id="alpha", session_id="s1",
+                                         now_ms=NOW + 5_000, lease_ms=5_000) is False
+        assert await store.renew_session(project_id="alpha", session_id="nope",
+                                         now_ms=NOW, lease_ms=5_000) is False
+        assert await store.renew_session(project_id="beta", session_id="s1",
+                                         now_ms=NOW, lease_ms=5_000) is False
+        # The failed renewal did not bring the lease back.
+        assert await store.session_counts(project_id="alpha", month=MONTH,
+                                          now_ms=NOW + 5_000) == (1, 0)
+
+    backend.run(scenario)
+
+
+def test_ending_a_session_frees_its_slot_and_keeps_the_count(backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        await begin(store, "s1", max_concurrent=1)
+        assert await store.end_session(project_id="alpha", session_id="s1",
+                                       now_ms=NOW + 10) is True
+        assert await store.end_session(project_id="alpha", session_id="s1",
+                                       now_ms=NOW + 10) is False
+        assert await store.end_session(project_id="alpha", session_id="nope",
+                                       now_ms=NOW) is False
+        assert await store.session_counts(project_id="alpha", month=MONTH,
+                                          now_ms=NOW + 10) == (1, 0)
+        assert await begin(store, "s2", max_concurrent=1, now_ms=NOW + 10) == (
+            SessionOutcome.STARTED, 1, 2)
+
+    backend.run(scenario)
+
+
+def test_cancelling_a_session_gives_back_its_slot_and_its_quota_unit(backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        await begin(store, "s1", quota=2)
+        await begin(store, "s2", quota=2)
+        assert (await begin(store, "s3", quota=2))[0] is SessionOutcome.QUOTA_EXCEEDED
+        await store.cancel_session(project_id="alpha", session_id="s2", month=MONTH)
+        assert await store.session_counts(project_id="alpha", month=MONTH,
+                                          now_ms=NOW) == (1, 1)
+        # Cancelling again (or an unknown session) gives nothing more back.
+        await store.cancel_session(project_id="alpha", session_id="s2", month=MONTH)
+        await store.cancel_session(project_id="alpha", session_id="nope", month=MONTH)
+        assert await store.session_counts(project_id="alpha", month=MONTH,
+                                          now_ms=NOW) == (1, 1)
+        assert await begin(store, "s3", quota=2) == (SessionOutcome.STARTED, 2, 2)
+
+    backend.run(scenario)
+
+
+def test_session_counts_ignore_expired_leases(backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        assert await store.session_counts(project_id="alpha", month=MONTH,
+                                          now_ms=NOW) == (0, 0)
+        await begin(store, "short", lease_ms=1_000)
+        await begin(store, "long", lease_ms=10_000)
+        assert await store.session_counts(project_id="alpha", month=MONTH,
+                                          now_ms=NOW + 999) == (2, 2)
+        assert await store.session_counts(project_id="alpha", month=MONTH,
+                                          now_ms=NOW + 1_000) == (2, 1)
+        assert await store.session_counts(project_id="alpha", month=MONTH,
+                                          now_ms=NOW + 10_000) == (2, 0)
+        assert await store.session_counts(project_id="alpha", month="2023-12",
+                                          now_ms=NOW) == (0, 2)
+
+    backend.run(scenario)
+
+
+def test_concurrent_session_starts_stop_exactly_at_the_limit(backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        results = await asyncio.gather(*(begin(store, f"s{i}", max_concurrent=7)
+                                         for i in range(30)))
+        outcomes = [outcome for outcome, _, _ in results]
+        assert outcomes.count(SessionOutcome.STARTED) == 7
+        assert outcomes.count(SessionOutcome.CONCURRENT_LIMIT) == 23
+        assert await store.session_counts(project_id="alpha", month=MONTH,
+                                          now_ms=NOW) == (7, 7)
+
+    backend.run(scenario)
+
+
+# -- provider keys --------------------------------------------------------------------------------
+
+def test_provider_keys_round_trip_their_sealed_bytes(backend: Backend) -> None:
+    sealed = bytes(range(256)) + b"\xff\xfe\x00\x80"  # not UTF-8, with NUL bytes
+    openai = ProviderKeyRecord("alpha", "openai", sealed, "wxyz", NOW)
+    gemini = ProviderKeyRecord("alpha", "gemini", b"\x00", "0000", NOW + 1)
+    azure = ProviderKeyRecord("beta", "azure", b"\xc3\x28", "1234", NOW + 2)
+
+    async def scenario(store: Store) -> None:
+        assert await store.get_provider_key("alpha", "openai") is None
+        for record in (openai, gemini, azure):
+            await store.put_provider_key(record)
+        assert await store.get_provider_key("alpha", "openai") == openai
+        assert await store.list_provider_keys("alpha") == [gemini, openai]
+        assert await store.list_provider_keys("beta") == [azure]
+        assert await store.list_provider_keys(None) == [gemini, openai, azure]
+
+        replaced = ProviderKeyRecord("alpha", "openai", b"\x01new", "new4", NOW + 5)
+        await store.put_provider_key(replaced)
+        assert await store.get_provider_key("alpha", "openai") == replaced
+        assert await store.list_provider_keys("alpha") == [gemini, replaced]
+
+        assert await store.delete_provider_key("beta", "azure") is True
+        assert await store.delete_provider_key("beta", "azure") is False
+        assert await store.get_provider_key("beta", "azure") is None
+        assert await store.list_provider_keys(None) == [gemini, replaced]
+
+    backend.run(scenario)
+
+
+# -- persistence ----------------------------------------------------------------------------------
+
+def test_state_survives_closing_and_reopening(backend: Backend) -> None:
+    secret = digest_of("alpha-key")
+    record = ProviderKeyRecord("alpha", "openai", b"\x00\xffsealed", "abcd", NOW)
+
+    async def write(store: Store) -> int | None:
+        await store.create_project(project("alpha", rate_limit_requests=3,
+                                           rate_limit_window_seconds=60))
+        await store.create_api_key(project_key("k1", "alpha"), secret)
+        await store.create_api_key(project_key("k2", "alpha"), digest_of("other"))
+        await store.revoke_api_key("k2", NOW)
+        for _ in range(2):
+            await store.admit(digest=secret, project_id="", now_ms=NOW, count=True)
+        await begin(store, "s1", quota=5, max_concurrent=2)
+        await store.put_provider_key(record)
+        return await store.rate_position("alpha")
+
+    async def read(store: Store) -> None:
+        assert await store.get_project("alpha") == project(
+            "alpha", rate_limit_requests=3, rate_limit_window_seconds=60)
+        assert [k.key_id for k in await store.list_api_keys("alpha")] == ["k1", "k2"]
+        assert await store.rate_position("alpha") == tat
+        # The third request of the burst still passes, the fourth does not.
+        third = await store.admit(digest=secret, project_id="", now_ms=NOW, count=True)
+        assert third.outcome is AdmitOutcome.ADMITTED and third.tat_ms == NOW + 60_000
+        fourth = await store.admit(digest=secret, project_id="", now_ms=NOW, count=True)
+        assert fourth.outcome is AdmitOutcome.RATE_LIMITED
+        revoked = await store.admit(digest=digest_of("other"), project_id="", now_ms=NOW,
+                                    count=True)
+        assert revoked.outcome is AdmitOutcome.UNKNOWN_KEY
+        assert await store.session_counts(project_id="alpha", month=MONTH,
+                                          now_ms=NOW) == (1, 1)
+        assert await begin(store, "s2", quota=5, max_concurrent=2) == (
+            SessionOutcome.STARTED, 2, 2)
+        assert await store.get_provider_key("alpha", "openai") == record
+
+    tat = backend.run(write)
+    assert tat == NOW + 40_000
+    backend.restart()
+    backend.run(read)
