@@ -264,6 +264,20 @@ class AsyncClient:
         return await self._call(self._admin.ResealProviderKeys,  # type: ignore[no-any-return]
                           admin_pb2.ResealProviderKeysRequest(), timeout, metadata)
 
+    async def rotate_turn_secret(self, *, timeout: float | None = None,
+                           metadata: Metadata = ()) -> list[admin_pb2.TurnSecretInfo]:
+        """Makes a fresh TURN secret the signer; returns the secrets in force (ids only)."""
+        return list((await self._call(self._admin.RotateTurnSecret,
+                               admin_pb2.RotateTurnSecretRequest(), timeout,
+                               metadata)).turn_secrets)
+
+    async def list_turn_secrets(self, *, timeout: float | None = None,
+                          metadata: Metadata = ()) -> list[admin_pb2.TurnSecretInfo]:
+        """The TURN secrets in force by id, the signer first."""
+        return list((await self._call(self._admin.ListTurnSecrets,
+                               admin_pb2.ListTurnSecretsRequest(), timeout,
+                               metadata)).turn_secrets)
+
     async def health(self, service: str = "", *, timeout: float | None = None,
                metadata: Metadata = ()) -> str:
         """The serving status of the server (or of one service): e.g. "SERVING"."""

@@ -149,6 +149,11 @@ def _add_admin_commands(admin: argparse.ArgumentParser) -> None:
         command.add_argument("--provider", required=True, help="openai, azure, orga, gemini")
     provider_key.add_parser("reseal", help="re-seal every key under the current master key")
 
+    turn_secret = groups.add_parser("turn-secret", help="the TURN shared secrets").\
+        add_subparsers(dest="admin_command", required=True)
+    turn_secret.add_parser("rotate", help="make a fresh secret the signer (ids are printed)")
+    turn_secret.add_parser("list", help="the secrets in force, by id")
+
 
 _PROJECT_FIELD_NAMES = ("display_name", "rate_limit_requests", "rate_limit_window",
                         "turn_ttl_default", "turn_ttl_max", "plan", "upgrade_url",
@@ -193,6 +198,10 @@ def _run_admin(args: argparse.Namespace, client: Client) -> Any:
         return {"deleted": f"{args.project}/{args.provider}"}
     if command == ("provider-key", "reseal"):
         return _as_dict(client.reseal_provider_keys())
+    if command == ("turn-secret", "rotate"):
+        return [_as_dict(s) for s in client.rotate_turn_secret()]
+    if command == ("turn-secret", "list"):
+        return [_as_dict(s) for s in client.list_turn_secrets()]
     raise AssertionError(command)
 
 

@@ -51,6 +51,9 @@ class Settings:
     session_lease_seconds: int = 3600
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 30.0
+    coturn_redis: str = field(default="", repr=False)
+    coturn_sqlite: str = ""
+    turn_rotate_interval: int = 0
     openai_base_url: str = ""
     azure_base_url: str = ""
     orga_base_url: str = ""
@@ -74,7 +77,8 @@ class Settings:
         return self.store or f"sqlite:///{self.data_dir / 'icegate.sqlite3'}"
 
 
-SECRET_SETTINGS = frozenset({"turn_secrets", "api_keys", "master_key"})
+SECRET_SETTINGS = frozenset({"turn_secrets", "api_keys", "master_key", "store", "coturn_redis"})
+"""Settings shown by size only: secrets, and URLs that may carry a password."""
 STORE_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://")
 
 
@@ -146,6 +150,9 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "session_lease_seconds": _parse_int,
     "upstream_connect_timeout": _parse_float,
     "upstream_read_timeout": _parse_float,
+    "coturn_redis": _parse_str,
+    "coturn_sqlite": _parse_str,
+    "turn_rotate_interval": _parse_int,
     "openai_base_url": _parse_str,
     "azure_base_url": _parse_str,
     "orga_base_url": _parse_str,
@@ -174,6 +181,9 @@ _HELP: dict[str, str] = {
     "session_lease_seconds": "a session not kept alive this long frees its slot (3600)",
     "upstream_connect_timeout": "seconds to connect to a provider (5)",
     "upstream_read_timeout": "seconds to wait for a provider's answer (30)",
+    "coturn_redis": "redis:// URL of coturn's redis-userdb; icegate keeps the realm's secrets",
+    "coturn_sqlite": "path of coturn's SQLite userdb: icegate keeps the realm's secrets there",
+    "turn_rotate_interval": "rotate the TURN secret automatically every this many seconds (0: off)",
     "openai_base_url": "OpenAI API base URL (https://api.openai.com)",
     "azure_base_url": "Azure OpenAI resource URL, https://<resource>.openai.azure.com",
     "orga_base_url": "Orga AI API base URL (https://api.orga-ai.com)",
@@ -318,6 +328,13 @@ def _validate(settings: Settings) -> None:
         url = getattr(settings, name)
         if url and (not url.startswith(("https://", "http://")) or any(c.isspace() for c in url)):
             fail(name, "must be an http(s) URL")
+    if settings.coturn_redis and not settings.coturn_redis.startswith(
+            ("redis://", "rediss://", "unix://")):
+        fail("coturn_redis", "must be a redis:// URL")
+    if settings.coturn_sqlite and not Path(settings.coturn_sqlite).parent.is_dir():
+        fail("coturn_sqlite", "must be a file in an existing directory")
+    if settings.turn_rotate_interval and not 60 <= settings.turn_rotate_interval <= 365 * 86400:
+        fail("turn_rotate_interval", "must be 0 (off) or between 60 seconds and a year")
     if not 0 < settings.store_timeout <= 60:
         fail("store_timeout", "must be more than 0 and at most 60 seconds")
     if settings.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:

@@ -38,11 +38,32 @@ def listening_port(settings: Settings) -> int:
     return DEFAULT_TURN_PORT
 
 
+def redis_userdb_line(url: str) -> str:
+    """coturn's `redis-userdb` line for a redis:// URL."""
+    parts = urlsplit(url)
+    fields = [f"ip={parts.hostname or '127.0.0.1'}", f"dbname={parts.path.strip('/') or 0}",
+              f"port={parts.port or 6379}"]
+    if parts.password:
+        fields.append(f"password={parts.password}")
+    return f'redis-userdb="{" ".join([*fields, "connect_timeout=30"])}"'
+
+
 def render_coturn_config(settings: Settings, *, listening_ip: str = "127.0.0.1",
                          relay_ip: str = "127.0.0.1", min_port: int = 49160,
                          max_port: int = 49200) -> str:
-    """The turnserver.conf text for `settings` (static secrets, SQLite userdb in data_dir)."""
+    """The turnserver.conf text for `settings`.
+
+    Where icegate keeps coturn's database (ICEGATE_COTURN_REDIS, ICEGATE_COTURN_SQLITE),
+    coturn reads the secrets from there and follows rotations without a restart; otherwise
+    the settings' secrets are written as static-auth-secret lines.
+    """
     state_dir = settings.data_dir.resolve() / "coturn"
+    static_secrets = "\n".join(f"static-auth-secret={s}" for s in settings.turn_secrets)
+    user_database = f"userdb={state_dir / 'turndb'}"
+    if settings.coturn_redis:
+        static_secrets, user_database = "", redis_userdb_line(settings.coturn_redis)
+    elif settings.coturn_sqlite:
+        static_secrets, user_database = "", f"userdb={Path(settings.coturn_sqlite).resolve()}"
     return Template(_template_text()).substitute(
         listening_ip=listening_ip,
         listening_port=listening_port(settings),
@@ -50,8 +71,8 @@ def render_coturn_config(settings: Settings, *, listening_ip: str = "127.0.0.1",
         min_port=min_port,
         max_port=max_port,
         realm=settings.turn_realm,
-        static_auth_secrets="\n".join(f"static-auth-secret={s}" for s in settings.turn_secrets),
-        user_database=f"userdb={state_dir / 'turndb'}",
+        static_auth_secrets=static_secrets,
+        user_database=user_database,
         state_dir=state_dir,
     )
 

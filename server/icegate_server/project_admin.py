@@ -54,7 +54,8 @@ class ProjectAdmin:
         }
         project = Project(project_id=project_id, create_time=now, update_time=now,
                           **{**base, **fields})
-        validate_project(project, turn_ttl_min=self._defaults.turn_ttl_min_seconds)
+        validate_project(project, turn_ttl_min=self._defaults.turn_ttl_min_seconds,
+                         turn_ttl_max=self._defaults.turn_ttl_max_seconds)
         return project
 
     async def create_project(self, project_id: str, fields: dict[str, Any]) -> Project:
@@ -106,7 +107,8 @@ class ProjectAdmin:
             raise InvalidFieldError("update_mask", f"cannot update {sorted(unknown)[0]!r}")
         current = await self.get_project(project_id)
         updated = dataclasses.replace(current, update_time=self._clock.now(), **changes)
-        validate_project(updated, turn_ttl_min=self._defaults.turn_ttl_min_seconds)
+        validate_project(updated, turn_ttl_min=self._defaults.turn_ttl_min_seconds,
+                         turn_ttl_max=self._defaults.turn_ttl_max_seconds)
         if not await self._store.update_project(updated):
             raise NotFoundError(f"project {project_id!r} does not exist")
         return updated

@@ -57,7 +57,7 @@ def validate_project_id(project_id: str, *, field_name: str = "project_id") -> N
             field_name, "must be 1-63 characters: a lower-case letter, then letters, digits, -")
 
 
-def validate_project(project: Project, *, turn_ttl_min: int) -> None:
+def validate_project(project: Project, *, turn_ttl_min: int, turn_ttl_max: int) -> None:
     """Checks every field of a project about to be stored.
 
     Raises:
@@ -71,9 +71,11 @@ def validate_project(project: Project, *, turn_ttl_min: int) -> None:
         raise InvalidFieldError("rate_limit_requests", "must be between 1 and 1000000000")
     if not 1 <= project.rate_limit_window_seconds <= 31 * 86400:
         raise InvalidFieldError("rate_limit_window", "must be between 1 second and 31 days")
-    if not turn_ttl_min <= project.turn_ttl_max_seconds <= 7 * 86400:
+    # The server-wide maximum bounds every project's: TURN secret rotation retires an old
+    # secret once the longest credential it could have signed has expired.
+    if not turn_ttl_min <= project.turn_ttl_max_seconds <= turn_ttl_max:
         raise InvalidFieldError("turn_ttl_max",
-                                f"must be between {turn_ttl_min} seconds and 7 days")
+                                f"must be between {turn_ttl_min} and {turn_ttl_max} seconds")
     if not turn_ttl_min <= project.turn_ttl_default_seconds <= project.turn_ttl_max_seconds:
         raise InvalidFieldError("turn_ttl_default",
                                 f"must be between {turn_ttl_min} seconds and turn_ttl_max")

@@ -29,6 +29,7 @@ from icegate.v1 import (
 from icegate_server.access import AccessControl
 from icegate_server.clock import Clock, SystemClock
 from icegate_server.config import Settings
+from icegate_server.coturn_sync import CoturnRedisSecrets, CoturnSecretSink, CoturnSqliteSecrets
 from icegate_server.interceptor import CallGuard
 from icegate_server.project_admin import ProjectAdmin, ProjectDefaults
 from icegate_server.provider_keys import ProviderKeys
@@ -45,6 +46,7 @@ from icegate_server.servicers.usage import UsageServicer
 from icegate_server.sessions import RealtimeSessions
 from icegate_server.store import Store, open_store
 from icegate_server.turn import TurnCredentialIssuer, TurnSecretKeyring
+from icegate_server.turn_secrets import TurnSecretRing
 from icegate_server.usage import UsageReporter
 from icegate_server.vault import Vault, load_master_keys
 
@@ -68,11 +70,13 @@ class IcegateServer:
     store: Store
     settings: Settings
     http: httpx.AsyncClient
+    turn_secrets: TurnSecretRing
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def start(self) -> None:
         """Starts serving and reports SERVING."""
         await self.grpc_server.start()
+        self.turn_secrets.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -83,6 +87,7 @@ class IcegateServer:
         self._stopped.set()
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(self.settings.shutdown_grace if grace is None else grace)
+        await self.turn_secrets.stop()
         await self.http.aclose()
         await self.store.close()
 
@@ -96,6 +101,16 @@ def provider_settings(settings: Settings) -> ProviderSettings:
              ("openai_base_url", "azure_base_url", "orga_base_url", "gemini_base_url")
              if getattr(settings, name)}
     return ProviderSettings(**given)
+
+
+def coturn_sinks(settings: Settings) -> list[CoturnSecretSink]:
+    """The coturn databases icegate keeps the TURN secrets in, from settings."""
+    sinks: list[CoturnSecretSink] = []
+    if settings.coturn_redis:
+        sinks.append(CoturnRedisSecrets(settings.coturn_redis, settings.turn_realm))
+    if settings.coturn_sqlite:
+        sinks.append(CoturnSqliteSecrets(settings.coturn_sqlite, settings.turn_realm))
+    return sinks
 
 
 async def create_server(
@@ -122,6 +137,11 @@ async def create_server(
             turn_ttl_max_seconds=settings.turn_ttl_max,
             turn_ttl_min_seconds=settings.turn_ttl_min))
         await admin.ensure_default_project()
+        turn_secrets = TurnSecretRing(
+            store, vault, clock, issuer, static_secrets=settings.turn_secrets,
+            max_ttl_seconds=settings.turn_ttl_max, sinks=coturn_sinks(settings),
+            rotate_every_seconds=settings.turn_rotate_interval)
+        await turn_secrets.refresh()
         access = AccessControl(store, clock, settings.api_keys,
                                fail_open_rate_limit=settings.rate_limit_fail_open)
 
@@ -141,7 +161,7 @@ async def create_server(
             CredentialServicer(issuer, settings.stun_uris), server)
         sessions_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(sessions), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(admin, provider_keys), server)
+            AdminServicer(admin, provider_keys, turn_secrets), server)
         usage_pb2_grpc.add_UsageServiceServicer_to_server(
             UsageServicer(UsageReporter(store, clock)), server)
         health_servicer = health.aio.HealthServicer()
@@ -160,7 +180,7 @@ async def create_server(
         await http.aclose()
         await store.close()
         raise OSError(f"cannot listen on {settings.listen}: address in use or not available")
-    return IcegateServer(server, health_servicer, store, settings, http), port
+    return IcegateServer(server, health_servicer, store, settings, http, turn_secrets), port
 
 
 async def serve(settings: Settings) -> None:

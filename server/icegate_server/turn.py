@@ -139,6 +139,14 @@ class TurnCredentialIssuer:
     def uris(self) -> tuple[str, ...]:
         return self._uris
 
+    @property
+    def keyring(self) -> TurnSecretKeyring:
+        return self._keyring
+
+    def use_keyring(self, keyring: TurnSecretKeyring) -> None:
+        """Signs with `keyring` from now on (after a rotation; see `turn_secrets`)."""
+        self._keyring = keyring
+
     def issue_for(self, project: Project, user_id: str, requested_ttl: float | None, *,
                   ttl_field: str = "ttl") -> TurnCredential:
         """Validates the request against the project's policy and issues its credential.

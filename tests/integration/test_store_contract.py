@@ -25,6 +25,7 @@ from icegate_server.store.base import (
     ProviderKeyRecord,
     SessionOutcome,
     Store,
+    TurnSecretRecord,
 )
 from icegate_server.store.redis import RedisStore
 from icegate_server.store.sqlite import SqliteStore
@@ -766,3 +767,43 @@ def test_state_survives_closing_and_reopening(backend: Backend) -> None:
     assert tat == NOW + 40_000
     backend.restart()
     backend.run(read)
+
+
+# -- the TURN secret ring ---------------------------------------------------------------------
+
+
+def test_turn_secret_rotation_retires_the_previous_signers(backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        first = TurnSecretRecord("first", b"\x00sealed-1", NOW)
+        assert await store.rotate_turn_secret(first, now_ms=NOW, retire_at_ms=NOW + 5_000,
+                                              min_age_ms=0)
+        second = TurnSecretRecord("second", b"sealed-2\xff", NOW + 1_000)
+        assert await store.rotate_turn_secret(second, now_ms=NOW + 1_000,
+                                              retire_at_ms=NOW + 6_000, min_age_ms=0)
+        ring = await store.list_turn_secrets()
+        assert ring == [TurnSecretRecord("second", b"sealed-2\xff", NOW + 1_000, 0),
+                        TurnSecretRecord("first", b"\x00sealed-1", NOW, NOW + 6_000)]
+        assert await store.purge_turn_secrets(NOW + 5_999) == 0
+        assert await store.purge_turn_secrets(NOW + 6_000) == 1
+        assert [r.secret_id for r in await store.list_turn_secrets()] == ["second"]
+
+    backend.run(scenario)
+
+
+def test_turn_secret_rotation_happens_once_per_interval(backend: Backend) -> None:
+    """Replicas rotating on the same schedule rotate once between them, not once each."""
+    async def scenario(store: Store) -> None:
+        await store.rotate_turn_secret(TurnSecretRecord("a", b"a", NOW), now_ms=NOW,
+                                       retire_at_ms=NOW + 10, min_age_ms=0)
+        attempts = [store.rotate_turn_secret(TurnSecretRecord(f"r{i}", b"r", NOW + 60_000),
+                                             now_ms=NOW + 60_000, retire_at_ms=NOW + 70_000,
+                                             min_age_ms=60_000) for i in range(5)]
+        results = await asyncio.gather(*attempts)
+        assert sorted(results) == [False, False, False, False, True]
+        assert not await store.rotate_turn_secret(
+            TurnSecretRecord("early", b"e", NOW + 90_000), now_ms=NOW + 90_000,
+            retire_at_ms=NOW + 100_000, min_age_ms=60_000)
+        ring = await store.list_turn_secrets()
+        assert len(ring) == 2 and ring[1].secret_id == "a"
+
+    backend.run(scenario)

@@ -163,6 +163,9 @@ BAD_ENV_VALUES = [
     ("azure_base_url", "resource.openai.azure.test"),
     ("orga_base_url", "https://api.orga.test/with space"),
     ("gemini_base_url", "file:///etc/passwd"),
+    ("coturn_redis", "http://not-redis"),
+    ("turn_rotate_interval", "5"),
+    ("coturn_sqlite", "/nonexistent-dir/turndb"),
 ]
 
 

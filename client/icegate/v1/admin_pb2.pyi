@@ -780,3 +780,129 @@ class ResealProviderKeysResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResealProviderKeysResponse: _TypeAlias = ResealProviderKeysResponse  # noqa: Y015
+
+@_typing.final
+class TurnSecretInfo(_message.Message):
+    """TurnSecretInfo describes a TURN shared secret in force, without revealing it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECRET_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    RETIRE_TIME_FIELD_NUMBER: _builtins.int
+    SIGNING_FIELD_NUMBER: _builtins.int
+    secret_id: _builtins.str
+    """A public id of the secret: the first 12 hex digits of its SHA-256."""
+    source: _builtins.str
+    """Where the secret comes from: "ring" (rotated in through icegate) or "settings"
+    (ICEGATE_TURN_SECRETS, valid for as long as it is configured).
+    """
+    signing: _builtins.bool
+    """Whether this secret signs new credentials."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the secret was created; unset for settings secrets."""
+
+    @_builtins.property
+    def retire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the secret retires; unset for the signer and for settings secrets."""
+
+    def __init__(
+        self,
+        *,
+        secret_id: _builtins.str = ...,
+        source: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        retire_time: _timestamp_pb2.Timestamp | None = ...,
+        signing: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "retire_time", b"retire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "retire_time", b"retire_time", "secret_id", b"secret_id", "signing", b"signing", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TurnSecretInfo: _TypeAlias = TurnSecretInfo  # noqa: Y015
+
+@_typing.final
+class RotateTurnSecretRequest(_message.Message):
+    """RotateTurnSecretRequest asks for a TURN secret rotation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateTurnSecretRequest: _TypeAlias = RotateTurnSecretRequest  # noqa: Y015
+
+@_typing.final
+class RotateTurnSecretResponse(_message.Message):
+    """RotateTurnSecretResponse lists the secrets in force after the rotation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TURN_SECRETS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def turn_secrets(self) -> _containers.RepeatedCompositeFieldContainer[Global___TurnSecretInfo]:
+        """The secrets in force, the new signer first."""
+
+    def __init__(
+        self,
+        *,
+        turn_secrets: _abc.Iterable[Global___TurnSecretInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["turn_secrets", b"turn_secrets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateTurnSecretResponse: _TypeAlias = RotateTurnSecretResponse  # noqa: Y015
+
+@_typing.final
+class ListTurnSecretsRequest(_message.Message):
+    """ListTurnSecretsRequest asks for the TURN secrets in force."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTurnSecretsRequest: _TypeAlias = ListTurnSecretsRequest  # noqa: Y015
+
+@_typing.final
+class ListTurnSecretsResponse(_message.Message):
+    """ListTurnSecretsResponse lists the TURN secrets in force."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TURN_SECRETS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def turn_secrets(self) -> _containers.RepeatedCompositeFieldContainer[Global___TurnSecretInfo]:
+        """The secrets in force, the signer first."""
+
+    def __init__(
+        self,
+        *,
+        turn_secrets: _abc.Iterable[Global___TurnSecretInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["turn_secrets", b"turn_secrets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTurnSecretsResponse: _TypeAlias = ListTurnSecretsResponse  # noqa: Y015

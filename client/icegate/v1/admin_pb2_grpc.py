@@ -100,6 +100,16 @@ class AdminServiceStub:
                 request_serializer=icegate_dot_v1_dot_admin__pb2.ResealProviderKeysRequest.SerializeToString,
                 response_deserializer=icegate_dot_v1_dot_admin__pb2.ResealProviderKeysResponse.FromString,
                 _registered_method=True)
+        self.RotateTurnSecret = channel.unary_unary(
+                '/icegate.v1.AdminService/RotateTurnSecret',
+                request_serializer=icegate_dot_v1_dot_admin__pb2.RotateTurnSecretRequest.SerializeToString,
+                response_deserializer=icegate_dot_v1_dot_admin__pb2.RotateTurnSecretResponse.FromString,
+                _registered_method=True)
+        self.ListTurnSecrets = channel.unary_unary(
+                '/icegate.v1.AdminService/ListTurnSecrets',
+                request_serializer=icegate_dot_v1_dot_admin__pb2.ListTurnSecretsRequest.SerializeToString,
+                response_deserializer=icegate_dot_v1_dot_admin__pb2.ListTurnSecretsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -199,6 +209,24 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateTurnSecret(self, request, context):
+        """Makes a fresh TURN shared secret the signer. The previous ring secrets stay valid until
+        the longest credential they could have signed has expired (ICEGATE_TURN_TTL_MAX after the
+        rotation), then retire. Every replica signs with the new secret within a second; coturn
+        follows without a restart when icegate keeps its database (ICEGATE_COTURN_REDIS or
+        ICEGATE_COTURN_SQLITE). The secret itself is never returned. Not idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTurnSecrets(self, request, context):
+        """Lists the TURN secrets in force by id, the signer first. Never returns a secret.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -261,6 +289,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ResealProviderKeys,
                     request_deserializer=icegate_dot_v1_dot_admin__pb2.ResealProviderKeysRequest.FromString,
                     response_serializer=icegate_dot_v1_dot_admin__pb2.ResealProviderKeysResponse.SerializeToString,
+            ),
+            'RotateTurnSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateTurnSecret,
+                    request_deserializer=icegate_dot_v1_dot_admin__pb2.RotateTurnSecretRequest.FromString,
+                    response_serializer=icegate_dot_v1_dot_admin__pb2.RotateTurnSecretResponse.SerializeToString,
+            ),
+            'ListTurnSecrets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTurnSecrets,
+                    request_deserializer=icegate_dot_v1_dot_admin__pb2.ListTurnSecretsRequest.FromString,
+                    response_serializer=icegate_dot_v1_dot_admin__pb2.ListTurnSecretsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -593,6 +631,60 @@ class AdminService:
             '/icegate.v1.AdminService/ResealProviderKeys',
             icegate_dot_v1_dot_admin__pb2.ResealProviderKeysRequest.SerializeToString,
             icegate_dot_v1_dot_admin__pb2.ResealProviderKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateTurnSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/icegate.v1.AdminService/RotateTurnSecret',
+            icegate_dot_v1_dot_admin__pb2.RotateTurnSecretRequest.SerializeToString,
+            icegate_dot_v1_dot_admin__pb2.RotateTurnSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTurnSecrets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/icegate.v1.AdminService/ListTurnSecrets',
+            icegate_dot_v1_dot_admin__pb2.ListTurnSecretsRequest.SerializeToString,
+            icegate_dot_v1_dot_admin__pb2.ListTurnSecretsResponse.FromString,
             options,
             channel_credentials,
             insecure,

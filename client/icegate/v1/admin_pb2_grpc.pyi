@@ -70,6 +70,15 @@ class AdminServiceStub:
     key rotation. Safe to retry. Keys no configured master key can open are left as they are
     and counted in `failed`.
     """
+    RotateTurnSecret: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RotateTurnSecretRequest, _admin_pb2.RotateTurnSecretResponse]
+    """Makes a fresh TURN shared secret the signer. The previous ring secrets stay valid until
+    the longest credential they could have signed has expired (ICEGATE_TURN_TTL_MAX after the
+    rotation), then retire. Every replica signs with the new secret within a second; coturn
+    follows without a restart when icegate keeps its database (ICEGATE_COTURN_REDIS or
+    ICEGATE_COTURN_SQLITE). The secret itself is never returned. Not idempotent.
+    """
+    ListTurnSecrets: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListTurnSecretsRequest, _admin_pb2.ListTurnSecretsResponse]
+    """Lists the TURN secrets in force by id, the signer first. Never returns a secret."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -113,6 +122,15 @@ class AdminServiceAsyncStub(AdminServiceStub):
     key rotation. Safe to retry. Keys no configured master key can open are left as they are
     and counted in `failed`.
     """
+    RotateTurnSecret: _aio.UnaryUnaryMultiCallable[_admin_pb2.RotateTurnSecretRequest, _admin_pb2.RotateTurnSecretResponse]  # type: ignore[assignment]
+    """Makes a fresh TURN shared secret the signer. The previous ring secrets stay valid until
+    the longest credential they could have signed has expired (ICEGATE_TURN_TTL_MAX after the
+    rotation), then retire. Every replica signs with the new secret within a second; coturn
+    follows without a restart when icegate keeps its database (ICEGATE_COTURN_REDIS or
+    ICEGATE_COTURN_SQLITE). The secret itself is never returned. Not idempotent.
+    """
+    ListTurnSecrets: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListTurnSecretsRequest, _admin_pb2.ListTurnSecretsResponse]  # type: ignore[assignment]
+    """Lists the TURN secrets in force by id, the signer first. Never returns a secret."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService manages projects and the caller keys bound to them. Only admin keys (static
@@ -225,5 +243,26 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         key rotation. Safe to retry. Keys no configured master key can open are left as they are
         and counted in `failed`.
         """
+
+    @_abc_1.abstractmethod
+    def RotateTurnSecret(
+        self,
+        request: _admin_pb2.RotateTurnSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RotateTurnSecretResponse, _abc.Awaitable[_admin_pb2.RotateTurnSecretResponse]]:
+        """Makes a fresh TURN shared secret the signer. The previous ring secrets stay valid until
+        the longest credential they could have signed has expired (ICEGATE_TURN_TTL_MAX after the
+        rotation), then retire. Every replica signs with the new secret within a second; coturn
+        follows without a restart when icegate keeps its database (ICEGATE_COTURN_REDIS or
+        ICEGATE_COTURN_SQLITE). The secret itself is never returned. Not idempotent.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTurnSecrets(
+        self,
+        request: _admin_pb2.ListTurnSecretsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListTurnSecretsResponse, _abc.Awaitable[_admin_pb2.ListTurnSecretsResponse]]:
+        """Lists the TURN secrets in force by id, the signer first. Never returns a secret."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -13,6 +13,7 @@ from icegate_server.project_admin import ProjectAdmin
 from icegate_server.projects import ApiKey, Project
 from icegate_server.provider_keys import ProviderKeys
 from icegate_server.store.base import ProviderKeyRecord
+from icegate_server.turn_secrets import RingEntry, TurnSecretRing
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -91,12 +92,27 @@ def provider_key_to_proto(record: ProviderKeyRecord) -> admin_pb2.ProviderKeyInf
                                      update_time=_timestamp(record.update_time_ms / 1000))
 
 
+def turn_secrets_to_proto(entries: tuple[RingEntry, ...]) -> list[admin_pb2.TurnSecretInfo]:
+    infos = []
+    for index, entry in enumerate(entries):
+        info = admin_pb2.TurnSecretInfo(secret_id=entry.secret_id, source=entry.source,
+                                        signing=index == 0)
+        if entry.created_ms:
+            info.create_time.CopyFrom(_timestamp(entry.created_ms / 1000))
+        if entry.retire_at_ms:
+            info.retire_time.CopyFrom(_timestamp(entry.retire_at_ms / 1000))
+        infos.append(info)
+    return infos
+
+
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     """Projects, caller keys and provider keys, for admin keys only (the interceptor checks)."""
 
-    def __init__(self, admin: ProjectAdmin, provider_keys: ProviderKeys) -> None:
+    def __init__(self, admin: ProjectAdmin, provider_keys: ProviderKeys,
+                 turn_secrets: TurnSecretRing) -> None:
         self._admin = admin
         self._provider_keys = provider_keys
+        self._turn_secrets = turn_secrets
 
     async def CreateProject(self, request: admin_pb2.CreateProjectRequest,
                             context: Context) -> admin_pb2.CreateProjectResponse:
@@ -168,3 +184,15 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         report = await self._provider_keys.reseal_all()
         return admin_pb2.ResealProviderKeysResponse(
             resealed=report.resealed, unchanged=report.unchanged, failed=report.failed)
+
+    async def RotateTurnSecret(self, request: admin_pb2.RotateTurnSecretRequest,
+                               context: Context) -> admin_pb2.RotateTurnSecretResponse:
+        await self._turn_secrets.rotate()
+        return admin_pb2.RotateTurnSecretResponse(
+            turn_secrets=turn_secrets_to_proto(self._turn_secrets.entries))
+
+    async def ListTurnSecrets(self, request: admin_pb2.ListTurnSecretsRequest,
+                              context: Context) -> admin_pb2.ListTurnSecretsResponse:
+        await self._turn_secrets.refresh()
+        return admin_pb2.ListTurnSecretsResponse(
+            turn_secrets=turn_secrets_to_proto(self._turn_secrets.entries))

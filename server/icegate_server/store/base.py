@@ -70,6 +70,20 @@ class ProviderKeyRecord:
     update_time_ms: int
 
 
+@dataclass(frozen=True)
+class TurnSecretRecord:
+    """A TURN shared secret of the rotating ring, sealed (see `icegate_server.turn_secrets`).
+
+    `retire_at_ms` is 0 for the signing secret; a rotation sets it on the previous ones to
+    the moment the last credential they could have signed expires.
+    """
+
+    secret_id: str
+    sealed: bytes
+    created_ms: int
+    retire_at_ms: int = 0
+
+
 class Store(Protocol):
     """Durable state shared by every icegate process using the same store URL."""
 
@@ -187,6 +201,26 @@ class Store(Protocol):
     async def delete_provider_key(self, project_id: str, provider: str) -> bool:
         ...
 
+    # -- the TURN secret ring ------------------------------------------------------------------
+
+    async def list_turn_secrets(self) -> list[TurnSecretRecord]:
+        """Every secret of the ring, newest first."""
+        ...
+
+    async def rotate_turn_secret(self, record: TurnSecretRecord, *, now_ms: int,
+                                 retire_at_ms: int, min_age_ms: int) -> bool:
+        """Atomically makes `record` the signer, unless the signer is younger than `min_age_ms`.
+
+        On success every secret not yet retiring gets `retire_at_ms`. Returns False (nothing
+        written) when the current signer was created after `now_ms - min_age_ms`: that is how
+        replicas rotating on the same schedule rotate once, not once each.
+        """
+        ...
+
+    async def purge_turn_secrets(self, now_ms: int) -> int:
+        """Deletes the secrets whose retirement time has come; returns how many."""
+        ...
+
 
 def month_of(now_ms: int) -> str:
     """The UTC calendar month of a time, `YYYY-MM`: the unit of the monthly session quota."""
@@ -197,5 +231,5 @@ def month_of(now_ms: int) -> str:
 
 __all__: Sequence[str] = (
     "Admission", "AdmitOutcome", "ProviderKeyRecord", "SessionAdmission", "SessionOutcome",
-    "Store", "month_of",
+    "Store", "TurnSecretRecord", "month_of",
 )

@@ -65,6 +65,7 @@ from icegate_server.store.base import (
     ProviderKeyRecord,
     SessionAdmission,
     SessionOutcome,
+    TurnSecretRecord,
 )
 
 PREFIX = "icegate:"
@@ -264,6 +265,40 @@ if redis.call('HLEN', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[1]) en
 return deleted
 """
 
+# KEYS: the ring hash. ARGV: new id, new record JSON, now ms, retire-at ms, min age ms.
+# Fields hold JSON {sealed, created_ms, retire_at_ms}; the signer has retire_at_ms 0.
+_ROTATE_TURN_RING = """
+local ring = redis.call('HGETALL', KEYS[1])
+local cutoff = tonumber(ARGV[3]) - tonumber(ARGV[5])
+for i = 2, #ring, 2 do
+  local record = cjson.decode(ring[i])
+  if record.retire_at_ms == 0 and record.created_ms > cutoff then return 0 end
+end
+for i = 1, #ring, 2 do
+  local record = cjson.decode(ring[i + 1])
+  if record.retire_at_ms == 0 then
+    record.retire_at_ms = tonumber(ARGV[4])
+    redis.call('HSET', KEYS[1], ring[i], cjson.encode(record))
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+# KEYS: the ring hash. ARGV: now ms. Deletes retired secrets, returns how many.
+_PURGE_TURN_SECRETS = """
+local ring = redis.call('HGETALL', KEYS[1])
+local purged = 0
+for i = 1, #ring, 2 do
+  local record = cjson.decode(ring[i + 1])
+  if record.retire_at_ms > 0 and record.retire_at_ms <= tonumber(ARGV[1]) then
+    redis.call('HDEL', KEYS[1], ring[i])
+    purged = purged + 1
+  end
+end
+return purged
+"""
+
 # KEYS: projects set. ARGV: prefix. Flat {project, provider, record JSON, ...}.
 _LIST_ALL_PROVIDER_KEYS = """
 local out = {}
@@ -380,12 +415,14 @@ class RedisStore:
         self._put_provider_key = register(_PUT_PROVIDER_KEY)
         self._delete_provider_key = register(_DELETE_PROVIDER_KEY)
         self._list_all_provider_keys = register(_LIST_ALL_PROVIDER_KEYS)
+        self._rotate_turn_secret = register(_ROTATE_TURN_RING)
+        self._purge_turn_secrets = register(_PURGE_TURN_SECRETS)
         self._scripts = (
             self._admit, self._begin_session, self._cancel_session, self._renew_session,
             self._end_session, self._session_counts, self._create_project, self._list_projects,
             self._delete_project, self._create_api_key, self._revoke_api_key,
             self._list_api_keys, self._put_provider_key, self._delete_provider_key,
-            self._list_all_provider_keys,
+            self._list_all_provider_keys, self._rotate_turn_secret, self._purge_turn_secrets,
         )
 
     @classmethod
@@ -620,5 +657,32 @@ class RedisStore:
                                    [project_id, provider])
         return bool(deleted)
 
+
+    # -- the TURN secret ring ------------------------------------------------------------------
+
+    async def list_turn_secrets(self) -> list[TurnSecretRecord]:
+        with self._unavailable_on_error():
+            fields = await self._redis.hgetall(_TURN_RING)
+        records = []
+        for secret_id, text in fields.items():
+            data = json.loads(_text(text))
+            records.append(TurnSecretRecord(
+                secret_id=_text(secret_id), sealed=base64.b64decode(data["sealed"]),
+                created_ms=int(data["created_ms"]), retire_at_ms=int(data["retire_at_ms"])))
+        return sorted(records, key=lambda r: (-r.created_ms, r.secret_id))
+
+    async def rotate_turn_secret(self, record: TurnSecretRecord, *, now_ms: int,
+                                 retire_at_ms: int, min_age_ms: int) -> bool:
+        text = json.dumps({"sealed": base64.b64encode(record.sealed).decode(),
+                           "created_ms": record.created_ms, "retire_at_ms": 0})
+        rotated = await self._call(self._rotate_turn_secret, [_TURN_RING],
+                                   [record.secret_id, text, now_ms, retire_at_ms, min_age_ms])
+        return bool(rotated)
+
+    async def purge_turn_secrets(self, now_ms: int) -> int:
+        return int(await self._call(self._purge_turn_secrets, [_TURN_RING], [now_ms]))
+
+
+_TURN_RING = f"{PREFIX}turn-secrets"
 
 __all__ = ["PREFIX", "RedisStore"]

@@ -31,6 +31,7 @@ from icegate_server.store.base import (
     ProviderKeyRecord,
     SessionAdmission,
     SessionOutcome,
+    TurnSecretRecord,
 )
 
 T = TypeVar("T")
@@ -71,6 +72,12 @@ CREATE TABLE IF NOT EXISTS leases (
     session_id TEXT NOT NULL,
     expires_ms INTEGER NOT NULL,
     PRIMARY KEY (project_id, session_id)
+);
+CREATE TABLE IF NOT EXISTS turn_secrets (
+    secret_id    TEXT PRIMARY KEY,
+    sealed       BLOB NOT NULL,           -- sealed by the vault, never in clear
+    created_ms   INTEGER NOT NULL,
+    retire_at_ms INTEGER NOT NULL         -- 0 for the signer
 );
 CREATE TABLE IF NOT EXISTS provider_keys (
     project_id     TEXT NOT NULL,
@@ -336,6 +343,37 @@ class SqliteStore:
         return await self._run(lambda db: db.execute(
             "DELETE FROM provider_keys WHERE project_id = ? AND provider = ?",
             (project_id, provider)).rowcount == 1)
+
+    # -- the TURN secret ring --------------------------------------------------------------
+
+    async def list_turn_secrets(self) -> list[TurnSecretRecord]:
+        rows = await self._run(lambda db: db.execute(
+            "SELECT secret_id, sealed, created_ms, retire_at_ms FROM turn_secrets "
+            "ORDER BY created_ms DESC, secret_id").fetchall())
+        return [TurnSecretRecord(*row) for row in rows]
+
+    async def rotate_turn_secret(self, record: TurnSecretRecord, *, now_ms: int,
+                                 retire_at_ms: int, min_age_ms: int) -> bool:
+        def work(db: sqlite3.Connection) -> bool:
+            with _write_transaction(db):
+                young = db.execute(
+                    "SELECT 1 FROM turn_secrets WHERE retire_at_ms = 0 AND created_ms > ?",
+                    (now_ms - min_age_ms,)).fetchone()
+                if young:
+                    return False
+                db.execute("UPDATE turn_secrets SET retire_at_ms = ? WHERE retire_at_ms = 0",
+                           (retire_at_ms,))
+                db.execute("INSERT INTO turn_secrets(secret_id, sealed, created_ms, "
+                           "retire_at_ms) VALUES (?, ?, ?, 0)",
+                           (record.secret_id, record.sealed, record.created_ms))
+                return True
+
+        return await self._run(work)
+
+    async def purge_turn_secrets(self, now_ms: int) -> int:
+        return await self._run(lambda db: db.execute(
+            "DELETE FROM turn_secrets WHERE retire_at_ms > 0 AND retire_at_ms <= ?",
+            (now_ms,)).rowcount)
 
 
 def _admit(db: sqlite3.Connection, digest: bytes | None, project_id: str, now_ms: int,

@@ -1,0 +1,138 @@
+"""TURN secret rotation through icegate, followed by a real coturn reading a real Redis."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import icegate
+from harness.coturn import redis_secret_key
+from harness.icegate_server import (
+    TEST_ADMIN_KEY,
+    TEST_MASTER_KEY,
+    TEST_TURN_SECRET,
+    RunningServer,
+    server_settings,
+)
+from icegate_server.clock import FrozenClock
+
+pytestmark = [pytest.mark.coturn, pytest.mark.redis]
+REALM = "icegate.test"
+
+
+def credential(client: icegate.Client) -> tuple[str, str]:
+    issued = client.issue_turn_credentials("alice", ttl=60)
+    return issued.username, issued.password
+
+
+def coturn_secrets(redis_server) -> set[str]:
+    return {m.decode() for m in redis_server.command("SMEMBERS", redis_secret_key(REALM))}
+
+
+def test_rotation_and_retirement_without_restarting_coturn(tmp_path, redis_server,
+                                                           coturn_factory):
+    coturn = coturn_factory(realm=REALM, redis_port=redis_server.port)
+    settings = server_settings(
+        tmp_path, turn_realm=REALM, turn_uris=(coturn.turn_uri,), coturn_redis=redis_server.url,
+        turn_ttl_min=60, turn_ttl_default=60, turn_ttl_max=120)
+    with RunningServer(settings, FrozenClock(time.time())) as server, \
+            icegate.Client(server.target, TEST_ADMIN_KEY) as admin:
+        # At start icegate writes the secrets in force into coturn's Redis set.
+        assert coturn_secrets(redis_server) == {TEST_TURN_SECRET}
+        static_signed = credential(admin)
+
+        after_first = admin.rotate_turn_secret()
+        assert [s.source for s in after_first] == ["ring", "settings"]
+        assert after_first[0].signing
+        first_ring_signed = credential(admin)
+        assert first_ring_signed[1] != static_signed[1]
+
+        server.clock.advance(1)
+        after_second = admin.rotate_turn_secret()
+        retiring = after_second[1]
+        assert retiring.secret_id == after_first[0].secret_id
+        assert retiring.retire_time.seconds == int(server.clock.now()) + 120
+        second_ring_signed = credential(admin)
+        assert len(coturn_secrets(redis_server)) == 3
+        assert TEST_TURN_SECRET.encode() not in b"".join(
+            s.SerializeToString() for s in after_second)
+
+        for signed in (static_signed, first_ring_signed, second_ring_signed):
+            result = coturn.allocate(*signed)
+            assert result.ok, result.output
+
+        # Past the longest TTL the retired secret leaves icegate and coturn.
+        server.clock.advance(120)
+        in_force = admin.list_turn_secrets()
+        assert [s.secret_id for s in in_force] == [after_second[0].secret_id,
+                                                   after_second[2].secret_id]
+        assert len(coturn_secrets(redis_server)) == 2
+        assert not coturn.allocate(*first_ring_signed).ok
+        assert coturn.allocate(*second_ring_signed).ok
+
+
+def test_every_replica_signs_with_the_new_secret(tmp_path, redis_server):
+    store = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
+    first = RunningServer(server_settings(tmp_path / "a", store=store))
+    second = RunningServer(server_settings(tmp_path / "b", store=store))
+    try:
+        with icegate.Client(first.target, TEST_ADMIN_KEY) as a, \
+                icegate.Client(second.target, TEST_ADMIN_KEY) as b:
+            signer = a.rotate_turn_secret()[0].secret_id
+            deadline = time.monotonic() + 5
+            while b.list_turn_secrets()[0].secret_id != signer:
+                assert time.monotonic() < deadline, "the other replica never saw the rotation"
+                time.sleep(0.1)
+            assert a.issue_turn_credentials("u").password == \
+                b.issue_turn_credentials("u").password
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_coturn_config_from_icegate_settings_runs_a_matching_coturn(tmp_path, redis_server,
+                                                                   coturn_factory):
+    """`icegate-server coturn-config` renders a coturn that accepts icegate's credentials."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from harness.coturn import _stun_binding_answered
+    from harness.ports import free_tcp_udp_port
+
+    port = free_tcp_udp_port()
+    turn_uri = f"turn:127.0.0.1:{port}?transport=udp"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ICEGATE_")}
+    env.update(ICEGATE_TURN_URIS=turn_uri, ICEGATE_TURN_REALM=REALM,
+               ICEGATE_COTURN_REDIS=redis_server.url, ICEGATE_TURN_SECRETS=TEST_TURN_SECRET,
+               ICEGATE_API_KEYS=TEST_ADMIN_KEY, ICEGATE_MASTER_KEY=TEST_MASTER_KEY,
+               ICEGATE_DATA_DIR=str(tmp_path / "data"))
+    config = tmp_path / "turnserver.conf"
+    subprocess.run([str(Path(sys.executable).parent / "icegate-server"), "coturn-config",
+                    "--output", str(config)], env=env, check=True, timeout=30)
+    assert (config.stat().st_mode & 0o777) == 0o600
+    text = config.read_text()
+    assert f"realm={REALM}" in text and f"listening-port={port}" in text
+    assert "\nstatic-auth-secret=" not in text  # coturn reads the secrets from Redis
+
+    settings = server_settings(tmp_path / "icegate", turn_realm=REALM, turn_uris=(turn_uri,),
+                               coturn_redis=redis_server.url)
+    coturn = subprocess.Popen(["turnserver", "-c", str(config)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        assert any(_stun_binding_answered("127.0.0.1", port, 0.2) for _ in range(50))
+        with RunningServer(settings, FrozenClock(time.time())) as server, \
+                icegate.Client(server.target, TEST_ADMIN_KEY) as admin:
+            admin.rotate_turn_secret()
+            username, password = credential(admin)
+        probe = coturn_factory([TEST_TURN_SECRET], realm=REALM)  # borrow its client binary
+        result = subprocess.run(
+            [probe.client_binary, "-p", str(port), "-n", "1", "-m", "1", "-l", "100", "-y",
+             "-u", username, "-w", password, "-e", "127.0.0.1", "127.0.0.1"],
+            capture_output=True, timeout=20)
+        assert result.returncode == 0, result.stdout[-500:]
+    finally:
+        coturn.terminate()
+        coturn.wait(10)
