@@ -136,3 +136,27 @@ def test_coturn_config_from_icegate_settings_runs_a_matching_coturn(tmp_path, re
     finally:
         coturn.terminate()
         coturn.wait(10)
+
+
+def test_automatic_rotation_on_an_interval(tmp_path):
+    settings = server_settings(tmp_path, turn_rotate_interval=3600)
+    with RunningServer(settings, FrozenClock(time.time())) as server, \
+            icegate.Client(server.target, TEST_ADMIN_KEY) as admin:
+
+        def signer_after(previous: str | None) -> str:
+            deadline = time.monotonic() + 5
+            while True:
+                current = admin.list_turn_secrets()[0]
+                if current.source == "ring" and current.secret_id != previous:
+                    return current.secret_id
+                assert time.monotonic() < deadline, "no automatic rotation happened"
+                time.sleep(0.1)
+
+        first = signer_after(None)  # the first ring secret appears by itself
+        time.sleep(1.5)
+        assert admin.list_turn_secrets()[0].secret_id == first  # not due yet
+        server.clock.advance(3600)
+        second = signer_after(first)
+        ring = admin.list_turn_secrets()
+        assert [s.secret_id for s in ring[:2]] == [second, first]
+        assert ring[1].retire_time.seconds == int(server.clock.now()) + 86400
