@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from icegate_server.config import ConfigError, Settings, add_setting_flags, load_settings
 from icegate_server.dev_secrets import apply_dev_secrets
+from icegate_server.errors import IcegateError
 
 log = logging.getLogger("icegate_server")
 
@@ -75,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         runner(serve(settings))
-    except OSError as error:
+    except (OSError, IcegateError) as error:
         print(f"icegate-server: {error}", file=sys.stderr)
         return 1
     return 0

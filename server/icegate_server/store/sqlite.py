@@ -37,6 +37,7 @@ from icegate_server.store.base import (
 T = TypeVar("T")
 
 SCHEMA_VERSION = 2
+BUSY_TIMEOUT_MS = 1000
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_meta (
     key   TEXT PRIMARY KEY,
@@ -427,7 +428,9 @@ def _connect(path: str) -> sqlite3.Connection:
     db = sqlite3.connect(file, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
-    db.execute("PRAGMA busy_timeout=5000")
+    # Short enough that a stuck writer (another process holding the lock) turns into a
+    # prompt UNAVAILABLE instead of a call that outlives its deadline.
+    db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     db.execute("PRAGMA foreign_keys=ON")
     db.executescript(_SCHEMA)
     db.execute("INSERT INTO schema_meta(key, value) VALUES ('version', ?) "
