@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from fake_upstreams import CannedResponse, FakeUpstream, OpenAIEmulation
 
 import icegate
+from fake_upstreams import CannedResponse, FakeUpstream, OpenAIEmulation
 from harness.icegate_server import TEST_ADMIN_KEY, TEST_TURN_SECRET, RunningServer, server_settings
 from harness.server_process import ServerProcess
 from icegate_server.clock import FrozenClock
@@ -150,7 +150,7 @@ def test_sigterm_under_load_loses_no_lease_and_no_quota_unit(tmp_path):
                         except icegate.IcegateError as error:
                             return error.code.name
                     calls = [asyncio.ensure_future(one()) for _ in range(12)]
-                    while len(openai.requests) < 12:  # every call is in flight upstream
+                    while len(openai.requests) < 12:  # noqa: ASYNC110 - polling a thread's list
                         await asyncio.sleep(0.02)
                     server.process.send_signal(signal.SIGTERM)
                     return await asyncio.gather(*calls)
