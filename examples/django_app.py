@@ -11,13 +11,9 @@ of your choice.
 """
 
 import json
-import logging
-import math
 import os
 import sys
-from dataclasses import asdict
-from datetime import timezone
-from typing import Any
+from pathlib import Path
 
 from django.conf import settings
 from django.core.management.utils import get_random_secret_key
@@ -27,6 +23,10 @@ from django.urls import path
 from django.views.decorators.http import require_POST
 
 import icegate
+
+# The framework-independent part (browser answer, error mapping) sits next to this file.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from realtime_session import browser_session, http_error
 
 if not settings.configured:
     settings.configure(
@@ -39,7 +39,6 @@ if not settings.configured:
         MIDDLEWARE=["django.middleware.common.CommonMiddleware"],
     )
 
-log = logging.getLogger(__name__)
 PROJECT_ID = os.environ.get("ICEGATE_PROJECT", "")
 
 # One client (one channel) for the whole process, shared by every request and thread.
@@ -54,31 +53,7 @@ def use_icegate(target: str | None = None, api_key: str | None = None) -> None:
 
 
 def error_response(error: icegate.IcegateError) -> JsonResponse:
-    """The HTTP answer to the browser for an icegate error (never the keys, never internals)."""
-    body: dict[str, Any]
-    headers: dict[str, str] = {}
-    if isinstance(error, icegate.QuotaExceededError):
-        status, body = 402, {"error": "quota_exceeded", "usage": asdict(error.usage),
-                             "upgrade_url": error.upgrade_url}
-    elif isinstance(error, icegate.ConcurrentLimitError):
-        status, body = 429, {"error": "concurrent_limit_exceeded", "current": error.current,
-                             "max": error.max_sessions}
-    elif isinstance(error, icegate.RateLimitedError):
-        reset_at = error.reset_at
-        status, body = 429, {"error": "rate_limited",
-                             "resetAt": reset_at.isoformat() if reset_at else None}
-        if error.retry_after is not None:
-            headers["Retry-After"] = str(max(1, math.ceil(error.retry_after.total_seconds())))
-    elif isinstance(error, icegate.InvalidArgumentError):
-        status, body = 400, {"error": "invalid_argument", "fields": [
-            {"field": v.field, "description": v.description} for v in error.field_violations]}
-    elif isinstance(error, icegate.NotFoundError):
-        status, body = 404, {"error": "session_not_found"}
-    elif isinstance(error, (icegate.UnavailableError, icegate.DeadlineExceededError)):
-        status, body = 503, {"error": "temporarily_unavailable"}
-    else:  # misconfiguration (no provider key, key refused, bad icegate key...): ours to fix
-        log.error("icegate: %s", error)
-        status, body = 502, {"error": "session_unavailable", "reason": error.reason}
+    status, body, headers = http_error(error)
     return JsonResponse(body, status=status, headers=headers)
 
 
@@ -100,14 +75,7 @@ def create_session(request: HttpRequest) -> JsonResponse:
             timeout=5)
     except icegate.IcegateError as error:
         return error_response(error)
-    expires_at = session.ephemeral_token.expire_time.ToDatetime(tzinfo=timezone.utc)
-    return JsonResponse({
-        "ephemeralToken": session.ephemeral_token.value,
-        "expiresAt": expires_at.isoformat(),
-        "iceServers": icegate.rtc_ice_servers(
-            [*session.ice_servers, *session.provider_ice_servers]),
-        "sessionId": session.session_id,
-    })
+    return JsonResponse(browser_session(session))
 
 
 @require_POST

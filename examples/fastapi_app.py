@@ -7,13 +7,11 @@ The browser calls `POST /api/realtime-session` and gets `{ephemeralToken, expire
 iceServers, sessionId}`; the icegate key and the provider key never reach it.
 """
 
-import logging
-import math
 import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import asdict
-from datetime import timezone
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, Request
@@ -22,41 +20,14 @@ from pydantic import BaseModel
 
 import icegate
 
-log = logging.getLogger(__name__)
+# The framework-independent part (browser answer, error mapping) sits next to this file.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from realtime_session import browser_session, http_error
 
 
 class SessionRequest(BaseModel):
     voice: str = ""
     instructions: str = ""
-
-
-def error_response(error: icegate.IcegateError) -> JSONResponse:
-    """The HTTP answer to the browser for an icegate error (never the keys, never internals)."""
-    body: dict[str, Any]
-    headers: dict[str, str] = {}
-    if isinstance(error, icegate.QuotaExceededError):
-        status, body = 402, {"error": "quota_exceeded", "usage": asdict(error.usage),
-                             "upgrade_url": error.upgrade_url}
-    elif isinstance(error, icegate.ConcurrentLimitError):
-        status, body = 429, {"error": "concurrent_limit_exceeded", "current": error.current,
-                             "max": error.max_sessions}
-    elif isinstance(error, icegate.RateLimitedError):
-        reset_at = error.reset_at
-        status, body = 429, {"error": "rate_limited",
-                             "resetAt": reset_at.isoformat() if reset_at else None}
-        if error.retry_after is not None:
-            headers["Retry-After"] = str(max(1, math.ceil(error.retry_after.total_seconds())))
-    elif isinstance(error, icegate.InvalidArgumentError):
-        status, body = 400, {"error": "invalid_argument", "fields": [
-            {"field": v.field, "description": v.description} for v in error.field_violations]}
-    elif isinstance(error, icegate.NotFoundError):
-        status, body = 404, {"error": "session_not_found"}
-    elif isinstance(error, (icegate.UnavailableError, icegate.DeadlineExceededError)):
-        status, body = 503, {"error": "temporarily_unavailable"}
-    else:  # misconfiguration (no provider key, key refused, bad icegate key...): ours to fix
-        log.error("icegate: %s", error)
-        status, body = 502, {"error": "session_unavailable", "reason": error.reason}
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def create_app(target: str | None = None, api_key: str | None = None,
@@ -75,7 +46,8 @@ def create_app(target: str | None = None, api_key: str | None = None,
 
     @app.exception_handler(icegate.IcegateError)
     async def icegate_error(request: Request, error: icegate.IcegateError) -> JSONResponse:
-        return error_response(error)
+        status, body, headers = http_error(error)
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.post("/api/realtime-session")
     async def create_session(
@@ -88,14 +60,7 @@ def create_app(target: str | None = None, api_key: str | None = None,
         session = await client.create_session(
             "openai", project_id=project, user_id=x_user_id, voice=options.voice,
             instructions=options.instructions, timeout=5)
-        expires_at = session.ephemeral_token.expire_time.ToDatetime(tzinfo=timezone.utc)
-        return {
-            "ephemeralToken": session.ephemeral_token.value,
-            "expiresAt": expires_at.isoformat(),
-            "iceServers": icegate.rtc_ice_servers(
-                [*session.ice_servers, *session.provider_ice_servers]),
-            "sessionId": session.session_id,
-        }
+        return browser_session(session)
 
     @app.post("/api/realtime-session/{session_id}/end")
     async def end_session(request: Request, session_id: str) -> dict[str, Any]:

@@ -6,47 +6,22 @@ The browser calls `POST /api/realtime-session` and gets `{ephemeralToken, expire
 iceServers, sessionId}`; the icegate key and the provider key never reach it.
 """
 
-import logging
-import math
 import os
-from dataclasses import asdict
-from datetime import timezone
-from typing import Any
+import sys
+from pathlib import Path
 
 from flask import Flask, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 
 import icegate
 
-log = logging.getLogger(__name__)
+# The framework-independent part (browser answer, error mapping) sits next to this file.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from realtime_session import browser_session, http_error
 
 
 def error_response(error: icegate.IcegateError) -> ResponseReturnValue:
-    """The HTTP answer to the browser for an icegate error (never the keys, never internals)."""
-    body: dict[str, Any]
-    headers: dict[str, str] = {}
-    if isinstance(error, icegate.QuotaExceededError):
-        status, body = 402, {"error": "quota_exceeded", "usage": asdict(error.usage),
-                             "upgrade_url": error.upgrade_url}
-    elif isinstance(error, icegate.ConcurrentLimitError):
-        status, body = 429, {"error": "concurrent_limit_exceeded", "current": error.current,
-                             "max": error.max_sessions}
-    elif isinstance(error, icegate.RateLimitedError):
-        reset_at = error.reset_at
-        status, body = 429, {"error": "rate_limited",
-                             "resetAt": reset_at.isoformat() if reset_at else None}
-        if error.retry_after is not None:
-            headers["Retry-After"] = str(max(1, math.ceil(error.retry_after.total_seconds())))
-    elif isinstance(error, icegate.InvalidArgumentError):
-        status, body = 400, {"error": "invalid_argument", "fields": [
-            {"field": v.field, "description": v.description} for v in error.field_violations]}
-    elif isinstance(error, icegate.NotFoundError):
-        status, body = 404, {"error": "session_not_found"}
-    elif isinstance(error, (icegate.UnavailableError, icegate.DeadlineExceededError)):
-        status, body = 503, {"error": "temporarily_unavailable"}
-    else:  # misconfiguration (no provider key, key refused, bad icegate key...): ours to fix
-        log.error("icegate: %s", error)
-        status, body = 502, {"error": "session_unavailable", "reason": error.reason}
+    status, body, headers = http_error(error)
     return jsonify(body), status, headers
 
 
@@ -72,14 +47,7 @@ def create_app(target: str | None = None, api_key: str | None = None,
             user_id=request.headers.get("X-User-Id", "anonymous"),
             voice=options.get("voice", ""), instructions=options.get("instructions", ""),
             timeout=5)
-        expires_at = session.ephemeral_token.expire_time.ToDatetime(tzinfo=timezone.utc)
-        return jsonify(
-            ephemeralToken=session.ephemeral_token.value,
-            expiresAt=expires_at.isoformat(),
-            iceServers=icegate.rtc_ice_servers(
-                [*session.ice_servers, *session.provider_ice_servers]),
-            sessionId=session.session_id,
-        )
+        return jsonify(browser_session(session))
 
     @app.post("/api/realtime-session/<session_id>/end")
     def end_session(session_id: str) -> ResponseReturnValue:

@@ -6,12 +6,16 @@ base URL (`https://<resource>.openai.azure.com`, no default) and the deployment 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from icegate_server.errors import UpstreamNotConfiguredError
 from icegate_server.providers.base import (
+    JsonObject,
     MintedToken,
     ProviderKind,
     ProviderRuntime,
     SessionOptions,
+    UpstreamAnswer,
     UpstreamHttp,
     check_api_key,
 )
@@ -54,6 +58,18 @@ class _AzureBase:
             )
         return self._url
 
+    async def _post(
+        self, api_key: str, body: JsonObject, *, timeout: float | None,
+        params: Mapping[str, str] | None = None,
+    ) -> UpstreamAnswer:
+        """POSTs `body` to the resource with the `api-key` header (URL and key checked first)."""
+        url = self._configured_url()
+        check_api_key(api_key, self.kind)
+        return await self._http.call(
+            "POST", url, headers={"api-key": api_key}, params=params, json_body=body,
+            deadline=self._http.deadline(timeout), secrets=(api_key,),
+        )
+
 
 class AzureProvider(_AzureBase):
     """Azure OpenAI GA: `POST /openai/v1/realtime/client_secrets`."""
@@ -70,13 +86,8 @@ class AzureProvider(_AzureBase):
     ) -> MintedToken:
         """See `Provider.mint`."""
         self.validate(options)
-        url = self._configured_url()
-        check_api_key(api_key, self.kind)
-        answer = await self._http.call(
-            "POST", url, headers={"api-key": api_key},
-            json_body=client_secrets_body(options, options.model),
-            deadline=self._http.deadline(timeout), secrets=(api_key,),
-        )
+        answer = await self._post(
+            api_key, client_secrets_body(options, options.model), timeout=timeout)
         return parse_client_secret(answer, options, options.model)
 
 
@@ -95,12 +106,7 @@ class AzureLegacyProvider(_AzureBase):
     ) -> MintedToken:
         """See `Provider.mint`."""
         self.validate(options)
-        url = self._configured_url()
-        check_api_key(api_key, self.kind)
-        answer = await self._http.call(
-            "POST", url, headers={"api-key": api_key},
-            params={"api-version": LEGACY_API_VERSION},
-            json_body=sessions_body(options, options.model),
-            deadline=self._http.deadline(timeout), secrets=(api_key,),
-        )
+        answer = await self._post(
+            api_key, sessions_body(options, options.model), timeout=timeout,
+            params={"api-version": LEGACY_API_VERSION})
         return parse_session(answer, options, options.model)

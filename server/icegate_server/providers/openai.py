@@ -6,6 +6,7 @@ two dialects with another URL and auth header.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from icegate_server.providers.base import (
@@ -170,8 +171,17 @@ class _OpenAIBase:
             if value
         }
 
-    def _headers(self, api_key: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {api_key}", **self._extra_headers}
+    async def _post(
+        self, api_key: str, body: JsonObject, *, timeout: float | None,
+        headers: Mapping[str, str] | None = None,
+    ) -> UpstreamAnswer:
+        """POSTs `body` with the bearer key, the optional OpenAI headers and `headers`."""
+        check_api_key(api_key, self.kind)
+        auth = {"Authorization": f"Bearer {api_key}", **self._extra_headers}
+        return await self._http.call(
+            "POST", self._url, headers={**auth, **(headers or {})}, json_body=body,
+            deadline=self._http.deadline(timeout), secrets=(api_key,),
+        )
 
 
 class OpenAIProvider(_OpenAIBase):
@@ -189,13 +199,8 @@ class OpenAIProvider(_OpenAIBase):
     ) -> MintedToken:
         """See `Provider.mint`."""
         self.validate(options)
-        check_api_key(api_key, self.kind)
         model = options.model or DEFAULT_GA_MODEL
-        answer = await self._http.call(
-            "POST", self._url, headers=self._headers(api_key),
-            json_body=client_secrets_body(options, model),
-            deadline=self._http.deadline(timeout), secrets=(api_key,),
-        )
+        answer = await self._post(api_key, client_secrets_body(options, model), timeout=timeout)
         return parse_client_secret(answer, options, model)
 
 
@@ -214,11 +219,7 @@ class OpenAIBetaProvider(_OpenAIBase):
     ) -> MintedToken:
         """See `Provider.mint`."""
         self.validate(options)
-        check_api_key(api_key, self.kind)
         model = options.model or DEFAULT_BETA_MODEL
-        headers = {**self._headers(api_key), "OpenAI-Beta": "realtime=v1"}
-        answer = await self._http.call(
-            "POST", self._url, headers=headers, json_body=sessions_body(options, model),
-            deadline=self._http.deadline(timeout), secrets=(api_key,),
-        )
+        answer = await self._post(api_key, sessions_body(options, model), timeout=timeout,
+                                  headers={"OpenAI-Beta": "realtime=v1"})
         return parse_session(answer, options, model)
