@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/icegate/v1/*.proto)
 GENERATED_DIR := client/icegate/v1
 
-.PHONY: all venv proto proto-check run test lint coturn bench clean
+.PHONY: all venv proto proto-check run test lint coturn bench clean soak
 
 all: test
 
@@ -60,3 +60,8 @@ coturn: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# A bounded soak run (10 min, SQLite, 200 RPC/s by default) that fails on leaks and unexpected
+# errors: SOAK_ARGS="--minutes 3 --store redis --report /tmp/soak.md". See docs/RELIABILITY.md.
+soak: $(STAMP)
+	$(BIN)/python tests/soak/run_soak.py $(SOAK_ARGS)
