@@ -11,6 +11,7 @@ import asyncio
 import email.utils
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -31,6 +32,7 @@ from icegate_server.errors import (
     UpstreamUnavailableError,
 )
 from icegate_server.ice_servers import IceServer as IceServer
+from icegate_server.metrics import IcegateMetrics, upstream_outcome
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +164,8 @@ class ProviderRuntime:
     sleep: Sleep = asyncio.sleep
     random: RandomSource = _system_random
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    metrics: IcegateMetrics | None = None
+    """Where upstream calls are counted (`icegate_upstream_*`); None counts nothing."""
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -404,6 +408,31 @@ class UpstreamHttp:
         Raises:
             UpstreamError: a subclass; see `icegate_server.errors`.
         """
+        metrics = self._runtime.metrics
+        if metrics is None:
+            return await self._call(method, url, headers, deadline, secrets, json_body, params)
+        # Real elapsed time, not the injected clock: this measures the provider, not the domain.
+        started = time.perf_counter()
+        failure: BaseException | None = None
+        try:
+            return await self._call(method, url, headers, deadline, secrets, json_body, params)
+        except BaseException as error:
+            failure = error
+            raise
+        finally:
+            metrics.upstream_call(self._provider.value, upstream_outcome(failure),
+                                  time.perf_counter() - started)
+
+    async def _call(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        deadline: Deadline,
+        secrets: Sequence[str],
+        json_body: JsonObject | None,
+        params: Mapping[str, str] | None,
+    ) -> UpstreamAnswer:
         policy = self._runtime.retry
         path = httpx.URL(url).path
         attempt = 0
