@@ -9,11 +9,14 @@ call remembering to redact:
   gRPC method name, a project id, a key id (the public part of a key), a status code name, an
   ErrorInfo reason, a number, a request id, a peer address, a provider name. Unknown fields
   are dropped; a value that fails its rule is written as `[redacted]`.
-* The message is the format string the code passed, a constant in the source (ruff's
-  flake8-logging-format rules reject f-strings and `%`/`+`/`.format` in logging calls). Its
-  arguments are interpolated only when they are numbers, booleans, None, enum members (their
-  name), paths, or `Safe` strings (text the code vouches for, such as a listen address); any
-  other argument, from our code or a library's, is written as `[redacted]`.
+* The message is the format string the code passed, a constant in the source: for icegate's
+  own loggers, ruff's flake8-logging-format rules (G) reject f-strings and `%`/`+`/`.format`
+  in logging calls. A library's message is trusted only as a template, when it comes with
+  arguments; one without (libraries such as httpcore format their own text, which can hold
+  headers or URLs) is written as `[redacted]`, keeping its logger and level. Arguments are
+  interpolated only when they are numbers, booleans, None, enum members (their name),
+  paths, or `Safe` strings (text the code vouches for, such as a listen address); any other
+  argument, from our code or a library's, is written as `[redacted]`.
 * An exception is written as its type name and the file, line and function of each frame of
   its traceback: never its message or arguments, and never local values. A bug's traceback
   can hold anything (a KeyError carries the key it missed, an HTTP error the URL), so the
@@ -51,6 +54,10 @@ import grpc
 from icegate_server.projects import PROJECT_ID_PATTERN
 
 RPC_LOGGER = logging.getLogger("icegate_server.rpc")
+OWN_LOGGERS = ("icegate_server", "icegate")
+"""Loggers (and their children) whose messages are lint-checked constants."""
+QUIET_LIBRARY_LOGGERS = ("httpx", "httpcore")
+"""Set to WARNING by `configure_logging`: a line per upstream request says nothing new."""
 FIELDS_ATTRIBUTE = "icegate_fields"
 """The LogRecord attribute structured fields travel in (set through `fields`)."""
 REDACTED = "[redacted]"
@@ -139,7 +146,12 @@ def fields(**values: object) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class RpcLogEvent:
-    """The one log line of one RPC."""
+    """The one log line of one RPC.
+
+    `project` is the admitted project, else the id the request named if it is spelled like
+    one (a refused call still shows what it asked for); `key_id` is the public id of the
+    caller's key once it is recognised, never anything of an unrecognised key.
+    """
 
     method: str
     code: grpc.StatusCode
@@ -179,6 +191,10 @@ def _safe_argument(value: object) -> object:
     return REDACTED
 
 
+def _own_logger(name: str) -> bool:
+    return any(name == own or name.startswith(own + ".") for own in OWN_LOGGERS)
+
+
 def safe_message(record: logging.LogRecord) -> str:
     """The record's constant message with only its safe arguments interpolated."""
     template = record.msg
@@ -186,7 +202,7 @@ def safe_message(record: logging.LogRecord) -> str:
         return REDACTED
     args = record.args
     if not args:
-        return template
+        return template if _own_logger(record.name) else REDACTED
     safe_args: object
     if isinstance(args, Mapping):
         safe_args = {key: _safe_argument(value) for key, value in args.items()}
@@ -327,6 +343,8 @@ def configure_logging(log_format: str, level: str | int, *,
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level)
+    for name in QUIET_LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     listener.start()
     setup = LoggingSetup(listener, handler)
     _installed.append(setup)

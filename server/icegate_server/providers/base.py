@@ -32,6 +32,7 @@ from icegate_server.errors import (
     UpstreamUnavailableError,
 )
 from icegate_server.ice_servers import IceServer as IceServer
+from icegate_server.logs import Safe
 from icegate_server.metrics import IcegateMetrics, upstream_outcome
 
 logger = logging.getLogger(__name__)
@@ -489,14 +490,15 @@ class UpstreamHttp:
             # A reset or truncated answer: minting twice only leaves an unused token that
             # expires by itself, so retrying is safe.
             return self._connection_failure(exc, secrets)
-        logger.debug("%s %s %s -> %d (attempt %d)", name, method, path, response.status_code,
-                     attempt + 1)
+        logger.debug("%s %s %s -> %d (attempt %d)", Safe(name), Safe(method), Safe(path),
+                     response.status_code, attempt + 1)
         return response
 
     def _connection_failure(self, exc: httpx.TransportError, secrets: Sequence[str]) -> _Failure:
         name = self._provider.value
         detail = scrub(f"{type(exc).__name__}: {exc}", secrets)
-        logger.debug("%s connection failed: %s", name, detail)
+        # The detail quotes the network layer: scrubbed, but not vouched for, so redacted.
+        logger.debug("%s connection failed: %s", Safe(name), detail)
         return _Failure(
             UpstreamUnavailableError(f"{name} could not be reached ({detail})", provider=name),
             retryable=True,
@@ -618,5 +620,5 @@ class UpstreamHttp:
             if remaining is not None and delay >= remaining:
                 # Sleeping only to time out would hide the real cause from the caller.
                 raise error
-        logger.debug("%s retrying in %.2f s", self._provider.value, delay)
+        logger.debug("%s retrying in %.2f s", Safe(self._provider.value), delay)
         await self._runtime.sleep(delay)
