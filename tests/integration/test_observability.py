@@ -30,6 +30,7 @@ from icegate.errors import from_rpc_error
 from icegate.v1 import credentials_pb2, credentials_pb2_grpc
 from icegate_server.clock import FrozenClock
 from icegate_server.logs import JsonFormatter, TextFormatter
+from icegate_server.servicers.credentials import CredentialServicer
 from icegate_server.turn import TurnCredentialIssuer
 
 OPENAI_KEY = "sk-test-SECRET-openai-key-1234"
@@ -411,3 +412,21 @@ def test_a_bug_is_one_error_line_without_its_message(capture, server, stub, monk
     assert TEST_TURN_SECRET not in "\n".join(capture.lines)
     assert value(scrape_after(server, 1), "icegate_rpcs_total", code="INTERNAL",
                  method=CREDENTIALS + "IssueTurnCredentials") == 1
+
+
+def test_a_servicer_abort_keeps_its_code_and_the_request_id(tmp_path, monkeypatch):
+    async def aborting(self, request, context):
+        await context.abort(grpc.StatusCode.NOT_FOUND, "nothing here")
+
+    # Handlers are bound when the server is built: patch first, then start one.
+    monkeypatch.setattr(CredentialServicer, "IssueTurnCredentials", aborting)
+    with RunningServer(server_settings(tmp_path, metrics_listen="127.0.0.1:0")) as server, \
+            grpc.insecure_channel(server.target) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            credentials_pb2_grpc.CredentialServiceStub(channel).IssueTurnCredentials(
+                credentials_pb2.IssueTurnCredentialsRequest(user_id="u"),
+                metadata=auth(("x-request-id", "abort-1")), timeout=5)
+        assert caught.value.code() is grpc.StatusCode.NOT_FOUND
+        assert dict(caught.value.trailing_metadata())["x-request-id"] == "abort-1"
+        assert value(scrape_after(server, 1), "icegate_rpcs_total", code="NOT_FOUND",
+                     method=CREDENTIALS + "IssueTurnCredentials") == 1
