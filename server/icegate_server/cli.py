@@ -53,11 +53,11 @@ def _resolve_settings(args: argparse.Namespace) -> Settings:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        settings = _resolve_settings(args)
-    except ConfigError as error:
-        print(f"icegate-server: {error}", file=sys.stderr)
-        return 2
-    try:
+        try:
+            settings = _resolve_settings(args)
+        except ConfigError as error:
+            print(f"icegate-server: {error}", file=sys.stderr)
+            return 2
         return _run(args, settings)
     finally:
         stop_logging()  # writes out what is still queued
