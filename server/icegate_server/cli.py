@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from icegate_server.config import ConfigError, Settings, add_setting_flags, load_settings
 from icegate_server.dev_secrets import apply_dev_secrets
 from icegate_server.errors import IcegateError
+from icegate_server.logs import Safe, configure_logging, stop_logging
 
 log = logging.getLogger("icegate_server")
 
@@ -35,13 +36,14 @@ def _parser() -> argparse.ArgumentParser:
 def _resolve_settings(args: argparse.Namespace) -> Settings:
     flags = {key: value for key, value in vars(args).items() if key not in {"command", "output"}}
     settings = load_settings(flags)
+    # From here on every line goes through the sanitising formatter (icegate_server.logs).
+    configure_logging(settings.log_format, settings.log_level)
     settings, dev_file, created = apply_dev_secrets(settings)
     if dev_file is not None:
-        verb = "generated" if created else "using"
         log.warning(
             "%s development secrets in %s (mode 0600) for the settings left empty; set "
             "ICEGATE_TURN_SECRETS, ICEGATE_API_KEYS and ICEGATE_MASTER_KEY in production",
-            verb, dev_file)
+            Safe("generated" if created else "using"), dev_file)
         log.warning(
             "the icegate command run from this directory picks the dev key up by itself; "
             "other callers: export ICEGATE_API_KEY=\"$(python3 -c 'import json; "
@@ -51,15 +53,18 @@ def _resolve_settings(args: argparse.Namespace) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        settings = _resolve_settings(args)
-    except ConfigError as error:
-        print(f"icegate-server: {error}", file=sys.stderr)
-        return 2
-    logging.getLogger().setLevel(settings.log_level)
+        try:
+            settings = _resolve_settings(args)
+        except ConfigError as error:
+            print(f"icegate-server: {error}", file=sys.stderr)
+            return 2
+        return _run(args, settings)
+    finally:
+        stop_logging()  # writes out what is still queued
 
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "coturn-config":
         from icegate_server.coturn_config import write_coturn_config
 

@@ -60,6 +60,8 @@ class Settings:
     gemini_base_url: str = ""
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
+    log_format: str = "json"
+    metrics_listen: str = ""
 
     def __repr__(self) -> str:
         # Settings are printed in logs and tracebacks: secrets show as counts only.
@@ -159,6 +161,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "gemini_base_url": _parse_str,
     "shutdown_grace": _parse_float,
     "log_level": lambda raw: _parse_str(raw).upper(),
+    "log_format": lambda raw: _parse_str(raw).lower(),
+    "metrics_listen": _parse_str,
 }
 
 _HELP: dict[str, str] = {
@@ -190,6 +194,8 @@ _HELP: dict[str, str] = {
     "gemini_base_url": "Gemini API base URL (https://generativelanguage.googleapis.com)",
     "shutdown_grace": "seconds in-flight calls get to finish on SIGTERM (default 10)",
     "log_level": "DEBUG, INFO, WARNING or ERROR (default INFO)",
+    "log_format": "json (one sanitised JSON object per line, the default) or text",
+    "metrics_listen": "host:port serving Prometheus metrics at /metrics (default empty: off)",
 }
 
 
@@ -339,6 +345,15 @@ def _validate(settings: Settings) -> None:
         fail("store_timeout", "must be more than 0 and at most 60 seconds")
     if settings.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         fail("log_level", "must be DEBUG, INFO, WARNING or ERROR")
+    if settings.log_format not in {"json", "text"}:
+        fail("log_format", "must be json or text")
+    if settings.metrics_listen:
+        try:
+            parse_listen_address(settings.metrics_listen)
+        except ValueError as error:
+            fail("metrics_listen", str(error))
+        if settings.metrics_listen == settings.listen and not settings.listen.endswith(":0"):
+            fail("metrics_listen", "must differ from ICEGATE_LISTEN")
     if not settings.dev_secrets and not settings.turn_secrets:
         fail("turn_secrets", "is required when ICEGATE_DEV_SECRETS is false")
     if not settings.dev_secrets and not settings.api_keys:

@@ -6,12 +6,20 @@ round trip), makes the `CallContext` available to the servicer through `current_
 turns any `IcegateError` into a gRPC status with rich details through `icegate_server.status`,
 the one place that mapping lives. Health checking and reflection stay open: load balancers
 and grpcurl carry no key.
+
+It also observes every guarded call: the request id (the caller's `x-request-id` if valid,
+else a fresh one) goes back in the trailing metadata on success and on error (merged with
+the rich-status trailer), and each call ends in one `icegate_rpcs_total` count, one latency
+observation and one log line (`icegate_server.logs`). Open methods are neither counted nor
+logged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
-import logging
+import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -21,9 +29,12 @@ import grpc.aio
 from icegate_server.access import AccessControl, CallContext, MethodPolicy
 from icegate_server.auth import bearer_key
 from icegate_server.errors import IcegateError
-from icegate_server.status import INTERNAL_STATUS, to_grpc_status
+from icegate_server.logs import RpcLogEvent, log_rpc, valid_request_id
+from icegate_server.metrics import IcegateMetrics
+from icegate_server.projects import PROJECT_ID_PATTERN
+from icegate_server.status import INTERNAL_STATUS, lookup, to_grpc_status
 
-log = logging.getLogger(__name__)
+REQUEST_ID_HEADER = "x-request-id"
 
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -39,6 +50,16 @@ _current_call: contextvars.ContextVar[CallContext] = contextvars.ContextVar("ice
 def current_call() -> CallContext:
     """The caller and project of the RPC being served (set by `CallGuard`)."""
     return _current_call.get()
+
+
+def request_id_of(metadata: Any) -> str:
+    """The caller's `x-request-id` when it is 1-128 printable ASCII characters, else a new one."""
+    for name, value in metadata:
+        if name == REQUEST_ID_HEADER:
+            if isinstance(value, str) and valid_request_id(value):
+                return value
+            break
+    return os.urandom(16).hex()
 
 
 def method_policy(method: str) -> MethodPolicy:
@@ -59,8 +80,9 @@ UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[An
 class CallGuard(grpc.aio.ServerInterceptor):
     """Admits every non-open RPC and maps domain errors to statuses."""
 
-    def __init__(self, access: AccessControl) -> None:
+    def __init__(self, access: AccessControl, metrics: IcegateMetrics | None = None) -> None:
         self._access = access
+        self._metrics = metrics if metrics is not None else IcegateMetrics()
         self._wrapped: dict[str, Handler] = {}
 
     async def intercept_service(
@@ -78,28 +100,78 @@ class CallGuard(grpc.aio.ServerInterceptor):
         if handler.unary_unary is None:
             raise TypeError(f"{method}: icegate serves unary-unary RPCs only")
         wrapped = grpc.unary_unary_rpc_method_handler(
-            self._guard(cast(UnaryBehavior, handler.unary_unary), method_policy(method)),
+            self._guard(cast(UnaryBehavior, handler.unary_unary), method_policy(method),
+                        method),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
         self._wrapped[method] = wrapped
         return wrapped
 
-    def _guard(self, behavior: UnaryBehavior, policy: MethodPolicy) -> UnaryBehavior:
+    def _guard(self, behavior: UnaryBehavior, policy: MethodPolicy,
+               method: str) -> UnaryBehavior:
         admit = self._access.admit
+        metrics = self._metrics
+        observe = metrics.rpc(method).observe
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            metadata = context.invocation_metadata() or ()
+            trailer = ((REQUEST_ID_HEADER, request_id_of(metadata)),)
+            context.set_trailing_metadata(trailer)
+            code, reason, call, bug = grpc.StatusCode.OK, "", None, None
             try:
-                key = bearer_key(context.invocation_metadata() or ())
+                key = bearer_key(metadata)
                 project_id = getattr(request, "project_id", "")
-                _current_call.set(await admit(key, policy, project_id))
+                call = await admit(key, policy, project_id)
+                _current_call.set(call)
                 return await behavior(request, context)
             except IcegateError as error:
-                await context.abort_with_status(to_grpc_status(error))
+                code, reason = lookup(error)
+                status = to_grpc_status(error)
+                await context.abort(status.code, status.details,
+                                    (*status.trailing_metadata, *trailer))
             except grpc.aio.AbortError:
+                code = _aborted_code(context)
                 raise
-            except Exception:
-                log.exception("unexpected error serving a call")
-                await context.abort_with_status(INTERNAL_STATUS)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as error:
+                code, reason, bug = grpc.StatusCode.INTERNAL, "INTERNAL", error
+                await context.abort(INTERNAL_STATUS.code, INTERNAL_STATUS.details,
+                                    (*INTERNAL_STATUS.trailing_metadata, *trailer))
+            finally:
+                seconds = time.perf_counter() - started
+                observe(code, seconds)
+                if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    metrics.limit_refused(reason)
+                log_rpc(RpcLogEvent(
+                    method=method, code=code, duration_ms=seconds * 1000,
+                    request_id=trailer[0][1], peer=context.peer(),
+                    project=_project_of(call, request), reason=reason,
+                    key_id=call.caller.key_id if call is not None else ""), bug)
 
         return guarded
+
+
+def _project_of(call: CallContext | None, request: Any) -> str:
+    # The admitted project; else the one the request named, if it is spelled like a project id.
+    if call is not None and call.project is not None:
+        return call.project.project_id
+    named = getattr(request, "project_id", "")
+    return named if isinstance(named, str) and PROJECT_ID_PATTERN.match(named) else ""
+
+
+def _aborted_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    # A servicer that aborted by itself: the code it set, when grpc tells it.
+    try:
+        code = context.code()
+    except Exception:
+        return grpc.StatusCode.UNKNOWN
+    if isinstance(code, grpc.StatusCode):
+        return code
+    for candidate in grpc.StatusCode:
+        if candidate.value[0] == code:
+            return candidate
+    return grpc.StatusCode.UNKNOWN

@@ -28,9 +28,17 @@ from icegate.v1 import (
 )
 from icegate_server.access import AccessControl
 from icegate_server.clock import Clock, SystemClock
-from icegate_server.config import Settings
+from icegate_server.config import Settings, parse_listen_address
 from icegate_server.coturn_sync import CoturnRedisSecrets, CoturnSecretSink, CoturnSqliteSecrets
 from icegate_server.interceptor import CallGuard
+from icegate_server.logs import Safe
+from icegate_server.metrics import (
+    ActiveLeaseGauge,
+    IcegateMetrics,
+    MetricsEndpoint,
+    instrument_store,
+    serve_metrics,
+)
 from icegate_server.project_admin import ProjectAdmin, ProjectDefaults
 from icegate_server.provider_keys import ProviderKeys
 from icegate_server.providers import (
@@ -71,7 +79,17 @@ class IcegateServer:
     settings: Settings
     http: httpx.AsyncClient
     turn_secrets: TurnSecretRing
+    metrics: IcegateMetrics = field(default_factory=IcegateMetrics)
+    metrics_endpoint: MetricsEndpoint | None = None
+    """The Prometheus endpoint (`ICEGATE_METRICS_LISTEN`), None when off."""
+    lease_gauge: ActiveLeaseGauge | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    _background: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port metrics are served on, None when off."""
+        return None if self.metrics_endpoint is None else self.metrics_endpoint.port
 
     async def start(self) -> None:
         """Starts serving and reports SERVING."""
@@ -79,6 +97,8 @@ class IcegateServer:
         self.turn_secrets.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.lease_gauge is not None:
+            self._background.append(asyncio.create_task(self.lease_gauge.run()))
 
     async def stop(self, grace: float | None = None) -> None:
         """Reports NOT_SERVING, lets in-flight calls finish within `grace`, then releases all."""
@@ -88,6 +108,11 @@ class IcegateServer:
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(self.settings.shutdown_grace if grace is None else grace)
         await self.turn_secrets.stop()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self.metrics_endpoint is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.metrics_endpoint.stop)
         await self.http.aclose()
         await self.store.close()
 
@@ -123,15 +148,18 @@ async def create_server(
         The server and the port it is bound to.
     """
     clock = clock or SystemClock()
+    metrics = IcegateMetrics()
     vault = Vault(load_master_keys(settings.master_key or None,
                                    settings.master_key_file or None))
-    store = await open_store(settings.store_url, timeout=settings.store_timeout)
+    store = instrument_store(
+        await open_store(settings.store_url, timeout=settings.store_timeout), metrics)
     http = make_http_client(settings.upstream_connect_timeout, settings.upstream_read_timeout,
                             transport=http_transport)
     try:
         keyring = TurnSecretKeyring(settings.turn_secrets)
         issuer = TurnCredentialIssuer(keyring, clock, settings.turn_uris,
-                                      min_ttl_seconds=settings.turn_ttl_min)
+                                      min_ttl_seconds=settings.turn_ttl_min,
+                                      on_issue=metrics.turn_credential_issued)
         admin = ProjectAdmin(store, clock, ProjectDefaults(
             turn_ttl_default_seconds=settings.turn_ttl_default,
             turn_ttl_max_seconds=settings.turn_ttl_max,
@@ -146,7 +174,7 @@ async def create_server(
                                fail_open_rate_limit=settings.rate_limit_fail_open)
 
         server = grpc.aio.server(
-            interceptors=[CallGuard(access)],
+            interceptors=[CallGuard(access, metrics)],
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", 64 * 1024),
@@ -154,7 +182,7 @@ async def create_server(
         )
         provider_keys = ProviderKeys(store, vault, clock)
         providers = build_providers(provider_settings(settings),
-                                    ProviderRuntime(http))
+                                    ProviderRuntime(http, metrics=metrics))
         sessions = RealtimeSessions(store, provider_keys, providers, issuer, settings.stun_uris,
                                     clock, lease_seconds=settings.session_lease_seconds)
         credentials_pb2_grpc.add_CredentialServiceServicer_to_server(
@@ -180,7 +208,19 @@ async def create_server(
         await http.aclose()
         await store.close()
         raise OSError(f"cannot listen on {settings.listen}: address in use or not available")
-    return IcegateServer(server, health_servicer, store, settings, http, turn_secrets), port
+    endpoint, lease_gauge = None, None
+    if settings.metrics_listen:
+        host, metrics_port = parse_listen_address(settings.metrics_listen)
+        try:
+            endpoint = serve_metrics(metrics.registry, host, metrics_port)
+        except OSError as error:
+            await http.aclose()
+            await store.close()
+            raise OSError(f"cannot serve metrics on {settings.metrics_listen} "
+                          f"(ICEGATE_METRICS_LISTEN): {error.strerror}") from None
+        lease_gauge = ActiveLeaseGauge(store, clock, metrics)
+    return IcegateServer(server, health_servicer, store, settings, http, turn_secrets, metrics,
+                         endpoint, lease_gauge), port
 
 
 async def serve(settings: Settings) -> None:
@@ -188,8 +228,11 @@ async def serve(settings: Settings) -> None:
     server, port = await create_server(settings)
     await server.start()
     host = settings.listen.rpartition(":")[0]
-    log.info("icegate-server listening on %s:%d (store %s)", host, port,
-             settings.store_url.split("://", 1)[0])
+    log.info("icegate-server listening on %s:%d (store %s)", Safe(host), port,
+             Safe(settings.store_url.split("://", 1)[0]))
+    if server.metrics_port is not None:
+        log.info("Prometheus metrics on http://%s:%d/metrics",
+                 Safe(settings.metrics_listen.rpartition(":")[0]), server.metrics_port)
 
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()

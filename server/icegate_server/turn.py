@@ -18,7 +18,7 @@ import base64
 import hashlib
 import hmac
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from icegate_server.clock import Clock
@@ -129,8 +129,11 @@ class TurnCredentialIssuer:
     """Issues TURN REST credentials for the configured URIs, signed by the keyring."""
 
     def __init__(self, keyring: TurnSecretKeyring, clock: Clock, uris: Sequence[str], *,
-                 min_ttl_seconds: int = 60) -> None:
+                 min_ttl_seconds: int = 60,
+                 on_issue: Callable[[], None] | None = None) -> None:
+        """`on_issue` is called once per credential signed (the server counts them)."""
         self._keyring = keyring
+        self._on_issue = on_issue
         self._clock = clock
         self._uris = tuple(uris)
         self._min_ttl = min_ttl_seconds
@@ -164,6 +167,8 @@ class TurnCredentialIssuer:
         """Signs a credential for `user` (already validated) valid for `ttl_seconds` from now."""
         expires_at = int(self._clock.now()) + ttl_seconds
         username = f"{expires_at}{SEPARATOR}{user}"
+        if self._on_issue is not None:
+            self._on_issue()
         return TurnCredential(
             username=username,
             password=self._keyring.sign(username),

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from icegate_server.clock import Clock
 from icegate_server.coturn_sync import CoturnSecretSink
 from icegate_server.errors import StoreUnavailableError
+from icegate_server.logs import Safe
 from icegate_server.store import Store
 from icegate_server.store.base import TurnSecretRecord
 from icegate_server.turn import TurnCredentialIssuer, TurnSecretKeyring
@@ -100,7 +101,7 @@ class TurnSecretRing:
                              record))
             except VaultError:
                 log.error("TURN secret %s cannot be opened with the configured master keys",
-                          record.secret_id)
+                          Safe(record.secret_id))
         # The signer (not retiring) first, then the retiring ones, newest first.
         ring.sort(key=lambda item: (item[1].retire_at_ms != 0, -item[1].created_ms))
         values = [value for value, _ in ring]
@@ -136,7 +137,7 @@ class TurnSecretRing:
             min_age_ms=int(min_age_seconds * 1000))
         await self.refresh()
         if rotated:
-            log.info("TURN secret rotated: %s signs now", record.secret_id)
+            log.info("TURN secret rotated: %s signs now", Safe(record.secret_id))
         return rotated
 
     async def _maintain(self) -> None:
@@ -148,7 +149,8 @@ class TurnSecretRing:
                 else:
                     await self.refresh()
             except StoreUnavailableError as error:
-                log.warning("TURN secret refresh failed: %s", error.message)
+                # Store errors name the store and the failure, never a secret.
+                log.warning("TURN secret refresh failed: %s", Safe(error.message))
             except Exception:
                 log.exception("TURN secret refresh failed")
 

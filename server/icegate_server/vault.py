@@ -34,6 +34,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from icegate_server.errors import IcegateError
+from icegate_server.logs import Safe
 
 __all__ = [
     "MASTER_KEY_FILE_SETTING",
@@ -177,7 +178,7 @@ class Vault:
         cipher = self._keyring.cipher(key_id)
         if cipher is None:
             logger.warning("vault: no master key %s for the %s key of project %s",
-                           key_id.hex(), provider, project_id)
+                           Safe(key_id.hex()), Safe(provider), Safe(project_id))
             raise VaultError(
                 f"the {provider} key of project {project_id} was sealed under master key "
                 f"{key_id.hex()}, which is not configured in {MASTER_KEY_SETTING}")
@@ -187,7 +188,7 @@ class Vault:
                                   _associated_data(header, project_id, provider))
         except InvalidTag:
             logger.warning("vault: the %s key of project %s failed authentication",
-                           provider, project_id)
+                           Safe(provider), Safe(project_id))
             raise VaultError(
                 f"the sealed {provider} key of project {project_id} does not open: it was "
                 "sealed for another project or provider, or it has been altered") from None

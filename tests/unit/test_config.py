@@ -148,6 +148,10 @@ BAD_ENV_VALUES = [
     ("shutdown_grace", "nan"),
     ("shutdown_grace", "inf"),
     ("log_level", "LOUD"),
+    ("log_format", "xml"),
+    ("metrics_listen", "9100"),
+    ("metrics_listen", "127.0.0.1:metrics"),
+    ("metrics_listen", "127.0.0.1:50051"),  # the gRPC listen address (the default)
     ("store_timeout", "0"),
     ("store_timeout", "61"),
     ("store_timeout", "fast"),

@@ -11,6 +11,7 @@ import asyncio
 import email.utils
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -31,6 +32,8 @@ from icegate_server.errors import (
     UpstreamUnavailableError,
 )
 from icegate_server.ice_servers import IceServer as IceServer
+from icegate_server.logs import Safe
+from icegate_server.metrics import IcegateMetrics, upstream_outcome
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +165,8 @@ class ProviderRuntime:
     sleep: Sleep = asyncio.sleep
     random: RandomSource = _system_random
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    metrics: IcegateMetrics | None = None
+    """Where upstream calls are counted (`icegate_upstream_*`); None counts nothing."""
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -404,6 +409,31 @@ class UpstreamHttp:
         Raises:
             UpstreamError: a subclass; see `icegate_server.errors`.
         """
+        metrics = self._runtime.metrics
+        if metrics is None:
+            return await self._call(method, url, headers, deadline, secrets, json_body, params)
+        # Real elapsed time, not the injected clock: this measures the provider, not the domain.
+        started = time.perf_counter()
+        failure: BaseException | None = None
+        try:
+            return await self._call(method, url, headers, deadline, secrets, json_body, params)
+        except BaseException as error:
+            failure = error
+            raise
+        finally:
+            metrics.upstream_call(self._provider.value, upstream_outcome(failure),
+                                  time.perf_counter() - started)
+
+    async def _call(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        deadline: Deadline,
+        secrets: Sequence[str],
+        json_body: JsonObject | None,
+        params: Mapping[str, str] | None,
+    ) -> UpstreamAnswer:
         policy = self._runtime.retry
         path = httpx.URL(url).path
         attempt = 0
@@ -460,14 +490,15 @@ class UpstreamHttp:
             # A reset or truncated answer: minting twice only leaves an unused token that
             # expires by itself, so retrying is safe.
             return self._connection_failure(exc, secrets)
-        logger.debug("%s %s %s -> %d (attempt %d)", name, method, path, response.status_code,
-                     attempt + 1)
+        logger.debug("%s %s %s -> %d (attempt %d)", Safe(name), Safe(method), Safe(path),
+                     response.status_code, attempt + 1)
         return response
 
     def _connection_failure(self, exc: httpx.TransportError, secrets: Sequence[str]) -> _Failure:
         name = self._provider.value
         detail = scrub(f"{type(exc).__name__}: {exc}", secrets)
-        logger.debug("%s connection failed: %s", name, detail)
+        # The detail quotes the network layer: scrubbed, but not vouched for, so redacted.
+        logger.debug("%s connection failed: %s", Safe(name), detail)
         return _Failure(
             UpstreamUnavailableError(f"{name} could not be reached ({detail})", provider=name),
             retryable=True,
@@ -589,5 +620,5 @@ class UpstreamHttp:
             if remaining is not None and delay >= remaining:
                 # Sleeping only to time out would hide the real cause from the caller.
                 raise error
-        logger.debug("%s retrying in %.2f s", self._provider.value, delay)
+        logger.debug("%s retrying in %.2f s", Safe(self._provider.value), delay)
         await self._runtime.sleep(delay)

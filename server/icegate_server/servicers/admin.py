@@ -73,7 +73,10 @@ def project_fields(message: admin_pb2.Project, names: set[str] | None) -> dict[s
             if getattr(message, name) or names is not None:
                 fields[name] = getattr(message, name)
         else:
-            raise InvalidFieldError("update_mask", f"cannot update {name!r}")
+            # Echo only a name that could be a field: a huge one would swell the trailers
+            # past the caller's metadata limit and hide this answer behind its own error.
+            shown = repr(name) if len(name) <= 64 else "a field of that name"
+            raise InvalidFieldError("update_mask", f"cannot update {shown}")
     return fields
 
 

@@ -134,10 +134,13 @@ def _write_transaction(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("BEGIN IMMEDIATE")
     try:
         yield
+        db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        # Also when COMMIT itself failed (busy, disk full): never leave the connection inside
+        # a transaction, or every later BEGIN fails.
+        if db.in_transaction:
+            db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")
 
 
 class SqliteStore:
@@ -393,8 +396,8 @@ class SqliteStore:
         def work(db: sqlite3.Connection) -> bool:
             with _write_transaction(db):
                 young = db.execute(
-                    "SELECT 1 FROM turn_secrets WHERE retire_at_ms = 0 AND created_ms > ?",
-                    (now_ms - min_age_ms,)).fetchone()
+                    "SELECT 1 FROM turn_secrets WHERE retire_at_ms = 0 AND created_ms > ? LIMIT 1",
+                    (now_ms - min_age_ms,)).fetchall()
                 if young:
                     return False
                 db.execute("UPDATE turn_secrets SET retire_at_ms = ? WHERE retire_at_ms = 0",

@@ -1,0 +1,305 @@
+"""Prometheus metrics: every series icegate exports, defined here and recorded through one object.
+
+`IcegateMetrics` owns a `CollectorRegistry` of its own (never prometheus_client's global one),
+so several servers in one process (tests, benchmarks) keep separate figures. The server builds
+one and hands it to the components that record: the interceptor (`rpc`), the provider HTTP
+path (`upstream_call`), the TURN issuer (`turn_credential_issued`), the store wrapper
+(`InstrumentedStore`) and the lease gauge refresher (`ActiveLeaseGauge`). Recording is always
+on; `ICEGATE_METRICS_LISTEN` only decides whether an HTTP endpoint serves the figures.
+
+Series (all prefixed `icegate_`):
+
+    icegate_rpcs_total{method, code}                  RPCs served, by full gRPC method name and
+                                                      status code name (OK, INVALID_ARGUMENT...)
+    icegate_rpc_duration_seconds{method}              histogram, 0.5 ms to 10 s buckets
+    icegate_limit_refusals_total{reason}              RATE_LIMITED, QUOTA_EXCEEDED,
+                                                      CONCURRENT_LIMIT
+    icegate_upstream_calls_total{provider, outcome}   one logical provider call (its retries
+                                                      included): ok, auth_failed, rejected,
+                                                      quota, unavailable, timeout, cancelled, error
+    icegate_upstream_duration_seconds{provider}       histogram, 10 ms to 60 s buckets
+    icegate_active_leases                             gauge: session leases live in the store
+    icegate_turn_credentials_issued_total             TURN credentials signed
+    icegate_store_errors_total{operation}             store calls that raised, by Store method
+
+Cardinality: every label takes its values from a closed set fixed by the code: the methods the
+server registered (an unknown method is answered UNIMPLEMENTED by gRPC before the interceptor
+counts it), status code names, reasons, provider kinds, outcomes, Store method names. No label
+ever holds a project id, user id, key, key id or token: projects are created at run time, so
+per-project figures belong to the usage reports (`UsageService`), not to series that grow with
+every project. That is also why `icegate_turn_credentials_issued_total` has no label.
+
+`icegate_active_leases` counts the session leases live in the store at the last refresh (every
+`ActiveLeaseGauge.interval` seconds), over all projects. It is read from the store rather than
+counted in this process because leases end in three ways this process does not all see: ended
+by a caller, expired when not kept alive, or ended through another replica. Every replica
+sharing a store therefore reports the same figure: aggregate it with `max`, not `sum`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, cast
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from icegate_server.clock import Clock
+from icegate_server.errors import (
+    UpstreamAuthFailedError,
+    UpstreamQuotaError,
+    UpstreamRejectedError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
+from icegate_server.store.base import Store, month_of
+
+log = logging.getLogger(__name__)
+
+RPC_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                       1.0, 2.5, 5.0, 10.0)
+"""Seconds: a cached admission answers in well under a millisecond, a session in seconds."""
+
+UPSTREAM_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+"""Seconds: provider token APIs answer in 100 ms to a few seconds; retries add up to ~30 s."""
+
+LIMIT_REASONS = ("RATE_LIMITED", "QUOTA_EXCEEDED", "CONCURRENT_LIMIT")
+"""The ErrorInfo reasons `icegate_limit_refusals_total` counts."""
+
+UPSTREAM_OUTCOMES = ("ok", "auth_failed", "rejected", "quota", "unavailable", "timeout",
+                     "cancelled", "error")
+"""Every value of the `outcome` label; `error` is an unexpected exception (a bug)."""
+
+_OUTCOME_OF_ERROR: tuple[tuple[type[BaseException], str], ...] = (
+    (UpstreamAuthFailedError, "auth_failed"),
+    (UpstreamRejectedError, "rejected"),
+    (UpstreamQuotaError, "quota"),
+    (UpstreamTimeoutError, "timeout"),
+    (UpstreamUnavailableError, "unavailable"),
+    (asyncio.CancelledError, "cancelled"),
+)
+
+STORE_OPERATIONS = tuple(sorted(
+    name for name, value in vars(Store).items() if callable(value) and not name.startswith("_")
+))
+"""The `Store` methods: the values of the `operation` label."""
+
+
+def upstream_outcome(error: BaseException | None) -> str:
+    """The `outcome` label of a provider call that raised `error` (None: it succeeded)."""
+    if error is None:
+        return "ok"
+    for cls, outcome in _OUTCOME_OF_ERROR:
+        if isinstance(error, cls):
+            return outcome
+    return "error"
+
+
+class MethodMetrics:
+    """The series of one RPC method, with its label children made once (not per call)."""
+
+    __slots__ = ("_by_code", "_calls", "_latency", "_method")
+
+    def __init__(self, calls: Counter, latency: Histogram, method: str) -> None:
+        self._calls = calls
+        self._method = method
+        self._latency = latency.labels(method)
+        self._by_code: dict[grpc.StatusCode, Any] = {}
+
+    def observe(self, code: grpc.StatusCode, seconds: float) -> None:
+        """Counts one finished call with its status code and latency."""
+        counter = self._by_code.get(code)
+        if counter is None:
+            counter = self._by_code[code] = self._calls.labels(self._method, code.name)
+        counter.inc()
+        self._latency.observe(seconds)
+
+
+class IcegateMetrics:
+    """Every icegate series, in a registry of its own; see the module docstring."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        registry = self.registry
+        self._rpcs = Counter("icegate_rpcs", "RPCs served, by method and status code.",
+                             ("method", "code"), registry=registry)
+        self._rpc_latency = Histogram(
+            "icegate_rpc_duration_seconds", "Time from admission to answer, by method.",
+            ("method",), buckets=RPC_LATENCY_BUCKETS, registry=registry)
+        refusals = Counter("icegate_limit_refusals",
+                           "Calls refused by a project limit, by reason.", ("reason",),
+                           registry=registry)
+        self._refusals = {reason: refusals.labels(reason) for reason in LIMIT_REASONS}
+        upstream_calls = Counter(
+            "icegate_upstream_calls",
+            "Calls to upstream token APIs (retries included), by provider and outcome.",
+            ("provider", "outcome"), registry=registry)
+        self._upstream_calls = upstream_calls
+        self._upstream_latency = Histogram(
+            "icegate_upstream_duration_seconds",
+            "Time a provider call took, retries and their waits included, by provider.",
+            ("provider",), buckets=UPSTREAM_LATENCY_BUCKETS, registry=registry)
+        self._upstream_children: dict[tuple[str, str], Any] = {}
+        self._upstream_latency_children: dict[str, Any] = {}
+        self._active_leases = Gauge(
+            "icegate_active_leases",
+            "Session leases live in the store (all projects, all replicas) at the last refresh.",
+            registry=registry)
+        self._turn_credentials = Counter("icegate_turn_credentials_issued",
+                                         "TURN credentials signed.", registry=registry)
+        store_errors = Counter("icegate_store_errors", "Store calls that failed, by operation.",
+                               ("operation",), registry=registry)
+        self._store_errors = {op: store_errors.labels(op) for op in STORE_OPERATIONS}
+
+    def rpc(self, method: str) -> MethodMetrics:
+        """The recorder of one method; the interceptor asks once per method, then caches it."""
+        return MethodMetrics(self._rpcs, self._rpc_latency, method)
+
+    def limit_refused(self, reason: str) -> None:
+        """Counts a refusal if `reason` is one of `LIMIT_REASONS` (anything else is ignored)."""
+        counter = self._refusals.get(reason)
+        if counter is not None:
+            counter.inc()
+
+    def upstream_call(self, provider: str, outcome: str, seconds: float) -> None:
+        """Counts one logical provider call; `provider` is a `ProviderKind` value."""
+        counter = self._upstream_children.get((provider, outcome))
+        if counter is None:
+            counter = self._upstream_calls.labels(provider, outcome)
+            self._upstream_children[(provider, outcome)] = counter
+        counter.inc()
+        latency = self._upstream_latency_children.get(provider)
+        if latency is None:
+            latency = self._upstream_latency_children[provider] = \
+                self._upstream_latency.labels(provider)
+        latency.observe(seconds)
+
+    def turn_credential_issued(self) -> None:
+        self._turn_credentials.inc()
+
+    def store_error(self, operation: str) -> None:
+        counter = self._store_errors.get(operation)
+        if counter is not None:
+            counter.inc()
+
+    def set_active_leases(self, count: int) -> None:
+        self._active_leases.set(count)
+
+
+# --- the store, instrumented -------------------------------------------------------------------
+
+
+class InstrumentedStore:
+    """A `Store` that counts every failing call in `icegate_store_errors_total`.
+
+    The wrappers are made once, here; a call costs one extra coroutine frame. Attributes
+    that are not `Store` methods pass through to the wrapped backend.
+    """
+
+    def __init__(self, store: Store, metrics: IcegateMetrics) -> None:
+        self.wrapped = store
+        for operation in STORE_OPERATIONS:
+            setattr(self, operation, _counting(operation, getattr(store, operation), metrics))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.wrapped, name)
+
+
+def _counting(operation: str, method: Callable[..., Awaitable[Any]],
+              metrics: IcegateMetrics) -> Callable[..., Awaitable[Any]]:
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(*args, **kwargs)
+        except Exception:
+            metrics.store_error(operation)
+            raise
+
+    return counted
+
+
+def instrument_store(store: Store, metrics: IcegateMetrics) -> Store:
+    """`store`, counting its failures in `metrics`."""
+    return cast(Store, InstrumentedStore(store, metrics))
+
+
+# --- the active-lease gauge --------------------------------------------------------------------
+
+
+class ActiveLeaseGauge:
+    """Keeps `icegate_active_leases` up to date by asking the store every `interval` seconds.
+
+    One refresh costs one `list_projects` page per `page_size` projects plus one
+    `session_counts` per project. A refresh that fails leaves the last figure in place (the
+    failure shows in `icegate_store_errors_total`).
+    """
+
+    def __init__(self, store: Store, clock: Clock, metrics: IcegateMetrics, *,
+                 interval: float = 15.0, page_size: int = 500) -> None:
+        self._store = store
+        self._clock = clock
+        self._metrics = metrics
+        self.interval = interval
+        self._page_size = page_size
+
+    async def refresh(self) -> int:
+        """Counts the live leases now, sets the gauge and returns the count."""
+        now_ms = int(self._clock.now() * 1000)
+        month = month_of(now_ms)
+        total, after = 0, ""
+        while True:
+            page = await self._store.list_projects(after=after, limit=self._page_size)
+            for project in page:
+                _, active = await self._store.session_counts(
+                    project_id=project.project_id, month=month, now_ms=now_ms)
+                total += active
+            if len(page) < self._page_size:
+                break
+            after = page[-1].project_id
+        self._metrics.set_active_leases(total)
+        return total
+
+    async def run(self) -> None:
+        """Refreshes until cancelled."""
+        while True:
+            try:
+                await self.refresh()
+            except Exception:
+                log.warning("active lease gauge: refresh failed; keeping the last figure")
+            await asyncio.sleep(self.interval)
+
+
+# --- the HTTP endpoint -------------------------------------------------------------------------
+
+
+@dataclass
+class MetricsEndpoint:
+    """prometheus_client's HTTP server for one registry, on its own daemon thread."""
+
+    httpd: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_address[1])
+
+    def stop(self) -> None:
+        """Stops serving and closes the socket."""
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> MetricsEndpoint:
+    """Serves `registry` at `http://host:port/metrics` (port 0 picks a free one).
+
+    Raises:
+        OSError: The address cannot be bound.
+    """
+    httpd, thread = start_http_server(port, host.strip("[]"), registry=registry)
+    thread.name = "icegate-metrics"
+    return MetricsEndpoint(httpd, thread)
