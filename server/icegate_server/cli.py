@@ -1,6 +1,7 @@
 """`icegate-server`: runs the service, or prints a coturn config that matches its settings.
 
     icegate-server [--listen HOST:PORT] [--config FILE] [...]   run the service
+    icegate-server --workers N [...]                            N processes on one port
     icegate-server coturn-config [--output FILE] [...]          print a matching turnserver.conf
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -66,6 +68,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_coturn_config(settings, args.output)
         return 0
 
+    if settings.workers > 1:
+        from icegate_server.workers import supervise_workers
+
+        try:
+            return supervise_workers(settings)
+        except OSError as error:
+            print(f"icegate-server: {error}", file=sys.stderr)
+            return 1
+    return run_server(settings)
+
+
+def run_server(settings: Settings, *,
+               stop_signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)) -> int:
+    """Serves in this process, on uvloop where available, until one of `stop_signals`."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is in the server extra except on Windows
@@ -75,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from icegate_server.server import serve
 
     try:
-        runner(serve(settings))
+        runner(serve(settings, stop_signals=stop_signals))
     except (OSError, IcegateError) as error:
         print(f"icegate-server: {error}", file=sys.stderr)
         return 1

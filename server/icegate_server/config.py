@@ -60,6 +60,7 @@ class Settings:
     gemini_base_url: str = ""
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
+    workers: int = 1
 
     def __repr__(self) -> str:
         # Settings are printed in logs and tracebacks: secrets show as counts only.
@@ -80,6 +81,7 @@ class Settings:
 SECRET_SETTINGS = frozenset({"turn_secrets", "api_keys", "master_key", "store", "coturn_redis"})
 """Settings shown by size only: secrets, and URLs that may carry a password."""
 STORE_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://")
+MAX_WORKERS = 64
 
 
 # TOML hands the parsers typed values (lists, tables, dates...): a wrong type must become
@@ -159,6 +161,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "gemini_base_url": _parse_str,
     "shutdown_grace": _parse_float,
     "log_level": lambda raw: _parse_str(raw).upper(),
+    "workers": _parse_int,
 }
 
 _HELP: dict[str, str] = {
@@ -190,6 +193,7 @@ _HELP: dict[str, str] = {
     "gemini_base_url": "Gemini API base URL (https://generativelanguage.googleapis.com)",
     "shutdown_grace": "seconds in-flight calls get to finish on SIGTERM (default 10)",
     "log_level": "DEBUG, INFO, WARNING or ERROR (default INFO)",
+    "workers": "server processes sharing the port with SO_REUSEPORT (default 1)",
 }
 
 
@@ -280,9 +284,13 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"invalid setting {env_name(name)}: {problem}")
 
     try:
-        parse_listen_address(settings.listen)
+        _, listen_port = parse_listen_address(settings.listen)
     except ValueError as error:
         fail("listen", str(error))
+    if not 1 <= settings.workers <= MAX_WORKERS:
+        fail("workers", f"must be between 1 and {MAX_WORKERS}")
+    if settings.workers > 1 and listen_port == 0:
+        fail("workers", "more than one worker needs a fixed port in ICEGATE_LISTEN, not 0")
     if settings.store and not settings.store.startswith(STORE_SCHEMES):
         fail("store", "must start with sqlite:/// or redis://")
     for secret in settings.turn_secrets:
