@@ -30,12 +30,22 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("command", nargs="?", default="serve", choices=["serve", "coturn-config"])
     parser.add_argument("--output", "-o", metavar="FILE",
                         help="coturn-config: write here (mode 0600) instead of standard output")
+    rendering = parser.add_argument_group("coturn-config rendering (not settings)")
+    rendering.add_argument("--coturn-listening-ip", default="127.0.0.1", metavar="IP",
+                           help="address coturn answers on (127.0.0.1)")
+    rendering.add_argument("--coturn-relay-ip", default="127.0.0.1", metavar="IP",
+                           help="address coturn relays from (127.0.0.1)")
+    rendering.add_argument("--coturn-min-port", type=int, default=49160, metavar="PORT",
+                           help="lowest relay UDP port (49160)")
+    rendering.add_argument("--coturn-max-port", type=int, default=49200, metavar="PORT",
+                           help="highest relay UDP port (49200)")
     add_setting_flags(parser)
     return parser
 
 
 def _resolve_settings(args: argparse.Namespace) -> Settings:
-    flags = {key: value for key, value in vars(args).items() if key not in {"command", "output"}}
+    flags = {key: value for key, value in vars(args).items()
+             if key not in {"command", "output"} and not key.startswith("coturn_")}
     settings = load_settings(flags)
     settings, dev_file, created = apply_dev_secrets(settings)
     if dev_file is not None:
@@ -65,7 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "coturn-config":
         from icegate_server.coturn_config import write_coturn_config
 
-        write_coturn_config(settings, args.output)
+        write_coturn_config(settings, args.output, listening_ip=args.coturn_listening_ip,
+                            relay_ip=args.coturn_relay_ip, min_port=args.coturn_min_port,
+                            max_port=args.coturn_max_port)
         return 0
 
     if settings.workers > 1:
