@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             return supervise_workers(settings)
-        except OSError as error:
+        except (OSError, IcegateError) as error:
             print(f"icegate-server: {error}", file=sys.stderr)
             return 1
     return run_server(settings)
