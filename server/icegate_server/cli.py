@@ -1,6 +1,7 @@
 """`icegate-server`: runs the service, or prints a coturn config that matches its settings.
 
     icegate-server [--listen HOST:PORT] [--config FILE] [...]   run the service
+    icegate-server --workers N [...]                            N processes on one port
     icegate-server coturn-config [--output FILE] [...]          print a matching turnserver.conf
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -29,12 +31,22 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("command", nargs="?", default="serve", choices=["serve", "coturn-config"])
     parser.add_argument("--output", "-o", metavar="FILE",
                         help="coturn-config: write here (mode 0600) instead of standard output")
+    rendering = parser.add_argument_group("coturn-config rendering (not settings)")
+    rendering.add_argument("--coturn-listening-ip", default="127.0.0.1", metavar="IP",
+                           help="address coturn answers on (127.0.0.1)")
+    rendering.add_argument("--coturn-relay-ip", default="127.0.0.1", metavar="IP",
+                           help="address coturn relays from (127.0.0.1)")
+    rendering.add_argument("--coturn-min-port", type=int, default=49160, metavar="PORT",
+                           help="lowest relay UDP port (49160)")
+    rendering.add_argument("--coturn-max-port", type=int, default=49200, metavar="PORT",
+                           help="highest relay UDP port (49200)")
     add_setting_flags(parser)
     return parser
 
 
 def _resolve_settings(args: argparse.Namespace) -> Settings:
-    flags = {key: value for key, value in vars(args).items() if key not in {"command", "output"}}
+    flags = {key: value for key, value in vars(args).items()
+             if key not in {"command", "output"} and not key.startswith("coturn_")}
     settings = load_settings(flags)
     # From here on every line goes through the sanitising formatter (icegate_server.logs).
     configure_logging(settings.log_format, settings.log_level)
@@ -68,9 +80,25 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "coturn-config":
         from icegate_server.coturn_config import write_coturn_config
 
-        write_coturn_config(settings, args.output)
+        write_coturn_config(settings, args.output, listening_ip=args.coturn_listening_ip,
+                            relay_ip=args.coturn_relay_ip, min_port=args.coturn_min_port,
+                            max_port=args.coturn_max_port)
         return 0
 
+    if settings.workers > 1:
+        from icegate_server.workers import supervise_workers
+
+        try:
+            return supervise_workers(settings)
+        except (OSError, IcegateError) as error:
+            print(f"icegate-server: {error}", file=sys.stderr)
+            return 1
+    return run_server(settings)
+
+
+def run_server(settings: Settings, *,
+               stop_signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)) -> int:
+    """Serves in this process, on uvloop where available, until one of `stop_signals`."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is in the server extra except on Windows
@@ -80,7 +108,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     from icegate_server.server import serve
 
     try:
-        runner(serve(settings))
+        runner(serve(settings, stop_signals=stop_signals))
     except (OSError, IcegateError) as error:
         print(f"icegate-server: {error}", file=sys.stderr)
         return 1

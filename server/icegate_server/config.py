@@ -62,6 +62,7 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "json"
     metrics_listen: str = ""
+    workers: int = 1
 
     def __repr__(self) -> str:
         # Settings are printed in logs and tracebacks: secrets show as counts only.
@@ -82,6 +83,7 @@ class Settings:
 SECRET_SETTINGS = frozenset({"turn_secrets", "api_keys", "master_key", "store", "coturn_redis"})
 """Settings shown by size only: secrets, and URLs that may carry a password."""
 STORE_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://")
+MAX_WORKERS = 64
 
 
 # TOML hands the parsers typed values (lists, tables, dates...): a wrong type must become
@@ -163,6 +165,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "log_level": lambda raw: _parse_str(raw).upper(),
     "log_format": lambda raw: _parse_str(raw).lower(),
     "metrics_listen": _parse_str,
+    "workers": _parse_int,
 }
 
 _HELP: dict[str, str] = {
@@ -196,6 +199,7 @@ _HELP: dict[str, str] = {
     "log_level": "DEBUG, INFO, WARNING or ERROR (default INFO)",
     "log_format": "json (one sanitised JSON object per line, the default) or text",
     "metrics_listen": "host:port serving Prometheus metrics at /metrics (default empty: off)",
+    "workers": "server processes sharing the port with SO_REUSEPORT (default 1)",
 }
 
 
@@ -286,9 +290,13 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"invalid setting {env_name(name)}: {problem}")
 
     try:
-        parse_listen_address(settings.listen)
+        _, listen_port = parse_listen_address(settings.listen)
     except ValueError as error:
         fail("listen", str(error))
+    if not 1 <= settings.workers <= MAX_WORKERS:
+        fail("workers", f"must be between 1 and {MAX_WORKERS}")
+    if settings.workers > 1 and listen_port == 0:
+        fail("workers", "more than one worker needs a fixed port in ICEGATE_LISTEN, not 0")
     if settings.store and not settings.store.startswith(STORE_SCHEMES):
         fail("store", "must start with sqlite:/// or redis://")
     for secret in settings.turn_secrets:

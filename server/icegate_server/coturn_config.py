@@ -11,6 +11,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 from string import Template
+from typing import Any
 from urllib.parse import urlsplit
 
 from icegate_server.config import Settings
@@ -77,9 +78,12 @@ def render_coturn_config(settings: Settings, *, listening_ip: str = "127.0.0.1",
     )
 
 
-def write_coturn_config(settings: Settings, output: str | None) -> None:
-    """Writes the config to `output` (mode 0600: it holds the secrets) or standard output."""
-    text = render_coturn_config(settings)
+def write_coturn_config(settings: Settings, output: str | None, **rendering: Any) -> None:
+    """Writes the config to `output` (mode 0600: it holds the secrets) or standard output.
+
+    `rendering` takes `render_coturn_config`'s keyword options (addresses, relay ports).
+    """
+    text = render_coturn_config(settings, **rendering)
     (settings.data_dir / "coturn").mkdir(parents=True, exist_ok=True, mode=0o700)
     if output is None:
         sys.stdout.write(text)

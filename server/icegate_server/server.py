@@ -120,6 +120,13 @@ class IcegateServer:
         await self.grpc_server.wait_for_termination()
 
 
+def project_defaults(settings: Settings) -> ProjectDefaults:
+    """The limits a new project starts with, from the server's TTL policy."""
+    return ProjectDefaults(turn_ttl_default_seconds=settings.turn_ttl_default,
+                           turn_ttl_max_seconds=settings.turn_ttl_max,
+                           turn_ttl_min_seconds=settings.turn_ttl_min)
+
+
 def provider_settings(settings: Settings) -> ProviderSettings:
     """Where each upstream provider lives; empty settings keep the providers' defaults."""
     given = {name: getattr(settings, name) for name in
@@ -160,10 +167,7 @@ async def create_server(
         issuer = TurnCredentialIssuer(keyring, clock, settings.turn_uris,
                                       min_ttl_seconds=settings.turn_ttl_min,
                                       on_issue=metrics.turn_credential_issued)
-        admin = ProjectAdmin(store, clock, ProjectDefaults(
-            turn_ttl_default_seconds=settings.turn_ttl_default,
-            turn_ttl_max_seconds=settings.turn_ttl_max,
-            turn_ttl_min_seconds=settings.turn_ttl_min))
+        admin = ProjectAdmin(store, clock, project_defaults(settings))
         await admin.ensure_default_project()
         turn_secrets = TurnSecretRing(
             store, vault, clock, issuer, static_secrets=settings.turn_secrets,
@@ -176,7 +180,9 @@ async def create_server(
         server = grpc.aio.server(
             interceptors=[CallGuard(access, metrics)],
             options=[
-                ("grpc.so_reuseport", 0),
+                # Several workers share the port on purpose; one server must never share it
+                # silently with another (gRPC's default is 1).
+                ("grpc.so_reuseport", int(settings.workers > 1)),
                 ("grpc.max_receive_message_length", 64 * 1024),
             ],
         )
@@ -223,8 +229,14 @@ async def create_server(
                          endpoint, lease_gauge), port
 
 
-async def serve(settings: Settings) -> None:
-    """Runs the server until SIGTERM or SIGINT, then shuts down gracefully."""
+async def serve(settings: Settings, *,
+                stop_signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
+                ) -> None:
+    """Runs the server until one of `stop_signals` arrives, then shuts down gracefully.
+
+    A worker under `icegate-server --workers N` stops on SIGTERM only: its supervisor
+    forwards SIGINT as SIGTERM, and the terminal's SIGINT must not reach it twice.
+    """
     server, port = await create_server(settings)
     await server.start()
     host = settings.listen.rpartition(":")[0]
@@ -236,7 +248,7 @@ async def serve(settings: Settings) -> None:
 
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in stop_signals:
         loop.add_signal_handler(sig, stop_requested.set)
     await stop_requested.wait()
     log.info("shutting down: finishing in-flight calls (grace %.1f s)", settings.shutdown_grace)

@@ -38,6 +38,7 @@ class ServerProcess:
         })
         self.env.update({f"ICEGATE_{k.upper()}": v for k, v in settings.items()})
         self.process: subprocess.Popen[bytes] | None = None
+        self.new_session = False  # True: its own process group, as a terminal's job is
         workdir.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -47,7 +48,8 @@ class ServerProcess:
     def start(self, timeout: float = 20.0) -> ServerProcess:
         self.log = (self.workdir / f"server-{self.port}.log").open("ab")
         self.process = subprocess.Popen([str(BIN / "icegate-server")], cwd=self.workdir,
-                                        env=self.env, stdout=self.log, stderr=self.log)
+                                        env=self.env, stdout=self.log, stderr=self.log,
+                                        start_new_session=self.new_session)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

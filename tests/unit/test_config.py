@@ -170,6 +170,9 @@ BAD_ENV_VALUES = [
     ("coturn_redis", "http://not-redis"),
     ("turn_rotate_interval", "5"),
     ("coturn_sqlite", "/nonexistent-dir/turndb"),
+    ("workers", "0"),
+    ("workers", "65"),
+    ("workers", "two"),
 ]
 
 
@@ -287,6 +290,11 @@ def test_listen_address_is_split_into_host_and_port(listen, host, port):
 def test_ambiguous_or_malformed_listen_address_is_refused(listen):
     with pytest.raises(ValueError):
         parse_listen_address(listen)
+
+
+def test_several_workers_need_a_fixed_port():
+    message = config_error(environ={"ICEGATE_WORKERS": "2", "ICEGATE_LISTEN": "127.0.0.1:0"})
+    assert "ICEGATE_WORKERS" in message and "fixed port" in message
 
 
 def test_ttl_bounds_may_coincide():

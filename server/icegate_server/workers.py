@@ -1,0 +1,250 @@
+"""`icegate-server --workers N`: N server processes sharing one port, under one supervisor.
+
+The supervisor (the process the operator started) does everything that must happen once, then
+starts the workers and watches them:
+
+1. It claims the listen address: a per-address lock (a Linux abstract Unix socket, which lives
+   exactly as long as the supervisor and in the same network namespace as the port), then a
+   probe bind WITHOUT SO_REUSEPORT. The probe fails while anything listens on the port: another
+   icegate-server with one worker or with many, or any other program. The probe is closed before
+   the workers bind (they could not bind beside it), and the lock closes the race that leaves:
+   two supervisors starting at once both pass a probe, but only one gets the lock. A
+   single-process server that grabs the port in that instant makes the workers' binds fail, so
+   the supervisor stops; nothing ever shares the port silently.
+2. Dev secrets were already settled by the command line (`apply_dev_secrets`), once, here. The
+   store is opened once to create its schema and the `default` project, so workers never race to
+   create either.
+3. It starts N workers with the "spawn" start method: each is a fresh interpreter that builds its
+   own grpc.aio server (SO_REUSEPORT on), uvloop event loop and store connection. Not "fork":
+   gRPC's C core is not fork-safe once initialised, and the supervisor has already run an event
+   loop and a SQLite thread whose locks a forked child would inherit mid-state.
+
+Signals and exit codes, kept simple and predictable:
+- SIGTERM or SIGINT to the supervisor is forwarded to every worker as SIGTERM. Each worker turns
+  NOT_SERVING, lets in-flight calls finish within ICEGATE_SHUTDOWN_GRACE and exits 0; the
+  supervisor exits 0 when every worker did. Workers ignore SIGINT, so a Ctrl-C that the terminal
+  sends to the whole process group reaches them once, through the supervisor.
+- A worker that exits while no stop was asked for (a crash, a failed bind, a kill) makes the
+  supervisor stop the others the same way and exit 1. It does not restart workers: the service
+  manager (systemd `Restart=on-failure`, a container restart policy) restarts the whole group.
+- Workers that have not exited `grace + 10` seconds after the stop are killed; exit 1.
+- A worker whose supervisor disappears (SIGKILL) stops itself gracefully within a second.
+
+All workers change health state together, since they are told to stop together and a dead
+worker takes the group down: a health check answered by any worker answers for the service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from types import FrameType
+
+from icegate_server.config import Settings, parse_listen_address
+from icegate_server.logs import Safe, configure_logging
+
+log = logging.getLogger(__name__)
+
+STOP_MARGIN_SECONDS = 10.0
+"""How long past the shutdown grace workers get to close their store and exit."""
+
+_POLL_SECONDS = 0.2
+_AddressInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str,
+                     tuple[str, int] | tuple[str, int, int, int] | tuple[int, bytes]]
+
+
+@contextlib.contextmanager
+def claim_listen_address(listen: str) -> Iterator[None]:
+    """Holds the listen address for one group of workers, or raises OSError naming it.
+
+    Raises:
+        OSError: Another server listens on the address, or another supervisor is starting
+            on it.
+    """
+    host, port = parse_listen_address(listen)
+    host = host.removeprefix("[").removesuffix("]")
+    addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    with contextlib.ExitStack() as held:
+        if sys.platform.startswith("linux"):
+            for ip in sorted({str(sockaddr[0]) for *_, sockaddr in addresses}):
+                lock = held.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+                try:
+                    lock.bind(f"\0icegate-server:{ip}:{port}")
+                except OSError:
+                    raise OSError(f"cannot listen on {listen}: another "
+                                  "icegate-server is starting or running there") from None
+        _probe_unused(listen, addresses)
+        yield
+
+
+def _probe_unused(listen: str, addresses: Sequence[_AddressInfo]) -> None:
+    """Binds each address without SO_REUSEPORT; fails if anything listens there."""
+    for family, kind, proto, _, sockaddr in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            # SO_REUSEADDR as gRPC sets it: connections in TIME_WAIT from an earlier run do
+            # not count, a listening socket still does.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    raise OSError(f"cannot listen on {listen}: address in use "
+                                  "(another server is listening there)") from None
+                # Anything else (an IPv6 address on a host without IPv6...) is for the
+                # workers' own bind to report, as a single server would.
+
+
+async def _prepare_store(settings: Settings) -> None:
+    """Creates the store's schema and the `default` project once, before any worker starts."""
+    from icegate_server.clock import SystemClock
+    from icegate_server.project_admin import ProjectAdmin
+    from icegate_server.server import project_defaults
+    from icegate_server.store import open_store
+
+    store = await open_store(settings.store_url, timeout=settings.store_timeout)
+    try:
+        await ProjectAdmin(store, SystemClock(), project_defaults(settings)
+                           ).ensure_default_project()
+    finally:
+        await store.close()
+
+
+class _Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.workers: list[multiprocessing.process.BaseProcess] = []
+        self.stop_deadline: float | None = None
+        self.failed = False
+
+    def request_stop(self, signum: int, _frame: FrameType | None = None) -> None:
+        if self.stop_deadline is None:
+            log.info("%s: stopping %d workers (grace %.1f s)", signal.Signals(signum).name,
+                     len(self.workers), self.settings.shutdown_grace)
+            self.stop_deadline = (time.monotonic() + self.settings.shutdown_grace
+                                  + STOP_MARGIN_SECONDS)
+        for worker in self.workers:
+            _terminate(worker)
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    def run(self) -> int:
+        context = multiprocessing.get_context("spawn")
+        # Children inherit the signal mask: SIGINT stays blocked in a worker until it has set
+        # it to SIG_IGN, so a Ctrl-C during start-up cannot kill one half-started.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            for index in range(1, self.settings.workers + 1):
+                if self.stop_deadline is not None:
+                    break
+                worker = context.Process(target=_worker_main, name=f"worker-{index}",
+                                         args=(self.settings, index, os.getpid()))
+                worker.start()
+                self.workers.append(worker)
+                if self.stop_deadline is not None:
+                    _terminate(worker)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        if not self.workers:
+            return 0
+        log.info("supervising %d workers on %s: pids %s", len(self.workers),
+                 Safe(self.settings.listen), Safe(" ".join(str(w.pid) for w in self.workers)))
+        return self._watch()
+
+    def _watch(self) -> int:
+        running = list(self.workers)
+        while running:
+            multiprocessing.connection.wait([w.sentinel for w in running], _POLL_SECONDS)
+            for worker in [w for w in running if w.exitcode is not None]:
+                running.remove(worker)
+                worker.join()
+                if self.stop_deadline is None:
+                    log.error("%s (pid %s) exited with code %s; stopping the others",
+                              worker.name, worker.pid, worker.exitcode)
+                    self.failed = True
+                    self.request_stop(signal.SIGTERM)
+                elif worker.exitcode not in (0, -signal.SIGTERM):
+                    # -SIGTERM: stopped before its server had started, which is clean too.
+                    log.error("%s (pid %s) exited with code %s while stopping",
+                              worker.name, worker.pid, worker.exitcode)
+                    self.failed = True
+            if self.stop_deadline is not None and time.monotonic() > self.stop_deadline:
+                for worker in running:
+                    log.error("%s (pid %s) did not stop in time; killing it", worker.name,
+                              worker.pid)
+                    worker.kill()
+                    worker.join()
+                self.failed = True
+                running.clear()
+        log.info("all workers stopped")
+        return 1 if self.failed else 0
+
+
+def _terminate(worker: multiprocessing.process.BaseProcess) -> None:
+    if worker.exitcode is None and worker.pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.pid, signal.SIGTERM)
+
+
+def supervise_workers(settings: Settings) -> int:
+    """Runs `settings.workers` server processes on one port until SIGTERM/SIGINT.
+
+    Returns:
+        The exit status: 0 when every worker stopped cleanly after a stop request, else 1.
+
+    Raises:
+        OSError: The listen address is taken (the message names it, in one line).
+    """
+    supervisor = _Supervisor(settings)
+    # From here a stop request is honoured without a traceback: no worker is started after it.
+    supervisor.install_signal_handlers()
+    with claim_listen_address(settings.listen):
+        asyncio.run(_prepare_store(settings))
+        return supervisor.run()
+
+
+def _watch_supervisor(supervisor_pid: int) -> None:
+    # A worker re-parented to init (or a subreaper) has lost its supervisor: stop gracefully
+    # rather than serve on, unsupervised, on a port no new server can take.
+    while os.getppid() == supervisor_pid:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def worker_settings(settings: Settings, index: int) -> Settings:
+    """Worker `index`'s settings (from 1): metrics on ICEGATE_METRICS_LISTEN's port + index - 1.
+
+    Each worker counts its own calls, so each serves its own /metrics; Prometheus scrapes
+    them all (sum across the workers' ports, as across replicas).
+    """
+    if not settings.metrics_listen:
+        return settings
+    host, port = parse_listen_address(settings.metrics_listen)
+    return dataclasses.replace(settings, metrics_listen=f"{host}:{port + index - 1}")
+
+
+def _worker_main(settings: Settings, index: int, supervisor_pid: int) -> None:
+    """A worker process: one grpc.aio server on the shared port, stopped by SIGTERM only."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    settings = worker_settings(settings, index)
+    configure_logging(settings.log_format, settings.log_level)
+    threading.Thread(target=_watch_supervisor, args=(supervisor_pid,), daemon=True,
+                     name="icegate-supervisor-watch").start()
+    from icegate_server.cli import run_server
+
+    sys.exit(run_server(settings, stop_signals=(signal.SIGTERM,)))

@@ -1,0 +1,208 @@
+"""The deploy/ files: Docker cannot run here, so check what can be checked without it.
+
+The example settings load and document every setting (a new setting without an entry fails
+here); compose.yaml is YAML naming the services and wiring the store, the env file and the
+rendered coturn config; the systemd units parse; the Dockerfile runs commands that exist.
+"""
+
+from __future__ import annotations
+
+import base64
+import configparser
+import dataclasses
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from icegate_server.cli import _parser as server_parser
+from icegate_server.config import ConfigError, Settings, env_name, load_settings
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+SETTING_NAMES = {f.name for f in dataclasses.fields(Settings)}
+PLACEHOLDER_SECRETS = {
+    "ICEGATE_TURN_SECRETS": "placeholder-turn-secret-0001",
+    "ICEGATE_API_KEYS": "placeholder-admin-key-0001",
+    "ICEGATE_MASTER_KEY": base64.b64encode(b"p" * 32).decode(),
+}
+
+
+def env_file_lines(path: Path) -> tuple[dict[str, str], set[str]]:
+    """The active KEY=value pairs, and every ICEGATE_* name mentioned (active or commented)."""
+    active, mentioned = {}, set()
+    for line in path.read_text().splitlines():
+        match = re.match(r"^(#\s*)?(ICEGATE_[A-Z0-9_]+)=(.*)$", line.strip())
+        if match:
+            mentioned.add(match.group(2))
+            if not match.group(1):
+                active[match.group(2)] = match.group(3)
+    return active, mentioned
+
+
+def test_example_toml_loads_with_placeholder_secrets():
+    settings = load_settings({"config": str(DEPLOY / "icegate.example.toml")},
+                             PLACEHOLDER_SECRETS)
+    assert settings.dev_secrets is False
+    assert settings.workers == 2
+    assert settings.store.startswith("redis://")
+
+
+def test_example_toml_documents_every_setting():
+    text = (DEPLOY / "icegate.example.toml").read_text()
+    documented = set(re.findall(r"^#? ?([a-z_]+) = ", text, flags=re.MULTILINE))
+    assert documented == SETTING_NAMES, (
+        f"undocumented: {sorted(SETTING_NAMES - documented)}; "
+        f"unknown: {sorted(documented - SETTING_NAMES)}")
+
+
+def test_example_env_names_every_setting():
+    _, mentioned = env_file_lines(DEPLOY / "icegate.env.example")
+    assert mentioned == {env_name(name) for name in SETTING_NAMES}
+
+
+def test_example_env_refuses_to_start_until_its_secrets_are_filled_in():
+    active, _ = env_file_lines(DEPLOY / "icegate.env.example")
+    with pytest.raises(ConfigError, match="ICEGATE_TURN_SECRETS"):
+        load_settings({}, active)
+    settings = load_settings({}, {**active, **PLACEHOLDER_SECRETS})
+    assert settings.workers == 2 and settings.store.startswith("redis://")
+
+
+def test_compose_wires_icegate_coturn_and_redis():
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"icegate", "coturn", "redis"} <= set(services)
+    icegate = services["icegate"]
+    assert icegate["environment"]["ICEGATE_STORE"] == "redis://redis:6379/0"
+    assert icegate["env_file"] == ["icegate.env"]
+    assert "redis" in icegate["depends_on"]
+    assert any(port.startswith("50051:") for port in icegate["ports"])
+    assert (DEPLOY / icegate["build"]["context"] / icegate["build"]["dockerfile"]).is_file()
+
+    # coturn runs the file that `icegate-server coturn-config` writes, from the same env file.
+    render = services["coturn-config"]
+    assert render["env_file"] == ["icegate.env"]
+    command = render["command"]
+    assert command[:2] == ["icegate-server", "coturn-config"]
+    rendered = command[command.index("--output") + 1]
+    coturn = services["coturn"]
+    assert coturn["command"][coturn["command"].index("-c") + 1] == rendered
+    assert coturn["depends_on"]["coturn-config"]["condition"] == "service_completed_successfully"
+    shared = {v.split(":")[0] for v in render["volumes"]} & {
+        v.split(":")[0] for v in coturn["volumes"]}
+    assert shared, "coturn must mount the volume the config is rendered into"
+
+
+def test_compose_coturn_config_command_is_accepted_by_icegate_server():
+    command = yaml.safe_load((DEPLOY / "compose.yaml").read_text()
+                             )["services"]["coturn-config"]["command"]
+    args = [re.sub(r"\$\{[^}]*\}", "192.0.2.10", arg) for arg in command[1:]]
+    parsed = server_parser().parse_args(args)
+    assert parsed.command == "coturn-config"
+    assert parsed.coturn_listening_ip == parsed.coturn_relay_ip == "192.0.2.10"
+
+
+def read_unit(path: Path) -> configparser.ConfigParser:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read_string(path.read_text())
+    return unit
+
+
+def test_icegate_unit_is_hardened_and_outlasts_the_shutdown_grace():
+    unit = read_unit(DEPLOY / "systemd" / "icegate.service")
+    service = unit["Service"]
+    assert service["EnvironmentFile"] == "/etc/icegate/icegate.env"
+    assert service["DynamicUser"] == "yes" and service["ProtectSystem"] == "strict"
+    assert service["StateDirectory"] == "icegate"
+    assert service["Restart"] == "on-failure" and service["KillSignal"] == "SIGTERM"
+    assert service["KillMode"] == "mixed"  # SIGTERM to the supervisor, which forwards it
+    stop_seconds = int(service["TimeoutStopSec"].removesuffix("s"))
+    assert stop_seconds > Settings().shutdown_grace + 10
+    executable, *args = shlex.split(service["ExecStart"])
+    assert executable.endswith("/icegate-server")
+    server_parser().parse_args(args)
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_coturn_drop_in_runs_the_rendered_config_and_denies_loopback_peers():
+    unit = read_unit(DEPLOY / "systemd" / "coturn.service.d" / "icegate.conf")
+    exec_start = unit["Service"]["ExecStart"].replace("\\\n", " ")
+    # configparser keeps the last of the repeated keys: the reset line comes first in the file.
+    assert "ExecStart=\n" in (DEPLOY / "systemd" / "coturn.service.d" / "icegate.conf"
+                              ).read_text()
+    words = shlex.split(exec_start.replace("\\", " "))
+    assert words[:3] == ["/usr/bin/turnserver", "-c", "/etc/icegate/turnserver.conf"]
+    assert "--denied-peer-ip=127.0.0.0-127.255.255.255" in words
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_icegate_unit_passes_systemd_analyze_verify():
+    result = subprocess.run(["systemd-analyze", "verify", str(DEPLOY / "systemd" /
+                                                              "icegate.service")],
+                            capture_output=True, text=True, timeout=60)
+    problems = [line for line in (result.stdout + result.stderr).splitlines()
+                # /opt/icegate is where the unit expects the install; it is not here.
+                if line.strip() and "/opt/icegate/bin/icegate-server" not in line]
+    assert not problems, problems
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of deploy/container/Dockerfile, continuation lines joined."""
+    text = (DEPLOY / "container" / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and not line.strip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
+
+
+def healthcheck_argv() -> list[str]:
+    healthcheck = re.search(r"CMD (\[.*\])", dict(dockerfile_instructions())["HEALTHCHECK"])
+    assert healthcheck is not None
+    argv: list[str] = yaml.safe_load(healthcheck.group(1))
+    return argv
+
+
+def test_dockerfile_commands_exist():
+    instructions = dict(dockerfile_instructions())
+    assert instructions["FROM"] == "python:3.11-slim"
+    assert instructions["USER"].split(":")[0] != "root"
+    assert set(instructions["EXPOSE"].split()) == {"50051", "9464"}
+    # The HEALTHCHECK and CMD name the console scripts pyproject.toml installs.
+    scripts = (DEPLOY.parent / "pyproject.toml").read_text()
+    health_argv = healthcheck_argv()
+    cmd_argv = yaml.safe_load(instructions["CMD"])
+    for argv in (health_argv, cmd_argv):
+        assert re.search(rf"^{re.escape(argv[0])} = ", scripts, flags=re.MULTILINE), argv
+    assert health_argv[-1] == "health"  # run for real in tests/integration/test_deploy_health
+    assert cmd_argv == ["icegate-server"]
+
+
+def test_dockerfile_copies_what_the_build_needs():
+    copied = {src for kind, args in dockerfile_instructions() if kind == "COPY"
+              for src in args.split()[:-1]}
+    root = DEPLOY.parent
+    for source in copied:
+        assert (root / source).exists(), source
+    assert "deploy/coturn" in copied  # the wheel force-includes the coturn template
+
+
+def test_compose_coturn_config_command_renders_its_addresses(tmp_path, monkeypatch, capsys):
+    from icegate_server.cli import main
+
+    command = yaml.safe_load((DEPLOY / "compose.yaml").read_text()
+                             )["services"]["coturn-config"]["command"]
+    args = [re.sub(r"\$\{[^}]*\}", "192.0.2.10", arg) for arg in command[1:]]
+    output = tmp_path / "turnserver.conf"
+    args[args.index("--output") + 1] = str(output)
+    for name, value in {**PLACEHOLDER_SECRETS, "ICEGATE_DEV_SECRETS": "false",
+                        "ICEGATE_DATA_DIR": str(tmp_path)}.items():
+        monkeypatch.setenv(name, value)
+    assert main(args) == 0
+    lines = output.read_text().splitlines()
+    assert "listening-ip=192.0.2.10" in lines and "relay-ip=192.0.2.10" in lines
+    assert "min-port=49160" in lines and "max-port=49999" in lines
+    assert "static-auth-secret=placeholder-turn-secret-0001" in lines
