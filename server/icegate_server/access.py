@@ -30,7 +30,7 @@ from icegate_server.errors import (
     StoreUnavailableError,
 )
 from icegate_server.limits import RateLimitPolicy, usage_at
-from icegate_server.projects import Project
+from icegate_server.projects import PROJECT_ID_PATTERN, Project, validate_project_id
 from icegate_server.store import Store
 from icegate_server.store.base import Admission, AdmitOutcome
 
@@ -84,7 +84,11 @@ class AccessControl:
             NotFoundError: The project does not exist.
             RateLimitedError: The project used its requests for now.
             StoreUnavailableError: The store cannot be reached (and fail-open did not apply).
+            InvalidFieldError: `project_id` cannot be a project id (checked first: it is
+                never looked up, nor echoed back in full).
         """
+        if project_id and not PROJECT_ID_PATTERN.match(project_id):
+            validate_project_id(project_id)
         digest = key_digest(key)
         static_caller = self._static.get(digest)
         if policy is MethodPolicy.ADMIN:

@@ -6,6 +6,7 @@ they never contain a secret, a key or a token.
 
     IcegateError
     ├── InvalidFieldError            INVALID_ARGUMENT     INVALID_FIELD
+    ├── MalformedRequestError        INVALID_ARGUMENT     MALFORMED_REQUEST
     ├── InvalidApiKeyError           UNAUTHENTICATED      INVALID_API_KEY
     ├── ProjectForbiddenError        PERMISSION_DENIED    PROJECT_FORBIDDEN
     ├── NotFoundError                NOT_FOUND            NOT_FOUND
@@ -51,6 +52,10 @@ class InvalidFieldError(IcegateError):
     def __init__(self, field: str, description: str) -> None:
         super().__init__(f"{field}: {description}")
         self.violations = (FieldViolation(field, description),)
+
+
+class MalformedRequestError(IcegateError):
+    """The request body does not parse as the RPC's request message."""
 
 
 class InvalidApiKeyError(IcegateError):

@@ -28,7 +28,7 @@ import grpc.aio
 
 from icegate_server.access import AccessControl, CallContext, MethodPolicy
 from icegate_server.auth import bearer_key
-from icegate_server.errors import IcegateError
+from icegate_server.errors import IcegateError, MalformedRequestError
 from icegate_server.logs import RpcLogEvent, log_rpc, valid_request_id
 from icegate_server.metrics import IcegateMetrics
 from icegate_server.projects import PROJECT_ID_PATTERN
@@ -102,7 +102,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         wrapped = grpc.unary_unary_rpc_method_handler(
             self._guard(cast(UnaryBehavior, handler.unary_unary), method_policy(method),
                         method),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
         self._wrapped[method] = wrapped
@@ -121,6 +121,8 @@ class CallGuard(grpc.aio.ServerInterceptor):
             context.set_trailing_metadata(trailer)
             code, reason, call, bug = grpc.StatusCode.OK, "", None, None
             try:
+                if request is UNDECODABLE:
+                    raise MalformedRequestError("the request body is not a valid message")
                 key = bearer_key(metadata)
                 project_id = getattr(request, "project_id", "")
                 call = await admit(key, policy, project_id)
@@ -153,6 +155,25 @@ class CallGuard(grpc.aio.ServerInterceptor):
                     key_id=call.caller.key_id if call is not None else ""), bug)
 
         return guarded
+
+
+UNDECODABLE = object()
+"""What the request deserializer hands over for a body that does not parse."""
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    # grpcio answers a deserializer's exception UNKNOWN with the exception's text; a sentinel
+    # lets CallGuard answer INVALID_ARGUMENT through the one error table instead.
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:
+            return UNDECODABLE
+
+    return parse
 
 
 def _project_of(call: CallContext | None, request: Any) -> str:

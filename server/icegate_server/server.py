@@ -184,6 +184,12 @@ async def create_server(
                 # silently with another (gRPC's default is 1).
                 ("grpc.so_reuseport", int(settings.workers > 1)),
                 ("grpc.max_receive_message_length", 64 * 1024),
+                # grpcio never answers a unary stream that ends before a whole message, so a
+                # peer could park such streams forever: bound them per connection, and let
+                # connections age out (clients reconnect on GOAWAY by themselves).
+                ("grpc.max_concurrent_streams", 256),
+                ("grpc.max_connection_age_ms", 30 * 60 * 1000),
+                ("grpc.max_connection_age_grace_ms", 60 * 1000),
             ],
         )
         provider_keys = ProviderKeys(store, vault, clock)

@@ -22,6 +22,7 @@ ERROR_DOMAIN = "icegate.dev"
 
 ERROR_TABLE: dict[type[errors.IcegateError], tuple[grpc.StatusCode, str]] = {
     errors.InvalidFieldError: (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD"),
+    errors.MalformedRequestError: (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST"),
     errors.InvalidApiKeyError: (grpc.StatusCode.UNAUTHENTICATED, "INVALID_API_KEY"),
     errors.ProjectForbiddenError: (grpc.StatusCode.PERMISSION_DENIED, "PROJECT_FORBIDDEN"),
     errors.NotFoundError: (grpc.StatusCode.NOT_FOUND, "NOT_FOUND"),
@@ -100,7 +101,17 @@ def to_rpc_status(error: errors.IcegateError) -> status_pb2.Status:
 
     details.insert(0, _pack(error_details_pb2.ErrorInfo(
         reason=reason, domain=ERROR_DOMAIN, metadata=metadata)))
-    return status_pb2.Status(code=code.value[0], message=error.message, details=details)
+    return status_pb2.Status(code=code.value[0], message=_bounded(error.message),
+                             details=details)
+
+
+MAX_MESSAGE_CHARS = 512
+"""Longer error messages are cut: a message may quote caller input, and status details
+travel in trailers that clients cap (grpc: 8 KiB soft, 16 KiB hard)."""
+
+
+def _bounded(message: str) -> str:
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS] + "…"
 
 
 def to_grpc_status(error: errors.IcegateError) -> grpc.Status:

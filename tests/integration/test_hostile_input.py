@@ -533,15 +533,6 @@ def test_a_huge_update_mask_path_is_invalid_argument(target: Target):
     assert len(error.details()) < 200
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "access.py answers an unknown project with NotFoundError(f'project {project_id!r} does "
-    "not exist') without bounding or validating project_id first: a 3000-character id makes "
-    "grpc-message plus grpc-status-details-bin exceed the client's 16 KiB metadata limit, so "
-    "the caller gets RESOURCE_EXHAUSTED 'Stream removed (received metadata size exceeds hard "
-    "limit)' instead of NOT_FOUND/INVALID_ARGUMENT (from ~1 KiB of control characters on, "
-    "probabilistically, over the 8 KiB soft limit). Fix: validate project_id before the "
-    "store lookup (INVALID_ARGUMENT, as the admin RPCs now do) and/or cap error messages in "
-    "status.to_rpc_status."))
 @pytest.mark.parametrize("method", PROJECT_SCOPED, ids=method_path)
 def test_a_huge_project_id_gets_icegates_own_answer(target: Target,
                                                     method: descriptor.MethodDescriptor):

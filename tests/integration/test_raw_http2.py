@@ -82,24 +82,17 @@ def test_a_well_formed_raw_call_succeeds(raw: RawGrpcConnection):
     b"\x08" + b"\xff" * 11,        # a varint longer than 10 bytes
 ], ids=["garbage", "short-field", "bad-utf8", "cut-duration", "long-varint"])
 def test_a_body_that_does_not_parse_is_refused(raw: RawGrpcConnection, body: bytes):
-    """grpcio itself answers an undecodable request UNKNOWN, before icegate's interceptor
-    (see the xfail below); what matters here is that it is never OK and nothing is issued."""
+    """Never OK, nothing issued: INVALID_ARGUMENT (MALFORMED_REQUEST) from CallGuard."""
     result = raw.call(PATH, TEST_ADMIN_KEY, grpc_frame(body))
     assert refused(result), result
     assert result.grpc_status in (UNKNOWN, INVALID_ARGUMENT, INTERNAL), result
     assert result.data == b""
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "grpcio's aio server answers a request that does not parse with UNKNOWN and "
-    "grpc-message \"Unexpected <class 'google.protobuf.message.DecodeError'>: Error parsing "
-    "message with type ...\" (its _handle_exceptions), instead of INTERNAL as gRPC's "
-    "statuscodes.md lists for 'Error parsing request proto' (or INVALID_ARGUMENT). The "
-    "deserializer runs before CallGuard, so the fix belongs in interceptor.py (wrap "
-    "request_deserializer, turn DecodeError into an INVALID_FIELD/INTERNAL status)."))
 def test_a_body_that_does_not_parse_gets_a_clean_status(raw: RawGrpcConnection):
+    """CallGuard's tolerant deserializer turns it into icegate's own INVALID_ARGUMENT."""
     result = raw.call(PATH, TEST_ADMIN_KEY, grpc_frame(b"\xff" * 40))
-    assert result.grpc_status in (INVALID_ARGUMENT, INTERNAL), result
+    assert result.grpc_status == INVALID_ARGUMENT, result
     assert "DecodeError" not in result.grpc_message and "class" not in result.grpc_message
 
 

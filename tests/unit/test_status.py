@@ -54,6 +54,7 @@ def sample(cls: type[errors.IcegateError]) -> errors.IcegateError:
 # test_every_error_class_has_a_client_class until it is added here.
 CLIENT_CLASS: dict[type[errors.IcegateError], type[client_errors.IcegateError]] = {
     errors.InvalidFieldError: client_errors.InvalidArgumentError,
+    errors.MalformedRequestError: client_errors.InvalidArgumentError,
     errors.InvalidApiKeyError: client_errors.AuthenticationError,
     errors.ProjectForbiddenError: client_errors.ProjectForbiddenError,
     errors.NotFoundError: client_errors.NotFoundError,
