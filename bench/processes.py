@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -143,15 +144,62 @@ def tree_hwm_mib(pid: int) -> float:
     return sum(_status_kib(p, "VmHWM") for p in process_tree(pid)) / 1024
 
 
-class RssSampler:
-    """Samples the tree RSS of some processes every `interval` seconds in a thread."""
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, pids: Sequence[int], interval: float = 0.2) -> None:
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of `pid` and its live descendants (all threads), seconds."""
+    total = 0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{member}/stat").read_text().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / _CLOCK_TICKS
+
+
+def machine_busy_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields) - idle) / _CLOCK_TICKS, sum(fields) / _CLOCK_TICKS
+
+
+def wait_for_quiet(max_busy_cores: float, max_wait: float, window: float = 1.0) -> float:
+    """Waits (at most `max_wait` s) until the machine's CPU use over `window` seconds is below
+    `max_busy_cores`, with nothing of ours under load; returns the last busy figure, cores."""
+    deadline = time.monotonic() + max_wait
+    cpus = os.cpu_count() or 1
+    while True:
+        busy, total = machine_busy_seconds()
+        time.sleep(window)
+        busy_now, total_now = machine_busy_seconds()
+        cores = (busy_now - busy) / max(total_now - total, 1e-9) * cpus
+        if cores <= max_busy_cores or time.monotonic() >= deadline:
+            return cores
+
+
+class RssSampler:
+    """Samples the tree RSS of some processes every `interval` seconds in a thread, and
+    measures the CPU they used (in cores) and what the whole machine used meanwhile."""
+
+    def __init__(self, pids: Sequence[int], interval: float = 0.2, *,
+                 helpers: Sequence[int] = ()) -> None:
         self._pids = list(pids)
+        self._helpers = list(helpers)
+        """Processes of the benchmark itself (fake upstreams): neither measured nor foreign."""
         self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
         self.peak_mib = 0.0
+        self.cpu_cores = 0.0
+        """CPU seconds the sampled processes used per second of wall time."""
+        self.machine_busy = 0.0
+        """The fraction of all the machine's CPUs that was busy (this load and anything else)."""
+        self.foreign_cores = 0.0
+        """CPU used meanwhile by anything but the sampled processes and this process's
+        reaped children (h2load): other work on the machine, in cores."""
+        self._start = (0.0, 0.0, (0.0, 0.0), 0.0)
+        self.started_at = 0.0
 
     def _sample(self) -> None:
         total = sum(tree_rss_mib(pid) for pid in self._pids)
@@ -162,8 +210,19 @@ class RssSampler:
             self._sample()
             self._stop.wait(self._interval)
 
+    def _cpu(self) -> float:
+        return sum(tree_cpu_seconds(pid) for pid in self._pids)
+
+    def _own_cpu(self) -> float:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        helpers = sum(tree_cpu_seconds(pid) for pid in self._helpers)
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime + helpers
+
     def __enter__(self) -> RssSampler:
         self._sample()
+        self.started_at = time.monotonic()
+        self._start = (self.started_at, self._cpu(), machine_busy_seconds(), self._own_cpu())
         self._thread.start()
         return self
 
@@ -171,3 +230,11 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
         self._sample()
+        started, cpu, (busy, total), own = self._start
+        wall = max(time.monotonic() - started, 1e-9)
+        self.cpu_cores = (self._cpu() - cpu) / wall
+        busy_now, total_now = machine_busy_seconds()
+        self.machine_busy = (busy_now - busy) / max(total_now - total, 1e-9)
+        cpus = os.cpu_count() or 1
+        self.foreign_cores = max(0.0, self.machine_busy * cpus - self.cpu_cores
+                                 - (self._own_cpu() - own) / wall)

@@ -45,6 +45,12 @@ def targets_table(results: dict[str, Any]) -> list[str]:
     add("IssueTurnCredentials ≥ 0.85 x bare grpc.aio req/s",
         f"{_fmt(vs_bare)} x" if vs_bare else "not measured",
         None if vs_bare is None else vs_bare >= 0.85)
+    bare = _row(compare, BARE, issue)
+    if icegate and bare:
+        efficiency = bare["cpu_us_per_call"] / icegate["cpu_us_per_call"]
+        add("the same in CPU per call (bare µs / icegate µs; robust to other load)",
+            f"{_fmt(efficiency)} x ({_fmt(bare['cpu_us_per_call'], 0)} vs "
+            f"{_fmt(icegate['cpu_us_per_call'], 0)} µs)", efficiency >= 0.85)
     vs_fastapi = _ratio(icegate, _row(compare, FASTAPI, issue))
     add("IssueTurnCredentials ahead of FastAPI",
         f"{_fmt(vs_fastapi)} x" if vs_fastapi else "not measured",
@@ -76,15 +82,18 @@ def targets_table(results: dict[str, Any]) -> list[str]:
                    default=None)
         if one and many and many is not one:
             ratio = many["capacity_rps"] / one["capacity_rps"]
+            cpu = many["cpu_us_per_call"] / one["cpu_us_per_call"]
             add(f"per-call cost flat across {many['projects']:,} projects ({store})",
-                f"{_fmt(ratio)} x the 1-project req/s", ratio >= 0.9)
+                f"req/s {_fmt(ratio)} x, CPU per call {_fmt(cpu)} x the 1-project figures",
+                ratio >= 0.9 and cpu <= 1.1)
     return lines
 
 
 def compare_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| target | method | req/s (closed loop) | x bare | x FastAPI | "
-             "p50 ms | p99 ms | p99.9 ms | at req/s | errors | peak RSS MiB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "p50 ms | p99 ms | p99.9 ms | at req/s | errors | peak RSS MiB | server cores | "
+             "server CPU µs/call | other work cores |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         bare = _ratio(row, _row(rows, BARE, row["method"]))
         fastapi = _ratio(row, _row(rows, FASTAPI, row["method"]))
@@ -92,7 +101,8 @@ def compare_table(rows: list[dict[str, Any]]) -> list[str]:
             f"| {row['target']} | {row['method']} | {_fmt(row['capacity_rps'], 0)} | "
             f"{_fmt(bare)} | {_fmt(fastapi)} | {_fmt(row['p50_ms'])} | {_fmt(row['p99_ms'])} | "
             f"{_fmt(row['p999_ms'])} | {_fmt(row['fixed_rate_rps'], 0)} | {row['errors']} | "
-            f"{_fmt(row['peak_rss_mib'], 0)} |")
+            f"{_fmt(row['peak_rss_mib'], 0)} | {_fmt(row['server_cores'])} | "
+            f"{_fmt(row['cpu_us_per_call'], 0)} | {_fmt(row['foreign_cores'])} |")
     return lines
 
 
@@ -103,26 +113,31 @@ def sessions_table(sessions: dict[str, Any]) -> list[str]:
     lines = [f"Fake OpenAI `client_secrets` answering after {sessions['upstream_latency_ms']:g} "
              f"ms; latency at {sessions['rate_rps']} calls/s.", "",
              "| caller | req/s (closed loop) | p50 ms | p99 ms | p99.9 ms | added p50 ms | "
-             "errors | peak RSS MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|",
+             "errors | peak RSS MiB | server cores | server CPU µs/call | other work cores |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
              f"| direct httpx to the fake | - | {_fmt(direct['p50_ms'])} | "
              f"{_fmt(direct['p99_ms'])} | {_fmt(direct['p999_ms'])} | - | "
-             f"{direct['errors']} | - |"]
+             f"{direct['errors']} | - | - | - | - |"]
     for row in sessions["rows"]:
         lines.append(
             f"| {row['target']} CreateSession | {_fmt(row['capacity_rps'], 0)} | "
             f"{_fmt(row['p50_ms'])} | {_fmt(row['p99_ms'])} | {_fmt(row['p999_ms'])} | "
-            f"{_fmt(row['added_p50_ms'])} | {row['errors']} | {_fmt(row['peak_rss_mib'], 0)} |")
+            f"{_fmt(row['added_p50_ms'])} | {row['errors']} | {_fmt(row['peak_rss_mib'], 0)} | "
+            f"{_fmt(row['server_cores'])} | {_fmt(row['cpu_us_per_call'], 0)} | "
+            f"{_fmt(row['foreign_cores'])} |")
     return lines
 
 
 def scaling_table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["| store | projects | active leases | req/s | errors | server RSS idle MiB | "
-             "server RSS peak MiB | store MiB | store RSS MiB | seeding s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| store | projects | active leases | req/s | server cores | server CPU µs/call | "
+             "other work cores | errors | server RSS idle MiB | server RSS peak MiB | store MiB | "
+             "store RSS MiB | seeding s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         lines.append(
             f"| {row['store']} | {row['projects']:,} | {row['leases']:,} | "
-            f"{_fmt(row['capacity_rps'], 0)} | {row['errors']} | "
+            f"{_fmt(row['capacity_rps'], 0)} | {_fmt(row['server_cores'])} | "
+            f"{_fmt(row['cpu_us_per_call'], 0)} | {_fmt(row['foreign_cores'])} | {row['errors']} | "
             f"{_fmt(row['server_idle_rss_mib'], 0)} | {_fmt(row['server_peak_rss_mib'], 0)} | "
             f"{_fmt(row['store_mib'], 1)} | "
             f"{_fmt(row['store_rss_mib'], 1) if row['store'] == 'redis' else '-'} | "
@@ -137,7 +152,9 @@ def summary(results: dict[str, Any]) -> str:
         f"# icegate benchmark: {results['mode']} run of {results['started']}", "",
         f"`{results['command']}` on {m['nproc']} x {m['cpu_model']}, {m['memory_gib']} GiB, "
         f"Python {m['python']}, grpcio {m['grpcio']}, {m['h2load']}, kernel {m['kernel']}; "
-        f"{results['elapsed_seconds']:.0f} s in all.", "",
+        f"{results['elapsed_seconds']:.0f} s in all. Load average before/after: "
+        f"{' '.join(m['loadavg_at_start'])} / {' '.join(m.get('loadavg_at_end', []))} "
+        "(the CPU other work on the machine took during a run is in the 'other work' columns).", "",
         f"Closed loop: h2load -c {plan['clients']} -m {plan['streams']} for "
         f"{plan['capacity_seconds']:g} s; latency: {plan['fixed_rate']:,} req/s "
         f"({plan['rate_clients']} clients) for {plan['latency_seconds']:g} s, percentiles "
