@@ -5,10 +5,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 PROTOS := $(wildcard protos/icegate/v1/*.proto)
 GENERATED_DIR := client/icegate/v1
 
-.PHONY: all venv proto proto-check run test lint coturn bench clean soak
+.PHONY: all venv proto proto-check run test lint coturn bench profile soak clean
 
 all: test
 
@@ -19,6 +20,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+$(BENCH_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --editable '.[server,dev,bench]'
+	touch $(BENCH_STAMP)
 
 # The one way stubs are made. The proto package maps onto the Python package
 # (icegate.v1 -> client/icegate/v1/), so generated imports need no rewriting.
@@ -56,6 +63,19 @@ coturn: $(STAMP)
 	scripts/install-system-packages
 	$(BIN)/icegate-server coturn-config --output .icegate/turnserver.conf $(ARGS)
 	turnserver -c .icegate/turnserver.conf
+
+# icegate against a bare grpc.aio server and FastAPI, with h2load: about 10-15 minutes
+# (BENCH_QUICK=1: about 2). Writes bench/results/ and prints the summary; see
+# docs/PERFORMANCE.md. `timeout` is the hard bound; the script stops its servers on SIGTERM.
+bench: $(BENCH_STAMP)
+	@command -v h2load >/dev/null || { echo "make bench needs h2load: apt-get install nghttp2-client"; exit 1; }
+	timeout 20m $(BIN)/python bench/run.py
+
+# A py-spy flamegraph of icegate under h2load for 10 s into bench/results/raw/
+# (ARGS="--method ice|session --seconds N").
+profile: $(BENCH_STAMP)
+	@command -v h2load >/dev/null || { echo "make profile needs h2load: apt-get install nghttp2-client"; exit 1; }
+	timeout 5m $(BIN)/python bench/profile.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist

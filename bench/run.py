@@ -1,0 +1,556 @@
+"""`make bench`: icegate against a bare grpc.aio server and a FastAPI endpoint, on this machine.
+
+    .venv/bin/python bench/run.py            # full: 3 runs of each measure, about 10-15 min
+    BENCH_QUICK=1 .venv/bin/python bench/run.py   # 1 run of shorter measures, about 2 min
+
+Sections (see docs/PERFORMANCE.md for the method):
+  compare   capacity (closed loop) and latency at a fixed rate of IssueTurnCredentials and
+            GetIceServers on: bare grpc.aio, FastAPI/uvicorn, icegate on SQLite, on Redis,
+            with --workers 2 (the last two when this checkout has them);
+  sessions  CreateSession against a local fake OpenAI with a fixed latency, next to a direct
+            httpx call to the same fake;
+  scaling   IssueTurnCredentials capacity and memory as projects and active leases grow,
+            seeded through the store API.
+Writes bench/results/{summary.md,bench.png,results.json}; raw output under bench/results/raw/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import report
+import scenario
+import targets
+from loadgen import Endpoint, LoadResult, grpc_endpoint, json_endpoint, run_h2load
+from processes import ManagedProcess, RssSampler, tree_rss_mib, wait_for_quiet
+from seeding import seed_store
+
+T = TypeVar("T")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long and how often each measure runs."""
+
+    quick: bool
+    repeats: int
+    capacity_seconds: float
+    latency_seconds: float
+    warm_up_seconds: float
+    scaling_seconds: float
+    scaling_grid: tuple[tuple[int, int], ...]
+    budget_seconds: float
+    clients: int = 32
+    streams: int = 8
+    fixed_rate: int = 1000
+    """Requests per second of the latency runs (as `rate_clients` clients at rate/clients)."""
+    rate_clients: int = 20
+    session_rate: int = 50
+    max_foreign_cores: float = 0.35
+    """A run during which other work took more CPU than this is run again (once)."""
+    max_quiet_wait_seconds: float = 8.0
+    """How long to wait, before each run, for other work on the machine to calm down."""
+    noise_allowance_seconds: float = 180.0
+    """The most the whole run spends waiting for, and re-running through, other work."""
+    upstream_latency_ms: float = 20.0
+
+    @classmethod
+    def from_env(cls) -> Plan:
+        if os.environ.get("BENCH_QUICK", "") not in ("", "0"):
+            return cls(quick=True, repeats=1, capacity_seconds=3, latency_seconds=3,
+                       warm_up_seconds=1, scaling_seconds=3,
+                       scaling_grid=((1, 0), (10_000, 0), (100, 10_000)),
+                       budget_seconds=4 * 60, max_quiet_wait_seconds=3,
+                       noise_allowance_seconds=30)
+        return cls(quick=False, repeats=3, capacity_seconds=6, latency_seconds=8,
+                   warm_up_seconds=1, scaling_seconds=5,
+                   scaling_grid=((1, 0), (100, 0), (10_000, 0), (100, 10_000), (100, 100_000)),
+                   budget_seconds=15 * 60)
+
+
+class Bench:
+    def __init__(self, plan: Plan, work: Path) -> None:
+        self.plan = plan
+        self.work = work
+        self.bodies = scenario.write_bodies(work / "bodies")
+        self.notes: list[str] = []
+        self.started = time.monotonic()
+        self._log_counter = 0
+        self.noise_allowance = plan.noise_allowance_seconds
+        """Seconds left for waiting out, and re-running through, other work on the machine."""
+        self.disturbed = 0.0
+        """The most CPU other work on the machine took during a kept run, in cores."""
+
+    # -- bookkeeping -------------------------------------------------------------------
+
+    def note(self, text: str) -> None:
+        print(f"NOTE: {text}", flush=True)
+        self.notes.append(text)
+
+    def out_of_time(self, what: str) -> bool:
+        elapsed = time.monotonic() - self.started
+        if elapsed > self.plan.budget_seconds:
+            self.note(f"skipped {what}: the run's time budget "
+                      f"({self.plan.budget_seconds:.0f} s) is used up")
+            return True
+        return False
+
+    def log_file(self, label: str) -> Path:
+        self._log_counter += 1
+        path = self.work / "h2load" / f"{self._log_counter:03d}-{label}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # -- one target, one method ---------------------------------------------------------
+
+    def success_size(self, endpoint: Endpoint) -> int:
+        """The DATA bytes of one successful answer (all probes must succeed alike)."""
+        probes = 20
+        result = run_h2load(endpoint, clients=1, streams=1, requests=probes)
+        if result.status_2xx != probes or result.data_bytes == 0 \
+                or result.data_bytes % probes:
+            raise RuntimeError(f"probe of {endpoint.url} did not succeed alike:\n"
+                               f"{result.raw_output}")
+        return result.data_bytes // probes
+
+    @staticmethod
+    def errors_by_size(result: LoadResult, size: int) -> int:
+        """Calls that did not get a full successful answer (gRPC errors carry no DATA)."""
+        answered_ok = result.data_bytes // size if size else result.done
+        return max(result.done - min(answered_ok, result.status_2xx), 0)
+
+    def quiet_run(self, pids: list[int], run: Callable[[], T], *, helpers: tuple[int, ...] = ()
+                  ) -> tuple[T, RssSampler]:
+        """One measured run; run again (once) when other work on the machine took more than
+        `plan.max_foreign_cores`, keeping the less disturbed of the two."""
+        best: tuple[T, RssSampler] | None = None
+        for attempt in range(2):
+            started = time.monotonic()
+            # The servers idle between runs, so whatever is busy now is someone else's work.
+            if self.noise_allowance > 0:
+                wait_for_quiet(self.plan.max_foreign_cores,
+                               min(self.plan.max_quiet_wait_seconds, self.noise_allowance))
+            with RssSampler(pids, helpers=helpers) as sampler:
+                result = run()
+            if best is None or sampler.foreign_cores < best[1].foreign_cores:
+                best = (result, sampler)
+            # Waiting, and any run after the first, come out of the allowance.
+            self.noise_allowance -= (time.monotonic() - started) if attempt else \
+                (sampler.started_at - started)
+            if sampler.foreign_cores <= self.plan.max_foreign_cores \
+                    or self.noise_allowance <= 0:
+                break
+            print(f"   (other work on the machine took {sampler.foreign_cores:.2f} cores: "
+                  "running again)", flush=True)
+        assert best is not None
+        self.disturbed = max(self.disturbed, best[1].foreign_cores)
+        return best
+
+    def measure(self, label: str, endpoint: Endpoint, pids: list[int], *,
+                error_count: Callable[[LoadResult], int], rate: int,
+                rate_clients: int, before_run: Callable[[], None] = lambda: None,
+                helpers: tuple[int, ...] = ()) -> dict[str, Any]:
+        """Warm-up, then `repeats` x (capacity run, fixed-rate run); medians of the runs."""
+        plan = self.plan
+        print(f"-- {label}", flush=True)
+        run_h2load(endpoint, clients=plan.clients, streams=plan.streams,
+                   duration=plan.warm_up_seconds)
+        capacity, latency, peak = [], [], 0.0
+        cores, foreign, errors_seen, cpu_per_call = [], [], [], []
+        for attempt in range(plan.repeats):
+            def closed_loop() -> LoadResult:
+                before_run()
+                result = run_h2load(endpoint, clients=plan.clients, streams=plan.streams,
+                                    duration=plan.capacity_seconds)
+                errors_seen.append(error_count(result))
+                return result
+
+            def fixed_rate(attempt: int = attempt) -> LoadResult:
+                before_run()
+                result = run_h2load(endpoint, clients=rate_clients, streams=4,
+                                    duration=plan.latency_seconds,
+                                    rps_per_client=rate // rate_clients,
+                                    log_file=self.log_file(f"{label}-{attempt}"))
+                errors_seen.append(error_count(result))
+                return result
+
+            closed, sampler = self.quiet_run(pids, closed_loop, helpers=helpers)
+            peak = max(peak, sampler.peak_mib)
+            cores.append(sampler.cpu_cores)
+            cpu_per_call.append(1e6 * sampler.cpu_cores / max(closed.requests_per_second, 1e-9))
+            foreign.append(sampler.foreign_cores)
+            fixed, fixed_sampler = self.quiet_run(pids, fixed_rate, helpers=helpers)
+            foreign.append(fixed_sampler.foreign_cores)
+            capacity.append(closed.requests_per_second)
+            latency.append(_latency_summary(fixed))
+            print(f"   run {attempt + 1}: {closed.requests_per_second:,.0f} req/s "
+                  f"(server {cores[-1]:.2f} cores, other work {sampler.foreign_cores:.2f} "
+                  f"cores); at {fixed.requests_per_second:,.0f} req/s p50 "
+                  f"{latency[-1]['p50_ms']:.2f} p99 {latency[-1]['p99_ms']:.2f} ms; "
+                  f"peak RSS {sampler.peak_mib:.0f} MiB", flush=True)
+        return {
+            "capacity_rps": statistics.median(capacity),
+            "capacity_runs": capacity,
+            "server_cores": statistics.median(cores),
+            "cpu_us_per_call": statistics.median(cpu_per_call),
+            "foreign_cores": max(foreign),
+            "fixed_rate_rps": statistics.median(r["achieved_rps"] for r in latency),
+            "p50_ms": statistics.median(r["p50_ms"] for r in latency),
+            "p99_ms": statistics.median(r["p99_ms"] for r in latency),
+            "p999_ms": statistics.median(r["p999_ms"] for r in latency),
+            "latency_runs": latency,
+            "errors": sum(errors_seen),
+            "peak_rss_mib": peak,
+            "runs": plan.repeats,
+        }
+
+    def measure_credentials(self, target: str, process: ManagedProcess,
+                            endpoints: dict[str, Endpoint], extra_pids: tuple[int, ...] = ()
+                            ) -> list[dict[str, Any]]:
+        rows = []
+        for method, endpoint in endpoints.items():
+            size = self.success_size(endpoint)
+            row = self.measure(f"{target} {method}", endpoint, [process.pid, *extra_pids],
+                               error_count=lambda r, s=size: self.errors_by_size(r, s),
+                               rate=self.plan.fixed_rate, rate_clients=self.plan.rate_clients)
+            row.update(target=target, method=method, answer_bytes=size)
+            rows.append(row)
+        return rows
+
+    # -- sections -----------------------------------------------------------------------
+
+    def compare(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        methods = {"IssueTurnCredentials": (scenario.ISSUE, "issue", "/turn-credentials"),
+                   "GetIceServers": (scenario.ICE, "ice", "/ice-servers")}
+
+        def grpc_endpoints(port: int, key: str) -> dict[str, Endpoint]:
+            return {name: grpc_endpoint(port, path, self.bodies[body], key)
+                    for name, (path, body, _) in methods.items()}
+
+        if not self.out_of_time("bare grpc.aio"):
+            with targets.start_bare_grpc(self.work) as bare:
+                rows += self.measure_credentials("bare grpc.aio", bare,
+                                                 grpc_endpoints(bare.port, "none"))
+        if not self.out_of_time("FastAPI"):
+            with targets.start_fastapi(self.work) as fastapi:
+                rows += self.measure_credentials("FastAPI (uvicorn, HTTP/1.1)", fastapi, {
+                    name: json_endpoint(fastapi.port, path, self.bodies["json"], "none")
+                    for name, (_, _, path) in methods.items()})
+        for label, store, workers in self._icegate_variants():
+            if self.out_of_time(label):
+                continue
+            with self.icegate(label, store=store, workers=workers) as (server, key, extra):
+                for method in (scenario.ISSUE, scenario.ICE):
+                    targets.check_call(server.port, key, method)
+                rows += self.measure_credentials(label, server,
+                                                 grpc_endpoints(server.port, key), extra)
+        return rows
+
+    def _icegate_variants(self) -> list[tuple[str, str, int]]:
+        variants = [("icegate SQLite", "sqlite", 1)]
+        if self.redis_usable():
+            variants.append(("icegate Redis", "redis", 1))
+        if targets.workers_flag_available():
+            variants.append(("icegate SQLite --workers 2", "sqlite", 2))
+        else:
+            self.note("icegate --workers 2 not measured: `icegate-server --help` has no "
+                      "--workers on this checkout")
+        return variants
+
+    def redis_usable(self) -> bool:
+        if not targets.redis_store_available():
+            self.note_once("icegate on Redis not measured: this checkout has no "
+                           "icegate_server.store.redis (the Redis store is on another branch)")
+            return False
+        if targets.redis_server_binary() is None:
+            self.note_once("icegate on Redis not measured: no redis-server on this machine")
+            return False
+        return True
+
+    def note_once(self, text: str) -> None:
+        if text not in self.notes:
+            self.note(text)
+
+    @contextlib.contextmanager
+    def store_url(self, name: str, store: str) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """A fresh, empty store: a new SQLite file, or a new redis-server (and its pid)."""
+        if store == "sqlite":
+            data = self.work / f"{name}-data"
+            data.mkdir(parents=True, exist_ok=True)
+            yield f"sqlite:///{data / 'icegate.sqlite3'}", ()
+            return
+        redis = targets.start_redis(self.work)
+        try:
+            yield f"redis://127.0.0.1:{redis.port}/0", (redis.pid,)
+        finally:
+            redis.stop()
+
+    @contextlib.contextmanager
+    def icegate(self, label: str, *, store: str, workers: int = 1,
+                openai_base_url: str | None = None
+                ) -> Iterator[tuple[ManagedProcess, str, tuple[int, ...]]]:
+        """A running icegate with the benchmark project; yields it, the key, and store pids."""
+        name = label.replace(" ", "-").replace("/", "")
+        with self.store_url(name, store) as (url, store_pids), \
+                targets.start_icegate(name, self.work, store_url=url, workers=workers,
+                                      openai_base_url=openai_base_url) as server:
+            project = targets.prepare_project(server.port,
+                                              with_openai_key=openai_base_url is not None)
+            yield server, project.api_key, store_pids
+
+    def sessions(self) -> dict[str, Any]:
+        plan = self.plan
+        result: dict[str, Any] = {"upstream_latency_ms": plan.upstream_latency_ms,
+                                  "rate_rps": plan.session_rate, "rows": []}
+        with targets.start_fake_openai(self.work, plan.upstream_latency_ms) as fake:
+            base_url = f"http://127.0.0.1:{fake.port}"
+            direct = [self.quiet_run([fake.pid], lambda: direct_httpx_latencies(
+                base_url, plan.session_rate, plan.latency_seconds))[0]
+                for _ in range(plan.repeats)]
+            result["direct_httpx"] = {
+                key: statistics.median(run[key] for run in direct)
+                for key in ("p50_ms", "p99_ms", "p999_ms", "achieved_rps")}
+            result["direct_httpx"]["errors"] = sum(run["errors"] for run in direct)
+            print(f"-- direct httpx to the fake: {result['direct_httpx']}", flush=True)
+            stores = ["sqlite"] + (["redis"] if self.redis_usable() else [])
+            for store in stores:
+                label = f"icegate {'SQLite' if store == 'sqlite' else 'Redis'}"
+                if self.out_of_time(f"CreateSession on {label}"):
+                    continue
+                with self.icegate(f"{label} sessions", store=store,
+                                  openai_base_url=base_url) as (server, key, store_pids):
+                    targets.check_call(server.port, key, scenario.CREATE_SESSION)
+                    endpoint = grpc_endpoint(server.port, scenario.CREATE_SESSION,
+                                             self.bodies["session"], key)
+                    counted = SessionCounter(server.port, key)
+                    row = self.measure(f"{label} CreateSession", endpoint,
+                                       [server.pid, *store_pids], error_count=counted.errors,
+                                       rate=plan.session_rate, rate_clients=5,
+                                       before_run=counted.mark, helpers=(fake.pid,))
+                    row.update(target=label, method="CreateSession")
+                    row["added_p50_ms"] = row["p50_ms"] - result["direct_httpx"]["p50_ms"]
+                    result["rows"].append(row)
+        return result
+
+    def scaling(self) -> list[dict[str, Any]]:
+        plan = self.plan
+        rows = []
+        stores = ["sqlite"] + (["redis"] if self.redis_usable() else [])
+        for store in stores:
+            for projects, leases in plan.scaling_grid:
+                label = f"{store} {projects} projects {leases} leases"
+                if self.out_of_time(f"scaling {label}"):
+                    continue
+                rows.append(self.scaling_point(store, projects, leases))
+        return rows
+
+    def scaling_point(self, store: str, projects: int, leases: int) -> dict[str, Any]:
+        plan = self.plan
+        name = f"scale-{store}-{projects}p-{leases}l"
+        print(f"-- scaling: {store}, {projects:,} projects, {leases:,} leases", flush=True)
+        with self.store_url(name, store) as (url, store_pids):
+            seeded = seed_store(url, projects=projects, leases=leases)
+            print(f"   seeded in {seeded.seconds:.1f} s", flush=True)
+            with targets.start_icegate(name, self.work, store_url=url) as server:
+                targets.check_call(server.port, seeded.load_key, scenario.ISSUE)
+                endpoint = grpc_endpoint(server.port, scenario.ISSUE, self.bodies["issue"],
+                                         seeded.load_key)
+                size = self.success_size(endpoint)
+                run_h2load(endpoint, clients=plan.clients, streams=plan.streams,
+                           duration=plan.warm_up_seconds)
+                idle_server = tree_rss_mib(server.pid)
+                idle_store = sum(tree_rss_mib(p) for p in store_pids)
+                runs, errors, peak, cores = [], 0, 0.0, []
+                cpu_per_call, foreign = [], []
+                for _ in range(plan.repeats):
+                    closed, sampler = self.quiet_run([server.pid], lambda: run_h2load(
+                        endpoint, clients=plan.clients, streams=plan.streams,
+                        duration=plan.scaling_seconds))
+                    runs.append(closed.requests_per_second)
+                    cores.append(sampler.cpu_cores)
+                    cpu_per_call.append(1e6 * sampler.cpu_cores
+                                        / max(closed.requests_per_second, 1e-9))
+                    foreign.append(sampler.foreign_cores)
+                    errors += self.errors_by_size(closed, size)
+                    peak = max(peak, sampler.peak_mib)
+                store_bytes = _store_bytes(url, store_pids)
+        row = {
+            "store": store, "projects": projects, "leases": leases,
+            "capacity_rps": statistics.median(runs), "capacity_runs": runs,
+            "server_cores": statistics.median(cores),
+            "cpu_us_per_call": statistics.median(cpu_per_call), "foreign_cores": max(foreign),
+            "errors": errors, "server_idle_rss_mib": idle_server, "server_peak_rss_mib": peak,
+            "store_rss_mib": idle_store, "store_mib": store_bytes / 2**20,
+            "seed_seconds": seeded.seconds, "runs": plan.repeats,
+        }
+        print(f"   {row['capacity_rps']:,.0f} req/s; server RSS {idle_server:.0f} MiB idle, "
+              f"{peak:.0f} MiB peak; store {row['store_mib']:.1f} MiB", flush=True)
+        return row
+
+
+class SessionCounter:
+    """Counts failed CreateSession calls from the project's own session counter."""
+
+    def __init__(self, port: int, key: str) -> None:
+        self._port = port
+        self._key = key
+        self._before = 0
+
+    def mark(self) -> None:
+        self._before = targets.sessions_used(self._port, self._key)
+
+    def errors(self, result: LoadResult) -> int:
+        created = targets.sessions_used(self._port, self._key) - self._before
+        return max(result.done - created, 0)
+
+
+def _latency_summary(result: LoadResult) -> dict[str, float]:
+    def pct(q: float) -> float:
+        value = result.percentile(q)
+        return float("nan") if value is None else value
+
+    return {"achieved_rps": result.requests_per_second, "p50_ms": pct(0.50),
+            "p99_ms": pct(0.99), "p999_ms": pct(0.999), "samples": len(result.latencies_ms)}
+
+
+def _store_bytes(url: str, store_pids: tuple[int, ...]) -> int:
+    """The SQLite file (with its WAL), or Redis' own `used_memory`."""
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        return int(client.info("memory")["used_memory"])
+    finally:
+        client.close()
+
+
+def direct_httpx_latencies(base_url: str, rate: int, seconds: float) -> dict[str, float]:
+    """POSTs icegate's own client_secrets body to the fake, `rate` per second, with httpx."""
+    import httpx
+    import uvloop
+
+    from icegate_server.providers.base import SessionOptions
+    from icegate_server.providers.openai import client_secrets_body
+
+    body = client_secrets_body(SessionOptions(model="gpt-realtime", voice="alloy"),
+                               "gpt-realtime")
+    headers = {"Authorization": f"Bearer {scenario.OPENAI_KEY}"}
+    total = int(rate * seconds)
+
+    async def loop() -> dict[str, float]:
+        latencies: list[float] = []
+        errors = 0
+        async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
+            async def one() -> None:
+                nonlocal errors
+                started = time.perf_counter()
+                response = await client.post("/v1/realtime/client_secrets", json=body,
+                                             headers=headers)
+                response.json()
+                latencies.append((time.perf_counter() - started) * 1000)
+                errors += response.status_code != 200
+
+            await one()  # connect first, as icegate's pool is warm too
+            latencies.clear()
+            tasks = []
+            start = time.perf_counter()
+            for n in range(total):
+                await asyncio.sleep(max(0.0, start + n / rate - time.perf_counter()))
+                tasks.append(asyncio.create_task(one()))
+            await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
+            elapsed = time.perf_counter() - start
+        ordered = sorted(latencies)
+
+        def pct(q: float) -> float:
+            return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+        return {"p50_ms": pct(0.5), "p99_ms": pct(0.99), "p999_ms": pct(0.999),
+                "achieved_rps": total / elapsed, "errors": errors}
+
+    return uvloop.run(loop())
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    h2load = subprocess.run([shutil.which("h2load") or "h2load", "--version"],
+                            capture_output=True, text=True, check=False).stdout.strip()
+    mem_kib = 0
+    with contextlib.suppress(OSError, ValueError):
+        mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    return {
+        "nproc": os.cpu_count(), "cpu_model": model, "memory_gib": round(mem_kib / 2**20, 1),
+        "python": platform.python_version(), "kernel": platform.release(),
+        "grpcio": grpc.__version__, "h2load": h2load,
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    # `timeout` and CI send SIGTERM: unwind, so every server is stopped on the way out.
+    raise SystemExit(128 + signum)
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    plan = Plan.from_env()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    work = RESULTS / "raw" / stamp
+    work.mkdir(parents=True, exist_ok=True)
+    bench = Bench(plan, work)
+    results: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "mode": "quick" if plan.quick else "full",
+        "plan": {k: v for k, v in vars(plan).items()},
+        "machine": machine(),
+        "command": ("BENCH_QUICK=1 make bench" if plan.quick else "make bench"),
+    }
+    print(f"icegate benchmark ({results['mode']}), raw output in {work}", flush=True)
+    try:
+        results["compare"] = bench.compare()
+        results["sessions"] = bench.sessions()
+        results["scaling"] = bench.scaling()
+    finally:
+        if bench.disturbed > bench.plan.max_foreign_cores:
+            bench.note(f"other work on this machine took up to {bench.disturbed:.2f} cores "
+                       "during some kept runs (see 'other work' columns): those figures are low")
+        results["notes"] = bench.notes
+        results["machine"]["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
+        results["elapsed_seconds"] = round(time.monotonic() - bench.started, 1)
+        (work / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    summary = report.write(results, RESULTS)
+    print(summary)
+    print(f"done in {results['elapsed_seconds']:.0f} s: {RESULTS / 'summary.md'}, "
+          f"{RESULTS / 'bench.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
