@@ -91,7 +91,7 @@ class Client:
                 request,
                 timeout=connection.timeout(timeout),
                 metadata=connection.call_metadata(metadata) if authenticated else tuple(metadata),
-                wait_for_ready=connection.wait_for_ready,
+                **connection.call_options,
             )
         except grpc.RpcError as error:
             typed = from_rpc_error(error)

@@ -169,6 +169,13 @@ class Connection:
         return cls(target=target, api_key=api_key, default_timeout=default_timeout,
                    debug=debug, tls=tls, wait_for_ready=wait_for_ready)
 
+    @property
+    def call_options(self) -> dict[str, bool]:
+        """Keyword options every call passes to gRPC besides its deadline and metadata."""
+        # Only when set: fail-fast is gRPC's default, and test channels (grpc_testing)
+        # take no wait_for_ready argument.
+        return {"wait_for_ready": True} if self.wait_for_ready else {}
+
     def channel_credentials(self) -> grpc.ChannelCredentials | None:
         """TLS credentials for the channel, or None for an insecure channel."""
         return self.tls.channel_credentials() if self.tls is not None else None
