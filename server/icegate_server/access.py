@@ -78,6 +78,10 @@ class AccessControl:
         self._last_admitted: OrderedDict[tuple[bytes | str, str], tuple[CallContext, float]] = \
             OrderedDict()
         self._identity_projects = dict(identity_projects or {})
+        # Like static keys ("static-<n>"), a certificate caller's key id is its entry's
+        # position in ICEGATE_TLS_CLIENT_PROJECTS: a plain id that logs may show.
+        self._identity_key_ids = {identity: f"tls-{index}"
+                                  for index, identity in enumerate(self._identity_projects)}
 
     @property
     def admits_identities(self) -> bool:
@@ -154,7 +158,7 @@ class AccessControl:
             raise InvalidApiKeyError("the client certificate's identities map to different "
                                      "projects; present a key")
         identity, bound = next(iter(mapped.items()))
-        caller = Caller(key_id=f"tls:{identity}", is_admin=bound == ADMIN_IDENTITY,
+        caller = Caller(key_id=self._identity_key_ids[identity], is_admin=bound == ADMIN_IDENTITY,
                         project_id="" if bound == ADMIN_IDENTITY else bound)
         if policy is MethodPolicy.ADMIN:
             if not caller.is_admin:

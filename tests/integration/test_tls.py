@@ -261,10 +261,16 @@ def serve_and_read_log(tmp_path: Path, host: str, **settings: str) -> str:
     return process.read_log()
 
 
+def log_records(log: str) -> list[dict[str, str]]:
+    return [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+
+
 def test_listening_without_tls_beyond_loopback_warns(tmp_path):
     log = serve_and_read_log(tmp_path, ALL_INTERFACES)
-    warnings = [line for line in log.splitlines() if "WARNING" in line and "TLS" in line]
-    assert len(warnings) == 1 and "ICEGATE_TLS_CERT" in warnings[0], log
+    warnings = [record["msg"] for record in log_records(log)
+                if record["level"] == "WARNING" and "TLS" in record["msg"]]
+    assert len(warnings) == 1, log
+    assert "ICEGATE_TLS_CERT" in warnings[0] and ALL_INTERFACES in warnings[0]
 
 
 def test_no_warning_with_tls_or_on_loopback(tmp_path, pki):
@@ -273,5 +279,7 @@ def test_no_warning_with_tls_or_on_loopback(tmp_path, pki):
                                  tls_cert=server.cert, tls_key=server.key)
     loopback_log = serve_and_read_log(tmp_path / "loopback", "127.0.0.1")
     for log in (tls_log, loopback_log):
-        assert "listening on" in log and "ICEGATE_TLS_CERT" not in log, log
-    assert "(TLS," in tls_log
+        messages = [record["msg"] for record in log_records(log)]
+        assert any("listening on" in message for message in messages), log
+        assert not any("ICEGATE_TLS_CERT" in message for message in messages), log
+    assert "(TLS, store sqlite)" in tls_log
