@@ -17,6 +17,7 @@ from icegate_server.clock import FrozenClock
 from icegate_server.config import ConfigError, load_settings
 from icegate_server.errors import (
     InvalidApiKeyError,
+    InvalidFieldError,
     NotFoundError,
     ProjectForbiddenError,
     StoreUnavailableError,
@@ -174,6 +175,18 @@ def test_a_mapped_identity_may_not_name_another_project(tmp_path, policy):
 
     with pytest.raises(ProjectForbiddenError, match="billing"):
         run_admissions(tmp_path, script)
+
+
+def test_a_malformed_project_id_is_refused_before_any_lookup_or_echo(tmp_path):
+    hostile = "x" * 3000
+
+    async def script(access, _):
+        return await access.admit_identity(["spiffe://corp/web"], MethodPolicy.PROJECT,
+                                           hostile)
+
+    with pytest.raises(InvalidFieldError) as caught:
+        run_admissions(tmp_path, script)
+    assert hostile not in str(caught.value)
 
 
 def test_a_project_identity_may_not_administer(tmp_path):
