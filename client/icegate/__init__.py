@@ -8,7 +8,7 @@
 
 from icegate.aio import AsyncClient
 from icegate.client import Client
-from icegate.connection import ConfigurationError
+from icegate.connection import ConfigurationError, TlsConfig
 from icegate.errors import (
     AlreadyExistsError,
     AuthenticationError,
@@ -58,6 +58,7 @@ __all__ = [
     "QuotaUsage",
     "RateLimitedError",
     "ResourceExhaustedError",
+    "TlsConfig",
     "UnavailableError",
     "UpstreamAuthFailedError",
     "UpstreamNotConfiguredError",

@@ -12,7 +12,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from icegate import requests
-from icegate.connection import CHANNEL_OPTIONS, DEFAULT_TIMEOUT, Connection, Metadata
+from icegate.connection import DEFAULT_TIMEOUT, Connection, Metadata, TlsConfig
 from icegate.errors import from_rpc_error
 from icegate.v1 import (
     admin_pb2,
@@ -38,7 +38,14 @@ class AsyncClient:
         api_key: The caller key; `ICEGATE_API_KEY` (or the `make run` dev key) when omitted.
         default_timeout: Seconds a call may take when it names no `timeout`.
         debug: Log every call (method, duration, outcome; never a key or a credential).
-        channel: A channel to call over instead of an insecure one to `target` (for TLS,
+        tls: Call over TLS: the CA to trust and, for mutual TLS, the client certificate
+            (which, when the server maps it to a project, makes `api_key` optional). When
+            omitted, `ICEGATE_TLS_CA` / `ICEGATE_TLS_CERT` / `ICEGATE_TLS_KEY`; with none
+            of them set, the channel is insecure.
+        wait_for_ready: Let calls wait (within their deadline) for the server to become
+            reachable instead of failing UNAVAILABLE at once: for callers that start before
+            icegate, or ride out its restarts.
+        channel: A channel to call over instead of one the client opens to `target` (for
             custom options or tests); the client closes it on `close()`.
 
     Every method takes keyword-only `timeout` (seconds) and `metadata`, and raises a subclass
@@ -47,11 +54,17 @@ class AsyncClient:
 
     def __init__(self, target: str | None = None, api_key: str | None = None, *,
                  default_timeout: float = DEFAULT_TIMEOUT, debug: bool = False,
+                 tls: TlsConfig | None = None, wait_for_ready: bool = False,
                  channel: grpc.aio.Channel | None = None) -> None:
-        self._connection = Connection.resolve(target, api_key, default_timeout=default_timeout,
-                                              debug=debug)
+        self._connection = connection = Connection.resolve(
+            target, api_key, default_timeout=default_timeout, debug=debug, tls=tls,
+            wait_for_ready=wait_for_ready)
         if channel is None:
-            channel = grpc.aio.insecure_channel(self._connection.target, options=CHANNEL_OPTIONS)
+            credentials = connection.channel_credentials()
+            options = connection.channel_options()
+            channel = (grpc.aio.secure_channel(connection.target, credentials, options=options)
+                       if credentials is not None
+                       else grpc.aio.insecure_channel(connection.target, options=options))
         self._channel = channel
         self._credentials = credentials_pb2_grpc.CredentialServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -79,6 +92,7 @@ class AsyncClient:
                 request,
                 timeout=connection.timeout(timeout),
                 metadata=connection.call_metadata(metadata) if authenticated else tuple(metadata),
+                **connection.call_options,
             )
         except grpc.RpcError as error:
             typed = from_rpc_error(error)

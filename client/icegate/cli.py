@@ -1,7 +1,9 @@
 """`icegate`: the client's command line, for people and scripts.
 
-Talks to `ICEGATE_TARGET` (host:port) with `ICEGATE_API_KEY`. Results go to standard output
-as JSON; errors to standard error as one line, with exit status 1 (2 for usage errors).
+Talks to `ICEGATE_TARGET` (host:port) with `ICEGATE_API_KEY`, over TLS when given a CA
+(`--ca-file`, `ICEGATE_TLS_CA`) or a client certificate (`--cert`/`--key`). Results go to
+standard output as JSON; errors to standard error as one line, with exit status 1 (2 for usage
+errors).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from icegate.client import Client
-from icegate.connection import ConfigurationError
+from icegate.connection import ConfigurationError, TlsConfig
 from icegate.errors import IcegateError
 from icegate.ice import rtc_ice_servers
 
@@ -26,6 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", help="host:port of icegate (ICEGATE_TARGET)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call (10)")
     parser.add_argument("--debug", action="store_true", help="log each call (no secrets)")
+    parser.add_argument("--ca-file", help="call over TLS, trusting this PEM CA bundle "
+                        "(ICEGATE_TLS_CA)")
+    parser.add_argument("--cert", help="PEM client certificate for mutual TLS, with --key "
+                        "(ICEGATE_TLS_CERT); no API key needed if the server maps it")
+    parser.add_argument("--key", help="PEM private key of --cert (ICEGATE_TLS_KEY)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     for name, help_text in (
@@ -237,7 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
     try:
-        with Client(args.target, default_timeout=args.timeout, debug=args.debug) as client:
+        tls = TlsConfig.from_env(args.ca_file, args.cert, args.key)
+        with Client(args.target, default_timeout=args.timeout, debug=args.debug,
+                    tls=tls) as client:
             result = _run(args, client)
     except (IcegateError, ConfigurationError, ValueError) as error:
         print(f"icegate: {error}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""How a client reaches icegate: target, key, channel options and the retry policy.
+"""How a client reaches icegate: target, key, TLS, channel options and the retry policy.
 
 Shared by the sync `Client` and the `AsyncClient`, so both behave the same.
 """
@@ -11,6 +11,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 10.0
@@ -39,17 +41,91 @@ SERVICE_CONFIG = json.dumps({
     }],
 })
 
+# Keepalive finds a connection that died silently (a load balancer or NAT dropping an idle
+# flow; most do after 350 s or more) within about 70 s, idle channels included, instead of
+# letting the next call hang until its deadline. icegate-server accepts pings this often
+# (min_ping_interval 30 s); a server with gRPC's defaults would answer them with GOAWAY.
 CHANNEL_OPTIONS: tuple[tuple[str, object], ...] = (
     ("grpc.service_config", SERVICE_CONFIG),
     ("grpc.enable_retries", 1),
-    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 )
 
 
 class ConfigurationError(ValueError):
-    """The client was given no usable target or API key."""
+    """The client was given no usable target, API key or TLS files."""
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS towards icegate: the CA to trust, and the client certificate for mutual TLS.
+
+    Args:
+        ca_file: PEM bundle of the CAs that signed the server's certificate; the system's
+            roots when None.
+        cert_file: PEM client certificate chain (mutual TLS), with `key_file`. A server
+            that maps it to a project needs no API key from this client.
+        key_file: PEM private key of `cert_file` (unencrypted).
+        server_name: The name to check the server's certificate against, when it differs
+            from the target's host (e.g. dialing an IP address or a load balancer).
+    """
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None
+
+    @classmethod
+    def from_env(cls, ca_file: str | None = None, cert_file: str | None = None,
+                 key_file: str | None = None) -> TlsConfig | None:
+        """The given files, else `ICEGATE_TLS_CA` / `ICEGATE_TLS_CERT` / `ICEGATE_TLS_KEY`.
+
+        None (no TLS) when none of them is given or set.
+        """
+        ca_file = ca_file or os.environ.get("ICEGATE_TLS_CA") or None
+        cert_file = cert_file or os.environ.get("ICEGATE_TLS_CERT") or None
+        key_file = key_file or os.environ.get("ICEGATE_TLS_KEY") or None
+        if not (ca_file or cert_file or key_file):
+            return None
+        return cls(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+
+    @property
+    def has_client_certificate(self) -> bool:
+        return bool(self.cert_file)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """Reads the files into gRPC channel credentials.
+
+        Raises:
+            ConfigurationError: A certificate without its key (or the reverse), or a file
+                that cannot be read (named; its content is never shown).
+        """
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ConfigurationError("TLS: a client certificate and its key go together "
+                                     "(cert_file and key_file, ICEGATE_TLS_CERT and "
+                                     "ICEGATE_TLS_KEY)")
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read_pem("CA", self.ca_file),
+            private_key=_read_pem("key", self.key_file),
+            certificate_chain=_read_pem("certificate", self.cert_file))
+
+    def channel_options(self) -> tuple[tuple[str, object], ...]:
+        if self.server_name:
+            return (("grpc.ssl_target_name_override", self.server_name),)
+        return ()
+
+
+def _read_pem(what: str, path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise ConfigurationError(f"TLS: cannot read the {what} file {path}: "
+                                 f"{error.strerror}") from None
 
 
 def _dev_api_key() -> str | None:
@@ -70,27 +146,55 @@ class Connection:
     api_key: str | None = field(repr=False)
     default_timeout: float = DEFAULT_TIMEOUT
     debug: bool = False
+    tls: TlsConfig | None = None
+    wait_for_ready: bool = False
 
     @classmethod
     def resolve(cls, target: str | None, api_key: str | None, *,
-                default_timeout: float = DEFAULT_TIMEOUT, debug: bool = False) -> Connection:
-        """Fills what the caller left out from `ICEGATE_TARGET` / `ICEGATE_API_KEY`.
+                default_timeout: float = DEFAULT_TIMEOUT, debug: bool = False,
+                tls: TlsConfig | None = None, wait_for_ready: bool = False) -> Connection:
+        """Fills what the caller left out from `ICEGATE_TARGET`, `ICEGATE_API_KEY` and
+        `ICEGATE_TLS_*`.
 
-        A missing key is reported at the first call that needs one (health checks do not).
+        A missing key is reported at the first call that needs one (health checks do not);
+        with a client certificate, calls carry no key unless one is given or set.
         """
         target = target or os.environ.get("ICEGATE_TARGET") or DEFAULT_TARGET
-        api_key = api_key or os.environ.get("ICEGATE_API_KEY") or _dev_api_key()
+        tls = tls if tls is not None else TlsConfig.from_env()
+        api_key = api_key or os.environ.get("ICEGATE_API_KEY") or None
+        if api_key is None and not (tls and tls.has_client_certificate):
+            # The `make run` dev key, for callers in its directory; a client certificate is
+            # a deliberate identity, so it is not overridden by a key found lying around.
+            api_key = _dev_api_key()
         return cls(target=target, api_key=api_key, default_timeout=default_timeout,
-                   debug=debug)
+                   debug=debug, tls=tls, wait_for_ready=wait_for_ready)
+
+    @property
+    def call_options(self) -> dict[str, bool]:
+        """Keyword options every call passes to gRPC besides its deadline and metadata."""
+        # Only when set: fail-fast is gRPC's default, and test channels (grpc_testing)
+        # take no wait_for_ready argument.
+        return {"wait_for_ready": True} if self.wait_for_ready else {}
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS credentials for the channel, or None for an insecure channel."""
+        return self.tls.channel_credentials() if self.tls is not None else None
+
+    def channel_options(self) -> tuple[tuple[str, object], ...]:
+        return CHANNEL_OPTIONS + (self.tls.channel_options() if self.tls is not None else ())
 
     def call_metadata(self, extra: Metadata) -> tuple[tuple[str, str], ...]:
-        """The metadata of one call: the caller's, plus the bearer key.
+        """The metadata of one call: the caller's, plus the bearer key if there is one.
 
         Raises:
-            ConfigurationError: No API key was given, set or found in `.icegate/`.
+            ConfigurationError: No API key was given, set or found in `.icegate/`, and no
+                client certificate stands in for one.
         """
         if not self.api_key:
-            raise ConfigurationError("no API key: pass api_key= or set ICEGATE_API_KEY")
+            if self.tls is not None and self.tls.has_client_certificate:
+                return tuple(extra)
+            raise ConfigurationError("no API key: pass api_key= or set ICEGATE_API_KEY "
+                                     "(or present a client certificate the server maps)")
         return (*extra, ("authorization", f"Bearer {self.api_key}"))
 
     def timeout(self, timeout: float | None) -> float:

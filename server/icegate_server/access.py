@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from icegate_server.auth import Caller, key_digest
@@ -33,6 +33,7 @@ from icegate_server.limits import RateLimitPolicy, usage_at
 from icegate_server.projects import PROJECT_ID_PATTERN, Project, validate_project_id
 from icegate_server.store import Store
 from icegate_server.store.base import Admission, AdmitOutcome
+from icegate_server.tls import ADMIN_IDENTITY
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ class AccessControl:
     """Admits calls: authentication, project authorisation and the rate limit."""
 
     def __init__(self, store: Store, clock: Clock, static_keys: Sequence[str], *,
-                 fail_open_rate_limit: bool = False) -> None:
+                 fail_open_rate_limit: bool = False,
+                 identity_projects: Mapping[str, str] | None = None) -> None:
         self._store = store
         self._clock = clock
         self._static: dict[bytes, Caller] = {
@@ -71,8 +73,20 @@ class AccessControl:
             for index, key in enumerate(static_keys)
         }
         self._fail_open = fail_open_rate_limit
-        self._last_admitted: OrderedDict[tuple[bytes, str], tuple[CallContext, float]] = \
+        # Remembered admissions for fail-open, by (key digest, project). Certificate callers
+        # are remembered under their identity, a str, which never equals a digest.
+        self._last_admitted: OrderedDict[tuple[bytes | str, str], tuple[CallContext, float]] = \
             OrderedDict()
+        self._identity_projects = dict(identity_projects or {})
+        # Like static keys ("static-<n>"), a certificate caller's key id is its entry's
+        # position in ICEGATE_TLS_CLIENT_PROJECTS: a plain id that logs may show.
+        self._identity_key_ids = {identity: f"tls-{index}"
+                                  for index, identity in enumerate(self._identity_projects)}
+
+    @property
+    def admits_identities(self) -> bool:
+        """Whether any certificate identity may stand for a caller key."""
+        return bool(self._identity_projects)
 
     async def admit(self, key: str, policy: MethodPolicy, project_id: str) -> CallContext:
         """Admits one call, or raises the domain error that says why not.
@@ -117,6 +131,58 @@ class AccessControl:
             self._remember(digest, project_id, context)
         return context
 
+    async def admit_identity(self, identities: Sequence[str], policy: MethodPolicy,
+                             project_id: str) -> CallContext:
+        """Admits a call that has no key by its verified client certificate's identities.
+
+        The first identity found in `identity_projects` binds the caller to its project (or
+        makes it an admin, for `*`); the call is then admitted as a key for that project
+        would be, in the same single store round trip.
+
+        Raises:
+            InvalidApiKeyError: No identity is mapped, or they map to different projects.
+            ProjectForbiddenError: The call names another project than the bound one, or
+                needs an admin.
+            NotFoundError, RateLimitedError, StoreUnavailableError, InvalidFieldError: As
+                `admit`.
+        """
+        if project_id and not PROJECT_ID_PATTERN.match(project_id):
+            validate_project_id(project_id)
+        mapped = {identity: self._identity_projects[identity] for identity in identities
+                  if identity in self._identity_projects}
+        if not mapped:
+            raise InvalidApiKeyError("no API key, and the client certificate "
+                                     f"({', '.join(identities) or 'no identity'}) is not "
+                                     "mapped to a project")
+        if len(set(mapped.values())) > 1:
+            raise InvalidApiKeyError("the client certificate's identities map to different "
+                                     "projects; present a key")
+        identity, bound = next(iter(mapped.items()))
+        caller = Caller(key_id=self._identity_key_ids[identity], is_admin=bound == ADMIN_IDENTITY,
+                        project_id="" if bound == ADMIN_IDENTITY else bound)
+        if policy is MethodPolicy.ADMIN:
+            if not caller.is_admin:
+                raise ProjectForbiddenError("this call needs an admin key or certificate")
+            return CallContext(caller, None)
+        if not caller.is_admin and project_id not in ("", bound):
+            raise ProjectForbiddenError(f"the client certificate {identity!r} may not act "
+                                        f"on project {project_id!r}")
+        # digest=None admits as an authenticated admin would: the project check is above.
+        try:
+            admission = await self._store.admit(
+                digest=None, project_id=project_id or caller.project_id,
+                now_ms=self._now_ms(), count=policy is MethodPolicy.PROJECT)
+        except StoreUnavailableError:
+            remembered = self._remembered(identity, project_id)
+            if remembered is None:
+                raise
+            log.warning("store unavailable: admitting a known caller uncounted (fail open)")
+            return remembered
+        context = self._decide(admission, caller, project_id or caller.project_id)
+        if self._fail_open:
+            self._remember(identity, project_id, context)
+        return context
+
     def _now_ms(self) -> int:
         return int(self._clock.now() * 1000)
 
@@ -147,14 +213,14 @@ class AccessControl:
                 retry_after_seconds=usage.retry_after_ms / 1000)
         return CallContext(caller, project)
 
-    def _remember(self, digest: bytes, project_id: str, context: CallContext) -> None:
+    def _remember(self, digest: bytes | str, project_id: str, context: CallContext) -> None:
         memory = self._last_admitted
         memory[(digest, project_id)] = (context, self._clock.monotonic())
         memory.move_to_end((digest, project_id))
         if len(memory) > _FAIL_OPEN_MEMORY_SIZE:
             memory.popitem(last=False)
 
-    def _remembered(self, digest: bytes, project_id: str) -> CallContext | None:
+    def _remembered(self, digest: bytes | str, project_id: str) -> CallContext | None:
         if not self._fail_open:
             return None
         entry = self._last_admitted.get((digest, project_id))

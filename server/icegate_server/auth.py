@@ -37,6 +37,11 @@ def key_digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
 
 
+def has_authorization(metadata: Iterable[tuple[str, str | bytes]]) -> bool:
+    """Whether `metadata` carries any authorization header (well-formed or not)."""
+    return any(name == AUTHORIZATION_HEADER for name, _ in metadata)
+
+
 def bearer_key(metadata: Iterable[tuple[str, str | bytes]]) -> str:
     """The key of the single `authorization: Bearer <key>` header in `metadata`.
 

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from icegate_server.projects import PROJECT_ID_PATTERN
+from icegate_server.tls import ADMIN_IDENTITY, check_tls_files, parse_client_projects
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
@@ -63,6 +66,10 @@ class Settings:
     log_format: str = "json"
     metrics_listen: str = ""
     workers: int = 1
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    tls_client_projects: tuple[tuple[str, str], ...] = ()
 
     def __repr__(self) -> str:
         # Settings are printed in logs and tracebacks: secrets show as counts only.
@@ -166,6 +173,10 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "log_format": lambda raw: _parse_str(raw).lower(),
     "metrics_listen": _parse_str,
     "workers": _parse_int,
+    "tls_cert": _parse_str,
+    "tls_key": _parse_str,
+    "tls_client_ca": _parse_str,
+    "tls_client_projects": parse_client_projects,
 }
 
 _HELP: dict[str, str] = {
@@ -200,6 +211,11 @@ _HELP: dict[str, str] = {
     "log_format": "json (one sanitised JSON object per line, the default) or text",
     "metrics_listen": "host:port serving Prometheus metrics at /metrics (default empty: off)",
     "workers": "server processes sharing the port with SO_REUSEPORT (default 1)",
+    "tls_cert": "PEM certificate chain to serve TLS with (with --tls-key); no TLS when unset",
+    "tls_key": "PEM private key of --tls-cert (unencrypted; keep it mode 0600)",
+    "tls_client_ca": "PEM CA bundle: require client certificates it signed (mutual TLS)",
+    "tls_client_projects": "certificate identity (CN, DNS or URI SAN) = project id, "
+                           "comma-separated; project * makes an admin",
 }
 
 
@@ -362,9 +378,29 @@ def _validate(settings: Settings) -> None:
             fail("metrics_listen", str(error))
         if settings.metrics_listen == settings.listen and not settings.listen.endswith(":0"):
             fail("metrics_listen", "must differ from ICEGATE_LISTEN")
+    _validate_tls(settings, fail)
     if not settings.dev_secrets and not settings.turn_secrets:
         fail("turn_secrets", "is required when ICEGATE_DEV_SECRETS is false")
     if not settings.dev_secrets and not settings.api_keys:
         fail("api_keys", "is required when ICEGATE_DEV_SECRETS is false")
     if not settings.dev_secrets and not (settings.master_key or settings.master_key_file):
         fail("master_key", "is required when ICEGATE_DEV_SECRETS is false")
+
+
+def _validate_tls(settings: Settings, fail: Callable[[str, str], None]) -> None:
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        fail("tls_key" if settings.tls_cert else "tls_cert",
+             "ICEGATE_TLS_CERT and ICEGATE_TLS_KEY must be set together")
+    if settings.tls_client_ca and not settings.tls_cert:
+        fail("tls_client_ca", "needs ICEGATE_TLS_CERT and ICEGATE_TLS_KEY (mutual TLS is TLS)")
+    if settings.tls_client_projects and not settings.tls_client_ca:
+        fail("tls_client_projects", "needs ICEGATE_TLS_CLIENT_CA: only verified client "
+             "certificates can stand for a caller")
+    for identity, project in settings.tls_client_projects:
+        if project != ADMIN_IDENTITY and not PROJECT_ID_PATTERN.match(project):
+            fail("tls_client_projects", f"{identity!r} maps to {project!r}, which is neither "
+                 "a project id nor *")
+    try:
+        check_tls_files(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    except ValueError as error:
+        raise ConfigError(f"invalid setting {error}") from None

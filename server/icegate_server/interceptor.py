@@ -1,11 +1,11 @@
 """The server interceptor every icegate RPC passes through: admit, run, map errors.
 
 It wraps each unary-unary handler once (wrapped handlers are cached per method, so a call
-does no set-up), admits the call through `AccessControl` (key, project, rate limit: one store
-round trip), makes the `CallContext` available to the servicer through `current_call()`, and
-turns any `IcegateError` into a gRPC status with rich details through `icegate_server.status`,
-the one place that mapping lives. Health checking and reflection stay open: load balancers
-and grpcurl carry no key.
+does no set-up), admits the call through `AccessControl` (key, or else a verified client
+certificate; project, rate limit: one store round trip), makes the `CallContext` available
+to the servicer through `current_call()`, and turns any `IcegateError` into a gRPC status
+with rich details through `icegate_server.status`, the one place that mapping lives. Health
+checking and reflection stay open: load balancers and grpcurl carry no key.
 
 It also observes every guarded call: the request id (the caller's `x-request-id` if valid,
 else a fresh one) goes back in the trailing metadata on success and on error (merged with
@@ -27,12 +27,13 @@ import grpc
 import grpc.aio
 
 from icegate_server.access import AccessControl, CallContext, MethodPolicy
-from icegate_server.auth import bearer_key
+from icegate_server.auth import bearer_key, has_authorization
 from icegate_server.errors import IcegateError, MalformedRequestError
 from icegate_server.logs import RpcLogEvent, log_rpc, valid_request_id
 from icegate_server.metrics import IcegateMetrics
 from icegate_server.projects import PROJECT_ID_PATTERN
 from icegate_server.status import INTERNAL_STATUS, lookup, to_grpc_status
+from icegate_server.tls import peer_identities
 
 REQUEST_ID_HEADER = "x-request-id"
 
@@ -110,7 +111,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
 
     def _guard(self, behavior: UnaryBehavior, policy: MethodPolicy,
                method: str) -> UnaryBehavior:
-        admit = self._access.admit
+        access = self._access
         metrics = self._metrics
         observe = metrics.rpc(method).observe
 
@@ -123,9 +124,14 @@ class CallGuard(grpc.aio.ServerInterceptor):
             try:
                 if request is UNDECODABLE:
                     raise MalformedRequestError("the request body is not a valid message")
-                key = bearer_key(metadata)
                 project_id = getattr(request, "project_id", "")
-                call = await admit(key, policy, project_id)
+                # A bearer key, when present, wins; a verified client certificate stands in
+                # for a missing one (mutual TLS with ICEGATE_TLS_CLIENT_PROJECTS).
+                if access.admits_identities and not has_authorization(metadata):
+                    call = await access.admit_identity(
+                        peer_identities(context.auth_context()), policy, project_id)
+                else:
+                    call = await access.admit(bearer_key(metadata), policy, project_id)
                 _current_call.set(call)
                 return await behavior(request, context)
             except IcegateError as error:

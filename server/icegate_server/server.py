@@ -53,6 +53,7 @@ from icegate_server.servicers.sessions import SessionServicer
 from icegate_server.servicers.usage import UsageServicer
 from icegate_server.sessions import RealtimeSessions
 from icegate_server.store import Store, open_store
+from icegate_server.tls import is_loopback_host, server_credentials
 from icegate_server.turn import TurnCredentialIssuer, TurnSecretKeyring
 from icegate_server.turn_secrets import TurnSecretRing
 from icegate_server.usage import UsageReporter
@@ -175,7 +176,8 @@ async def create_server(
             rotate_every_seconds=settings.turn_rotate_interval)
         await turn_secrets.refresh()
         access = AccessControl(store, clock, settings.api_keys,
-                               fail_open_rate_limit=settings.rate_limit_fail_open)
+                               fail_open_rate_limit=settings.rate_limit_fail_open,
+                               identity_projects=dict(settings.tls_client_projects))
 
         server = grpc.aio.server(
             interceptors=[CallGuard(access, metrics)],
@@ -190,6 +192,10 @@ async def create_server(
                 ("grpc.max_concurrent_streams", 256),
                 ("grpc.max_connection_age_ms", 30 * 60 * 1000),
                 ("grpc.max_connection_age_grace_ms", 60 * 1000),
+                # Accept the icegate client's keepalive pings (every 60 s, idle channels
+                # included: see icegate.connection) instead of answering them with GOAWAY.
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
             ],
         )
         provider_keys = ProviderKeys(store, vault, clock)
@@ -208,8 +214,10 @@ async def create_server(
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        tls = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
         try:
-            port = server.add_insecure_port(settings.listen)
+            port = (server.add_secure_port(settings.listen, tls) if tls is not None
+                    else server.add_insecure_port(settings.listen))
         except RuntimeError:
             port = 0
     except BaseException:
@@ -246,8 +254,13 @@ async def serve(settings: Settings, *,
     server, port = await create_server(settings)
     await server.start()
     host = settings.listen.rpartition(":")[0]
-    log.info("icegate-server listening on %s:%d (store %s)", Safe(host), port,
-             Safe(settings.store_url.split("://", 1)[0]))
+    transport = ("mutual TLS" if settings.tls_client_ca else "TLS" if settings.tls_cert
+                 else "no TLS")
+    log.info("icegate-server listening on %s:%d (%s, store %s)", Safe(host), port,
+             Safe(transport), Safe(settings.store_url.split("://", 1)[0]))
+    if not settings.tls_cert and not is_loopback_host(host):
+        log.warning("listening on %s without TLS: keys and credentials cross the network in "
+                    "clear; set ICEGATE_TLS_CERT and ICEGATE_TLS_KEY", Safe(host))
     if server.metrics_port is not None:
         log.info("Prometheus metrics on http://%s:%d/metrics",
                  Safe(settings.metrics_listen.rpartition(":")[0]), server.metrics_port)

@@ -173,6 +173,12 @@ BAD_ENV_VALUES = [
     ("workers", "0"),
     ("workers", "65"),
     ("workers", "two"),
+    ("tls_cert", "/nonexistent/icegate/cert.pem"),
+    ("tls_key", "/nonexistent/icegate/key.pem"),
+    ("tls_client_ca", "/nonexistent/icegate/ca.pem"),
+    ("tls_client_projects", "spiffe://corp/web"),
+    ("tls_client_projects", "=acme"),
+    ("tls_client_projects", "web=acme"),
 ]
 
 
