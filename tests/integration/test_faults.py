@@ -179,3 +179,31 @@ def test_credentials_work_again_after_coturn_restarts(tmp_path, coturn_factory):
         after = admin.issue_turn_credentials("alice")
     assert coturn.allocate(after.username, after.password).ok
     assert coturn.allocate(before.username, before.password).ok
+
+
+def test_sqlite_writes_commit_right_after_a_checkpoint(tmp_path):
+    """A statement left running on the store's connection (a checkpoint's unread result row)
+    once kept later writes uncommitted: a confirmed key or revocation could be lost."""
+    import hashlib
+
+    from icegate_server.projects import ApiKey, Project
+    from icegate_server.store.sqlite import SqliteStore
+
+    database = tmp_path / "icegate.sqlite3"
+
+    async def scenario() -> None:
+        store = await SqliteStore.open(str(database))
+        try:
+            await store.create_project(Project("acme"))
+            await store._run(lambda db: db.execute("PRAGMA wal_checkpoint(PASSIVE)"))
+            await store.create_api_key(ApiKey("k1", "acme"), hashlib.sha256(b"k1").digest())
+            with contextlib.closing(sqlite3.connect(database)) as other:
+                assert other.execute("SELECT key_id FROM api_keys").fetchall() == [("k1",)]
+            started = await store.begin_session(project_id="acme", session_id="s", month="m",
+                                                now_ms=1, lease_ms=10, quota=5,
+                                                max_concurrent=5)
+            assert started.active_sessions == 1
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())

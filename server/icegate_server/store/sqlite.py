@@ -171,12 +171,13 @@ class SqliteStore:
         while True:
             await asyncio.sleep(CHECKPOINT_SECONDS)
             with contextlib.suppress(StoreUnavailableError):
-                await self._run(lambda db: db.execute("PRAGMA wal_checkpoint(PASSIVE)"))
+                await self._run(
+                    lambda db: db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, work, self._db)
+            return await loop.run_in_executor(self._executor, _finished, work, self._db)
         except sqlite3.Error as error:
             raise StoreUnavailableError(f"SQLite store error: {error}") from None
 
@@ -413,6 +414,19 @@ class SqliteStore:
         return await self._run(lambda db: db.execute(
             "DELETE FROM turn_secrets WHERE retire_at_ms > 0 AND retire_at_ms <= ?",
             (now_ms,)).rowcount)
+
+
+def _finished(work: Callable[[sqlite3.Connection], T], db: sqlite3.Connection) -> T:
+    """Runs `work`, and never leaves a statement running on the shared connection.
+
+    A cursor with unread rows keeps its statement active, and while one is active the
+    connection's writes cannot commit: a returned cursor is drained and closed here.
+    """
+    result = work(db)
+    if isinstance(result, sqlite3.Cursor):
+        result.fetchall()
+        result.close()
+    return result
 
 
 def _admit(db: sqlite3.Connection, digest: bytes | None, project_id: str, now_ms: int,
