@@ -55,7 +55,6 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check client server tests examples
-	$(BIN)/ruff format --check client server tests examples
 	$(BIN)/mypy
 
 # Starts a local coturn with the same secrets and realm as `make run`'s server.
