@@ -21,7 +21,7 @@ from icegate_server.store import open_store
 from icegate_server.store.base import SessionOutcome, month_of
 
 LEASE_MS = 86_400_000
-_BATCH = 256
+_BATCH = 64
 
 
 @dataclass(frozen=True)

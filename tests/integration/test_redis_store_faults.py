@@ -189,3 +189,25 @@ def test_a_clock_step_after_open_costs_one_refused_attempt_not_a_double_count(
         assert await store.rate_position("alpha") == reference_tat(2)
 
     run_with_store(redis_server.url, scenario)
+
+
+def test_more_concurrent_calls_than_connections_wait_for_one(redis_server) -> None:
+    """A burst beyond the pool's connections queues (up to the timeout) instead of failing
+    with redis-py's "Too many connections"."""
+    from icegate_server.projects import Project
+    from icegate_server.store.base import AdmitOutcome
+    from icegate_server.store.redis import MAX_CONNECTIONS, RedisStore
+
+    async def scenario() -> list[AdmitOutcome]:
+        store = await RedisStore.open(redis_server.url, timeout=5.0)
+        try:
+            await store.create_project(Project("burst", rate_limit_requests=10**6))
+            admissions = await asyncio.gather(*(
+                store.admit(digest=None, project_id="burst", now_ms=1_700_000_000_000,
+                            count=True) for _ in range(MAX_CONNECTIONS + 200)))
+            return [a.outcome for a in admissions]
+        finally:
+            await store.close()
+
+    outcomes = asyncio.run(scenario())
+    assert outcomes == [AdmitOutcome.ADMITTED] * (MAX_CONNECTIONS + 200)

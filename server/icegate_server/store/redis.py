@@ -69,6 +69,8 @@ from icegate_server.store.base import (
 )
 
 PREFIX = "icegate:"
+MAX_CONNECTIONS = 512
+"""Connections one process opens to Redis at most (each in-flight store call holds one)."""
 QUOTA_TTL_SECONDS = 62 * 86400
 """A month's session counter lives 62 days after its last increment: past the month's end."""
 HEALTH_CHECK_INTERVAL_SECONDS = 1
@@ -438,8 +440,12 @@ class RedisStore:
         Raises:
             StoreUnavailableError: Redis cannot be reached now.
         """
-        client = aioredis.Redis.from_url(
+        # A blocking pool: more concurrent calls than connections wait for one (up to the
+        # store timeout) instead of failing at once with "Too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=timeout,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             # No retries: see "Failing fast" in the module docstring.
@@ -452,6 +458,7 @@ class RedisStore:
             # call after a Redis restart would fail on a dead connection.
             protocol=2,
         )
+        client = aioredis.Redis.from_pool(pool)
         parts = urlsplit(url)
         passwords = [parts.password or "", *parse_qs(parts.query).get("password", [])]
         store = cls(client, timeout=timeout,
