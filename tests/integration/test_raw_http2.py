@@ -157,8 +157,9 @@ def test_a_stream_that_ends_without_a_whole_message_is_never_ok(raw: RawGrpcConn
     "half a prefix, or no message): the stream stays open on the server, holding its "
     "RPCState and task, until the peer cancels or the connection closes. Without a "
     "client deadline the caller waits forever, and a peer can park any number of such "
-    "streams. Mitigation belongs in server.py (e.g. grpc.max_connection_age_ms with "
-    "grpc.max_connection_age_grace_ms, and grpc.max_concurrent_streams)."))
+    "streams. server.py bounds it (grpc.max_concurrent_streams 256 per connection, "
+    "grpc.max_connection_age_ms 30 min with a 60 s grace); grpcio itself would have to "
+    "answer such a stream for this test to pass."))
 def test_a_truncated_stream_without_a_deadline_is_answered(raw: RawGrpcConnection):
     stream = raw.start(PATH, TEST_ADMIN_KEY)
     raw.send(stream, grpc_frame(b"\x0a\x01a", length=100), end_stream=True)
