@@ -53,7 +53,7 @@ from collections.abc import Iterator, Sequence
 from types import FrameType
 
 from icegate_server.config import Settings, parse_listen_address
-from icegate_server.logs import Safe, configure_logging
+from icegate_server.logs import Safe, configure_logging, stop_logging
 
 log = logging.getLogger(__name__)
 
@@ -247,4 +247,8 @@ def _worker_main(settings: Settings, index: int, supervisor_pid: int) -> None:
                      name="icegate-supervisor-watch").start()
     from icegate_server.cli import run_server
 
-    sys.exit(run_server(settings, stop_signals=(signal.SIGTERM,)))
+    try:
+        status = run_server(settings, stop_signals=(signal.SIGTERM,))
+    finally:
+        stop_logging()  # the writer thread batches lines: write out the last ones
+    sys.exit(status)
