@@ -220,25 +220,22 @@ async def create_server(
                     else server.add_insecure_port(settings.listen))
         except RuntimeError:
             port = 0
+        if port == 0:
+            raise OSError(f"cannot listen on {settings.listen}: address in use or not available")
+        endpoint, lease_gauge = None, None
+        if settings.metrics_listen:
+            host, metrics_port = parse_listen_address(settings.metrics_listen)
+            try:
+                endpoint = serve_metrics(metrics.registry, host, metrics_port)
+            except OSError as error:
+                raise OSError(f"cannot serve metrics on {settings.metrics_listen} "
+                              f"(ICEGATE_METRICS_LISTEN): {error.strerror}") from None
+            lease_gauge = ActiveLeaseGauge(store, clock, metrics)
     except BaseException:
+        # Nothing starts half-built: release what was opened before the failure.
         await http.aclose()
         await store.close()
         raise
-    if port == 0:
-        await http.aclose()
-        await store.close()
-        raise OSError(f"cannot listen on {settings.listen}: address in use or not available")
-    endpoint, lease_gauge = None, None
-    if settings.metrics_listen:
-        host, metrics_port = parse_listen_address(settings.metrics_listen)
-        try:
-            endpoint = serve_metrics(metrics.registry, host, metrics_port)
-        except OSError as error:
-            await http.aclose()
-            await store.close()
-            raise OSError(f"cannot serve metrics on {settings.metrics_listen} "
-                          f"(ICEGATE_METRICS_LISTEN): {error.strerror}") from None
-        lease_gauge = ActiveLeaseGauge(store, clock, metrics)
     return IcegateServer(server, health_servicer, store, settings, http, turn_secrets, metrics,
                          endpoint, lease_gauge), port
 

@@ -28,7 +28,6 @@ PROVIDER_KINDS: dict[int, ProviderKind] = {
     sessions_pb2.PROVIDER_ORGA: ProviderKind.ORGA,
     sessions_pb2.PROVIDER_GEMINI: ProviderKind.GEMINI,
 }
-PROVIDER_ENUMS = {kind: number for number, kind in PROVIDER_KINDS.items()}
 
 
 def provider_kind(value: int) -> ProviderKind:
