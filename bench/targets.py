@@ -64,7 +64,7 @@ def icegate_env(port: int, data_dir: Path, store_url: str | None = None,
         "ICEGATE_MASTER_KEY": scenario.MASTER_KEY,
         "ICEGATE_DEV_SECRETS": "false",
         "ICEGATE_SHUTDOWN_GRACE": "2",
-        "ICEGATE_LOG_LEVEL": "WARNING",
+        "ICEGATE_LOG_LEVEL": "INFO",
     })
     if store_url:
         env["ICEGATE_STORE"] = store_url

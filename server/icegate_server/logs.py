@@ -45,10 +45,9 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import PurePath
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -145,8 +144,7 @@ def fields(**values: object) -> dict[str, Any]:
     return {FIELDS_ATTRIBUTE: values}
 
 
-@dataclass(frozen=True)
-class RpcLogEvent:
+class RpcLogEvent(NamedTuple):
     """The one log line of one RPC.
 
     `project` is the admitted project, else the id the request named if it is spelled like
@@ -198,19 +196,59 @@ class _Line:
 class _FastRpcLines:
     """The per-RPC line without the logging machinery, when nothing but icegate's own JSON
     handler listens (production): the same allow-listed fields under the same rules, the
-    same JSON, at a fraction of the cost of a LogRecord per call."""
+    same JSON, at a fraction of the cost of a LogRecord per call.
+
+    The fields of a line repeat from call to call (a handful of methods, projects, keys and
+    connections), so each distinct value is checked against its rule and turned into its
+    JSON fragment once, then remembered (at most `_MEMO_SIZE` values per field; a full memo
+    starts over). The request id, new on every call, is checked and escaped each time.
+    """
+
+    _MEMO_SIZE = 4096
+    _MEMO_FIELDS = ("method", "project", "key_id", "code", "reason", "peer")
 
     def __init__(self, handler: logging.Handler,
                  records: queue.SimpleQueue[logging.LogRecord]) -> None:
         self.handler = handler
         self._records = records
+        self._memos: dict[str, dict[object, str]] = {name: {} for name in self._MEMO_FIELDS}
+        self._head = ('{"ts":"%s","level":"INFO","logger":' + json.dumps(RPC_LOGGER.name)
+                      + ',"msg":"rpc"')
+
+    def _fragment(self, name: str, value: object) -> str:
+        memo = self._memos[name]
+        fragment = memo.get(value)
+        if fragment is None:
+            shown = checked_fields({name: value})
+            fragment = (f',"{name}":{json.dumps(shown[name], ensure_ascii=True)}'
+                        if name in shown else "")
+            if len(memo) >= self._MEMO_SIZE:
+                memo.clear()
+            memo[value] = fragment
+        return fragment
 
     def put(self, event: RpcLogEvent) -> None:
-        entry: dict[str, object] = {"ts": _timestamp(time.time()), "level": "INFO",
-                                    "logger": RPC_LOGGER.name, "msg": "rpc"}
-        entry.update(checked_fields(event.extra()[FIELDS_ATTRIBUTE]))
-        line = json.dumps(entry, ensure_ascii=True, separators=(",", ":"))
+        fragment = self._fragment
+        duration = event.duration_ms
+        request_id = event.request_id
+        line = "".join((
+            self._head % _timestamp(time.time()),
+            fragment("method", event.method),
+            fragment("project", event.project),
+            fragment("key_id", event.key_id),
+            fragment("code", event.code.name),
+            fragment("reason", event.reason),
+            f',"duration_ms":{round(duration, 3)!r}' if math.isfinite(duration) else
+            f',"duration_ms":"{REDACTED}"',
+            (f',"request_id":{_json_string(request_id)}' if valid_request_id(request_id)
+             else f',"request_id":"{REDACTED}"') if request_id else "",
+            fragment("peer", event.peer),
+            "}",
+        ))
         self._records.put(_Line(line))  # type: ignore[arg-type]
+
+
+_json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii
 
 
 _fast_rpc_lines: _FastRpcLines | None = None

@@ -27,10 +27,10 @@ from icegate.v1 import (
     usage_pb2_grpc,
 )
 from icegate_server.access import AccessControl
+from icegate_server.call_guard import CallGuard
 from icegate_server.clock import Clock, SystemClock
 from icegate_server.config import Settings, parse_listen_address
 from icegate_server.coturn_sync import CoturnRedisSecrets, CoturnSecretSink, CoturnSqliteSecrets
-from icegate_server.interceptor import CallGuard
 from icegate_server.logs import Safe
 from icegate_server.metrics import (
     ActiveLeaseGauge,
@@ -160,7 +160,8 @@ async def create_server(
     vault = Vault(load_master_keys(settings.master_key or None,
                                    settings.master_key_file or None))
     store = instrument_store(
-        await open_store(settings.store_url, timeout=settings.store_timeout), metrics)
+        await open_store(settings.store_url, timeout=settings.store_timeout,
+                         shared=settings.workers > 1), metrics)
     http = make_http_client(settings.upstream_connect_timeout, settings.upstream_read_timeout,
                             transport=http_transport)
     try:
@@ -180,7 +181,6 @@ async def create_server(
                                identity_projects=dict(settings.tls_client_projects))
 
         server = grpc.aio.server(
-            interceptors=[CallGuard(access, metrics)],
             options=[
                 # Several workers share the port on purpose; one server must never share it
                 # silently with another (gRPC's default is 1).
@@ -203,13 +203,15 @@ async def create_server(
                                     ProviderRuntime(http, metrics=metrics))
         sessions = RealtimeSessions(store, provider_keys, providers, issuer, settings.stun_uris,
                                     clock, lease_seconds=settings.session_lease_seconds)
-        credentials_pb2_grpc.add_CredentialServiceServicer_to_server(
-            CredentialServicer(issuer, settings.stun_uris), server)
-        sessions_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(sessions), server)
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(admin, provider_keys, turn_secrets), server)
-        usage_pb2_grpc.add_UsageServiceServicer_to_server(
-            UsageServicer(UsageReporter(store, clock)), server)
+        guard = CallGuard(access, metrics)
+        guard.register(server, credentials_pb2_grpc.add_CredentialServiceServicer_to_server,
+                       CredentialServicer(issuer, settings.stun_uris))
+        guard.register(server, sessions_pb2_grpc.add_SessionServiceServicer_to_server,
+                       SessionServicer(sessions))
+        guard.register(server, admin_pb2_grpc.add_AdminServiceServicer_to_server,
+                       AdminServicer(admin, provider_keys, turn_secrets))
+        guard.register(server, usage_pb2_grpc.add_UsageServiceServicer_to_server,
+                       UsageServicer(UsageReporter(store, clock)))
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(

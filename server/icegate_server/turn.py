@@ -106,7 +106,8 @@ def validate_user_id(user_id: str, *, field: str = "user_id") -> None:
         raise InvalidFieldError(field, f"must be at most {MAX_USER_ID_BYTES} bytes of UTF-8")
     if SEPARATOR in user_id:
         raise InvalidFieldError(field, f"must not contain {SEPARATOR!r} (the TURN separator)")
-    if not user_id.isprintable() or any(0xD800 <= ord(c) <= 0xDFFF for c in user_id):
+    # Lone surrogates are category Cs, which isprintable() already refuses.
+    if not user_id.isprintable():
         raise InvalidFieldError(field, "must not contain control or unprintable characters")
 
 

@@ -114,7 +114,7 @@ async def _prepare_store(settings: Settings) -> None:
     from icegate_server.server import project_defaults
     from icegate_server.store import open_store
 
-    store = await open_store(settings.store_url, timeout=settings.store_timeout)
+    store = await open_store(settings.store_url, timeout=settings.store_timeout, shared=True)
     try:
         await ProjectAdmin(store, SystemClock(), project_defaults(settings)
                            ).ensure_default_project()

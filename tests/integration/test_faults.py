@@ -98,6 +98,8 @@ def test_sqlite_on_a_read_only_disk_stops_with_one_line_then_recovers(tmp_path):
 
 
 def test_sqlite_busy_is_a_prompt_unavailable(tmp_path):
+    """Another process locking the file: what needs the file fails fast with UNAVAILABLE,
+    and credentials for a project already seen keep coming (the owner admits from memory)."""
     database = tmp_path / "icegate.sqlite3"
     with RunningServer(server_settings(tmp_path, store=f"sqlite:///{database}")) as server, \
             icegate.Client(server.target, TEST_ADMIN_KEY) as admin:
@@ -117,9 +119,10 @@ def test_sqlite_busy_is_a_prompt_unavailable(tmp_path):
             assert locked.wait(5)
             started = time.monotonic()
             with pytest.raises(icegate.UnavailableError) as caught:
-                admin.issue_turn_credentials("u", timeout=10)
+                admin.create_project("blocked", timeout=10)
             assert "locked" in caught.value.message
             assert time.monotonic() - started < 8  # ~1 s busy timeout per attempt, 3 attempts
+            assert admin.issue_turn_credentials("u", timeout=10).username.endswith(":default/u")
         finally:
             release.set()
             holder.join()
@@ -207,3 +210,23 @@ def test_sqlite_writes_commit_right_after_a_checkpoint(tmp_path):
             await store.close()
 
     asyncio.run(scenario())
+
+
+def test_a_second_server_on_the_same_sqlite_file_stops_at_start_with_one_line(tmp_path):
+    """The first server owns the file and admits from memory: a second one must not split
+    the limits with it silently, so it refuses to start, naming the way to share a file."""
+    store = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
+    with ServerProcess(tmp_path / "one", store=store) as first, \
+            icegate.Client(first.target, TEST_ADMIN_KEY) as admin:
+        admin.issue_turn_credentials("u", timeout=10)
+        second = ServerProcess(tmp_path / "two", store=store)
+        with pytest.raises(RuntimeError):
+            second.start(timeout=10)
+        log_lines = second.read_log().strip().splitlines()
+        assert len(log_lines) == 1
+        assert "in use" in log_lines[0] and "--workers" in log_lines[0]
+        assert admin.issue_turn_credentials("u", timeout=10).username.endswith(":default/u")
+    # Once the first has stopped, the file is free again.
+    with ServerProcess(tmp_path / "three", store=store) as third, \
+            icegate.Client(third.target, TEST_ADMIN_KEY) as admin:
+        admin.issue_turn_credentials("u", timeout=10)

@@ -58,12 +58,16 @@ class Backend:
         return asyncio.run(main())
 
 
-@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(params=["sqlite", "sqlite-shared", pytest.param("redis", marks=pytest.mark.redis)])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    """Each backend in turn: SQLite on a fresh file, Redis on a fresh redis-server."""
-    if request.param == "sqlite":
+    """Each backend in turn: SQLite on a fresh file, owned by the process (admission from
+    memory) and shared with other processes (`--workers`: admission in SQL), and Redis on a
+    fresh redis-server."""
+    if request.param.startswith("sqlite"):
         path = str(tmp_path / "s.sqlite3")
-        return Backend("sqlite", lambda: SqliteStore.open(path), lambda: None)
+        shared = request.param == "sqlite-shared"
+        return Backend(request.param, lambda: SqliteStore.open(path, shared=shared),
+                       lambda: None)
     server = request.getfixturevalue("redis_server")
     return Backend("redis", lambda: RedisStore.open(server.url), server.restart)
 
@@ -805,5 +809,59 @@ def test_turn_secret_rotation_happens_once_per_interval(backend: Backend) -> Non
             retire_at_ms=NOW + 100_000, min_age_ms=60_000)
         ring = await store.list_turn_secrets()
         assert len(ring) == 2 and ring[1].secret_id == "a"
+
+    backend.run(scenario)
+
+
+# -- what admission remembers (the SQLite owner admits from memory) ------------------------------
+
+def test_the_rate_position_survives_closing_and_reopening_the_store(backend: Backend) -> None:
+    async def spend(store: Store, calls: int) -> list[AdmitOutcome]:
+        return [(await store.admit(digest=None, project_id="alpha", now_ms=NOW,
+                                   count=True)).outcome for _ in range(calls)]
+
+    async def first(store: Store) -> None:
+        await store.create_project(project("alpha", rate_limit_requests=5,
+                                           rate_limit_window_seconds=60))
+        assert await spend(store, 3) == [AdmitOutcome.ADMITTED] * 3
+
+    async def after_reopening(store: Store) -> None:
+        assert await store.rate_position("alpha") == NOW + 3 * 12_000
+        assert await spend(store, 3) == [AdmitOutcome.ADMITTED] * 2 + [AdmitOutcome.RATE_LIMITED]
+
+    backend.run(first)
+    backend.run(after_reopening)
+
+
+def test_admission_sees_every_change_on_the_very_next_call(backend: Backend) -> None:
+    secret = digest_of("igk_warm_secret")
+
+    async def admit(store: Store) -> AdmitOutcome:
+        return (await store.admit(digest=secret, project_id="", now_ms=NOW,
+                                  count=True)).outcome
+
+    async def scenario(store: Store) -> None:
+        await store.create_project(project("alpha", rate_limit_requests=100,
+                                           rate_limit_window_seconds=60))
+        await store.create_api_key(project_key("warm", "alpha"), secret)
+        assert await admit(store) is AdmitOutcome.ADMITTED  # key and project now known
+        stored = await store.get_project("alpha")
+        assert stored is not None
+        assert await store.update_project(replace(stored, rate_limit_requests=1))
+        assert await admit(store) is AdmitOutcome.RATE_LIMITED  # the new limit, at once
+        await store.revoke_api_key("warm", NOW)
+        assert await admit(store) is AdmitOutcome.UNKNOWN_KEY
+        other = digest_of("igk_other_secret")
+        await store.create_api_key(project_key("other", "alpha"), other)
+        assert (await store.admit(digest=other, project_id="", now_ms=NOW + 60_000,
+                                  count=True)).outcome is AdmitOutcome.ADMITTED
+        assert await store.delete_project("alpha", NOW)
+        assert (await store.admit(digest=None, project_id="alpha", now_ms=NOW,
+                                  count=True)).outcome is AdmitOutcome.NO_PROJECT
+        await store.create_project(project("alpha", rate_limit_requests=1,
+                                           rate_limit_window_seconds=60))
+        # A project made again starts from rest: nothing of the deleted one's position.
+        assert (await store.admit(digest=None, project_id="alpha", now_ms=NOW,
+                                  count=True)).outcome is AdmitOutcome.ADMITTED
 
     backend.run(scenario)

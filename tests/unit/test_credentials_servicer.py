@@ -14,7 +14,7 @@ import pytest
 from google.protobuf import duration_pb2
 
 from icegate.v1 import credentials_pb2
-from icegate_server import interceptor
+from icegate_server import call_guard
 from icegate_server.access import CallContext
 from icegate_server.auth import Caller
 from icegate_server.clock import FrozenClock
@@ -51,7 +51,7 @@ def make_servicer(*, turn_uris=TURN_URIS, stun_uris=STUN_URIS) -> CredentialServ
 
 async def as_admitted(coroutine_function, request, context) -> Any:
     # Stands in for CallGuard, which admits the call and sets its CallContext first.
-    interceptor._current_call.set(CALL)
+    call_guard._current_call.set(CALL)
     return await coroutine_function(request, context)
 
 

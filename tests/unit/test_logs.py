@@ -20,6 +20,7 @@ from icegate_server.logs import (
     TextFormatter,
     configure_logging,
     fields,
+    log_rpc,
     make_formatter,
     stop_logging,
     valid_request_id,
@@ -186,3 +187,43 @@ def test_configure_logging_writes_through_the_queue_and_flushes_on_stop():
             logging.getLogger(name).setLevel(level)
     lines = stream.getvalue().splitlines()
     assert [json.loads(line)["msg"] for line in lines] == [f"started {REDACTED}"]
+
+
+RPC_EVENTS = [
+    RpcLogEvent(method="/icegate.v1.CredentialService/IssueTurnCredentials",
+                code=grpc.StatusCode.OK, duration_ms=0.41234, request_id="a" * 32,
+                peer="ipv4:127.0.0.1:5000", project="acme", key_id="0a1b2c3d"),
+    RpcLogEvent(method="/icegate.v1.CredentialService/GetIceServers",
+                code=grpc.StatusCode.RESOURCE_EXHAUSTED, duration_ms=12.0,
+                request_id='quote " and \\ backslash', peer="ipv6:%5B::1%5D:50000",
+                project="acme", key_id="0a1b2c3d", reason="RATE_LIMITED"),
+    # Hostile values: each must come out redacted or dropped exactly as the formatter does.
+    RpcLogEvent(method="/bad method/" + SECRET, code=grpc.StatusCode.UNAUTHENTICATED,
+                duration_ms=float("nan"), request_id="tab\there", peer='peer"with quote',
+                project=SECRET + "/x", key_id=SECRET + "!", reason="lower_case"),
+    RpcLogEvent(method="/icegate.v1.UsageService/GetUsage", code=grpc.StatusCode.OK,
+                duration_ms=1e-7, request_id="", peer=""),
+]
+
+
+@pytest.mark.parametrize("event", RPC_EVENTS)
+def test_the_fast_rpc_line_says_what_the_formatter_says(event):
+    # Production logs RPCs without a LogRecord (logs._FastRpcLines): the line must carry
+    # exactly the content the sanitising formatter would write for the same event.
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    try:
+        configure_logging("json", "INFO", stream=stream)
+        for _ in range(2):  # the second line comes from the remembered fragments
+            log_rpc(event)
+    finally:
+        stop_logging()
+        root.handlers[:], root.level = saved_handlers, saved_level
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    expected = as_json(record("rpc", name="icegate_server.rpc", **event.extra()))
+    assert len(lines) == 2
+    for line in lines:
+        assert line.pop("ts").endswith("Z")
+        assert line == {k: v for k, v in expected.items() if k != "ts"}
+    assert SECRET not in stream.getvalue()

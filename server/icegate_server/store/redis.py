@@ -38,10 +38,19 @@ server's clock (the offset between the clocks is measured from `TIME` at open an
 every reply), and a script that starts after it changes nothing and answers "late". A late
 answer is certain to have changed nothing, so that call alone is retried once at once.
 The fence uses the real wall clock; the limits themselves use the injected `now_ms`.
+
+Batching. Every credential call runs `admit`; under load many of them arrive in the same
+turn of the event loop. Those are sent together as one pipeline (one connection taken from
+the pool, one write, one read of all the replies) instead of one command each: redis-py
+spends far more per command on the pool and the socket than Redis spends on the script
+(about 180 us of client CPU for a lone EVALSHA here, 40-50 us each in a pipeline of 10-50).
+Each script in the batch is still atomic on its own and fenced by the same deadline; a late
+one is retried alone, as above. A call that is alone in its turn goes out as it did before.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import dataclasses
@@ -386,6 +395,15 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _settle(future: asyncio.Future[list[Any]], outcome: list[Any] | BaseException) -> None:
+    if future.done():  # its caller was cancelled
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
 def _wall_ms() -> float:
     return time.time() * 1000
 
@@ -400,6 +418,9 @@ class RedisStore:
         """Strings never to repeat in an error message (the URL's password)."""
         self._fence_ms = timeout * 1000 / 2
         self._clock_offset_ms = 0.0
+        # Admissions waiting for the end of this loop turn, and the batches in flight.
+        self._admits_waiting: list[tuple[list[str | int], asyncio.Future[list[Any]]]] = []
+        self._admit_batches: set[asyncio.Task[None]] = set()
         """Redis's wall clock minus ours, in ms (see the fence in the module docstring)."""
         register = client.register_script
         self._admit = register(_ADMIT)
@@ -516,6 +537,7 @@ class RedisStore:
             await self._redis.ping()
 
     async def close(self) -> None:
+        await asyncio.gather(*self._admit_batches, return_exceptions=True)
         await self._redis.aclose()
 
     # -- projects ---------------------------------------------------------------------------
@@ -575,10 +597,14 @@ class RedisStore:
 
     async def admit(self, *, digest: bytes | None, project_id: str, now_ms: int,
                     count: bool) -> Admission:
-        reply = await self._fenced(
-            self._admit, [],
-            [PREFIX, digest.hex() if digest is not None else "", project_id, now_ms,
-             "1" if count else "0", DEFAULT_PROJECT_ID])
+        args: list[str | int] = [PREFIX, digest.hex() if digest is not None else "",
+                                 project_id, now_ms, "1" if count else "0", DEFAULT_PROJECT_ID]
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        self._admits_waiting.append((args, future))
+        if len(self._admits_waiting) == 1:
+            loop.call_soon(self._send_waiting_admits)
+        reply = await future
         reply += [None] * (4 - len(reply))
         outcome, key_fields, project_json, tat = reply
         return Admission(
@@ -587,6 +613,61 @@ class RedisStore:
             project=_project_from_json(project_json) if project_json else None,
             tat_ms=int(tat) if tat is not None else None,
         )
+
+    def _send_waiting_admits(self) -> None:
+        batch, self._admits_waiting = self._admits_waiting, []
+        task = asyncio.get_running_loop().create_task(self._send_admits(batch))
+        self._admit_batches.add(task)
+        task.add_done_callback(self._admit_batches.discard)
+
+    async def _send_admits(
+            self, batch: list[tuple[list[str | int], asyncio.Future[list[Any]]]]) -> None:
+        try:
+            await self._send_admit_batch(batch)
+        finally:
+            # Cancelled with the batch in flight (the store is closing): no caller waits on.
+            for _, future in batch:
+                _settle(future, StoreUnavailableError("Redis store unavailable: closing"))
+
+    async def _send_admit_batch(
+            self, batch: list[tuple[list[str | int], asyncio.Future[list[Any]]]]) -> None:
+        if len(batch) == 1:
+            args, future = batch[0]
+            outcome: list[Any] | BaseException
+            try:
+                outcome = await self._fenced(self._admit, [], args)
+            except Exception as error:
+                outcome = error
+            _settle(future, outcome)
+            return
+        sent = _wall_ms()
+        deadline = int(sent + self._clock_offset_ms + self._fence_ms)
+        try:
+            with self._unavailable_on_error():
+                pipeline = self._redis.pipeline(transaction=False)
+                for args, _ in batch:
+                    pipeline.evalsha(self._admit.sha, 0, deadline, *args)
+                replies = await pipeline.execute(raise_on_error=False)
+        except Exception as error:
+            for _, future in batch:
+                _settle(future, error)
+            return
+        received = _wall_ms()
+        retry = []
+        for (args, future), reply in zip(batch, replies, strict=True):
+            if isinstance(reply, BaseException) or reply[1] == "late":
+                # Late (changed nothing), or the script is gone (a restarted Redis): alone,
+                # through the path that re-checks the clock and reloads the script.
+                retry.append((args, future))
+                continue
+            if received - sent < self._fence_ms:
+                self._clock_offset_ms = int(reply[0]) - (sent + received) / 2
+            _settle(future, list(reply[1:]))
+        for args, future in retry:
+            try:
+                _settle(future, await self._fenced(self._admit, [], args))
+            except Exception as error:
+                _settle(future, error)
 
     async def rate_position(self, project_id: str) -> int | None:
         with self._unavailable_on_error():

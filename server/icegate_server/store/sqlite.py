@@ -11,6 +11,19 @@ Two connections:
   is off. When another writer holds the lock (another `--workers` process, or the thread
   connection), the call moves to the thread connection, which waits up to `BUSY_TIMEOUT_MS`.
 
+Ownership. A file is used either by one process (`icegate-server`, the default) or shared
+by the workers of `icegate-server --workers N` (`shared=True`); a lock beside the file
+(`<file>.lock`, `flock`) makes the two exclusive, so a second server on the same file stops
+at start instead of silently splitting its limits. A process that owns the file serves
+`admit` from memory: caller keys and projects are cached when first read (and dropped by the
+store's own writes that change them, before the write returns), and the projects' GCRA
+positions live in memory, written back to the file every `CHECKPOINT_SECONDS` and on close.
+A credential call then touches no SQL at all. The rule is the one `limits.gcra_admit` states,
+applied on the event loop with no await between reading and writing a position, so it is
+atomic; after a crash the positions of the last second are lost, which lets a restarted
+server admit at most that second's requests again. Workers sharing a file keep the per-call
+statements below, so the limit stays exact across them.
+
 Other processes on the same file are serialised by SQLite's own lock: every read-modify-write
 is one `BEGIN IMMEDIATE` transaction, and counters change through `INSERT ... ON CONFLICT DO
 UPDATE ... RETURNING`, never through Python arithmetic on a value read earlier. A checkpoint
@@ -23,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import os
@@ -31,10 +45,10 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from icegate_server.errors import StoreUnavailableError
-from icegate_server.limits import RateLimitPolicy
+from icegate_server.limits import RateLimitPolicy, gcra_admit
 from icegate_server.projects import DEFAULT_PROJECT_ID, ApiKey, Project
 from icegate_server.store.base import (
     Admission,
@@ -147,16 +161,37 @@ class SqliteStore:
     """The `Store` on a SQLite file."""
 
     def __init__(self, connection: sqlite3.Connection, hot: sqlite3.Connection,
-                 executor: ThreadPoolExecutor, path: str) -> None:
+                 executor: ThreadPoolExecutor, path: str, *, lock_fd: int,
+                 shared: bool) -> None:
         self._db = connection
         self._hot = hot
         self._executor = executor
         self._path = path
+        self._lock_fd = lock_fd
+        self._owned = not shared
+        # The owner's memory (module docstring): keys by digest and projects by id as read,
+        # GCRA positions by project (None: the project has none yet), and the positions
+        # changed since they were last written back.
+        self._keys: dict[bytes, ApiKey] = {}
+        self._projects: dict[str, Project] = {}
+        self._positions: dict[str, int | None] = {}
+        self._unwritten: set[str] = set()
         self._checkpoints = asyncio.get_running_loop().create_task(self._checkpoint_forever())
 
     @classmethod
-    async def open(cls, path: str) -> SqliteStore:
-        """Opens (creating with mode 0600 if needed) the database file at `path`."""
+    async def open(cls, path: str, *, shared: bool = False) -> SqliteStore:
+        """Opens (creating with mode 0600 if needed) the database file at `path`.
+
+        Args:
+            path: The database file.
+            shared: Whether other processes (the workers of one `icegate-server --workers N`)
+                use the file at the same time; by default this process owns it.
+
+        Raises:
+            StoreUnavailableError: The file cannot be opened, or another process holds it in
+                a way that excludes this one (an owner, or workers when opening as owner).
+        """
+        lock_fd = _lock_beside(path, shared=shared)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="icegate-sqlite")
         loop = asyncio.get_running_loop()
         try:
@@ -164,15 +199,33 @@ class SqliteStore:
             hot = _connect_hot(path)
         except (OSError, sqlite3.Error) as error:
             executor.shutdown(wait=False)
+            os.close(lock_fd)
             raise StoreUnavailableError(f"cannot open SQLite store {path}: {error}") from None
-        return cls(connection, hot, executor, path)
+        return cls(connection, hot, executor, path, lock_fd=lock_fd, shared=shared)
 
     async def _checkpoint_forever(self) -> None:
         while True:
             await asyncio.sleep(CHECKPOINT_SECONDS)
             with contextlib.suppress(StoreUnavailableError):
+                await self._write_back_positions()
                 await self._run(
                     lambda db: db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+
+    async def _write_back_positions(self) -> None:
+        # Taken and queued in one step on the loop: the single store thread then applies
+        # write-backs and deletions in the order the loop asked for them.
+        if not self._unwritten:
+            return
+        rows = [(project_id, self._positions[project_id]) for project_id in self._unwritten]
+        self._unwritten.clear()
+        try:
+            await self._run(lambda db: db.executemany(
+                "INSERT INTO rate_limits(project_id, tat_ms) VALUES (?, ?) "
+                "ON CONFLICT(project_id) DO UPDATE SET tat_ms = excluded.tat_ms", rows))
+        except StoreUnavailableError:
+            self._unwritten.update(project_id for project_id, _ in rows
+                                   if project_id in self._positions)
+            raise
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -188,10 +241,13 @@ class SqliteStore:
         self._checkpoints.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._checkpoints
+        with contextlib.suppress(StoreUnavailableError):
+            await self._write_back_positions()
         self._hot.close()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._db.close)
         self._executor.shutdown(wait=True)
+        os.close(self._lock_fd)
 
     # -- projects ---------------------------------------------------------------------------
 
@@ -221,7 +277,10 @@ class SqliteStore:
                                 (_project_json(project), project.project_id))
             return cursor.rowcount == 1
 
-        return await self._run(work)
+        try:
+            return await self._run(work)
+        finally:
+            self._projects.pop(project.project_id, None)
 
     async def delete_project(self, project_id: str, now_ms: int) -> bool:
         def work(db: sqlite3.Connection) -> bool:
@@ -236,7 +295,17 @@ class SqliteStore:
                            (now_ms / 1000, project_id))
             return deleted
 
-        return await self._run(work)
+        self._forget_project(project_id)
+        try:
+            return await self._run(work)
+        finally:
+            self._forget_project(project_id)
+            self._keys.clear()
+
+    def _forget_project(self, project_id: str) -> None:
+        self._projects.pop(project_id, None)
+        self._positions.pop(project_id, None)
+        self._unwritten.discard(project_id)
 
     # -- caller keys ---------------------------------------------------------------------------
 
@@ -265,20 +334,73 @@ class SqliteStore:
                 (now_ms / 1000, key_id)).fetchone()
             return _key_from_row(row) if row else None
 
-        return await self._run(work)
+        try:
+            return await self._run(work)
+        finally:
+            self._keys.clear()  # by key id: which cached digest it was is not known here
 
     # -- the hot path --------------------------------------------------------------------------
 
     async def admit(self, *, digest: bytes | None, project_id: str, now_ms: int,
                     count: bool) -> Admission:
         try:
+            if self._owned:
+                return self._admit_owned(digest, project_id, now_ms, count)
             return _admit(self._hot, digest, project_id, now_ms, count)
         except sqlite3.OperationalError:
             # Locked by another writer (or a transient I/O error): let the thread wait for
             # it, or report it, so the loop never does.
+            if self._owned:
+                # The reads move to the thread; the decision stays on the loop.
+                read = await self._run(lambda db: _read_for_admit(db, digest, project_id))
+                return self._admit_owned(digest, project_id, now_ms, count, read)
             return await self._run(lambda db: _admit(db, digest, project_id, now_ms, count))
 
+    def _admit_owned(self, digest: bytes | None, project_id: str, now_ms: int,
+                     count: bool, read: _AdmitReads | None = None) -> Admission:
+        # `_admit`'s rule on the owner's memory; only a first sight of a key, project or
+        # position reads the file: on the loop's never-waiting connection, or, when that
+        # found the file locked, `read` brings what the thread read for this call.
+        key = None
+        if digest is not None:
+            key = self._keys.get(digest)
+            if key is None:
+                key = read.key if read else _read_key(self._hot, digest)
+                if key is None:
+                    return Admission(AdmitOutcome.UNKNOWN_KEY)
+                self._keys[digest] = key
+            if key.revoked:
+                return Admission(AdmitOutcome.UNKNOWN_KEY)
+            if not key.admin:
+                if project_id and project_id != key.project_id:
+                    return Admission(AdmitOutcome.FORBIDDEN, key=key)
+                project_id = key.project_id
+        project_id = project_id or DEFAULT_PROJECT_ID
+        project = self._projects.get(project_id)
+        if project is None:
+            project = read.project if read else _read_project(self._hot, project_id)
+            if project is None:
+                return Admission(AdmitOutcome.NO_PROJECT, key=key)
+            self._projects[project_id] = project
+        positions = self._positions
+        if project_id in positions:
+            tat = positions[project_id]
+        else:
+            tat = positions[project_id] = (read.position if read else
+                                           _read_position(self._hot, project_id))
+        if not count:
+            return Admission(AdmitOutcome.ADMITTED, key, project, tat)
+        admitted = gcra_admit(tat, now_ms, _policy(project.rate_limit_requests,
+                                                   project.rate_limit_window_seconds))
+        if admitted is None:
+            return Admission(AdmitOutcome.RATE_LIMITED, key, project, tat)
+        positions[project_id] = admitted
+        self._unwritten.add(project_id)
+        return Admission(AdmitOutcome.ADMITTED, key, project, admitted)
+
     async def rate_position(self, project_id: str) -> int | None:
+        if self._owned and project_id in self._positions:
+            return self._positions[project_id]
         row = await self._run(lambda db: db.execute(
             "SELECT tat_ms FROM rate_limits WHERE project_id = ?", (project_id,)).fetchone())
         return int(row[0]) if row else None
@@ -470,6 +592,65 @@ def _admit(db: sqlite3.Connection, digest: bytes | None, project_id: str, now_ms
     tat = db.execute("SELECT tat_ms FROM rate_limits WHERE project_id = ?",
                      (project_id,)).fetchone()
     return Admission(AdmitOutcome.RATE_LIMITED, key, project, tat[0])
+
+
+class _AdmitReads(NamedTuple):
+    """What an owner's admission reads from the file, read on the thread."""
+
+    key: ApiKey | None
+    project: Project | None
+    position: int | None
+
+
+def _read_for_admit(db: sqlite3.Connection, digest: bytes | None,
+                    project_id: str) -> _AdmitReads:
+    key = _read_key(db, digest) if digest is not None else None
+    if key is not None and not key.admin:
+        project_id = project_id or key.project_id
+    project_id = project_id or DEFAULT_PROJECT_ID
+    return _AdmitReads(key, _read_project(db, project_id), _read_position(db, project_id))
+
+
+def _read_key(db: sqlite3.Connection, digest: bytes) -> ApiKey | None:
+    row = db.execute(f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE digest = ?",  # noqa: S608
+                     (digest,)).fetchone()
+    return _key_from_row(row) if row else None
+
+
+def _read_project(db: sqlite3.Connection, project_id: str) -> Project | None:
+    row = db.execute("SELECT record FROM projects WHERE project_id = ?",
+                     (project_id,)).fetchone()
+    return _project_from_json(row[0]) if row else None
+
+
+def _read_position(db: sqlite3.Connection, project_id: str) -> int | None:
+    row = db.execute("SELECT tat_ms FROM rate_limits WHERE project_id = ?",
+                     (project_id,)).fetchone()
+    return int(row[0]) if row else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _policy(requests: int, window_seconds: int) -> RateLimitPolicy:
+    return RateLimitPolicy.of(requests, window_seconds)
+
+
+def _lock_beside(path: str, *, shared: bool) -> int:
+    """Takes `<path>.lock`: exclusively for an owner, shared for workers (module docstring)."""
+    lock_path = f"{path}.lock"
+    try:
+        Path(lock_path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as error:
+        raise StoreUnavailableError(f"cannot open SQLite store {path}: {error}") from None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        holder = "another icegate-server process" if not shared else "a single icegate-server"
+        raise StoreUnavailableError(
+            f"SQLite store {path} is in use by {holder}: one server per file, or "
+            "`icegate-server --workers N` to share one file between processes") from None
+    return fd
 
 
 def _connect_hot(path: str) -> sqlite3.Connection:

@@ -1,11 +1,14 @@
-"""The server interceptor every icegate RPC passes through: admit, run, map errors.
+"""The guard every icegate RPC passes through: admit, run, map errors, observe.
 
-It wraps each unary-unary handler once (wrapped handlers are cached per method, so a call
-does no set-up), admits the call through `AccessControl` (key, or else a verified client
-certificate; project, rate limit: one store round trip), makes the `CallContext` available
-to the servicer through `current_call()`, and turns any `IcegateError` into a gRPC status
-with rich details through `icegate_server.status`, the one place that mapping lives. Health
-checking and reflection stay open: load balancers and grpcurl carry no key.
+`CallGuard.register` adds a servicer to the server with each of its unary-unary handlers
+wrapped once, at registration: no grpc.aio interceptor runs per call (an interceptor costs
+every call a coroutine chain and a handler look-up in Python), and health checking and
+reflection, registered directly, stay open (load balancers and grpcurl carry no key).
+
+A guarded call is admitted through `AccessControl` (key, or else a verified client
+certificate; project, rate limit: one store round trip at most), its `CallContext` is made
+available to the servicer through `current_call()`, and any `IcegateError` becomes a gRPC
+status with rich details through `icegate_server.status`, the one place that mapping lives.
 
 It also observes every guarded call: the request id (the caller's `x-request-id` if valid,
 else a fresh one) goes back in the trailing metadata on success and on error (merged with
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -37,8 +41,6 @@ from icegate_server.tls import peer_identities
 
 REQUEST_ID_HEADER = "x-request-id"
 
-OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-
 SERVICE_POLICIES = {
     "/icegate.v1.AdminService/": MethodPolicy.ADMIN,
     "/icegate.v1.UsageService/": MethodPolicy.PROJECT_UNCOUNTED,
@@ -53,6 +55,19 @@ def current_call() -> CallContext:
     return _current_call.get()
 
 
+_REQUEST_ID_PREFIX = os.urandom(8).hex()
+_request_numbers = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """A request id unique to this process's life: a random prefix and a call number.
+
+    32 hex digits like a random id, but with one random draw per process instead of a
+    `getrandom` system call per call; ids need to be unique, not unguessable.
+    """
+    return f"{_REQUEST_ID_PREFIX}{next(_request_numbers):016x}"
+
+
 def request_id_of(metadata: Any) -> str:
     """The caller's `x-request-id` when it is 1-128 printable ASCII characters, else a new one."""
     for name, value in metadata:
@@ -60,7 +75,7 @@ def request_id_of(metadata: Any) -> str:
             if isinstance(value, str) and valid_request_id(value):
                 return value
             break
-    return os.urandom(16).hex()
+    return new_request_id()
 
 
 def method_policy(method: str) -> MethodPolicy:
@@ -78,36 +93,36 @@ else:
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
 
-class CallGuard(grpc.aio.ServerInterceptor):
-    """Admits every non-open RPC and maps domain errors to statuses."""
+AddServicer = Callable[[Any, Any], None]
+"""A generated `add_XServicer_to_server(servicer, server)` function."""
+
+
+class CallGuard:
+    """Admits every guarded RPC and maps domain errors to statuses."""
 
     def __init__(self, access: AccessControl, metrics: IcegateMetrics | None = None) -> None:
         self._access = access
         self._metrics = metrics if metrics is not None else IcegateMetrics()
-        self._wrapped: dict[str, Handler] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        method: str = handler_call_details.method
-        wrapped = self._wrapped.get(method)
-        if wrapped is not None:
-            return wrapped
-        handler = await continuation(handler_call_details)
-        if handler is None or method.startswith(OPEN_METHOD_PREFIXES):
-            return handler
+    def register(self, server: grpc.aio.Server, add_servicer: AddServicer,
+                 servicer: Any) -> None:
+        """Adds `servicer` to `server` through its generated `add_servicer` function, every
+        method guarded."""
+        registration = _GuardedRegistration(self, server)
+        add_servicer(servicer, registration)
+        if not registration.services:
+            raise TypeError(f"{add_servicer.__name__} registered no method handlers")
+
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        """`handler` of the full method name `method`, admitted and observed by this guard."""
         if handler.unary_unary is None:
             raise TypeError(f"{method}: icegate serves unary-unary RPCs only")
-        wrapped = grpc.unary_unary_rpc_method_handler(
+        return grpc.unary_unary_rpc_method_handler(
             self._guard(cast(UnaryBehavior, handler.unary_unary), method_policy(method),
                         method),
             request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
-        self._wrapped[method] = wrapped
-        return wrapped
 
     def _guard(self, behavior: UnaryBehavior, policy: MethodPolicy,
                method: str) -> UnaryBehavior:
@@ -161,6 +176,30 @@ class CallGuard(grpc.aio.ServerInterceptor):
                     key_id=call.caller.key_id if call is not None else ""), bug)
 
         return guarded
+
+
+class _GuardedRegistration:
+    """Stands in for the server while generated code registers a servicer: the handlers it
+    registers reach the real server wrapped by the guard."""
+
+    def __init__(self, guard: CallGuard, server: grpc.aio.Server) -> None:
+        self._guard = guard
+        self._server = server
+        self.services: list[str] = []
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        # Generated code registers the same handlers again just below, by name
+        # (`add_registered_method_handlers`); both are added there, wrapped.
+        pass
+
+    def add_registered_method_handlers(self, service: str,
+                                       handlers: dict[str, Handler]) -> None:
+        wrapped = {name: self._guard.wrap(f"/{service}/{name}", handler)
+                   for name, handler in handlers.items()}
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, wrapped),))
+        self._server.add_registered_method_handlers(service, wrapped)
+        self.services.append(service)
 
 
 UNDECODABLE = object()
