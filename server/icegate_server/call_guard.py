@@ -1,9 +1,10 @@
 """The guard every icegate RPC passes through: admit, run, map errors, observe.
 
-`CallGuard.register` adds a servicer to the server with each of its unary-unary handlers
-wrapped once, at registration: no grpc.aio interceptor runs per call (an interceptor costs
-every call a coroutine chain and a handler look-up in Python), and health checking and
-reflection, registered directly, stay open (load balancers and grpcurl carry no key).
+`MethodTable.add(..., guard)` puts a servicer's unary-unary handlers in the server's one
+method table, each wrapped once, at registration: no grpc.aio interceptor runs per call (an
+interceptor costs every call a coroutine chain and a handler look-up in Python). Health
+checking and reflection go in unguarded and stay open (load balancers and grpcurl carry no
+key).
 
 A guarded call is admitted through `AccessControl` (key, or else a verified client
 certificate; project, rate limit: one store round trip at most), its `CallContext` is made
@@ -97,21 +98,38 @@ AddServicer = Callable[[Any, Any], None]
 """A generated `add_XServicer_to_server(servicer, server)` function."""
 
 
+class MethodTable(grpc.GenericRpcHandler):
+    """Every method the server serves, found by one dict look-up; no registered methods.
+
+    grpc.aio's server waits for the next call of each *registered* method separately: its
+    accept loop runs `asyncio.wait` over one pending future per registered method (and one
+    for all others), so every call pays in Python for every method the server has (some 90k
+    instructions a call with icegate's two dozen: more than icegate's own work on it). One
+    generic handler leaves one future to wait on. Generated `add_XServicer_to_server`
+    functions register through `add`, which hands them a stand-in for the server.
+    """
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, Handler] = {}
+
+    def add(self, add_servicer: AddServicer, servicer: Any,
+            guard: CallGuard | None = None) -> None:
+        """Adds `servicer`'s methods, each wrapped by `guard` when given (else open)."""
+        registration = _Registration(self._handlers, guard)
+        add_servicer(servicer, registration)
+        if not registration.services:
+            raise TypeError(f"{add_servicer.__name__} registered no method handlers")
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
+        return self._handlers.get(handler_call_details.method)
+
+
 class CallGuard:
     """Admits every guarded RPC and maps domain errors to statuses."""
 
     def __init__(self, access: AccessControl, metrics: IcegateMetrics | None = None) -> None:
         self._access = access
         self._metrics = metrics if metrics is not None else IcegateMetrics()
-
-    def register(self, server: grpc.aio.Server, add_servicer: AddServicer,
-                 servicer: Any) -> None:
-        """Adds `servicer` to `server` through its generated `add_servicer` function, every
-        method guarded."""
-        registration = _GuardedRegistration(self, server)
-        add_servicer(servicer, registration)
-        if not registration.services:
-            raise TypeError(f"{add_servicer.__name__} registered no method handlers")
 
     def wrap(self, method: str, handler: Handler) -> Handler:
         """`handler` of the full method name `method`, admitted and observed by this guard."""
@@ -178,27 +196,26 @@ class CallGuard:
         return guarded
 
 
-class _GuardedRegistration:
-    """Stands in for the server while generated code registers a servicer: the handlers it
-    registers reach the real server wrapped by the guard."""
+class _Registration:
+    """Stands in for the server while generated code registers a servicer: its handlers go
+    into the method table, wrapped by the guard if there is one."""
 
-    def __init__(self, guard: CallGuard, server: grpc.aio.Server) -> None:
+    def __init__(self, handlers: dict[str, Handler], guard: CallGuard | None) -> None:
+        self._handlers = handlers
         self._guard = guard
-        self._server = server
         self.services: list[str] = []
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
         # Generated code registers the same handlers again just below, by name
-        # (`add_registered_method_handlers`); both are added there, wrapped.
+        # (`add_registered_method_handlers`): they are taken from there.
         pass
 
     def add_registered_method_handlers(self, service: str,
                                        handlers: dict[str, Handler]) -> None:
-        wrapped = {name: self._guard.wrap(f"/{service}/{name}", handler)
-                   for name, handler in handlers.items()}
-        self._server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(service, wrapped),))
-        self._server.add_registered_method_handlers(service, wrapped)
+        for name, handler in handlers.items():
+            method = f"/{service}/{name}"
+            self._handlers[method] = (handler if self._guard is None
+                                      else self._guard.wrap(method, handler))
         self.services.append(service)
 
 

@@ -14,7 +14,7 @@ import grpc
 import grpc.aio
 import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from icegate.v1 import (
     admin_pb2,
@@ -27,7 +27,7 @@ from icegate.v1 import (
     usage_pb2_grpc,
 )
 from icegate_server.access import AccessControl
-from icegate_server.call_guard import CallGuard
+from icegate_server.call_guard import CallGuard, MethodTable
 from icegate_server.clock import Clock, SystemClock
 from icegate_server.config import Settings, parse_listen_address
 from icegate_server.coturn_sync import CoturnRedisSecrets, CoturnSecretSink, CoturnSqliteSecrets
@@ -204,18 +204,21 @@ async def create_server(
         sessions = RealtimeSessions(store, provider_keys, providers, issuer, settings.stun_uris,
                                     clock, lease_seconds=settings.session_lease_seconds)
         guard = CallGuard(access, metrics)
-        guard.register(server, credentials_pb2_grpc.add_CredentialServiceServicer_to_server,
-                       CredentialServicer(issuer, settings.stun_uris))
-        guard.register(server, sessions_pb2_grpc.add_SessionServiceServicer_to_server,
-                       SessionServicer(sessions))
-        guard.register(server, admin_pb2_grpc.add_AdminServiceServicer_to_server,
-                       AdminServicer(admin, provider_keys, turn_secrets))
-        guard.register(server, usage_pb2_grpc.add_UsageServiceServicer_to_server,
-                       UsageServicer(UsageReporter(store, clock)))
+        methods = MethodTable()
+        methods.add(credentials_pb2_grpc.add_CredentialServiceServicer_to_server,
+                    CredentialServicer(issuer, settings.stun_uris), guard)
+        methods.add(sessions_pb2_grpc.add_SessionServiceServicer_to_server,
+                    SessionServicer(sessions), guard)
+        methods.add(admin_pb2_grpc.add_AdminServiceServicer_to_server,
+                    AdminServicer(admin, provider_keys, turn_secrets), guard)
+        methods.add(usage_pb2_grpc.add_UsageServiceServicer_to_server,
+                    UsageServicer(UsageReporter(store, clock)), guard)
         health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        methods.add(health_pb2_grpc.add_HealthServicer_to_server, health_servicer)
+        methods.add(reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
+                    reflection.aio.ReflectionServicer(
+                        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)))
+        server.add_generic_rpc_handlers((methods,))
         tls = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
         try:
             port = (server.add_secure_port(settings.listen, tls) if tls is not None
