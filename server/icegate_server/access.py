@@ -18,7 +18,7 @@ import enum
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from icegate_server.auth import Caller, key_digest
 from icegate_server.clock import Clock, utc_datetime
@@ -52,8 +52,7 @@ class MethodPolicy(enum.Enum):
     """A key for the named project; does not count (usage reports)."""
 
 
-@dataclass(frozen=True)
-class CallContext:
+class CallContext(NamedTuple):
     """Who is calling, and the project the call acts on (None for admin calls)."""
 
     caller: Caller

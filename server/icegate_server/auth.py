@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from icegate_server.errors import InvalidApiKeyError
 
@@ -20,8 +20,7 @@ _BEARER_PREFIX = "bearer "
 MAX_KEY_LENGTH = 512
 
 
-@dataclass(frozen=True)
-class Caller:
+class Caller(NamedTuple):
     """Who is calling: a key's id (never the key) and what it may act on.
 
     An admin caller may act on every project; any other caller only on `project_id`.

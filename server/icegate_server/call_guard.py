@@ -188,10 +188,9 @@ class CallGuard:
                 if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
                     metrics.limit_refused(reason)
                 log_rpc(RpcLogEvent(
-                    method=method, code=code, duration_ms=seconds * 1000,
-                    request_id=trailer[0][1], peer=context.peer(),
-                    project=_project_of(call, request), reason=reason,
-                    key_id=call.caller.key_id if call is not None else ""), bug)
+                    method, code, seconds * 1000, trailer[0][1], context.peer(),
+                    _project_of(call, request), call.caller.key_id if call is not None else "",
+                    reason), bug)
 
         return guarded
 

@@ -19,7 +19,7 @@ import hashlib
 import hmac
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from icegate_server.clock import Clock
 from icegate_server.errors import InvalidFieldError
@@ -68,8 +68,7 @@ def turn_password(secret: str, username: str) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
-@dataclass(frozen=True)
-class TtlPolicy:
+class TtlPolicy(NamedTuple):
     """How long credentials may live, in whole seconds: requests outside the bounds are refused."""
 
     default: int = 3600
@@ -111,8 +110,7 @@ def validate_user_id(user_id: str, *, field: str = "user_id") -> None:
         raise InvalidFieldError(field, "must not contain control or unprintable characters")
 
 
-@dataclass(frozen=True)
-class TurnCredential:
+class TurnCredential(NamedTuple):
     """One issued TURN credential."""
 
     username: str

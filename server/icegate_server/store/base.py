@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from icegate_server.projects import ApiKey, Project
 
@@ -29,8 +29,7 @@ class AdmitOutcome(enum.Enum):
     RATE_LIMITED = "rate_limited"
 
 
-@dataclass(frozen=True)
-class Admission:
+class Admission(NamedTuple):
     """The answer of `Store.admit`: who called, for which project, and the rate position."""
 
     outcome: AdmitOutcome
