@@ -98,7 +98,10 @@ def make_http_client(
         timeout=httpx.Timeout(
             connect=connect_timeout, read=read_timeout, write=read_timeout, pool=connect_timeout
         ),
-        limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+        # Keep every connection the pool may open: with fewer kept alive than allowed, calls
+        # beyond the kept ones open (and close) a connection each, under exactly the load
+        # where that hurts most. Idle ones still close after httpx's 5 s keep-alive expiry.
+        limits=httpx.Limits(max_connections=100, max_keepalive_connections=100),
         # A redirect from a token API is unexpected; following it could send the key elsewhere.
         follow_redirects=False,
         headers={"User-Agent": "icegate"},

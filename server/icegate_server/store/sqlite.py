@@ -4,8 +4,9 @@ Two connections:
 - the *thread* connection, owned by a single-thread executor, runs everything that may wait:
   admin writes, session transactions, checkpoints (the only fsyncs), and any call that found
   the database locked;
-- the *hot* connection serves `admit`, the one store call of every credential request, on the
-  event loop itself, because a thread hop per call costs more than the work: with WAL and
+- the *hot* connection serves `admit`, the one store call of every credential request, and
+  the short session statements of CreateSession, on the event loop itself, because a thread
+  hop per call costs more than the work: with WAL and
   `synchronous=NORMAL` an autocommit UPSERT appends a page to the log with no fsync (about
   12 us), and the connection never waits: its busy timeout is 0 and its automatic checkpoint
   is off. When another writer holds the lock (another `--workers` process, or the thread
@@ -234,6 +235,18 @@ class SqliteStore:
         except sqlite3.Error as error:
             raise StoreUnavailableError(f"SQLite store error: {error}") from None
 
+    async def _run_on_loop(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Runs `work` on the loop's never-waiting connection, or on the thread when the file
+        is locked: for the short statements of a session (what a CreateSession reads and
+        writes), where a thread hop each way costs more than the work."""
+        try:
+            return _finished(work, self._hot)
+        except sqlite3.OperationalError:
+            pass  # locked (a write transaction rolls itself back): the thread may wait
+        except sqlite3.Error as error:
+            raise StoreUnavailableError(f"SQLite store error: {error}") from None
+        return await self._run(work)
+
     async def ping(self) -> None:
         await self._run(lambda db: db.execute("SELECT 1").fetchone())
 
@@ -437,17 +450,17 @@ class SqliteStore:
                     (project_id, session_id, now_ms + lease_ms))
                 return SessionAdmission(SessionOutcome.STARTED, active + 1, used)
 
-        return await self._run(work)
+        return await self._run_on_loop(work)
 
     async def renew_session(self, *, project_id: str, session_id: str, now_ms: int,
                             lease_ms: int) -> bool:
-        return await self._run(lambda db: db.execute(
+        return await self._run_on_loop(lambda db: db.execute(
             "UPDATE leases SET expires_ms = ? "
             "WHERE project_id = ? AND session_id = ? AND expires_ms > ?",
             (now_ms + lease_ms, project_id, session_id, now_ms)).rowcount == 1)
 
     async def end_session(self, *, project_id: str, session_id: str, now_ms: int) -> bool:
-        return await self._run(lambda db: db.execute(
+        return await self._run_on_loop(lambda db: db.execute(
             "DELETE FROM leases WHERE project_id = ? AND session_id = ? AND expires_ms > ?",
             (project_id, session_id, now_ms)).rowcount == 1)
 
@@ -461,7 +474,7 @@ class SqliteStore:
                     db.execute("UPDATE session_quota SET used = max(used - 1, 0) "
                                "WHERE project_id = ? AND month = ?", (project_id, month))
 
-        await self._run(work)
+        await self._run_on_loop(work)
 
     async def session_counts(self, *, project_id: str, month: str,
                              now_ms: int) -> tuple[int, int]:
@@ -487,7 +500,7 @@ class SqliteStore:
              record.update_time_ms)))
 
     async def get_provider_key(self, project_id: str, provider: str) -> ProviderKeyRecord | None:
-        row = await self._run(lambda db: db.execute(
+        row = await self._run_on_loop(lambda db: db.execute(
             "SELECT project_id, provider, sealed, last4, update_time_ms FROM provider_keys "
             "WHERE project_id = ? AND provider = ?", (project_id, provider)).fetchone())
         return ProviderKeyRecord(*row) if row else None
