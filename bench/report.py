@@ -51,6 +51,15 @@ def targets_table(results: dict[str, Any]) -> list[str]:
         add("the same in CPU per call (bare µs / icegate µs; robust to other load)",
             f"{_fmt(efficiency)} x ({_fmt(bare['cpu_us_per_call'], 0)} vs "
             f"{_fmt(icegate['cpu_us_per_call'], 0)} µs)", efficiency >= 0.85)
+    counted = results.get("instructions", {})
+    if "icegate_vs_bare" in counted:
+        per_call = counted["instructions_per_call"]
+        add("the same in instructions per call (callgrind; does not move with the machine)",
+            f"{_fmt(counted['icegate_vs_bare'])} x ({_fmt(per_call[BARE] / 1000, 0)}k vs "
+            f"{_fmt(per_call[ICEGATE] / 1000, 0)}k)", counted["icegate_vs_bare"] >= 0.85)
+        add("ahead of FastAPI in instructions per call",
+            f"{_fmt(counted['icegate_vs_fastapi'])} x ({_fmt(per_call[FASTAPI] / 1000, 0)}k "
+            f"vs {_fmt(per_call[ICEGATE] / 1000, 0)}k)", counted["icegate_vs_fastapi"] > 1)
     vs_fastapi = _ratio(icegate, _row(compare, FASTAPI, issue))
     add("IssueTurnCredentials ahead of FastAPI",
         f"{_fmt(vs_fastapi)} x" if vs_fastapi else "not measured",
@@ -174,10 +183,28 @@ def summary(results: dict[str, Any]) -> str:
         "", "## CreateSession", "", *sessions_table(results.get("sessions", {})), "",
         "## Scaling (IssueTurnCredentials, closed loop)", "",
         *scaling_table(results.get("scaling", [])), "",
+        "## Instructions per call (callgrind)", "", *instructions_table(results), "",
     ]
     if results.get("notes"):
         lines += ["## Notes", "", *(f"- {n}" for n in results["notes"]), ""]
     return "\n".join(lines)
+
+
+def instructions_table(results: dict[str, Any]) -> list[str]:
+    counted = results.get("instructions")
+    if not counted:
+        return ["(not run)"]
+    if "instructions_per_call" not in counted:
+        return [counted.get("note", "(not measured)")]
+    lines = [f"IssueTurnCredentials (FastAPI: its JSON twin), {counted['calls'][1]} calls minus "
+             f"{counted['calls'][0]}, h2load -c 8 -m 4; every thread of the server process "
+             "counted. The same from run to run within a percent or two, whatever else the "
+             "machine does.", "",
+             "| target | instructions per call | x bare |", "|---|---:|---:|"]
+    bare = counted["instructions_per_call"][BARE]
+    for target, count in counted["instructions_per_call"].items():
+        lines.append(f"| {target} | {_fmt(count, 0)} | {_fmt(bare / count)} |")
+    return lines
 
 
 def chart(results: dict[str, Any], path: Path) -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import instructions
 import report
 import scenario
 import targets
@@ -588,6 +589,10 @@ def main() -> int:
         results["compare"] = bench.compare()
         results["sessions"] = bench.sessions()
         results["scaling"] = bench.scaling()
+        if os.environ.get("BENCH_INSTRUCTIONS", "1") != "0":
+            print("-- instructions per call (callgrind; about 3 minutes)", flush=True)
+            results["instructions"] = instructions.measure(work / "callgrind")
+            print(f"   {results['instructions']}", flush=True)
     finally:
         if bench.disturbed > bench.plan.max_foreign_cores:
             bench.note(f"other work on this machine took up to {bench.disturbed:.2f} cores "

@@ -201,11 +201,13 @@ class Target:
         return sum(len(fake.requests) for fake in self.fakes)
 
     def ensure_baseline(self) -> None:
-        """The state every example starts from: `default` with huge limits and provider keys."""
-        try:
-            self.admin.get_project("default")
-        except icegate.NotFoundError:
-            self.admin.create_project("default")
+        """The state every example starts from: `default` with huge limits and provider keys,
+        and `fuzz-spare` (a hostile DeleteProject may well have named either)."""
+        for project_id in ("default", "fuzz-spare"):
+            try:
+                self.admin.get_project(project_id)
+            except icegate.NotFoundError:
+                self.admin.create_project(project_id)
         self.admin.update_project("default", rate_limit_requests=10**9, rate_limit_window=1,
                                   monthly_session_quota=10**9, max_concurrent_sessions=10**6,
                                   turn_ttl_max=86400, turn_ttl_default=3600)

@@ -220,9 +220,13 @@ class SqliteStore:
         rows = [(project_id, self._positions[project_id]) for project_id in self._unwritten]
         self._unwritten.clear()
         try:
+            # Only for projects that still exist: a position taken while its project was
+            # being deleted must not come back as the position of a project made again.
             await self._run(lambda db: db.executemany(
-                "INSERT INTO rate_limits(project_id, tat_ms) VALUES (?, ?) "
-                "ON CONFLICT(project_id) DO UPDATE SET tat_ms = excluded.tat_ms", rows))
+                "INSERT INTO rate_limits(project_id, tat_ms) SELECT :p, :t "
+                "WHERE EXISTS (SELECT 1 FROM projects WHERE project_id = :p) "
+                "ON CONFLICT(project_id) DO UPDATE SET tat_ms = excluded.tat_ms",
+                [{"p": project_id, "t": tat} for project_id, tat in rows]))
         except StoreUnavailableError:
             self._unwritten.update(project_id for project_id, _ in rows
                                    if project_id in self._positions)
