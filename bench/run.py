@@ -1,6 +1,6 @@
 """`make bench`: icegate against a bare grpc.aio server and a FastAPI endpoint, on this machine.
 
-    .venv/bin/python bench/run.py            # full: 3 runs of each measure, about 10-15 min
+    .venv/bin/python bench/run.py            # full: 3 runs of each measure, about 15-18 min
     BENCH_QUICK=1 .venv/bin/python bench/run.py   # 1 run of shorter measures, about 2 min
 
 Sections (see docs/PERFORMANCE.md for the method):
@@ -85,7 +85,7 @@ class Plan:
         return cls(quick=False, repeats=3, capacity_seconds=6, latency_seconds=8,
                    warm_up_seconds=1, scaling_seconds=5,
                    scaling_grid=((1, 0), (100, 0), (10_000, 0), (100, 10_000), (100, 100_000)),
-                   budget_seconds=15 * 60)
+                   budget_seconds=18 * 60)
 
 
 class Bench:
@@ -273,6 +273,8 @@ class Bench:
             variants.append(("icegate Redis", "redis", 1))
         if targets.workers_flag_available():
             variants.append(("icegate SQLite --workers 2", "sqlite", 2))
+            if self.redis_usable():
+                variants.append(("icegate Redis --workers 2", "redis", 2))
         else:
             self.note("icegate --workers 2 not measured: `icegate-server --help` has no "
                       "--workers on this checkout")
