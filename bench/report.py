@@ -41,9 +41,20 @@ def targets_table(results: dict[str, Any]) -> list[str]:
         verdict = "n/a" if met is None else ("yes" if met else "**no**")
         lines.append(f"| {name} | {measured} | {verdict} |")
 
+    paired = results.get("paired", {}).get("ratios", {})
+    if ICEGATE in paired:
+        add("IssueTurnCredentials ≥ 0.85 x bare grpc.aio req/s (paired rounds: the headline)",
+            f"{_fmt(paired[ICEGATE]['x_bare'])} x", paired[ICEGATE]["x_bare"] >= 0.85)
+        add("IssueTurnCredentials ahead of FastAPI (paired rounds)",
+            f"{_fmt(paired[ICEGATE]['x_fastapi'])} x", paired[ICEGATE]["x_fastapi"] > 1)
+        for many in (WORKERS, WORKERS_REDIS):
+            if "x_one_worker" in paired.get(many, {}):
+                add(f"--workers 2 ≥ 1.3 x one worker ({many}, paired rounds)",
+                    f"{_fmt(paired[many]['x_one_worker'])} x",
+                    paired[many]["x_one_worker"] >= 1.3)
     icegate = _row(compare, ICEGATE, issue)
     vs_bare = _ratio(icegate, _row(compare, BARE, issue))
-    add("IssueTurnCredentials ≥ 0.85 x bare grpc.aio req/s",
+    add("IssueTurnCredentials ≥ 0.85 x bare grpc.aio req/s (sections one after another)",
         f"{_fmt(vs_bare)} x" if vs_bare else "not measured",
         None if vs_bare is None else vs_bare >= 0.85)
     bare = _row(compare, BARE, issue)
@@ -182,6 +193,8 @@ def summary(results: dict[str, Any]) -> str:
         f"from h2load's per-request log; median of {plan['repeats']} run(s). "
         "Errors: calls without a full successful answer.", "",
         "## Targets", "", *targets_table(results), "",
+        "## Paired rounds (IssueTurnCredentials capacity, every target in turn)", "",
+        *paired_table(results.get("paired", {})), "",
         "## IssueTurnCredentials and GetIceServers", "", *compare_table(results["compare"]),
         "", "## CreateSession", "", *sessions_table(results.get("sessions", {})), "",
         "## Scaling (IssueTurnCredentials, closed loop)", "",
@@ -191,6 +204,22 @@ def summary(results: dict[str, Any]) -> str:
     if results.get("notes"):
         lines += ["## Notes", "", *(f"- {n}" for n in results["notes"]), ""]
     return "\n".join(lines)
+
+
+def paired_table(paired: dict[str, Any]) -> list[str]:
+    if not paired:
+        return ["(not run)"]
+    lines = [f"{paired['rounds']} rounds; in each, every target's closed loop (h2load -c 32 -m 8, "
+             f"{paired['seconds']} s) runs within seconds of the others'. Ratios are medians of "
+             "the per-round ratios.", "",
+             "| target | req/s (median) | x bare | x FastAPI | x one worker | runs |",
+             "|---|---:|---:|---:|---:|---|"]
+    for target, figures in paired["ratios"].items():
+        runs = ", ".join(f"{r:,.0f}" for r in paired["runs"][target])
+        lines.append(f"| {target} | {_fmt(figures['capacity_rps'], 0)} | "
+                     f"{_fmt(figures['x_bare'])} | {_fmt(figures['x_fastapi'])} | "
+                     f"{_fmt(figures.get('x_one_worker'))} | {runs} |")
+    return lines
 
 
 def instructions_table(results: dict[str, Any]) -> list[str]:

@@ -1,6 +1,6 @@
 """`make bench`: icegate against a bare grpc.aio server and a FastAPI endpoint, on this machine.
 
-    .venv/bin/python bench/run.py            # full: 3 runs of each measure, about 15-18 min
+    .venv/bin/python bench/run.py            # full: 3 runs of each measure, about 18-20 min
     BENCH_QUICK=1 .venv/bin/python bench/run.py   # 1 run of shorter measures, about 2 min
 
 Sections (see docs/PERFORMANCE.md for the method):
@@ -85,7 +85,7 @@ class Plan:
         return cls(quick=False, repeats=3, capacity_seconds=6, latency_seconds=8,
                    warm_up_seconds=1, scaling_seconds=5,
                    scaling_grid=((1, 0), (100, 0), (10_000, 0), (100, 10_000), (100, 100_000)),
-                   budget_seconds=18 * 60)
+                   budget_seconds=20 * 60)
 
 
 class Bench:
@@ -266,6 +266,56 @@ class Bench:
                 rows += self.measure_credentials(label, server,
                                                  grpc_endpoints(server.port, key), extra)
         return rows
+
+    def paired(self, rounds: int) -> dict[str, Any]:
+        """Capacity of every target in turn, round after round, all started at once.
+
+        This machine's speed drifts by tens of percent over minutes, and the sections above
+        measure one target after another; here each round loads every target within a few
+        seconds of the others, so a round's ratios share the machine's state of the moment.
+        The medians of the per-round ratios are the headline ratios.
+        """
+        print(f"-- paired rounds ({rounds} x every target, closed loop)", flush=True)
+        issue = (scenario.ISSUE, self.bodies["issue"])
+        with contextlib.ExitStack() as stack:
+            endpoints: dict[str, tuple[Endpoint, list[int]]] = {}
+            bare = stack.enter_context(targets.start_bare_grpc(self.work))
+            endpoints["bare grpc.aio"] = (grpc_endpoint(bare.port, *issue, "none"), [bare.pid])
+            fastapi = stack.enter_context(targets.start_fastapi(self.work))
+            endpoints["FastAPI (uvicorn, HTTP/1.1)"] = (json_endpoint(
+                fastapi.port, "/turn-credentials", self.bodies["json"], "none"), [fastapi.pid])
+            for label, store, workers in self._icegate_variants():
+                server, key, store_pids = stack.enter_context(
+                    self.icegate(f"{label} paired", store=store, workers=workers))
+                endpoints[label] = (grpc_endpoint(server.port, *issue, key),
+                                    [server.pid, *store_pids])
+            capacity: dict[str, list[float]] = {label: [] for label in endpoints}
+            for _ in range(rounds):
+                for label, (endpoint, pids) in endpoints.items():
+                    run_h2load(endpoint, clients=self.plan.clients, streams=self.plan.streams,
+                               duration=0.5)
+                    result, _ = self.quiet_run(pids, lambda endpoint=endpoint: run_h2load(
+                        endpoint, clients=self.plan.clients, streams=self.plan.streams,
+                        duration=3))
+                    capacity[label].append(result.requests_per_second)
+        ratios: dict[str, dict[str, float]] = {}
+        for label, runs in capacity.items():
+            ratios[label] = {
+                "capacity_rps": statistics.median(runs),
+                "x_bare": statistics.median(
+                    a / b for a, b in zip(runs, capacity["bare grpc.aio"], strict=True)),
+                "x_fastapi": statistics.median(a / b for a, b in zip(
+                    runs, capacity["FastAPI (uvicorn, HTTP/1.1)"], strict=True)),
+            }
+        for many in ("icegate SQLite --workers 2", "icegate Redis --workers 2"):
+            one = many.removesuffix(" --workers 2")
+            if many in capacity and one in capacity:
+                ratios[many]["x_one_worker"] = statistics.median(
+                    a / b for a, b in zip(capacity[many], capacity[one], strict=True))
+        for label, figures in ratios.items():
+            print(f"   {label}: {figures} (runs {[round(r) for r in capacity[label]]})",
+                  flush=True)
+        return {"rounds": rounds, "seconds": 3, "runs": capacity, "ratios": ratios}
 
     def _icegate_variants(self) -> list[tuple[str, str, int]]:
         variants = [("icegate SQLite", "sqlite", 1)]
@@ -588,6 +638,7 @@ def main() -> int:
     }
     print(f"icegate benchmark ({results['mode']}), raw output in {work}", flush=True)
     try:
+        results["paired"] = bench.paired(rounds=3 if plan.quick else 5)
         results["compare"] = bench.compare()
         results["sessions"] = bench.sessions()
         results["scaling"] = bench.scaling()
