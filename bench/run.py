@@ -293,7 +293,7 @@ class Bench:
             for _ in range(rounds):
                 for label, (endpoint, pids) in endpoints.items():
                     run_h2load(endpoint, clients=self.plan.clients, streams=self.plan.streams,
-                               duration=0.5)
+                               duration=1)
                     result, _ = self.quiet_run(pids, lambda endpoint=endpoint: run_h2load(
                         endpoint, clients=self.plan.clients, streams=self.plan.streams,
                         duration=3))
