@@ -66,7 +66,7 @@ def targets_table(results: dict[str, Any]) -> list[str]:
     counted = results.get("instructions", {})
     if "icegate_vs_bare" in counted:
         per_call = counted["instructions_per_call"]
-        add("the same in instructions per call (callgrind; does not move with the machine)",
+        add("the same in instructions per call (callgrind)",
             f"{_fmt(counted['icegate_vs_bare'])} x ({_fmt(per_call[BARE] / 1000, 0)}k vs "
             f"{_fmt(per_call[ICEGATE] / 1000, 0)}k)", counted["icegate_vs_bare"] >= 0.85)
         add("ahead of FastAPI in instructions per call",
@@ -230,8 +230,7 @@ def instructions_table(results: dict[str, Any]) -> list[str]:
         return [counted.get("note", "(not measured)")]
     lines = [f"IssueTurnCredentials (FastAPI: its JSON twin), {counted['calls'][1]} calls minus "
              f"{counted['calls'][0]}, h2load -c 8 -m 4; every thread of the server process "
-             "counted. The same from run to run within a percent or two, whatever else the "
-             "machine does.", "",
+             "counted. On a quiet machine the same from run to run within a few percent.", "",
              "| target | instructions per call | x bare |", "|---|---:|---:|"]
     bare = counted["instructions_per_call"][BARE]
     for target, count in counted["instructions_per_call"].items():
