@@ -386,12 +386,10 @@ class SqliteStore:
                 if key is None:
                     return Admission(AdmitOutcome.UNKNOWN_KEY)
                 self._keys[digest] = key
-            if key.revoked:
-                return Admission(AdmitOutcome.UNKNOWN_KEY)
-            if not key.admin:
-                if project_id and project_id != key.project_id:
-                    return Admission(AdmitOutcome.FORBIDDEN, key=key)
-                project_id = key.project_id
+            acts_on = _project_for_key(key, project_id)
+            if isinstance(acts_on, Admission):
+                return acts_on
+            project_id = acts_on
         project_id = project_id or DEFAULT_PROJECT_ID
         project = self._projects.get(project_id)
         if project is None:
@@ -568,6 +566,18 @@ def _finished(work: Callable[[sqlite3.Connection], T], db: sqlite3.Connection) -
     return result
 
 
+def _project_for_key(key: ApiKey, project_id: str) -> Admission | str:
+    """The project a stored key's call acts on (as named, or the key's own), or the refusal:
+    a revoked key is unknown, a project key naming another project is forbidden."""
+    if key.revoked:
+        return Admission(AdmitOutcome.UNKNOWN_KEY)
+    if key.admin:
+        return project_id
+    if project_id and project_id != key.project_id:
+        return Admission(AdmitOutcome.FORBIDDEN, key=key)
+    return key.project_id
+
+
 def _admit(db: sqlite3.Connection, digest: bytes | None, project_id: str, now_ms: int,
            count: bool) -> Admission:
     key = None
@@ -577,12 +587,10 @@ def _admit(db: sqlite3.Connection, digest: bytes | None, project_id: str, now_ms
         if row is None:
             return Admission(AdmitOutcome.UNKNOWN_KEY)
         key = _key_from_row(row)
-        if key.revoked:
-            return Admission(AdmitOutcome.UNKNOWN_KEY)
-        if not key.admin:
-            if project_id and project_id != key.project_id:
-                return Admission(AdmitOutcome.FORBIDDEN, key=key)
-            project_id = key.project_id
+        acts_on = _project_for_key(key, project_id)
+        if isinstance(acts_on, Admission):
+            return acts_on
+        project_id = acts_on
     project_id = project_id or DEFAULT_PROJECT_ID
 
     row = db.execute("SELECT record FROM projects WHERE project_id = ?", (project_id,)).fetchone()
