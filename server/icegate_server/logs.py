@@ -27,7 +27,7 @@ call remembering to redact:
 same sanitised content as `key=value` text for people. Both go to standard error through a
 queue, so a call on the event loop never waits for the write (`configure_logging`).
 
-The interceptor writes one line per RPC (`RpcLogEvent`, logger `icegate_server.rpc`); health
+The call guard writes one line per RPC (`RpcLogEvent`, logger `icegate_server.rpc`); health
 checks and reflection are not logged.
 """
 

@@ -2,7 +2,7 @@
 
 `IcegateMetrics` owns a `CollectorRegistry` of its own (never prometheus_client's global one),
 so several servers in one process (tests, benchmarks) keep separate figures. The server builds
-one and hands it to the components that record: the interceptor (`rpc`), the provider HTTP
+one and hands it to the components that record: the call guard (`rpc`), the provider HTTP
 path (`upstream_call`), the TURN issuer (`turn_credential_issued`), the store wrapper
 (`InstrumentedStore`) and the lease gauge refresher (`ActiveLeaseGauge`). Recording is always
 on; `ICEGATE_METRICS_LISTEN` only decides whether an HTTP endpoint serves the figures.
@@ -23,7 +23,7 @@ Series (all prefixed `icegate_`):
     icegate_store_errors_total{operation}             store calls that raised, by Store method
 
 Cardinality: every label takes its values from a closed set fixed by the code: the methods the
-server registered (an unknown method is answered UNIMPLEMENTED by gRPC before the interceptor
+server registered (an unknown method is answered UNIMPLEMENTED by gRPC before the call guard
 counts it), status code names, reasons, provider kinds, outcomes, Store method names. No label
 ever holds a project id, user id, key, key id or token: projects are created at run time, so
 per-project figures belong to the usage reports (`UsageService`), not to series that grow with

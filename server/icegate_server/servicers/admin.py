@@ -109,7 +109,7 @@ def turn_secrets_to_proto(entries: tuple[RingEntry, ...]) -> list[admin_pb2.Turn
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    """Projects, caller keys and provider keys, for admin keys only (the interceptor checks)."""
+    """Projects, caller keys and provider keys, for admin keys only (the call guard checks)."""
 
     def __init__(self, admin: ProjectAdmin, provider_keys: ProviderKeys,
                  turn_secrets: TurnSecretRing) -> None:

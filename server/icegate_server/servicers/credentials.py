@@ -32,7 +32,7 @@ class CredentialServicer(credentials_pb2_grpc.CredentialServiceServicer):
 
     def _issue(self, request: Any) -> TurnCredential:
         project = current_call().project
-        assert project is not None  # the interceptor admits credential calls for a project
+        assert project is not None  # the call guard admits credential calls for a project
         return self._issuer.issue_for(project, request.user_id, requested_ttl(request))
 
     async def IssueTurnCredentials(

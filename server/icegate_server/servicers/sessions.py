@@ -89,7 +89,7 @@ def _time_left(context: Context) -> float | None:
 
 
 class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
-    """Realtime sessions for the project the interceptor admitted."""
+    """Realtime sessions for the project the call guard admitted."""
 
     def __init__(self, sessions: RealtimeSessions) -> None:
         self._sessions = sessions

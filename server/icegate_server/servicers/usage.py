@@ -15,7 +15,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
-    """Reports usage for the project the interceptor admitted."""
+    """Reports usage for the project the call guard admitted."""
 
     def __init__(self, reporter: UsageReporter) -> None:
         self._reporter = reporter
