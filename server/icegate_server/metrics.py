@@ -108,10 +108,9 @@ def upstream_outcome(error: BaseException | None) -> str:
 class MethodMetrics:
     """The RPC series of one method, counted in plain integers (see `_HotSeries`)."""
 
-    __slots__ = ("_buckets", "_by_code", "_sum", "method")
+    __slots__ = ("_buckets", "_by_code", "_sum")
 
-    def __init__(self, method: str) -> None:
-        self.method = method
+    def __init__(self) -> None:
         self._by_code: dict[grpc.StatusCode, int] = {}
         self._buckets = [0] * (len(RPC_LATENCY_BUCKETS) + 1)  # the last one is +Inf
         self._sum = 0.0
@@ -122,6 +121,11 @@ class MethodMetrics:
         by_code[code] = by_code.get(code, 0) + 1
         self._buckets[bisect.bisect_left(RPC_LATENCY_BUCKETS, seconds)] += 1
         self._sum += seconds
+
+
+_RPC_BUCKET_LABELS = tuple(floatToGoString(bound)  # type: ignore[no-untyped-call]
+                           for bound in (*RPC_LATENCY_BUCKETS, math.inf))
+"""The `le` label of each latency bucket, the last one +Inf, as prometheus_client writes it."""
 
 
 class _HotSeries(Collector):
@@ -147,10 +151,9 @@ class _HotSeries(Collector):
             for code, count in list(series._by_code.items()):
                 calls.add_metric((method, code.name), count)
             cumulative, buckets = 0, []
-            for bound, count in zip((*RPC_LATENCY_BUCKETS, math.inf), list(series._buckets),
-                                    strict=True):
+            for bound, count in zip(_RPC_BUCKET_LABELS, list(series._buckets), strict=True):
                 cumulative += count
-                buckets.append((floatToGoString(bound), cumulative))  # type: ignore[no-untyped-call]
+                buckets.append((bound, cumulative))
             latency.add_metric((method,), buckets, series._sum)
         yield calls
         yield latency
@@ -193,7 +196,7 @@ class IcegateMetrics:
         """The recorder of one method; the call guard asks once per method, then keeps it."""
         series = self._hot.methods.get(method)
         if series is None:
-            series = self._hot.methods[method] = MethodMetrics(method)
+            series = self._hot.methods[method] = MethodMetrics()
         return series
 
     def limit_refused(self, reason: str) -> None:

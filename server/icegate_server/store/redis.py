@@ -430,14 +430,14 @@ class RedisStore:
         """Strings never to repeat in an error message (the URL's password)."""
         self._fence_ms = timeout * 1000 / 2
         self._clock_offset_ms = 0.0
-        # Admissions waiting for the end of this loop turn, and the batches in flight.
+        """Redis's wall clock minus ours, in ms (see the fence in the module docstring)."""
+        # Admissions waiting for the batch in flight to come back, and that batch.
         self._admits_waiting: list[tuple[list[str | int], asyncio.Future[list[Any]]]] = []
-        self._admit_batches: set[asyncio.Task[None]] = set()
+        self._admit_batch: asyncio.Task[None] | None = None
         # The batches' own connection (one batch is in flight at a time), outside the pool:
         # a pool take and give-back per batch cost more than the batch's write and read.
         self._admit_connection: aioredis.Connection = \
             client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
-        """Redis's wall clock minus ours, in ms (see the fence in the module docstring)."""
         register = client.register_script
         self._admit = register(_ADMIT)
         self._begin_session = register(_BEGIN_SESSION)
@@ -539,21 +539,26 @@ class RedisStore:
             sent = _wall_ms()
             deadline = int(sent + self._clock_offset_ms + self._fence_ms)
             reply = await self._call(script, keys, [deadline, *args])
-            received = _wall_ms()
             late = reply[1] == "late"
-            # A slow round trip measures the offset badly; a late answer says it is wrong.
-            if late or received - sent < self._fence_ms:
-                self._clock_offset_ms = int(reply[0]) - (sent + received) / 2
+            self._learn_clock(reply, sent, _wall_ms(), late=late)
             if not late:
                 return list(reply[1:])
         raise StoreUnavailableError("Redis store unavailable: it ran the call after its deadline")
+
+    def _learn_clock(self, reply: Sequence[Any], sent: float, received: float, *,
+                     late: bool) -> None:
+        # A fenced reply starts with Redis's clock. A slow round trip measures the offset
+        # badly; a late answer says the offset in use is wrong.
+        if late or received - sent < self._fence_ms:
+            self._clock_offset_ms = int(reply[0]) - (sent + received) / 2
 
     async def ping(self) -> None:
         with self._unavailable_on_error():
             await self._redis.ping()
 
     async def close(self) -> None:
-        await asyncio.gather(*self._admit_batches, return_exceptions=True)
+        if self._admit_batch is not None:
+            await asyncio.gather(self._admit_batch, return_exceptions=True)
         await self._admit_connection.disconnect()
         await self._redis.aclose()
 
@@ -619,7 +624,7 @@ class RedisStore:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
         self._admits_waiting.append((args, future))
-        if len(self._admits_waiting) == 1 and not self._admit_batches:
+        if len(self._admits_waiting) == 1 and self._admit_batch is None:
             loop.call_soon(self._send_waiting_admits)
         reply = await future
         reply += [None] * (4 - len(reply))
@@ -634,15 +639,14 @@ class RedisStore:
     def _send_waiting_admits(self) -> None:
         # One batch in flight at a time: what arrives meanwhile waits for its answer and
         # goes out next, all together, so batches grow with the load by themselves.
-        if self._admit_batches or not self._admits_waiting:
+        if self._admit_batch is not None or not self._admits_waiting:
             return
         batch, self._admits_waiting = self._admits_waiting, []
-        task = asyncio.get_running_loop().create_task(self._send_admits(batch))
-        self._admit_batches.add(task)
-        task.add_done_callback(self._admit_batch_done)
+        self._admit_batch = asyncio.get_running_loop().create_task(self._send_admits(batch))
+        self._admit_batch.add_done_callback(self._admit_batch_done)
 
-    def _admit_batch_done(self, task: asyncio.Task[None]) -> None:
-        self._admit_batches.discard(task)
+    def _admit_batch_done(self, _task: asyncio.Task[None]) -> None:
+        self._admit_batch = None
         self._send_waiting_admits()
 
     async def _send_admits(
@@ -689,8 +693,7 @@ class RedisStore:
                 # through the path that re-checks the clock and reloads the script.
                 retry.append((args, future))
                 continue
-            if received - sent < self._fence_ms:
-                self._clock_offset_ms = int(reply[0]) - (sent + received) / 2
+            self._learn_clock(reply, sent, received, late=False)
             _settle(future, list(reply[1:]))
         for args, future in retry:
             try:

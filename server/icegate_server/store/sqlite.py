@@ -278,9 +278,7 @@ class SqliteStore:
         return await self._run(work)
 
     async def get_project(self, project_id: str) -> Project | None:
-        row = await self._run(lambda db: db.execute(
-            "SELECT record FROM projects WHERE project_id = ?", (project_id,)).fetchone())
-        return _project_from_json(row[0]) if row else None
+        return await self._run(lambda db: _read_project(db, project_id))
 
     async def list_projects(self, *, after: str, limit: int) -> list[Project]:
         rows = await self._run(lambda db: db.execute(
@@ -416,9 +414,7 @@ class SqliteStore:
     async def rate_position(self, project_id: str) -> int | None:
         if self._owned and project_id in self._positions:
             return self._positions[project_id]
-        row = await self._run(lambda db: db.execute(
-            "SELECT tat_ms FROM rate_limits WHERE project_id = ?", (project_id,)).fetchone())
-        return int(row[0]) if row else None
+        return await self._run(lambda db: _read_position(db, project_id))
 
     # -- sessions ----------------------------------------------------------------------------
 
@@ -582,28 +578,23 @@ def _admit(db: sqlite3.Connection, digest: bytes | None, project_id: str, now_ms
            count: bool) -> Admission:
     key = None
     if digest is not None:
-        row = db.execute(f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE digest = ?",  # noqa: S608
-                         (digest,)).fetchone()
-        if row is None:
+        key = _read_key(db, digest)
+        if key is None:
             return Admission(AdmitOutcome.UNKNOWN_KEY)
-        key = _key_from_row(row)
         acts_on = _project_for_key(key, project_id)
         if isinstance(acts_on, Admission):
             return acts_on
         project_id = acts_on
     project_id = project_id or DEFAULT_PROJECT_ID
 
-    row = db.execute("SELECT record FROM projects WHERE project_id = ?", (project_id,)).fetchone()
-    if row is None:
+    project = _read_project(db, project_id)
+    if project is None:
         return Admission(AdmitOutcome.NO_PROJECT, key=key)
-    project = _project_from_json(row[0])
 
     if not count:
-        tat = db.execute("SELECT tat_ms FROM rate_limits WHERE project_id = ?",
-                         (project_id,)).fetchone()
-        return Admission(AdmitOutcome.ADMITTED, key, project, tat[0] if tat else None)
+        return Admission(AdmitOutcome.ADMITTED, key, project, _read_position(db, project_id))
 
-    policy = RateLimitPolicy.of(project.rate_limit_requests, project.rate_limit_window_seconds)
+    policy = _policy(project.rate_limit_requests, project.rate_limit_window_seconds)
     # The GCRA step of limits.gcra_admit, done by SQLite itself: the UPDATE only happens (and
     # only returns a row) when the request is admitted.
     admitted = db.execute(
@@ -614,9 +605,7 @@ def _admit(db: sqlite3.Connection, digest: bytes | None, project_id: str, now_ms
     ).fetchone()
     if admitted is not None:
         return Admission(AdmitOutcome.ADMITTED, key, project, admitted[0])
-    tat = db.execute("SELECT tat_ms FROM rate_limits WHERE project_id = ?",
-                     (project_id,)).fetchone()
-    return Admission(AdmitOutcome.RATE_LIMITED, key, project, tat[0])
+    return Admission(AdmitOutcome.RATE_LIMITED, key, project, _read_position(db, project_id))
 
 
 class _AdmitReads(NamedTuple):
@@ -630,9 +619,8 @@ class _AdmitReads(NamedTuple):
 def _read_for_admit(db: sqlite3.Connection, digest: bytes | None,
                     project_id: str) -> _AdmitReads:
     key = _read_key(db, digest) if digest is not None else None
-    if key is not None and not key.admin:
-        project_id = project_id or key.project_id
-    project_id = project_id or DEFAULT_PROJECT_ID
+    acts_on = _project_for_key(key, project_id) if key is not None else project_id
+    project_id = (acts_on if isinstance(acts_on, str) else project_id) or DEFAULT_PROJECT_ID
     return _AdmitReads(key, _read_project(db, project_id), _read_position(db, project_id))
 
 
