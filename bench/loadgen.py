@@ -146,3 +146,21 @@ def run_h2load(endpoint: Endpoint, *, clients: int, streams: int, duration: floa
     if log_file is not None and log_file.exists():
         result.latencies_ms = read_log(log_file)
     return result
+
+
+def run_fixed_rate(endpoint: Endpoint, *, rate: int, clients: int, seconds: float,
+                   log_file: Path) -> LoadResult:
+    """`rate` calls a second for `seconds`, as `clients` clients at rate/clients each, whose
+    starts are spread over one client period, so calls arrive evenly spaced.
+
+    h2load starts every `--rps` client's timer at the same instant, so by default all of them
+    send together: at 1,000 req/s from 20 clients, a burst of 20 calls every 20 ms, whose
+    latency is the queue the burst makes (p50 3-4 ms even on the bare server, from a call
+    that costs it under 0.2 ms). Connecting one client every 1/rate seconds (`-r 1
+    --rate-period`) offsets their timers instead. h2load takes `-r` only with a request
+    count, not with `-D`.
+    """
+    period_ms = max(1, round(1000 / rate))
+    return run_h2load(endpoint, clients=clients, streams=4, requests=round(rate * seconds),
+                      rps_per_client=max(1, rate // clients), log_file=log_file,
+                      extra=("-r", "1", "--rate-period", f"{period_ms}ms"))

@@ -189,7 +189,8 @@ def summary(results: dict[str, Any]) -> str:
         "(the CPU other work on the machine took during a run is in the 'other work' columns).", "",
         f"Closed loop: h2load -c {plan['clients']} -m {plan['streams']} for "
         f"{plan['capacity_seconds']:g} s; latency: {plan['fixed_rate']:,} req/s "
-        f"({plan['rate_clients']} clients) for {plan['latency_seconds']:g} s, percentiles "
+        f"({plan['rate_clients']} clients, started 1/rate s apart so that calls arrive evenly "
+        f"spaced, not in bursts) for {plan['latency_seconds']:g} s, percentiles "
         f"from h2load's per-request log; median of {plan['repeats']} run(s). "
         "Errors: calls without a full successful answer.", "",
         "## Targets", "", *targets_table(results), "",

@@ -37,7 +37,14 @@ import instructions
 import report
 import scenario
 import targets
-from loadgen import Endpoint, LoadResult, grpc_endpoint, json_endpoint, run_h2load
+from loadgen import (
+    Endpoint,
+    LoadResult,
+    grpc_endpoint,
+    json_endpoint,
+    run_fixed_rate,
+    run_h2load,
+)
 from processes import ManagedProcess, RssSampler, tree_rss_mib, wait_for_quiet
 from seeding import seed_store
 
@@ -187,10 +194,9 @@ class Bench:
 
             def fixed_rate(attempt: int = attempt) -> LoadResult:
                 before_run()
-                result = run_h2load(endpoint, clients=rate_clients, streams=4,
-                                    duration=plan.latency_seconds,
-                                    rps_per_client=rate // rate_clients,
-                                    log_file=self.log_file(f"{label}-{attempt}"))
+                result = run_fixed_rate(endpoint, rate=rate, clients=rate_clients,
+                                        seconds=plan.latency_seconds,
+                                        log_file=self.log_file(f"{label}-{attempt}"))
                 errors_seen.append(error_count(result))
                 return result
 

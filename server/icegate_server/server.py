@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -245,6 +246,15 @@ async def create_server(
                          endpoint, lease_gauge), port
 
 
+def _freeze_startup_objects() -> None:
+    """Hides everything built so far (modules, stubs, the store's caches) from the cyclic
+    garbage collector: it lives as long as the process, and a full collection walking it
+    paused every call in flight for about 30 ms every half a minute under load. Collections
+    then look only at what calls create."""
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(settings: Settings, *,
                 stop_signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
                 ) -> None:
@@ -255,6 +265,7 @@ async def serve(settings: Settings, *,
     """
     server, port = await create_server(settings)
     await server.start()
+    _freeze_startup_objects()
     host = settings.listen.rpartition(":")[0]
     transport = ("mutual TLS" if settings.tls_client_ca else "TLS" if settings.tls_cert
                  else "no TLS")
