@@ -62,7 +62,7 @@ from icegate_server.store.base import (
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 1000
 CHECKPOINT_SECONDS = 1.0
 _SCHEMA = """
@@ -101,6 +101,20 @@ CREATE TABLE IF NOT EXISTS leases (
     expires_ms INTEGER NOT NULL,
     PRIMARY KEY (project_id, session_id)
 );
+-- A project's expired leases are found by range, and its leases counted by the triggers
+-- below: starting a session costs the same with ten thousand live sessions as with none.
+CREATE INDEX IF NOT EXISTS leases_by_expiry ON leases(project_id, expires_ms);
+CREATE TABLE IF NOT EXISTS lease_counts (
+    project_id TEXT PRIMARY KEY,
+    leases     INTEGER NOT NULL           -- rows in leases, expired or not
+);
+CREATE TRIGGER IF NOT EXISTS lease_counted AFTER INSERT ON leases BEGIN
+    INSERT INTO lease_counts(project_id, leases) VALUES (NEW.project_id, 1)
+    ON CONFLICT(project_id) DO UPDATE SET leases = leases + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS lease_uncounted AFTER DELETE ON leases BEGIN
+    UPDATE lease_counts SET leases = leases - 1 WHERE project_id = OLD.project_id;
+END;
 CREATE TABLE IF NOT EXISTS turn_secrets (
     secret_id    TEXT PRIMARY KEY,
     sealed       BLOB NOT NULL,           -- sealed by the vault, never in clear
@@ -302,7 +316,8 @@ class SqliteStore:
             with _write_transaction(db):
                 deleted = db.execute("DELETE FROM projects WHERE project_id = ?",
                                      (project_id,)).rowcount == 1
-                for table in ("rate_limits", "session_quota", "leases", "provider_keys"):
+                for table in ("rate_limits", "session_quota", "leases", "lease_counts",
+                              "provider_keys"):
                     db.execute(f"DELETE FROM {table} WHERE project_id = ?",  # noqa: S608
                                (project_id,))
                 db.execute("UPDATE api_keys SET revoke_time = ? "
@@ -425,8 +440,7 @@ class SqliteStore:
             with _write_transaction(db):
                 db.execute("DELETE FROM leases WHERE project_id = ? AND expires_ms <= ?",
                            (project_id, now_ms))
-                active = db.execute("SELECT count(*) FROM leases WHERE project_id = ?",
-                                    (project_id,)).fetchone()[0]
+                active = _lease_count(db, project_id)
                 used_row = db.execute(
                     "SELECT used FROM session_quota WHERE project_id = ? AND month = ?",
                     (project_id, month)).fetchone()
@@ -479,10 +493,10 @@ class SqliteStore:
         def work(db: sqlite3.Connection) -> tuple[int, int]:
             used = db.execute("SELECT used FROM session_quota WHERE project_id = ? AND month = ?",
                               (project_id, month)).fetchone()
-            active = db.execute(
-                "SELECT count(*) FROM leases WHERE project_id = ? AND expires_ms > ?",
+            expired = db.execute(
+                "SELECT count(*) FROM leases WHERE project_id = ? AND expires_ms <= ?",
                 (project_id, now_ms)).fetchone()[0]
-            return (used[0] if used else 0), active
+            return (used[0] if used else 0), _lease_count(db, project_id) - expired
 
         return await self._run(work)
 
@@ -642,6 +656,13 @@ def _read_position(db: sqlite3.Connection, project_id: str) -> int | None:
     return int(row[0]) if row else None
 
 
+def _lease_count(db: sqlite3.Connection, project_id: str) -> int:
+    """The project's leases, expired ones included (kept by the schema's triggers)."""
+    row = db.execute("SELECT leases FROM lease_counts WHERE project_id = ?",
+                     (project_id,)).fetchone()
+    return int(row[0]) if row else 0
+
+
 @functools.lru_cache(maxsize=1024)
 def _policy(requests: int, window_seconds: int) -> RateLimitPolicy:
     return RateLimitPolicy.of(requests, window_seconds)
@@ -688,6 +709,14 @@ def _connect(path: str) -> sqlite3.Connection:
     db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     db.execute("PRAGMA foreign_keys=ON")
     db.executescript(_SCHEMA)
-    db.execute("INSERT INTO schema_meta(key, value) VALUES ('version', ?) "
-               "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(SCHEMA_VERSION),))
+    with _write_transaction(db):
+        row = db.execute("SELECT value FROM schema_meta WHERE key = 'version'").fetchone()
+        if row is not None and int(row[0]) < 3:
+            # Files from before the lease counter: count the leases they already hold.
+            db.execute("DELETE FROM lease_counts")
+            db.execute("INSERT INTO lease_counts(project_id, leases) "
+                       "SELECT project_id, count(*) FROM leases GROUP BY project_id")
+        db.execute("INSERT INTO schema_meta(key, value) VALUES ('version', ?) "
+                   "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                   (str(SCHEMA_VERSION),))
     return db
