@@ -1,12 +1,14 @@
-"""`make profile`: a py-spy flamegraph of icegate (SQLite) under h2load load.
+"""`make profile`: a py-spy flamegraph of icegate under h2load load.
 
-    .venv/bin/python bench/profile.py [--method issue|ice|session] [--seconds 10]
+    .venv/bin/python bench/profile.py [--method issue|ice|session] [--store sqlite|redis]
+                                      [--seconds 10]
 
-Starts icegate on a free loopback port with the benchmark project, loads it with the same
-h2load closed loop as `make bench` (-c 32 -m 8), records py-spy for `--seconds` (native frames
-included, idle threads left out) and writes bench/results/raw/profile-<method>-<time>.svg,
-plus the collapsed stacks (.txt) and a short "where the time goes" table of the hottest
-functions by own samples. Needs ptrace rights on the server (root, or CAP_SYS_PTRACE).
+Starts icegate (on SQLite, or on a redis-server of its own) on a free loopback port with the
+benchmark project, loads it with the same h2load closed loop as `make bench` (-c 32 -m 8),
+records py-spy for `--seconds` (native frames included, idle threads left out) and writes
+bench/results/raw/profile-<method>-<store>-<time>.svg, plus the collapsed stacks (.txt) and
+a short "where the time goes" table of the hottest functions by own samples. Needs ptrace
+rights on the server (root, or CAP_SYS_PTRACE).
 """
 
 from __future__ import annotations
@@ -77,18 +79,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", choices=sorted(METHODS), default="issue")
+    parser.add_argument("--store", choices=("sqlite", "redis"), default="sqlite")
     parser.add_argument("--seconds", type=int, default=10)
     args = parser.parse_args()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     work = RAW / f"profile-{stamp}"
     work.mkdir(parents=True, exist_ok=True)
     bodies = scenario.write_bodies(work / "bodies")
-    fake = None
+    fake = redis = None
     if args.method == "session":
         fake = targets.start_fake_openai(work, 20.0)
+    if args.store == "redis":
+        redis = targets.start_redis(work)
     try:
         base_url = f"http://127.0.0.1:{fake.port}" if fake else None
-        with targets.start_icegate("icegate-profile", work,
+        store_url = f"redis://127.0.0.1:{redis.port}/0" if redis else None
+        with targets.start_icegate("icegate-profile", work, store_url=store_url,
                                    openai_base_url=base_url) as server:
             project = targets.prepare_project(server.port, with_openai_key=fake is not None)
             targets.check_call(server.port, project.api_key, METHODS[args.method])
@@ -99,8 +105,8 @@ def main() -> int:
                 "clients": 32, "streams": 8, "duration": args.seconds + 4}, daemon=True)
             load.start()
             time.sleep(2)  # let the load reach its steady state first
-            svg = RAW / f"profile-{args.method}-{stamp}.svg"
-            collapsed = RAW / f"profile-{args.method}-{stamp}.txt"
+            name = f"profile-{args.method}-{args.store}-{stamp}"
+            svg, collapsed = RAW / f"{name}.svg", RAW / f"{name}.txt"
             record(server.pid, args.seconds, svg, "flamegraph")
             load.join(timeout=60)
             # A second, short recording in collapsed form for the table below.
@@ -111,10 +117,11 @@ def main() -> int:
             record(server.pid, min(args.seconds, 5), collapsed, "raw")
             load.join(timeout=60)
     finally:
-        if fake is not None:
-            fake.stop()
+        for helper in (fake, redis):
+            if helper is not None:
+                helper.stop()
     table = hottest(collapsed)
-    (RAW / f"profile-{args.method}-{stamp}-top.txt").write_text(table + "\n")
+    (RAW / f"{name}-top.txt").write_text(table + "\n")
     print(table)
     print(f"\nflamegraph: {svg}\ncollapsed stacks: {collapsed}")
     return 0

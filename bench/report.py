@@ -146,6 +146,12 @@ def sessions_table(sessions: dict[str, Any]) -> list[str]:
              f"| direct httpx to the fake | - | {_fmt(direct['p50_ms'])} | "
              f"{_fmt(direct['p99_ms'])} | {_fmt(direct['p999_ms'])} | - | - | "
              f"{direct['errors']} | - | - | - | - |"]
+    floor = sessions.get("grpc_round_trip")
+    if floor:
+        lines.append(
+            f"| for scale: one gRPC round trip (bare server, plain grpc.aio stub, same pace) | "
+            f"- | {_fmt(floor['p50_ms'])} | {_fmt(floor['p99_ms'])} | "
+            f"{_fmt(floor['p999_ms'])} | - | - | {floor['errors']} | - | - | - | - |")
     for row in sessions["rows"]:
         client = row.get("client", {})
         lines.append(

@@ -391,6 +391,16 @@ class Bench:
                 for key in ("p50_ms", "p99_ms", "p999_ms", "achieved_rps")}
             result["direct_httpx"]["errors"] = sum(run["errors"] for run in direct)
             print(f"-- direct httpx to the fake: {result['direct_httpx']}", flush=True)
+            with targets.start_bare_grpc(self.work) as bare:
+                floor = [self.quiet_run([bare.pid], lambda: bare_round_trip_latencies(
+                    bare.port, plan.session_rate, plan.latency_seconds))[0]
+                    for _ in range(plan.repeats)]
+            result["grpc_round_trip"] = {
+                key: statistics.median(run[key] for run in floor)
+                for key in ("p50_ms", "p99_ms", "p999_ms", "achieved_rps")}
+            result["grpc_round_trip"]["errors"] = sum(run["errors"] for run in floor)
+            print(f"-- a gRPC round trip (bare server, plain grpc.aio stub): "
+                  f"{result['grpc_round_trip']}", flush=True)
             stores = ["sqlite"] + (["redis"] if self.redis_usable() else [])
             for store in stores:
                 label = f"icegate {'SQLite' if store == 'sqlite' else 'Redis'}"
@@ -580,6 +590,31 @@ def direct_httpx_latencies(base_url: str, rate: int, seconds: float) -> dict[str
                                              headers=headers)
                 response.json()
                 return response.status_code == 200
+
+            yield call
+
+    return paced_latencies(rate, seconds, session)
+
+
+def bare_round_trip_latencies(port: int, rate: int, seconds: float) -> dict[str, float]:
+    """IssueTurnCredentials on the bare server through a plain grpc.aio stub, paced as the
+    others: what any unary gRPC call costs a Python caller here, before icegate does anything.
+    """
+    import grpc.aio
+
+    from icegate.v1 import credentials_pb2, credentials_pb2_grpc
+
+    request = credentials_pb2.IssueTurnCredentialsRequest(user_id=scenario.USER_ID)
+    request.ttl.seconds = scenario.TTL_SECONDS
+
+    @contextlib.asynccontextmanager
+    async def session() -> AsyncIterator[Callable[[], Awaitable[bool]]]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = credentials_pb2_grpc.CredentialServiceStub(channel)
+
+            async def call() -> bool:
+                answer = await stub.IssueTurnCredentials(request, timeout=10)
+                return bool(answer.username)
 
             yield call
 
