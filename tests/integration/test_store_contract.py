@@ -60,9 +60,9 @@ class Backend:
 
 @pytest.fixture(params=["sqlite", "sqlite-shared", pytest.param("redis", marks=pytest.mark.redis)])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    """Each backend in turn: SQLite on a fresh file, owned by the process (admission from
-    memory) and shared with other processes (`--workers`: admission in SQL), and Redis on a
-    fresh redis-server."""
+    """Each backend in turn: SQLite on a fresh file, owned by the process and shared with
+    other processes (`--workers`: positions in a shared table, caches checked against the
+    file's data_version), and Redis on a fresh redis-server."""
     if request.param.startswith("sqlite"):
         path = str(tmp_path / "s.sqlite3")
         shared = request.param == "sqlite-shared"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from icegate_server.limits import RateLimitPolicy
 from icegate_server.projects import Project
 from icegate_server.store.base import AdmitOutcome
 from icegate_server.store.sqlite import SqliteStore
@@ -28,12 +29,12 @@ def test_a_position_of_a_deleted_project_is_never_written_back(tmp_path: Path) -
             assert admitted.outcome is AdmitOutcome.ADMITTED
             assert await store.delete_project("alpha", NOW)
             # As if the admission had raced the deletion: its position is still in memory.
-            store._positions["alpha"] = admitted.tat_ms
+            store._positions.step("alpha", NOW, RateLimitPolicy.of(1, 3600), lambda: None)
             store._unwritten.add("alpha")
             await store._write_back_positions()
             await store.create_project(Project("alpha", rate_limit_requests=1,
                                                rate_limit_window_seconds=3600))
-            store._positions.clear()
+            store._positions.forget("alpha")  # read back from the file
             again = await store.admit(digest=None, project_id="alpha", now_ms=NOW, count=True)
             assert again.outcome is AdmitOutcome.ADMITTED
         finally:

@@ -4,26 +4,31 @@ Two connections:
 - the *thread* connection, owned by a single-thread executor, runs everything that may wait:
   admin writes, session transactions, checkpoints (the only fsyncs), and any call that found
   the database locked;
-- the *hot* connection serves `admit`, the one store call of every credential request, and
-  the short session statements of CreateSession, on the event loop itself, because a thread
-  hop per call costs more than the work: with WAL and
-  `synchronous=NORMAL` an autocommit UPSERT appends a page to the log with no fsync (about
-  12 us), and the connection never waits: its busy timeout is 0 and its automatic checkpoint
-  is off. When another writer holds the lock (another `--workers` process, or the thread
+- the *hot* connection serves what `admit` reads (a first sight of a key, a project or a
+  position, and the `data_version` of workers) and the short session statements of
+  CreateSession, on the event loop itself, because a thread hop per call costs more than the
+  work: with WAL and `synchronous=NORMAL` a write appends a page to the log with no fsync,
+  and the connection never waits: its busy timeout is 0 and its automatic checkpoint is off.
+  When another writer holds the lock (another `--workers` process, or the thread
   connection), the call moves to the thread connection, which waits up to `BUSY_TIMEOUT_MS`.
 
 Ownership. A file is used either by one process (`icegate-server`, the default) or shared
 by the workers of `icegate-server --workers N` (`shared=True`); a lock beside the file
 (`<file>.lock`, `flock`) makes the two exclusive, so a second server on the same file stops
-at start instead of silently splitting its limits. A process that owns the file serves
-`admit` from memory: caller keys and projects are cached when first read (and dropped by the
-store's own writes that change them, before the write returns), and the projects' GCRA
-positions live in memory, written back to the file every `CHECKPOINT_SECONDS` and on close.
-A credential call then touches no SQL at all. The rule is the one `limits.gcra_admit` states,
-applied on the event loop with no await between reading and writing a position, so it is
-atomic; after a crash the positions of the last second are lost, which lets a restarted
-server admit at most that second's requests again. Workers sharing a file keep the per-call
-statements below, so the limit stays exact across them.
+at start instead of silently splitting its limits. Either way `admit` is served from memory:
+caller keys and projects are cached when first read (and dropped by the store's own writes
+that change them, before the write returns), and the projects' GCRA positions are kept by
+`positions.py`, written back to the file every `CHECKPOINT_SECONDS` and on close. A
+credential call then touches no SQL at all in a single server. The rule is the one
+`limits.gcra_admit` states, applied with no await between reading and writing a position, so
+it is atomic; after a crash the positions of the last second are lost, which lets a
+restarted server admit at most that second's requests again. Workers share their positions
+through a memory-mapped table beside the file (`<file>.positions`, under its own `flock`),
+so the limit stays exact across them, and each checks SQLite's `data_version` on every call,
+one statement that changes whenever another connection has committed: then it drops its
+cached keys and projects, so a revocation or a project change made through any worker holds
+from the next call on in all of them. A single server empties that table when it opens the
+file (no worker is left then), so workers started later read positions from the file.
 
 Other processes on the same file are serialised by SQLite's own lock: every read-modify-write
 is one `BEGIN IMMEDIATE` transaction, and counters change through `INSERT ... ON CONFLICT DO
@@ -49,7 +54,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 from icegate_server.errors import StoreUnavailableError
-from icegate_server.limits import RateLimitPolicy, gcra_admit
+from icegate_server.limits import RateLimitPolicy
 from icegate_server.projects import DEFAULT_PROJECT_ID, ApiKey, Project
 from icegate_server.store.base import (
     Admission,
@@ -59,6 +64,7 @@ from icegate_server.store.base import (
     SessionOutcome,
     TurnSecretRecord,
 )
+from icegate_server.store.positions import ProcessPositions, SharedPositions, Step
 
 T = TypeVar("T")
 
@@ -177,20 +183,22 @@ class SqliteStore:
 
     def __init__(self, connection: sqlite3.Connection, hot: sqlite3.Connection,
                  executor: ThreadPoolExecutor, path: str, *, lock_fd: int,
-                 shared: bool) -> None:
+                 positions: ProcessPositions | SharedPositions) -> None:
         self._db = connection
         self._hot = hot
         self._executor = executor
         self._path = path
         self._lock_fd = lock_fd
-        self._owned = not shared
-        # The owner's memory (module docstring): keys by digest and projects by id as read,
-        # GCRA positions by project (None: the project has none yet), and the positions
-        # changed since they were last written back.
+        self._shared = positions if isinstance(positions, SharedPositions) else None
+        # The process's memory (module docstring): keys by digest and projects by id as read,
+        # GCRA positions by project, and the positions moved since they were last written
+        # back. Workers sharing the file drop the first two whenever another connection has
+        # committed (`_data_version`).
         self._keys: dict[bytes, ApiKey] = {}
         self._projects: dict[str, Project] = {}
-        self._positions: dict[str, int | None] = {}
+        self._positions = positions
         self._unwritten: set[str] = set()
+        self._data_version = -1
         self._checkpoints = asyncio.get_running_loop().create_task(self._checkpoint_forever())
 
     @classmethod
@@ -212,11 +220,17 @@ class SqliteStore:
         try:
             connection = await loop.run_in_executor(executor, _connect, path)
             hot = _connect_hot(path)
+            positions: ProcessPositions | SharedPositions
+            if shared:
+                positions = SharedPositions.open(path)
+            else:
+                SharedPositions.reset(path)  # no worker is left to use it (the lock says so)
+                positions = ProcessPositions()
         except (OSError, sqlite3.Error) as error:
             executor.shutdown(wait=False)
             os.close(lock_fd)
             raise StoreUnavailableError(f"cannot open SQLite store {path}: {error}") from None
-        return cls(connection, hot, executor, path, lock_fd=lock_fd, shared=shared)
+        return cls(connection, hot, executor, path, lock_fd=lock_fd, positions=positions)
 
     async def _checkpoint_forever(self) -> None:
         while True:
@@ -231,7 +245,9 @@ class SqliteStore:
         # write-backs and deletions in the order the loop asked for them.
         if not self._unwritten:
             return
-        rows = [(project_id, self._positions[project_id]) for project_id in self._unwritten]
+        known = [(project_id, self._positions.known(project_id))
+                 for project_id in self._unwritten]
+        rows = [(project_id, tat) for project_id, (held, tat) in known if held]
         self._unwritten.clear()
         try:
             # Only for projects that still exist: a position taken while its project was
@@ -243,7 +259,7 @@ class SqliteStore:
                 [{"p": project_id, "t": tat} for project_id, tat in rows]))
         except StoreUnavailableError:
             self._unwritten.update(project_id for project_id, _ in rows
-                                   if project_id in self._positions)
+                                   if self._positions.known(project_id)[0])
             raise
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
@@ -275,6 +291,7 @@ class SqliteStore:
         with contextlib.suppress(StoreUnavailableError):
             await self._write_back_positions()
         self._hot.close()
+        self._positions.close()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._db.close)
         self._executor.shutdown(wait=True)
@@ -334,7 +351,7 @@ class SqliteStore:
 
     def _forget_project(self, project_id: str) -> None:
         self._projects.pop(project_id, None)
-        self._positions.pop(project_id, None)
+        self._positions.forget(project_id)
         self._unwritten.discard(project_id)
 
     # -- caller keys ---------------------------------------------------------------------------
@@ -374,22 +391,37 @@ class SqliteStore:
     async def admit(self, *, digest: bytes | None, project_id: str, now_ms: int,
                     count: bool) -> Admission:
         try:
-            if self._owned:
-                return self._admit_owned(digest, project_id, now_ms, count)
-            return _admit(self._hot, digest, project_id, now_ms, count)
+            if self._shared is not None:
+                self._see_other_writers()
+            decided = self._admit_from_memory(digest, project_id, now_ms, count)
         except sqlite3.OperationalError:
-            # Locked by another writer (or a transient I/O error): let the thread wait for
-            # it, or report it, so the loop never does.
-            if self._owned:
-                # The reads move to the thread; the decision stays on the loop.
-                read = await self._run(lambda db: _read_for_admit(db, digest, project_id))
-                return self._admit_owned(digest, project_id, now_ms, count, read)
-            return await self._run(lambda db: _admit(db, digest, project_id, now_ms, count))
+            # Locked by another writer (or a transient I/O error): the reads move to the
+            # thread, which may wait for it, or report it, so the loop never does; the
+            # decision stays on the loop.
+            read = await self._run(lambda db: _read_for_admit(db, digest, project_id))
+            decided = self._admit_from_memory(digest, project_id, now_ms, count, read)
+        if isinstance(decided, Admission):
+            return decided
+        # A project without a shared slot (positions.py): counted in the file, on the thread.
+        counted = await self._run(lambda db: _count_in_file(db, decided.project_id, now_ms,
+                                                            decided.policy))
+        outcome = AdmitOutcome.ADMITTED if counted.admitted else AdmitOutcome.RATE_LIMITED
+        return Admission(outcome, decided.key, decided.project, counted.tat_ms)
 
-    def _admit_owned(self, digest: bytes | None, project_id: str, now_ms: int,
-                     count: bool, read: _AdmitReads | None = None) -> Admission:
-        # `_admit`'s rule on the owner's memory; only a first sight of a key, project or
-        # position reads the file: on the loop's never-waiting connection, or, when that
+    def _see_other_writers(self) -> None:
+        # SQLite's data_version moves whenever another connection (another worker, or this
+        # process's thread) has committed: what was read before may have changed.
+        version = self._hot.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._data_version:
+            self._data_version = version
+            self._keys.clear()
+            self._projects.clear()
+
+    def _admit_from_memory(self, digest: bytes | None, project_id: str, now_ms: int,
+                           count: bool, read: _AdmitReads | None = None
+                           ) -> Admission | _CountInFile:
+        # The admission rule on this process's memory; only a first sight of a key, project
+        # or position reads the file: on the loop's never-waiting connection, or, when that
         # found the file locked, `read` brings what the thread read for this call.
         key = None
         if digest is not None:
@@ -410,25 +442,24 @@ class SqliteStore:
             if project is None:
                 return Admission(AdmitOutcome.NO_PROJECT, key=key)
             self._projects[project_id] = project
-        positions = self._positions
-        if project_id in positions:
-            tat = positions[project_id]
-        else:
-            tat = positions[project_id] = (read.position if read else
-                                           _read_position(self._hot, project_id))
+        seed = ((lambda: read.position) if read else
+                functools.partial(_read_position, self._hot, project_id))
         if not count:
-            return Admission(AdmitOutcome.ADMITTED, key, project, tat)
-        admitted = gcra_admit(tat, now_ms, _policy(project.rate_limit_requests,
-                                                   project.rate_limit_window_seconds))
-        if admitted is None:
-            return Admission(AdmitOutcome.RATE_LIMITED, key, project, tat)
-        positions[project_id] = admitted
+            return Admission(AdmitOutcome.ADMITTED, key, project,
+                             self._positions.peek(project_id, seed))
+        policy = _policy(project.rate_limit_requests, project.rate_limit_window_seconds)
+        step = self._positions.step(project_id, now_ms, policy, seed)
+        if step is None:
+            return _CountInFile(key, project, project_id, policy)
+        if not step.admitted:
+            return Admission(AdmitOutcome.RATE_LIMITED, key, project, step.tat_ms)
         self._unwritten.add(project_id)
-        return Admission(AdmitOutcome.ADMITTED, key, project, admitted)
+        return Admission(AdmitOutcome.ADMITTED, key, project, step.tat_ms)
 
     async def rate_position(self, project_id: str) -> int | None:
-        if self._owned and project_id in self._positions:
-            return self._positions[project_id]
+        held, tat = self._positions.known(project_id)
+        if held:
+            return tat
         return await self._run(lambda db: _read_position(db, project_id))
 
     # -- sessions ----------------------------------------------------------------------------
@@ -588,38 +619,29 @@ def _project_for_key(key: ApiKey, project_id: str) -> Admission | str:
     return key.project_id
 
 
-def _admit(db: sqlite3.Connection, digest: bytes | None, project_id: str, now_ms: int,
-           count: bool) -> Admission:
-    key = None
-    if digest is not None:
-        key = _read_key(db, digest)
-        if key is None:
-            return Admission(AdmitOutcome.UNKNOWN_KEY)
-        acts_on = _project_for_key(key, project_id)
-        if isinstance(acts_on, Admission):
-            return acts_on
-        project_id = acts_on
-    project_id = project_id or DEFAULT_PROJECT_ID
-
-    project = _read_project(db, project_id)
-    if project is None:
-        return Admission(AdmitOutcome.NO_PROJECT, key=key)
-
-    if not count:
-        return Admission(AdmitOutcome.ADMITTED, key, project, _read_position(db, project_id))
-
-    policy = _policy(project.rate_limit_requests, project.rate_limit_window_seconds)
+def _count_in_file(db: sqlite3.Connection, project_id: str, now_ms: int,
+                   policy: RateLimitPolicy) -> Step:
     # The GCRA step of limits.gcra_admit, done by SQLite itself: the UPDATE only happens (and
     # only returns a row) when the request is admitted.
-    admitted = db.execute(
-        "INSERT INTO rate_limits(project_id, tat_ms) VALUES (:p, :now + :t) "
-        "ON CONFLICT(project_id) DO UPDATE SET tat_ms = max(tat_ms, :now) + :t "
-        "WHERE max(tat_ms, :now) + :t - :now <= :w RETURNING tat_ms",
-        {"p": project_id, "now": now_ms, "t": policy.interval_ms, "w": policy.window_ms},
-    ).fetchone()
-    if admitted is not None:
-        return Admission(AdmitOutcome.ADMITTED, key, project, admitted[0])
-    return Admission(AdmitOutcome.RATE_LIMITED, key, project, _read_position(db, project_id))
+    with _write_transaction(db):
+        admitted = db.execute(
+            "INSERT INTO rate_limits(project_id, tat_ms) VALUES (:p, :now + :t) "
+            "ON CONFLICT(project_id) DO UPDATE SET tat_ms = max(tat_ms, :now) + :t "
+            "WHERE max(tat_ms, :now) + :t - :now <= :w RETURNING tat_ms",
+            {"p": project_id, "now": now_ms, "t": policy.interval_ms, "w": policy.window_ms},
+        ).fetchone()
+        if admitted is not None:
+            return Step(True, admitted[0])
+        return Step(False, _read_position(db, project_id))
+
+
+class _CountInFile(NamedTuple):
+    """An admission whose count must be made in the file (the project has no shared slot)."""
+
+    key: ApiKey | None
+    project: Project
+    project_id: str
+    policy: RateLimitPolicy
 
 
 class _AdmitReads(NamedTuple):
