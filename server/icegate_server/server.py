@@ -265,7 +265,6 @@ async def serve(settings: Settings, *,
     """
     server, port = await create_server(settings)
     await server.start()
-    _freeze_startup_objects()
     host = settings.listen.rpartition(":")[0]
     transport = ("mutual TLS" if settings.tls_client_ca else "TLS" if settings.tls_cert
                  else "no TLS")
@@ -282,6 +281,9 @@ async def serve(settings: Settings, *,
     stop_requested = asyncio.Event()
     for sig in stop_signals:
         loop.add_signal_handler(sig, stop_requested.set)
+    # After the stop signals have their handlers: a signal during the collection (tens of
+    # ms) must still stop the server gracefully.
+    _freeze_startup_objects()
     await stop_requested.wait()
     log.info("shutting down: finishing in-flight calls (grace %.1f s)", settings.shutdown_grace)
     await server.stop()
