@@ -386,19 +386,13 @@ class Bench:
             direct = [self.quiet_run([fake.pid], lambda: direct_httpx_latencies(
                 base_url, plan.session_rate, plan.latency_seconds))[0]
                 for _ in range(plan.repeats)]
-            result["direct_httpx"] = {
-                key: statistics.median(run[key] for run in direct)
-                for key in ("p50_ms", "p99_ms", "p999_ms", "achieved_rps")}
-            result["direct_httpx"]["errors"] = sum(run["errors"] for run in direct)
+            result["direct_httpx"] = _paced_medians(direct)
             print(f"-- direct httpx to the fake: {result['direct_httpx']}", flush=True)
             with targets.start_bare_grpc(self.work) as bare:
                 floor = [self.quiet_run([bare.pid], lambda: bare_round_trip_latencies(
                     bare.port, plan.session_rate, plan.latency_seconds))[0]
                     for _ in range(plan.repeats)]
-            result["grpc_round_trip"] = {
-                key: statistics.median(run[key] for run in floor)
-                for key in ("p50_ms", "p99_ms", "p999_ms", "achieved_rps")}
-            result["grpc_round_trip"]["errors"] = sum(run["errors"] for run in floor)
+            result["grpc_round_trip"] = _paced_medians(floor)
             print(f"-- a gRPC round trip (bare server, plain grpc.aio stub): "
                   f"{result['grpc_round_trip']}", flush=True)
             stores = ["sqlite"] + (["redis"] if self.redis_usable() else [])
@@ -424,9 +418,7 @@ class Bench:
                         client_session_latencies(server.port, key, plan.session_rate,
                                                  plan.latency_seconds)),
                         helpers=(fake.pid,))[0] for _ in range(plan.repeats)]
-                    row["client"] = {k: statistics.median(run[k] for run in client)
-                                     for k in ("p50_ms", "p99_ms", "p999_ms", "achieved_rps")}
-                    row["client"]["errors"] = sum(run["errors"] for run in client)
+                    row["client"] = _paced_medians(client)
                     row["added_p50_ms"] = (row["client"]["p50_ms"]
                                            - result["direct_httpx"]["p50_ms"])
                     print(f"   typed asyncio client at {plan.session_rate} req/s: "
@@ -527,6 +519,14 @@ def _store_bytes(url: str, store_pids: tuple[int, ...]) -> int:
         return int(client.info("memory")["used_memory"])
     finally:
         client.close()
+
+
+def _paced_medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    """The medians of `paced_latencies` runs, with their errors summed."""
+    medians = {key: statistics.median(run[key] for run in runs)
+               for key in ("p50_ms", "p99_ms", "p999_ms", "achieved_rps")}
+    medians["errors"] = sum(run["errors"] for run in runs)
+    return medians
 
 
 def paced_latencies(rate: int, seconds: float,

@@ -29,7 +29,7 @@ def test_a_position_of_a_deleted_project_is_never_written_back(tmp_path: Path) -
             assert admitted.outcome is AdmitOutcome.ADMITTED
             assert await store.delete_project("alpha", NOW)
             # As if the admission had raced the deletion: its position is still in memory.
-            store._positions.step("alpha", NOW, RateLimitPolicy.of(1, 3600), lambda: None)
+            store._positions.step("alpha", NOW, RateLimitPolicy.of(1, 3600), lambda _: None)
             store._unwritten.add("alpha")
             await store._write_back_positions()
             await store.create_project(Project("alpha", rate_limit_requests=1,

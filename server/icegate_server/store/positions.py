@@ -38,8 +38,8 @@ from typing import NamedTuple
 
 from icegate_server.limits import RateLimitPolicy, gcra_admit
 
-Seed = Callable[[], "int | None"]
-"""Reads the project's position from the database (raises what the database raises)."""
+Seed = Callable[[str], "int | None"]
+"""Reads a project's position from the database (raises what the database raises)."""
 
 
 class Step(NamedTuple):
@@ -58,17 +58,19 @@ class ProcessPositions:
 
     def step(self, project_id: str, now_ms: int, policy: RateLimitPolicy,
              seed: Seed) -> Step:
-        tats = self._tats
-        tat = tats[project_id] if project_id in tats else tats.setdefault(project_id, seed())
+        tat = self.peek(project_id, seed)
         admitted = gcra_admit(tat, now_ms, policy)
         if admitted is None:
             return Step(False, tat)
-        tats[project_id] = admitted
+        self._tats[project_id] = admitted
         return Step(True, admitted)
 
     def peek(self, project_id: str, seed: Seed) -> int | None:
         tats = self._tats
-        return tats[project_id] if project_id in tats else tats.setdefault(project_id, seed())
+        if project_id in tats:
+            return tats[project_id]
+        tat = tats[project_id] = seed(project_id)
+        return tat
 
     def known(self, project_id: str) -> tuple[bool, int | None]:
         """Whether this process holds a position for the project, and which."""
@@ -158,7 +160,7 @@ class SharedPositions:
 
     def peek(self, project_id: str, seed: Seed) -> int | None:
         held, tat = self.known(project_id)
-        return tat if held else seed()
+        return tat if held else seed(project_id)
 
     def known(self, project_id: str) -> tuple[bool, int | None]:
         self._lock()
@@ -197,30 +199,34 @@ class SharedPositions:
         fcntl.flock(self._fd, fcntl.LOCK_EX)  # a holder that was descheduled: wait for it
 
     def _find(self, project_id: str) -> int | None:
-        name = project_id.encode()
-        offset = self._where.get(project_id)
-        if offset is not None and self._holds(offset, name):
-            return offset
-        for offset in self._probes(name):
-            state = self._table[offset + 8]
-            if state == _EMPTY:
-                return None
-            if state == _USED and self._holds(offset, name):
-                self._where[project_id] = offset
-                return offset
-        return None
+        return self._probe(project_id)[0]
 
     def _slot_of(self, project_id: str, seed: Seed) -> int | None:
-        offset = self._find(project_id)
-        if offset is not None:
-            return offset
+        found, free = self._probe(project_id)
+        if found is not None or free is None:
+            return found
+        _SLOT.pack_into(self._table, free, seed(project_id) or 0, _USED, project_id.encode())
+        self._where[project_id] = free
+        return free
+
+    def _probe(self, project_id: str) -> tuple[int | None, int | None]:
+        """The project's slot if it has one, else the first slot it may take (if any)."""
+        offset = self._where.get(project_id)
         name = project_id.encode()
+        if offset is not None and self._holds(offset, name):
+            return offset, None
+        free = None
         for offset in self._probes(name):
-            if self._table[offset + 8] != _USED:  # empty, or a tombstone to reuse
-                _SLOT.pack_into(self._table, offset, seed() or 0, _USED, name)
-                self._where[project_id] = offset
-                return offset
-        return None
+            state = self._table[offset + 8]
+            if state == _USED:
+                if self._holds(offset, name):
+                    self._where[project_id] = offset
+                    return offset, None
+            elif free is None:
+                free = offset  # an empty slot, or a tombstone to reuse
+            if state == _EMPTY:
+                break  # nothing of this project's probes lies beyond an empty slot
+        return None, free
 
     def _holds(self, offset: int, name: bytes) -> bool:
         start = offset + 9

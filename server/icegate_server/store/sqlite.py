@@ -189,7 +189,7 @@ class SqliteStore:
         self._executor = executor
         self._path = path
         self._lock_fd = lock_fd
-        self._shared = positions if isinstance(positions, SharedPositions) else None
+        self._shared = isinstance(positions, SharedPositions)
         # The process's memory (module docstring): keys by digest and projects by id as read,
         # GCRA positions by project, and the positions moved since they were last written
         # back. Workers sharing the file drop the first two whenever another connection has
@@ -199,6 +199,7 @@ class SqliteStore:
         self._positions = positions
         self._unwritten: set[str] = set()
         self._data_version = -1
+        self._read_hot_position = functools.partial(_read_position, hot)
         self._checkpoints = asyncio.get_running_loop().create_task(self._checkpoint_forever())
 
     @classmethod
@@ -391,7 +392,7 @@ class SqliteStore:
     async def admit(self, *, digest: bytes | None, project_id: str, now_ms: int,
                     count: bool) -> Admission:
         try:
-            if self._shared is not None:
+            if self._shared:
                 self._see_other_writers()
             decided = self._admit_from_memory(digest, project_id, now_ms, count)
         except sqlite3.OperationalError:
@@ -442,8 +443,7 @@ class SqliteStore:
             if project is None:
                 return Admission(AdmitOutcome.NO_PROJECT, key=key)
             self._projects[project_id] = project
-        seed = ((lambda: read.position) if read else
-                functools.partial(_read_position, self._hot, project_id))
+        seed = (lambda _: read.position) if read else self._read_hot_position
         if not count:
             return Admission(AdmitOutcome.ADMITTED, key, project,
                              self._positions.peek(project_id, seed))
