@@ -18,7 +18,7 @@ from targets import UNLIMITED
 from icegate_server.auth import key_digest
 from icegate_server.projects import ApiKey, Project, new_key_secret
 from icegate_server.store import open_store
-from icegate_server.store.base import SessionOutcome, month_of
+from icegate_server.store.base import ProviderKeyRecord, SessionOutcome, month_of
 
 LEASE_MS = 86_400_000
 _BATCH = 64
@@ -68,11 +68,18 @@ async def seed(store_url: str, *, projects: int, leases: int) -> Seeded:
 
         now_ms = int(now * 1000)
         month = month_of(now_ms)
+        # A session needs its provider key in the store; these leases never mint, so the
+        # sealed bytes are a stand-in.
+        holders = ids[:min(leases, len(ids))]
+        for start in range(0, len(holders), _BATCH):
+            await asyncio.gather(*(store.put_provider_key(
+                ProviderKeyRecord(p, "openai", b"seeded", "seed", now_ms))
+                for p in holders[start:start + _BATCH]))
         for start in range(0, leases, _BATCH):
             outcomes = await asyncio.gather(*(store.begin_session(
                 project_id=ids[n % len(ids)], session_id=f"ses_seed{n:09d}", month=month,
                 now_ms=now_ms, lease_ms=LEASE_MS, quota=UNLIMITED["monthly_session_quota"],
-                max_concurrent=UNLIMITED["max_concurrent_sessions"])
+                max_concurrent=UNLIMITED["max_concurrent_sessions"], provider="openai")
                 for n in range(start, min(start + _BATCH, leases))))
             assert all(o.outcome is SessionOutcome.STARTED for o in outcomes)
     finally:

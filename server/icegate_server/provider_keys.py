@@ -31,6 +31,15 @@ def validate_family(provider: str) -> str:
     return provider
 
 
+def missing_key_error(project_id: str, kind: ProviderKind) -> UpstreamNotConfiguredError:
+    """What a call needing the project's key for `kind` answers when there is none."""
+    family = key_family(kind)
+    return UpstreamNotConfiguredError(
+        f"project {project_id!r} has no {family} key: set one with "
+        f"`icegate admin provider-key set --project {project_id} --provider {family}`",
+        provider=kind.value)
+
+
 @dataclass(frozen=True)
 class ResealReport:
     resealed: int
@@ -76,19 +85,23 @@ class ProviderKeys:
             UpstreamNotConfiguredError: The project has no key for the provider, or it was
                 sealed under a master key no longer configured.
         """
-        family = key_family(kind)
-        record = await self._store.get_provider_key(project_id, family)
+        record = await self._store.get_provider_key(project_id, key_family(kind))
         if record is None:
-            raise UpstreamNotConfiguredError(
-                f"project {project_id!r} has no {family} key: set one with "
-                f"`icegate admin provider-key set --project {project_id} --provider {family}`",
-                provider=kind.value)
+            raise missing_key_error(project_id, kind)
+        return self.open_record(record, kind)
+
+    def open_record(self, record: ProviderKeyRecord, kind: ProviderKind) -> str:
+        """The clear key of a record the store returned (`Store.begin_session` reads it).
+
+        Raises:
+            UpstreamNotConfiguredError: It was sealed under a master key no longer configured.
+        """
         try:
-            return self._vault.open(project_id, family, record.sealed)
+            return self._vault.open(record.project_id, record.provider, record.sealed)
         except VaultError:
             raise UpstreamNotConfiguredError(
-                f"the {family} key of project {project_id!r} cannot be opened with the "
-                "configured master keys", provider=kind.value) from None
+                f"the {record.provider} key of project {record.project_id!r} cannot be opened "
+                "with the configured master keys", provider=kind.value) from None
 
     async def reseal_all(self) -> ResealReport:
         """Re-seals every key not sealed under the current master key."""

@@ -2,8 +2,9 @@
 
 Order of work in `create`, chosen so that nothing is consumed by a request that was bound to
 fail: validate the options (no network), issue the TURN credential (validates user and TTL),
-open the provider key, then take the quota unit and the lease in one atomic store call, and
-only then call the provider. A failed or abandoned provider call gives the unit and the lease
+then, in one atomic store call, read the sealed provider key and take the quota unit and the
+lease (none taken without a key), and only then open the key and call the provider. A key
+that does not open, or a failed or abandoned provider call, gives the unit and the lease
 back (`Store.cancel_session`), shielded from the caller's cancellation.
 """
 
@@ -24,7 +25,7 @@ from icegate_server.errors import (
 )
 from icegate_server.ice_servers import IceServer, build_ice_servers
 from icegate_server.projects import Project
-from icegate_server.provider_keys import ProviderKeys
+from icegate_server.provider_keys import ProviderKeys, key_family, missing_key_error
 from icegate_server.providers import MintedToken, Provider, ProviderKind, SessionOptions
 from icegate_server.store import Store
 from icegate_server.store.base import SessionOutcome, month_of
@@ -81,14 +82,14 @@ class RealtimeSessions:
         session_id = self._session_ids()
         credential = self._issuer.issue_for(project, user_id or session_id, turn_ttl,
                                             ttl_field="turn_ttl")
-        api_key = await self._keys.open(project.project_id, kind)
-
         now_ms = int(self._clock.now() * 1000)
         month = month_of(now_ms)
         admission = await self._store.begin_session(
             project_id=project.project_id, session_id=session_id, month=month, now_ms=now_ms,
             lease_ms=self._lease_ms, quota=project.monthly_session_quota,
-            max_concurrent=project.max_concurrent_sessions)
+            max_concurrent=project.max_concurrent_sessions, provider=key_family(kind))
+        if admission.outcome is SessionOutcome.NO_PROVIDER_KEY:
+            raise missing_key_error(project.project_id, kind)
         if admission.outcome is SessionOutcome.CONCURRENT_LIMIT:
             raise ConcurrentLimitError(current=admission.active_sessions,
                                        maximum=project.max_concurrent_sessions)
@@ -98,7 +99,9 @@ class RealtimeSessions:
                 used=admission.sessions_this_month, upgrade_url=project.upgrade_url,
                 resets_at=utc_datetime(next_month_start_ms(now_ms) / 1000))
 
+        assert admission.provider_key is not None  # STARTED carries the key
         try:
+            api_key = self._keys.open_record(admission.provider_key, kind)
             token = await provider.mint(api_key, options, timeout=timeout)
         except BaseException:
             # Give back what this attempt took, even when the caller went away (cancelled).

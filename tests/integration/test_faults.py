@@ -190,6 +190,7 @@ def test_sqlite_writes_commit_right_after_a_checkpoint(tmp_path):
     import hashlib
 
     from icegate_server.projects import ApiKey, Project
+    from icegate_server.store.base import ProviderKeyRecord
     from icegate_server.store.sqlite import SqliteStore
 
     database = tmp_path / "icegate.sqlite3"
@@ -202,9 +203,10 @@ def test_sqlite_writes_commit_right_after_a_checkpoint(tmp_path):
             await store.create_api_key(ApiKey("k1", "acme"), hashlib.sha256(b"k1").digest())
             with contextlib.closing(sqlite3.connect(database)) as other:
                 assert other.execute("SELECT key_id FROM api_keys").fetchall() == [("k1",)]
+            await store.put_provider_key(ProviderKeyRecord("acme", "openai", b"x", "abcd", 1))
             started = await store.begin_session(project_id="acme", session_id="s", month="m",
                                                 now_ms=1, lease_ms=10, quota=5,
-                                                max_concurrent=5)
+                                                max_concurrent=5, provider="openai")
             assert started.active_sessions == 1
         finally:
             await store.close()

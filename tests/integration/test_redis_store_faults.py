@@ -20,7 +20,7 @@ from icegate_server.errors import StoreUnavailableError
 from icegate_server.limits import RateLimitPolicy, gcra_admit
 from icegate_server.projects import Project
 from icegate_server.store import open_store
-from icegate_server.store.base import AdmitOutcome, SessionOutcome
+from icegate_server.store.base import AdmitOutcome, ProviderKeyRecord, SessionOutcome
 from icegate_server.store.redis import RedisStore
 
 pytestmark = pytest.mark.redis
@@ -46,6 +46,7 @@ def run_with_store(url: str, scenario: Callable[[RedisStore], Awaitable[T]]) -> 
 async def setup_project(store: RedisStore) -> None:
     await store.create_project(Project("alpha", rate_limit_requests=POLICY.limit,
                                        rate_limit_window_seconds=POLICY.window_ms // 1000))
+    await store.put_provider_key(ProviderKeyRecord("alpha", "openai", b"sealed", "abcd", NOW))
 
 
 async def admit(store: RedisStore) -> int | None:
@@ -83,7 +84,7 @@ def test_a_killed_redis_fails_fast_and_the_same_store_recovers(
         await time_failure(store.ping, "killed redis, ping")
         await time_failure(lambda: store.begin_session(
             project_id="alpha", session_id="s1", month="2023-11", now_ms=NOW, lease_ms=1_000,
-            quota=5, max_concurrent=5), "killed redis, begin_session")
+            quota=5, max_concurrent=5, provider="openai"), "killed redis, begin_session")
 
         redis_server.start()
         # No reopen: every following call works at once, even on formerly pooled connections
@@ -106,7 +107,8 @@ def test_a_paused_redis_fails_fast_and_counts_nothing_it_was_sent(
             await time_failure(lambda: admit(store), "paused redis, admit")
             await time_failure(lambda: store.begin_session(
                 project_id="alpha", session_id="s1", month="2023-11", now_ms=NOW,
-                lease_ms=60_000, quota=5, max_concurrent=5), "paused redis, begin_session")
+                lease_ms=60_000, quota=5, max_concurrent=5, provider="openai"),
+                "paused redis, begin_session")
             await time_failure(store.ping, "paused redis, ping")
             await asyncio.sleep(0.2)
         finally:
@@ -121,7 +123,7 @@ def test_a_paused_redis_fails_fast_and_counts_nothing_it_was_sent(
         assert await admit(store) == reference_tat(2)
         started = await store.begin_session(project_id="alpha", session_id="s2",
                                             month="2023-11", now_ms=NOW, lease_ms=60_000,
-                                            quota=5, max_concurrent=5)
+                                            quota=5, max_concurrent=5, provider="openai")
         assert (started.outcome, started.active_sessions, started.sessions_this_month) == (
             SessionOutcome.STARTED, 1, 1)
 
@@ -141,7 +143,7 @@ def test_scripts_are_reloaded_after_redis_forgets_them(redis_server: RedisServer
         assert await admit(store) == reference_tat(3)
         started = await store.begin_session(project_id="alpha", session_id="s1",
                                             month="2023-11", now_ms=NOW, lease_ms=60_000,
-                                            quota=5, max_concurrent=5)
+                                            quota=5, max_concurrent=5, provider="openai")
         assert started.outcome is SessionOutcome.STARTED
 
     run_with_store(redis_server.url, scenario)

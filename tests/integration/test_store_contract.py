@@ -171,11 +171,11 @@ def test_deleting_a_project_revokes_its_keys_and_clears_its_counters(backend: Ba
         for _ in range(3):
             admitted = await store.admit(digest=secret, project_id="", now_ms=NOW, count=True)
             assert admitted.outcome is AdmitOutcome.ADMITTED
+        await store.put_provider_key(ProviderKeyRecord("alpha", "openai", b"sealed", "abcd", 1))
         started = await store.begin_session(project_id="alpha", session_id="s1", month=MONTH,
                                             now_ms=NOW, lease_ms=60_000, quota=10,
-                                            max_concurrent=5)
+                                            max_concurrent=5, provider="openai")
         assert started.outcome is SessionOutcome.STARTED
-        await store.put_provider_key(ProviderKeyRecord("alpha", "openai", b"sealed", "abcd", 1))
 
         assert await store.delete_project("alpha", NOW + 5_000) is True
         assert await store.get_project("alpha") is None
@@ -536,10 +536,42 @@ def test_concurrent_calls_admit_exactly_the_limit(backend: Backend) -> None:
 async def begin(store: Store, session_id: str, *, now_ms: int = NOW, month: str = MONTH,
                 quota: int = 100, max_concurrent: int = 10, lease_ms: int = 60_000,
                 project_id: str = "alpha") -> tuple[SessionOutcome, int, int]:
+    """begin_session with the project's OpenAI key (a stand-in is put when it has none)."""
+    if await store.get_provider_key(project_id, "openai") is None:
+        await store.put_provider_key(ProviderKeyRecord(project_id, "openai", b"k", "abcd", 1))
     started = await store.begin_session(project_id=project_id, session_id=session_id,
                                         month=month, now_ms=now_ms, lease_ms=lease_ms,
-                                        quota=quota, max_concurrent=max_concurrent)
+                                        quota=quota, max_concurrent=max_concurrent,
+                                        provider="openai")
     return started.outcome, started.active_sessions, started.sessions_this_month
+
+
+def test_a_session_begins_only_with_the_provider_key_it_reads_in_the_same_step(
+        backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        def start(session_id: str, provider: str):  # type: ignore[no-untyped-def]
+            return store.begin_session(project_id="alpha", session_id=session_id, month=MONTH,
+                                       now_ms=NOW, lease_ms=60_000, quota=100,
+                                       max_concurrent=10, provider=provider)
+
+        missing = await start("s1", "openai")
+        assert missing.outcome is SessionOutcome.NO_PROVIDER_KEY
+        assert missing.provider_key is None
+        # Refused for want of a key: no quota unit, no lease.
+        assert await store.session_counts(project_id="alpha", month=MONTH,
+                                          now_ms=NOW) == (0, 0)
+        sealed = bytes(range(256))
+        record = ProviderKeyRecord("alpha", "openai", sealed, "wxyz", NOW)
+        await store.put_provider_key(record)
+        started = await start("s1", "openai")
+        assert started.outcome is SessionOutcome.STARTED
+        assert started.provider_key == record
+        # Another provider's key does not stand in for the one asked for.
+        assert (await start("s2", "gemini")).outcome is SessionOutcome.NO_PROVIDER_KEY
+        assert await store.session_counts(project_id="alpha", month=MONTH,
+                                          now_ms=NOW) == (1, 1)
+
+    backend.run(scenario)
 
 
 def test_sessions_begin_up_to_the_concurrent_limit(backend: Backend) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
-from icegate_server.store.base import SessionOutcome
+from icegate_server.store.base import ProviderKeyRecord, SessionOutcome
 from icegate_server.store.sqlite import SqliteStore
 
 NOW = 1_700_000_000_000
@@ -40,15 +40,16 @@ def test_live_sessions_of_an_older_file_still_count_against_the_concurrent_limit
         try:
             assert await store.session_counts(project_id="alpha", month=MONTH,
                                               now_ms=NOW) == (0, 2)
+            await store.put_provider_key(ProviderKeyRecord("alpha", "openai", b"x", "abcd", 1))
             full = await store.begin_session(project_id="alpha", session_id="new", month=MONTH,
                                              now_ms=NOW, lease_ms=60_000, quota=10,
-                                             max_concurrent=2)
+                                             max_concurrent=2, provider="openai")
             assert full.outcome is SessionOutcome.CONCURRENT_LIMIT
             assert full.active_sessions == 2
             assert await store.end_session(project_id="alpha", session_id="live-1", now_ms=NOW)
             started = await store.begin_session(project_id="alpha", session_id="new",
                                                 month=MONTH, now_ms=NOW, lease_ms=60_000,
-                                                quota=10, max_concurrent=2)
+                                                quota=10, max_concurrent=2, provider="openai")
             assert started.outcome is SessionOutcome.STARTED
             assert started.active_sessions == 2
             assert await store.session_counts(project_id="beta", month=MONTH,

@@ -45,17 +45,9 @@ class SessionOutcome(enum.Enum):
     """What `Store.begin_session` decided."""
 
     STARTED = "started"
+    NO_PROVIDER_KEY = "no_provider_key"
     CONCURRENT_LIMIT = "concurrent_limit"
     QUOTA_EXCEEDED = "quota_exceeded"
-
-
-@dataclass(frozen=True)
-class SessionAdmission:
-    """The answer of `Store.begin_session`, with the counts as they stand after it."""
-
-    outcome: SessionOutcome
-    active_sessions: int
-    sessions_this_month: int
 
 
 @dataclass(frozen=True)
@@ -67,6 +59,17 @@ class ProviderKeyRecord:
     sealed: bytes
     last4: str
     update_time_ms: int
+
+
+@dataclass(frozen=True)
+class SessionAdmission:
+    """The answer of `Store.begin_session`, with the counts as they stand after it."""
+
+    outcome: SessionOutcome
+    active_sessions: int
+    sessions_this_month: int
+    provider_key: ProviderKeyRecord | None = None
+    """The sealed key the session will mint with (read in the same step; None when absent)."""
 
 
 @dataclass(frozen=True)
@@ -157,12 +160,14 @@ class Store(Protocol):
     # -- sessions: monthly quota and concurrency leases (see `icegate_server.sessions`) ------
 
     async def begin_session(self, *, project_id: str, session_id: str, month: str,
-                            now_ms: int, lease_ms: int, quota: int,
-                            max_concurrent: int) -> SessionAdmission:
-        """Atomically: expire stale leases, check concurrency then quota, count and lease.
+                            now_ms: int, lease_ms: int, quota: int, max_concurrent: int,
+                            provider: str) -> SessionAdmission:
+        """Atomically: read the project's sealed `provider` key, expire stale leases, check
+        concurrency then quota, count and lease: all a CreateSession needs, in one round trip.
 
-        On STARTED the month's count is incremented and a lease for `session_id` expiring at
-        `now_ms + lease_ms` is held. Otherwise nothing changes.
+        On STARTED the month's count is incremented, a lease for `session_id` expiring at
+        `now_ms + lease_ms` is held, and `provider_key` is the sealed key. Without a key the
+        outcome is NO_PROVIDER_KEY, checked first. Otherwise nothing changes.
         """
         ...
 

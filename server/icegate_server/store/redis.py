@@ -139,9 +139,12 @@ redis.call('SET', rate_key, new_tat, 'PX', string.format('%.0f', window + interv
 return {clock, 'admitted', key, project_json, new_tat}
 """
 
-# KEYS: leases, month counter, months set. ARGV: deadline, session id, month, now_ms,
-# lease_ms, quota, max_concurrent, counter TTL seconds.
+# KEYS: leases, month counter, months set, provider keys. ARGV: deadline, session id,
+# month, now_ms, lease_ms, quota, max_concurrent, counter TTL seconds, provider.
+# -> {clock, outcome, active, used, provider key JSON (when started)}.
 _BEGIN_SESSION = _FENCE + """
+local provider_key = redis.call('HGET', KEYS[4], ARGV[9])
+if not provider_key then return {clock, 'no_provider_key', 0, 0} end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[4])
 local active = redis.call('ZCARD', KEYS[1])
 local used = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -155,7 +158,7 @@ redis.call('SADD', KEYS[3], ARGV[3])
 redis.call('EXPIRE', KEYS[3], ARGV[8])
 local expiry = string.format('%.0f', tonumber(ARGV[4]) + tonumber(ARGV[5]))
 redis.call('ZADD', KEYS[1], expiry, ARGV[2])
-return {clock, 'started', redis.call('ZCARD', KEYS[1]), used}
+return {clock, 'started', redis.call('ZCARD', KEYS[1]), used, provider_key}
 """
 
 # KEYS: leases, month counter. ARGV: deadline, session id.
@@ -709,14 +712,16 @@ class RedisStore:
     # -- sessions ---------------------------------------------------------------------------
 
     async def begin_session(self, *, project_id: str, session_id: str, month: str,
-                            now_ms: int, lease_ms: int, quota: int,
-                            max_concurrent: int) -> SessionAdmission:
-        outcome, active, used = await self._fenced(
+                            now_ms: int, lease_ms: int, quota: int, max_concurrent: int,
+                            provider: str) -> SessionAdmission:
+        outcome, active, used, *key = await self._fenced(
             self._begin_session,
             [_leases_key(project_id), _quota_key(project_id, month),
-             f"{PREFIX}quota-months:{project_id}"],
-            [session_id, month, now_ms, lease_ms, quota, max_concurrent, QUOTA_TTL_SECONDS])
-        return SessionAdmission(SessionOutcome(outcome), int(active), int(used))
+             f"{PREFIX}quota-months:{project_id}", _pkey_key(project_id)],
+            [session_id, month, now_ms, lease_ms, quota, max_concurrent, QUOTA_TTL_SECONDS,
+             provider])
+        record = _provider_from_json(project_id, provider, _text(key[0])) if key else None
+        return SessionAdmission(SessionOutcome(outcome), int(active), int(used), record)
 
     async def renew_session(self, *, project_id: str, session_id: str, now_ms: int,
                             lease_ms: int) -> bool:

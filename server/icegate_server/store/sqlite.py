@@ -153,6 +153,7 @@ def _project_json(project: Project) -> str:
 
 
 _KEY_COLUMNS = "key_id, project_id, admin, display_name, create_time, revoke_time, key_prefix"
+_PROVIDER_KEY_COLUMNS = "project_id, provider, sealed, last4, update_time_ms"
 
 
 def _key_from_row(row: tuple[Any, ...]) -> ApiKey:
@@ -465,10 +466,15 @@ class SqliteStore:
     # -- sessions ----------------------------------------------------------------------------
 
     async def begin_session(self, *, project_id: str, session_id: str, month: str,
-                            now_ms: int, lease_ms: int, quota: int,
-                            max_concurrent: int) -> SessionAdmission:
+                            now_ms: int, lease_ms: int, quota: int, max_concurrent: int,
+                            provider: str) -> SessionAdmission:
         def work(db: sqlite3.Connection) -> SessionAdmission:
             with _write_transaction(db):
+                key_row = db.execute(f"SELECT {_PROVIDER_KEY_COLUMNS} FROM provider_keys "  # noqa: S608
+                                     "WHERE project_id = ? AND provider = ?",
+                                     (project_id, provider)).fetchone()
+                if key_row is None:
+                    return SessionAdmission(SessionOutcome.NO_PROVIDER_KEY, 0, 0)
                 db.execute("DELETE FROM leases WHERE project_id = ? AND expires_ms <= ?",
                            (project_id, now_ms))
                 active = _lease_count(db, project_id)
@@ -491,7 +497,8 @@ class SqliteStore:
                     "ON CONFLICT(project_id, session_id) "
                     "DO UPDATE SET expires_ms = excluded.expires_ms",
                     (project_id, session_id, now_ms + lease_ms))
-                return SessionAdmission(SessionOutcome.STARTED, active + 1, used)
+                return SessionAdmission(SessionOutcome.STARTED, active + 1, used,
+                                        ProviderKeyRecord(*key_row))
 
         return await self._run_on_loop(work)
 
@@ -544,12 +551,12 @@ class SqliteStore:
 
     async def get_provider_key(self, project_id: str, provider: str) -> ProviderKeyRecord | None:
         row = await self._run_on_loop(lambda db: db.execute(
-            "SELECT project_id, provider, sealed, last4, update_time_ms FROM provider_keys "
+            f"SELECT {_PROVIDER_KEY_COLUMNS} FROM provider_keys "  # noqa: S608
             "WHERE project_id = ? AND provider = ?", (project_id, provider)).fetchone())
         return ProviderKeyRecord(*row) if row else None
 
     async def list_provider_keys(self, project_id: str | None) -> list[ProviderKeyRecord]:
-        query = "SELECT project_id, provider, sealed, last4, update_time_ms FROM provider_keys"
+        query = f"SELECT {_PROVIDER_KEY_COLUMNS} FROM provider_keys"  # noqa: S608
         args: tuple[str, ...] = ()
         if project_id is not None:
             query, args = query + " WHERE project_id = ?", (project_id,)
