@@ -470,18 +470,22 @@ class SqliteStore:
                             provider: str) -> SessionAdmission:
         def work(db: sqlite3.Connection) -> SessionAdmission:
             with _write_transaction(db):
-                key_row = db.execute(f"SELECT {_PROVIDER_KEY_COLUMNS} FROM provider_keys "  # noqa: S608
-                                     "WHERE project_id = ? AND provider = ?",
-                                     (project_id, provider)).fetchone()
-                if key_row is None:
+                # Every read in one statement: the key, the lease count (expired leases
+                # included), the expired ones among them, and the month's count.
+                row = db.execute(
+                    f"SELECT {_PROVIDER_KEY_COLUMNS}, "  # noqa: S608
+                    "(SELECT leases FROM lease_counts WHERE project_id = ?1), "
+                    "(SELECT count(*) FROM leases WHERE project_id = ?1 AND expires_ms <= ?3), "
+                    "(SELECT used FROM session_quota WHERE project_id = ?1 AND month = ?4) "
+                    "FROM provider_keys WHERE project_id = ?1 AND provider = ?2",
+                    (project_id, provider, now_ms, month)).fetchone()
+                if row is None:
                     return SessionAdmission(SessionOutcome.NO_PROVIDER_KEY, 0, 0)
-                db.execute("DELETE FROM leases WHERE project_id = ? AND expires_ms <= ?",
-                           (project_id, now_ms))
-                active = _lease_count(db, project_id)
-                used_row = db.execute(
-                    "SELECT used FROM session_quota WHERE project_id = ? AND month = ?",
-                    (project_id, month)).fetchone()
-                used = used_row[0] if used_row else 0
+                *key_row, leases, expired, used = row
+                if expired:
+                    db.execute("DELETE FROM leases WHERE project_id = ? AND expires_ms <= ?",
+                               (project_id, now_ms))
+                active, used = (leases or 0) - expired, used or 0
                 # Concurrency first: a caller at its concurrent limit should end a session,
                 # which a quota error would not tell it.
                 if active >= max_concurrent:
