@@ -154,6 +154,14 @@ def _project_json(project: Project) -> str:
 
 _KEY_COLUMNS = "key_id, project_id, admin, display_name, create_time, revoke_time, key_prefix"
 _PROVIDER_KEY_COLUMNS = "project_id, provider, sealed, last4, update_time_ms"
+# A project's session figures as columns of one SELECT (named parameters :project, :now,
+# :month): its leases, expired ones included (kept by the schema's triggers), the expired
+# ones among them (through `leases_by_expiry`), and the sessions begun in the month. Live
+# leases are the first minus the second; the first and the last are NULL before any.
+_SESSION_FIGURES = (
+    "(SELECT leases FROM lease_counts WHERE project_id = :project), "
+    "(SELECT count(*) FROM leases WHERE project_id = :project AND expires_ms <= :now), "
+    "(SELECT used FROM session_quota WHERE project_id = :project AND month = :month)")
 
 
 def _key_from_row(row: tuple[Any, ...]) -> ApiKey:
@@ -470,15 +478,12 @@ class SqliteStore:
                             provider: str) -> SessionAdmission:
         def work(db: sqlite3.Connection) -> SessionAdmission:
             with _write_transaction(db):
-                # Every read in one statement: the key, the lease count (expired leases
-                # included), the expired ones among them, and the month's count.
+                # Every read in one statement: the key and the session figures.
                 row = db.execute(
-                    f"SELECT {_PROVIDER_KEY_COLUMNS}, "  # noqa: S608
-                    "(SELECT leases FROM lease_counts WHERE project_id = ?1), "
-                    "(SELECT count(*) FROM leases WHERE project_id = ?1 AND expires_ms <= ?3), "
-                    "(SELECT used FROM session_quota WHERE project_id = ?1 AND month = ?4) "
-                    "FROM provider_keys WHERE project_id = ?1 AND provider = ?2",
-                    (project_id, provider, now_ms, month)).fetchone()
+                    f"SELECT {_PROVIDER_KEY_COLUMNS}, {_SESSION_FIGURES} "  # noqa: S608
+                    "FROM provider_keys WHERE project_id = :project AND provider = :provider",
+                    {"project": project_id, "provider": provider, "now": now_ms,
+                     "month": month}).fetchone()
                 if row is None:
                     return SessionAdmission(SessionOutcome.NO_PROVIDER_KEY, 0, 0)
                 *key_row, leases, expired, used = row
@@ -533,12 +538,10 @@ class SqliteStore:
     async def session_counts(self, *, project_id: str, month: str,
                              now_ms: int) -> tuple[int, int]:
         def work(db: sqlite3.Connection) -> tuple[int, int]:
-            used = db.execute("SELECT used FROM session_quota WHERE project_id = ? AND month = ?",
-                              (project_id, month)).fetchone()
-            expired = db.execute(
-                "SELECT count(*) FROM leases WHERE project_id = ? AND expires_ms <= ?",
-                (project_id, now_ms)).fetchone()[0]
-            return (used[0] if used else 0), _lease_count(db, project_id) - expired
+            leases, expired, used = db.execute(
+                f"SELECT {_SESSION_FIGURES}",
+                {"project": project_id, "now": now_ms, "month": month}).fetchone()
+            return used or 0, (leases or 0) - expired
 
         return await self._run(work)
 
@@ -687,13 +690,6 @@ def _read_position(db: sqlite3.Connection, project_id: str) -> int | None:
     row = db.execute("SELECT tat_ms FROM rate_limits WHERE project_id = ?",
                      (project_id,)).fetchone()
     return int(row[0]) if row else None
-
-
-def _lease_count(db: sqlite3.Connection, project_id: str) -> int:
-    """The project's leases, expired ones included (kept by the schema's triggers)."""
-    row = db.execute("SELECT leases FROM lease_counts WHERE project_id = ?",
-                     (project_id,)).fetchone()
-    return int(row[0]) if row else 0
 
 
 @functools.lru_cache(maxsize=1024)
