@@ -181,16 +181,8 @@ def log_rpc(event: RpcLogEvent, error: BaseException | None = None) -> None:
             RPC_LOGGER.info("rpc", extra=event.extra())
 
 
-class _Line:
-    """A line formatted already, queued for the writer like a record."""
-
-    __slots__ = ("text",)
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    def getMessage(self) -> str:
-        return self.text
+QueuedLine = logging.LogRecord | str
+"""What the writer is handed: a record formatted by the QueueHandler, or a per-RPC line."""
 
 
 class _FastRpcLines:
@@ -206,30 +198,33 @@ class _FastRpcLines:
 
     _MEMO_SIZE = 4096
 
-    def __init__(self, handler: logging.Handler,
-                 records: queue.SimpleQueue[logging.LogRecord]) -> None:
+    def __init__(self, handler: logging.Handler, records: queue.SimpleQueue[QueuedLine]) -> None:
         self.handler = handler
         self._records = records
         self._memo: dict[tuple[str, str, str, grpc.StatusCode, str, str], str] = {}
         self._logger = json.dumps(RPC_LOGGER.name)
 
-    def _constant_part(self, event: RpcLogEvent) -> str:
-        key = (event.method, event.project, event.key_id, event.code, event.reason,
-               event.peer)
-        part = self._memo.get(key)
-        if part is None:
-            shown = checked_fields({"method": event.method, "project": event.project,
-                                    "key_id": event.key_id, "code": event.code.name,
-                                    "reason": event.reason, "peer": event.peer})
-            part = "".join(f',"{name}":{json.dumps(value, ensure_ascii=True)}'
-                           for name, value in shown.items())
-            if len(self._memo) >= self._MEMO_SIZE:
-                self._memo.clear()
-            self._memo[key] = part
+    def _new_constant_part(self, event: RpcLogEvent,
+                           key: tuple[str, str, str, grpc.StatusCode, str, str]) -> str:
+        shown = checked_fields({"method": event.method, "project": event.project,
+                                "key_id": event.key_id, "code": event.code.name,
+                                "reason": event.reason, "peer": event.peer})
+        part = "".join(f',"{name}":{json.dumps(value, ensure_ascii=True)}'
+                       for name, value in shown.items())
+        if len(self._memo) >= self._MEMO_SIZE:
+            self._memo.clear()
+        self._memo[key] = part
         return part
 
     def put(self, event: RpcLogEvent) -> None:
-        duration, request_id = event.duration_ms, event.request_id
+        # The memo is looked up here, and the line queued as a plain string: every call pays
+        # for this method.
+        method, code, duration, request_id, peer, project, key_id, reason = event
+        key = (method, project, key_id, code, reason, peer)
+        constant = self._memo.get(key)
+        if constant is None:
+            constant = self._new_constant_part(event, key)
+        ts = _timestamp(time.time())
         if not math.isfinite(duration):
             shown_duration = f'"{REDACTED}"'
         else:
@@ -240,10 +235,9 @@ class _FastRpcLines:
             shown_request_id = f',"request_id":{_json_string(request_id)}'
         else:
             shown_request_id = f',"request_id":"{REDACTED}"'
-        line = (f'{{"ts":"{_timestamp(time.time())}","level":"INFO","logger":{self._logger},'
-                f'"msg":"rpc"{self._constant_part(event)},"duration_ms":{shown_duration}'
-                f'{shown_request_id}}}')
-        self._records.put(_Line(line))  # type: ignore[arg-type]
+        self._records.put(f'{{"ts":"{ts}","level":"INFO","logger":{self._logger},'
+                          f'"msg":"rpc"{constant},"duration_ms":{shown_duration}'
+                          f'{shown_request_id}}}')
 
 
 _json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii
@@ -391,7 +385,7 @@ class BatchWriter:
     never waits on the stream.
     """
 
-    def __init__(self, records: queue.SimpleQueue[logging.LogRecord], stream: Any) -> None:
+    def __init__(self, records: queue.SimpleQueue[QueuedLine], stream: Any) -> None:
         self._records = records
         self._stream = stream
         self._stopped = threading.Event()
@@ -405,7 +399,8 @@ class BatchWriter:
         lines = []
         while True:
             try:
-                lines.append(self._records.get_nowait().getMessage())
+                item = self._records.get_nowait()
+                lines.append(item if isinstance(item, str) else item.getMessage())
             except queue.Empty:
                 break
         if lines:
@@ -459,7 +454,7 @@ def configure_logging(log_format: str, level: str | int, *,
     written by a listener thread, so the event loop never blocks on a slow standard error.
     """
     stop_logging()
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    records: queue.SimpleQueue[QueuedLine] = queue.SimpleQueue()
     handler = logging.handlers.QueueHandler(records)
     handler.setFormatter(make_formatter(log_format))
     writer = BatchWriter(records, sys.stderr if stream is None else stream)
