@@ -53,6 +53,8 @@ import icegate
 T = TypeVar("T")
 
 RESULTS = Path(__file__).resolve().parent / "results"
+FLAT_PROJECTS = 10_000
+"""The project count per-call cost must not grow up to (against one project)."""
 
 
 @dataclass(frozen=True)
@@ -438,6 +440,60 @@ class Bench:
                 rows.append(self.scaling_point(store, projects, leases))
         return rows
 
+    def flatness(self, rounds: int) -> list[dict[str, Any]]:
+        """Per-call cost with 1 and with `FLAT_PROJECTS` projects, in paired rounds.
+
+        The scaling rows run one after another, minutes apart, and this machine's speed drifts
+        more than the target's 10 % in that time; here both servers (one store each) are up
+        at once and loaded in turn, round after round, as in `paired`, and the figure is the
+        median of the per-round ratios.
+        """
+        plan = self.plan
+        rows = []
+        stores = ["sqlite"] + (["redis"] if self.redis_usable() else [])
+        for store in stores:
+            if self.out_of_time(f"paired flatness on {store}"):
+                continue
+            print(f"-- flatness on {store}: 1 and {FLAT_PROJECTS:,} projects, "
+                  f"{rounds} paired rounds", flush=True)
+            with contextlib.ExitStack() as stack:
+                endpoints: dict[int, tuple[Endpoint, list[int]]] = {}
+                for projects in (1, FLAT_PROJECTS):
+                    name = f"flat-{store}-{projects}p"
+                    url, _ = stack.enter_context(self.store_url(name, store))
+                    seeded = seed_store(url, projects=projects, leases=0)
+                    server = stack.enter_context(
+                        targets.start_icegate(name, self.work, store_url=url))
+                    targets.check_call(server.port, seeded.load_key, scenario.ISSUE)
+                    endpoints[projects] = (grpc_endpoint(server.port, scenario.ISSUE,
+                                                         self.bodies["issue"], seeded.load_key),
+                                           [server.pid])
+                rps: dict[int, list[float]] = {projects: [] for projects in endpoints}
+                cpu: dict[int, list[float]] = {projects: [] for projects in endpoints}
+                for _ in range(rounds):
+                    for projects, (endpoint, pids) in endpoints.items():
+                        run_h2load(endpoint, clients=plan.clients, streams=plan.streams,
+                                   duration=1)
+                        result, sampler = self.quiet_run(pids, lambda endpoint=endpoint: (
+                            run_h2load(endpoint, clients=plan.clients, streams=plan.streams,
+                                       duration=3)))
+                        rps[projects].append(result.requests_per_second)
+                        cpu[projects].append(1e6 * sampler.cpu_cores
+                                             / max(result.requests_per_second, 1e-9))
+            row = {
+                "store": store, "projects": FLAT_PROJECTS, "rounds": rounds,
+                "rps_ratio": statistics.median(
+                    a / b for a, b in zip(rps[FLAT_PROJECTS], rps[1], strict=True)),
+                "cpu_ratio": statistics.median(
+                    a / b for a, b in zip(cpu[FLAT_PROJECTS], cpu[1], strict=True)),
+                "rps_runs": {str(k): v for k, v in rps.items()},
+                "cpu_runs": {str(k): v for k, v in cpu.items()},
+            }
+            print(f"   req/s {row['rps_ratio']:.2f} x, CPU per call {row['cpu_ratio']:.2f} x "
+                  "the 1-project figures", flush=True)
+            rows.append(row)
+        return rows
+
     def scaling_point(self, store: str, projects: int, leases: int) -> dict[str, Any]:
         plan = self.plan
         name = f"scale-{store}-{projects}p-{leases}l"
@@ -682,6 +738,7 @@ def main() -> int:
         results["paired"] = bench.paired(rounds=3 if plan.quick else 5)
         results["compare"] = bench.compare()
         results["sessions"] = bench.sessions()
+        results["flatness"] = bench.flatness(rounds=3 if plan.quick else 5)
         results["scaling"] = bench.scaling()
         if os.environ.get("BENCH_INSTRUCTIONS", "1") != "0":
             print("-- instructions per call (callgrind; about 3 minutes)", flush=True)
