@@ -174,12 +174,17 @@ def sessions_table(sessions: dict[str, Any]) -> list[str]:
     return lines
 
 
+def in_grid_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Scaling rows by store, then leases, then projects (they run point by point)."""
+    return sorted(rows, key=lambda r: (r["store"] != "sqlite", r["leases"], r["projects"]))
+
+
 def scaling_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| store | projects | active leases | req/s | server cores | server CPU µs/call | "
              "other work cores | errors | server RSS idle MiB | server RSS peak MiB | store MiB | "
              "store RSS MiB | seeding s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in rows:
+    for row in in_grid_order(rows):
         lines.append(
             f"| {row['store']} | {row['projects']:,} | {row['leases']:,} | "
             f"{_fmt(row['capacity_rps'], 0)} | {_fmt(row['server_cores'])} | "
@@ -280,7 +285,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     axes[1].axhline(10, color="red", linestyle="--", linewidth=1)
 
-    scaling = results.get("scaling", [])
+    scaling = in_grid_order(results.get("scaling", []))
     labels = [f"{r['store']}\n{r['projects']:,}p\n{r['leases']:,}l" for r in scaling]
     axes[2].bar(range(len(scaling)), [r["capacity_rps"] for r in scaling], color="tab:green")
     axes[2].set_xticks(range(len(scaling)))
