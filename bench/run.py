@@ -30,7 +30,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 import instructions
@@ -51,6 +51,7 @@ from seeding import seed_store
 import icegate
 
 T = TypeVar("T")
+K = TypeVar("K")
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FLAT_PROJECTS = 10_000
@@ -299,33 +300,40 @@ class Bench:
                     self.icegate(f"{label} paired", store=store, workers=workers))
                 endpoints[label] = (grpc_endpoint(server.port, *issue, key),
                                     [server.pid, *store_pids])
-            capacity: dict[str, list[float]] = {label: [] for label in endpoints}
-            for _ in range(rounds):
-                for label, (endpoint, pids) in endpoints.items():
-                    run_h2load(endpoint, clients=self.plan.clients, streams=self.plan.streams,
-                               duration=1)
-                    result, _ = self.quiet_run(pids, lambda endpoint=endpoint: run_h2load(
-                        endpoint, clients=self.plan.clients, streams=self.plan.streams,
-                        duration=3))
-                    capacity[label].append(result.requests_per_second)
+            capacity = self.alternate(endpoints, rounds).rps
         ratios: dict[str, dict[str, float]] = {}
         for label, runs in capacity.items():
             ratios[label] = {
                 "capacity_rps": statistics.median(runs),
-                "x_bare": statistics.median(
-                    a / b for a, b in zip(runs, capacity["bare grpc.aio"], strict=True)),
-                "x_fastapi": statistics.median(a / b for a, b in zip(
-                    runs, capacity["FastAPI (uvicorn, HTTP/1.1)"], strict=True)),
+                "x_bare": median_ratio(runs, capacity["bare grpc.aio"]),
+                "x_fastapi": median_ratio(runs, capacity["FastAPI (uvicorn, HTTP/1.1)"]),
             }
         for many in ("icegate SQLite --workers 2", "icegate Redis --workers 2"):
             one = many.removesuffix(" --workers 2")
             if many in capacity and one in capacity:
-                ratios[many]["x_one_worker"] = statistics.median(
-                    a / b for a, b in zip(capacity[many], capacity[one], strict=True))
+                ratios[many]["x_one_worker"] = median_ratio(capacity[many], capacity[one])
         for label, figures in ratios.items():
             print(f"   {label}: {figures} (runs {[round(r) for r in capacity[label]]})",
                   flush=True)
         return {"rounds": rounds, "seconds": 3, "runs": capacity, "ratios": ratios}
+
+    def alternate(self, endpoints: dict[K, tuple[Endpoint, list[int]]],
+                  rounds: int) -> Rounds[K]:
+        """`rounds` rounds, each loading every endpoint in turn (a 1 s warm-up, then a 3 s
+        closed loop): the paired measure that `paired` and `flatness` take ratios within."""
+        measured: Rounds[K] = Rounds({key: [] for key in endpoints},
+                                     {key: [] for key in endpoints})
+        for _ in range(rounds):
+            for key, (endpoint, pids) in endpoints.items():
+                run_h2load(endpoint, clients=self.plan.clients, streams=self.plan.streams,
+                           duration=1)
+                result, sampler = self.quiet_run(pids, lambda endpoint=endpoint: run_h2load(
+                    endpoint, clients=self.plan.clients, streams=self.plan.streams,
+                    duration=3))
+                measured.rps[key].append(result.requests_per_second)
+                measured.cpu_us[key].append(1e6 * sampler.cpu_cores
+                                            / max(result.requests_per_second, 1e-9))
+        return measured
 
     def _icegate_variants(self) -> list[tuple[str, str, int]]:
         variants = [("icegate SQLite", "sqlite", 1)]
@@ -339,6 +347,10 @@ class Bench:
             self.note("icegate --workers 2 not measured: `icegate-server --help` has no "
                       "--workers on this checkout")
         return variants
+
+    def stores(self) -> list[str]:
+        """The store backends this run measures: SQLite, and Redis when usable."""
+        return ["sqlite"] + (["redis"] if self.redis_usable() else [])
 
     def redis_usable(self) -> bool:
         if not targets.redis_store_available():
@@ -399,7 +411,7 @@ class Bench:
             result["grpc_round_trip"] = _paced_medians(floor)
             print(f"-- a gRPC round trip (bare server, plain grpc.aio stub): "
                   f"{result['grpc_round_trip']}", flush=True)
-            stores = ["sqlite"] + (["redis"] if self.redis_usable() else [])
+            stores = self.stores()
             for store in stores:
                 label = f"icegate {'SQLite' if store == 'sqlite' else 'Redis'}"
                 if self.out_of_time(f"CreateSession on {label}"):
@@ -433,7 +445,7 @@ class Bench:
     def scaling(self) -> list[dict[str, Any]]:
         plan = self.plan
         rows = []
-        stores = ["sqlite"] + (["redis"] if self.redis_usable() else [])
+        stores = self.stores()
         # Point by point, both stores at each: when the budget runs out, what is skipped is
         # the last points of the grid on both, not a whole store.
         for projects, leases in plan.scaling_grid:
@@ -452,10 +464,8 @@ class Bench:
         at once and loaded in turn, round after round, as in `paired`, and the figure is the
         median of the per-round ratios.
         """
-        plan = self.plan
         rows = []
-        stores = ["sqlite"] + (["redis"] if self.redis_usable() else [])
-        for store in stores:
+        for store in self.stores():
             if self.out_of_time(f"paired flatness on {store}"):
                 continue
             print(f"-- flatness on {store}: 1 and {FLAT_PROJECTS:,} projects, "
@@ -472,24 +482,12 @@ class Bench:
                     endpoints[projects] = (grpc_endpoint(server.port, scenario.ISSUE,
                                                          self.bodies["issue"], seeded.load_key),
                                            [server.pid])
-                rps: dict[int, list[float]] = {projects: [] for projects in endpoints}
-                cpu: dict[int, list[float]] = {projects: [] for projects in endpoints}
-                for _ in range(rounds):
-                    for projects, (endpoint, pids) in endpoints.items():
-                        run_h2load(endpoint, clients=plan.clients, streams=plan.streams,
-                                   duration=1)
-                        result, sampler = self.quiet_run(pids, lambda endpoint=endpoint: (
-                            run_h2load(endpoint, clients=plan.clients, streams=plan.streams,
-                                       duration=3)))
-                        rps[projects].append(result.requests_per_second)
-                        cpu[projects].append(1e6 * sampler.cpu_cores
-                                             / max(result.requests_per_second, 1e-9))
+                measured = self.alternate(endpoints, rounds)
+            rps, cpu = measured.rps, measured.cpu_us
             row = {
                 "store": store, "projects": FLAT_PROJECTS, "rounds": rounds,
-                "rps_ratio": statistics.median(
-                    a / b for a, b in zip(rps[FLAT_PROJECTS], rps[1], strict=True)),
-                "cpu_ratio": statistics.median(
-                    a / b for a, b in zip(cpu[FLAT_PROJECTS], cpu[1], strict=True)),
+                "rps_ratio": median_ratio(rps[FLAT_PROJECTS], rps[1]),
+                "cpu_ratio": median_ratio(cpu[FLAT_PROJECTS], cpu[1]),
                 "rps_runs": {str(k): v for k, v in rps.items()},
                 "cpu_runs": {str(k): v for k, v in cpu.items()},
             }
@@ -540,6 +538,20 @@ class Bench:
         print(f"   {row['capacity_rps']:,.0f} req/s; server RSS {idle_server:.0f} MiB idle, "
               f"{peak:.0f} MiB peak; store {row['store_mib']:.1f} MiB", flush=True)
         return row
+
+
+@dataclass(frozen=True)
+class Rounds(Generic[K]):
+    """Each round's figures of every endpoint of `Bench.alternate`, by endpoint."""
+
+    rps: dict[K, list[float]]
+    cpu_us: dict[K, list[float]]
+    """Server CPU per call, µs."""
+
+
+def median_ratio(runs: list[float], against: list[float]) -> float:
+    """The median of the per-round ratios of two endpoints' figures."""
+    return statistics.median(a / b for a, b in zip(runs, against, strict=True))
 
 
 class SessionCounter:
