@@ -100,7 +100,7 @@ class AccessControl:
             InvalidFieldError: `project_id` cannot be a project id (checked first: it is
                 never looked up, nor echoed back in full).
         """
-        if project_id and not PROJECT_ID_PATTERN.match(project_id):
+        if project_id and not PROJECT_ID_PATTERN.fullmatch(project_id):
             validate_project_id(project_id)
         digest = key_digest(key)
         static_caller = self._static.get(digest)
@@ -145,7 +145,7 @@ class AccessControl:
             NotFoundError, RateLimitedError, StoreUnavailableError, InvalidFieldError: As
                 `admit`.
         """
-        if project_id and not PROJECT_ID_PATTERN.match(project_id):
+        if project_id and not PROJECT_ID_PATTERN.fullmatch(project_id):
             validate_project_id(project_id)
         mapped = {identity: self._identity_projects[identity] for identity in identities
                   if identity in self._identity_projects}
