@@ -230,8 +230,10 @@ _HELP: dict[str, str] = {
     "tls_cert": "PEM certificate chain to serve TLS with (with --tls-key); no TLS when unset",
     "tls_key": "PEM private key of --tls-cert (unencrypted; keep it mode 0600)",
     "tls_client_ca": "PEM CA bundle: require client certificates it signed (mutual TLS)",
-    "tls_client_projects": "certificate identity (CN, DNS or URI SAN) = project id, "
-                           "comma-separated; project * makes an admin",
+    "tls_client_projects": "typed certificate name = project id, comma-separated, e.g. "
+                           "uri:spiffe://corp/web=acme,dns:ops.internal=*; types uri, dns, "
+                           "email, ip, cn (cn only for a certificate without SAN); * makes "
+                           "an admin",
 }
 
 
