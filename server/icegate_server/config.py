@@ -311,7 +311,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def parse_listen_address(listen: str) -> tuple[str, int]:
     """Splits `host:port` (IPv6 hosts in brackets) and checks the port."""
     # An unbracketed IPv6 host ("::1") does not match: its last group would read as the port.
-    # The port is ASCII digits only (str.isdigit also takes look-alikes such as "５").
+    # The port is ASCII digits only: str.isdigit also takes look-alikes (fullwidth U+FF15).
     matched = LISTEN_PATTERN.fullmatch(listen)
     if matched is None or not 0 <= int(matched["port"]) <= 65535:
         raise ValueError("must be host:port, e.g. 127.0.0.1:50051 or [::1]:50051")

@@ -85,7 +85,7 @@ def test_client_projects_from_a_toml_table(pki, tmp_path):
     ("dn:web=acme", "has no name type"),
     ("dns:ops.internal.=acme", "is not a dns name"),
     ("dns:*.internal=acme", "is not a dns name"),
-    ("dns:оps.internal=acme", "is not a dns name"),  # Cyrillic o
+    ("dns:\u043eps.internal=acme", "is not a dns name"),  # Cyrillic o
     ("ip:10.0.0.256=acme", "is not an IP address"),
     ("uri:spiffe://corp/web x=acme", "is not a uri name"),
     ("email:ops=acme", "is not a email name"),
