@@ -115,10 +115,12 @@ def certificate_names(pem: bytes) -> list[str]:
     A name that is not printable ASCII, or not of its type's shape, is left out: it could
     only ever be a look-alike of a configured name.
     """
-    certificate = x509.load_pem_x509_certificate(pem)
     try:
+        certificate = x509.load_pem_x509_certificate(pem)
         sans = certificate.extensions.get_extension_for_class(
             x509.SubjectAlternativeName).value
+    except ValueError:
+        return []  # unparsable (or a malformed SAN extension): no name to trust
     except x509.ExtensionNotFound:
         common_names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         # Several CNs are as ambiguous as none: no CN name at all.

@@ -170,6 +170,7 @@ def test_peer_identities_read_the_verified_certificate(pki):
     # grpc's untyped lists alone are never used: no certificate, no names.
     assert peer_identities({"x509_common_name": [b"ops.internal"]}) == []
     assert peer_identities({}) == []
+    assert peer_identities({"x509_pem_cert": [b"-----BEGIN CERTIFICATE-----\nno\n"]}) == []
 
 
 @pytest.mark.parametrize(("kind", "value", "canonical"), [
