@@ -100,7 +100,7 @@ class AccessControl:
             InvalidFieldError: `project_id` cannot be a project id (checked first: it is
                 never looked up, nor echoed back in full).
         """
-        if project_id and not PROJECT_ID_PATTERN.match(project_id):
+        if project_id and not PROJECT_ID_PATTERN.fullmatch(project_id):
             validate_project_id(project_id)
         digest = key_digest(key)
         static_caller = self._static.get(digest)
@@ -132,31 +132,38 @@ class AccessControl:
 
     async def admit_identity(self, identities: Sequence[str], policy: MethodPolicy,
                              project_id: str) -> CallContext:
-        """Admits a call that has no key by its verified client certificate's identities.
+        """Admits a call that has no key by its verified client certificate's typed names.
 
-        The first identity found in `identity_projects` binds the caller to its project (or
-        makes it an admin, for `*`); the call is then admitted as a key for that project
-        would be, in the same single store round trip.
+        `identities` are `<type>:<name>` as `tls.peer_identities` gives them. The names found
+        in `identity_projects` bind the caller to their project (or make it an admin, for
+        `*`); the call is then admitted as a key for that project would be, in the same
+        single store round trip. Names that map to different projects (say `uri:` to one
+        and `dns:` to another, or to a project and `*`) are refused rather than resolved by
+        order: the operator must say which one the certificate is.
 
         Raises:
-            InvalidApiKeyError: No identity is mapped, or they map to different projects.
+            InvalidApiKeyError: No name is mapped, or they map to different projects.
             ProjectForbiddenError: The call names another project than the bound one, or
                 needs an admin.
             NotFoundError, RateLimitedError, StoreUnavailableError, InvalidFieldError: As
                 `admit`.
         """
-        if project_id and not PROJECT_ID_PATTERN.match(project_id):
+        if project_id and not PROJECT_ID_PATTERN.fullmatch(project_id):
             validate_project_id(project_id)
         mapped = {identity: self._identity_projects[identity] for identity in identities
                   if identity in self._identity_projects}
         if not mapped:
+            shown = ", ".join(repr(identity)[:200] for identity in identities[:8])
             raise InvalidApiKeyError("no API key, and the client certificate "
-                                     f"({', '.join(identities) or 'no identity'}) is not "
+                                     f"({shown or 'no name a mapping could use'}) is not "
                                      "mapped to a project")
         if len(set(mapped.values())) > 1:
-            raise InvalidApiKeyError("the client certificate's identities map to different "
-                                     "projects; present a key")
-        identity, bound = next(iter(mapped.items()))
+            raise InvalidApiKeyError(
+                "the client certificate's names map to different projects in "
+                f"ICEGATE_TLS_CLIENT_PROJECTS ({', '.join(sorted(mapped))}); present a key")
+        # The same caller (key id) whichever of its names the certificate lists first.
+        identity = min(mapped, key=list(self._identity_projects).index)
+        bound = mapped[identity]
         caller = Caller(key_id=self._identity_key_ids[identity], is_admin=bound == ADMIN_IDENTITY,
                         project_id="" if bound == ADMIN_IDENTITY else bound)
         if policy is MethodPolicy.ADMIN:

@@ -242,7 +242,7 @@ def _project_of(call: CallContext | None, request: Any) -> str:
     if call is not None and call.project is not None:
         return call.project.project_id
     named = getattr(request, "project_id", "")
-    return named if isinstance(named, str) and PROJECT_ID_PATTERN.match(named) else ""
+    return named if isinstance(named, str) and PROJECT_ID_PATTERN.fullmatch(named) else ""
 
 
 def _aborted_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from icegate_server.projects import PROJECT_ID_PATTERN
+from icegate_server.projects import PROJECT_ID_PATTERN, URL_PATTERN
 from icegate_server.tls import ADMIN_IDENTITY, check_tls_files, parse_client_projects
 
 if sys.version_info >= (3, 11):
@@ -91,6 +92,21 @@ SECRET_SETTINGS = frozenset({"turn_secrets", "api_keys", "master_key", "store", 
 """Settings shown by size only: secrets, and URLs that may carry a password."""
 STORE_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://")
 MAX_WORKERS = 64
+
+# Settings with a shape are matched whole (`fullmatch`): a prefix check or `$` would let a
+# trailing newline, a NUL or a space through into URIs handed to browsers or coturn's config.
+_HOST = (r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?"
+         r"|\[[0-9A-Fa-f:.]{2,45}(?:%[A-Za-z0-9_.-]{1,64})?\])")
+LISTEN_PATTERN = re.compile(rf"(?P<host>{_HOST}):(?P<port>[0-9]{{1,5}})")
+"""host:port to listen on; an IPv6 host in brackets (with a zone, as `[fe80::1%eth0]`)."""
+TURN_URI_PATTERN = re.compile(rf"turns?:{_HOST}(?::[0-9]{{1,5}})?(?:\?transport=(?:udp|tcp))?")
+"""A TURN URI as RFC 7065 spells it: `turn[s]:host[:port][?transport=udp|tcp]`."""
+STUN_URI_PATTERN = re.compile(rf"stuns?:{_HOST}(?::[0-9]{{1,5}})?")
+"""A STUN URI as RFC 7064 spells it: `stun[s]:host[:port]`."""
+REALM_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+"""A coturn realm: a domain-like name, 1-255 characters."""
+MAX_URL = 2048
+COTURN_REDIS_PATTERN = re.compile(r"(?:rediss?|unix)://[\x21-\x7e]+")
 
 
 # TOML hands the parsers typed values (lists, tables, dates...): a wrong type must become
@@ -214,8 +230,10 @@ _HELP: dict[str, str] = {
     "tls_cert": "PEM certificate chain to serve TLS with (with --tls-key); no TLS when unset",
     "tls_key": "PEM private key of --tls-cert (unencrypted; keep it mode 0600)",
     "tls_client_ca": "PEM CA bundle: require client certificates it signed (mutual TLS)",
-    "tls_client_projects": "certificate identity (CN, DNS or URI SAN) = project id, "
-                           "comma-separated; project * makes an admin",
+    "tls_client_projects": "typed certificate name = project id, comma-separated, e.g. "
+                           "uri:spiffe://corp/web=acme,dns:ops.internal=*; types uri, dns, "
+                           "email, ip, cn (cn only for a certificate without SAN); * makes "
+                           "an admin",
 }
 
 
@@ -292,13 +310,12 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def parse_listen_address(listen: str) -> tuple[str, int]:
     """Splits `host:port` (IPv6 hosts in brackets) and checks the port."""
-    host, sep, port_text = listen.rpartition(":")
-    # An unbracketed IPv6 host ("::1") is ambiguous: its last group would be read as the port.
-    unbracketed_ipv6 = ":" in host and not (host.startswith("[") and host.endswith("]"))
-    if (not sep or not host or unbracketed_ipv6 or not port_text.isdigit()
-            or not 0 <= int(port_text) <= 65535):
+    # An unbracketed IPv6 host ("::1") does not match: its last group would read as the port.
+    # The port is ASCII digits only: str.isdigit also takes look-alikes (fullwidth U+FF15).
+    matched = LISTEN_PATTERN.fullmatch(listen)
+    if matched is None or not 0 <= int(matched["port"]) <= 65535:
         raise ValueError("must be host:port, e.g. 127.0.0.1:50051 or [::1]:50051")
-    return host, int(port_text)
+    return matched["host"], int(matched["port"])
 
 
 def _validate(settings: Settings) -> None:
@@ -313,21 +330,23 @@ def _validate(settings: Settings) -> None:
         fail("workers", f"must be between 1 and {MAX_WORKERS}")
     if settings.workers > 1 and listen_port == 0:
         fail("workers", "more than one worker needs a fixed port in ICEGATE_LISTEN, not 0")
-    if settings.store and not settings.store.startswith(STORE_SCHEMES):
-        fail("store", "must start with sqlite:/// or redis://")
+    if settings.store and (not settings.store.startswith(STORE_SCHEMES)
+                           or not settings.store.isprintable()):
+        fail("store", "must start with sqlite:/// or redis:// and hold no control character")
     for secret in settings.turn_secrets:
         if len(secret) < 16:
             fail("turn_secrets", "every secret must be at least 16 characters long")
     if len(set(settings.turn_secrets)) != len(settings.turn_secrets):
         fail("turn_secrets", "lists the same secret twice")
     for uri in settings.turn_uris:
-        if not uri.startswith(("turn:", "turns:")):
-            fail("turn_uris", f"{uri!r} does not start with turn: or turns:")
+        if not TURN_URI_PATTERN.fullmatch(uri):
+            fail("turn_uris", f"{uri!r} is not turn[s]:host[:port][?transport=udp|tcp]")
     for uri in settings.stun_uris:
-        if not uri.startswith(("stun:", "stuns:")):
-            fail("stun_uris", f"{uri!r} does not start with stun: or stuns:")
-    if not settings.turn_realm or any(c.isspace() for c in settings.turn_realm):
-        fail("turn_realm", "must be a non-empty name without spaces")
+        if not STUN_URI_PATTERN.fullmatch(uri):
+            fail("stun_uris", f"{uri!r} is not stun[s]:host[:port]")
+    if not REALM_PATTERN.fullmatch(settings.turn_realm):
+        fail("turn_realm", "must be 1-255 characters: letters, digits, . _ -, starting with a "
+             "letter or digit")
     for key in settings.api_keys:
         if len(key) < 16:
             fail("api_keys", "every key must be at least 16 characters long")
@@ -356,11 +375,10 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"invalid setting {error}") from None
     for name in ("openai_base_url", "azure_base_url", "orga_base_url", "gemini_base_url"):
         url = getattr(settings, name)
-        if url and (not url.startswith(("https://", "http://")) or any(c.isspace() for c in url)):
-            fail(name, "must be an http(s) URL")
-    if settings.coturn_redis and not settings.coturn_redis.startswith(
-            ("redis://", "rediss://", "unix://")):
-        fail("coturn_redis", "must be a redis:// URL")
+        if url and (len(url) > MAX_URL or not URL_PATTERN.fullmatch(url)):
+            fail(name, "must be an http(s) URL of printable ASCII without spaces")
+    if settings.coturn_redis and not COTURN_REDIS_PATTERN.fullmatch(settings.coturn_redis):
+        fail("coturn_redis", "must be a redis:// URL of printable ASCII without spaces")
     if settings.coturn_sqlite and not Path(settings.coturn_sqlite).parent.is_dir():
         fail("coturn_sqlite", "must be a file in an existing directory")
     if settings.turn_rotate_interval and not 60 <= settings.turn_rotate_interval <= 365 * 86400:
@@ -397,7 +415,7 @@ def _validate_tls(settings: Settings, fail: Callable[[str, str], None]) -> None:
         fail("tls_client_projects", "needs ICEGATE_TLS_CLIENT_CA: only verified client "
              "certificates can stand for a caller")
     for identity, project in settings.tls_client_projects:
-        if project != ADMIN_IDENTITY and not PROJECT_ID_PATTERN.match(project):
+        if project != ADMIN_IDENTITY and not PROJECT_ID_PATTERN.fullmatch(project):
             fail("tls_client_projects", f"{identity!r} maps to {project!r}, which is neither "
                  "a project id nor *")
     try:

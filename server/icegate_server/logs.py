@@ -125,7 +125,7 @@ def _status_name(value: object) -> object:
 
 FIELD_RULES: dict[str, Rule] = {
     "method": _matching(r"/[A-Za-z0-9_.]{1,200}/[A-Za-z0-9_]{1,100}"),
-    "project": _matching(PROJECT_ID_PATTERN.pattern.strip("^$")),
+    "project": _matching(PROJECT_ID_PATTERN.pattern),
     "key_id": _matching(r"[A-Za-z0-9_-]{1,64}"),
     "code": _status_name,
     "reason": _matching(r"[A-Z][A-Z0-9_]{0,63}"),

@@ -17,6 +17,7 @@ from icegate_server.projects import (
     ApiKey,
     Project,
     new_key_secret,
+    validate_key_id,
     validate_project,
     validate_project_id,
 )
@@ -149,8 +150,7 @@ class ProjectAdmin:
         return await self._store.list_api_keys(project_id or None)
 
     async def revoke_api_key(self, key_id: str) -> ApiKey:
-        if not key_id or len(key_id) > 64:
-            raise InvalidFieldError("key_id", "is required")
+        validate_key_id(key_id)
         revoked = await self._store.revoke_api_key(key_id, int(self._clock.now() * 1000))
         if revoked is None:
             raise NotFoundError(f"API key {key_id!r} does not exist")

@@ -16,7 +16,14 @@ from icegate_server.errors import InvalidFieldError
 DEFAULT_PROJECT_ID = "default"
 """The project admin keys act on when a call names none; created at first start."""
 
-PROJECT_ID_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+# Identifier patterns are matched whole, with `fullmatch`, never `re.match`: `$` also matches
+# before a trailing newline, which let `acme\n` in as a second, look-alike project.
+PROJECT_ID_PATTERN = re.compile(r"[a-z][a-z0-9-]{0,62}")
+"""A project id, to `fullmatch`: a lower-case letter, then lower-case letters, digits, `-`."""
+KEY_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+"""A caller key's public id, to `fullmatch` (issued ids are 12 hex digits)."""
+URL_PATTERN = re.compile(r"https?://[\x21-\x7e]+")
+"""An http(s) URL, to `fullmatch`: printable ASCII without spaces (IDN hosts in punycode)."""
 MAX_DISPLAY_NAME = 200
 MAX_URL = 2048
 KEY_PREFIX = "igk_"
@@ -52,9 +59,21 @@ def validate_project_id(project_id: str, *, field_name: str = "project_id") -> N
 
     The charset keeps ids safe inside TURN usernames, Redis keys and log lines.
     """
-    if not PROJECT_ID_PATTERN.match(project_id):
+    if not PROJECT_ID_PATTERN.fullmatch(project_id):
         raise InvalidFieldError(
             field_name, "must be 1-63 characters: a lower-case letter, then letters, digits, -")
+
+
+def validate_key_id(key_id: str) -> None:
+    """Checks a caller key's public id before it is looked up.
+
+    Raises:
+        InvalidFieldError: Empty, or not 1-64 of `A-Z a-z 0-9 _ -`.
+    """
+    if not key_id:
+        raise InvalidFieldError("key_id", "is required")
+    if not KEY_ID_PATTERN.fullmatch(key_id):
+        raise InvalidFieldError("key_id", "must be 1-64 characters: letters, digits, _ or -")
 
 
 def validate_project(project: Project, *, turn_ttl_min: int, turn_ttl_max: int) -> None:
@@ -82,8 +101,9 @@ def validate_project(project: Project, *, turn_ttl_min: int, turn_ttl_max: int) 
     if len(project.plan) > 64 or not project.plan.isprintable():
         raise InvalidFieldError("plan", "must be printable, at most 64 characters")
     if project.upgrade_url and (len(project.upgrade_url) > MAX_URL
-                                or not project.upgrade_url.startswith(("https://", "http://"))):
-        raise InvalidFieldError("upgrade_url", "must be an http(s) URL")
+                                or not URL_PATTERN.fullmatch(project.upgrade_url)):
+        raise InvalidFieldError("upgrade_url", f"must be an http(s) URL of at most {MAX_URL} "
+                                "printable ASCII characters")
     if not 0 <= project.monthly_session_quota <= 1_000_000_000:
         raise InvalidFieldError("monthly_session_quota", "must be between 0 and 1000000000")
     if not 0 <= project.max_concurrent_sessions <= 1_000_000:

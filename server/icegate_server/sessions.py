@@ -11,6 +11,7 @@ back (`Store.cancel_session`), shielded from the caller's cancellation.
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -142,7 +143,10 @@ class RealtimeSessions:
             raise NotFoundError(f"session {session_id!r} is not active (ended or expired)")
 
 
+SESSION_ID_PATTERN = re.compile(r"ses_[A-Za-z0-9_-]{4,60}")
+"""A session id, to `fullmatch`: `ses_` and URL-safe base64, 8-64 characters in all."""
+
+
 def _check_session_id(session_id: str) -> None:
-    if not session_id.startswith(SESSION_ID_PREFIX) or not 8 <= len(session_id) <= 64 \
-            or not session_id.isascii() or not session_id.isprintable():
+    if not SESSION_ID_PATTERN.fullmatch(session_id):
         raise InvalidFieldError("session_id", "must be a session id from CreateSession")

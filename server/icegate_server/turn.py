@@ -96,8 +96,9 @@ def validate_user_id(user_id: str, *, field: str = "user_id") -> None:
     """Checks a user id can be bound into a TURN username unambiguously.
 
     Raises:
-        InvalidFieldError: Empty, longer than 256 bytes of UTF-8, or holding the separator or
-            a control character.
+        InvalidFieldError: Empty, longer than 256 bytes of UTF-8, holding the separator or
+            a control character, or starting or ending with a space (a look-alike of the
+            trimmed id in every log and TURN username).
     """
     if not user_id:
         raise InvalidFieldError(field, "is required")
@@ -108,6 +109,8 @@ def validate_user_id(user_id: str, *, field: str = "user_id") -> None:
     # Lone surrogates are category Cs, which isprintable() already refuses.
     if not user_id.isprintable():
         raise InvalidFieldError(field, "must not contain control or unprintable characters")
+    if user_id != user_id.strip():
+        raise InvalidFieldError(field, "must not start or end with a space")
 
 
 class TurnCredential(NamedTuple):

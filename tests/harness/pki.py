@@ -1,6 +1,6 @@
 """A throwaway certificate authority for TLS tests: a CA, a server certificate for this
 machine's loopback (SAN IP 127.0.0.1 and DNS localhost), and client certificates with any
-CN and SANs, written as PEM files."""
+CN and SANs (DNS, URI, email, IP) and any validity period, written as PEM files."""
 
 from __future__ import annotations
 
@@ -65,20 +65,30 @@ class TestCA:
 
     def issue(self, file_stem: str, common_name: str, *, dns: tuple[str, ...] = (),
               uris: tuple[str, ...] = (), ips: tuple[str, ...] = (),
-              server: bool = False) -> CertFiles:
-        """Signs a leaf certificate (server or client use) and writes it with its key."""
+              emails: tuple[str, ...] = (), server: bool = False,
+              valid_for: tuple[datetime.timedelta, datetime.timedelta] | None = None,
+              ) -> CertFiles:
+        """Signs a leaf certificate (server or client use) and writes it with its key.
+
+        `valid_for` is (not before, not after) relative to now; by default an hour ago to a
+        day ahead. A certificate without `dns`, `uris`, `ips` and `emails` has no SAN
+        extension at all.
+        """
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
+        not_before, not_after = valid_for or (datetime.timedelta(hours=-1),
+                                              datetime.timedelta(days=1))
         names: list[x509.GeneralName] = [x509.DNSName(name) for name in dns]
         names += [x509.UniformResourceIdentifier(uri) for uri in uris]
         names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+        names += [x509.RFC822Name(email) for email in emails]
         builder = (
             x509.CertificateBuilder()
             .subject_name(_name(common_name)).issuer_name(self._name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
+            .not_valid_before(now + not_before)
+            .not_valid_after(now + not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage(
                 [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),

@@ -4,6 +4,7 @@ the client's and the CLI's TLS options, and the server's TLS settings and warnin
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import os
 import signal
@@ -25,6 +26,14 @@ ALL_INTERFACES = "0.0.0.0"  # noqa: S104 - the warning under test is about exact
 FAST = 3.0  # seconds: a TLS failure is immediate, the deadline only bounds a hang
 
 
+HOUR = datetime.timedelta(hours=1)
+CLIENT_PROJECTS = (
+    (f"uri:{IDENTITY_A}", "acme"), ("cn:billing.internal", "billing"),
+    ("dns:ops.internal", "*"), ("email:mail@corp.example", "billing"),
+    ("ip:10.0.0.7", "acme"), ("dns:both.internal", "billing"))
+"""The mapping every mutual-TLS test server runs with (typed names, canonical)."""
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     """One CA for servers and clients, a stranger CA, and the certificates the tests use."""
@@ -36,10 +45,28 @@ def pki(tmp_path_factory):
         "server": ca.issue_server(),
         # Mapped by its URI SAN (a SPIFFE id); its CN is unmapped.
         "web": ca.issue("web", "web-frontend", uris=(IDENTITY_A,)),
-        # Mapped by its CN.
+        # Mapped by its CN: it has no SAN at all.
         "billing": ca.issue("billing", "billing.internal"),
         "ops": ca.issue("ops", "ops.internal", dns=("ops.internal",)),
+        "email": ca.issue("email", "mailer", emails=("mail@corp.example",)),
+        "ip": ca.issue("ip", "by-address", ips=("10.0.0.7",)),
         "nobody": ca.issue("nobody", "nobody.internal", dns=("nobody.internal",)),
+        # The spelling collisions: each holds a mapped name under another type.
+        "cn_spiffe": ca.issue("cn-spiffe", IDENTITY_A),
+        "cn_ops": ca.issue("cn-ops", "ops.internal"),
+        "uri_ops": ca.issue("uri-ops", "someone", uris=("ops.internal",)),
+        "email_ops": ca.issue("email-ops", "someone", emails=("ops.internal",)),
+        "cn_billing_with_san": ca.issue("cn-billing-san", "billing.internal",
+                                        dns=("elsewhere.internal",)),
+        # Names that map to two callers: refused, never resolved by order.
+        "ambiguous": ca.issue("ambiguous", "x", uris=(IDENTITY_A,), dns=("ops.internal",)),
+        # Two names for one project: one caller.
+        "two_names": ca.issue("two-names", "x", dns=("both.internal",),
+                              emails=("mail@corp.example",)),
+        "expired": ca.issue("expired", "web-frontend", uris=(IDENTITY_A,),
+                            valid_for=(-48 * HOUR, -24 * HOUR)),
+        "not_yet_valid": ca.issue("not-yet-valid", "web-frontend", uris=(IDENTITY_A,),
+                                  valid_for=(24 * HOUR, 48 * HOUR)),
     }
 
 
@@ -47,8 +74,7 @@ def tls_settings(tmp_path: Path, pki, *, mutual: bool, **overrides):
     server: CertFiles = pki["server"]
     extra = dict(tls_cert=server.cert, tls_key=server.key)
     if mutual:
-        extra.update(tls_client_ca=pki["ca"].cert, tls_client_projects=(
-            (IDENTITY_A, "acme"), ("billing.internal", "billing"), ("ops.internal", "*")))
+        extra.update(tls_client_ca=pki["ca"].cert, tls_client_projects=CLIENT_PROJECTS)
     return server_settings(tmp_path, **extra, **overrides)
 
 
@@ -138,10 +164,46 @@ class TestMutualTls:
             # Its calls count against its project's rate limit, as a key's would.
             assert web.get_usage(timeout=FAST).project_id == "acme"
 
-    def test_a_certificate_is_mapped_by_its_common_name(self, mtls_server, pki):
+    def test_a_certificate_without_san_is_mapped_by_its_common_name(self, mtls_server, pki):
         with icegate.Client(mtls_server.target, tls=client_tls(pki, "billing")) as billing:
             credential = billing.issue_turn_credentials("carol", timeout=FAST)
         assert expiry_and_user(credential.username)[1] == "billing/carol"
+
+    @pytest.mark.parametrize(("cert_name", "project"), [
+        ("web", "acme"), ("billing", "billing"), ("ops", "default"), ("email", "billing"),
+        ("ip", "acme"), ("two_names", "billing")])
+    def test_each_name_type_maps_to_its_project(self, mtls_server, pki, cert_name, project):
+        with icegate.Client(mtls_server.target, tls=client_tls(pki, cert_name)) as client:
+            credential = client.issue_turn_credentials("carol", timeout=FAST)
+        assert expiry_and_user(credential.username)[1] == f"{project}/carol"
+
+    @pytest.mark.parametrize("cert_name", [
+        "cn_spiffe",  # CN spiffe://corp/web, no SAN: not uri:spiffe://corp/web
+        "cn_ops", "uri_ops", "email_ops",  # ops.internal, but not as a DNS SAN
+        "cn_billing_with_san",  # cn:billing.internal, but the certificate has a SAN
+    ])
+    def test_a_name_of_another_type_is_not_a_mapped_name(self, mtls_server, pki, cert_name):
+        with icegate.Client(mtls_server.target, tls=client_tls(pki, cert_name)) as client:
+            with pytest.raises(icegate.AuthenticationError) as caught:
+                client.issue_turn_credentials("carol", timeout=FAST)
+            assert caught.value.reason == "INVALID_API_KEY"
+            with pytest.raises(icegate.AuthenticationError):
+                client.create_project("by-look-alike", timeout=FAST)
+
+    def test_names_that_map_to_two_callers_are_refused(self, mtls_server, pki):
+        with icegate.Client(mtls_server.target, tls=client_tls(pki, "ambiguous")) as client, \
+                pytest.raises(icegate.AuthenticationError) as caught:
+            client.issue_turn_credentials("carol", project_id="acme", timeout=FAST)
+        message = str(caught.value)
+        assert "different projects" in message
+        assert f"uri:{IDENTITY_A}" in message and "dns:ops.internal" in message
+
+    @pytest.mark.parametrize("cert_name", ["expired", "not_yet_valid"])
+    def test_a_certificate_outside_its_validity_fails_the_handshake(self, mtls_server, pki,
+                                                                     cert_name):
+        with icegate.Client(mtls_server.target, tls=client_tls(pki, cert_name)) as client, \
+                pytest.raises(icegate.UnavailableError):
+            client.health(timeout=FAST)
 
     def test_an_admin_certificate_administers(self, mtls_server, pki):
         with icegate.Client(mtls_server.target, tls=client_tls(pki, "ops")) as ops:
@@ -153,7 +215,7 @@ class TestMutualTls:
         with icegate.Client(mtls_server.target, tls=client_tls(pki, "nobody")) as nobody, \
                 pytest.raises(icegate.AuthenticationError) as caught:
             nobody.issue_turn_credentials("alice", timeout=FAST)
-        assert "nobody.internal" in str(caught.value)
+        assert "dns:nobody.internal" in str(caught.value)
 
     def test_a_key_over_mutual_tls_still_works_and_wins(self, mtls_server, pki):
         with icegate.Client(mtls_server.target, TEST_ADMIN_KEY,
@@ -233,9 +295,20 @@ def run_server(tmp_path: Path, **settings: str) -> subprocess.CompletedProcess[s
     (lambda p: {"tls_cert": p["server"].cert, "tls_key": p["server"].key,
                 "tls_client_ca": p["server"].key}, "ICEGATE_TLS_CLIENT_CA"),
     (lambda p: {"tls_cert": p["server"].cert, "tls_key": p["server"].key,
-                "tls_client_projects": "web=acme"}, "ICEGATE_TLS_CLIENT_PROJECTS"),
+                "tls_client_projects": "dns:web=acme"}, "ICEGATE_TLS_CLIENT_PROJECTS"),
+    # The old, untyped spelling: refused, the line showing the typed one.
+    (lambda p: {"tls_cert": p["server"].cert, "tls_key": p["server"].key,
+                "tls_client_ca": p["ca"].cert,
+                "tls_client_projects": "spiffe://corp/web=acme,ops.internal=*"},
+     "ICEGATE_TLS_CLIENT_PROJECTS: 'spiffe://corp/web' has no name type: write "
+     "uri:spiffe://corp/web=acme"),
+    (lambda p: {"tls_cert": p["server"].cert, "tls_key": p["server"].key,
+                "tls_client_ca": p["ca"].cert,
+                "tls_client_projects": "dns:ops.internal=*,dns:OPS.internal=acme"},
+     "ICEGATE_TLS_CLIENT_PROJECTS: maps the same name twice ('dns:ops.internal')"),
 ], ids=["cert-without-key", "key-without-cert", "unreadable-cert", "mismatched-key",
-        "key-as-cert", "key-as-client-ca", "projects-without-client-ca"])
+        "key-as-cert", "key-as-client-ca", "projects-without-client-ca",
+        "untyped-client-projects", "same-name-twice"])
 def test_bad_tls_settings_stop_the_server_with_one_line(tmp_path, pki, settings, named):
     result = run_server(tmp_path, **settings(pki))
     assert result.returncode == 2

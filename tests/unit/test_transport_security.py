@@ -1,5 +1,5 @@
-"""Transport security pieces: TLS settings, certificate identities admitted by AccessControl,
-and the client's TLS configuration."""
+"""Transport security pieces: TLS settings, a certificate's typed names, the names admitted by
+AccessControl, and the client's TLS configuration."""
 
 from __future__ import annotations
 
@@ -24,7 +24,13 @@ from icegate_server.errors import (
 )
 from icegate_server.projects import Project
 from icegate_server.store import open_store
-from icegate_server.tls import is_loopback_host, parse_client_projects, peer_identities
+from icegate_server.tls import (
+    canonical_name,
+    certificate_names,
+    is_loopback_host,
+    parse_client_projects,
+    peer_identities,
+)
 
 # -- server settings ---------------------------------------------------------------------
 
@@ -43,31 +49,54 @@ def tls_env(pki, **extra: str) -> dict[str, str]:
 
 def test_client_projects_from_the_environment(pki):
     settings = load_settings({}, tls_env(pki, ICEGATE_TLS_CLIENT_PROJECTS=(
-        " spiffe://corp/web=acme , billing.internal=billing,spiffe://x/y?a=b=ops,ops=*")))
+        " uri:spiffe://corp/web=acme , dns:Billing.Internal=billing,"
+        "uri:spiffe://x/y?a=b=ops,email:ops@Corp.Example=ops,ip:0:0::1=ops,cn:ops box=*")))
+    # Each name in its canonical spelling: DNS names and email domains lower-cased, IPs
+    # as `ipaddress` writes them.
     assert settings.tls_client_projects == (
-        ("spiffe://corp/web", "acme"), ("billing.internal", "billing"),
-        ("spiffe://x/y?a=b", "ops"), ("ops", "*"))
+        ("uri:spiffe://corp/web", "acme"), ("dns:billing.internal", "billing"),
+        ("uri:spiffe://x/y?a=b", "ops"), ("email:ops@corp.example", "ops"),
+        ("ip:::1", "ops"), ("cn:ops box", "*"))
 
 
 def test_client_projects_from_a_toml_table(pki, tmp_path):
     config = tmp_path / "icegate.toml"
-    config.write_text('[tls_client_projects]\n"spiffe://corp/web" = "acme"\n'
-                      '"ops.internal" = "*"\n', encoding="utf-8")
+    config.write_text('[tls_client_projects]\n"uri:spiffe://corp/web" = "acme"\n'
+                      '"dns:ops.internal" = "*"\n', encoding="utf-8")
     settings = load_settings({}, tls_env(pki, ICEGATE_CONFIG=str(config)))
-    assert dict(settings.tls_client_projects) == {"spiffe://corp/web": "acme",
-                                                  "ops.internal": "*"}
+    assert dict(settings.tls_client_projects) == {"uri:spiffe://corp/web": "acme",
+                                                  "dns:ops.internal": "*"}
 
 
 @pytest.mark.parametrize(("raw", "problem"), [
-    ("a=acme,a=billing", "same identity twice"),
-    ("web=Not_A_Project", "neither a project id nor *"),
-    ("web=", "identity=project"),
+    ("dns:a=acme,dns:a=billing", "same name twice ('dns:a')"),
+    # One name spelled two ways is still one name.
+    ("dns:ops.internal=acme,dns:OPS.internal=billing", "same name twice"),
+    ("ip:::1=acme,ip:0:0::1=acme", "same name twice ('ip:::1')"),
+    ("dns:web=Not_A_Project", "neither a project id nor *"),
+    ("dns:web=acme\x00", "neither a project id nor *"),
+    ("dns:web=", "type:name=project"),
+    # The old, untyped spelling: refused, showing the typed one.
+    ("spiffe://corp/web=acme", "write uri:spiffe://corp/web=acme"),
+    ("ops.internal=*", "write dns:ops.internal=*"),
+    ("ops@corp.example=*", "write email:ops@corp.example=*"),
+    ("10.0.0.7=acme", "write ip:10.0.0.7=acme"),
+    ("spiffe:corp=acme", "has no name type"),
+    ("dn:web=acme", "has no name type"),
+    ("dns:ops.internal.=acme", "is not a dns name"),
+    ("dns:*.internal=acme", "is not a dns name"),
+    ("dns:\u043eps.internal=acme", "is not a dns name"),  # Cyrillic o
+    ("ip:10.0.0.256=acme", "is not an IP address"),
+    ("uri:spiffe://corp/web x=acme", "is not a uri name"),
+    ("email:ops=acme", "is not a email name"),
+    ("cn: web=acme", "is not a cn name"),
 ])
 def test_bad_client_projects_are_named(pki, raw, problem):
     with pytest.raises(ConfigError) as caught:
         load_settings({}, tls_env(pki, ICEGATE_TLS_CLIENT_PROJECTS=raw))
-    assert "ICEGATE_TLS_CLIENT_PROJECTS" in str(caught.value)
-    assert problem in str(caught.value)
+    message = str(caught.value)
+    assert "ICEGATE_TLS_CLIENT_PROJECTS" in message and "\n" not in message
+    assert problem in message
 
 
 def test_unreadable_key_is_named_and_never_shown(pki, tmp_path):
@@ -108,18 +137,79 @@ def test_loopback_hosts(host, loopback):
     assert is_loopback_host(host) is loopback
 
 
-def test_peer_identities_are_the_common_name_and_every_san():
+def names_of(files) -> list[str]:
+    return certificate_names(Path(files.cert).read_bytes())
+
+
+def test_every_san_is_named_with_its_type_and_the_cn_is_not(pki):
+    ca, _ = pki
+    files = ca.issue("typed", "ops.internal", uris=("spiffe://corp/web",),
+                     dns=("Web.Internal",), emails=("ops@Corp.Example",),
+                     ips=("10.0.0.7", "::1"))
+    assert sorted(names_of(files)) == sorted([
+        "uri:spiffe://corp/web", "dns:web.internal", "email:ops@corp.example",
+        "ip:10.0.0.7", "ip:::1"])
+
+
+def test_the_cn_counts_only_without_any_san(pki):
+    ca, _ = pki
+    assert names_of(ca.issue("cn-only", "spiffe://corp/web")) == ["cn:spiffe://corp/web"]
+    # Any SAN at all, even of a type never mapped, hides the CN (RFC 6125 6.4.4).
+    assert names_of(ca.issue("cn-and-ip", "ops.internal", ips=("10.0.0.7",))) \
+        == ["ip:10.0.0.7"]
+
+
+def test_peer_identities_read_the_verified_certificate(pki):
+    ca, _ = pki
+    files = ca.issue("peer", "web-frontend", uris=("spiffe://corp/web",))
     auth_context = {"x509_common_name": [b"web-frontend"],
-                    "x509_subject_alternative_name": [b"spiffe://corp/web", b"web.internal"],
+                    "x509_subject_alternative_name": [b"spiffe://corp/web"],
+                    "x509_pem_cert": [Path(files.cert).read_bytes()],
                     "transport_security_type": [b"ssl"]}
-    assert peer_identities(auth_context) == ["web-frontend", "spiffe://corp/web",
-                                             "web.internal"]
+    assert peer_identities(auth_context) == ["uri:spiffe://corp/web"]
+    # grpc's untyped lists alone are never used: no certificate, no names.
+    assert peer_identities({"x509_common_name": [b"ops.internal"]}) == []
     assert peer_identities({}) == []
+    assert peer_identities({"x509_pem_cert": [b"-----BEGIN CERTIFICATE-----\nno\n"]}) == []
+
+
+@pytest.mark.parametrize(("kind", "value", "canonical"), [
+    ("dns", "OPS.Internal", "dns:ops.internal"),
+    ("dns", "a" * 63 + ".b", "dns:" + "a" * 63 + ".b"),
+    ("dns", ".".join(["a" * 63] * 3 + ["a" * 61]), "dns:" + ".".join(["a" * 63] * 3 + ["a" * 61])),
+    ("uri", "spiffe://corp/web", "uri:spiffe://corp/web"),
+    ("email", "Ops@Corp.Example", "email:Ops@corp.example"),
+    ("ip", "0:0::1", "ip:::1"),
+    ("ip", "10.0.0.7", "ip:10.0.0.7"),
+    ("cn", "web frontend", "cn:web frontend"),
+    ("cn", "c" * 64, "cn:" + "c" * 64),
+])
+def test_names_have_one_canonical_spelling(kind, value, canonical):
+    assert canonical_name(kind, value) == canonical
+
+
+@pytest.mark.parametrize(("kind", "value"), [
+    *[(kind, value + suffix) for kind, value in (
+        ("dns", "ops.internal"), ("uri", "spiffe://corp/web"), ("email", "ops@corp.example"),
+        ("ip", "10.0.0.7"), ("cn", "ops.internal"))
+      for suffix in ("\n", " ", "\x00")],
+    ("dns", " ops.internal"), ("cn", " ops.internal"), ("uri", " spiffe://corp/web"),
+    # Non-ASCII look-alikes: Kelvin sign (lower() folds it onto k), Cyrillic o.
+    ("dns", "\u212aey.internal"), ("dns", "\u043eps.internal"), ("cn", "\u043eps.internal"),
+    ("email", "\u043eps@corp.example"), ("uri", "spiffe://c\u043erp/web"),
+    ("dns", "a" * 64 + ".b"), ("dns", ".".join(["a" * 63] * 3 + ["a" * 62])),
+    ("cn", "c" * 65), ("dns", "*.internal"), ("dns", ""), ("cn", ""), ("uri", "no-scheme"),
+    ("ip", "010.0.0.7"), ("spiffe", "//corp/web"),
+])
+def test_look_alike_names_are_refused(kind, value):
+    with pytest.raises(ValueError):
+        canonical_name(kind, value)
 
 
 # -- AccessControl.admit_identity ----------------------------------------------------------
 
-IDENTITIES = {"spiffe://corp/web": "acme", "billing.internal": "billing", "ops.internal": "*"}
+IDENTITIES = {"uri:spiffe://corp/web": "acme", "dns:billing.internal": "billing",
+              "dns:ops.internal": "*"}
 
 
 class SwitchableStore:
@@ -155,9 +245,9 @@ def run_admissions(tmp_path, script, *, fail_open: bool = False, identities=IDEN
 
 def test_a_mapped_identity_acts_for_its_project(tmp_path):
     async def script(access, _):
-        implied = await access.admit_identity(["web", "spiffe://corp/web"],
+        implied = await access.admit_identity(["cn:web", "uri:spiffe://corp/web"],
                                               MethodPolicy.PROJECT, "")
-        named = await access.admit_identity(["spiffe://corp/web"], MethodPolicy.PROJECT, "acme")
+        named = await access.admit_identity(["uri:spiffe://corp/web"], MethodPolicy.PROJECT, "acme")
         return implied, named
 
     implied, named = run_admissions(tmp_path, script)
@@ -171,7 +261,7 @@ def test_a_mapped_identity_acts_for_its_project(tmp_path):
 @pytest.mark.parametrize("policy", [MethodPolicy.PROJECT, MethodPolicy.PROJECT_UNCOUNTED])
 def test_a_mapped_identity_may_not_name_another_project(tmp_path, policy):
     async def script(access, _):
-        return await access.admit_identity(["spiffe://corp/web"], policy, "billing")
+        return await access.admit_identity(["uri:spiffe://corp/web"], policy, "billing")
 
     with pytest.raises(ProjectForbiddenError, match="billing"):
         run_admissions(tmp_path, script)
@@ -181,7 +271,7 @@ def test_a_malformed_project_id_is_refused_before_any_lookup_or_echo(tmp_path):
     hostile = "x" * 3000
 
     async def script(access, _):
-        return await access.admit_identity(["spiffe://corp/web"], MethodPolicy.PROJECT,
+        return await access.admit_identity(["uri:spiffe://corp/web"], MethodPolicy.PROJECT,
                                            hostile)
 
     with pytest.raises(InvalidFieldError) as caught:
@@ -191,7 +281,7 @@ def test_a_malformed_project_id_is_refused_before_any_lookup_or_echo(tmp_path):
 
 def test_a_project_identity_may_not_administer(tmp_path):
     async def script(access, _):
-        return await access.admit_identity(["billing.internal"], MethodPolicy.ADMIN, "")
+        return await access.admit_identity(["dns:billing.internal"], MethodPolicy.ADMIN, "")
 
     with pytest.raises(ProjectForbiddenError):
         run_admissions(tmp_path, script)
@@ -199,9 +289,9 @@ def test_a_project_identity_may_not_administer(tmp_path):
 
 def test_an_admin_identity_acts_anywhere(tmp_path):
     async def script(access, _):
-        admin = await access.admit_identity(["ops.internal"], MethodPolicy.ADMIN, "")
-        billing = await access.admit_identity(["ops.internal"], MethodPolicy.PROJECT, "billing")
-        default = await access.admit_identity(["ops.internal"], MethodPolicy.PROJECT, "")
+        admin = await access.admit_identity(["dns:ops.internal"], MethodPolicy.ADMIN, "")
+        billing = await access.admit_identity(["dns:ops.internal"], MethodPolicy.PROJECT, "billing")
+        default = await access.admit_identity(["dns:ops.internal"], MethodPolicy.PROJECT, "")
         return admin, billing, default
 
     admin, billing, default = run_admissions(tmp_path, script)
@@ -210,8 +300,8 @@ def test_an_admin_identity_acts_anywhere(tmp_path):
     assert default.project.project_id == "default"
 
 
-@pytest.mark.parametrize("identities", [[], ["nobody.internal"],
-                                        ["spiffe://corp/web", "billing.internal"]])
+@pytest.mark.parametrize("identities", [[], ["dns:nobody.internal"],
+                                        ["uri:spiffe://corp/web", "dns:billing.internal"]])
 def test_unmapped_or_ambiguous_identities_are_unauthenticated(tmp_path, identities):
     async def script(access, _):
         return await access.admit_identity(identities, MethodPolicy.PROJECT, "")
@@ -222,21 +312,21 @@ def test_unmapped_or_ambiguous_identities_are_unauthenticated(tmp_path, identiti
 
 def test_a_mapped_project_that_does_not_exist_is_not_found(tmp_path):
     async def script(access, _):
-        return await access.admit_identity(["new.internal"], MethodPolicy.PROJECT, "")
+        return await access.admit_identity(["dns:new.internal"], MethodPolicy.PROJECT, "")
 
     with pytest.raises(NotFoundError):
-        run_admissions(tmp_path, script, identities={"new.internal": "missing"})
+        run_admissions(tmp_path, script, identities={"dns:new.internal": "missing"})
 
 
 def test_fail_open_remembers_an_identity_but_not_for_a_key_spelling_it(tmp_path):
     async def script(access, store):
-        await access.admit_identity(["spiffe://corp/web"], MethodPolicy.PROJECT, "")
+        await access.admit_identity(["uri:spiffe://corp/web"], MethodPolicy.PROJECT, "")
         store.down = True
-        remembered = await access.admit_identity(["spiffe://corp/web"], MethodPolicy.PROJECT,
+        remembered = await access.admit_identity(["uri:spiffe://corp/web"], MethodPolicy.PROJECT,
                                                  "")
         # A bearer key whose text is the identity must not inherit its admission.
         with pytest.raises(StoreUnavailableError):
-            await access.admit("spiffe://corp/web", MethodPolicy.PROJECT, "")
+            await access.admit("uri:spiffe://corp/web", MethodPolicy.PROJECT, "")
         return remembered
 
     assert run_admissions(tmp_path, script, fail_open=True).project.project_id == "acme"
