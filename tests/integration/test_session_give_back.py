@@ -71,7 +71,7 @@ def in_threads(count: int, call: Callable[[int], object]) -> list[object]:
     def run(i: int) -> None:
         try:
             results[i] = call(i)
-        except Exception as error:  # noqa: BLE001 - the outcome is what is collected
+        except Exception as error:  # the outcome is what is collected
             results[i] = error
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
