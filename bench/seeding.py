@@ -76,12 +76,17 @@ async def seed(store_url: str, *, projects: int, leases: int) -> Seeded:
                 ProviderKeyRecord(p, "openai", b"seeded", "seed", now_ms))
                 for p in holders[start:start + _BATCH]))
         for start in range(0, leases, _BATCH):
+            batch = range(start, min(start + _BATCH, leases))
             outcomes = await asyncio.gather(*(store.begin_session(
                 project_id=ids[n % len(ids)], session_id=f"ses_seed{n:09d}", month=month,
-                now_ms=now_ms, lease_ms=LEASE_MS, quota=UNLIMITED["monthly_session_quota"],
+                now_ms=now_ms, pending_ms=LEASE_MS, quota=UNLIMITED["monthly_session_quota"],
                 max_concurrent=UNLIMITED["max_concurrent_sessions"], provider="openai")
-                for n in range(start, min(start + _BATCH, leases))))
+                for n in batch))
             assert all(o.outcome is SessionOutcome.STARTED for o in outcomes)
+            confirmed = await asyncio.gather(*(store.confirm_session(
+                project_id=ids[n % len(ids)], session_id=f"ses_seed{n:09d}", month=month,
+                now_ms=now_ms, lease_ms=LEASE_MS) for n in batch))
+            assert all(confirmed)
     finally:
         await store.close()
     return Seeded(projects, leases, load_key, time.monotonic() - started)

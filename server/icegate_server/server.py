@@ -203,7 +203,9 @@ async def create_server(
         providers = build_providers(provider_settings(settings),
                                     ProviderRuntime(http, metrics=metrics))
         sessions = RealtimeSessions(store, provider_keys, providers, issuer, settings.stun_uris,
-                                    clock, lease_seconds=settings.session_lease_seconds)
+                                    clock, lease_seconds=settings.session_lease_seconds,
+                                    upstream_seconds=settings.upstream_connect_timeout
+                                    + settings.upstream_read_timeout)
         guard = CallGuard(access, metrics)
         methods = MethodTable()
         methods.add(credentials_pb2_grpc.add_CredentialServiceServicer_to_server,

@@ -205,7 +205,7 @@ def test_sqlite_writes_commit_right_after_a_checkpoint(tmp_path):
                 assert other.execute("SELECT key_id FROM api_keys").fetchall() == [("k1",)]
             await store.put_provider_key(ProviderKeyRecord("acme", "openai", b"x", "abcd", 1))
             started = await store.begin_session(project_id="acme", session_id="s", month="m",
-                                                now_ms=1, lease_ms=10, quota=5,
+                                                now_ms=1, pending_ms=10, quota=5,
                                                 max_concurrent=5, provider="openai")
             assert started.active_sessions == 1
         finally:

@@ -83,7 +83,7 @@ def test_a_killed_redis_fails_fast_and_the_same_store_recovers(
         await time_failure(lambda: admit(store), "killed redis, admit")
         await time_failure(store.ping, "killed redis, ping")
         await time_failure(lambda: store.begin_session(
-            project_id="alpha", session_id="s1", month="2023-11", now_ms=NOW, lease_ms=1_000,
+            project_id="alpha", session_id="s1", month="2023-11", now_ms=NOW, pending_ms=1_000,
             quota=5, max_concurrent=5, provider="openai"), "killed redis, begin_session")
 
         redis_server.start()
@@ -107,7 +107,7 @@ def test_a_paused_redis_fails_fast_and_counts_nothing_it_was_sent(
             await time_failure(lambda: admit(store), "paused redis, admit")
             await time_failure(lambda: store.begin_session(
                 project_id="alpha", session_id="s1", month="2023-11", now_ms=NOW,
-                lease_ms=60_000, quota=5, max_concurrent=5, provider="openai"),
+                pending_ms=60_000, quota=5, max_concurrent=5, provider="openai"),
                 "paused redis, begin_session")
             await time_failure(store.ping, "paused redis, ping")
             await asyncio.sleep(0.2)
@@ -122,7 +122,7 @@ def test_a_paused_redis_fails_fast_and_counts_nothing_it_was_sent(
                                           now_ms=NOW) == (0, 0)
         assert await admit(store) == reference_tat(2)
         started = await store.begin_session(project_id="alpha", session_id="s2",
-                                            month="2023-11", now_ms=NOW, lease_ms=60_000,
+                                            month="2023-11", now_ms=NOW, pending_ms=60_000,
                                             quota=5, max_concurrent=5, provider="openai")
         assert (started.outcome, started.active_sessions, started.sessions_this_month) == (
             SessionOutcome.STARTED, 1, 1)
@@ -142,7 +142,7 @@ def test_scripts_are_reloaded_after_redis_forgets_them(redis_server: RedisServer
         await asyncio.sleep(0.05)
         assert await admit(store) == reference_tat(3)
         started = await store.begin_session(project_id="alpha", session_id="s1",
-                                            month="2023-11", now_ms=NOW, lease_ms=60_000,
+                                            month="2023-11", now_ms=NOW, pending_ms=60_000,
                                             quota=5, max_concurrent=5, provider="openai")
         assert started.outcome is SessionOutcome.STARTED
 

@@ -173,9 +173,10 @@ def test_deleting_a_project_revokes_its_keys_and_clears_its_counters(backend: Ba
             assert admitted.outcome is AdmitOutcome.ADMITTED
         await store.put_provider_key(ProviderKeyRecord("alpha", "openai", b"sealed", "abcd", 1))
         started = await store.begin_session(project_id="alpha", session_id="s1", month=MONTH,
-                                            now_ms=NOW, lease_ms=60_000, quota=10,
+                                            now_ms=NOW, pending_ms=60_000, quota=10,
                                             max_concurrent=5, provider="openai")
         assert started.outcome is SessionOutcome.STARTED
+        await begin(store, "s2", confirm=False)  # one still pending too
 
         assert await store.delete_project("alpha", NOW + 5_000) is True
         assert await store.get_project("alpha") is None
@@ -535,15 +536,35 @@ def test_concurrent_calls_admit_exactly_the_limit(backend: Backend) -> None:
 
 async def begin(store: Store, session_id: str, *, now_ms: int = NOW, month: str = MONTH,
                 quota: int = 100, max_concurrent: int = 10, lease_ms: int = 60_000,
-                project_id: str = "alpha") -> tuple[SessionOutcome, int, int]:
-    """begin_session with the project's OpenAI key (a stand-in is put when it has none)."""
+                project_id: str = "alpha",
+                confirm: bool = True) -> tuple[SessionOutcome, int, int]:
+    """begin_session with the project's OpenAI key (a stand-in is put when it has none), then
+    confirm_session when it started (unless `confirm` is False: the session stays pending,
+    for `lease_ms`). The outcome and the counts begin_session answered."""
     if await store.get_provider_key(project_id, "openai") is None:
         await store.put_provider_key(ProviderKeyRecord(project_id, "openai", b"k", "abcd", 1))
     started = await store.begin_session(project_id=project_id, session_id=session_id,
-                                        month=month, now_ms=now_ms, lease_ms=lease_ms,
+                                        month=month, now_ms=now_ms, pending_ms=lease_ms,
                                         quota=quota, max_concurrent=max_concurrent,
                                         provider="openai")
+    if confirm and started.outcome is SessionOutcome.STARTED:
+        assert await store.confirm_session(project_id=project_id, session_id=session_id,
+                                           month=month, now_ms=now_ms, lease_ms=lease_ms)
     return started.outcome, started.active_sessions, started.sessions_this_month
+
+
+async def confirm(store: Store, session_id: str, *, now_ms: int = NOW,
+                  lease_ms: int = 60_000) -> bool:
+    return await store.confirm_session(project_id="alpha", session_id=session_id,
+                                       month=MONTH, now_ms=now_ms, lease_ms=lease_ms)
+
+
+async def cancel(store: Store, session_id: str) -> None:
+    await store.cancel_session(project_id="alpha", session_id=session_id, month=MONTH)
+
+
+async def counts(store: Store, now_ms: int = NOW) -> tuple[int, int]:
+    return await store.session_counts(project_id="alpha", month=MONTH, now_ms=now_ms)
 
 
 def test_a_session_begins_only_with_the_provider_key_it_reads_in_the_same_step(
@@ -551,7 +572,7 @@ def test_a_session_begins_only_with_the_provider_key_it_reads_in_the_same_step(
     async def scenario(store: Store) -> None:
         def start(session_id: str, provider: str):  # type: ignore[no-untyped-def]
             return store.begin_session(project_id="alpha", session_id=session_id, month=MONTH,
-                                       now_ms=NOW, lease_ms=60_000, quota=100,
+                                       now_ms=NOW, pending_ms=60_000, quota=100,
                                        max_concurrent=10, provider=provider)
 
         missing = await start("s1", "openai")
@@ -566,6 +587,7 @@ def test_a_session_begins_only_with_the_provider_key_it_reads_in_the_same_step(
         started = await start("s1", "openai")
         assert started.outcome is SessionOutcome.STARTED
         assert started.provider_key == record
+        assert await confirm(store, "s1")
         # Another provider's key does not stand in for the one asked for.
         assert (await start("s2", "gemini")).outcome is SessionOutcome.NO_PROVIDER_KEY
         assert await store.session_counts(project_id="alpha", month=MONTH,
@@ -697,6 +719,82 @@ def test_cancelling_a_session_gives_back_its_slot_and_its_quota_unit(backend: Ba
         assert await store.session_counts(project_id="alpha", month=MONTH,
                                           now_ms=NOW) == (1, 1)
         assert await begin(store, "s3", quota=2) == (SessionOutcome.STARTED, 2, 2)
+
+    backend.run(scenario)
+
+
+def test_a_pending_session_holds_a_slot_and_a_unit_and_counts_on_confirmation(
+        backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        assert await begin(store, "s1", quota=2, confirm=False) == (SessionOutcome.STARTED, 1, 1)
+        # In flight: its slot is taken, the month's count is not.
+        assert await counts(store) == (0, 1)
+        assert await begin(store, "s2", quota=2, confirm=False) == (SessionOutcome.STARTED, 2, 2)
+        # Two starts in flight hold the quota's two units.
+        assert await begin(store, "s3", quota=2) == (SessionOutcome.QUOTA_EXCEEDED, 2, 2)
+        assert await confirm(store, "s1") is True
+        assert await counts(store) == (1, 2)
+        # Confirming again (a retried call) counts once.
+        assert await confirm(store, "s1") is True
+        assert await counts(store) == (1, 2)
+        # A confirmed lease lives `lease_ms` from its confirmation.
+        assert await confirm(store, "s2", now_ms=NOW + 1_000, lease_ms=5_000) is True
+        assert await counts(store, NOW + 5_999) == (2, 2)
+        assert await counts(store, NOW + 6_000) == (2, 1)
+
+    backend.run(scenario)
+
+
+def test_a_pending_session_frees_its_slot_by_itself_uncounted(backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        # A start that never completes (a crash, a lost reply) holds its slot for its
+        # pending life only, and leaves nothing counted.
+        await begin(store, "lost", max_concurrent=1, quota=1, lease_ms=5_000, confirm=False)
+        assert (await begin(store, "s2", max_concurrent=1, quota=1, now_ms=NOW + 4_999))[0] \
+            is SessionOutcome.CONCURRENT_LIMIT
+        assert await counts(store, NOW + 5_000) == (0, 0)
+        assert await begin(store, "s2", max_concurrent=1, quota=1, now_ms=NOW + 5_000) == (
+            SessionOutcome.STARTED, 1, 1)
+        # Its provider answering now is too late: nothing is confirmed or counted.
+        assert await confirm(store, "lost", now_ms=NOW + 5_000) is False
+        assert await counts(store, NOW + 5_000) == (1, 1)
+        # Also when no other start has cleared it yet.
+        await begin(store, "late", lease_ms=1_000, now_ms=NOW + 6_000, confirm=False)
+        assert await confirm(store, "late", now_ms=NOW + 7_000) is False
+        assert await counts(store, NOW + 7_000) == (1, 1)
+        assert await confirm(store, "late", now_ms=NOW + 7_000) is False
+
+    backend.run(scenario)
+
+
+def test_cancelling_gives_back_exactly_what_was_taken_in_any_state(backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        await begin(store, "kept")
+        # Pending: the slot comes back, and there was no unit to give back.
+        await begin(store, "pending", confirm=False)
+        await cancel(store, "pending")
+        assert await counts(store) == (1, 1)
+        # Confirmed: slot and unit back; cancelling again changes nothing.
+        await begin(store, "confirmed")
+        assert await counts(store) == (2, 2)
+        await cancel(store, "confirmed")
+        await cancel(store, "confirmed")
+        assert await counts(store) == (1, 1)
+        # A confirmed lease that already expired still gives its unit back.
+        await begin(store, "expired", lease_ms=1_000)
+        assert await counts(store, NOW + 2_000) == (2, 1)
+        await cancel(store, "expired")
+        assert await counts(store, NOW + 2_000) == (1, 1)
+        # An expired pending lease had nothing counted: nothing is uncounted.
+        await begin(store, "lapsed", lease_ms=1_000, confirm=False)
+        await cancel(store, "lapsed")
+        await cancel(store, "never-begun")
+        assert await counts(store, NOW + 2_000) == (1, 1)
+        # A cancelled start cannot be confirmed afterwards.
+        await begin(store, "cancelled-first", confirm=False)
+        await cancel(store, "cancelled-first")
+        assert await confirm(store, "cancelled-first") is False
+        assert await counts(store) == (1, 1)
 
     backend.run(scenario)
 

@@ -42,13 +42,13 @@ def test_live_sessions_of_an_older_file_still_count_against_the_concurrent_limit
                                               now_ms=NOW) == (0, 2)
             await store.put_provider_key(ProviderKeyRecord("alpha", "openai", b"x", "abcd", 1))
             full = await store.begin_session(project_id="alpha", session_id="new", month=MONTH,
-                                             now_ms=NOW, lease_ms=60_000, quota=10,
+                                             now_ms=NOW, pending_ms=60_000, quota=10,
                                              max_concurrent=2, provider="openai")
             assert full.outcome is SessionOutcome.CONCURRENT_LIMIT
             assert full.active_sessions == 2
             assert await store.end_session(project_id="alpha", session_id="live-1", now_ms=NOW)
             started = await store.begin_session(project_id="alpha", session_id="new",
-                                                month=MONTH, now_ms=NOW, lease_ms=60_000,
+                                                month=MONTH, now_ms=NOW, pending_ms=60_000,
                                                 quota=10, max_concurrent=2, provider="openai")
             assert started.outcome is SessionOutcome.STARTED
             assert started.active_sessions == 2

@@ -160,14 +160,30 @@ class Store(Protocol):
     # -- sessions: monthly quota and concurrency leases (see `icegate_server.sessions`) ------
 
     async def begin_session(self, *, project_id: str, session_id: str, month: str,
-                            now_ms: int, lease_ms: int, quota: int, max_concurrent: int,
+                            now_ms: int, pending_ms: int, quota: int, max_concurrent: int,
                             provider: str) -> SessionAdmission:
         """Atomically: read the project's sealed `provider` key, expire stale leases, check
-        concurrency then quota, count and lease: all a CreateSession needs, in one round trip.
+        concurrency then quota, and take a *pending* lease: all a CreateSession needs before
+        it calls the provider, in one round trip.
 
-        On STARTED the month's count is incremented, a lease for `session_id` expiring at
-        `now_ms + lease_ms` is held, and `provider_key` is the sealed key. Without a key the
-        outcome is NO_PROVIDER_KEY, checked first. Otherwise nothing changes.
+        Concurrency counts every live lease, pending ones included; the quota counts the
+        month's confirmed sessions plus the live pending leases (each may still become one).
+        On STARTED a pending lease for `session_id` expiring at `now_ms + pending_ms` is held
+        and `provider_key` is the sealed key; the month's count is not touched (see
+        `confirm_session`), so a start that never completes frees its slot by itself within
+        `pending_ms` and leaves no unit behind. Without a key the outcome is
+        NO_PROVIDER_KEY, checked first. Otherwise nothing changes.
+        """
+        ...
+
+    async def confirm_session(self, *, project_id: str, session_id: str, month: str,
+                              now_ms: int, lease_ms: int) -> bool:
+        """Turns a live pending lease into a session: a lease expiring at `now_ms + lease_ms`,
+        and one more session counted in `month`, atomically.
+
+        True when the session is confirmed (now, or already before: confirming twice counts
+        once); False when no live pending lease is held (it expired, or was cancelled), and
+        then nothing is counted and an expired pending lease is dropped.
         """
         ...
 
@@ -181,7 +197,10 @@ class Store(Protocol):
         ...
 
     async def cancel_session(self, *, project_id: str, session_id: str, month: str) -> None:
-        """Undoes `begin_session` after a failed upstream call: lease and quota unit back."""
+        """Gives back what `begin_session` and `confirm_session` took for a session whose
+        caller did not get it, whatever state it is in: a pending lease is dropped (nothing was
+        counted); a confirmed lease, live or expired, is dropped and uncounted from `month`.
+        Idempotent: a second call, or one for a session never begun, changes nothing."""
         ...
 
     async def session_counts(self, *, project_id: str, month: str,

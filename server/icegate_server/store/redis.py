@@ -15,6 +15,9 @@ digest of a caller key):
     icegate:quota:<p>:<YYYY-MM>  string  sessions begun that month; EXPIRE 62 days
     icegate:quota-months:<p>     set     the months with a counter, for delete_project
     icegate:leases:<p>           zset    live sessions: member session_id, score expiry ms
+                                         (pending ones included: they hold a slot)
+    icegate:pending:<p>          zset    session starts waiting on their provider, not yet
+                                         counted: member session_id, score expiry ms
     icegate:pkey:<p>             hash    provider -> JSON {sealed (base64), last4,
                                          update_time_ms}
     icegate:pkey-projects        set     projects holding provider keys (list over all)
@@ -32,12 +35,12 @@ and reconnects (RESP2 keeps that check on). Every connection-level failure becom
 
 A paused (or very slow) Redis brings one more hazard: a script the client gave up on sits
 in the server's socket buffer and runs when Redis wakes up, counting a call whose caller was
-told "unavailable". The counting scripts (`admit`, `begin_session`, `cancel_session`) are
-therefore fenced: the caller sends a deadline, half the timeout ahead, expressed on the
-server's clock (the offset between the clocks is measured from `TIME` at open and from
-every reply), and a script that starts after it changes nothing and answers "late". A late
-answer is certain to have changed nothing, so that call alone is retried once at once.
-The fence uses the real wall clock; the limits themselves use the injected `now_ms`.
+told "unavailable". The counting scripts (`admit`, `begin_session`, `confirm_session`,
+`cancel_session`) are therefore fenced: the caller sends a deadline, half the timeout ahead,
+expressed on the server's clock (the offset between the clocks is measured from `TIME` at
+open and from every reply), and a script that starts after it changes nothing and answers
+"late". A late answer is certain to have changed nothing, so that call alone is retried
+once at once. The fence uses the real wall clock; the limits themselves use the injected `now_ms`.
 
 Batching. Every credential call runs `admit`. One batch of admissions is in flight at a
 time; the admissions that arrive while it is are sent together as the next one, a pipeline
@@ -139,31 +142,54 @@ redis.call('SET', rate_key, new_tat, 'PX', string.format('%.0f', window + interv
 return {clock, 'admitted', key, project_json, new_tat}
 """
 
-# KEYS: leases, month counter, months set, provider keys. ARGV: deadline, session id,
-# month, now_ms, lease_ms, quota, max_concurrent, counter TTL seconds, provider.
-# -> {clock, outcome, active, used, provider key JSON (when started)}.
+# KEYS: leases, month counter, pending, provider keys. ARGV: deadline, session id, now_ms,
+# pending_ms, quota, max_concurrent, provider.
+# -> {clock, outcome, active, held, provider key JSON (when started)}.
 _BEGIN_SESSION = _FENCE + """
-local provider_key = redis.call('HGET', KEYS[4], ARGV[9])
+local provider_key = redis.call('HGET', KEYS[4], ARGV[7])
 if not provider_key then return {clock, 'no_provider_key', 0, 0} end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[3])
 local active = redis.call('ZCARD', KEYS[1])
-local used = tonumber(redis.call('GET', KEYS[2]) or '0')
+-- Units held: the month's confirmed sessions and the starts in flight.
+local held = tonumber(redis.call('GET', KEYS[2]) or '0') + redis.call('ZCARD', KEYS[3])
 -- Concurrency first: a caller at its concurrent limit should end a session, which a quota
 -- error would not tell it.
-if active >= tonumber(ARGV[7]) then return {clock, 'concurrent_limit', active, used} end
-if used >= tonumber(ARGV[6]) then return {clock, 'quota_exceeded', active, used} end
-used = redis.call('INCR', KEYS[2])
-redis.call('EXPIRE', KEYS[2], ARGV[8])
-redis.call('SADD', KEYS[3], ARGV[3])
-redis.call('EXPIRE', KEYS[3], ARGV[8])
-local expiry = string.format('%.0f', tonumber(ARGV[4]) + tonumber(ARGV[5]))
+if active >= tonumber(ARGV[6]) then return {clock, 'concurrent_limit', active, held} end
+if held >= tonumber(ARGV[5]) then return {clock, 'quota_exceeded', active, held} end
+local expiry = string.format('%.0f', tonumber(ARGV[3]) + tonumber(ARGV[4]))
 redis.call('ZADD', KEYS[1], expiry, ARGV[2])
-return {clock, 'started', redis.call('ZCARD', KEYS[1]), used, provider_key}
+redis.call('ZADD', KEYS[3], expiry, ARGV[2])
+return {clock, 'started', active + 1, held + 1, provider_key}
 """
 
-# KEYS: leases, month counter. ARGV: deadline, session id.
+# KEYS: leases, month counter, months set, pending. ARGV: deadline, session id, month,
+# now_ms, lease_ms, counter TTL seconds. -> {clock, 'confirmed' | 'lapsed'}.
+_CONFIRM_SESSION = _FENCE + """
+local pending = redis.call('ZSCORE', KEYS[4], ARGV[2])
+if not pending then
+  -- Confirmed already (counted once), or cancelled or expired.
+  if redis.call('ZSCORE', KEYS[1], ARGV[2]) then return {clock, 'confirmed'} end
+  return {clock, 'lapsed'}
+end
+redis.call('ZREM', KEYS[4], ARGV[2])
+if tonumber(pending) <= tonumber(ARGV[4]) then
+  redis.call('ZREM', KEYS[1], ARGV[2])
+  return {clock, 'lapsed'}
+end
+redis.call('ZADD', KEYS[1], string.format('%.0f', tonumber(ARGV[4]) + tonumber(ARGV[5])), ARGV[2])
+redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+redis.call('SADD', KEYS[3], ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[6])
+return {clock, 'confirmed'}
+"""
+
+# KEYS: leases, month counter, pending. ARGV: deadline, session id. A pending lease is
+# dropped; a confirmed one (live or expired) is dropped and uncounted.
 _CANCEL_SESSION = _FENCE + """
-if redis.call('ZREM', KEYS[1], ARGV[2]) == 1 then
+local was_pending = redis.call('ZREM', KEYS[3], ARGV[2]) == 1
+if redis.call('ZREM', KEYS[1], ARGV[2]) == 1 and not was_pending then
   if tonumber(redis.call('GET', KEYS[2]) or '0') > 0 then redis.call('DECR', KEYS[2]) end
 end
 return {clock, 'done'}
@@ -215,7 +241,8 @@ _DELETE_PROJECT = """
 local prefix, id = ARGV[1], ARGV[2]
 local existed = redis.call('DEL', prefix .. 'project:' .. id)
 redis.call('ZREM', prefix .. 'projects', id)
-redis.call('DEL', prefix .. 'rl:' .. id, prefix .. 'leases:' .. id, prefix .. 'pkey:' .. id)
+redis.call('DEL', prefix .. 'rl:' .. id, prefix .. 'leases:' .. id, prefix .. 'pkey:' .. id,
+           prefix .. 'pending:' .. id)
 redis.call('SREM', prefix .. 'pkey-projects', id)
 for _, month in ipairs(redis.call('SMEMBERS', prefix .. 'quota-months:' .. id)) do
   redis.call('DEL', prefix .. 'quota:' .. id .. ':' .. month)
@@ -338,6 +365,10 @@ def _leases_key(project_id: str) -> str:
     return f"{PREFIX}leases:{project_id}"
 
 
+def _pending_key(project_id: str) -> str:
+    return f"{PREFIX}pending:{project_id}"
+
+
 def _quota_key(project_id: str, month: str) -> str:
     return f"{PREFIX}quota:{project_id}:{month}"
 
@@ -445,6 +476,7 @@ class RedisStore:
         self._admit = register(_ADMIT)
         self._begin_session = register(_BEGIN_SESSION)
         self._cancel_session = register(_CANCEL_SESSION)
+        self._confirm_session = register(_CONFIRM_SESSION)
         self._renew_session = register(_RENEW_SESSION)
         self._end_session = register(_END_SESSION)
         self._session_counts = register(_SESSION_COUNTS)
@@ -460,7 +492,8 @@ class RedisStore:
         self._rotate_turn_secret = register(_ROTATE_TURN_RING)
         self._purge_turn_secrets = register(_PURGE_TURN_SECRETS)
         self._scripts = (
-            self._admit, self._begin_session, self._cancel_session, self._renew_session,
+            self._admit, self._begin_session, self._cancel_session, self._confirm_session,
+            self._renew_session,
             self._end_session, self._session_counts, self._create_project, self._list_projects,
             self._delete_project, self._create_api_key, self._revoke_api_key,
             self._list_api_keys, self._put_provider_key, self._delete_provider_key,
@@ -712,16 +745,24 @@ class RedisStore:
     # -- sessions ---------------------------------------------------------------------------
 
     async def begin_session(self, *, project_id: str, session_id: str, month: str,
-                            now_ms: int, lease_ms: int, quota: int, max_concurrent: int,
+                            now_ms: int, pending_ms: int, quota: int, max_concurrent: int,
                             provider: str) -> SessionAdmission:
-        outcome, active, used, *key = await self._fenced(
+        outcome, active, held, *key = await self._fenced(
             self._begin_session,
-            [_leases_key(project_id), _quota_key(project_id, month),
-             f"{PREFIX}quota-months:{project_id}", _pkey_key(project_id)],
-            [session_id, month, now_ms, lease_ms, quota, max_concurrent, QUOTA_TTL_SECONDS,
-             provider])
+            [_leases_key(project_id), _quota_key(project_id, month), _pending_key(project_id),
+             _pkey_key(project_id)],
+            [session_id, now_ms, pending_ms, quota, max_concurrent, provider])
         record = _provider_from_json(project_id, provider, _text(key[0])) if key else None
-        return SessionAdmission(SessionOutcome(outcome), int(active), int(used), record)
+        return SessionAdmission(SessionOutcome(outcome), int(active), int(held), record)
+
+    async def confirm_session(self, *, project_id: str, session_id: str, month: str,
+                              now_ms: int, lease_ms: int) -> bool:
+        [outcome] = await self._fenced(
+            self._confirm_session,
+            [_leases_key(project_id), _quota_key(project_id, month),
+             f"{PREFIX}quota-months:{project_id}", _pending_key(project_id)],
+            [session_id, month, now_ms, lease_ms, QUOTA_TTL_SECONDS])
+        return bool(outcome == "confirmed")
 
     async def renew_session(self, *, project_id: str, session_id: str, now_ms: int,
                             lease_ms: int) -> bool:
@@ -735,10 +776,9 @@ class RedisStore:
         return bool(ended)
 
     async def cancel_session(self, *, project_id: str, session_id: str, month: str) -> None:
-        # Like the SQLite store, the quota unit comes back only with a lease still held, so
-        # cancelling twice gives back one unit.
         await self._fenced(self._cancel_session,
-                           [_leases_key(project_id), _quota_key(project_id, month)],
+                           [_leases_key(project_id), _quota_key(project_id, month),
+                            _pending_key(project_id)],
                            [session_id])
 
     async def session_counts(self, *, project_id: str, month: str,

@@ -68,7 +68,7 @@ from icegate_server.store.positions import ProcessPositions, SharedPositions, St
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 1000
 CHECKPOINT_SECONDS = 1.0
 _SCHEMA = """
@@ -105,8 +105,12 @@ CREATE TABLE IF NOT EXISTS leases (
     project_id TEXT NOT NULL,
     session_id TEXT NOT NULL,
     expires_ms INTEGER NOT NULL,
+    pending    INTEGER NOT NULL DEFAULT 0, -- 1 until the provider answered (confirm_session)
     PRIMARY KEY (project_id, session_id)
 );
+-- The quota counts a project's live pending leases, found by range among the few in flight.
+CREATE INDEX IF NOT EXISTS pending_leases_by_expiry ON leases(project_id, expires_ms)
+    WHERE pending = 1;
 -- A project's expired leases are found by range, and its leases counted by the triggers
 -- below: starting a session costs the same with ten thousand live sessions as with none.
 CREATE INDEX IF NOT EXISTS leases_by_expiry ON leases(project_id, expires_ms);
@@ -162,6 +166,10 @@ _SESSION_FIGURES = (
     "(SELECT leases FROM lease_counts WHERE project_id = :project), "
     "(SELECT count(*) FROM leases WHERE project_id = :project AND expires_ms <= :now), "
     "(SELECT used FROM session_quota WHERE project_id = :project AND month = :month)")
+# The live pending leases of a project (session starts waiting on their provider).
+_PENDING_FIGURE = (
+    "(SELECT count(*) FROM leases "
+    "WHERE project_id = :project AND pending = 1 AND expires_ms > :now)")
 
 
 def _key_from_row(row: tuple[Any, ...]) -> ApiKey:
@@ -474,40 +482,65 @@ class SqliteStore:
     # -- sessions ----------------------------------------------------------------------------
 
     async def begin_session(self, *, project_id: str, session_id: str, month: str,
-                            now_ms: int, lease_ms: int, quota: int, max_concurrent: int,
+                            now_ms: int, pending_ms: int, quota: int, max_concurrent: int,
                             provider: str) -> SessionAdmission:
         def work(db: sqlite3.Connection) -> SessionAdmission:
             with _write_transaction(db):
                 # Every read in one statement: the key and the session figures.
                 row = db.execute(
-                    f"SELECT {_PROVIDER_KEY_COLUMNS}, {_SESSION_FIGURES} "  # noqa: S608
-                    "FROM provider_keys WHERE project_id = :project AND provider = :provider",
+                    f"SELECT {_PROVIDER_KEY_COLUMNS}, {_SESSION_FIGURES}, "  # noqa: S608
+                    f"{_PENDING_FIGURE} FROM provider_keys "
+                    "WHERE project_id = :project AND provider = :provider",
                     {"project": project_id, "provider": provider, "now": now_ms,
                      "month": month}).fetchone()
                 if row is None:
                     return SessionAdmission(SessionOutcome.NO_PROVIDER_KEY, 0, 0)
-                *key_row, leases, expired, used = row
+                *key_row, leases, expired, used, pending = row
                 if expired:
                     db.execute("DELETE FROM leases WHERE project_id = ? AND expires_ms <= ?",
                                (project_id, now_ms))
-                active, used = (leases or 0) - expired, used or 0
+                # Units held: the month's confirmed sessions and the starts in flight.
+                active, held = (leases or 0) - expired, (used or 0) + pending
                 # Concurrency first: a caller at its concurrent limit should end a session,
                 # which a quota error would not tell it.
                 if active >= max_concurrent:
-                    return SessionAdmission(SessionOutcome.CONCURRENT_LIMIT, active, used)
-                if used >= quota:
-                    return SessionAdmission(SessionOutcome.QUOTA_EXCEEDED, active, used)
-                used = db.execute(
-                    "INSERT INTO session_quota(project_id, month, used) VALUES (?, ?, 1) "
-                    "ON CONFLICT(project_id, month) DO UPDATE SET used = used + 1 "
-                    "RETURNING used", (project_id, month)).fetchone()[0]
+                    return SessionAdmission(SessionOutcome.CONCURRENT_LIMIT, active, held)
+                if held >= quota:
+                    return SessionAdmission(SessionOutcome.QUOTA_EXCEEDED, active, held)
                 db.execute(
-                    "INSERT INTO leases(project_id, session_id, expires_ms) VALUES (?, ?, ?) "
-                    "ON CONFLICT(project_id, session_id) "
-                    "DO UPDATE SET expires_ms = excluded.expires_ms",
-                    (project_id, session_id, now_ms + lease_ms))
-                return SessionAdmission(SessionOutcome.STARTED, active + 1, used,
+                    "INSERT INTO leases(project_id, session_id, expires_ms, pending) "
+                    "VALUES (?, ?, ?, 1) ON CONFLICT(project_id, session_id) "
+                    "DO UPDATE SET expires_ms = excluded.expires_ms, pending = 1",
+                    (project_id, session_id, now_ms + pending_ms))
+                return SessionAdmission(SessionOutcome.STARTED, active + 1, held + 1,
                                         ProviderKeyRecord(*key_row))
+
+        return await self._run_on_loop(work)
+
+    async def confirm_session(self, *, project_id: str, session_id: str, month: str,
+                              now_ms: int, lease_ms: int) -> bool:
+        def work(db: sqlite3.Connection) -> bool:
+            with _write_transaction(db):
+                row = db.execute(
+                    "SELECT pending, expires_ms FROM leases "
+                    "WHERE project_id = ? AND session_id = ?", (project_id, session_id)).fetchone()
+                if row is None:
+                    return False
+                pending, expires_ms = row
+                if not pending:
+                    return True  # confirmed already: counted once
+                if expires_ms <= now_ms:
+                    db.execute("DELETE FROM leases WHERE project_id = ? AND session_id = ?",
+                               (project_id, session_id))
+                    return False
+                db.execute("UPDATE leases SET pending = 0, expires_ms = ? "
+                           "WHERE project_id = ? AND session_id = ?",
+                           (now_ms + lease_ms, project_id, session_id))
+                db.execute(
+                    "INSERT INTO session_quota(project_id, month, used) VALUES (?, ?, 1) "
+                    "ON CONFLICT(project_id, month) DO UPDATE SET used = used + 1",
+                    (project_id, month))
+                return True
 
         return await self._run_on_loop(work)
 
@@ -526,10 +559,11 @@ class SqliteStore:
     async def cancel_session(self, *, project_id: str, session_id: str, month: str) -> None:
         def work(db: sqlite3.Connection) -> None:
             with _write_transaction(db):
+                # Expired or not: a confirmed session the caller never got is uncounted.
                 released = db.execute(
-                    "DELETE FROM leases WHERE project_id = ? AND session_id = ?",
-                    (project_id, session_id)).rowcount
-                if released:
+                    "DELETE FROM leases WHERE project_id = ? AND session_id = ? "
+                    "RETURNING pending", (project_id, session_id)).fetchall()
+                if released and not released[0][0]:
                     db.execute("UPDATE session_quota SET used = max(used - 1, 0) "
                                "WHERE project_id = ? AND month = ?", (project_id, month))
 
@@ -737,6 +771,10 @@ def _connect(path: str) -> sqlite3.Connection:
     # prompt UNAVAILABLE instead of a call that outlives its deadline.
     db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     db.execute("PRAGMA foreign_keys=ON")
+    columns = {row[1] for row in db.execute("PRAGMA table_info(leases)")}
+    if columns and "pending" not in columns:
+        # Files from before pending leases (version < 4): every lease they hold is confirmed.
+        db.execute("ALTER TABLE leases ADD COLUMN pending INTEGER NOT NULL DEFAULT 0")
     db.executescript(_SCHEMA)
     with _write_transaction(db):
         row = db.execute("SELECT value FROM schema_meta WHERE key = 'version'").fetchone()
