@@ -403,10 +403,11 @@ def check_answer(method: descriptor.MethodDescriptor, request: Any, code: grpc.S
         user = getattr(request, "user_id", "")
         assert user or method.name == "CreateSession", f"{where}: a credential for no user"
     for text in _strings(response):
-        # A TURN username is `<expiry>:<project>/<user>`: never with an empty user.
+        # A TURN username is `<expiry>:<project>/<user>`: never with an empty user. A project
+        # id has no `/`, so the user is all that follows the first one (it may hold `/`).
         head, sep, rest = text.partition(":")
         if sep and head.isdigit() and "/" in rest:
-            assert rest.rpartition("/")[2], f"{where}: credential for an empty user: {text!r}"
+            assert rest.partition("/")[2], f"{where}: credential for an empty user: {text!r}"
 
 
 # -- 1. every field of every request ---------------------------------------------------------
