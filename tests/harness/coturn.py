@@ -50,6 +50,12 @@ DEFAULT_REALM = "icegate.test"
 _STUN_MAGIC_COOKIE = 0x2112A442
 _STUN_BINDING_REQUEST = 0x0001
 _STUN_BINDING_SUCCESS = 0x0101
+_TURN_ALLOCATE_REQUEST = 0x0003
+_TURN_ALLOCATE_SUCCESS = 0x0103
+_TURN_ALLOCATE_ERROR = 0x0113
+_STUN_ATTR_ERROR_CODE = 0x0009
+_TURN_ATTR_REQUESTED_TRANSPORT = 0x0019
+_UDP_PROTOCOL = 17
 
 
 def redis_secret_key(realm: str) -> str:
@@ -333,3 +339,47 @@ def _stun_binding_answered(host: str, port: int, timeout: float) -> bool:
         and int.from_bytes(reply[0:2], "big") == _STUN_BINDING_SUCCESS
         and reply[8:20] == transaction_id
     )
+
+
+def unauthenticated_allocate(host: str, port: int, *, timeout: float = 2.0,
+                             attempts: int = 5) -> int:
+    """Sends a TURN Allocate with no credentials at all, as an anonymous client would.
+
+    Returns:
+        0 when coturn granted a relay (an open relay), else the STUN error code it answered
+        (401 Unauthorized when it asks for credentials, as a coturn with auth does).
+
+    Raises:
+        TimeoutError: nothing answered on host:port (UDP).
+    """
+    transaction_id = os.urandom(12)
+    attribute = (_TURN_ATTR_REQUESTED_TRANSPORT.to_bytes(2, "big") + (4).to_bytes(2, "big")
+                 + bytes([_UDP_PROTOCOL, 0, 0, 0]))
+    request = (_TURN_ALLOCATE_REQUEST.to_bytes(2, "big") + len(attribute).to_bytes(2, "big")
+               + _STUN_MAGIC_COOKIE.to_bytes(4, "big") + transaction_id + attribute)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout / attempts)
+        for _ in range(attempts):  # UDP: a lost request is sent again
+            try:
+                sock.sendto(request, (host, port))
+                reply, _ = sock.recvfrom(2048)
+            except OSError:
+                continue
+            if len(reply) >= 20 and reply[8:20] == transaction_id:
+                break
+        else:
+            raise TimeoutError(f"no answer to a TURN Allocate on {host}:{port}")
+    kind = int.from_bytes(reply[0:2], "big")
+    if kind == _TURN_ALLOCATE_SUCCESS:
+        return 0
+    if kind != _TURN_ALLOCATE_ERROR:
+        raise ValueError(f"unexpected STUN message type {kind:#06x}")
+    offset = 20
+    while offset + 4 <= len(reply):
+        attr_type = int.from_bytes(reply[offset:offset + 2], "big")
+        length = int.from_bytes(reply[offset + 2:offset + 4], "big")
+        value = reply[offset + 4:offset + 4 + length]
+        if attr_type == _STUN_ATTR_ERROR_CODE and len(value) >= 4:
+            return (value[2] & 0x7) * 100 + value[3]
+        offset += 4 + (length + 3) // 4 * 4
+    raise ValueError("Allocate error answer without an ERROR-CODE")
