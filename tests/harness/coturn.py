@@ -295,21 +295,32 @@ class Coturn:
         """Runs a real TURN Allocate (and relays one message) with these credentials."""
         if self._process is None:
             raise RuntimeError("turnserver is not running")
-        args = [
-            self.client_binary, "-p", str(self.port), "-n", "1", "-m", "1", "-l", "100", "-y",
-            "-u", username, "-w", password, "-e", self.host, self.host,
-        ]
-        try:
-            completed = subprocess.run(
-                args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            output = _decode(exc.stdout) + _decode(exc.stderr)
-            return AllocationResult(ok=False, exit_code=-1, output=output + "\n(timed out)")
-        output = _decode(completed.stdout) + _decode(completed.stderr)
-        return AllocationResult(ok=completed.returncode == 0, exit_code=completed.returncode,
-                                output=output)
+        return allocate(self.host, self.port, username, password, timeout=timeout,
+                        client_binary=self.client_binary)
+
+
+def allocate(host: str, port: int, username: str, password: str, *, timeout: float = 10.0,
+             client_binary: str = "turnutils_uclient") -> AllocationResult:
+    """Runs `turnutils_uclient`: a real TURN Allocate on host:port that relays one message.
+
+    Works with any coturn listening on loopback with loopback peers allowed, not only one
+    `Coturn` started.
+    """
+    args = [
+        client_binary, "-p", str(port), "-n", "1", "-m", "1", "-l", "100", "-y",
+        "-u", username, "-w", password, "-e", host, host,
+    ]
+    try:
+        completed = subprocess.run(
+            args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        output = _decode(exc.stdout) + _decode(exc.stderr)
+        return AllocationResult(ok=False, exit_code=-1, output=output + "\n(timed out)")
+    output = _decode(completed.stdout) + _decode(completed.stderr)
+    return AllocationResult(ok=completed.returncode == 0, exit_code=completed.returncode,
+                            output=output)
 
 
 def _decode(data: bytes | str | None) -> str:

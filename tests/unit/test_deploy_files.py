@@ -129,15 +129,88 @@ def test_icegate_unit_is_hardened_and_outlasts_the_shutdown_grace():
     assert unit["Install"]["WantedBy"] == "multi-user.target"
 
 
-def test_coturn_drop_in_runs_the_rendered_config_and_denies_loopback_peers():
+COTURN_CONF = "/etc/icegate-coturn/turnserver.conf"
+# Debian's coturn.service (coturn 4.6.1), which the drop-in extends.
+DEBIAN_COTURN_UNIT = """\
+[Unit]
+Description=coTURN STUN/TURN Server
+After=network.target
+
+[Service]
+User=turnserver
+Group=turnserver
+Type=notify
+ExecStart=/usr/bin/turnserver -c /etc/turnserver.conf --pidfile=
+Restart=on-failure
+PrivateTmp=yes
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def drop_in_words(key: str) -> list[str]:
     unit = read_unit(DEPLOY / "systemd" / "coturn.service.d" / "icegate.conf")
-    exec_start = unit["Service"]["ExecStart"].replace("\\\n", " ")
+    return shlex.split(unit["Service"][key].replace("\\\n", " ").replace("\\", " "))
+
+
+def test_coturn_drop_in_runs_the_rendered_config_and_denies_loopback_peers():
+    words = drop_in_words("ExecStart")
     # configparser keeps the last of the repeated keys: the reset line comes first in the file.
     assert "ExecStart=\n" in (DEPLOY / "systemd" / "coturn.service.d" / "icegate.conf"
                               ).read_text()
-    words = shlex.split(exec_start.replace("\\", " "))
-    assert words[:3] == ["/usr/bin/turnserver", "-c", "/etc/icegate/turnserver.conf"]
+    assert words[:3] == ["/usr/bin/turnserver", "-c", COTURN_CONF]
     assert "--denied-peer-ip=127.0.0.0-127.255.255.255" in words
+
+
+def test_coturn_drop_in_fails_closed_without_a_readable_config():
+    service = read_unit(DEPLOY / "systemd" / "coturn.service.d" / "icegate.conf")["Service"]
+    # ExecStartPre runs as User=: `test -r` answers for turnserver, not for root.
+    assert service["User"] == service["Group"] == "turnserver"
+    assert drop_in_words("ExecStartPre") == ["/usr/bin/test", "-r", COTURN_CONF]
+    # ConditionPathIsReadable= would skip the unit silently, and runs as root.
+    assert "Condition" not in (DEPLOY / "systemd" / "coturn.service.d" / "icegate.conf"
+                               ).read_text().split("[Unit]", 1)[1]
+    # Even without its file, coturn asks for credentials (401) instead of relaying for anyone.
+    assert "--use-auth-secret" in drop_in_words("ExecStart")
+
+
+def test_install_docs_follow_the_layout_the_install_test_uses():
+    """tests/integration/test_coturn_install.py runs exactly these steps into a temp root."""
+    icegate_unit = (DEPLOY / "systemd" / "icegate.service").read_text()
+    assert "#   install -d -m 0750 /etc/icegate\n" in icegate_unit
+    assert "#   install -m 0600 deploy/icegate.env.example /etc/icegate/icegate.env" in icegate_unit
+    drop_in = (DEPLOY / "systemd" / "coturn.service.d" / "icegate.conf").read_text()
+    assert "#   deploy/systemd/install-coturn-config <public interface IP>" in drop_in
+    script = (DEPLOY / "systemd" / "install-coturn-config").read_text()
+    assert "conf_dir=$root" + str(Path(COTURN_CONF).parent) + "\n" in script
+    assert "install -d -m 0750 -o root -g turnserver \"$conf_dir\"" in script
+    assert "chmod 0640 \"$tmp\"" in script
+    readme = (DEPLOY.parent / "README.md").read_text()
+    assert "deploy/systemd/install-coturn-config" in readme
+    assert "/etc/icegate/turnserver.conf" not in readme + drop_in + icegate_unit
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_coturn_drop_in_passes_systemd_analyze_verify(tmp_path):
+    (tmp_path / "coturn.service").write_text(DEBIAN_COTURN_UNIT)
+    (tmp_path / "coturn.service.d").mkdir()
+    shutil.copy(DEPLOY / "systemd" / "coturn.service.d" / "icegate.conf",
+                tmp_path / "coturn.service.d" / "icegate.conf")
+    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "coturn.service")],
+                            env={"SYSTEMD_UNIT_PATH": f"{tmp_path}:", "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, timeout=60)
+    problems = [line for line in (result.stdout + result.stderr).splitlines()
+                # coturn need not be installed where the unit files are checked.
+                if line.strip() and "/usr/bin/turnserver" not in line]
+    assert not problems, problems
+    # The drop-in is read: a broken ExecStartPre in it is reported.
+    (tmp_path / "coturn.service.d" / "icegate.conf").write_text(
+        "[Service]\nExecStartPre=/nonexistent/test -r /x\n")
+    broken = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "coturn.service")],
+                            env={"SYSTEMD_UNIT_PATH": f"{tmp_path}:", "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, timeout=60)
+    assert "/nonexistent/test" in broken.stdout + broken.stderr
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
