@@ -192,7 +192,7 @@ def test_documented_install_gives_coturn_a_config_it_reads_and_enforces(install_
 
 
 def test_an_unreadable_config_no_longer_makes_an_open_relay(install_root, tmp_path):
-    """The old layout: the config in /etc/icegate (0750 root:root), which turnserver cannot enter."""
+    """The old layout: the config in /etc/icegate (0750 root:root), closed to turnserver."""
     etc_icegate = install_root / "etc" / "icegate"
     etc_icegate.mkdir(parents=True, mode=0o750)
     conf = etc_icegate / "turnserver.conf"
