@@ -86,6 +86,7 @@ def render_turnserver_config(
     secrets: Sequence[str],
     state_dir: Path,
     redis_userdb: str | None = None,
+    sqlite_userdb: Path | None = None,
     template: Path = TURNSERVER_CONF_TEMPLATE,
 ) -> str:
     """Fills in the coturn config template.
@@ -95,6 +96,8 @@ def render_turnserver_config(
             when the secrets live in Redis.
         redis_userdb: a coturn Redis connection string (`ip=... port=... dbname=0`) to read
             secrets from Redis instead of using the SQLite user database in `state_dir`.
+        sqlite_userdb: coturn's SQLite user database file (its `turn_secret` table holds the
+            secrets), instead of `state_dir/turndb`.
     """
     for secret in secrets:
         # A newline would let a "secret" inject configuration lines.
@@ -102,7 +105,7 @@ def render_turnserver_config(
             raise ValueError("a TURN secret must be a non-empty single line")
     user_database = (
         f'redis-userdb="{redis_userdb}"' if redis_userdb is not None
-        else f"userdb={state_dir / 'turndb'}"
+        else f"userdb={sqlite_userdb or state_dir / 'turndb'}"
     )
     return string.Template(template.read_text()).substitute(
         listening_ip=listening_ip,
@@ -140,6 +143,8 @@ class Coturn:
         secrets: REST shared secrets, newest first (`static-auth-secret=` lines).
         realm: the TURN realm.
         redis_port: read secrets from the Redis on this loopback port as well.
+        sqlite_userdb: read secrets from this SQLite userdb file as well (the table
+            `turn_secret`, which icegate's ICEGATE_COTURN_SQLITE writes).
         binary: the turnserver executable.
         client_binary: the turnutils_uclient executable.
         startup_timeout: seconds to wait until coturn answers STUN.
@@ -151,15 +156,18 @@ class Coturn:
         *,
         realm: str = DEFAULT_REALM,
         redis_port: int | None = None,
+        sqlite_userdb: Path | None = None,
         binary: str = "turnserver",
         client_binary: str = "turnutils_uclient",
         startup_timeout: float = 10.0,
     ) -> None:
-        if not secrets and redis_port is None:
-            raise ValueError("coturn needs static secrets, a Redis to read them from, or both")
+        if not secrets and redis_port is None and sqlite_userdb is None:
+            raise ValueError("coturn needs static secrets, a database to read them from, "
+                             "or both")
         self.secrets = tuple(secrets)
         self.realm = realm
         self.redis_port = redis_port
+        self.sqlite_userdb = sqlite_userdb
         self.binary = binary
         self.client_binary = client_binary
         self.startup_timeout = startup_timeout
@@ -212,6 +220,7 @@ class Coturn:
             secrets=self.secrets,
             state_dir=self.directory,
             redis_userdb=redis_userdb,
+            sqlite_userdb=self.sqlite_userdb,
         )
         config_path = self.directory / "turnserver.conf"
         config_path.write_text(config)
