@@ -162,8 +162,8 @@ def _add_admin_commands(admin: argparse.ArgumentParser) -> None:
                                     help="make a fresh secret the signer (ids are printed)")
     rotate.add_argument("--coturn-restart-planned", action="store_true",
                         help="rotate even though the server keeps no coturn database "
-                             "(ICEGATE_COTURN_REDIS/SQLITE): you restart coturn with the new "
-                             "secrets yourself; refused without it")
+                             "(ICEGATE_COTURN_REDIS/SQLITE): coturn refuses the new credentials "
+                             "until you restart it on one; refused without this flag")
     turn_secret.add_parser("list", help="the secrets in force, by id")
 
 

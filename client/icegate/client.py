@@ -283,9 +283,10 @@ class Client:
         """Makes a fresh TURN secret the signer; returns the secrets in force (ids only).
 
         Args:
-            coturn_restart_planned: Rotate even though the server keeps no coturn database;
-                the operator restarts coturn with the new secrets. Without it such a server
-                raises FailedPreconditionError (reason COTURN_OUT_OF_STEP).
+            coturn_restart_planned: Rotate even though the server keeps no coturn database,
+                so coturn refuses the new credentials until it is restarted on one (see the
+                field in admin.proto). Without it such a server raises
+                FailedPreconditionError (reason COTURN_OUT_OF_STEP).
         """
         request = admin_pb2.RotateTurnSecretRequest(
             coturn_restart_planned=coturn_restart_planned)

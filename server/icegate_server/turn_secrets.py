@@ -142,7 +142,7 @@ class TurnSecretRing:
             raise CoturnOutOfStepError(
                 "coturn would refuse every credential signed with the new secret: icegate "
                 "keeps no coturn database (set ICEGATE_COTURN_REDIS or ICEGATE_COTURN_SQLITE), "
-                "or set coturn_restart_planned and restart coturn with the new secrets")
+                "or set coturn_restart_planned and restart coturn on such a database")
         now_ms = self._now_ms()
         value = secrets.token_urlsafe(32)
         record = TurnSecretRecord(

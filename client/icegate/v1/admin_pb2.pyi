@@ -834,9 +834,12 @@ class RotateTurnSecretRequest(_message.Message):
     COTURN_RESTART_PLANNED_FIELD_NUMBER: _builtins.int
     coturn_restart_planned: _builtins.bool
     """Whether the operator will restart coturn with the new secrets themselves, accepting that
-    coturn refuses credentials signed with the new secret until then. Only read when icegate
-    keeps no coturn database (neither ICEGATE_COTURN_REDIS nor ICEGATE_COTURN_SQLITE is
-    set); then a rotation without it is refused with FAILED_PRECONDITION. Default false.
+    coturn refuses credentials signed with the new secret until then. coturn can only learn
+    a rotated secret from a database icegate keeps, which icegate fills with every secret in
+    force when it starts: so the restart meant is the move of icegate and coturn onto
+    ICEGATE_COTURN_REDIS or ICEGATE_COTURN_SQLITE (or a setup where no coturn checks these
+    credentials). Only read when icegate keeps no such database; then a rotation without it
+    is refused with FAILED_PRECONDITION. Default false.
     """
     def __init__(
         self,
