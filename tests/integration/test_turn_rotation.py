@@ -233,3 +233,16 @@ def test_rotation_with_a_sqlite_userdb_keeps_a_real_coturn_in_step(tmp_path, cot
         for signed in (old, new):
             result = coturn.allocate(*signed)
             assert result.ok, result.output
+
+
+def test_what_the_override_accepts_coturn_refuses_the_new_credentials(tmp_path, coturn_factory):
+    """The defect the refusal prevents: rotated without a userdb, coturn knows no new secret."""
+    coturn = coturn_factory([TEST_TURN_SECRET], realm=REALM)
+    settings = server_settings(tmp_path, turn_realm=REALM, turn_uris=(coturn.turn_uri,))
+    with RunningServer(settings, FrozenClock(time.time())) as server, \
+            icegate.Client(server.target, TEST_ADMIN_KEY) as admin:
+        before = credential(admin)
+        admin.rotate_turn_secret(coturn_restart_planned=True)
+        after = credential(admin)
+    assert coturn.allocate(*before).ok
+    assert not coturn.allocate(*after).ok  # the silent breakage, now only by explicit choice
