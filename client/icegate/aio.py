@@ -278,12 +278,21 @@ class AsyncClient:
         return await self._call(self._admin.ResealProviderKeys,  # type: ignore[no-any-return]
                           admin_pb2.ResealProviderKeysRequest(), timeout, metadata)
 
-    async def rotate_turn_secret(self, *, timeout: float | None = None,
+    async def rotate_turn_secret(self, *, coturn_restart_planned: bool = False,
+                           timeout: float | None = None,
                            metadata: Metadata = ()) -> list[admin_pb2.TurnSecretInfo]:
-        """Makes a fresh TURN secret the signer; returns the secrets in force (ids only)."""
-        return list((await self._call(self._admin.RotateTurnSecret,
-                               admin_pb2.RotateTurnSecretRequest(), timeout,
-                               metadata)).turn_secrets)
+        """Makes a fresh TURN secret the signer; returns the secrets in force (ids only).
+
+        Args:
+            coturn_restart_planned: Rotate even though the server keeps no coturn database,
+                so coturn refuses the new credentials until it is restarted on one (see the
+                field in admin.proto). Without it such a server raises
+                FailedPreconditionError (reason COTURN_OUT_OF_STEP).
+        """
+        request = admin_pb2.RotateTurnSecretRequest(
+            coturn_restart_planned=coturn_restart_planned)
+        response = await self._call(self._admin.RotateTurnSecret, request, timeout, metadata)
+        return list(response.turn_secrets)
 
     async def list_turn_secrets(self, *, timeout: float | None = None,
                           metadata: Metadata = ()) -> list[admin_pb2.TurnSecretInfo]:

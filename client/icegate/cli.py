@@ -158,7 +158,12 @@ def _add_admin_commands(admin: argparse.ArgumentParser) -> None:
 
     turn_secret = groups.add_parser("turn-secret", help="the TURN shared secrets").\
         add_subparsers(dest="admin_command", required=True)
-    turn_secret.add_parser("rotate", help="make a fresh secret the signer (ids are printed)")
+    rotate = turn_secret.add_parser("rotate",
+                                    help="make a fresh secret the signer (ids are printed)")
+    rotate.add_argument("--coturn-restart-planned", action="store_true",
+                        help="rotate even though the server keeps no coturn database "
+                             "(ICEGATE_COTURN_REDIS/SQLITE): coturn refuses the new credentials "
+                             "until you restart it on one; refused without this flag")
     turn_secret.add_parser("list", help="the secrets in force, by id")
 
 
@@ -206,7 +211,8 @@ def _run_admin(args: argparse.Namespace, client: Client) -> Any:
     if command == ("provider-key", "reseal"):
         return _as_dict(client.reseal_provider_keys())
     if command == ("turn-secret", "rotate"):
-        return [_as_dict(s) for s in client.rotate_turn_secret()]
+        return [_as_dict(s) for s in client.rotate_turn_secret(
+            coturn_restart_planned=args.coturn_restart_planned)]
     if command == ("turn-secret", "list"):
         return [_as_dict(s) for s in client.list_turn_secrets()]
     raise AssertionError(command)

@@ -277,12 +277,21 @@ class Client:
         return self._call(self._admin.ResealProviderKeys,  # type: ignore[no-any-return]
                           admin_pb2.ResealProviderKeysRequest(), timeout, metadata)
 
-    def rotate_turn_secret(self, *, timeout: float | None = None,
+    def rotate_turn_secret(self, *, coturn_restart_planned: bool = False,
+                           timeout: float | None = None,
                            metadata: Metadata = ()) -> list[admin_pb2.TurnSecretInfo]:
-        """Makes a fresh TURN secret the signer; returns the secrets in force (ids only)."""
-        return list(self._call(self._admin.RotateTurnSecret,
-                               admin_pb2.RotateTurnSecretRequest(), timeout,
-                               metadata).turn_secrets)
+        """Makes a fresh TURN secret the signer; returns the secrets in force (ids only).
+
+        Args:
+            coturn_restart_planned: Rotate even though the server keeps no coturn database,
+                so coturn refuses the new credentials until it is restarted on one (see the
+                field in admin.proto). Without it such a server raises
+                FailedPreconditionError (reason COTURN_OUT_OF_STEP).
+        """
+        request = admin_pb2.RotateTurnSecretRequest(
+            coturn_restart_planned=coturn_restart_planned)
+        response = self._call(self._admin.RotateTurnSecret, request, timeout, metadata)
+        return list(response.turn_secrets)
 
     def list_turn_secrets(self, *, timeout: float | None = None,
                           metadata: Metadata = ()) -> list[admin_pb2.TurnSecretInfo]:

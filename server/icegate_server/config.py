@@ -383,6 +383,11 @@ def _validate(settings: Settings) -> None:
         fail("coturn_sqlite", "must be a file in an existing directory")
     if settings.turn_rotate_interval and not 60 <= settings.turn_rotate_interval <= 365 * 86400:
         fail("turn_rotate_interval", "must be 0 (off) or between 60 seconds and a year")
+    if settings.turn_rotate_interval and not (settings.coturn_redis or settings.coturn_sqlite):
+        # Without a userdb icegate keeps, coturn never learns a rotated secret and refuses
+        # every credential signed after the first rotation.
+        fail("turn_rotate_interval", "needs ICEGATE_COTURN_REDIS or ICEGATE_COTURN_SQLITE, "
+             "so that coturn follows the rotations")
     if not 0 < settings.store_timeout <= 60:
         fail("store_timeout", "must be more than 0 and at most 60 seconds")
     if settings.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:

@@ -15,6 +15,7 @@ they never contain a secret, a key or a token.
     ├── QuotaExceededError           RESOURCE_EXHAUSTED   QUOTA_EXCEEDED
     ├── ConcurrentLimitError         RESOURCE_EXHAUSTED   CONCURRENT_LIMIT
     ├── StoreUnavailableError        UNAVAILABLE          STORE_UNAVAILABLE
+    ├── CoturnOutOfStepError         FAILED_PRECONDITION  COTURN_OUT_OF_STEP
     └── UpstreamError
         ├── UpstreamNotConfiguredError   FAILED_PRECONDITION  UPSTREAM_NOT_CONFIGURED
         ├── UpstreamAuthFailedError      FAILED_PRECONDITION  UPSTREAM_AUTH_FAILED
@@ -115,6 +116,10 @@ class ConcurrentLimitError(IcegateError):
 
 class StoreUnavailableError(IcegateError):
     """The state store (SQLite file or Redis) cannot be reached or written."""
+
+
+class CoturnOutOfStepError(IcegateError):
+    """A TURN secret rotation coturn would not follow: icegate keeps no coturn userdb."""
 
 
 class UpstreamError(IcegateError):

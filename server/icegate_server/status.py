@@ -31,6 +31,7 @@ ERROR_TABLE: dict[type[errors.IcegateError], tuple[grpc.StatusCode, str]] = {
     errors.QuotaExceededError: (grpc.StatusCode.RESOURCE_EXHAUSTED, "QUOTA_EXCEEDED"),
     errors.ConcurrentLimitError: (grpc.StatusCode.RESOURCE_EXHAUSTED, "CONCURRENT_LIMIT"),
     errors.StoreUnavailableError: (grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE"),
+    errors.CoturnOutOfStepError: (grpc.StatusCode.FAILED_PRECONDITION, "COTURN_OUT_OF_STEP"),
     errors.UpstreamNotConfiguredError: (grpc.StatusCode.FAILED_PRECONDITION,
                                         "UPSTREAM_NOT_CONFIGURED"),
     errors.UpstreamAuthFailedError: (grpc.StatusCode.FAILED_PRECONDITION, "UPSTREAM_AUTH_FAILED"),

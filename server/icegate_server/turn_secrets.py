@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from icegate_server.clock import Clock
 from icegate_server.coturn_sync import CoturnSecretSink
-from icegate_server.errors import StoreUnavailableError
+from icegate_server.errors import CoturnOutOfStepError, StoreUnavailableError
 from icegate_server.logs import Safe
 from icegate_server.store import Store
 from icegate_server.store.base import TurnSecretRecord
@@ -124,8 +124,25 @@ class TurnSecretRing:
         self._synced = values
         log.info("coturn's TURN secrets updated (%d in force)", len(values))
 
-    async def rotate(self, *, min_age_seconds: float = 0) -> bool:
-        """Makes a fresh secret the signer; False if the signer is younger than the minimum."""
+    @property
+    def keeps_coturn_in_step(self) -> bool:
+        """Whether icegate writes the secrets into a coturn database, so coturn follows."""
+        return bool(self._sinks)
+
+    async def rotate(self, *, min_age_seconds: float = 0,
+                     coturn_restart_planned: bool = False) -> bool:
+        """Makes a fresh secret the signer; False if the signer is younger than the minimum.
+
+        Raises:
+            CoturnOutOfStepError: icegate keeps no coturn database, so coturn would refuse
+                every credential the new secret signs, and the caller did not say that
+                coturn will be restarted with the new secrets (`coturn_restart_planned`).
+        """
+        if not self.keeps_coturn_in_step and not coturn_restart_planned:
+            raise CoturnOutOfStepError(
+                "coturn would refuse every credential signed with the new secret: icegate "
+                "keeps no coturn database (set ICEGATE_COTURN_REDIS or ICEGATE_COTURN_SQLITE), "
+                "or set coturn_restart_planned and restart coturn on such a database")
         now_ms = self._now_ms()
         value = secrets.token_urlsafe(32)
         record = TurnSecretRecord(

@@ -50,6 +50,12 @@ DEFAULT_REALM = "icegate.test"
 _STUN_MAGIC_COOKIE = 0x2112A442
 _STUN_BINDING_REQUEST = 0x0001
 _STUN_BINDING_SUCCESS = 0x0101
+_TURN_ALLOCATE_REQUEST = 0x0003
+_TURN_ALLOCATE_SUCCESS = 0x0103
+_TURN_ALLOCATE_ERROR = 0x0113
+_STUN_ATTR_ERROR_CODE = 0x0009
+_TURN_ATTR_REQUESTED_TRANSPORT = 0x0019
+_UDP_PROTOCOL = 17
 
 
 def redis_secret_key(realm: str) -> str:
@@ -80,6 +86,7 @@ def render_turnserver_config(
     secrets: Sequence[str],
     state_dir: Path,
     redis_userdb: str | None = None,
+    sqlite_userdb: Path | None = None,
     template: Path = TURNSERVER_CONF_TEMPLATE,
 ) -> str:
     """Fills in the coturn config template.
@@ -89,6 +96,8 @@ def render_turnserver_config(
             when the secrets live in Redis.
         redis_userdb: a coturn Redis connection string (`ip=... port=... dbname=0`) to read
             secrets from Redis instead of using the SQLite user database in `state_dir`.
+        sqlite_userdb: coturn's SQLite user database file (its `turn_secret` table holds the
+            secrets), instead of `state_dir/turndb`.
     """
     for secret in secrets:
         # A newline would let a "secret" inject configuration lines.
@@ -96,7 +105,7 @@ def render_turnserver_config(
             raise ValueError("a TURN secret must be a non-empty single line")
     user_database = (
         f'redis-userdb="{redis_userdb}"' if redis_userdb is not None
-        else f"userdb={state_dir / 'turndb'}"
+        else f"userdb={sqlite_userdb or state_dir / 'turndb'}"
     )
     return string.Template(template.read_text()).substitute(
         listening_ip=listening_ip,
@@ -134,6 +143,8 @@ class Coturn:
         secrets: REST shared secrets, newest first (`static-auth-secret=` lines).
         realm: the TURN realm.
         redis_port: read secrets from the Redis on this loopback port as well.
+        sqlite_userdb: read secrets from this SQLite userdb file as well (the table
+            `turn_secret`, which icegate's ICEGATE_COTURN_SQLITE writes).
         binary: the turnserver executable.
         client_binary: the turnutils_uclient executable.
         startup_timeout: seconds to wait until coturn answers STUN.
@@ -145,15 +156,18 @@ class Coturn:
         *,
         realm: str = DEFAULT_REALM,
         redis_port: int | None = None,
+        sqlite_userdb: Path | None = None,
         binary: str = "turnserver",
         client_binary: str = "turnutils_uclient",
         startup_timeout: float = 10.0,
     ) -> None:
-        if not secrets and redis_port is None:
-            raise ValueError("coturn needs static secrets, a Redis to read them from, or both")
+        if not secrets and redis_port is None and sqlite_userdb is None:
+            raise ValueError("coturn needs static secrets, a database to read them from, "
+                             "or both")
         self.secrets = tuple(secrets)
         self.realm = realm
         self.redis_port = redis_port
+        self.sqlite_userdb = sqlite_userdb
         self.binary = binary
         self.client_binary = client_binary
         self.startup_timeout = startup_timeout
@@ -206,6 +220,7 @@ class Coturn:
             secrets=self.secrets,
             state_dir=self.directory,
             redis_userdb=redis_userdb,
+            sqlite_userdb=self.sqlite_userdb,
         )
         config_path = self.directory / "turnserver.conf"
         config_path.write_text(config)
@@ -289,21 +304,32 @@ class Coturn:
         """Runs a real TURN Allocate (and relays one message) with these credentials."""
         if self._process is None:
             raise RuntimeError("turnserver is not running")
-        args = [
-            self.client_binary, "-p", str(self.port), "-n", "1", "-m", "1", "-l", "100", "-y",
-            "-u", username, "-w", password, "-e", self.host, self.host,
-        ]
-        try:
-            completed = subprocess.run(
-                args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            output = _decode(exc.stdout) + _decode(exc.stderr)
-            return AllocationResult(ok=False, exit_code=-1, output=output + "\n(timed out)")
-        output = _decode(completed.stdout) + _decode(completed.stderr)
-        return AllocationResult(ok=completed.returncode == 0, exit_code=completed.returncode,
-                                output=output)
+        return allocate(self.host, self.port, username, password, timeout=timeout,
+                        client_binary=self.client_binary)
+
+
+def allocate(host: str, port: int, username: str, password: str, *, timeout: float = 10.0,
+             client_binary: str = "turnutils_uclient") -> AllocationResult:
+    """Runs `turnutils_uclient`: a real TURN Allocate on host:port that relays one message.
+
+    Works with any coturn listening on loopback with loopback peers allowed, not only one
+    `Coturn` started.
+    """
+    args = [
+        client_binary, "-p", str(port), "-n", "1", "-m", "1", "-l", "100", "-y",
+        "-u", username, "-w", password, "-e", host, host,
+    ]
+    try:
+        completed = subprocess.run(
+            args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        output = _decode(exc.stdout) + _decode(exc.stderr)
+        return AllocationResult(ok=False, exit_code=-1, output=output + "\n(timed out)")
+    output = _decode(completed.stdout) + _decode(completed.stderr)
+    return AllocationResult(ok=completed.returncode == 0, exit_code=completed.returncode,
+                            output=output)
 
 
 def _decode(data: bytes | str | None) -> str:
@@ -333,3 +359,47 @@ def _stun_binding_answered(host: str, port: int, timeout: float) -> bool:
         and int.from_bytes(reply[0:2], "big") == _STUN_BINDING_SUCCESS
         and reply[8:20] == transaction_id
     )
+
+
+def unauthenticated_allocate(host: str, port: int, *, timeout: float = 2.0,
+                             attempts: int = 5) -> int:
+    """Sends a TURN Allocate with no credentials at all, as an anonymous client would.
+
+    Returns:
+        0 when coturn granted a relay (an open relay), else the STUN error code it answered
+        (401 Unauthorized when it asks for credentials, as a coturn with auth does).
+
+    Raises:
+        TimeoutError: nothing answered on host:port (UDP).
+    """
+    transaction_id = os.urandom(12)
+    attribute = (_TURN_ATTR_REQUESTED_TRANSPORT.to_bytes(2, "big") + (4).to_bytes(2, "big")
+                 + bytes([_UDP_PROTOCOL, 0, 0, 0]))
+    request = (_TURN_ALLOCATE_REQUEST.to_bytes(2, "big") + len(attribute).to_bytes(2, "big")
+               + _STUN_MAGIC_COOKIE.to_bytes(4, "big") + transaction_id + attribute)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout / attempts)
+        for _ in range(attempts):  # UDP: a lost request is sent again
+            try:
+                sock.sendto(request, (host, port))
+                reply, _ = sock.recvfrom(2048)
+            except OSError:
+                continue
+            if len(reply) >= 20 and reply[8:20] == transaction_id:
+                break
+        else:
+            raise TimeoutError(f"no answer to a TURN Allocate on {host}:{port}")
+    kind = int.from_bytes(reply[0:2], "big")
+    if kind == _TURN_ALLOCATE_SUCCESS:
+        return 0
+    if kind != _TURN_ALLOCATE_ERROR:
+        raise ValueError(f"unexpected STUN message type {kind:#06x}")
+    offset = 20
+    while offset + 4 <= len(reply):
+        attr_type = int.from_bytes(reply[offset:offset + 2], "big")
+        length = int.from_bytes(reply[offset + 2:offset + 4], "big")
+        value = reply[offset + 4:offset + 4 + length]
+        if attr_type == _STUN_ATTR_ERROR_CODE and len(value) >= 4:
+            return (value[2] & 0x7) * 100 + value[3]
+        offset += 4 + (length + 3) // 4 * 4
+    raise ValueError("Allocate error answer without an ERROR-CODE")

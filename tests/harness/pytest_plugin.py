@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import pytest
 
@@ -45,8 +46,9 @@ def coturn_factory() -> Iterator[CoturnFactory]:
     started: list[Coturn] = []
 
     def start(secrets: Sequence[str] = (), *, realm: str = DEFAULT_REALM,
-              redis_port: int | None = None) -> Coturn:
-        coturn = Coturn(secrets, realm=realm, redis_port=redis_port)
+              redis_port: int | None = None, sqlite_userdb: Path | None = None) -> Coturn:
+        coturn = Coturn(secrets, realm=realm, redis_port=redis_port,
+                        sqlite_userdb=sqlite_userdb)
         started.append(coturn)
         return coturn.start()
 

@@ -304,10 +304,13 @@ def target(tmp_path_factory) -> Iterator[Target]:
             FakeUpstream(OrgaEmulation(PROVIDER_KEYS["orga"])) as orga, \
             FakeUpstream(GeminiEmulation(PROVIDER_KEYS["gemini"])) as gemini:
         # Every provider points at a fake: no example can reach the real internet.
+        data_dir = tmp_path_factory.mktemp("hostile")
         settings_ = server_settings(
-            tmp_path_factory.mktemp("hostile"), openai_base_url=openai.base_url,
+            data_dir, openai_base_url=openai.base_url,
             azure_base_url=azure.base_url, orga_base_url=orga.base_url,
-            gemini_base_url=gemini.base_url, upstream_read_timeout=5.0)
+            gemini_base_url=gemini.base_url, upstream_read_timeout=5.0,
+            # A coturn database icegate keeps: RotateTurnSecret needs one (or its override).
+            coturn_sqlite=str(data_dir / "coturn.sqlite3"))
         with RunningServer(settings_) as server:
             running = Target(server, [openai, azure, orga, gemini])
             running.admin.create_project("fuzz-spare")

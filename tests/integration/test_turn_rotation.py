@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import grpc
 import pytest
 
 import icegate
@@ -80,7 +81,8 @@ def test_every_replica_signs_with_the_new_secret(tmp_path, redis_server):
     try:
         with icegate.Client(first.target, TEST_ADMIN_KEY) as a, \
                 icegate.Client(second.target, TEST_ADMIN_KEY) as b:
-            signer = a.rotate_turn_secret()[0].secret_id
+            # No coturn here: the override says coturn is restarted by other means.
+            signer = a.rotate_turn_secret(coturn_restart_planned=True)[0].secret_id
             deadline = time.monotonic() + 5
             while b.list_turn_secrets()[0].secret_id != signer:
                 assert time.monotonic() < deadline, "the other replica never saw the rotation"
@@ -140,7 +142,8 @@ def test_coturn_config_from_icegate_settings_runs_a_matching_coturn(tmp_path, re
 
 
 def test_automatic_rotation_on_an_interval(tmp_path):
-    settings = server_settings(tmp_path, turn_rotate_interval=3600)
+    settings = server_settings(tmp_path, turn_rotate_interval=3600,
+                               coturn_sqlite=str(tmp_path / "coturn.sqlite3"))
     with RunningServer(settings, FrozenClock(time.time())) as server, \
             icegate.Client(server.target, TEST_ADMIN_KEY) as admin:
 
@@ -161,3 +164,85 @@ def test_automatic_rotation_on_an_interval(tmp_path):
         ring = admin.list_turn_secrets()
         assert [s.secret_id for s in ring[:2]] == [second, first]
         assert ring[1].retire_time.seconds == int(server.clock.now()) + 86400
+
+
+# -- rotation that coturn would not follow --------------------------------------------------
+
+
+def test_rotation_without_a_coturn_database_is_refused_unless_planned(tmp_path):
+    """No userdb icegate keeps: coturn would refuse every credential the new secret signs."""
+    settings = server_settings(tmp_path)  # neither coturn_redis nor coturn_sqlite
+    with RunningServer(settings) as server, \
+            icegate.Client(server.target, TEST_ADMIN_KEY) as admin:
+        before = credential(admin)
+        with pytest.raises(icegate.errors.FailedPreconditionError) as refused:
+            admin.rotate_turn_secret()
+        assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
+        assert refused.value.reason == "COTURN_OUT_OF_STEP"
+        assert "ICEGATE_COTURN_REDIS" in refused.value.message
+        assert "coturn_restart_planned" in refused.value.message
+        # Nothing rotated: the settings secret still signs, as coturn expects.
+        assert [s.source for s in admin.list_turn_secrets()] == ["settings"]
+        assert credential(admin)[1] == before[1]
+
+        async def rotate_async(planned: bool) -> list[str]:
+            async with icegate.AsyncClient(server.target, TEST_ADMIN_KEY) as client:
+                return [s.source for s in
+                        await client.rotate_turn_secret(coturn_restart_planned=planned)]
+
+        with pytest.raises(icegate.errors.FailedPreconditionError):
+            server.run(rotate_async(False))
+
+        # The override: the operator restarts coturn with the new secrets.
+        assert [s.source for s in admin.rotate_turn_secret(coturn_restart_planned=True)] == [
+            "ring", "settings"]
+        assert credential(admin)[1] != before[1]
+        assert server.run(rotate_async(True))[0] == "ring"
+
+
+def test_cli_rotation_needs_the_flag_without_a_coturn_database(tmp_path, monkeypatch, capsys):
+    from icegate.cli import main as cli_main
+
+    with RunningServer(server_settings(tmp_path)) as server:
+        monkeypatch.setenv("ICEGATE_TARGET", server.target)
+        monkeypatch.setenv("ICEGATE_API_KEY", TEST_ADMIN_KEY)
+        assert cli_main(["admin", "turn-secret", "rotate"]) == 1
+        err = capsys.readouterr().err
+        assert "FAILED_PRECONDITION COTURN_OUT_OF_STEP" in err and err[-1] == "\n"
+        assert cli_main(["admin", "turn-secret", "list"]) == 0
+        assert '"source": "ring"' not in capsys.readouterr().out
+        assert cli_main(["admin", "turn-secret", "rotate", "--coturn-restart-planned"]) == 0
+        assert '"source": "ring"' in capsys.readouterr().out
+
+
+def test_rotation_with_a_sqlite_userdb_keeps_a_real_coturn_in_step(tmp_path, coturn_factory):
+    """ICEGATE_COTURN_SQLITE: coturn reads the secrets icegate writes, no restart, no flag."""
+    userdb = tmp_path / "coturn" / "turndb"
+    userdb.parent.mkdir()
+    settings = server_settings(tmp_path / "icegate", turn_realm=REALM,
+                               coturn_sqlite=str(userdb), turn_ttl_min=60,
+                               turn_ttl_default=60, turn_ttl_max=120)
+    with RunningServer(settings, FrozenClock(time.time())) as server, \
+            icegate.Client(server.target, TEST_ADMIN_KEY) as admin:
+        # icegate wrote the settings secret at start; coturn reads only its database here.
+        coturn = coturn_factory(realm=REALM, sqlite_userdb=userdb)
+        old = credential(admin)
+        admin.rotate_turn_secret()  # no override needed: coturn follows
+        new = credential(admin)
+        assert new[1] != old[1]
+        for signed in (old, new):
+            result = coturn.allocate(*signed)
+            assert result.ok, result.output
+
+
+def test_what_the_override_accepts_coturn_refuses_the_new_credentials(tmp_path, coturn_factory):
+    """The defect the refusal prevents: rotated without a userdb, coturn knows no new secret."""
+    coturn = coturn_factory([TEST_TURN_SECRET], realm=REALM)
+    settings = server_settings(tmp_path, turn_realm=REALM, turn_uris=(coturn.turn_uri,))
+    with RunningServer(settings, FrozenClock(time.time())) as server, \
+            icegate.Client(server.target, TEST_ADMIN_KEY) as admin:
+        before = credential(admin)
+        admin.rotate_turn_secret(coturn_restart_planned=True)
+        after = credential(admin)
+    assert coturn.allocate(*before).ok
+    assert not coturn.allocate(*after).ok  # the silent breakage, now only by explicit choice

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import configparser
 import dataclasses
+import os
 import re
 import shlex
 import shutil
@@ -77,7 +78,8 @@ def test_compose_wires_icegate_coturn_and_redis():
     services = compose["services"]
     assert {"icegate", "coturn", "redis"} <= set(services)
     icegate = services["icegate"]
-    assert icegate["environment"]["ICEGATE_STORE"] == "redis://redis:6379/0"
+    assert icegate["environment"]["ICEGATE_STORE"].startswith("redis://:${REDIS_PASSWORD")
+    assert icegate["environment"]["ICEGATE_STORE"].endswith("@redis:6379/0")
     assert icegate["env_file"] == ["icegate.env"]
     assert "redis" in icegate["depends_on"]
     assert any(port.startswith("50051:") for port in icegate["ports"])
@@ -129,15 +131,88 @@ def test_icegate_unit_is_hardened_and_outlasts_the_shutdown_grace():
     assert unit["Install"]["WantedBy"] == "multi-user.target"
 
 
-def test_coturn_drop_in_runs_the_rendered_config_and_denies_loopback_peers():
+COTURN_CONF = "/etc/icegate-coturn/turnserver.conf"
+# Debian's coturn.service (coturn 4.6.1), which the drop-in extends.
+DEBIAN_COTURN_UNIT = """\
+[Unit]
+Description=coTURN STUN/TURN Server
+After=network.target
+
+[Service]
+User=turnserver
+Group=turnserver
+Type=notify
+ExecStart=/usr/bin/turnserver -c /etc/turnserver.conf --pidfile=
+Restart=on-failure
+PrivateTmp=yes
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def drop_in_words(key: str) -> list[str]:
     unit = read_unit(DEPLOY / "systemd" / "coturn.service.d" / "icegate.conf")
-    exec_start = unit["Service"]["ExecStart"].replace("\\\n", " ")
+    return shlex.split(unit["Service"][key].replace("\\\n", " ").replace("\\", " "))
+
+
+def test_coturn_drop_in_runs_the_rendered_config_and_denies_loopback_peers():
+    words = drop_in_words("ExecStart")
     # configparser keeps the last of the repeated keys: the reset line comes first in the file.
     assert "ExecStart=\n" in (DEPLOY / "systemd" / "coturn.service.d" / "icegate.conf"
                               ).read_text()
-    words = shlex.split(exec_start.replace("\\", " "))
-    assert words[:3] == ["/usr/bin/turnserver", "-c", "/etc/icegate/turnserver.conf"]
+    assert words[:3] == ["/usr/bin/turnserver", "-c", COTURN_CONF]
     assert "--denied-peer-ip=127.0.0.0-127.255.255.255" in words
+
+
+def test_coturn_drop_in_fails_closed_without_a_readable_config():
+    service = read_unit(DEPLOY / "systemd" / "coturn.service.d" / "icegate.conf")["Service"]
+    # ExecStartPre runs as User=: `test -r` answers for turnserver, not for root.
+    assert service["User"] == service["Group"] == "turnserver"
+    assert drop_in_words("ExecStartPre") == ["/usr/bin/test", "-r", COTURN_CONF]
+    # ConditionPathIsReadable= would skip the unit silently, and runs as root.
+    assert "Condition" not in (DEPLOY / "systemd" / "coturn.service.d" / "icegate.conf"
+                               ).read_text().split("[Unit]", 1)[1]
+    # Even without its file, coturn asks for credentials (401) instead of relaying for anyone.
+    assert "--use-auth-secret" in drop_in_words("ExecStart")
+
+
+def test_install_docs_follow_the_layout_the_install_test_uses():
+    """tests/integration/test_coturn_install.py runs exactly these steps into a temp root."""
+    icegate_unit = (DEPLOY / "systemd" / "icegate.service").read_text()
+    assert "#   install -d -m 0750 /etc/icegate\n" in icegate_unit
+    assert "#   install -m 0600 deploy/icegate.env.example /etc/icegate/icegate.env" in icegate_unit
+    drop_in = (DEPLOY / "systemd" / "coturn.service.d" / "icegate.conf").read_text()
+    assert "#   deploy/systemd/install-coturn-config <public interface IP>" in drop_in
+    script = (DEPLOY / "systemd" / "install-coturn-config").read_text()
+    assert "conf_dir=$root" + str(Path(COTURN_CONF).parent) + "\n" in script
+    assert "install -d -m 0750 -o root -g turnserver \"$conf_dir\"" in script
+    assert "chmod 0640 \"$tmp\"" in script
+    readme = (DEPLOY.parent / "README.md").read_text()
+    assert "deploy/systemd/install-coturn-config" in readme
+    assert "/etc/icegate/turnserver.conf" not in readme + drop_in + icegate_unit
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_coturn_drop_in_passes_systemd_analyze_verify(tmp_path):
+    (tmp_path / "coturn.service").write_text(DEBIAN_COTURN_UNIT)
+    (tmp_path / "coturn.service.d").mkdir()
+    shutil.copy(DEPLOY / "systemd" / "coturn.service.d" / "icegate.conf",
+                tmp_path / "coturn.service.d" / "icegate.conf")
+    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "coturn.service")],
+                            env={"SYSTEMD_UNIT_PATH": f"{tmp_path}:", "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, timeout=60)
+    problems = [line for line in (result.stdout + result.stderr).splitlines()
+                # coturn need not be installed where the unit files are checked.
+                if line.strip() and "/usr/bin/turnserver" not in line]
+    assert not problems, problems
+    # The drop-in is read: a broken ExecStartPre in it is reported.
+    (tmp_path / "coturn.service.d" / "icegate.conf").write_text(
+        "[Service]\nExecStartPre=/nonexistent/test -r /x\n")
+    broken = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "coturn.service")],
+                            env={"SYSTEMD_UNIT_PATH": f"{tmp_path}:", "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, timeout=60)
+    assert "/nonexistent/test" in broken.stdout + broken.stderr
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
@@ -197,6 +272,7 @@ def test_compose_coturn_config_command_renders_its_addresses(tmp_path, monkeypat
                              )["services"]["coturn-config"]["command"]
     args = [re.sub(r"\$\{[^}]*\}", "192.0.2.10", arg) for arg in command[1:]]
     output = tmp_path / "turnserver.conf"
+    monkeypatch.delenv("ICEGATE_COTURN_REDIS", raising=False)
     args[args.index("--output") + 1] = str(output)
     for name, value in {**PLACEHOLDER_SECRETS, "ICEGATE_DEV_SECRETS": "false",
                         "ICEGATE_DATA_DIR": str(tmp_path)}.items():
@@ -206,3 +282,106 @@ def test_compose_coturn_config_command_renders_its_addresses(tmp_path, monkeypat
     assert "listening-ip=192.0.2.10" in lines and "relay-ip=192.0.2.10" in lines
     assert "min-port=49160" in lines and "max-port=49999" in lines
     assert "static-auth-secret=placeholder-turn-secret-0001" in lines
+
+
+COMPOSE_VARIABLES = {"TURN_IP": "192.0.2.10", "REDIS_PASSWORD": "c0ffee0123456789abcdef"}
+
+
+def interpolate(value: object, variables: dict[str, str]) -> object:
+    """compose's `${NAME}`, `${NAME:?message}` and `${NAME:-default}` substitution."""
+    if isinstance(value, dict):
+        return {key: interpolate(item, variables) for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolate(item, variables) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def replace(match: re.Match[str]) -> str:
+        name, operator, rest = match.group(1), match.group(2) or "", match.group(3) or ""
+        if name in variables:
+            return variables[name]
+        assert operator == ":-", f"compose would stop: {name} unset ({rest})"
+        return rest
+
+    return re.sub(r"\$\{([A-Z_][A-Z0-9_]*)(?:(:\?|:-)([^}]*))?\}", replace, value)
+
+
+def compose_services() -> dict[str, dict]:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services: dict[str, dict] = interpolate(compose["services"], COMPOSE_VARIABLES)  # type: ignore[assignment]
+    return services
+
+
+def test_compose_stops_without_its_redis_password():
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    with pytest.raises(AssertionError, match="REDIS_PASSWORD unset"):
+        interpolate(compose["services"], {"TURN_IP": "192.0.2.10"})
+
+
+def test_compose_gives_coturn_a_path_to_the_secrets_icegate_rotates():
+    """coturn (host networking) reaches the Redis icegate writes the secrets into."""
+    services = compose_services()
+    redis, icegate, render, coturn = (services[name] for name in
+                                      ("redis", "icegate", "coturn-config", "coturn"))
+    password = COMPOSE_VARIABLES["REDIS_PASSWORD"]
+    command = redis["command"]
+    assert command[command.index("--requirepass") + 1] == password
+    assert command[command.index("--timeout") + 1] == "0"  # coturn's connection never idles out
+
+    # Redis is published on the host's loopback only.
+    (published,) = redis["ports"]
+    host_ip, host_port, container_port = published.split(":")
+    assert host_ip == "127.0.0.1" and container_port == "6379"
+
+    # icegate, on compose's network, writes into Redis through its service name.
+    from urllib.parse import urlsplit
+
+    written = urlsplit(icegate["environment"]["ICEGATE_COTURN_REDIS"])
+    assert (written.hostname, written.port, written.password) == ("redis", 6379, password)
+    # coturn, on the host's network, reads the same Redis and db through the published port.
+    assert coturn["network_mode"] == "host"
+    read = urlsplit(render["environment"]["ICEGATE_COTURN_REDIS"])
+    assert (read.hostname, read.port, read.password) == ("127.0.0.1", int(host_port), password)
+    assert read.path == written.path == "/1"
+    assert urlsplit(icegate["environment"]["ICEGATE_STORE"]).path == "/0"
+    # Relayed traffic never reaches that loopback port; coturn asks for credentials even if
+    # its config went missing.
+    assert "--denied-peer-ip=127.0.0.0-127.255.255.255" in coturn["command"]
+    assert "--use-auth-secret" in coturn["command"]
+    assert coturn["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_compose_renders_coturn_reading_the_secrets_from_that_redis(tmp_path, monkeypatch):
+    from icegate_server.cli import main
+
+    services = compose_services()
+    render = services["coturn-config"]
+    active, _ = env_file_lines(DEPLOY / "icegate.env.example")
+    output = tmp_path / "turnserver.conf"
+    args = list(render["command"][1:])
+    args[args.index("--output") + 1] = str(output)
+    for name in list(os.environ):
+        if name.startswith("ICEGATE_"):
+            monkeypatch.delenv(name)
+    for name, value in {**active, **PLACEHOLDER_SECRETS, **render["environment"],
+                        "ICEGATE_DATA_DIR": str(tmp_path)}.items():
+        monkeypatch.setenv(name, value)
+    assert main(args) == 0
+    lines = output.read_text().splitlines()
+    password = COMPOSE_VARIABLES["REDIS_PASSWORD"]
+    assert (f'redis-userdb="ip=127.0.0.1 dbname=1 port=6380 password={password} '
+            'connect_timeout=30"') in lines
+    assert not [line for line in lines if line.startswith("static-auth-secret")]
+
+
+@pytest.mark.parametrize("service", ["icegate", "coturn-config"])
+def test_compose_rotation_settings_come_with_a_userdb(service):
+    """The env file may turn on automatic rotation: compose always gives icegate a userdb."""
+    services = compose_services()
+    active, _ = env_file_lines(DEPLOY / "icegate.env.example")
+    environment = {**active, **PLACEHOLDER_SECRETS, **services[service]["environment"]}
+    settings = load_settings({}, {**environment, "ICEGATE_TURN_ROTATE_INTERVAL": "86400"})
+    assert settings.turn_rotate_interval == 86400 and settings.coturn_redis
+    without = {k: v for k, v in environment.items() if k != "ICEGATE_COTURN_REDIS"}
+    with pytest.raises(ConfigError, match="ICEGATE_TURN_ROTATE_INTERVAL"):
+        load_settings({}, {**without, "ICEGATE_TURN_ROTATE_INTERVAL": "86400"})

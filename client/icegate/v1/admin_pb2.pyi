@@ -831,12 +831,24 @@ class RotateTurnSecretRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    COTURN_RESTART_PLANNED_FIELD_NUMBER: _builtins.int
+    coturn_restart_planned: _builtins.bool
+    """Whether the operator will restart coturn with the new secrets themselves, accepting that
+    coturn refuses credentials signed with the new secret until then. coturn can only learn
+    a rotated secret from a database icegate keeps, which icegate fills with every secret in
+    force when it starts: so the restart meant is the move of icegate and coturn onto
+    ICEGATE_COTURN_REDIS or ICEGATE_COTURN_SQLITE (or a setup where no coturn checks these
+    credentials). Only read when icegate keeps no such database; then a rotation without it
+    is refused with FAILED_PRECONDITION. Default false.
+    """
     def __init__(
         self,
+        *,
+        coturn_restart_planned: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coturn_restart_planned", b"coturn_restart_planned"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

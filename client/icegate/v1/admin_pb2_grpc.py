@@ -214,7 +214,10 @@ class AdminServiceServicer:
         the longest credential they could have signed has expired (ICEGATE_TURN_TTL_MAX after the
         rotation), then retire. Every replica signs with the new secret within a second; coturn
         follows without a restart when icegate keeps its database (ICEGATE_COTURN_REDIS or
-        ICEGATE_COTURN_SQLITE). The secret itself is never returned. Not idempotent.
+        ICEGATE_COTURN_SQLITE). Without such a database coturn would refuse every credential
+        signed with the new secret, so the call fails with FAILED_PRECONDITION (reason
+        COTURN_OUT_OF_STEP) unless the request sets `coturn_restart_planned`. The secret itself
+        is never returned. Not idempotent: do not retry blindly.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

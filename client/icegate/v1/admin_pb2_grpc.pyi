@@ -75,7 +75,10 @@ class AdminServiceStub:
     the longest credential they could have signed has expired (ICEGATE_TURN_TTL_MAX after the
     rotation), then retire. Every replica signs with the new secret within a second; coturn
     follows without a restart when icegate keeps its database (ICEGATE_COTURN_REDIS or
-    ICEGATE_COTURN_SQLITE). The secret itself is never returned. Not idempotent.
+    ICEGATE_COTURN_SQLITE). Without such a database coturn would refuse every credential
+    signed with the new secret, so the call fails with FAILED_PRECONDITION (reason
+    COTURN_OUT_OF_STEP) unless the request sets `coturn_restart_planned`. The secret itself
+    is never returned. Not idempotent: do not retry blindly.
     """
     ListTurnSecrets: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListTurnSecretsRequest, _admin_pb2.ListTurnSecretsResponse]
     """Lists the TURN secrets in force by id, the signer first. Never returns a secret."""
@@ -127,7 +130,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     the longest credential they could have signed has expired (ICEGATE_TURN_TTL_MAX after the
     rotation), then retire. Every replica signs with the new secret within a second; coturn
     follows without a restart when icegate keeps its database (ICEGATE_COTURN_REDIS or
-    ICEGATE_COTURN_SQLITE). The secret itself is never returned. Not idempotent.
+    ICEGATE_COTURN_SQLITE). Without such a database coturn would refuse every credential
+    signed with the new secret, so the call fails with FAILED_PRECONDITION (reason
+    COTURN_OUT_OF_STEP) unless the request sets `coturn_restart_planned`. The secret itself
+    is never returned. Not idempotent: do not retry blindly.
     """
     ListTurnSecrets: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListTurnSecretsRequest, _admin_pb2.ListTurnSecretsResponse]  # type: ignore[assignment]
     """Lists the TURN secrets in force by id, the signer first. Never returns a secret."""
@@ -254,7 +260,10 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         the longest credential they could have signed has expired (ICEGATE_TURN_TTL_MAX after the
         rotation), then retire. Every replica signs with the new secret within a second; coturn
         follows without a restart when icegate keeps its database (ICEGATE_COTURN_REDIS or
-        ICEGATE_COTURN_SQLITE). The secret itself is never returned. Not idempotent.
+        ICEGATE_COTURN_SQLITE). Without such a database coturn would refuse every credential
+        signed with the new secret, so the call fails with FAILED_PRECONDITION (reason
+        COTURN_OUT_OF_STEP) unless the request sets `coturn_restart_planned`. The secret itself
+        is never returned. Not idempotent: do not retry blindly.
         """
 
     @_abc_1.abstractmethod

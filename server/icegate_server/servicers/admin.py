@@ -190,7 +190,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def RotateTurnSecret(self, request: admin_pb2.RotateTurnSecretRequest,
                                context: Context) -> admin_pb2.RotateTurnSecretResponse:
-        await self._turn_secrets.rotate()
+        await self._turn_secrets.rotate(coturn_restart_planned=request.coturn_restart_planned)
         return admin_pb2.RotateTurnSecretResponse(
             turn_secrets=turn_secrets_to_proto(self._turn_secrets.entries))
 

@@ -1,0 +1,238 @@
+"""The documented systemd install of coturn, done for real into a temporary root.
+
+The steps are the ones deploy/systemd/icegate.service and coturn.service.d/icegate.conf tell
+the operator to run (tests/unit/test_deploy_files.py pins that the docs name them), with
+DESTDIR pointing at a temporary root: the same directories, owners and modes. coturn then
+runs as its own user, `turnserver`, with the drop-in's own ExecStartPre and ExecStart
+command lines, as systemd would run them (User=turnserver applies to both).
+
+Before the fix (config in /etc/icegate, 0750 root:root) coturn could not read its file, ran
+on defaults and granted a relay to a client with no credentials at all;
+`test_an_unreadable_config_no_longer_makes_an_open_relay` keeps that layout and shows both
+guards.
+"""
+
+from __future__ import annotations
+
+import configparser
+import grp
+import os
+import pwd
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+import icegate
+from harness.coturn import _stun_binding_answered, allocate, unauthenticated_allocate
+from harness.icegate_server import (
+    TEST_ADMIN_KEY,
+    TEST_MASTER_KEY,
+    TEST_TURN_SECRET,
+    RunningServer,
+    server_settings,
+)
+from harness.ports import free_tcp_udp_port, reserve_relay_range
+from harness.pytest_plugin import require_binaries
+from icegate_server.clock import FrozenClock
+
+pytestmark = pytest.mark.coturn
+
+REPO = Path(__file__).resolve().parents[2]
+SYSTEMD = REPO / "deploy" / "systemd"
+DROP_IN = SYSTEMD / "coturn.service.d" / "icegate.conf"
+INSTALLED_CONF = "/etc/icegate-coturn/turnserver.conf"
+REALM = "icegate.test"
+LOOPBACK_DENIED = "--denied-peer-ip=127.0.0.0-127.255.255.255"
+
+
+def require_root_and_turnserver_user() -> None:
+    """Skips (fails on CI) unless this runs as root on a machine with coturn's user."""
+    require_binaries("turnserver", "turnutils_uclient", "setpriv")
+    problem = ""
+    if os.geteuid() != 0:
+        problem = "the coturn install test must run as root (it chowns to turnserver)"
+    else:
+        try:
+            pwd.getpwnam("turnserver")
+        except KeyError:
+            problem = "no turnserver user (Debian's coturn package creates it)"
+    if problem:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(problem, pytrace=False)
+        pytest.skip(problem)
+
+
+def drop_in_command(key: str) -> list[str]:
+    """The words of the drop-in's `key` line (the last one: ExecStart= resets come first)."""
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read_string(DROP_IN.read_text())
+    return shlex.split(unit["Service"][key].replace("\\\n", " ").replace("\\", " "))
+
+
+def as_turnserver(argv: Sequence[str]) -> list[str]:
+    """argv run as the unit runs it: User=turnserver, Group=turnserver, its groups."""
+    return ["setpriv", "--reuid=turnserver", "--regid=turnserver", "--init-groups", *argv]
+
+
+def rerooted(argv: Sequence[str], root: Path) -> list[str]:
+    return [str(root) + word if word == INSTALLED_CONF else word for word in argv]
+
+
+@pytest.fixture
+def install_root() -> Iterator[Path]:
+    """An empty root directory that the turnserver user may traverse (pytest's tmp is 0700)."""
+    require_root_and_turnserver_user()
+    root = Path(tempfile.mkdtemp(prefix="icegate-root-", dir="/tmp"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def install_as_documented(root: Path, env: dict[str, str], relay: tuple[int, int]) -> Path:
+    """icegate.service's /etc/icegate steps, then deploy/systemd/install-coturn-config."""
+    etc_icegate = root / "etc" / "icegate"
+    (root / "etc").mkdir(mode=0o755)
+    # `install -d -m 0750 /etc/icegate`, `install -m 0600 icegate.env /etc/icegate/icegate.env`
+    subprocess.run(["install", "-d", "-m", "0750", str(etc_icegate)], check=True)
+    env_file = root / "icegate.env"
+    env_file.write_text("".join(f"{key}={value}\n" for key, value in env.items()))
+    subprocess.run(["install", "-m", "0600", str(env_file),
+                    str(etc_icegate / "icegate.env")], check=True)
+    script_env = {"PATH": os.environ["PATH"], "DESTDIR": str(root),
+                  "ICEGATE_SERVER": str(Path(sys.executable).parent / "icegate-server")}
+    subprocess.run([str(SYSTEMD / "install-coturn-config"), "127.0.0.1", str(relay[0]),
+                    str(relay[1])], env=script_env, check=True, timeout=60)
+    return root / INSTALLED_CONF.lstrip("/")
+
+
+def owner_mode(path: Path) -> tuple[str, str, str]:
+    info = path.stat()
+    return (pwd.getpwuid(info.st_uid).pw_name, grp.getgrgid(info.st_gid).gr_name,
+            oct(stat.S_IMODE(info.st_mode)))
+
+
+def start_coturn(argv: Sequence[str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        process = subprocess.Popen(as_turnserver(argv), stdin=subprocess.DEVNULL, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    for _ in range(100):
+        if process.poll() is not None:
+            raise AssertionError(f"coturn exited {process.returncode}:\n{log.read_text()}")
+        if _stun_binding_answered("127.0.0.1", port, timeout=0.1):
+            return process
+    process.kill()
+    raise AssertionError(f"coturn never answered STUN on {port}:\n{log.read_text()}")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
+def test_documented_install_gives_coturn_a_config_it_reads_and_enforces(install_root,
+                                                                        tmp_path):
+    port = free_tcp_udp_port()
+    relay = reserve_relay_range()
+    env = {"ICEGATE_TURN_SECRETS": TEST_TURN_SECRET, "ICEGATE_API_KEYS": TEST_ADMIN_KEY,
+           "ICEGATE_MASTER_KEY": TEST_MASTER_KEY, "ICEGATE_DEV_SECRETS": "false",
+           "ICEGATE_TURN_REALM": REALM,
+           "ICEGATE_TURN_URIS": f"turn:127.0.0.1:{port}?transport=udp"}
+    try:
+        conf = install_as_documented(install_root, env, (relay.min_port, relay.max_port))
+        assert owner_mode(install_root / "etc" / "icegate") == ("root", "root", "0o750")
+        assert owner_mode(install_root / "etc" / "icegate" / "icegate.env") == (
+            "root", "root", "0o600")
+        assert owner_mode(conf.parent) == ("root", "turnserver", "0o750")
+        assert owner_mode(conf) == ("root", "turnserver", "0o640")
+        assert f"realm={REALM}" in conf.read_text().splitlines()
+
+        # The unit's guard, as the unit runs it: passes on the installed file.
+        guard = rerooted(drop_in_command("ExecStartPre"), install_root)
+        assert subprocess.run(as_turnserver(guard), check=False).returncode == 0
+
+        # The unit's own ExecStart, as turnserver. The probe's relay peer is on loopback, so
+        # only the loopback deny range is left out here; every other word is the unit's.
+        exec_start = rerooted(drop_in_command("ExecStart"), install_root)
+        exec_start.remove(LOOPBACK_DENIED)
+        coturn = start_coturn(exec_start, port, tmp_path / "coturn.log")
+        try:
+            settings = server_settings(tmp_path / "icegate", turn_realm=REALM,
+                                       turn_uris=(env["ICEGATE_TURN_URIS"],))
+            with RunningServer(settings, FrozenClock(time.time())) as server, \
+                    icegate.Client(server.target, TEST_ADMIN_KEY) as client:
+                issued = client.issue_turn_credentials("alice", ttl=600)
+            result = allocate("127.0.0.1", port, issued.username, issued.password)
+            assert result.ok, result.output
+            assert unauthenticated_allocate("127.0.0.1", port) == 401
+            forged = allocate("127.0.0.1", port, issued.username, "A" + issued.password[1:])
+            assert not forged.ok
+        finally:
+            stop(coturn)
+
+        # The guard refuses a config turnserver cannot read, and a missing one.
+        conf.chmod(0o600)
+        assert subprocess.run(as_turnserver(guard), check=False).returncode != 0
+        conf.unlink()
+        assert subprocess.run(as_turnserver(guard), check=False).returncode != 0
+    finally:
+        relay.release()
+
+
+def test_an_unreadable_config_no_longer_makes_an_open_relay(install_root, tmp_path):
+    """The old layout: the config in /etc/icegate (0750 root:root), closed to turnserver."""
+    etc_icegate = install_root / "etc" / "icegate"
+    etc_icegate.mkdir(parents=True, mode=0o750)
+    conf = etc_icegate / "turnserver.conf"
+    conf.write_text(f"use-auth-secret\nstatic-auth-secret={TEST_TURN_SECRET}\nrealm={REALM}\n")
+    os.chown(conf, 0, grp.getgrnam("turnserver").gr_gid)
+    conf.chmod(0o640)
+
+    guard = [drop_in_command("ExecStartPre")[0], "-r", str(conf)]
+    assert drop_in_command("ExecStartPre")[1:] == ["-r", INSTALLED_CONF]
+    assert subprocess.run(as_turnserver(guard), check=False).returncode != 0
+
+    # Without the file coturn picks its own addresses and ports: pin them to loopback.
+    relay = reserve_relay_range()
+
+    def pinned(port: int) -> list[str]:
+        return ["--listening-ip=127.0.0.1", f"--listening-port={port}",
+                "--relay-ip=127.0.0.1", f"--min-port={relay.min_port}",
+                f"--max-port={relay.max_port}", "--log-file=stdout", "--no-cli"]
+
+    try:
+        # Before: coturn as Debian's unit ran it (`-c FILE --pidfile=`) grants anyone a relay.
+        port = free_tcp_udp_port()
+        before = start_coturn(["turnserver", "-c", str(conf), "--pidfile=", *pinned(port)],
+                              port, tmp_path / "before.log")
+        try:
+            assert "Cannot find config file" in (tmp_path / "before.log").read_text()
+            assert unauthenticated_allocate("127.0.0.1", port) == 0
+        finally:
+            stop(before)
+
+        # After: had the guard been bypassed, the drop-in's ExecStart still asks for
+        # credentials (and knows no secret to accept).
+        port = free_tcp_udp_port()
+        exec_start = [str(conf) if word == INSTALLED_CONF else word
+                      for word in drop_in_command("ExecStart")]
+        after = start_coturn([*exec_start, *pinned(port)], port, tmp_path / "after.log")
+        try:
+            assert "Cannot find config file" in (tmp_path / "after.log").read_text()
+            assert unauthenticated_allocate("127.0.0.1", port) == 401
+        finally:
+            stop(after)
+    finally:
+        relay.release()
