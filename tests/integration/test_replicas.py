@@ -18,10 +18,12 @@ OPENAI_KEY = "sk-test-replica-openai-key-0001"
 
 @pytest.fixture
 def replicas(tmp_path, redis_server):
+    # A store timeout well above the default 0.1 s: these tests count outcomes exactly, and on
+    # a loaded 2-core machine a Redis reply can take longer (UNAVAILABLE, not a limit's answer).
     with FakeUpstream(OpenAIEmulation(OPENAI_KEY)) as openai, \
-            ServerProcess(tmp_path / "a", store=redis_server.url,
+            ServerProcess(tmp_path / "a", store=redis_server.url, store_timeout="2",
                           openai_base_url=openai.base_url) as first, \
-            ServerProcess(tmp_path / "b", store=redis_server.url,
+            ServerProcess(tmp_path / "b", store=redis_server.url, store_timeout="2",
                           openai_base_url=openai.base_url) as second:
         yield first, second
 
