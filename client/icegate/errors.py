@@ -15,7 +15,8 @@
     ├── FailedPreconditionError      FAILED_PRECONDITION
     │   ├── UpstreamNotConfiguredError   UPSTREAM_NOT_CONFIGURED
     │   ├── UpstreamAuthFailedError      UPSTREAM_AUTH_FAILED (.provider, .upstream_request_id)
-    │   └── UpstreamRejectedError        UPSTREAM_REJECTED
+    │   ├── UpstreamRejectedError        UPSTREAM_REJECTED
+    │   └── CoturnOutOfStepError         COTURN_OUT_OF_STEP (a rotation coturn would not follow)
     ├── UnavailableError             UNAVAILABLE (safe to retry)
     │   └── UpstreamUnavailableError     UPSTREAM_UNAVAILABLE
     ├── DeadlineExceededError        DEADLINE_EXCEEDED
@@ -210,6 +211,10 @@ class UpstreamRejectedError(_UpstreamDetails, FailedPreconditionError):
     """The provider refused the request itself."""
 
 
+class CoturnOutOfStepError(FailedPreconditionError):
+    """A TURN secret rotation refused: icegate keeps no coturn database coturn would follow."""
+
+
 class UnavailableError(IcegateError):
     """The server or something it depends on is unavailable; safe to retry with backoff."""
 
@@ -247,6 +252,7 @@ _BY_REASON: dict[str, type[IcegateError]] = {
     "UPSTREAM_NOT_CONFIGURED": UpstreamNotConfiguredError,
     "UPSTREAM_AUTH_FAILED": UpstreamAuthFailedError,
     "UPSTREAM_REJECTED": UpstreamRejectedError,
+    "COTURN_OUT_OF_STEP": CoturnOutOfStepError,
 }
 
 _BY_CODE: dict[grpc.StatusCode, type[IcegateError]] = {

@@ -175,7 +175,7 @@ def test_rotation_without_a_coturn_database_is_refused_unless_planned(tmp_path):
     with RunningServer(settings) as server, \
             icegate.Client(server.target, TEST_ADMIN_KEY) as admin:
         before = credential(admin)
-        with pytest.raises(icegate.errors.FailedPreconditionError) as refused:
+        with pytest.raises(icegate.CoturnOutOfStepError) as refused:
             admin.rotate_turn_secret()
         assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
         assert refused.value.reason == "COTURN_OUT_OF_STEP"
@@ -190,7 +190,7 @@ def test_rotation_without_a_coturn_database_is_refused_unless_planned(tmp_path):
                 return [s.source for s in
                         await client.rotate_turn_secret(coturn_restart_planned=planned)]
 
-        with pytest.raises(icegate.errors.FailedPreconditionError):
+        with pytest.raises(icegate.CoturnOutOfStepError):
             server.run(rotate_async(False))
 
         # The override: the operator restarts coturn with the new secrets.

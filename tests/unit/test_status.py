@@ -63,7 +63,7 @@ CLIENT_CLASS: dict[type[errors.IcegateError], type[client_errors.IcegateError]] 
     errors.QuotaExceededError: client_errors.QuotaExceededError,
     errors.ConcurrentLimitError: client_errors.ConcurrentLimitError,
     errors.StoreUnavailableError: client_errors.UnavailableError,
-    errors.CoturnOutOfStepError: client_errors.FailedPreconditionError,
+    errors.CoturnOutOfStepError: client_errors.CoturnOutOfStepError,
     errors.UpstreamNotConfiguredError: client_errors.UpstreamNotConfiguredError,
     errors.UpstreamAuthFailedError: client_errors.UpstreamAuthFailedError,
     errors.UpstreamRejectedError: client_errors.UpstreamRejectedError,
