@@ -56,8 +56,9 @@ class HostileUpstream:
         if self.mode == "benign":
             return self._benign(request)
         headers = {name: echo for name in REQUEST_ID_HEADERS}
+        # A retry-after no Duration can hold rides along: the answer must stay a clean error.
         headers.update({"x-echo-authorization": echo, "openai-organization": key,
-                        "x-should-retry": "false"})
+                        "x-should-retry": "false", "retry-after": "1e400"})
         if self.mode == "error":
             return CannedResponse(self.status, _error_body(echo, key), headers=headers)
         token = key if self.mode == "token_is_key" else f"ek_hostile_{int(time.time())}"
