@@ -40,16 +40,19 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import logging
 import math
+import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from socketserver import ThreadingMixIn
 from typing import Any, cast
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -329,12 +332,148 @@ class ActiveLeaseGauge:
 
 # --- the HTTP endpoint -------------------------------------------------------------------------
 
+METRICS_READ_TIMEOUT_SECONDS = 5.0
+"""A scrape connection that sends nothing for this long (while its request is read or its
+answer written) is closed. Prometheus sends its whole request at once; 5 s is generous."""
+METRICS_MAX_CONNECTIONS = 8
+"""Connections served at once, one thread each: a scraper or two, plus a person with curl."""
+_EVICTION_WAIT_SECONDS = 1.0
+"""How long a new connection waits for the slot of the idle one it displaced."""
+
+
+@dataclass(frozen=True)
+class MetricsServerLimits:
+    """How much of the process the metrics port may hold (docs/RELIABILITY.md)."""
+
+    read_timeout_seconds: float = METRICS_READ_TIMEOUT_SECONDS
+    max_connections: int = METRICS_MAX_CONNECTIONS
+
+
+class _MetricsRequestHandler(WSGIRequestHandler):
+    """wsgiref's handler with a socket timeout, quiet about clients that go away."""
+
+    server: BoundedMetricsServer
+
+    def setup(self) -> None:
+        # Every read and write of this connection; the class `timeout` stays None.
+        self.request.settimeout(self.server.limits.read_timeout_seconds)
+        super().setup()
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()  # reads the headers
+        # An evicted connection reads EOF, which ends the headers: answer it nothing.
+        return self.server.request_arrived(self.connection) and parsed
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except OSError:  # TimeoutError included: a client that went quiet or away
+            self.close_connection = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # a line per scrape says nothing
+
+
+class BoundedMetricsServer(ThreadingMixIn, WSGIServer):
+    """prometheus_client's WSGI app on a threading server that holds at most
+    `max_connections` connections (one thread each) and drops idle ones.
+
+    A connection over the limit displaces the connection that has waited longest without
+    sending its request (closed at once); when every slot is answering a request, the new
+    connection is closed at once instead. So idle or half-sent connections cost at most
+    `max_connections` threads and sockets, each for at most the read timeout, and a real
+    scrape, which sends its request as soon as it connects, still gets through.
+    """
+
+    daemon_threads = True
+    block_on_close = False
+    # The kernel holds a burst of new connections (no thread, no descriptor of ours) while
+    # the accept loop makes room, instead of dropping their SYNs into a 1 s retransmit.
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], family: socket.AddressFamily,
+                 limits: MetricsServerLimits) -> None:
+        self.address_family = family
+        self.limits = limits
+        self._slots = threading.BoundedSemaphore(limits.max_connections)
+        self._lock = threading.Lock()
+        # Connections still sending their request, oldest first; every open one; and those
+        # hung up on to make room, whose threads are ending.
+        self._waiting: dict[socket.socket, None] = {}
+        self._open: set[socket.socket] = set()
+        self._evicted: set[socket.socket] = set()
+        super().__init__(address, _MetricsRequestHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._evict_longest_waiting()
+            if not self._slots.acquire(timeout=_EVICTION_WAIT_SECONDS):
+                self.shutdown_request(request)
+                return
+        with self._lock:
+            self._waiting[request] = None
+            self._open.add(request)
+        try:
+            super().process_request(request, client_address)  # starts its thread
+        except BaseException:
+            self._forget(request)
+            self.shutdown_request(request)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._forget(request)
+
+    def request_arrived(self, connection: socket.socket) -> bool:
+        """The connection sent its request: it is answered, no longer evictable. False when
+        it was evicted meanwhile (it then gets no answer)."""
+        with self._lock:
+            self._waiting.pop(connection, None)
+            return connection not in self._evicted
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver would print a traceback to stderr for a client that hung up mid-way.
+        log.debug("metrics: a scrape connection failed")
+
+    def server_close(self) -> None:
+        super().server_close()
+        with self._lock:
+            connections = list(self._open)
+        for connection in connections:
+            _hang_up(connection)
+
+    def _forget(self, request: socket.socket) -> None:
+        with self._lock:
+            self._waiting.pop(request, None)
+            self._evicted.discard(request)
+            if request not in self._open:
+                return
+            self._open.discard(request)
+        self._slots.release()
+
+    def _evict_longest_waiting(self) -> None:
+        with self._lock:
+            victim = next(iter(self._waiting), None)
+            if victim is not None:
+                del self._waiting[victim]
+                self._evicted.add(victim)
+        if victim is not None:
+            # Its blocked read returns at once; its thread ends and frees the slot.
+            _hang_up(victim)
+
+
+def _hang_up(connection: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already gone
+        connection.shutdown(socket.SHUT_RDWR)
+
 
 @dataclass
 class MetricsEndpoint:
-    """prometheus_client's HTTP server for one registry, on its own daemon thread."""
+    """The bounded metrics server for one registry, accepting on its own daemon thread."""
 
-    httpd: WSGIServer
+    httpd: BoundedMetricsServer
     thread: threading.Thread
 
     @property
@@ -342,18 +481,25 @@ class MetricsEndpoint:
         return int(self.httpd.server_address[1])
 
     def stop(self) -> None:
-        """Stops serving and closes the socket."""
+        """Stops serving, closes the socket and hangs up on open connections."""
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(timeout=5)
 
 
-def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> MetricsEndpoint:
-    """Serves `registry` at `http://host:port/metrics` (port 0 picks a free one).
+def serve_metrics(registry: CollectorRegistry, host: str, port: int,
+                  limits: MetricsServerLimits | None = None) -> MetricsEndpoint:
+    """Serves `registry` at `http://host:port/metrics` (port 0 picks a free one), off the
+    gRPC event loop: accepting on one thread, answering on at most `limits.max_connections`.
 
     Raises:
         OSError: The address cannot be bound.
     """
-    httpd, thread = start_http_server(port, host.strip("[]"), registry=registry)
-    thread.name = "icegate-metrics"
+    host = host.strip("[]")
+    family, _, _, _, sockaddr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    httpd = BoundedMetricsServer((str(sockaddr[0]), port), family, limits or MetricsServerLimits())
+    httpd.set_app(make_wsgi_app(registry))
+    thread = threading.Thread(target=httpd.serve_forever, name="icegate-metrics", daemon=True)
+    thread.start()
     return MetricsEndpoint(httpd, thread)

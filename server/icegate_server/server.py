@@ -37,6 +37,7 @@ from icegate_server.metrics import (
     ActiveLeaseGauge,
     IcegateMetrics,
     MetricsEndpoint,
+    MetricsServerLimits,
     instrument_store,
     serve_metrics,
 )
@@ -150,8 +151,11 @@ def coturn_sinks(settings: Settings) -> list[CoturnSecretSink]:
 async def create_server(
     settings: Settings, *, clock: Clock | None = None,
     http_transport: httpx.AsyncBaseTransport | None = None,
+    metrics_limits: MetricsServerLimits | None = None,
 ) -> tuple[IcegateServer, int]:
     """Builds the server and binds its port (0 picks a free one); call `start()` next.
+
+    `metrics_limits` bounds the metrics port (default: `MetricsServerLimits()`'s constants).
 
     Returns:
         The server and the port it is bound to.
@@ -234,7 +238,7 @@ async def create_server(
         if settings.metrics_listen:
             host, metrics_port = parse_listen_address(settings.metrics_listen)
             try:
-                endpoint = serve_metrics(metrics.registry, host, metrics_port)
+                endpoint = serve_metrics(metrics.registry, host, metrics_port, metrics_limits)
             except OSError as error:
                 raise OSError(f"cannot serve metrics on {settings.metrics_listen} "
                               f"(ICEGATE_METRICS_LISTEN): {error.strerror}") from None

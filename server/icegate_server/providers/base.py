@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
@@ -34,6 +35,7 @@ from icegate_server.errors import (
 from icegate_server.ice_servers import IceServer as IceServer
 from icegate_server.logs import Safe
 from icegate_server.metrics import IcegateMetrics, upstream_outcome
+from icegate_server.providers.upstream_text import MODEL_PATTERN, UpstreamField, upstream_text
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +45,12 @@ JsonObject = dict[str, Any]
 
 MAX_INSTRUCTIONS_BYTES = 32 * 1024
 # Model and deployment names end up in JSON bodies and logs; a tight charset keeps both sane.
-_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+_MODEL_NAME = re.compile(MODEL_PATTERN)
 # Visible ASCII only: a key with a newline or space would otherwise reach the HTTP layer, whose
 # error text can quote header values.
 _API_KEY = re.compile(r"[\x21-\x7e]{1,4096}")
-_REDACTED = "[redacted]"
-_MAX_UPSTREAM_MESSAGE = 300
+# The largest instant a google.protobuf.Timestamp holds (9999-12-31T23:59:59Z).
+_MAX_UNIX_SECONDS = 253_402_300_799
 
 
 class ProviderKind(str, Enum):
@@ -232,16 +234,6 @@ def check_api_key(api_key: str, provider: ProviderKind) -> None:
         )
 
 
-def scrub(text: str, secrets: Sequence[str]) -> str:
-    """Removes every secret from upstream text and caps its length."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, _REDACTED)
-    if len(text) > _MAX_UPSTREAM_MESSAGE:
-        text = text[:_MAX_UPSTREAM_MESSAGE] + "..."
-    return text
-
-
 # --- answers ----------------------------------------------------------------------------------
 
 
@@ -283,6 +275,9 @@ class UpstreamAnswer:
     status: int
     body: JsonObject
     request_id: str
+    """Already through `upstream_text` (REQUEST_ID): "" when absent or unfit."""
+    secrets: tuple[str, ...] = field(default=(), repr=False)
+    """What `text` keeps out of every string it returns (the provider key...)."""
 
     def malformed(self, what: str) -> UpstreamUnavailableError:
         """The error for a 2xx answer that lacks what the adapter needs."""
@@ -302,24 +297,33 @@ class UpstreamAnswer:
             node = node.get(key)
         return node
 
-    def require_str(self, *path: str) -> str:
-        """The non-empty string at `path`, or a malformed-answer error."""
-        value = self.get(*path)
-        if not isinstance(value, str) or not value:
-            raise self.malformed(f"no {'.'.join(path)}")
+    def text(self, shape: UpstreamField, *path: str, default: str = "") -> str:
+        """The string at `path` through `upstream_text`; `default` when absent or unfit."""
+        return upstream_text(self.get(*path), shape, self.secrets) or default
+
+    def require_text(self, shape: UpstreamField, *path: str) -> str:
+        """The string at `path` through `upstream_text`, or a malformed-answer error when it
+        is absent, not of its shape, or holds a secret (a token that is the key, say)."""
+        value = self.text(shape, *path)
+        if not value:
+            raise self.malformed(f"no usable {'.'.join(path)}")
         return value
 
-    def require_number(self, *path: str) -> float:
-        """The number at `path`, or a malformed-answer error."""
-        value = self.get(*path)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.malformed(f"no numeric {'.'.join(path)}")
-        return float(value)
+    def require_unix_time(self, *path: str) -> float:
+        """The instant (Unix seconds) at `path`, or a malformed-answer error when it is not a
+        finite number a protobuf Timestamp can hold."""
+        value = plausible_unix_time(self.get(*path))
+        if value is None:
+            raise self.malformed(f"no usable {'.'.join(path)}")
+        return value
 
-    def optional_str(self, *path: str, default: str = "") -> str:
-        """The string at `path`, `default` when absent or not a string."""
-        value = self.get(*path)
-        return value if isinstance(value, str) and value else default
+
+def plausible_unix_time(value: object) -> float | None:
+    """`value` as Unix seconds when it is a finite number from 1970 to year 9999, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    seconds = float(value)
+    return seconds if math.isfinite(seconds) and 0 <= seconds <= _MAX_UNIX_SECONDS else None
 
 
 # --- the HTTP call ----------------------------------------------------------------------------
@@ -353,6 +357,14 @@ class _Failure:
 
 
 _RETRYABLE_STATUSES = frozenset({408, 429})
+_MAX_RETRY_AFTER_SECONDS = 86_400.0
+
+
+def _bounded_wait(seconds: float) -> float | None:
+    """An upstream's retry-after within [0, a day], None when it is not a finite number."""
+    if not math.isfinite(seconds):
+        return None
+    return min(max(0.0, seconds), _MAX_RETRY_AFTER_SECONDS)
 
 
 class UpstreamHttp:
@@ -444,7 +456,7 @@ class UpstreamHttp:
             if isinstance(outcome, httpx.Response):
                 failure = self._failure_of(outcome, secrets)
                 if failure is None:
-                    return self._answer(outcome)
+                    return self._answer(outcome, secrets)
             else:
                 failure = outcome
             if not failure.retryable or attempt >= policy.max_retries:
@@ -496,7 +508,8 @@ class UpstreamHttp:
 
     def _connection_failure(self, exc: httpx.TransportError, secrets: Sequence[str]) -> _Failure:
         name = self._provider.value
-        detail = scrub(f"{type(exc).__name__}: {exc}", secrets)
+        # The network layer's text can quote what the upstream sent (a bad status line).
+        detail = upstream_text(f"{type(exc).__name__}: {exc}", UpstreamField.MESSAGE, secrets)
         # The detail quotes the network layer: scrubbed, but not vouched for, so redacted.
         logger.debug("%s connection failed: %s", Safe(name), detail)
         return _Failure(
@@ -511,15 +524,17 @@ class UpstreamHttp:
             provider=self._provider.value,
         )
 
-    def _request_id(self, response: httpx.Response) -> str:
+    def _request_id(self, response: httpx.Response, secrets: Sequence[str]) -> str:
+        """The first request id header that is spelled like one and holds no secret."""
         for header in self._request_id_headers:
-            value = response.headers.get(header)
+            value = upstream_text(response.headers.get(header), UpstreamField.REQUEST_ID,
+                                  secrets)
             if value:
-                return str(value)
+                return value
         return ""
 
-    def _answer(self, response: httpx.Response) -> UpstreamAnswer:
-        request_id = self._request_id(response)
+    def _answer(self, response: httpx.Response, secrets: Sequence[str]) -> UpstreamAnswer:
+        request_id = self._request_id(response, secrets)
         try:
             body = response.json()
         except ValueError:
@@ -527,7 +542,8 @@ class UpstreamHttp:
         answer = UpstreamAnswer(self._provider, response.status_code, {}, request_id)
         if not isinstance(body, dict):
             raise answer.malformed("not a JSON object")
-        return UpstreamAnswer(self._provider, response.status_code, body, request_id)
+        return UpstreamAnswer(self._provider, response.status_code, body, request_id,
+                              tuple(secrets))
 
     def _failure_of(self, response: httpx.Response, secrets: Sequence[str]) -> _Failure | None:
         status = response.status_code
@@ -539,11 +555,12 @@ class UpstreamHttp:
         except ValueError:
             body = None
         detail = self._parse_error(body)
-        said = f": {scrub(detail.message, secrets)}" if detail.message else ""
+        message = upstream_text(detail.message, UpstreamField.MESSAGE, secrets)
+        said = f": {message}" if message else ""
         context: dict[str, Any] = {
             "provider": name,
             "upstream_status": status,
-            "upstream_request_id": self._request_id(response),
+            "upstream_request_id": self._request_id(response, secrets),
         }
         if detail.auth_failure or status in (401, 403):
             # Auth messages are where providers echo (parts of) the key: never pass them on.
@@ -576,24 +593,26 @@ class UpstreamHttp:
         return _Failure(error, retryable=retryable, retry_after=retry_after)
 
     def _retry_after(self, response: httpx.Response) -> float | None:
+        """The wait the provider asked for, within [0, a day]; None when unstated or not a
+        finite number (an `inf` would reach the caller's RetryInfo, which cannot hold it)."""
         millis = response.headers.get("retry-after-ms")
         if millis:
             try:
-                return max(0.0, float(millis) / 1000)
+                return _bounded_wait(float(millis) / 1000)
             except ValueError:
                 pass
         header = response.headers.get("retry-after")
         if not header:
             return None
         try:
-            return max(0.0, float(header))
+            return _bounded_wait(float(header))
         except ValueError:
             pass
         try:
             when = email.utils.parsedate_to_datetime(header)
         except (TypeError, ValueError):
             return None
-        return max(0.0, when.timestamp() - self._runtime.clock.now())
+        return _bounded_wait(when.timestamp() - self._runtime.clock.now())
 
     async def _wait_before_retry(self, failure: _Failure, attempt: int, deadline: Deadline) -> None:
         policy = self._runtime.retry

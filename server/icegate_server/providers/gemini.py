@@ -23,6 +23,7 @@ from icegate_server.providers.base import (
     check_range,
     reject_if_set,
 )
+from icegate_server.providers.upstream_text import UpstreamField
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
 DEFAULT_MODEL = "gemini-live-2.5-flash-preview"
@@ -117,7 +118,7 @@ class GeminiProvider:
             deadline=self._http.deadline(timeout), secrets=(api_key,),
         )
         return MintedToken(
-            value=answer.require_str("name"),
+            value=answer.require_text(UpstreamField.TOKEN, "name"),
             expires_at=now + ttl,
             upstream_session_id="",
             model=model,

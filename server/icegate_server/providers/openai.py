@@ -25,6 +25,7 @@ from icegate_server.providers.base import (
     check_range,
     reject_if_set,
 )
+from icegate_server.providers.upstream_text import UpstreamField
 
 DEFAULT_BASE_URL = "https://api.openai.com"
 DEFAULT_GA_MODEL = "gpt-realtime"
@@ -81,11 +82,12 @@ def client_secrets_body(options: SessionOptions, model: str) -> JsonObject:
 def parse_client_secret(answer: UpstreamAnswer, options: SessionOptions, model: str) -> MintedToken:
     """Reads `{"value", "expires_at", "session": {...}}`."""
     return MintedToken(
-        value=answer.require_str("value"),
-        expires_at=answer.require_number("expires_at"),
-        upstream_session_id=answer.optional_str("session", "id"),
-        model=answer.optional_str("session", "model", default=model),
-        voice=answer.optional_str("session", "audio", "output", "voice", default=options.voice),
+        value=answer.require_text(UpstreamField.TOKEN, "value"),
+        expires_at=answer.require_unix_time("expires_at"),
+        upstream_session_id=answer.text(UpstreamField.SESSION_ID, "session", "id"),
+        model=answer.text(UpstreamField.MODEL, "session", "model", default=model),
+        voice=answer.text(UpstreamField.VOICE, "session", "audio", "output", "voice",
+                          default=options.voice),
         upstream_request_id=answer.request_id,
     )
 
@@ -127,11 +129,11 @@ def sessions_body(options: SessionOptions, model: str) -> JsonObject:
 def parse_session(answer: UpstreamAnswer, options: SessionOptions, model: str) -> MintedToken:
     """Reads `{"id", "model", "voice", "client_secret": {"value", "expires_at"}}`."""
     return MintedToken(
-        value=answer.require_str("client_secret", "value"),
-        expires_at=answer.require_number("client_secret", "expires_at"),
-        upstream_session_id=answer.optional_str("id"),
-        model=answer.optional_str("model", default=model),
-        voice=answer.optional_str("voice", default=options.voice),
+        value=answer.require_text(UpstreamField.TOKEN, "client_secret", "value"),
+        expires_at=answer.require_unix_time("client_secret", "expires_at"),
+        upstream_session_id=answer.text(UpstreamField.SESSION_ID, "id"),
+        model=answer.text(UpstreamField.MODEL, "model", default=model),
+        voice=answer.text(UpstreamField.VOICE, "voice", default=options.voice),
         upstream_request_id=answer.request_id,
     )
 

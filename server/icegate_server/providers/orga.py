@@ -26,8 +26,10 @@ from icegate_server.providers.base import (
     check_api_key,
     check_instructions,
     check_model,
+    plausible_unix_time,
     reject_if_set,
 )
+from icegate_server.providers.upstream_text import UpstreamField, upstream_text
 
 DEFAULT_BASE_URL = "https://api.orga-ai.com"
 # Orga does not document the token lifetime; assume a short one so nobody caches it too long.
@@ -81,7 +83,7 @@ class OrgaProvider:
             params={"email": options.email} if options.email else None,
             deadline=deadline, secrets=(api_key,),
         )
-        token = secret.require_str("ephemeral_token")
+        token = secret.require_text(UpstreamField.TOKEN, "ephemeral_token")
         try:
             ice = await self._http.call(
                 "GET", self._ice_url, headers={"Authorization": f"Bearer {token}"},
@@ -100,7 +102,8 @@ class OrgaProvider:
             upstream_session_id="",
             model=options.model,
             voice=options.voice,
-            ice_servers=_ice_servers(ice),
+            # Only the provider key is kept out: Orga may well reuse its own token here.
+            ice_servers=_ice_servers(ice, secrets=(api_key,)),
             upstream_request_id=secret.request_id,
         )
 
@@ -109,8 +112,10 @@ class OrgaProvider:
         for key, relative in (("expires_at", False), ("expires_in", True)):
             value = answer.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return now + value if relative else float(value)
-        expiry = _jwt_expiry(token)
+                expiry = plausible_unix_time(now + value if relative else value)
+                if expiry is not None:
+                    return expiry
+        expiry = plausible_unix_time(_jwt_expiry(token))
         return expiry if expiry is not None else now + ASSUMED_TOKEN_TTL_SECONDS
 
 
@@ -127,8 +132,14 @@ def _jwt_expiry(token: str) -> float | None:
     return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
 
 
-def _ice_servers(answer: UpstreamAnswer) -> tuple[IceServer, ...]:
-    """Reads `{"iceServers": [{"urls": str | [str], "username"?, "credential"?}]}`."""
+def _ice_servers(answer: UpstreamAnswer, secrets: tuple[str, ...]) -> tuple[IceServer, ...]:
+    """Reads `{"iceServers": [{"urls": str | [str], "username"?, "credential"?}]}`.
+
+    Every url, username and credential goes through `upstream_text`: a url that is not a
+    plain stun/turn URI or that holds the key is left out, and so is an entry left without
+    urls or whose username or credential was unfit. An answer with entries but none usable
+    is malformed.
+    """
     entries = answer.get("iceServers")
     if not isinstance(entries, list):
         raise answer.malformed("no iceServers list")
@@ -142,10 +153,16 @@ def _ice_servers(answer: UpstreamAnswer) -> tuple[IceServer, ...]:
         ):
             raise answer.malformed("an iceServers entry without urls")
         assert isinstance(entry, dict)
+        kept = tuple(url for url in (upstream_text(u, UpstreamField.ICE_URL, secrets)
+                                     for u in urls) if url)
         username, credential = entry.get("username", ""), entry.get("credential", "")
-        servers.append(IceServer(
-            urls=tuple(urls),
-            username=username if isinstance(username, str) else "",
-            credential=credential if isinstance(credential, str) else "",
-        ))
+        clean_username = upstream_text(username, UpstreamField.ICE_USERNAME, secrets)
+        clean_credential = upstream_text(credential, UpstreamField.ICE_CREDENTIAL, secrets)
+        if not kept or clean_username != (username if isinstance(username, str) else "") \
+                or clean_credential != (credential if isinstance(credential, str) else ""):
+            continue
+        servers.append(IceServer(urls=kept, username=clean_username,
+                                 credential=clean_credential))
+    if entries and not servers:
+        raise answer.malformed("no usable iceServers entry")
     return tuple(servers)
