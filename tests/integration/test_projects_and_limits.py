@@ -82,7 +82,7 @@ def test_key_is_shown_once_and_stored_as_digest_only(server, admin):
     admin.create_project("acme")
     created = admin.create_api_key("acme", display_name="web")
     assert created.secret.startswith(f"igk_{created.api_key.key_id}_")
-    listed = admin.list_api_keys("acme")
+    listed = admin.list_all_api_keys("acme")
     assert [k.key_id for k in listed] == [created.api_key.key_id]
     assert created.secret not in str(listed)
     if server.settings.store_url.startswith("sqlite"):
@@ -155,7 +155,7 @@ class TestAuthorizationMatrix:
         with icegate.Client(server.target, secret) as ops:
             ops.create_project("from-ops")
             assert ops.get_project("from-ops").project_id == "from-ops"
-        assert [k.admin for k in admin.list_api_keys()] == [True]
+        assert [k.admin for k in admin.list_all_api_keys()] == [True]
 
     def test_unknown_project_is_not_found(self, admin):
         with pytest.raises(icegate.NotFoundError):
