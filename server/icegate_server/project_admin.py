@@ -211,9 +211,16 @@ def _decode_key_page_token(token: str, project_id: str) -> str:
 def _decode_page_token(token: str) -> str:
     if not token:
         return ""
+    # Only the exact text this service issues: the decoder would skip a newline, a NUL or
+    # any other character outside the alphabet, and accept a look-alike.
+    refused = InvalidFieldError("page_token", "is not a token this service issued")
+    if len(token) > MAX_PAGE_TOKEN or not _TOKEN_CHARS.fullmatch(token):
+        raise refused
     try:
-        after = base64.urlsafe_b64decode(token.encode()).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidFieldError("page_token", "is not a token this service issued") from None
+        after = base64.urlsafe_b64decode(token.encode("ascii")).decode("ascii")
+    except (binascii.Error, UnicodeError, ValueError):
+        raise refused from None
+    if base64.urlsafe_b64encode(after.encode()).decode() != token:
+        raise refused
     validate_project_id(after, field_name="page_token")
     return after

@@ -286,7 +286,7 @@ def month_of(now_ms: int) -> str:
 
 
 __all__: Sequence[str] = (
-    "Admission", "AdmitOutcome", "ProviderKeyRecord", "SessionAdmission", "SessionOutcome",
-    "PURGE_BATCH", "Store", "TurnSecretRecord", "api_key_cursor", "month_of",
+    "PURGE_BATCH", "Admission", "AdmitOutcome", "ProviderKeyRecord", "SessionAdmission",
+    "SessionOutcome", "Store", "TurnSecretRecord", "api_key_cursor", "month_of",
     "parse_api_key_cursor",
 )

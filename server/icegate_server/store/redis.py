@@ -650,7 +650,7 @@ class RedisStore:
     async def create_project(self, project: Project) -> bool:
         keys = [_project_key(project.project_id), f"{PREFIX}projects",
                 _key_list_key(project.project_id)]
-        args = [PREFIX, PURGE_BATCH, _project_json(project), project.project_id]
+        args: list[str | int] = [PREFIX, PURGE_BATCH, _project_json(project), project.project_id]
         # -1: keys of a deleted project with this id are left; each call removes a batch.
         while (created := int(await self._call(self._create_project, keys, args))) < 0:
             pass
