@@ -742,6 +742,7 @@ def test_a_page_token_not_issued_for_the_listing_is_invalid_argument(target: Tar
     assert token
     code, response, error = target.call(method, make(token))
     assert code is grpc.StatusCode.OK, error and error.details()
+    assert len(response.api_keys if rpc == "ListApiKeys" else response.projects) == 1
     hostile = _hostile_tokens(token) if rpc == "ListApiKeys" else {
         name: value for name, value in _hostile_tokens(
             base64.urlsafe_b64encode(b"a:0000000000000000:k").decode()).items()
