@@ -140,7 +140,7 @@ def _add_admin_commands(admin: argparse.ArgumentParser) -> None:
     scope.add_argument("--project", help="the project the key may act on")
     scope.add_argument("--admin", action="store_true", help="an admin key")
     create_key.add_argument("--name", default="", help="a label for people")
-    list_keys = key.add_parser("list", help="list keys (admin keys without --project)")
+    list_keys = key.add_parser("list", help="list keys, every page (admin keys without --project)")
     list_keys.add_argument("--project", default="")
     key.add_parser("revoke", help="revoke a key").add_argument("key_id")
 
@@ -195,7 +195,7 @@ def _run_admin(args: argparse.Namespace, client: Client) -> Any:
         return _as_dict(client.create_api_key(args.project or "", admin=args.admin,
                                               display_name=args.name))
     if command == ("key", "list"):
-        return [_as_dict(k) for k in client.list_api_keys(args.project)]
+        return [_as_dict(k) for k in client.list_all_api_keys(args.project or "")]
     if command == ("key", "revoke"):
         return _as_dict(client.revoke_api_key(args.key_id))
     if command == ("provider-key", "set"):

@@ -187,12 +187,27 @@ class Client:
                                                         display_name=display_name),
                           timeout, metadata)
 
-    def list_api_keys(self, project_id: str = "", *, timeout: float | None = None,
-                      metadata: Metadata = ()) -> list[admin_pb2.ApiKey]:
-        """A project's keys (or the admin keys when `project_id` is empty), revoked included."""
-        return list(self._call(self._admin.ListApiKeys,
-                               admin_pb2.ListApiKeysRequest(project_id=project_id),
-                               timeout, metadata).api_keys)
+    def list_api_keys(self, project_id: str = "", *, page_size: int = 0, page_token: str = "",
+                      timeout: float | None = None,
+                      metadata: Metadata = ()) -> admin_pb2.ListApiKeysResponse:
+        """One page of a project's keys (or the admin keys when `project_id` is empty),
+        revoked included, oldest first; pass `next_page_token` back for the next one."""
+        return self._call(self._admin.ListApiKeys,  # type: ignore[no-any-return]
+                          requests.list_api_keys(project_id, page_size, page_token),
+                          timeout, metadata)
+
+    def list_all_api_keys(self, project_id: str = "", *, timeout: float | None = None,
+                          metadata: Metadata = ()) -> list[admin_pb2.ApiKey]:
+        """Every key of a project (or every admin key), following the pages."""
+        keys: list[admin_pb2.ApiKey] = []
+        token = ""
+        while True:
+            page = self.list_api_keys(project_id, page_token=token, timeout=timeout,
+                                      metadata=metadata)
+            keys.extend(page.api_keys)
+            token = page.next_page_token
+            if not token:
+                return keys
 
     def revoke_api_key(self, key_id: str, *, timeout: float | None = None,
                        metadata: Metadata = ()) -> admin_pb2.ApiKey:

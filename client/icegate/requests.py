@@ -74,6 +74,14 @@ def update_project(project_id: str, fields: dict[str, object]) -> admin_pb2.Upda
                                           update_mask=field_mask_pb2.FieldMask(paths=names))
 
 
+def list_api_keys(project_id: str, page_size: int,
+                  page_token: str) -> admin_pb2.ListApiKeysRequest:
+    """One page of a project's keys (admin keys for an empty id); the server checks the
+    values (INVALID_ARGUMENT for a negative size or a token it did not issue)."""
+    return admin_pb2.ListApiKeysRequest(project_id=project_id, page_size=page_size,
+                                        page_token=page_token)
+
+
 ProviderName = str | int
 """A provider by name ("openai", "openai_beta", "azure", "azure_legacy", "orga", "gemini")
 or by its `icegate.v1.Provider` enum value."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import re
 from typing import Any
 
 from icegate_server.auth import key_digest
@@ -22,9 +23,15 @@ from icegate_server.projects import (
     validate_project_id,
 )
 from icegate_server.store import Store
+from icegate_server.store.base import api_key_cursor, parse_api_key_cursor
 
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
+"""Page sizes of ListProjects and ListApiKeys. A page of the largest keys (200-character
+labels of 4-byte characters) stays near 1 MiB: a quarter of a client's receive limit."""
+MAX_PAGE_TOKEN = 256
+"""Longer than any page token this service issues (a ListApiKeys token has at most 196)."""
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9_-]+={0,2}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,13 +148,36 @@ class ProjectAdmin:
         record = ApiKey(key_id=key_id, project_id=project_id, admin=admin,
                         display_name=display_name, create_time=self._clock.now(),
                         key_prefix=secret[:12])
-        await self._store.create_api_key(record, key_digest(secret))
+        if not await self._store.create_api_key(record, key_digest(secret)):
+            raise NotFoundError(f"project {project_id!r} does not exist")
         return record, secret
 
-    async def list_api_keys(self, project_id: str) -> list[ApiKey]:
+    async def list_api_keys(self, project_id: str, page_size: int,
+                            page_token: str) -> tuple[list[ApiKey], str]:
+        """One page of a project's keys (the admin keys for ""), oldest first, and the token
+        of the next page ("" on the last).
+
+        The token names the last key listed and the listing it belongs to: a token of
+        another project's listing is refused, and keys created meanwhile appear on a later
+        page when they sort after it.
+
+        Raises:
+            InvalidFieldError: A negative page size, or a page token this service did not
+                issue for this listing.
+            NotFoundError: The project does not exist.
+        """
+        if page_size < 0:
+            raise InvalidFieldError("page_size", "must not be negative")
         if project_id:
             await self.get_project(project_id)
-        return await self._store.list_api_keys(project_id or None)
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = _decode_key_page_token(page_token, project_id)
+        keys = await self._store.list_api_keys(project_id or None, after=after, limit=size + 1)
+        if len(keys) <= size:
+            return keys, ""
+        page = keys[:size]
+        token = f"{project_id}:{api_key_cursor(page[-1])}"
+        return page, base64.urlsafe_b64encode(token.encode()).decode()
 
     async def revoke_api_key(self, key_id: str) -> ApiKey:
         validate_key_id(key_id)
@@ -157,12 +187,40 @@ class ProjectAdmin:
         return revoked
 
 
+def _decode_key_page_token(token: str, project_id: str) -> str:
+    """The store cursor in a ListApiKeys page token; refuses anything this service would not
+    have issued for this listing (every byte of the token is checked: no padding, newline
+    or character the decoder would otherwise skip)."""
+    if not token:
+        return ""
+    refused = InvalidFieldError("page_token", "is not a token this service issued for "
+                                "this listing")
+    if len(token) > MAX_PAGE_TOKEN or not _TOKEN_CHARS.fullmatch(token):
+        raise refused
+    try:
+        text = base64.urlsafe_b64decode(token.encode("ascii")).decode("ascii")
+    except (binascii.Error, UnicodeError, ValueError):
+        raise refused from None
+    owner, _, cursor = text.partition(":")
+    if (owner != project_id or parse_api_key_cursor(cursor) is None
+            or base64.urlsafe_b64encode(text.encode()).decode() != token):
+        raise refused
+    return cursor
+
+
 def _decode_page_token(token: str) -> str:
     if not token:
         return ""
+    # Only the exact text this service issues: the decoder would skip a newline, a NUL or
+    # any other character outside the alphabet, and accept a look-alike.
+    refused = InvalidFieldError("page_token", "is not a token this service issued")
+    if len(token) > MAX_PAGE_TOKEN or not _TOKEN_CHARS.fullmatch(token):
+        raise refused
     try:
-        after = base64.urlsafe_b64decode(token.encode()).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidFieldError("page_token", "is not a token this service issued") from None
+        after = base64.urlsafe_b64decode(token.encode("ascii")).decode("ascii")
+    except (binascii.Error, UnicodeError, ValueError):
+        raise refused from None
+    if base64.urlsafe_b64encode(after.encode()).decode() != token:
+        raise refused
     validate_project_id(after, field_name="page_token")
     return after

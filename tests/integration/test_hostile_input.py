@@ -8,6 +8,7 @@ and a refused field (INVALID_ARGUMENT) never costs an upstream request.
 
 from __future__ import annotations
 
+import base64
 import itertools
 from collections.abc import Iterator
 from typing import Any
@@ -695,3 +696,67 @@ def test_no_example_left_the_default_project_broken(target: Target):
     created = target.admin.create_session("openai", user_id="after-fuzz")
     assert created.ephemeral_token.value
     target.admin.end_session(created.session_id)
+
+
+# -- page tokens ---------------------------------------------------------------------------
+
+def _hostile_tokens(token: str) -> dict[str, str]:
+    """Look-alikes of a real page token, none of which this service issued."""
+    decoded = base64.urlsafe_b64decode(token).decode()
+    owner, _, cursor = decoded.partition(":")
+    return {
+        "trailing newline": token + "\n",
+        "trailing NUL": token + "\x00",
+        "inner NUL": token[:4] + "\x00" + token[4:],
+        "oversized": token * 200,
+        "60 KiB": "A" * 60_000,
+        "garbage": "!!not-a-token!!",
+        "garbage base64": base64.urlsafe_b64encode(bytes(range(256))).decode(),
+        "standard base64 alphabet": base64.b64encode(b"\xfb\xff" * 20).decode(),
+        "extra padding": token + "==",
+        "space": " " + token,
+        "another listing's": base64.urlsafe_b64encode(
+            f"{owner}x:{cursor}".encode()).decode(),
+        "altered cursor": base64.urlsafe_b64encode(
+            f"{owner}:{'z' * 16}{cursor[16:]}".encode()).decode(),
+        "negative time": base64.urlsafe_b64encode(
+            f"{owner}:{'c' * 16}{cursor[16:]}".encode()).decode(),
+        "NaN time": base64.urlsafe_b64encode(
+            f"{owner}:7ff8000000000000{cursor[16:]}".encode()).decode(),
+        "newline in key id": base64.urlsafe_b64encode(f"{decoded}\n".encode()).decode(),
+        "project token": base64.urlsafe_b64encode(b"default").decode(),
+    }
+
+
+@pytest.mark.parametrize("rpc", ["ListApiKeys", "ListProjects"])
+def test_a_page_token_not_issued_for_the_listing_is_invalid_argument(target: Target, rpc: str):
+    """Every page token refused names `page_token` (INVALID_ARGUMENT, never UNKNOWN or a 500),
+    while the token the service issued still pages on."""
+    method = next(m for m in METHODS if m.name == rpc)
+    if rpc == "ListApiKeys":
+        for n in range(3):
+            target.admin.create_api_key("fuzz-spare", display_name=f"page {n}")
+        first = target.admin.list_api_keys("fuzz-spare", page_size=1)
+        token = first.next_page_token
+        make = lambda t: admin_pb2.ListApiKeysRequest(  # noqa: E731
+            project_id="fuzz-spare", page_size=1, page_token=t)
+    else:
+        token = target.admin.list_projects(page_size=1).next_page_token
+        make = lambda t: admin_pb2.ListProjectsRequest(page_size=1, page_token=t)  # noqa: E731
+    assert token
+    code, response, error = target.call(method, make(token))
+    assert code is grpc.StatusCode.OK, error and error.details()
+    assert len(response.api_keys if rpc == "ListApiKeys" else response.projects) == 1
+    hostile = _hostile_tokens(token) if rpc == "ListApiKeys" else {
+        name: value for name, value in _hostile_tokens(
+            base64.urlsafe_b64encode(b"a:0000000000000000:k").decode()).items()
+        if not any(word in name for word in ("cursor", "time", "listing", "project"))}
+    hostile |= {"trailing newline on the issued token": token + "\n",
+                "trailing NUL on the issued token": token + "\x00"}
+    for name, value in hostile.items():
+        code, _, error = target.call(method, make(value))
+        assert code is grpc.StatusCode.INVALID_ARGUMENT, (name, code, error and error.details())
+        assert error is not None
+        _, bad_request = error_info(error)
+        assert bad_request is not None, name
+        assert [v.field for v in bad_request.field_violations] == ["page_token"], name

@@ -78,11 +78,41 @@ def test_list_projects_pages(admin):
         admin.list_projects(page_token="not-a-token!")
 
 
+def test_list_api_keys_pages_and_a_deleted_project_leaves_no_key(server, admin):
+    admin.create_project("paged")
+    created = [admin.create_api_key("paged", display_name=f"k{n}").api_key for n in range(5)]
+    admin.revoke_api_key(created[1].key_id)
+    every = admin.list_all_api_keys("paged")
+    # Oldest first; keys made within one tick of the clock are in key id order.
+    assert sorted(k.display_name for k in every) == [f"k{n}" for n in range(5)]
+    assert every == sorted(every, key=lambda k: (k.create_time.ToNanoseconds(), k.key_id))
+    first = admin.list_api_keys("paged", page_size=2)
+    assert list(first.api_keys) == every[:2]
+    second = admin.list_api_keys("paged", page_size=2, page_token=first.next_page_token)
+    assert list(second.api_keys) == every[2:4]
+    assert admin.list_api_keys("paged").next_page_token == ""  # 5 keys: one default page
+    with pytest.raises(icegate.InvalidArgumentError) as caught:
+        admin.list_api_keys("paged", page_size=-1)
+    assert caught.value.field_violations[0].field == "page_size"
+    admin.create_project("other")
+    with pytest.raises(icegate.InvalidArgumentError) as caught:
+        admin.list_api_keys("other", page_token=first.next_page_token)
+    assert caught.value.field_violations[0].field == "page_token"
+
+    secret = admin.create_api_key("paged").secret
+    admin.delete_project("paged")
+    admin.create_project("paged")
+    assert admin.list_all_api_keys("paged") == []
+    with icegate.Client(server.target, secret) as old_tenant, \
+            pytest.raises(icegate.AuthenticationError):
+        old_tenant.get_ice_servers("u1")
+
+
 def test_key_is_shown_once_and_stored_as_digest_only(server, admin):
     admin.create_project("acme")
     created = admin.create_api_key("acme", display_name="web")
     assert created.secret.startswith(f"igk_{created.api_key.key_id}_")
-    listed = admin.list_api_keys("acme")
+    listed = admin.list_all_api_keys("acme")
     assert [k.key_id for k in listed] == [created.api_key.key_id]
     assert created.secret not in str(listed)
     if server.settings.store_url.startswith("sqlite"):
@@ -155,7 +185,7 @@ class TestAuthorizationMatrix:
         with icegate.Client(server.target, secret) as ops:
             ops.create_project("from-ops")
             assert ops.get_project("from-ops").project_id == "from-ops"
-        assert [k.admin for k in admin.list_api_keys()] == [True]
+        assert [k.admin for k in admin.list_all_api_keys()] == [True]
 
     def test_unknown_project_is_not_found(self, admin):
         with pytest.raises(icegate.NotFoundError):

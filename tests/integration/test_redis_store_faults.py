@@ -9,6 +9,7 @@ counted twice.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -18,10 +19,16 @@ import pytest
 from harness.redis_server import RedisServer
 from icegate_server.errors import StoreUnavailableError
 from icegate_server.limits import RateLimitPolicy, gcra_admit
-from icegate_server.projects import Project
+from icegate_server.projects import ApiKey, Project
 from icegate_server.store import open_store
-from icegate_server.store.base import AdmitOutcome, ProviderKeyRecord, SessionOutcome
-from icegate_server.store.redis import RedisStore
+from icegate_server.store.base import (
+    PURGE_BATCH,
+    AdmitOutcome,
+    ProviderKeyRecord,
+    SessionOutcome,
+    api_key_cursor,
+)
+from icegate_server.store.redis import PREFIX, RedisStore, _key_fields
 
 pytestmark = pytest.mark.redis
 
@@ -213,3 +220,39 @@ def test_more_concurrent_calls_than_connections_wait_for_one(redis_server) -> No
 
     outcomes = asyncio.run(scenario())
     assert outcomes == [AdmitOutcome.ADMITTED] * (MAX_CONNECTIONS + 200)
+
+
+def test_key_listings_of_an_earlier_version_are_moved_at_open(redis_server: RedisServer) -> None:
+    """Data written by a version that listed keys in sets (`keys:<p>`, `admin-keys`) lists,
+    pages and deletes the same after an upgrade: the store moves the sets at open, a batch
+    per script."""
+    keys = [ApiKey(key_id=f"{i:04x}", project_id="alpha", display_name=f"old {i}",
+                   create_time=1_700_000_000.25 + (i % 7), key_prefix=f"igk_{i:04x}")
+            for i in range(PURGE_BATCH + 30)]
+    root = ApiKey(key_id="root", admin=True, create_time=5.5, key_prefix="igk_root")
+
+    async def write(store: RedisStore) -> None:
+        await store.create_project(Project("alpha"))
+
+    run_with_store(redis_server.url, write)
+    for key in [*keys, root]:  # as the earlier version wrote them
+        digest = hashlib.sha256(key.key_id.encode()).hexdigest()
+        fields = [item for pair in _key_fields(key).items() for item in pair]
+        redis_server.command("HSET", f"{PREFIX}key:{digest}", *fields)
+        redis_server.command("SET", f"{PREFIX}keyid:{key.key_id}", digest)
+        listing = f"{PREFIX}admin-keys" if key.admin else f"{PREFIX}keys:alpha"
+        redis_server.command("SADD", listing, key.key_id)
+
+    async def read(store: RedisStore) -> None:
+        listed: list[ApiKey] = []
+        while page := await store.list_api_keys(
+                "alpha", after=api_key_cursor(listed[-1]) if listed else "", limit=100):
+            listed += page
+        assert listed == sorted(keys, key=lambda k: (k.create_time, k.key_id))
+        assert await store.list_api_keys(None, after="", limit=10) == [root]
+        assert await store.delete_project("alpha", NOW)
+        assert await store.list_api_keys("alpha", after="", limit=10) == []
+
+    run_with_store(redis_server.url, read)
+    assert redis_server.command("EXISTS", f"{PREFIX}keys:alpha", f"{PREFIX}admin-keys") == 0
+    assert redis_server.command("KEYS", f"{PREFIX}keyid:0*") == []

@@ -14,18 +14,24 @@ import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
+from icegate.v1 import admin_pb2
+from icegate_server.errors import StoreUnavailableError
 from icegate_server.limits import RateLimitPolicy, gcra_admit
-from icegate_server.projects import DEFAULT_PROJECT_ID, ApiKey, Project
+from icegate_server.project_admin import MAX_PAGE_SIZE
+from icegate_server.projects import DEFAULT_PROJECT_ID, MAX_DISPLAY_NAME, ApiKey, Project
+from icegate_server.servicers.admin import api_key_to_proto
 from icegate_server.store.base import (
+    PURGE_BATCH,
     AdmitOutcome,
     ProviderKeyRecord,
     SessionOutcome,
     Store,
     TurnSecretRecord,
+    api_key_cursor,
 )
 from icegate_server.store.redis import RedisStore
 from icegate_server.store.sqlite import SqliteStore
@@ -74,6 +80,17 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
 
 def digest_of(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
+
+
+async def every_key(store: Store, project_id: str | None, *,
+                    page_size: int = 1000) -> list[ApiKey]:
+    """Every key of a listing, page by page as ListApiKeys walks it."""
+    keys: list[ApiKey] = []
+    while page := await store.list_api_keys(
+            project_id, after=api_key_cursor(keys[-1]) if keys else "", limit=page_size):
+        assert len(page) <= page_size
+        keys += page
+    return keys
 
 
 def project(project_id: str, **fields: object) -> Project:
@@ -158,8 +175,9 @@ def test_update_replaces_an_existing_project_only(backend: Backend) -> None:
     backend.run(scenario)
 
 
-def test_deleting_a_project_revokes_its_keys_and_clears_its_counters(backend: Backend) -> None:
-    secret = digest_of("alpha-key")
+def test_a_deleted_project_leaves_nothing_a_new_one_with_its_id_could_see(
+        backend: Backend) -> None:
+    secret, revoked_secret = digest_of("alpha-key"), digest_of("alpha-revoked")
 
     async def scenario(store: Store) -> None:
         policy = RateLimitPolicy.of(5, 60)
@@ -167,7 +185,10 @@ def test_deleting_a_project_revokes_its_keys_and_clears_its_counters(backend: Ba
                                            rate_limit_window_seconds=60))
         await store.create_project(project("beta"))
         await store.create_api_key(project_key("k-alpha", "alpha"), secret)
+        await store.create_api_key(project_key("k-old", "alpha", 5.0), revoked_secret)
+        await store.revoke_api_key("k-old", NOW)
         await store.create_api_key(project_key("k-beta", "beta"), digest_of("beta-key"))
+        await store.create_api_key(admin_key("root"), digest_of("root"))
         for _ in range(3):
             admitted = await store.admit(digest=secret, project_id="", now_ms=NOW, count=True)
             assert admitted.outcome is AdmitOutcome.ADMITTED
@@ -181,18 +202,29 @@ def test_deleting_a_project_revokes_its_keys_and_clears_its_counters(backend: Ba
         assert await store.delete_project("alpha", NOW + 5_000) is True
         assert await store.get_project("alpha") is None
         assert [p.project_id for p in await store.list_projects(after="", limit=10)] == ["beta"]
+        assert await every_key(store, "alpha") == []
+        # Its keys are gone with it: no record to revoke, no secret that authenticates.
+        assert await store.revoke_api_key("k-alpha", NOW) is None
+        assert await store.revoke_api_key("k-old", NOW) is None
         gone = await store.admit(digest=secret, project_id="", now_ms=NOW, count=True)
         assert gone.outcome is AdmitOutcome.UNKNOWN_KEY
-        [revoked] = await store.list_api_keys("alpha")
-        assert revoked.key_id == "k-alpha" and revoked.revoke_time == (NOW + 5_000) / 1000
-        # Other projects keep their keys.
-        [kept] = await store.list_api_keys("beta")
-        assert not kept.revoked
+        # Other projects and the admin keys keep theirs.
+        [kept] = await every_key(store, "beta")
+        assert kept.key_id == "k-beta" and not kept.revoked
+        assert [k.key_id for k in await every_key(store, None)] == ["root"]
         assert await store.delete_project("alpha", NOW) is False
+        # No key may be created for a project that does not exist (or is being deleted).
+        assert await store.create_api_key(project_key("k-late", "alpha"),
+                                          digest_of("late")) is False
 
-        # A new project with the same id starts from zero.
+        # A new project with the same id sees nothing of the old one.
         assert await store.create_project(project("alpha", rate_limit_requests=5,
                                                   rate_limit_window_seconds=60))
+        assert await every_key(store, "alpha") == []
+        assert await store.revoke_api_key("k-alpha", NOW) is None
+        for old in (secret, revoked_secret, digest_of("late")):
+            refused = await store.admit(digest=old, project_id="alpha", now_ms=NOW, count=True)
+            assert refused.outcome is AdmitOutcome.UNKNOWN_KEY
         assert await store.rate_position("alpha") is None
         assert await store.session_counts(project_id="alpha", month=MONTH,
                                           now_ms=NOW) == (0, 0)
@@ -200,8 +232,147 @@ def test_deleting_a_project_revokes_its_keys_and_clears_its_counters(backend: Ba
         assert await store.get_provider_key("alpha", "openai") is None
         fresh = await store.admit(digest=None, project_id="alpha", now_ms=NOW, count=True)
         assert fresh.tat_ms == gcra_admit(None, NOW, policy)
+        # Its keys are its own again.
+        assert await store.create_api_key(project_key("k-new", "alpha"), digest_of("new"))
+        assert [k.key_id for k in await every_key(store, "alpha")] == ["k-new"]
 
     backend.run(scenario)
+
+
+BIG_PROJECT_KEYS = 20_000
+CLIENT_RECEIVE_LIMIT = 4 * 1024 * 1024
+"""gRPC's default limit on a message a client receives."""
+
+
+def test_a_project_of_20000_keys_is_listed_in_bounded_pages_and_deleted(
+        backend: Backend) -> None:
+    """Every listing page and every deletion step is bounded work: each page is one bounded
+    store call (on Redis one script of at most a page, within the store's 0.1 s timeout: a
+    longer one fails the call), the pages list every key exactly once, and the deletion
+    (in bounded steps too) leaves none of them."""
+    label = "l" * MAX_DISPLAY_NAME
+
+    async def scenario(store: Store) -> None:
+        assert await store.create_project(project("big"))
+        await store.create_project(project("small"))
+        await store.create_api_key(project_key("small-key", "small"), digest_of("small"))
+        # Seeded through the store API, 50 calls in flight at a time; half of the keys share
+        # one creation time, so the order falls back on the key id. Creating a key again is
+        # idempotent, so a write that a loaded machine's fsync (the fixture's Redis syncs
+        # every write) held past the 0.1 s timeout is simply sent again.
+        for start in range(0, BIG_PROJECT_KEYS, 50):
+            created = await asyncio.gather(*(
+                retried(lambda i=i: store.create_api_key(  # type: ignore[misc]
+                    replace(project_key(f"{i:08x}", "big", 10.0 + (i // 2) * (i % 2)),
+                            display_name=label),
+                    digest_of(f"big-{i}")))
+                for i in range(start, start + 50)))
+            assert all(created)
+        listed = await every_key(store, "big", page_size=MAX_PAGE_SIZE)
+        assert len(listed) == BIG_PROJECT_KEYS
+        assert len({k.key_id for k in listed}) == BIG_PROJECT_KEYS
+        assert listed == sorted(listed, key=lambda k: (k.create_time, k.key_id))
+        assert {k.display_name for k in listed} == {label}
+        for start in range(0, BIG_PROJECT_KEYS, MAX_PAGE_SIZE):
+            answer = admin_pb2.ListApiKeysResponse(
+                api_keys=[api_key_to_proto(k) for k in listed[start:start + MAX_PAGE_SIZE]],
+                next_page_token="t" * 196)
+            assert answer.ByteSize() < CLIENT_RECEIVE_LIMIT / 4
+        # A cursor need not be a stored key's: it is a strict lower bound.
+        middle = listed[BIG_PROJECT_KEYS // 2]
+        after_middle = await store.list_api_keys(
+            "big", after=api_key_cursor(replace(middle, key_id=middle.key_id + "-")), limit=3)
+        assert after_middle == listed[BIG_PROJECT_KEYS // 2 + 1:BIG_PROJECT_KEYS // 2 + 4]
+
+        # A retry finishes a deletion a timeout cut short (a fsync held past it, as above).
+        await retried(lambda: store.delete_project("big", NOW))
+        assert await store.get_project("big") is None
+        assert await every_key(store, "big") == []
+        for i in (0, BIG_PROJECT_KEYS // 2, BIG_PROJECT_KEYS - 1):
+            refused = await store.admit(digest=digest_of(f"big-{i}"), project_id="",
+                                        now_ms=NOW, count=False)
+            assert refused.outcome is AdmitOutcome.UNKNOWN_KEY
+        assert await store.create_project(project("big"))
+        assert await every_key(store, "big") == []
+        assert [k.key_id for k in await every_key(store, "small")] == ["small-key"]
+
+    backend.run(scenario)
+
+
+def test_a_deletion_cut_short_is_finished_before_the_id_is_used_again(
+        backend: Backend) -> None:
+    """A server that dies between the deletion's steps leaves keys of a project that no
+    longer exists: they are refused, and creating the project again removes them first."""
+    key_count = 3 * PURGE_BATCH + 7
+
+    async def scenario(store: Store) -> None:
+        await store.create_project(project("alpha"))
+        for start in range(0, key_count, 50):
+            await asyncio.gather(*(
+                store.create_api_key(project_key(f"{i:08x}", "alpha"), digest_of(f"a-{i}"))
+                for i in range(start, min(start + 50, key_count))))
+        stop_after = iter([True, True, False])  # the record, one batch of keys, then "dies"
+        await cut_short(store, "alpha", lambda: next(stop_after))
+        assert await store.get_project("alpha") is None
+        left = await every_key(store, "alpha")
+        assert 0 < len(left) < key_count
+        for key in (left[0], left[-1]):
+            refused = await store.admit(digest=digest_of(f"a-{int(key.key_id, 16)}"),
+                                        project_id="", now_ms=NOW, count=True)
+            assert refused.outcome is not AdmitOutcome.ADMITTED
+
+        assert await store.create_project(project("alpha"))
+        assert await every_key(store, "alpha") == []
+        refused = await store.admit(digest=digest_of(f"a-{int(left[0].key_id, 16)}"),
+                                    project_id="alpha", now_ms=NOW, count=True)
+        assert refused.outcome is AdmitOutcome.UNKNOWN_KEY
+
+    backend.run(scenario)
+
+
+async def retried(call: Callable[[], Awaitable[T]], attempts: int = 5) -> T:
+    """`call()`, sent again after a store timeout (for idempotent calls only)."""
+    for _ in range(attempts - 1):
+        try:
+            return await call()
+        except StoreUnavailableError:
+            pass
+    return await call()
+
+
+async def cut_short(store: Store, project_id: str, go_on: Callable[[], bool]) -> None:
+    """Runs `store.delete_project` until `go_on` says stop, between two of its store calls
+    (as a server killed there would leave it)."""
+    class Stopped(Exception):
+        pass
+
+    if isinstance(store, SqliteStore):
+        original = store._run
+
+        async def run(work: Callable[[Any], T]) -> T:
+            if not go_on():
+                raise Stopped
+            return await original(work)
+
+        store._run = run  # type: ignore[method-assign]
+    else:
+        assert isinstance(store, RedisStore)
+        original_call = store._call
+
+        async def call(*args: Any) -> Any:
+            if not go_on():
+                raise Stopped
+            return await original_call(*args)
+
+        store._call = call  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Stopped):
+            await store.delete_project(project_id, NOW)
+    finally:
+        if isinstance(store, SqliteStore):
+            del store._run
+        else:
+            del store._call
 
 
 # -- caller keys --------------------------------------------------------------------------------
@@ -214,14 +385,33 @@ def test_keys_are_listed_per_project_and_admin_keys_apart(backend: Backend) -> N
         b1 = project_key("b1", "beta", 15.0)
         root = admin_key("root", 5.0)
         for key in (a2, a1, b1, root):
-            await store.create_api_key(key, digest_of(key.key_id))
+            assert await store.create_api_key(key, digest_of(key.key_id))
         revoked = await store.revoke_api_key("a2", NOW)
         assert revoked == replace(a2, revoke_time=NOW / 1000)
 
-        assert await store.list_api_keys("alpha") == [a1, revoked]
-        assert await store.list_api_keys("beta") == [b1]
-        assert await store.list_api_keys(None) == [root]
-        assert await store.list_api_keys("nobody") == []
+        assert await every_key(store, "alpha") == [a1, revoked]
+        assert await every_key(store, "beta") == [b1]
+        assert await every_key(store, None) == [root]
+        assert await every_key(store, "nobody") == []
+
+    backend.run(scenario)
+
+
+def test_keys_are_listed_oldest_first_page_by_page(backend: Backend) -> None:
+    times = [30.0, 10.0, 20.0, 10.0, 0.0, 1_700_000_000.123456, 10.0, 20.5]
+
+    async def scenario(store: Store) -> None:
+        await store.create_project(project("alpha"))
+        keys = [project_key(f"k{n}", "alpha", t) for n, t in enumerate(times)]
+        for key in keys:
+            await store.create_api_key(key, digest_of(key.key_id))
+        oldest_first = sorted(keys, key=lambda k: (k.create_time, k.key_id))
+        for size in (1, 3, 8, 100):
+            assert await every_key(store, "alpha", page_size=size) == oldest_first
+        assert await store.list_api_keys("alpha", after="", limit=2) == oldest_first[:2]
+        assert await store.list_api_keys(
+            "alpha", after=api_key_cursor(oldest_first[-1]), limit=5) == []
+        assert await store.list_api_keys("alpha", after="", limit=0) == []
 
     backend.run(scenario)
 
@@ -359,8 +549,11 @@ def test_a_static_admin_acts_on_the_project_it_names(backend: Backend) -> None:
 def test_a_missing_project_is_no_project(backend: Backend) -> None:
     async def scenario(store: Store) -> None:
         await store.create_api_key(admin_key("root"), digest_of("root"))
-        # A key whose project is gone (stored without one, as after a partial restore).
-        await store.create_api_key(project_key("orphan", "gone"), digest_of("orphan"))
+        # A key whose project is gone (a deletion cut short after its first step).
+        await store.create_project(project("gone"))
+        assert await store.create_api_key(project_key("orphan", "gone"), digest_of("orphan"))
+        stop_after = iter([True, False])
+        await cut_short(store, "gone", lambda: next(stop_after))
         for digest in (None, digest_of("root")):
             missing = await store.admit(digest=digest, project_id="ghost", now_ms=NOW,
                                         count=True)
@@ -881,7 +1074,7 @@ def test_state_survives_closing_and_reopening(backend: Backend) -> None:
     async def read(store: Store) -> None:
         assert await store.get_project("alpha") == project(
             "alpha", rate_limit_requests=3, rate_limit_window_seconds=60)
-        assert [k.key_id for k in await store.list_api_keys("alpha")] == ["k1", "k2"]
+        assert [k.key_id for k in await every_key(store, "alpha")] == ["k1", "k2"]
         assert await store.rate_position("alpha") == tat
         # The third request of the burst still passes, the fourth does not.
         third = await store.admit(digest=secret, project_id="", now_ms=NOW, count=True)

@@ -27,7 +27,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16icegate/v1/admin.proto\x12\nicegate.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8e\x04\n\x07Project\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12 \n\x13rate_limit_requests\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x34\n\x11rate_limit_window\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x33\n\x10turn_ttl_default\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cturn_ttl_max\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04plan\x18\x07 \x01(\t\x12\x13\n\x0bupgrade_url\x18\x08 \x01(\t\x12\"\n\x15monthly_session_quota\x18\t \x01(\x05H\x01\x88\x01\x01\x12$\n\x17max_concurrent_sessions\x18\n \x01(\x05H\x02\x88\x01\x01\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x16\n\x14_rate_limit_requestsB\x18\n\x16_monthly_session_quotaB\x1a\n\x18_max_concurrent_sessions\"<\n\x14\x43reateProjectRequest\x12$\n\x07project\x18\x01 \x01(\x0b\x32\x13.icegate.v1.Project\"=\n\x15\x43reateProjectResponse\x12$\n\x07project\x18\x01 \x01(\x0b\x32\x13.icegate.v1.Project\"\'\n\x11GetProjectRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\":\n\x12GetProjectResponse\x12$\n\x07project\x18\x01 \x01(\x0b\x32\x13.icegate.v1.Project\"<\n\x13ListProjectsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x14ListProjectsResponse\x12%\n\x08projects\x18\x01 \x03(\x0b\x32\x13.icegate.v1.Project\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"m\n\x14UpdateProjectRequest\x12$\n\x07project\x18\x01 \x01(\x0b\x32\x13.icegate.v1.Project\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"=\n\x15UpdateProjectResponse\x12$\n\x07project\x18\x01 \x01(\x0b\x32\x13.icegate.v1.Project\"*\n\x14\x44\x65leteProjectRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteProjectResponse\"\xb3\x01\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\r\n\x05\x61\x64min\x18\x03 \x01(\x08\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"N\n\x13\x43reateApiKeyRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x64min\x18\x02 \x01(\x08\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\"K\n\x14\x43reateApiKeyResponse\x12#\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x12.icegate.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"(\n\x12ListApiKeysRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\";\n\x13ListApiKeysResponse\x12$\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x12.icegate.v1.ApiKey\"%\n\x13RevokeApiKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\";\n\x14RevokeApiKeyResponse\x12#\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x12.icegate.v1.ApiKey\"w\n\x0fProviderKeyInfo\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\r\n\x05last4\x18\x03 \x01(\t\x12/\n\x0bupdate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"N\n\x15SetProviderKeyRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x03 \x01(\t\"K\n\x16SetProviderKeyResponse\x12\x31\n\x0cprovider_key\x18\x01 \x01(\x0b\x32\x1b.icegate.v1.ProviderKeyInfo\"-\n\x17ListProviderKeysRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\"N\n\x18ListProviderKeysResponse\x12\x32\n\rprovider_keys\x18\x01 \x03(\x0b\x32\x1b.icegate.v1.ProviderKeyInfo\"@\n\x18\x44\x65leteProviderKeyRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\"\x1b\n\x19\x44\x65leteProviderKeyResponse\"\x1b\n\x19ResealProviderKeysRequest\"Q\n\x1aResealProviderKeysResponse\x12\x10\n\x08resealed\x18\x01 \x01(\x05\x12\x11\n\tunchanged\x18\x02 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x05\"\xa6\x01\n\x0eTurnSecretInfo\x12\x11\n\tsecret_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bretire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07signing\x18\x05 \x01(\x08\"9\n\x17RotateTurnSecretRequest\x12\x1e\n\x16\x63oturn_restart_planned\x18\x01 \x01(\x08\"L\n\x18RotateTurnSecretResponse\x12\x30\n\x0cturn_secrets\x18\x01 \x03(\x0b\x32\x1a.icegate.v1.TurnSecretInfo\"\x18\n\x16ListTurnSecretsRequest\"K\n\x17ListTurnSecretsResponse\x12\x30\n\x0cturn_secrets\x18\x01 \x03(\x0b\x32\x1a.icegate.v1.TurnSecretInfo2\xe0\t\n\x0c\x41\x64minService\x12T\n\rCreateProject\x12 .icegate.v1.CreateProjectRequest\x1a!.icegate.v1.CreateProjectResponse\x12K\n\nGetProject\x12\x1d.icegate.v1.GetProjectRequest\x1a\x1e.icegate.v1.GetProjectResponse\x12Q\n\x0cListProjects\x12\x1f.icegate.v1.ListProjectsRequest\x1a .icegate.v1.ListProjectsResponse\x12T\n\rUpdateProject\x12 .icegate.v1.UpdateProjectRequest\x1a!.icegate.v1.UpdateProjectResponse\x12T\n\rDeleteProject\x12 .icegate.v1.DeleteProjectRequest\x1a!.icegate.v1.DeleteProjectResponse\x12Q\n\x0c\x43reateApiKey\x12\x1f.icegate.v1.CreateApiKeyRequest\x1a .icegate.v1.CreateApiKeyResponse\x12N\n\x0bListApiKeys\x12\x1e.icegate.v1.ListApiKeysRequest\x1a\x1f.icegate.v1.ListApiKeysResponse\x12Q\n\x0cRevokeApiKey\x12\x1f.icegate.v1.RevokeApiKeyRequest\x1a .icegate.v1.RevokeApiKeyResponse\x12W\n\x0eSetProviderKey\x12!.icegate.v1.SetProviderKeyRequest\x1a\".icegate.v1.SetProviderKeyResponse\x12]\n\x10ListProviderKeys\x12#.icegate.v1.ListProviderKeysRequest\x1a$.icegate.v1.ListProviderKeysResponse\x12`\n\x11\x44\x65leteProviderKey\x12$.icegate.v1.DeleteProviderKeyRequest\x1a%.icegate.v1.DeleteProviderKeyResponse\x12\x63\n\x12ResealProviderKeys\x12%.icegate.v1.ResealProviderKeysRequest\x1a&.icegate.v1.ResealProviderKeysResponse\x12]\n\x10RotateTurnSecret\x12#.icegate.v1.RotateTurnSecretRequest\x1a$.icegate.v1.RotateTurnSecretResponse\x12Z\n\x0fListTurnSecrets\x12\".icegate.v1.ListTurnSecretsRequest\x1a#.icegate.v1.ListTurnSecretsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16icegate/v1/admin.proto\x12\nicegate.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8e\x04\n\x07Project\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12 \n\x13rate_limit_requests\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x34\n\x11rate_limit_window\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x33\n\x10turn_ttl_default\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cturn_ttl_max\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04plan\x18\x07 \x01(\t\x12\x13\n\x0bupgrade_url\x18\x08 \x01(\t\x12\"\n\x15monthly_session_quota\x18\t \x01(\x05H\x01\x88\x01\x01\x12$\n\x17max_concurrent_sessions\x18\n \x01(\x05H\x02\x88\x01\x01\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x16\n\x14_rate_limit_requestsB\x18\n\x16_monthly_session_quotaB\x1a\n\x18_max_concurrent_sessions\"<\n\x14\x43reateProjectRequest\x12$\n\x07project\x18\x01 \x01(\x0b\x32\x13.icegate.v1.Project\"=\n\x15\x43reateProjectResponse\x12$\n\x07project\x18\x01 \x01(\x0b\x32\x13.icegate.v1.Project\"\'\n\x11GetProjectRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\":\n\x12GetProjectResponse\x12$\n\x07project\x18\x01 \x01(\x0b\x32\x13.icegate.v1.Project\"<\n\x13ListProjectsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x14ListProjectsResponse\x12%\n\x08projects\x18\x01 \x03(\x0b\x32\x13.icegate.v1.Project\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"m\n\x14UpdateProjectRequest\x12$\n\x07project\x18\x01 \x01(\x0b\x32\x13.icegate.v1.Project\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"=\n\x15UpdateProjectResponse\x12$\n\x07project\x18\x01 \x01(\x0b\x32\x13.icegate.v1.Project\"*\n\x14\x44\x65leteProjectRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteProjectResponse\"\xb3\x01\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\r\n\x05\x61\x64min\x18\x03 \x01(\x08\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"N\n\x13\x43reateApiKeyRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x64min\x18\x02 \x01(\x08\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\"K\n\x14\x43reateApiKeyResponse\x12#\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x12.icegate.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"O\n\x12ListApiKeysRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"T\n\x13ListApiKeysResponse\x12$\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x12.icegate.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x13RevokeApiKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\";\n\x14RevokeApiKeyResponse\x12#\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x12.icegate.v1.ApiKey\"w\n\x0fProviderKeyInfo\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\r\n\x05last4\x18\x03 \x01(\t\x12/\n\x0bupdate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"N\n\x15SetProviderKeyRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x03 \x01(\t\"K\n\x16SetProviderKeyResponse\x12\x31\n\x0cprovider_key\x18\x01 \x01(\x0b\x32\x1b.icegate.v1.ProviderKeyInfo\"-\n\x17ListProviderKeysRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\"N\n\x18ListProviderKeysResponse\x12\x32\n\rprovider_keys\x18\x01 \x03(\x0b\x32\x1b.icegate.v1.ProviderKeyInfo\"@\n\x18\x44\x65leteProviderKeyRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\"\x1b\n\x19\x44\x65leteProviderKeyResponse\"\x1b\n\x19ResealProviderKeysRequest\"Q\n\x1aResealProviderKeysResponse\x12\x10\n\x08resealed\x18\x01 \x01(\x05\x12\x11\n\tunchanged\x18\x02 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x05\"\xa6\x01\n\x0eTurnSecretInfo\x12\x11\n\tsecret_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bretire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07signing\x18\x05 \x01(\x08\"9\n\x17RotateTurnSecretRequest\x12\x1e\n\x16\x63oturn_restart_planned\x18\x01 \x01(\x08\"L\n\x18RotateTurnSecretResponse\x12\x30\n\x0cturn_secrets\x18\x01 \x03(\x0b\x32\x1a.icegate.v1.TurnSecretInfo\"\x18\n\x16ListTurnSecretsRequest\"K\n\x17ListTurnSecretsResponse\x12\x30\n\x0cturn_secrets\x18\x01 \x03(\x0b\x32\x1a.icegate.v1.TurnSecretInfo2\xe0\t\n\x0c\x41\x64minService\x12T\n\rCreateProject\x12 .icegate.v1.CreateProjectRequest\x1a!.icegate.v1.CreateProjectResponse\x12K\n\nGetProject\x12\x1d.icegate.v1.GetProjectRequest\x1a\x1e.icegate.v1.GetProjectResponse\x12Q\n\x0cListProjects\x12\x1f.icegate.v1.ListProjectsRequest\x1a .icegate.v1.ListProjectsResponse\x12T\n\rUpdateProject\x12 .icegate.v1.UpdateProjectRequest\x1a!.icegate.v1.UpdateProjectResponse\x12T\n\rDeleteProject\x12 .icegate.v1.DeleteProjectRequest\x1a!.icegate.v1.DeleteProjectResponse\x12Q\n\x0c\x43reateApiKey\x12\x1f.icegate.v1.CreateApiKeyRequest\x1a .icegate.v1.CreateApiKeyResponse\x12N\n\x0bListApiKeys\x12\x1e.icegate.v1.ListApiKeysRequest\x1a\x1f.icegate.v1.ListApiKeysResponse\x12Q\n\x0cRevokeApiKey\x12\x1f.icegate.v1.RevokeApiKeyRequest\x1a .icegate.v1.RevokeApiKeyResponse\x12W\n\x0eSetProviderKey\x12!.icegate.v1.SetProviderKeyRequest\x1a\".icegate.v1.SetProviderKeyResponse\x12]\n\x10ListProviderKeys\x12#.icegate.v1.ListProviderKeysRequest\x1a$.icegate.v1.ListProviderKeysResponse\x12`\n\x11\x44\x65leteProviderKey\x12$.icegate.v1.DeleteProviderKeyRequest\x1a%.icegate.v1.DeleteProviderKeyResponse\x12\x63\n\x12ResealProviderKeys\x12%.icegate.v1.ResealProviderKeysRequest\x1a&.icegate.v1.ResealProviderKeysResponse\x12]\n\x10RotateTurnSecret\x12#.icegate.v1.RotateTurnSecretRequest\x1a$.icegate.v1.RotateTurnSecretResponse\x12Z\n\x0fListTurnSecrets\x12\".icegate.v1.ListTurnSecretsRequest\x1a#.icegate.v1.ListTurnSecretsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -63,41 +63,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEAPIKEYRESPONSE']._serialized_start=1547
   _globals['_CREATEAPIKEYRESPONSE']._serialized_end=1622
   _globals['_LISTAPIKEYSREQUEST']._serialized_start=1624
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=1664
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=1666
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1725
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1727
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1764
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=1766
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1825
-  _globals['_PROVIDERKEYINFO']._serialized_start=1827
-  _globals['_PROVIDERKEYINFO']._serialized_end=1946
-  _globals['_SETPROVIDERKEYREQUEST']._serialized_start=1948
-  _globals['_SETPROVIDERKEYREQUEST']._serialized_end=2026
-  _globals['_SETPROVIDERKEYRESPONSE']._serialized_start=2028
-  _globals['_SETPROVIDERKEYRESPONSE']._serialized_end=2103
-  _globals['_LISTPROVIDERKEYSREQUEST']._serialized_start=2105
-  _globals['_LISTPROVIDERKEYSREQUEST']._serialized_end=2150
-  _globals['_LISTPROVIDERKEYSRESPONSE']._serialized_start=2152
-  _globals['_LISTPROVIDERKEYSRESPONSE']._serialized_end=2230
-  _globals['_DELETEPROVIDERKEYREQUEST']._serialized_start=2232
-  _globals['_DELETEPROVIDERKEYREQUEST']._serialized_end=2296
-  _globals['_DELETEPROVIDERKEYRESPONSE']._serialized_start=2298
-  _globals['_DELETEPROVIDERKEYRESPONSE']._serialized_end=2325
-  _globals['_RESEALPROVIDERKEYSREQUEST']._serialized_start=2327
-  _globals['_RESEALPROVIDERKEYSREQUEST']._serialized_end=2354
-  _globals['_RESEALPROVIDERKEYSRESPONSE']._serialized_start=2356
-  _globals['_RESEALPROVIDERKEYSRESPONSE']._serialized_end=2437
-  _globals['_TURNSECRETINFO']._serialized_start=2440
-  _globals['_TURNSECRETINFO']._serialized_end=2606
-  _globals['_ROTATETURNSECRETREQUEST']._serialized_start=2608
-  _globals['_ROTATETURNSECRETREQUEST']._serialized_end=2665
-  _globals['_ROTATETURNSECRETRESPONSE']._serialized_start=2667
-  _globals['_ROTATETURNSECRETRESPONSE']._serialized_end=2743
-  _globals['_LISTTURNSECRETSREQUEST']._serialized_start=2745
-  _globals['_LISTTURNSECRETSREQUEST']._serialized_end=2769
-  _globals['_LISTTURNSECRETSRESPONSE']._serialized_start=2771
-  _globals['_LISTTURNSECRETSRESPONSE']._serialized_end=2846
-  _globals['_ADMINSERVICE']._serialized_start=2849
-  _globals['_ADMINSERVICE']._serialized_end=4097
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=1703
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=1705
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1789
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1791
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1828
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=1830
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1889
+  _globals['_PROVIDERKEYINFO']._serialized_start=1891
+  _globals['_PROVIDERKEYINFO']._serialized_end=2010
+  _globals['_SETPROVIDERKEYREQUEST']._serialized_start=2012
+  _globals['_SETPROVIDERKEYREQUEST']._serialized_end=2090
+  _globals['_SETPROVIDERKEYRESPONSE']._serialized_start=2092
+  _globals['_SETPROVIDERKEYRESPONSE']._serialized_end=2167
+  _globals['_LISTPROVIDERKEYSREQUEST']._serialized_start=2169
+  _globals['_LISTPROVIDERKEYSREQUEST']._serialized_end=2214
+  _globals['_LISTPROVIDERKEYSRESPONSE']._serialized_start=2216
+  _globals['_LISTPROVIDERKEYSRESPONSE']._serialized_end=2294
+  _globals['_DELETEPROVIDERKEYREQUEST']._serialized_start=2296
+  _globals['_DELETEPROVIDERKEYREQUEST']._serialized_end=2360
+  _globals['_DELETEPROVIDERKEYRESPONSE']._serialized_start=2362
+  _globals['_DELETEPROVIDERKEYRESPONSE']._serialized_end=2389
+  _globals['_RESEALPROVIDERKEYSREQUEST']._serialized_start=2391
+  _globals['_RESEALPROVIDERKEYSREQUEST']._serialized_end=2418
+  _globals['_RESEALPROVIDERKEYSRESPONSE']._serialized_start=2420
+  _globals['_RESEALPROVIDERKEYSRESPONSE']._serialized_end=2501
+  _globals['_TURNSECRETINFO']._serialized_start=2504
+  _globals['_TURNSECRETINFO']._serialized_end=2670
+  _globals['_ROTATETURNSECRETREQUEST']._serialized_start=2672
+  _globals['_ROTATETURNSECRETREQUEST']._serialized_end=2729
+  _globals['_ROTATETURNSECRETRESPONSE']._serialized_start=2731
+  _globals['_ROTATETURNSECRETRESPONSE']._serialized_end=2807
+  _globals['_LISTTURNSECRETSREQUEST']._serialized_start=2809
+  _globals['_LISTTURNSECRETSREQUEST']._serialized_end=2833
+  _globals['_LISTTURNSECRETSRESPONSE']._serialized_start=2835
+  _globals['_LISTTURNSECRETSRESPONSE']._serialized_end=2910
+  _globals['_ADMINSERVICE']._serialized_start=2913
+  _globals['_ADMINSERVICE']._serialized_end=4161
 # @@protoc_insertion_point(module_scope)

@@ -463,21 +463,38 @@ Global___CreateApiKeyResponse: _TypeAlias = CreateApiKeyResponse  # noqa: Y015
 
 @_typing.final
 class ListApiKeysRequest(_message.Message):
-    """ListApiKeysRequest names whose keys to list."""
+    """ListApiKeysRequest names whose keys to list, and which page."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     PROJECT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
     """The project whose keys to list; empty lists the admin keys created through this service."""
+    page_size: _builtins.int
+    """The most keys to return in this page. Zero (unset) means 100; larger values than 1000
+    are treated as 1000, so a page stays far below a client's 4 MiB receive limit. Negative
+    values are INVALID_ARGUMENT. A page may hold fewer keys than asked for and still not be
+    the last.
+    """
+    page_token: _builtins.str
+    """The `next_page_token` of the previous page of the same listing (same `project_id`);
+    empty for the first page. The token is opaque: anything else, including a token of
+    another project's listing or an altered one, is INVALID_ARGUMENT naming `page_token`.
+    Keys created while a client pages through appear on a later page when they sort after
+    the token's position.
+    """
     def __init__(
         self,
         *,
         project_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["project_id", b"project_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "project_id", b"project_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -485,23 +502,27 @@ Global___ListApiKeysRequest: _TypeAlias = ListApiKeysRequest  # noqa: Y015
 
 @_typing.final
 class ListApiKeysResponse(_message.Message):
-    """ListApiKeysResponse lists keys, revoked ones included."""
+    """ListApiKeysResponse is one page of keys, revoked ones included."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     API_KEYS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as `page_token` to get the next page; empty when this page is the last."""
     @_builtins.property
     def api_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApiKey]:
-        """The keys, oldest first."""
+        """The keys, oldest first (by creation time, then key id)."""
 
     def __init__(
         self,
         *,
         api_keys: _abc.Iterable[Global___ApiKey] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_keys", b"api_keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_keys", b"api_keys", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -150,7 +150,12 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteProject(self, request, context):
-        """Deletes a project with its counters and provider keys, and revokes its caller keys.
+        """Deletes a project and everything it owns: its counters, leases, rate position, provider
+        keys, and its caller keys with their records (their secrets never authenticate again, and
+        a project created later with the same id lists none of them). The keys are refused from
+        the moment the call starts; a project with many keys is removed in bounded steps within
+        the call. Safe to retry: a retry of a deletion that went through is NOT_FOUND, and one
+        cut short finishes it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -165,7 +170,9 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListApiKeys(self, request, context):
-        """Lists the keys of a project (or the admin keys), revoked ones included, never secrets.
+        """Lists the keys of a project (or the admin keys), revoked ones included, never secrets,
+        oldest first, a page at a time. INVALID_ARGUMENT for a negative `page_size` or a
+        `page_token` not issued for this listing; NOT_FOUND for an unknown project. Safe to retry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

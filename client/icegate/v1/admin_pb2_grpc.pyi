@@ -48,13 +48,22 @@ class AdminServiceStub:
     UpdateProject: _grpc.UnaryUnaryMultiCallable[_admin_pb2.UpdateProjectRequest, _admin_pb2.UpdateProjectResponse]
     """Changes the fields of a project named in `update_mask`."""
     DeleteProject: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DeleteProjectRequest, _admin_pb2.DeleteProjectResponse]
-    """Deletes a project with its counters and provider keys, and revokes its caller keys."""
+    """Deletes a project and everything it owns: its counters, leases, rate position, provider
+    keys, and its caller keys with their records (their secrets never authenticate again, and
+    a project created later with the same id lists none of them). The keys are refused from
+    the moment the call starts; a project with many keys is removed in bounded steps within
+    the call. Safe to retry: a retry of a deletion that went through is NOT_FOUND, and one
+    cut short finishes it.
+    """
     CreateApiKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateApiKeyRequest, _admin_pb2.CreateApiKeyResponse]
     """Creates a caller key. Its secret is returned once, in this answer only; icegate keeps
     only its SHA-256 digest.
     """
     ListApiKeys: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListApiKeysRequest, _admin_pb2.ListApiKeysResponse]
-    """Lists the keys of a project (or the admin keys), revoked ones included, never secrets."""
+    """Lists the keys of a project (or the admin keys), revoked ones included, never secrets,
+    oldest first, a page at a time. INVALID_ARGUMENT for a negative `page_size` or a
+    `page_token` not issued for this listing; NOT_FOUND for an unknown project. Safe to retry.
+    """
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeApiKeyRequest, _admin_pb2.RevokeApiKeyResponse]
     """Revokes a key: every replica refuses it from its next call on. Revoking twice is a no-op."""
     SetProviderKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetProviderKeyRequest, _admin_pb2.SetProviderKeyResponse]
@@ -103,13 +112,22 @@ class AdminServiceAsyncStub(AdminServiceStub):
     UpdateProject: _aio.UnaryUnaryMultiCallable[_admin_pb2.UpdateProjectRequest, _admin_pb2.UpdateProjectResponse]  # type: ignore[assignment]
     """Changes the fields of a project named in `update_mask`."""
     DeleteProject: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeleteProjectRequest, _admin_pb2.DeleteProjectResponse]  # type: ignore[assignment]
-    """Deletes a project with its counters and provider keys, and revokes its caller keys."""
+    """Deletes a project and everything it owns: its counters, leases, rate position, provider
+    keys, and its caller keys with their records (their secrets never authenticate again, and
+    a project created later with the same id lists none of them). The keys are refused from
+    the moment the call starts; a project with many keys is removed in bounded steps within
+    the call. Safe to retry: a retry of a deletion that went through is NOT_FOUND, and one
+    cut short finishes it.
+    """
     CreateApiKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateApiKeyRequest, _admin_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
     """Creates a caller key. Its secret is returned once, in this answer only; icegate keeps
     only its SHA-256 digest.
     """
     ListApiKeys: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListApiKeysRequest, _admin_pb2.ListApiKeysResponse]  # type: ignore[assignment]
-    """Lists the keys of a project (or the admin keys), revoked ones included, never secrets."""
+    """Lists the keys of a project (or the admin keys), revoked ones included, never secrets,
+    oldest first, a page at a time. INVALID_ARGUMENT for a negative `page_size` or a
+    `page_token` not issued for this listing; NOT_FOUND for an unknown project. Safe to retry.
+    """
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeApiKeyRequest, _admin_pb2.RevokeApiKeyResponse]  # type: ignore[assignment]
     """Revokes a key: every replica refuses it from its next call on. Revoking twice is a no-op."""
     SetProviderKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetProviderKeyRequest, _admin_pb2.SetProviderKeyResponse]  # type: ignore[assignment]
@@ -185,7 +203,13 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.DeleteProjectRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.DeleteProjectResponse, _abc.Awaitable[_admin_pb2.DeleteProjectResponse]]:
-        """Deletes a project with its counters and provider keys, and revokes its caller keys."""
+        """Deletes a project and everything it owns: its counters, leases, rate position, provider
+        keys, and its caller keys with their records (their secrets never authenticate again, and
+        a project created later with the same id lists none of them). The keys are refused from
+        the moment the call starts; a project with many keys is removed in bounded steps within
+        the call. Safe to retry: a retry of a deletion that went through is NOT_FOUND, and one
+        cut short finishes it.
+        """
 
     @_abc_1.abstractmethod
     def CreateApiKey(
@@ -203,7 +227,10 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListApiKeysRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListApiKeysResponse, _abc.Awaitable[_admin_pb2.ListApiKeysResponse]]:
-        """Lists the keys of a project (or the admin keys), revoked ones included, never secrets."""
+        """Lists the keys of a project (or the admin keys), revoked ones included, never secrets,
+        oldest first, a page at a time. INVALID_ARGUMENT for a negative `page_size` or a
+        `page_token` not issued for this listing; NOT_FOUND for an unknown project. Safe to retry.
+        """
 
     @_abc_1.abstractmethod
     def RevokeApiKey(

@@ -153,8 +153,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def ListApiKeys(self, request: admin_pb2.ListApiKeysRequest,
                           context: Context) -> admin_pb2.ListApiKeysResponse:
-        keys = await self._admin.list_api_keys(request.project_id)
-        return admin_pb2.ListApiKeysResponse(api_keys=[api_key_to_proto(k) for k in keys])
+        keys, token = await self._admin.list_api_keys(request.project_id, request.page_size,
+                                                      request.page_token)
+        return admin_pb2.ListApiKeysResponse(api_keys=[api_key_to_proto(k) for k in keys],
+                                             next_page_token=token)
 
     async def RevokeApiKey(self, request: admin_pb2.RevokeApiKeyRequest,
                            context: Context) -> admin_pb2.RevokeApiKeyResponse:

@@ -9,6 +9,9 @@ be reached raises `StoreUnavailableError`; every other failure is one of the out
 from __future__ import annotations
 
 import enum
+import math
+import re
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -115,17 +118,38 @@ class Store(Protocol):
         ...
 
     async def delete_project(self, project_id: str, now_ms: int) -> bool:
-        """Deletes a project with its counters, and revokes its keys; False if absent."""
+        """Deletes a project and everything it owns; False if it did not exist.
+
+        Its record, rate position, session counters and leases, provider keys, and its caller
+        keys with every record of them (a key's secret never authenticates again, and a
+        project made later with the same id lists none of them). The record goes first, in
+        one step, so the keys stop working at once; the keys then go in steps of at most
+        `PURGE_BATCH`, so no single statement or script works in proportion to the project's
+        key count. A deletion cut short (a crash) leaves keys whose project is gone (refused
+        as such); `create_project` with that id removes them before it creates, and may
+        take several steps to do so.
+        """
         ...
 
     # -- caller keys (admin) ----------------------------------------------------------------
 
-    async def create_api_key(self, key: ApiKey, digest: bytes) -> None:
-        """Stores a key record under the SHA-256 digest of its secret."""
+    async def create_api_key(self, key: ApiKey, digest: bytes) -> bool:
+        """Stores a key record under the SHA-256 digest of its secret.
+
+        Returns False (nothing written) for a project key whose project does not exist: a
+        key created while its project is being deleted must not outlive it.
+        """
         ...
 
-    async def list_api_keys(self, project_id: str | None) -> list[ApiKey]:
-        """Keys of one project, or admin keys when `project_id` is None; revoked ones too."""
+    async def list_api_keys(self, project_id: str | None, *, after: str,
+                            limit: int) -> list[ApiKey]:
+        """At most `limit` keys of one project, or admin keys when `project_id` is None,
+        revoked ones too, oldest first (by creation time, then key id).
+
+        `after` is the `api_key_cursor` of the last key of the previous page ("" for the
+        first page): a strict lower bound, which need not be a stored key. Each call works in
+        proportion to `limit`, not to the number of keys.
+        """
         ...
 
     async def revoke_api_key(self, key_id: str, now_ms: int) -> ApiKey | None:
@@ -245,6 +269,34 @@ class Store(Protocol):
         ...
 
 
+PURGE_BATCH = 500
+"""Caller keys a deletion removes per step (one SQLite transaction, one Redis script): a
+few milliseconds of work, far below the store timeout, whatever the project's size."""
+
+_CURSOR = re.compile(r"([0-9a-f]{16}):([A-Za-z0-9_-]{1,64})")
+
+
+def api_key_cursor(key: ApiKey) -> str:
+    """The position of a key in the listing order (creation time, then key id), as a string
+    that sorts byte by byte in that same order: the creation time as the 16 hex digits of its
+    big-endian IEEE 754 double (order-preserving for times >= 0), then `:` and the key id.
+
+    The Redis store keeps exactly these strings in a sorted set (ZRANGEBYLEX pages it).
+    """
+    return f"{struct.pack('>d', max(float(key.create_time), 0.0)).hex()}:{key.key_id}"
+
+
+def parse_api_key_cursor(cursor: str) -> tuple[float, str] | None:
+    """(creation time, key id) of an `api_key_cursor`, or None if it is not one."""
+    match = _CURSOR.fullmatch(cursor)
+    if match is None:
+        return None
+    (create_time,) = struct.unpack(">d", bytes.fromhex(match[1]))
+    if not math.isfinite(create_time) or create_time < 0 or math.copysign(1, create_time) < 0:
+        return None
+    return create_time, match[2]
+
+
 def month_of(now_ms: int) -> str:
     """The UTC calendar month of a time, `YYYY-MM`: the unit of the monthly session quota."""
     import time
@@ -253,6 +305,7 @@ def month_of(now_ms: int) -> str:
 
 
 __all__: Sequence[str] = (
-    "Admission", "AdmitOutcome", "ProviderKeyRecord", "SessionAdmission", "SessionOutcome",
-    "Store", "TurnSecretRecord", "month_of",
+    "PURGE_BATCH", "Admission", "AdmitOutcome", "ProviderKeyRecord", "SessionAdmission",
+    "SessionOutcome", "Store", "TurnSecretRecord", "api_key_cursor", "month_of",
+    "parse_api_key_cursor",
 )

@@ -8,8 +8,10 @@ digest of a caller key):
     icegate:key:<d>              hash    key_id, project_id, admin ("1"/"0"), display_name,
                                          create_time, revoke_time, key_prefix
     icegate:keyid:<key_id>       string  <d>, to revoke by key id
-    icegate:keys:<p>             set     key ids of the project's keys (revoked ones stay)
-    icegate:admin-keys           set     key ids of admin keys
+    icegate:key-list:<p>         zset    the project's keys (revoked ones stay), score 0,
+                                         member `api_key_cursor` (creation time, key id):
+                                         ZRANGEBYLEX pages them oldest first
+    icegate:admin-key-list       zset    the same for admin keys
     icegate:rl:<p>               string  GCRA TAT in ms; PX window + interval, so an idle
                                          project's TAT disappears once it could not matter
     icegate:quota:<p>:<YYYY-MM>  string  sessions begun that month; EXPIRE 62 days
@@ -21,6 +23,14 @@ digest of a caller key):
     icegate:pkey:<p>             hash    provider -> JSON {sealed (base64), last4,
                                          update_time_ms}
     icegate:pkey-projects        set     projects holding provider keys (list over all)
+
+Bounded work. No script works in proportion to a project's key count: ListApiKeys reads a
+page (ZRANGEBYLEX, at most 1000 keys), and deleting a project removes its record, counters
+and provider keys in one script (its keys are refused from then on, their project being
+gone), then its keys `PURGE_BATCH` at a time, one script each. `create_project` finishes
+what a deletion cut short before it creates. Listings kept by earlier versions in sets
+(`icegate:keys:<p>`, `icegate:admin-keys`) are moved into the sorted sets at open, in
+batches of the same size.
 
 `admit` resolves the project from the key inside its script, so keys are not all declared
 up front: this needs a single Redis primary (standalone, or Sentinel-managed), not Redis
@@ -74,12 +84,15 @@ from redis.commands.core import AsyncScript
 from icegate_server.errors import StoreUnavailableError
 from icegate_server.projects import DEFAULT_PROJECT_ID, ApiKey, Project
 from icegate_server.store.base import (
+    PURGE_BATCH,
     Admission,
     AdmitOutcome,
     ProviderKeyRecord,
     SessionAdmission,
     SessionOutcome,
     TurnSecretRecord,
+    api_key_cursor,
+    parse_api_key_cursor,
 )
 
 PREFIX = "icegate:"
@@ -218,10 +231,29 @@ local used = tonumber(redis.call('GET', KEYS[1]) or '0')
 return {used, redis.call('ZCOUNT', KEYS[2], '(' .. ARGV[1], '+inf')}
 """
 
-# KEYS: project record, project index. ARGV: record JSON, project id.
+# Removes up to ARGV[2] keys of the listing KEYS[3] (records, id lookups, members); ARGV[1]
+# is the prefix. Leaves `remaining`: the keys still listed.
+_PURGE_KEYS = """
+local members = redis.call('ZRANGE', KEYS[3], 0, tonumber(ARGV[2]) - 1)
+for _, member in ipairs(members) do
+  local key_id = string.sub(member, 18)
+  local digest = redis.call('GET', ARGV[1] .. 'keyid:' .. key_id)
+  if digest then redis.call('DEL', ARGV[1] .. 'key:' .. digest) end
+  redis.call('DEL', ARGV[1] .. 'keyid:' .. key_id)
+end
+if #members > 0 then redis.call('ZREM', KEYS[3], unpack(members)) end
+local remaining = redis.call('ZCARD', KEYS[3])
+"""
+
+# KEYS: project record, project index, the project's key listing. ARGV: prefix, batch,
+# record JSON, project id. 1 created, 0 exists already, -1 keys of a deleted project with
+# that id are still being removed (call again).
 _CREATE_PROJECT = """
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX') then return 0 end
-redis.call('ZADD', KEYS[2], 0, ARGV[2])
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+""" + _PURGE_KEYS + """
+if remaining > 0 then return -1 end
+redis.call('SET', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[2], 0, ARGV[4])
 return 1
 """
 
@@ -236,37 +268,60 @@ end
 return records
 """
 
-# ARGV: prefix, project id, revoke_time for its live keys. 1 if the project existed.
+# ARGV: prefix, project id. 1 if the project existed. Everything the project owns but its
+# keys (see _PURGE_PROJECT_KEYS), in one step: the record first, so its keys are refused at
+# once. UNLINK frees the leases set (as large as max_concurrent_sessions) off the main thread;
+# the months set holds the two or three months whose counters have not expired.
 _DELETE_PROJECT = """
 local prefix, id = ARGV[1], ARGV[2]
 local existed = redis.call('DEL', prefix .. 'project:' .. id)
 redis.call('ZREM', prefix .. 'projects', id)
-redis.call('DEL', prefix .. 'rl:' .. id, prefix .. 'leases:' .. id, prefix .. 'pkey:' .. id,
+redis.call('UNLINK', prefix .. 'rl:' .. id, prefix .. 'leases:' .. id, prefix .. 'pkey:' .. id,
            prefix .. 'pending:' .. id)
 redis.call('SREM', prefix .. 'pkey-projects', id)
 for _, month in ipairs(redis.call('SMEMBERS', prefix .. 'quota-months:' .. id)) do
   redis.call('DEL', prefix .. 'quota:' .. id .. ':' .. month)
 end
 redis.call('DEL', prefix .. 'quota-months:' .. id)
-for _, key_id in ipairs(redis.call('SMEMBERS', prefix .. 'keys:' .. id)) do
-  local digest = redis.call('GET', prefix .. 'keyid:' .. key_id)
-  if digest then
-    local key = prefix .. 'key:' .. digest
-    if tonumber(redis.call('HGET', key, 'revoke_time') or '1') == 0 then
-      redis.call('HSET', key, 'revoke_time', ARGV[3])
-    end
-  end
-end
 return existed
 """
 
-# KEYS: key hash, key id -> digest, listing set. ARGV: digest hex, key id, field, value, ...
+# KEYS: project record, project index (unused), the project's key listing. ARGV: prefix,
+# batch. The keys still
+# listed after this step; a project made again meanwhile (it cannot be: _CREATE_PROJECT
+# waits for the listing to empty) keeps its keys.
+_PURGE_PROJECT_KEYS = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+""" + _PURGE_KEYS + """
+return remaining
+"""
+
+# KEYS: key hash, key id -> digest, listing, the key's project record. ARGV: digest hex,
+# key id, listing member, admin ('1'/'0'), field, value, ... 0 if a project key's project
+# does not exist (nothing written).
 _CREATE_API_KEY = """
+if ARGV[4] ~= '1' and redis.call('EXISTS', KEYS[4]) == 0 then return 0 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('SET', KEYS[2], ARGV[1])
-redis.call('SADD', KEYS[3], ARGV[2])
+redis.call('ZADD', KEYS[3], 0, ARGV[3])
 return 1
+"""
+
+# KEYS: a listing set of an earlier version, its sorted set. ARGV: prefix, batch. Moves up to
+# a batch of members; returns how many are left in the set.
+_MOVE_KEY_LISTING = """
+for _, key_id in ipairs(redis.call('SPOP', KEYS[1], tonumber(ARGV[2]))) do
+  local digest = redis.call('GET', ARGV[1] .. 'keyid:' .. key_id)
+  if digest then
+    local created = redis.call('HGET', ARGV[1] .. 'key:' .. digest, 'create_time')
+    if created then
+      redis.call('ZADD', KEYS[2], 0, struct.pack('>d', tonumber(created)):gsub(
+        '.', function(c) return string.format('%02x', string.byte(c)) end) .. ':' .. key_id)
+    end
+  end
+end
+return redis.call('SCARD', KEYS[1])
 """
 
 # ARGV: prefix, key id, revoke_time. The key's hash fields after revocation, or nil.
@@ -281,11 +336,13 @@ end
 return redis.call('HGETALL', key)
 """
 
-# KEYS: listing set. ARGV: prefix. One array of hash fields per key.
+# KEYS: listing. ARGV: prefix, ZRANGEBYLEX lower bound, limit. One array of hash fields per
+# key, at most `limit`, oldest first.
 _LIST_API_KEYS = """
 local keys = {}
-for _, key_id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local digest = redis.call('GET', ARGV[1] .. 'keyid:' .. key_id)
+local members = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[2], '+', 'LIMIT', 0, tonumber(ARGV[3]))
+for _, member in ipairs(members) do
+  local digest = redis.call('GET', ARGV[1] .. 'keyid:' .. string.sub(member, 18))
   if digest then
     local fields = redis.call('HGETALL', ARGV[1] .. 'key:' .. digest)
     if #fields > 0 then keys[#keys + 1] = fields end
@@ -371,6 +428,10 @@ def _pending_key(project_id: str) -> str:
 
 def _quota_key(project_id: str, month: str) -> str:
     return f"{PREFIX}quota:{project_id}:{month}"
+
+
+def _key_list_key(project_id: str) -> str:
+    return f"{PREFIX}key-list:{project_id}"
 
 
 def _pkey_key(project_id: str) -> str:
@@ -483,6 +544,8 @@ class RedisStore:
         self._create_project = register(_CREATE_PROJECT)
         self._list_projects = register(_LIST_PROJECTS)
         self._delete_project = register(_DELETE_PROJECT)
+        self._purge_project_keys = register(_PURGE_PROJECT_KEYS)
+        self._move_key_listing = register(_MOVE_KEY_LISTING)
         self._create_api_key = register(_CREATE_API_KEY)
         self._revoke_api_key = register(_REVOKE_API_KEY)
         self._list_api_keys = register(_LIST_API_KEYS)
@@ -495,7 +558,8 @@ class RedisStore:
             self._admit, self._begin_session, self._cancel_session, self._confirm_session,
             self._renew_session,
             self._end_session, self._session_counts, self._create_project, self._list_projects,
-            self._delete_project, self._create_api_key, self._revoke_api_key,
+            self._delete_project, self._purge_project_keys, self._move_key_listing,
+            self._create_api_key, self._revoke_api_key,
             self._list_api_keys, self._put_provider_key, self._delete_provider_key,
             self._list_all_provider_keys, self._rotate_turn_secret, self._purge_turn_secrets,
         )
@@ -543,6 +607,7 @@ class RedisStore:
                 sent = _wall_ms()
                 seconds, micros = await client.time()
                 store._clock_offset_ms = seconds * 1000 + micros / 1000 - (sent + _wall_ms()) / 2
+            await store._move_key_listings()
         except BaseException:
             await client.aclose()
             raise
@@ -588,6 +653,21 @@ class RedisStore:
         if late or received - sent < self._fence_ms:
             self._clock_offset_ms = int(reply[0]) - (sent + received) / 2
 
+    async def _move_key_listings(self) -> None:
+        """Moves the key listings of earlier versions (sets) into sorted sets, a batch per
+        script: SCAN finds them, a bounded step at a time."""
+        with self._unavailable_on_error():
+            old = [key async for key in self._redis.scan_iter(match=f"{PREFIX}keys:*",
+                                                                count=1000, _type="set")]
+            if await self._redis.type(f"{PREFIX}admin-keys") == "set":
+                old.append(f"{PREFIX}admin-keys")
+        for key in old:
+            listing = (f"{PREFIX}admin-key-list" if key == f"{PREFIX}admin-keys"
+                       else _key_list_key(key.removeprefix(f"{PREFIX}keys:")))
+            while await self._call(self._move_key_listing, [key, listing],
+                                   [PREFIX, PURGE_BATCH]):
+                pass
+
     async def ping(self) -> None:
         with self._unavailable_on_error():
             await self._redis.ping()
@@ -601,10 +681,13 @@ class RedisStore:
     # -- projects ---------------------------------------------------------------------------
 
     async def create_project(self, project: Project) -> bool:
-        created = await self._call(
-            self._create_project, [_project_key(project.project_id), f"{PREFIX}projects"],
-            [_project_json(project), project.project_id])
-        return bool(created)
+        keys = [_project_key(project.project_id), f"{PREFIX}projects",
+                _key_list_key(project.project_id)]
+        args: list[str | int] = [PREFIX, PURGE_BATCH, _project_json(project), project.project_id]
+        # -1: keys of a deleted project with this id are left; each call removes a batch.
+        while (created := int(await self._call(self._create_project, keys, args))) < 0:
+            pass
+        return created == 1
 
     async def get_project(self, project_id: str) -> Project | None:
         with self._unavailable_on_error():
@@ -625,26 +708,34 @@ class RedisStore:
         return bool(replaced)
 
     async def delete_project(self, project_id: str, now_ms: int) -> bool:
-        existed = await self._call(self._delete_project, [],
-                                   [PREFIX, project_id, repr(now_ms / 1000)])
+        existed = await self._call(self._delete_project, [], [PREFIX, project_id])
+        keys = [_project_key(project_id), f"{PREFIX}projects", _key_list_key(project_id)]
+        while await self._call(self._purge_project_keys, keys, [PREFIX, PURGE_BATCH]):
+            pass
         return bool(existed)
 
     # -- caller keys ------------------------------------------------------------------------
 
-    async def create_api_key(self, key: ApiKey, digest: bytes) -> None:
-        listing = f"{PREFIX}admin-keys" if key.admin else f"{PREFIX}keys:{key.project_id}"
+    async def create_api_key(self, key: ApiKey, digest: bytes) -> bool:
+        listing = (f"{PREFIX}admin-key-list" if key.admin
+                   else _key_list_key(key.project_id))
         fields = [item for pair in _key_fields(key).items() for item in pair]
-        await self._call(
+        created = await self._call(
             self._create_api_key,
-            [f"{PREFIX}key:{digest.hex()}", f"{PREFIX}keyid:{key.key_id}", listing],
-            [digest.hex(), key.key_id, *fields])
+            [f"{PREFIX}key:{digest.hex()}", f"{PREFIX}keyid:{key.key_id}", listing,
+             _project_key(key.project_id)],
+            [digest.hex(), key.key_id, api_key_cursor(key), "1" if key.admin else "0",
+             *fields])
+        return bool(created)
 
-    async def list_api_keys(self, project_id: str | None) -> list[ApiKey]:
-        listing = f"{PREFIX}admin-keys" if project_id is None else f"{PREFIX}keys:{project_id}"
-        records = await self._call(self._list_api_keys, [listing], [PREFIX])
-        keys = [_key_from_fields(record) for record in records]
-        # The same order as the SQLite store: by creation time, then id.
-        return sorted(keys, key=lambda k: (k.create_time, k.key_id))
+    async def list_api_keys(self, project_id: str | None, *, after: str,
+                            limit: int) -> list[ApiKey]:
+        if limit <= 0 or (after and parse_api_key_cursor(after) is None):
+            return []
+        listing = f"{PREFIX}admin-key-list" if project_id is None else _key_list_key(project_id)
+        records = await self._call(self._list_api_keys, [listing],
+                                   [PREFIX, f"({after}" if after else "-", limit])
+        return [_key_from_fields(record) for record in records]
 
     async def revoke_api_key(self, key_id: str, now_ms: int) -> ApiKey | None:
         fields = await self._call(self._revoke_api_key, [],

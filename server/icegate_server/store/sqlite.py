@@ -57,12 +57,14 @@ from icegate_server.errors import StoreUnavailableError
 from icegate_server.limits import RateLimitPolicy
 from icegate_server.projects import DEFAULT_PROJECT_ID, ApiKey, Project
 from icegate_server.store.base import (
+    PURGE_BATCH,
     Admission,
     AdmitOutcome,
     ProviderKeyRecord,
     SessionAdmission,
     SessionOutcome,
     TurnSecretRecord,
+    parse_api_key_cursor,
 )
 from icegate_server.store.positions import ProcessPositions, SharedPositions, Step
 
@@ -91,6 +93,8 @@ CREATE TABLE IF NOT EXISTS api_keys (
     revoke_time  REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS api_keys_by_project ON api_keys(project_id);
+-- ListApiKeys pages in this order, and each page is one range of this index.
+CREATE INDEX IF NOT EXISTS api_keys_listed ON api_keys(project_id, admin, create_time, key_id);
 CREATE TABLE IF NOT EXISTS rate_limits (
     project_id TEXT PRIMARY KEY,
     tat_ms     INTEGER NOT NULL           -- GCRA theoretical arrival time (see limits.py)
@@ -318,13 +322,24 @@ class SqliteStore:
     # -- projects ---------------------------------------------------------------------------
 
     async def create_project(self, project: Project) -> bool:
-        def work(db: sqlite3.Connection) -> bool:
-            cursor = db.execute(
-                "INSERT INTO projects(project_id, record) VALUES (?, ?) "
-                "ON CONFLICT(project_id) DO NOTHING", (project.project_id, _project_json(project)))
-            return cursor.rowcount == 1
+        def work(db: sqlite3.Connection) -> bool | None:
+            with _write_transaction(db):
+                if _read_project(db, project.project_id) is not None:
+                    return False
+                # Keys a deletion cut short left behind go first, a batch per transaction
+                # (None: more to go); no key can be added meanwhile, its project being absent.
+                if _purge_keys(db, project.project_id) == PURGE_BATCH:
+                    return None
+                db.execute("INSERT INTO projects(project_id, record) VALUES (?, ?)",
+                           (project.project_id, _project_json(project)))
+                return True
 
-        return await self._run(work)
+        try:
+            while (created := await self._run(work)) is None:
+                pass
+            return created
+        finally:
+            self._keys.clear()  # a key of the purged leftovers may have been read meanwhile
 
     async def get_project(self, project_id: str) -> Project | None:
         return await self._run(lambda db: _read_project(db, project_id))
@@ -347,6 +362,10 @@ class SqliteStore:
             self._projects.pop(project.project_id, None)
 
     async def delete_project(self, project_id: str, now_ms: int) -> bool:
+        # The record first, with what is bounded per project (counters, a month's quota rows,
+        # provider keys; leases are bounded by max_concurrent_sessions): its keys are refused
+        # from then on, their project being gone. Then the keys, a bounded batch per
+        # transaction, so the write lock is never held in proportion to the project's size.
         def work(db: sqlite3.Connection) -> bool:
             with _write_transaction(db):
                 deleted = db.execute("DELETE FROM projects WHERE project_id = ?",
@@ -355,14 +374,18 @@ class SqliteStore:
                               "provider_keys"):
                     db.execute(f"DELETE FROM {table} WHERE project_id = ?",  # noqa: S608
                                (project_id,))
-                db.execute("UPDATE api_keys SET revoke_time = ? "
-                           "WHERE project_id = ? AND revoke_time = 0",
-                           (now_ms / 1000, project_id))
             return deleted
+
+        def purge(db: sqlite3.Connection) -> int:
+            with _write_transaction(db):
+                return _purge_keys(db, project_id)
 
         self._forget_project(project_id)
         try:
-            return await self._run(work)
+            deleted = await self._run(work)
+            while await self._run(purge) == PURGE_BATCH:
+                pass
+            return deleted
         finally:
             self._forget_project(project_id)
             self._keys.clear()
@@ -374,21 +397,28 @@ class SqliteStore:
 
     # -- caller keys ---------------------------------------------------------------------------
 
-    async def create_api_key(self, key: ApiKey, digest: bytes) -> None:
-        await self._run(lambda db: db.execute(
+    async def create_api_key(self, key: ApiKey, digest: bytes) -> bool:
+        # Only while its project exists (in the same statement): a key written while its
+        # project is being deleted would otherwise outlive it.
+        return await self._run(lambda db: db.execute(
             "INSERT INTO api_keys(digest, key_id, project_id, admin, display_name, key_prefix, "
-            "create_time, revoke_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "create_time, revoke_time) SELECT ?, ?, ?, ?, ?, ?, ?, ? "
+            "WHERE ? OR EXISTS (SELECT 1 FROM projects WHERE project_id = ?)",
             (digest, key.key_id, key.project_id, int(key.admin), key.display_name,
-             key.key_prefix, key.create_time, key.revoke_time)))
+             key.key_prefix, key.create_time, key.revoke_time, int(key.admin),
+             key.project_id)).rowcount == 1)
 
-    async def list_api_keys(self, project_id: str | None) -> list[ApiKey]:
-        if project_id is None:
-            query, args = f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE admin = 1", ()  # noqa: S608
-        else:
-            query = f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE project_id = ? AND admin = 0"  # noqa: S608
-            args = (project_id,)  # type: ignore[assignment]
-        rows = await self._run(lambda db: db.execute(query + " ORDER BY create_time, key_id",
-                                                     args).fetchall())
+    async def list_api_keys(self, project_id: str | None, *, after: str,
+                            limit: int) -> list[ApiKey]:
+        position = parse_api_key_cursor(after) if after else (-1.0, "")
+        if position is None or limit <= 0:
+            return []
+        # One range of the api_keys_listed index: the work is the page, not the project.
+        rows = await self._run(lambda db: db.execute(
+            f"SELECT {_KEY_COLUMNS} FROM api_keys "  # noqa: S608
+            "WHERE project_id = ? AND admin = ? AND (create_time, key_id) > (?, ?) "
+            "ORDER BY create_time, key_id LIMIT ?",
+            (project_id or "", int(project_id is None), *position, limit)).fetchall())
         return [_key_from_row(row) for row in rows]
 
     async def revoke_api_key(self, key_id: str, now_ms: int) -> ApiKey | None:
@@ -653,6 +683,13 @@ def _finished(work: Callable[[sqlite3.Connection], T], db: sqlite3.Connection) -
         result.fetchall()
         result.close()
     return result
+
+
+def _purge_keys(db: sqlite3.Connection, project_id: str) -> int:
+    """Deletes up to `PURGE_BATCH` keys of a project (inside the caller's transaction)."""
+    return db.execute(
+        "DELETE FROM api_keys WHERE digest IN (SELECT digest FROM api_keys "
+        "WHERE project_id = ? AND admin = 0 LIMIT ?)", (project_id, PURGE_BATCH)).rowcount
 
 
 def _project_for_key(key: ApiKey, project_id: str) -> Admission | str:
