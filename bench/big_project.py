@@ -25,15 +25,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from harness.redis_server import RedisServer  # noqa: E402
-
-from icegate.v1 import admin_pb2  # noqa: E402
-from icegate_server.auth import key_digest  # noqa: E402
-from icegate_server.projects import ApiKey, Project  # noqa: E402
-from icegate_server.servicers.admin import api_key_to_proto  # noqa: E402
-from icegate_server.store.base import AdmitOutcome, Store  # noqa: E402
-from icegate_server.store.redis import RedisStore  # noqa: E402
-from icegate_server.store.sqlite import SqliteStore  # noqa: E402
+from harness.redis_server import RedisServer
+from icegate.v1 import admin_pb2
+from icegate_server.access.keys import key_digest
+from icegate_server.projects.records import ApiKey, Project
+from icegate_server.servicers.admin import api_key_to_proto
+from icegate_server.store.base import AdmitOutcome, Store
+from icegate_server.store.redis import RedisStore
+from icegate_server.store.sqlite import SqliteStore
 
 CLIENT_LIMIT = 4 * 1024 * 1024
 NOW_MS = 1_700_000_000_000

@@ -647,8 +647,8 @@ def direct_httpx_latencies(base_url: str, rate: int, seconds: float) -> dict[str
     """POSTs icegate's own client_secrets body to the fake, `rate` per second, with httpx."""
     import httpx
 
-    from icegate_server.providers.base import SessionOptions
-    from icegate_server.providers.openai import client_secrets_body
+    from icegate_server.sessions.providers.base import SessionOptions
+    from icegate_server.sessions.providers.openai import client_secrets_body
 
     body = client_secrets_body(SessionOptions(model="gpt-realtime", voice="alloy"),
                                "gpt-realtime")

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import scenario
 from targets import UNLIMITED
 
-from icegate_server.auth import key_digest
-from icegate_server.projects import ApiKey, Project, new_key_secret
+from icegate_server.access.keys import key_digest
+from icegate_server.projects.records import ApiKey, Project, new_key_secret
 from icegate_server.store import open_store
 from icegate_server.store.base import ProviderKeyRecord, SessionOutcome, month_of
 

@@ -8,16 +8,15 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 
-from icegate_server.config import ConfigError, Settings, add_setting_flags, load_settings
 from icegate_server.dev_secrets import apply_dev_secrets
 from icegate_server.errors import IcegateError
-from icegate_server.logs import Safe, configure_logging, stop_logging
+from icegate_server.observability.logs import Safe, configure_logging, stop_logging
+from icegate_server.server import run_server
+from icegate_server.settings import ConfigError, Settings, add_setting_flags, load_settings
 
 log = logging.getLogger("icegate_server")
 
@@ -48,7 +47,7 @@ def _resolve_settings(args: argparse.Namespace) -> Settings:
     flags = {key: value for key, value in vars(args).items()
              if key not in {"command", "output"} and not key.startswith("coturn_")}
     settings = load_settings(flags)
-    # From here on every line goes through the sanitising formatter (icegate_server.logs).
+    # From here on every line goes through the sanitising formatter (observability.logs).
     configure_logging(settings.log_format, settings.log_level)
     settings, dev_file, created = apply_dev_secrets(settings)
     if dev_file is not None:
@@ -78,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "coturn-config":
-        from icegate_server.coturn_config import write_coturn_config
+        from icegate_server.turn.coturn_config import write_coturn_config
 
         write_coturn_config(settings, args.output, listening_ip=args.coturn_listening_ip,
                             relay_ip=args.coturn_relay_ip, min_port=args.coturn_min_port,
@@ -94,25 +93,6 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             print(f"icegate-server: {error}", file=sys.stderr)
             return 1
     return run_server(settings)
-
-
-def run_server(settings: Settings, *,
-               stop_signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)) -> int:
-    """Serves in this process, on uvloop where available, until one of `stop_signals`."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is in the server extra except on Windows
-        runner = asyncio.run
-    else:
-        runner = uvloop.run
-    from icegate_server.server import serve
-
-    try:
-        runner(serve(settings, stop_signals=stop_signals))
-    except (OSError, IcegateError) as error:
-        print(f"icegate-server: {error}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,8 +13,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from icegate_server.config import Settings
-from icegate_server.vault import generate_master_key
+from icegate_server.sessions.vault import generate_master_key
+from icegate_server.settings import Settings
 
 DEV_SECRETS_FILE = "dev-secrets.json"
 

@@ -9,6 +9,7 @@ import asyncio
 import gc
 import logging
 import signal
+import sys
 from dataclasses import dataclass, field
 
 import grpc
@@ -27,13 +28,13 @@ from icegate.v1 import (
     usage_pb2,
     usage_pb2_grpc,
 )
-from icegate_server.access import AccessControl
-from icegate_server.call_guard import CallGuard, MethodTable
+from icegate_server.access.control import AccessControl
+from icegate_server.access.guard import CallGuard, MethodTable
+from icegate_server.access.tls import is_loopback_host, server_credentials
 from icegate_server.clock import Clock, SystemClock
-from icegate_server.config import Settings, parse_listen_address
-from icegate_server.coturn_sync import CoturnRedisSecrets, CoturnSecretSink, CoturnSqliteSecrets
-from icegate_server.logs import Safe
-from icegate_server.metrics import (
+from icegate_server.errors import IcegateError
+from icegate_server.observability.logs import Safe
+from icegate_server.observability.metrics import (
     ActiveLeaseGauge,
     IcegateMetrics,
     MetricsEndpoint,
@@ -41,25 +42,30 @@ from icegate_server.metrics import (
     instrument_store,
     serve_metrics,
 )
-from icegate_server.project_admin import ProjectAdmin, ProjectDefaults
-from icegate_server.provider_keys import ProviderKeys
-from icegate_server.providers import (
+from icegate_server.projects.admin import ProjectAdmin, ProjectDefaults
+from icegate_server.projects.usage import UsageReporter
+from icegate_server.servicers.admin import AdminServicer
+from icegate_server.servicers.credentials import CredentialServicer
+from icegate_server.servicers.sessions import SessionServicer
+from icegate_server.servicers.usage import UsageServicer
+from icegate_server.sessions.provider_keys import ProviderKeys
+from icegate_server.sessions.providers import (
     ProviderRuntime,
     ProviderSettings,
     build_providers,
     make_http_client,
 )
-from icegate_server.servicers.admin import AdminServicer
-from icegate_server.servicers.credentials import CredentialServicer
-from icegate_server.servicers.sessions import SessionServicer
-from icegate_server.servicers.usage import UsageServicer
-from icegate_server.sessions import RealtimeSessions
+from icegate_server.sessions.realtime import RealtimeSessions
+from icegate_server.sessions.vault import Vault, load_master_keys
+from icegate_server.settings import Settings, parse_listen_address
 from icegate_server.store import Store, open_store
-from icegate_server.tls import is_loopback_host, server_credentials
-from icegate_server.turn import TurnCredentialIssuer, TurnSecretKeyring
-from icegate_server.turn_secrets import TurnSecretRing
-from icegate_server.usage import UsageReporter
-from icegate_server.vault import Vault, load_master_keys
+from icegate_server.turn.coturn_userdb import (
+    CoturnRedisSecrets,
+    CoturnSecretSink,
+    CoturnSqliteSecrets,
+)
+from icegate_server.turn.credentials import TurnCredentialIssuer, TurnSecretKeyring
+from icegate_server.turn.secret_ring import TurnSecretRing
 
 log = logging.getLogger(__name__)
 
@@ -294,3 +300,20 @@ async def serve(settings: Settings, *,
     log.info("shutting down: finishing in-flight calls (grace %.1f s)", settings.shutdown_grace)
     await server.stop()
     log.info("stopped")
+
+
+def run_server(settings: Settings, *,
+               stop_signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)) -> int:
+    """Serves in this process, on uvloop where available, until one of `stop_signals`."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is in the server extra except on Windows
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    try:
+        runner(serve(settings, stop_signals=stop_signals))
+    except (OSError, IcegateError) as error:
+        print(f"icegate-server: {error}", file=sys.stderr)
+        return 1
+    return 0

@@ -52,8 +52,8 @@ import time
 from collections.abc import Iterator, Sequence
 from types import FrameType
 
-from icegate_server.config import Settings, parse_listen_address
-from icegate_server.logs import Safe, configure_logging, stop_logging
+from icegate_server.observability.logs import Safe, configure_logging, stop_logging
+from icegate_server.settings import Settings, parse_listen_address
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def _probe_unused(listen: str, addresses: Sequence[_AddressInfo]) -> None:
 async def _prepare_store(settings: Settings) -> None:
     """Creates the store's schema and the `default` project once, before any worker starts."""
     from icegate_server.clock import SystemClock
-    from icegate_server.project_admin import ProjectAdmin
+    from icegate_server.projects.admin import ProjectAdmin
     from icegate_server.server import project_defaults
     from icegate_server.store import open_store
 
@@ -245,7 +245,7 @@ def _worker_main(settings: Settings, index: int, supervisor_pid: int) -> None:
     configure_logging(settings.log_format, settings.log_level)
     threading.Thread(target=_watch_supervisor, args=(supervisor_pid,), daemon=True,
                      name="icegate-supervisor-watch").start()
-    from icegate_server.cli import run_server
+    from icegate_server.server import run_server
 
     try:
         status = run_server(settings, stop_signals=(signal.SIGTERM,))

@@ -16,7 +16,7 @@ from fake_upstreams.openai import OpenAIEmulation, openai_error
 from fake_upstreams.orga import SECRETS_PATH, OrgaEmulation, orga_error
 from fake_upstreams.server import CannedResponse, Responder
 from icegate_server.clock import Clock, SystemClock
-from icegate_server.providers import (
+from icegate_server.sessions.providers import (
     MintedToken,
     ProviderKind,
     ProviderRuntime,

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from icegate_server.clock import Clock, FrozenClock
-from icegate_server.config import Settings
 from icegate_server.server import IcegateServer, create_server
+from icegate_server.settings import Settings
 
 T = TypeVar("T")
 

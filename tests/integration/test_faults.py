@@ -189,7 +189,7 @@ def test_sqlite_writes_commit_right_after_a_checkpoint(tmp_path):
     once kept later writes uncommitted: a confirmed key or revocation could be lost."""
     import hashlib
 
-    from icegate_server.projects import ApiKey, Project
+    from icegate_server.projects.records import ApiKey, Project
     from icegate_server.store.base import ProviderKeyRecord
     from icegate_server.store.sqlite import SqliteStore
 

@@ -22,7 +22,7 @@ import pytest
 import icegate
 from harness.icegate_server import TEST_ADMIN_KEY, server_settings
 from icegate_server.clock import FrozenClock
-from icegate_server.metrics import MetricsServerLimits
+from icegate_server.observability.metrics import MetricsServerLimits
 from icegate_server.server import IcegateServer, create_server
 
 HALF_REQUEST = b"GET /metrics HTTP/1.1\r\nHost: icegate\r\n"  # no blank line: never complete

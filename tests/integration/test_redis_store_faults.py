@@ -17,9 +17,9 @@ from typing import TypeVar
 import pytest
 
 from harness.redis_server import RedisServer
+from icegate_server.access.rate_limit import RateLimitPolicy, gcra_admit
 from icegate_server.errors import StoreUnavailableError
-from icegate_server.limits import RateLimitPolicy, gcra_admit
-from icegate_server.projects import ApiKey, Project
+from icegate_server.projects.records import ApiKey, Project
 from icegate_server.store import open_store
 from icegate_server.store.base import (
     PURGE_BATCH,
@@ -203,7 +203,7 @@ def test_a_clock_step_after_open_costs_one_refused_attempt_not_a_double_count(
 def test_more_concurrent_calls_than_connections_wait_for_one(redis_server) -> None:
     """A burst beyond the pool's connections queues (up to the timeout) instead of failing
     with redis-py's "Too many connections"."""
-    from icegate_server.projects import Project
+    from icegate_server.projects.records import Project
     from icegate_server.store.base import AdmitOutcome
     from icegate_server.store.redis import MAX_CONNECTIONS, RedisStore
 

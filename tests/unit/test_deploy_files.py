@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from icegate_server.cli import _parser as server_parser
-from icegate_server.config import ConfigError, Settings, env_name, load_settings
+from icegate_server.settings import ConfigError, Settings, env_name, load_settings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 SETTING_NAMES = {f.name for f in dataclasses.fields(Settings)}

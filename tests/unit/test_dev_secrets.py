@@ -7,9 +7,9 @@ import dataclasses
 import json
 import stat
 
-from icegate_server.config import Settings
 from icegate_server.dev_secrets import DEV_SECRETS_FILE, apply_dev_secrets, load_or_create
-from icegate_server.vault import load_master_keys
+from icegate_server.sessions.vault import load_master_keys
+from icegate_server.settings import Settings
 
 CONFIGURED_SECRET = "configured-turn-secret-0123"
 CONFIGURED_KEY = "igk_configured_key_0123456789"

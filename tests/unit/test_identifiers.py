@@ -14,7 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from icegate_server.config import (
+from icegate_server.errors import InvalidFieldError
+from icegate_server.projects.records import (
+    MAX_URL,
+    Project,
+    validate_key_id,
+    validate_project,
+    validate_project_id,
+)
+from icegate_server.sessions.provider_keys import validate_family
+from icegate_server.sessions.realtime import _check_session_id
+from icegate_server.settings import (
     REALM_PATTERN,
     STUN_URI_PATTERN,
     TURN_URI_PATTERN,
@@ -22,17 +32,7 @@ from icegate_server.config import (
     load_settings,
     parse_listen_address,
 )
-from icegate_server.errors import InvalidFieldError
-from icegate_server.projects import (
-    MAX_URL,
-    Project,
-    validate_key_id,
-    validate_project,
-    validate_project_id,
-)
-from icegate_server.provider_keys import validate_family
-from icegate_server.sessions import _check_session_id
-from icegate_server.turn import validate_user_id
+from icegate_server.turn.credentials import validate_user_id
 
 ROOT = Path(__file__).resolve().parents[2]
 CYRILLIC_A = "\u0430"  # looks like a Latin a

@@ -1,6 +1,6 @@
 """Each worker of `icegate-server --workers N` gets its own metrics port."""
 
-from icegate_server.config import Settings
+from icegate_server.settings import Settings
 from icegate_server.workers import worker_settings
 
 

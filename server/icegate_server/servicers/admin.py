@@ -9,11 +9,11 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from icegate.v1 import admin_pb2, admin_pb2_grpc
 from icegate_server.errors import InvalidFieldError
-from icegate_server.project_admin import ProjectAdmin
-from icegate_server.projects import ApiKey, Project
-from icegate_server.provider_keys import ProviderKeys
+from icegate_server.projects.admin import ProjectAdmin
+from icegate_server.projects.records import ApiKey, Project
+from icegate_server.sessions.provider_keys import ProviderKeys
 from icegate_server.store.base import ProviderKeyRecord
-from icegate_server.turn_secrets import RingEntry, TurnSecretRing
+from icegate_server.turn.secret_ring import RingEntry, TurnSecretRing
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

@@ -8,9 +8,9 @@ import grpc.aio
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from icegate.v1 import credentials_pb2, credentials_pb2_grpc
-from icegate_server.call_guard import current_call
-from icegate_server.ice_servers import build_ice_servers
-from icegate_server.turn import TurnCredential, TurnCredentialIssuer
+from icegate_server.access.guard import current_call
+from icegate_server.turn.credentials import TurnCredential, TurnCredentialIssuer
+from icegate_server.turn.ice_servers import build_ice_servers
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

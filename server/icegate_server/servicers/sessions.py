@@ -10,13 +10,13 @@ import grpc.aio
 from google.protobuf import timestamp_pb2
 
 from icegate.v1 import credentials_pb2, sessions_pb2, sessions_pb2_grpc
-from icegate_server.call_guard import current_call
+from icegate_server.access.guard import current_call
 from icegate_server.errors import InvalidFieldError
-from icegate_server.ice_servers import IceServer
-from icegate_server.projects import Project
-from icegate_server.providers import MintedToken, ProviderKind, SessionOptions
+from icegate_server.projects.records import Project
 from icegate_server.servicers.credentials import requested_ttl
-from icegate_server.sessions import RealtimeSessions
+from icegate_server.sessions.providers import MintedToken, ProviderKind, SessionOptions
+from icegate_server.sessions.realtime import RealtimeSessions
+from icegate_server.turn.ice_servers import IceServer
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

@@ -8,8 +8,8 @@ import grpc.aio
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from icegate.v1 import usage_pb2, usage_pb2_grpc
-from icegate_server.call_guard import current_call
-from icegate_server.usage import UsageReporter
+from icegate_server.access.guard import current_call
+from icegate_server.projects.usage import UsageReporter
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
-from icegate_server.projects import ApiKey, Project
+from icegate_server.projects.records import ApiKey, Project
 
 
 class AdmitOutcome(enum.Enum):
@@ -41,7 +41,7 @@ class Admission(NamedTuple):
     project: Project | None = None
     """The project acted on (set for ADMITTED and RATE_LIMITED)."""
     tat_ms: int | None = None
-    """The project's GCRA theoretical arrival time after this call (see `limits`)."""
+    """The project's GCRA theoretical arrival time after this call (see `access.rate_limit`)."""
 
 
 class SessionOutcome(enum.Enum):
@@ -55,7 +55,7 @@ class SessionOutcome(enum.Enum):
 
 @dataclass(frozen=True)
 class ProviderKeyRecord:
-    """A provider API key as stored: sealed (see `icegate_server.vault`), never in clear."""
+    """A provider API key as stored: sealed (see `sessions.vault`), never in clear."""
 
     project_id: str
     provider: str
@@ -77,7 +77,7 @@ class SessionAdmission:
 
 @dataclass(frozen=True)
 class TurnSecretRecord:
-    """A TURN shared secret of the rotating ring, sealed (see `icegate_server.turn_secrets`).
+    """A TURN shared secret of the rotating ring, sealed (see `icegate_server.turn.secret_ring`).
 
     `retire_at_ms` is 0 for the signing secret; a rotation sets it on the previous ones to
     the moment the last credential they could have signed expires.
@@ -170,7 +170,7 @@ class Store(Protocol):
             now_ms: The current time.
             count: Whether the call counts against the project's rate limit (the project's
                 own `rate_limit_requests` per `rate_limit_window_seconds`, GCRA as in
-                `icegate_server.limits`).
+                `icegate_server.access.rate_limit`).
 
         A key bound to project A naming project B gets FORBIDDEN and counts nothing. An admin
         key may name any project. RATE_LIMITED leaves the TAT unchanged.
@@ -181,7 +181,7 @@ class Store(Protocol):
         """The project's current GCRA TAT (None when it never called), for usage reports."""
         ...
 
-    # -- sessions: monthly quota and concurrency leases (see `icegate_server.sessions`) ------
+    # -- sessions: monthly quota and concurrency leases (see `sessions.realtime`) -----------------
 
     async def begin_session(self, *, project_id: str, session_id: str, month: str,
                             now_ms: int, pending_ms: int, quota: int, max_concurrent: int,

@@ -36,7 +36,7 @@ import zlib
 from collections.abc import Callable
 from typing import NamedTuple
 
-from icegate_server.limits import RateLimitPolicy, gcra_admit
+from icegate_server.access.rate_limit import RateLimitPolicy, gcra_admit
 
 Seed = Callable[[str], "int | None"]
 """Reads a project's position from the database (raises what the database raises)."""

@@ -82,7 +82,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from icegate_server.errors import StoreUnavailableError
-from icegate_server.projects import DEFAULT_PROJECT_ID, ApiKey, Project
+from icegate_server.projects.records import DEFAULT_PROJECT_ID, ApiKey, Project
 from icegate_server.store.base import (
     PURGE_BATCH,
     Admission,

@@ -53,9 +53,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
+from icegate_server.access.rate_limit import RateLimitPolicy
 from icegate_server.errors import StoreUnavailableError
-from icegate_server.limits import RateLimitPolicy
-from icegate_server.projects import DEFAULT_PROJECT_ID, ApiKey, Project
+from icegate_server.projects.records import DEFAULT_PROJECT_ID, ApiKey, Project
 from icegate_server.store.base import (
     PURGE_BATCH,
     Admission,

@@ -27,7 +27,7 @@ from fake_upstreams.hostile import (
 )
 from harness.icegate_server import TEST_ADMIN_KEY, RunningServer, server_settings
 from icegate_server.clock import FrozenClock
-from icegate_server.logs import QUIET_LIBRARY_LOGGERS
+from icegate_server.observability.logs import QUIET_LIBRARY_LOGGERS
 
 PROVIDER_KEY = "sk-test-HOSTILE-key-0123456789abcdef"
 PROJECT = "hostile"

@@ -13,7 +13,7 @@ from icegate_server.errors import (
     UpstreamAuthFailedError,
     UpstreamNotConfiguredError,
 )
-from icegate_server.providers import (
+from icegate_server.sessions.providers import (
     BASE_URL_ENV,
     ProviderKind,
     ProviderRuntime,

@@ -11,7 +11,7 @@ from fake_upstreams import CannedResponse, FakeUpstream, RecordedRequest
 from fake_upstreams.harness import API_KEY, AZURE_DEPLOYMENT, CASES_BY_KIND, ProviderCase, mint
 from fake_upstreams.orga import ICE_PATH, SECRETS_PATH
 from icegate_server.errors import UpstreamUnavailableError
-from icegate_server.providers import IceServer, ProviderKind, SessionOptions
+from icegate_server.sessions.providers import IceServer, ProviderKind, SessionOptions
 
 RICH = SessionOptions(
     model="gpt-realtime", voice="cedar", instructions="Be brief.", speed=1.25,

@@ -10,7 +10,7 @@ import pytest
 from fake_upstreams import FakeUpstream
 from fake_upstreams.harness import CASES_BY_KIND, ProviderCase, mint
 from icegate_server.errors import InvalidFieldError
-from icegate_server.providers import (
+from icegate_server.sessions.providers import (
     ProviderKind,
     ProviderRuntime,
     ProviderSettings,

@@ -1,0 +1,1 @@
+"""Who is calling: caller keys, client certificates, the per-call guard, rate limits."""

@@ -1,0 +1,1 @@
+"""Projects and their caller keys: the records, administration, usage reports."""

@@ -1,0 +1,1 @@
+"""Realtime sessions: quota and leases, provider keys and their vault, providers."""

@@ -1,0 +1,146 @@
+"""Gemini Live: `POST /v1alpha/auth_tokens` with `x-goog-api-key`; the token is the answer's name.
+
+The session setup is locked into the token (`bidiGenerateContentSetup`), so the browser cannot
+change model, voice or instructions with it.
+"""
+
+from __future__ import annotations
+
+from icegate_server.clock import utc_datetime
+from icegate_server.sessions.providers.base import (
+    ErrorDetail,
+    JsonObject,
+    MintedToken,
+    ProviderKind,
+    ProviderRuntime,
+    SessionOptions,
+    UpstreamHttp,
+    check_api_key,
+    check_choice,
+    check_instructions,
+    check_modalities,
+    check_model,
+    check_range,
+    reject_if_set,
+)
+from icegate_server.sessions.providers.upstream_text import UpstreamField
+
+DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
+DEFAULT_MODEL = "gemini-live-2.5-flash-preview"
+VOICES = frozenset({
+    "Achernar", "Achird", "Algenib", "Algieba", "Alnilam", "Aoede", "Autonoe", "Callirrhoe",
+    "Charon", "Despina", "Enceladus", "Erinome", "Fenrir", "Gacrux", "Iapetus", "Kore",
+    "Laomedeia", "Leda", "Orus", "Puck", "Pulcherrima", "Rasalgethi", "Sadachbia",
+    "Sadaltager", "Schedar", "Sulafat", "Umbriel", "Vindemiatrix", "Zephyr", "Zubenelgenubi",
+})
+TEMPERATURE_RANGE = (0.0, 2.0)
+# expireTime must be less than 20 hours away.
+TOKEN_TTL_RANGE = (10, 20 * 3600 - 1)
+DEFAULT_TOKEN_TTL_SECONDS = 30 * 60
+# How long the token may be used to *open* a session (Google's default).
+NEW_SESSION_WINDOW_SECONDS = 60
+MODALITIES = (frozenset({"audio"}), frozenset({"text"}))
+REQUEST_ID_HEADERS = ("x-request-id", "x-goog-request-id")
+
+
+def parse_google_error(body: object) -> ErrorDetail:
+    """Reads `{"error": {"code", "message", "status", "details"}}`.
+
+    Google answers a bad key with 400 INVALID_ARGUMENT and reason API_KEY_INVALID, which is
+    an auth failure for us, not a bad request.
+    """
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return ErrorDetail()
+    message, status = error.get("message"), error.get("status")
+    details = error.get("details")
+    reasons = {
+        detail.get("reason") for detail in details if isinstance(detail, dict)
+    } if isinstance(details, list) else set()
+    return ErrorDetail(
+        message=message if isinstance(message, str) else "",
+        code=status if isinstance(status, str) else "",
+        auth_failure="API_KEY_INVALID" in reasons,
+    )
+
+
+def _rfc3339(unix_seconds: float) -> str:
+    return utc_datetime(unix_seconds).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class GeminiProvider:
+    """Gemini Live ephemeral auth tokens (one use, setup locked in)."""
+
+    kind = ProviderKind.GEMINI
+
+    def __init__(self, runtime: ProviderRuntime, base_url: str = DEFAULT_BASE_URL) -> None:
+        """Builds the adapter.
+
+        Args:
+            runtime: The shared HTTP client, clock, sleep and random source.
+            base_url: Scheme and host (no path).
+        """
+        self._url = base_url.rstrip("/") + "/v1alpha/auth_tokens"
+        self._clock = runtime.clock
+        self._http = UpstreamHttp(
+            runtime, self.kind, request_id_headers=REQUEST_ID_HEADERS,
+            parse_error=parse_google_error,
+        )
+
+    def validate(self, options: SessionOptions) -> None:
+        """See `Provider.validate`."""
+        check_model(options.model)
+        check_choice("voice", options.voice, VOICES)
+        check_instructions(options.instructions)
+        check_range("temperature", options.temperature, *TEMPERATURE_RANGE)
+        reject_if_set("speed", options.speed, self.kind)
+        check_range("token_ttl", options.token_ttl_seconds, *TOKEN_TTL_RANGE)
+        check_modalities(options.modalities, MODALITIES)
+        reject_if_set("email", options.email, self.kind)
+
+    async def mint(
+        self, api_key: str, options: SessionOptions, *, timeout: float | None
+    ) -> MintedToken:
+        """See `Provider.mint`; `expires_at` is the expireTime icegate asked for."""
+        self.validate(options)
+        check_api_key(api_key, self.kind)
+        model = options.model or DEFAULT_MODEL
+        ttl = options.token_ttl_seconds or DEFAULT_TOKEN_TTL_SECONDS
+        now = self._clock.now()
+        body: JsonObject = {
+            "uses": 1,
+            "expireTime": _rfc3339(now + ttl),
+            "newSessionExpireTime": _rfc3339(now + min(ttl, NEW_SESSION_WINDOW_SECONDS)),
+            "bidiGenerateContentSetup": _setup(options, model),
+        }
+        answer = await self._http.call(
+            "POST", self._url, headers={"x-goog-api-key": api_key}, json_body=body,
+            deadline=self._http.deadline(timeout), secrets=(api_key,),
+        )
+        return MintedToken(
+            value=answer.require_text(UpstreamField.TOKEN, "name"),
+            expires_at=now + ttl,
+            upstream_session_id="",
+            model=model,
+            voice=options.voice,
+            upstream_request_id=answer.request_id,
+        )
+
+
+def _setup(options: SessionOptions, model: str) -> JsonObject:
+    """The `bidiGenerateContentSetup` locked into the token."""
+    setup: JsonObject = {"model": model if model.startswith("models/") else f"models/{model}"}
+    generation: JsonObject = {}
+    if options.modalities:
+        generation["responseModalities"] = [m.upper() for m in options.modalities]
+    if options.temperature is not None:
+        generation["temperature"] = options.temperature
+    if options.voice:
+        generation["speechConfig"] = {
+            "voiceConfig": {"prebuiltVoiceConfig": {"voiceName": options.voice}}
+        }
+    if generation:
+        setup["generationConfig"] = generation
+    if options.instructions:
+        setup["systemInstruction"] = {"parts": [{"text": options.instructions}]}
+    return setup

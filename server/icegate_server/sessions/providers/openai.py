@@ -1,0 +1,227 @@
+"""OpenAI Realtime: GA `/v1/realtime/client_secrets` and beta `/v1/realtime/sessions`.
+
+The request and answer shapes live here as functions because Azure OpenAI speaks the same
+two dialects with another URL and auth header.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from icegate_server.sessions.providers.base import (
+    JsonObject,
+    MintedToken,
+    ProviderKind,
+    ProviderRuntime,
+    SessionOptions,
+    UpstreamAnswer,
+    UpstreamHttp,
+    check_api_key,
+    check_choice,
+    check_instructions,
+    check_modalities,
+    check_model,
+    check_range,
+    reject_if_set,
+)
+from icegate_server.sessions.providers.upstream_text import UpstreamField
+
+DEFAULT_BASE_URL = "https://api.openai.com"
+DEFAULT_GA_MODEL = "gpt-realtime"
+DEFAULT_BETA_MODEL = "gpt-4o-realtime-preview"
+
+VOICES = frozenset(
+    {"alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar"}
+)
+SPEED_RANGE = (0.25, 1.5)
+TOKEN_TTL_RANGE = (10, 7200)
+DEFAULT_TOKEN_TTL_SECONDS = 600
+# The beta session docs give 0.6..1.2 for realtime audio models; wider values are refused there.
+BETA_TEMPERATURE_RANGE = (0.6, 1.2)
+GA_MODALITIES = (frozenset({"audio"}), frozenset({"text"}))
+BETA_MODALITIES = (frozenset({"text"}), frozenset({"audio", "text"}))
+
+
+# --- GA: client_secrets (also Azure GA) -------------------------------------------------------
+
+
+def validate_client_secrets_options(
+    options: SessionOptions, provider: ProviderKind, *, model_required: bool
+) -> None:
+    """Checks options for a GA `client_secrets` request."""
+    check_model(options.model, required=model_required)
+    check_choice("voice", options.voice, VOICES)
+    check_instructions(options.instructions)
+    # The GA session object has no temperature any more.
+    reject_if_set("temperature", options.temperature, provider)
+    check_range("speed", options.speed, *SPEED_RANGE)
+    check_range("token_ttl", options.token_ttl_seconds, *TOKEN_TTL_RANGE)
+    check_modalities(options.modalities, GA_MODALITIES)
+    reject_if_set("email", options.email, provider)
+
+
+def client_secrets_body(options: SessionOptions, model: str) -> JsonObject:
+    """The GA request body: an expiry and a `realtime` session."""
+    session: JsonObject = {"type": "realtime", "model": model}
+    if options.instructions:
+        session["instructions"] = options.instructions
+    if options.modalities:
+        session["output_modalities"] = list(options.modalities)
+    output: JsonObject = {}
+    if options.voice:
+        output["voice"] = options.voice
+    if options.speed is not None:
+        output["speed"] = options.speed
+    if output:
+        session["audio"] = {"output": output}
+    seconds = options.token_ttl_seconds or DEFAULT_TOKEN_TTL_SECONDS
+    return {"expires_after": {"anchor": "created_at", "seconds": seconds}, "session": session}
+
+
+def parse_client_secret(answer: UpstreamAnswer, options: SessionOptions, model: str) -> MintedToken:
+    """Reads `{"value", "expires_at", "session": {...}}`."""
+    return MintedToken(
+        value=answer.require_text(UpstreamField.TOKEN, "value"),
+        expires_at=answer.require_unix_time("expires_at"),
+        upstream_session_id=answer.text(UpstreamField.SESSION_ID, "session", "id"),
+        model=answer.text(UpstreamField.MODEL, "session", "model", default=model),
+        voice=answer.text(UpstreamField.VOICE, "session", "audio", "output", "voice",
+                          default=options.voice),
+        upstream_request_id=answer.request_id,
+    )
+
+
+# --- beta: sessions (also Azure legacy) -------------------------------------------------------
+
+
+def validate_sessions_options(
+    options: SessionOptions, provider: ProviderKind, *, model_required: bool
+) -> None:
+    """Checks options for a beta `sessions` request."""
+    check_model(options.model, required=model_required)
+    check_choice("voice", options.voice, VOICES)
+    check_instructions(options.instructions)
+    check_range("temperature", options.temperature, *BETA_TEMPERATURE_RANGE)
+    check_range("speed", options.speed, *SPEED_RANGE)
+    # The beta token lives about a minute and the documented body has no way to change it.
+    reject_if_set("token_ttl", options.token_ttl_seconds, provider)
+    check_modalities(options.modalities, BETA_MODALITIES)
+    reject_if_set("email", options.email, provider)
+
+
+def sessions_body(options: SessionOptions, model: str) -> JsonObject:
+    """The beta request body: flat session fields."""
+    body: dict[str, Any] = {"model": model}
+    if options.voice:
+        body["voice"] = options.voice
+    if options.instructions:
+        body["instructions"] = options.instructions
+    if options.modalities:
+        body["modalities"] = sorted(options.modalities)
+    if options.temperature is not None:
+        body["temperature"] = options.temperature
+    if options.speed is not None:
+        body["speed"] = options.speed
+    return body
+
+
+def parse_session(answer: UpstreamAnswer, options: SessionOptions, model: str) -> MintedToken:
+    """Reads `{"id", "model", "voice", "client_secret": {"value", "expires_at"}}`."""
+    return MintedToken(
+        value=answer.require_text(UpstreamField.TOKEN, "client_secret", "value"),
+        expires_at=answer.require_unix_time("client_secret", "expires_at"),
+        upstream_session_id=answer.text(UpstreamField.SESSION_ID, "id"),
+        model=answer.text(UpstreamField.MODEL, "model", default=model),
+        voice=answer.text(UpstreamField.VOICE, "voice", default=options.voice),
+        upstream_request_id=answer.request_id,
+    )
+
+
+# --- the adapters -----------------------------------------------------------------------------
+
+
+class _OpenAIBase:
+    """What the GA and beta adapters share: URL, auth headers, error dialect."""
+
+    kind: ProviderKind
+    _path: str
+    _default_model: str
+
+    def __init__(
+        self,
+        runtime: ProviderRuntime,
+        base_url: str = DEFAULT_BASE_URL,
+        *,
+        organization: str = "",
+        project: str = "",
+    ) -> None:
+        """Builds the adapter.
+
+        Args:
+            runtime: The shared HTTP client, clock, sleep and random source.
+            base_url: Scheme and host (no path), e.g. https://api.openai.com.
+            organization: Optional `OpenAI-Organization` header value.
+            project: Optional `OpenAI-Project` header value.
+        """
+        self._url = base_url.rstrip("/") + self._path
+        self._http = UpstreamHttp(runtime, self.kind)
+        self._extra_headers = {
+            name: value
+            for name, value in (("OpenAI-Organization", organization),
+                                ("OpenAI-Project", project))
+            if value
+        }
+
+    async def _post(
+        self, api_key: str, body: JsonObject, *, timeout: float | None,
+        headers: Mapping[str, str] | None = None,
+    ) -> UpstreamAnswer:
+        """POSTs `body` with the bearer key, the optional OpenAI headers and `headers`."""
+        check_api_key(api_key, self.kind)
+        auth = {"Authorization": f"Bearer {api_key}", **self._extra_headers}
+        return await self._http.call(
+            "POST", self._url, headers={**auth, **(headers or {})}, json_body=body,
+            deadline=self._http.deadline(timeout), secrets=(api_key,),
+        )
+
+
+class OpenAIProvider(_OpenAIBase):
+    """OpenAI Realtime GA: `POST /v1/realtime/client_secrets`."""
+
+    kind = ProviderKind.OPENAI
+    _path = "/v1/realtime/client_secrets"
+
+    def validate(self, options: SessionOptions) -> None:
+        """See `Provider.validate`."""
+        validate_client_secrets_options(options, self.kind, model_required=False)
+
+    async def mint(
+        self, api_key: str, options: SessionOptions, *, timeout: float | None
+    ) -> MintedToken:
+        """See `Provider.mint`."""
+        self.validate(options)
+        model = options.model or DEFAULT_GA_MODEL
+        answer = await self._post(api_key, client_secrets_body(options, model), timeout=timeout)
+        return parse_client_secret(answer, options, model)
+
+
+class OpenAIBetaProvider(_OpenAIBase):
+    """OpenAI Realtime beta: `POST /v1/realtime/sessions` (token lives about a minute)."""
+
+    kind = ProviderKind.OPENAI_BETA
+    _path = "/v1/realtime/sessions"
+
+    def validate(self, options: SessionOptions) -> None:
+        """See `Provider.validate`."""
+        validate_sessions_options(options, self.kind, model_required=False)
+
+    async def mint(
+        self, api_key: str, options: SessionOptions, *, timeout: float | None
+    ) -> MintedToken:
+        """See `Provider.mint`."""
+        self.validate(options)
+        model = options.model or DEFAULT_BETA_MODEL
+        answer = await self._post(api_key, sessions_body(options, model), timeout=timeout,
+                                  headers={"OpenAI-Beta": "realtime=v1"})
+        return parse_session(answer, options, model)

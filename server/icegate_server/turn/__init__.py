@@ -1,0 +1,1 @@
+"""TURN: credentials, the rotating secret ring, coturn's userdb and config."""
