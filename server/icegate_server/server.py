@@ -65,7 +65,7 @@ from icegate_server.turn.coturn_userdb import (
     CoturnSqliteSecrets,
 )
 from icegate_server.turn.credentials import TurnCredentialIssuer, TurnSecretKeyring
-from icegate_server.turn.secret_ring import TurnSecretRing
+from icegate_server.turn.rotation import TurnSecretRotation
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class IcegateServer:
     store: Store
     settings: Settings
     http: httpx.AsyncClient
-    turn_secrets: TurnSecretRing
+    turn_secrets: TurnSecretRotation
     metrics: IcegateMetrics = field(default_factory=IcegateMetrics)
     metrics_endpoint: MetricsEndpoint | None = None
     """The Prometheus endpoint (`ICEGATE_METRICS_LISTEN`), None when off."""
@@ -182,7 +182,7 @@ async def create_server(
                                       on_issue=metrics.turn_credential_issued)
         admin = ProjectAdmin(store, clock, project_defaults(settings))
         await admin.ensure_default_project()
-        turn_secrets = TurnSecretRing(
+        turn_secrets = TurnSecretRotation(
             store, vault, clock, issuer, static_secrets=settings.turn_secrets,
             max_ttl_seconds=settings.turn_ttl_max, sinks=coturn_sinks(settings),
             rotate_every_seconds=settings.turn_rotate_interval)

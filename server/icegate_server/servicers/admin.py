@@ -13,7 +13,7 @@ from icegate_server.projects.admin import ProjectAdmin
 from icegate_server.projects.records import ApiKey, Project
 from icegate_server.sessions.provider_keys import ProviderKeys
 from icegate_server.store.base import ProviderKeyRecord
-from icegate_server.turn.secret_ring import RingEntry, TurnSecretRing
+from icegate_server.turn.rotation import RingEntry, TurnSecretRotation
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -112,7 +112,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     """Projects, caller keys and provider keys, for admin keys only (the call guard checks)."""
 
     def __init__(self, admin: ProjectAdmin, provider_keys: ProviderKeys,
-                 turn_secrets: TurnSecretRing) -> None:
+                 turn_secrets: TurnSecretRotation) -> None:
         self._admin = admin
         self._provider_keys = provider_keys
         self._turn_secrets = turn_secrets

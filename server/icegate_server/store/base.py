@@ -77,7 +77,7 @@ class SessionAdmission:
 
 @dataclass(frozen=True)
 class TurnSecretRecord:
-    """A TURN shared secret of the rotating ring, sealed (see `icegate_server.turn.secret_ring`).
+    """A TURN shared secret of the rotating ring, sealed (see `icegate_server.turn.rotation`).
 
     `retire_at_ms` is 0 for the signing secret; a rotation sets it on the previous ones to
     the moment the last credential they could have signed expires.

@@ -62,7 +62,7 @@ class RingEntry:
     """"ring" (rotated in through icegate) or "settings" (ICEGATE_TURN_SECRETS)."""
 
 
-class TurnSecretRing:
+class TurnSecretRotation:
     """Keeps the issuer's keyring and coturn's secrets in step with the store's ring."""
 
     def __init__(self, store: Store, vault: Vault, clock: Clock, issuer: TurnCredentialIssuer,
