@@ -92,6 +92,8 @@ class IcegateServer:
     metrics_endpoint: MetricsEndpoint | None = None
     """The Prometheus endpoint (`ICEGATE_METRICS_LISTEN`), None when off."""
     lease_gauge: ActiveLeaseGauge | None = None
+    sessions: RealtimeSessions | None = None
+    """Realtime sessions, whose give-backs in flight are finished or stopped at `stop`."""
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -122,6 +124,8 @@ class IcegateServer:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self.metrics_endpoint is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.metrics_endpoint.stop)
+        if self.sessions is not None:
+            await self.sessions.close()
         await self.http.aclose()
         await self.store.close()
 
@@ -255,7 +259,7 @@ async def create_server(
         await store.close()
         raise
     return IcegateServer(server, health_servicer, store, settings, http, turn_secrets, metrics,
-                         endpoint, lease_gauge), port
+                         endpoint, lease_gauge, sessions=sessions), port
 
 
 def _freeze_startup_objects() -> None:

@@ -13,11 +13,10 @@ callers received, and the live slots equal the sessions received and not ended, 
 pending life has passed (here `min(deadline, 0.5 s + 1 s)` + 2 s = 3.5 s); every failed call
 got a typed error within its deadline; ended, the slots and the units all come back.
 
-Two rounds: Redis back within the give-back's retry (0.2 s down), which passes, and Redis
-down past it (1.5 s), which does not: a confirmation whose reply is lost keeps its unit and
-its slot for the whole lease (1 to 4 per run here, 6 of 6 runs). docs/RELIABILITY.md names
-this residual; issue 15 part 1 asks for nothing kept. That round is a strict xfail, so it
-turns red the day the gap is closed.
+Two rounds: Redis back within the give-back's first retry (0.2 s down), and Redis down past
+it (1.5 s). The second kept a confirmed session's unit and slot for the whole lease (1 to 4
+per run, 6 of 6 runs) while the give-back tried only twice in 0.5 s; it now retries, backing
+off, until the store answers.
 """
 
 from __future__ import annotations
@@ -168,10 +167,7 @@ def usage(client: icegate.Client) -> tuple[int, int]:
 
 @pytest.mark.parametrize("down_for", [
     pytest.param(0.2, id="back-within-the-give-back-retry"),
-    pytest.param(1.5, id="down-past-the-give-back-retry", marks=pytest.mark.xfail(
-        strict=True, reason="a confirmation whose reply is lost while Redis stays down past "
-        "the give-back's retry (0.5 s) keeps its unit and its slot for the whole lease: the "
-        "residual docs/RELIABILITY.md names, against issue 15 part 1 (2-3 kept per run)")),
+    pytest.param(1.5, id="down-past-the-give-back-retry"),
 ])
 def test_redis_killed_mid_burst_keeps_nothing_for_the_failed_calls(
         stack: Stack, redis_server: RedisServer, down_for: float) -> None:

@@ -53,9 +53,11 @@ own store call (SQLite waits up to 1 s for a lock) and for a busy event loop."""
 ANSWER_MARGIN_SECONDS = 0.02
 """A session confirmed with less than this left before the caller's deadline is given back:
 its answer would reach the caller after the caller stopped waiting (a round trip at most)."""
-GIVE_BACK_DELAYS = (0.0, 0.5)
-"""Seconds before each attempt to give a session back; past the last, its pending life frees
-the slot."""
+GIVE_BACK_FIRST_RETRY_SECONDS = 0.5
+GIVE_BACK_MAX_RETRY_SECONDS = 5.0
+"""A give-back the store did not answer is tried again after 0.5 s, doubling up to 5 s, for as
+long as what it gives back can still be held: a confirmed session (its reply lost) keeps its
+unit and slot until a cancel reaches the store, however long the store is down."""
 GIVE_BACK_WAIT_SECONDS = 1.0
 """How long a failing call waits for its give-back before answering (the rest goes on in
 the background)."""
@@ -198,6 +200,15 @@ class RealtimeSessions:
         task.add_done_callback(self._giving_back.discard)
         await asyncio.wait({task}, timeout=GIVE_BACK_WAIT_SECONDS)
 
+    async def close(self) -> None:
+        """Lets give-backs in flight finish (up to `GIVE_BACK_WAIT_SECONDS`), then stops the
+        rest: what they held frees itself when its lease or pending life ends."""
+        if self._giving_back:
+            await asyncio.wait(set(self._giving_back), timeout=GIVE_BACK_WAIT_SECONDS)
+        for task in list(self._giving_back):
+            task.cancel()
+        await asyncio.gather(*self._giving_back, return_exceptions=True)
+
     async def _cancel_when_settled(self, project_id: str, session_id: str, month: str,
                                    step: asyncio.Future[object] | asyncio.Future[bool] |
                                    asyncio.Future[SessionAdmission] | None) -> None:
@@ -205,16 +216,23 @@ class RealtimeSessions:
             # Settled, its outcome is fixed: SQLite committed or rolled back; a Redis script
             # answered, or timed out and can no longer start (the fence in store/redis.py).
             await asyncio.wait({step})
-        for delay in GIVE_BACK_DELAYS:
-            await asyncio.sleep(delay)
+        # Past the lease's life a confirmed session's lease is gone from the store, and with
+        # it what a cancel could find; until then, keep trying.
+        loop = asyncio.get_running_loop()  # the clock asyncio.sleep keeps
+        give_up_at = loop.time() + self._lease_ms / 1000
+        delay = GIVE_BACK_FIRST_RETRY_SECONDS
+        while True:
             try:
                 await self._store.cancel_session(project_id=project_id, session_id=session_id,
                                                  month=month)
                 return
             except StoreUnavailableError:
-                continue
-        logger.warning("session %s of project %s not given back (store unavailable); its "
-                       "pending lease frees itself", Safe(session_id), Safe(project_id))
+                if loop.time() + delay > give_up_at:
+                    break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, GIVE_BACK_MAX_RETRY_SECONDS)
+        logger.warning("session %s of project %s not given back (store unavailable for the "
+                       "lease's whole life)", Safe(session_id), Safe(project_id))
 
     async def mint(self, project: Project, kind: ProviderKind, options: SessionOptions, *,
                    timeout: float | None) -> MintedToken:
