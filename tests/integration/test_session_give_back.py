@@ -212,10 +212,14 @@ def test_an_upstream_refusing_after_the_lease_time_keeps_nothing(
 
 # -- the server is killed in the middle of a burst ------------------------------------------------
 
-def test_sigkill_mid_burst_gives_back_the_in_flight_slots(tmp_path: Path,
-                                                          openai: FakeUpstream) -> None:
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_sigkill_mid_burst_gives_back_the_in_flight_slots(
+        tmp_path: Path, openai: FakeUpstream, store: str,
+        request: pytest.FixtureRequest) -> None:
+    stored = {} if store == "sqlite" else {
+        "store": request.getfixturevalue("redis_server").url}
     server = ServerProcess(tmp_path / "server", openai_base_url=openai.base_url,
-                           session_lease_seconds="600")
+                           session_lease_seconds="600", **stored)
     with server, admin_client(server.target, max_concurrent_sessions=4) as admin:
         received = [admin.create_session("openai") for _ in range(2)]
         # The provider holds the next two requests; the other calls of the burst are refused
