@@ -431,14 +431,21 @@ def read_setting(name: str, raw: Any, source: str | None = None) -> Any:
     try:
         value = spec.parse(raw)
     except ValueError as error:
-        raise ConfigError(f"invalid setting {source or env_name(name)}: {error}") from None
+        raise ConfigError(f"invalid setting {source or env_name(name)}: {_one_line(error)}"
+                          ) from None
     try:
         if spec.check is not None:
             spec.check(value)
         _check_text(value)
     except ValueError as error:
-        raise ConfigError(f"invalid setting {env_name(name)}: {error}") from None
+        raise ConfigError(f"invalid setting {env_name(name)}: {_one_line(error)}") from None
     return value
+
+
+def _one_line(error: ValueError) -> str:
+    # A problem may quote the value: its line breaks and NULs are shown escaped.
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode()
+                   for char in str(error))
 
 
 def load_settings(
