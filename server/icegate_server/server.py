@@ -142,10 +142,12 @@ def project_defaults(settings: Settings) -> ProjectDefaults:
 
 def provider_settings(settings: Settings) -> ProviderSettings:
     """Where each upstream provider lives; empty settings keep the providers' defaults."""
-    given = {name: getattr(settings, name) for name in
-             ("openai_base_url", "azure_base_url", "orga_base_url", "gemini_base_url")
-             if getattr(settings, name)}
-    return ProviderSettings(**given)
+    defaults = ProviderSettings()
+    return ProviderSettings(
+        openai_base_url=settings.openai_base_url or defaults.openai_base_url,
+        azure_base_url=settings.azure_base_url or defaults.azure_base_url,
+        orga_base_url=settings.orga_base_url or defaults.orga_base_url,
+        gemini_base_url=settings.gemini_base_url or defaults.gemini_base_url)
 
 
 def coturn_sinks(settings: Settings) -> list[CoturnSecretSink]:

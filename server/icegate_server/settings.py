@@ -1,29 +1,37 @@
 """Settings: flags, then `ICEGATE_*` environment variables, then an optional TOML file.
 
-Every setting is declared once in `SETTINGS`, which gives its flag, its variable, its TOML key,
-its parser and its default. Loading validates everything before anything starts; a bad value
-raises `ConfigError` with one line that names the setting and never shows a secret's value.
+Every setting is declared once, as a field of `Settings`: its name (which gives its flag, its
+variable and its TOML key), its type (which picks its parser), its default, and a `Setting`
+record with its help, whether it is secret and its check. Loading validates everything before
+anything starts; a bad value raises `ConfigError` with one line that names the setting and
+never shows a secret's value.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import re
 import sys
+import typing
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import httpx
 
 from icegate_server.access.tls import ADMIN_IDENTITY, check_tls_files, parse_client_projects
-from icegate_server.projects.records import PROJECT_ID_PATTERN, URL_PATTERN
+from icegate_server.projects.records import MAX_URL, PROJECT_ID_PATTERN, URL_PATTERN
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -31,67 +39,37 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Everything the server reads at start. Field names are the TOML keys."""
+class Setting:
+    """What a setting is besides its name, type and default: the `Settings` field's metadata.
 
-    listen: str = "127.0.0.1:50051"
-    data_dir: Path = Path(".icegate")
-    store: str = ""
-    turn_secrets: tuple[str, ...] = ()
-    # Defaults match `make coturn`: a coturn on this machine's port 3478.
-    turn_uris: tuple[str, ...] = ("turn:127.0.0.1:3478?transport=udp",
-                                  "turn:127.0.0.1:3478?transport=tcp")
-    stun_uris: tuple[str, ...] = ("stun:127.0.0.1:3478",)
-    turn_realm: str = "icegate.local"
-    turn_ttl_default: int = 3600
-    turn_ttl_min: int = 60
-    turn_ttl_max: int = 86400
-    api_keys: tuple[str, ...] = field(default=(), repr=False)
-    dev_secrets: bool = True
-    store_timeout: float = 0.1
-    rate_limit_fail_open: bool = False
-    master_key: str = field(default="", repr=False)
-    master_key_file: str = ""
-    session_lease_seconds: int = 3600
-    upstream_connect_timeout: float = 5.0
-    upstream_read_timeout: float = 30.0
-    coturn_redis: str = field(default="", repr=False)
-    coturn_sqlite: str = ""
-    turn_rotate_interval: int = 0
-    openai_base_url: str = ""
-    azure_base_url: str = ""
-    orga_base_url: str = ""
-    gemini_base_url: str = ""
-    shutdown_grace: float = 10.0
-    log_level: str = "INFO"
-    log_format: str = "json"
-    metrics_listen: str = ""
-    workers: int = 1
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_client_ca: str = ""
-    tls_client_projects: tuple[tuple[str, str], ...] = ()
+    Attributes:
+        help: The `--help` line.
+        check: Raises ValueError (the problem, never the value) for a value the setting
+            refuses on its own; what depends on other settings is in `_check_together`.
+        parse: Turns a flag, environment or TOML value into the field's type; None: the
+            parser of the field's type.
+        secret: Shown by size only wherever settings are shown or logged.
+    """
 
-    def __repr__(self) -> str:
-        # Settings are printed in logs and tracebacks: secrets show as counts only.
-        shown = []
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in SECRET_SETTINGS:
-                value = f"<{len(value)} hidden>"
-            shown.append(f"{f.name}={value!r}")
-        return f"Settings({', '.join(shown)})"
-
-    @property
-    def store_url(self) -> str:
-        """The store URL in force: the setting, or a SQLite file under the data directory."""
-        return self.store or f"sqlite:///{self.data_dir / 'icegate.sqlite3'}"
+    help: str
+    check: Callable[[Any], object] | None = None
+    parse: Callable[[Any], Any] | None = None
+    secret: bool = False
 
 
-SECRET_SETTINGS = frozenset({"turn_secrets", "api_keys", "master_key", "store", "coturn_redis"})
-"""Settings shown by size only: secrets, and URLs that may carry a password."""
+def setting(default: T, help: str, *, check: Callable[[Any], object] | None = None,
+            parse: Callable[[Any], Any] | None = None, secret: bool = False) -> T:
+    """Declares a `Settings` field: its default and its `Setting` record."""
+    declared: T = dataclasses.field(default=default,
+                                    metadata={"setting": Setting(help, check, parse, secret)})
+    return declared
+
+
+DEFAULT_DATA_DIR = Path(".icegate")
 STORE_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://")
 MAX_WORKERS = 64
+MAX_SETTING_TEXT = 4096
+"""The longest text any setting (or any item of a list setting) may hold."""
 
 # Settings with a shape are matched whole (`fullmatch`): a prefix check or `$` would let a
 # trailing newline, a NUL or a space through into URIs handed to browsers or coturn's config.
@@ -105,10 +83,10 @@ STUN_URI_PATTERN = re.compile(rf"stuns?:{_HOST}(?::[0-9]{{1,5}})?")
 """A STUN URI as RFC 7064 spells it: `stun[s]:host[:port]`."""
 REALM_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 """A coturn realm: a domain-like name, 1-255 characters."""
-MAX_URL = 2048
 COTURN_REDIS_PATTERN = re.compile(r"(?:rediss?|unix)://[\x21-\x7e]+")
 
 
+# -- Parsers, picked by a field's type -----------------------------------------------------
 # TOML hands the parsers typed values (lists, tables, dates...): a wrong type must become
 # a ValueError, which `load_settings` reports as one line, never a TypeError traceback.
 
@@ -157,84 +135,266 @@ def _parse_str(raw: str) -> str:
     return raw.strip()
 
 
-_PARSERS: dict[str, Callable[[Any], Any]] = {
-    "listen": _parse_str,
-    "data_dir": lambda raw: Path(_parse_str(raw)),
-    "store": _parse_str,
-    "turn_secrets": _parse_list,
-    "turn_uris": _parse_list,
-    "stun_uris": _parse_list,
-    "turn_realm": _parse_str,
-    "turn_ttl_default": _parse_int,
-    "turn_ttl_min": _parse_int,
-    "turn_ttl_max": _parse_int,
-    "api_keys": _parse_list,
-    "dev_secrets": _parse_bool,
-    "store_timeout": _parse_float,
-    "rate_limit_fail_open": _parse_bool,
-    "master_key": _parse_str,
-    "master_key_file": _parse_str,
-    "session_lease_seconds": _parse_int,
-    "upstream_connect_timeout": _parse_float,
-    "upstream_read_timeout": _parse_float,
-    "coturn_redis": _parse_str,
-    "coturn_sqlite": _parse_str,
-    "turn_rotate_interval": _parse_int,
-    "openai_base_url": _parse_str,
-    "azure_base_url": _parse_str,
-    "orga_base_url": _parse_str,
-    "gemini_base_url": _parse_str,
-    "shutdown_grace": _parse_float,
-    "log_level": lambda raw: _parse_str(raw).upper(),
-    "log_format": lambda raw: _parse_str(raw).lower(),
-    "metrics_listen": _parse_str,
-    "workers": _parse_int,
-    "tls_cert": _parse_str,
-    "tls_key": _parse_str,
-    "tls_client_ca": _parse_str,
-    "tls_client_projects": parse_client_projects,
+def _parse_path(raw: str) -> Path:
+    return Path(_parse_str(raw))
+
+
+def _parse_upper(raw: str) -> str:
+    return _parse_str(raw).upper()
+
+
+def _parse_lower(raw: str) -> str:
+    return _parse_str(raw).lower()
+
+
+_PARSE_BY_TYPE: dict[object, Callable[[Any], Any]] = {
+    str: _parse_str, int: _parse_int, float: _parse_float, bool: _parse_bool, Path: _parse_path,
+    tuple[str, ...]: _parse_list,
 }
 
-_HELP: dict[str, str] = {
-    "listen": "host:port to listen on (default 127.0.0.1:50051)",
-    "data_dir": "directory for the SQLite store and generated dev secrets (default .icegate)",
-    "store": "sqlite:///path (default under --data-dir) or redis://host:port/db",
-    "turn_secrets": "comma-separated TURN shared secrets; the first signs, all stay valid",
-    "turn_uris": "comma-separated turn:/turns: URIs handed to browsers",
-    "stun_uris": "comma-separated stun: URIs handed to browsers",
-    "turn_realm": "the coturn realm (default icegate.local)",
-    "turn_ttl_default": "TURN credential lifetime when a caller names none, seconds (3600)",
-    "turn_ttl_min": "shortest TURN credential lifetime a caller may ask for, seconds (60)",
-    "turn_ttl_max": "longest TURN credential lifetime a caller may ask for, seconds (86400)",
-    "api_keys": "comma-separated static caller keys with full (admin) access",
-    "dev_secrets": "generate and keep dev secrets when none are configured (default true)",
-    "store_timeout": "seconds a Redis store call may take before the call fails UNAVAILABLE (0.1)",
-    "rate_limit_fail_open": "admit known callers uncounted while the store is unreachable (false)",
-    "master_key": "base64 of 32 bytes sealing provider keys; comma-separated, first seals",
-    "master_key_file": "a file holding the master key(s), instead of ICEGATE_MASTER_KEY",
-    "session_lease_seconds": "a session not kept alive this long frees its slot (3600)",
-    "upstream_connect_timeout": "seconds to connect to a provider (5)",
-    "upstream_read_timeout": "seconds to wait for a provider's answer (30)",
-    "coturn_redis": "redis:// URL of coturn's redis-userdb; icegate keeps the realm's secrets",
-    "coturn_sqlite": "path of coturn's SQLite userdb: icegate keeps the realm's secrets there",
-    "turn_rotate_interval": "rotate the TURN secret automatically every this many seconds (0: off)",
-    "openai_base_url": "OpenAI API base URL (https://api.openai.com)",
-    "azure_base_url": "Azure OpenAI resource URL, https://<resource>.openai.azure.com",
-    "orga_base_url": "Orga AI API base URL (https://api.orga-ai.com)",
-    "gemini_base_url": "Gemini API base URL (https://generativelanguage.googleapis.com)",
-    "shutdown_grace": "seconds in-flight calls get to finish on SIGTERM (default 10)",
-    "log_level": "DEBUG, INFO, WARNING or ERROR (default INFO)",
-    "log_format": "json (one sanitised JSON object per line, the default) or text",
-    "metrics_listen": "host:port serving Prometheus metrics at /metrics (default empty: off)",
-    "workers": "server processes sharing the port with SO_REUSEPORT (default 1)",
-    "tls_cert": "PEM certificate chain to serve TLS with (with --tls-key); no TLS when unset",
-    "tls_key": "PEM private key of --tls-cert (unencrypted; keep it mode 0600)",
-    "tls_client_ca": "PEM CA bundle: require client certificates it signed (mutual TLS)",
-    "tls_client_projects": "typed certificate name = project id, comma-separated, e.g. "
-                           "uri:spiffe://corp/web=acme,dns:ops.internal=*; types uri, dns, "
-                           "email, ip, cn (cn only for a certificate without SAN); * makes "
-                           "an admin",
-}
+
+# -- Checks of one setting alone ------------------------------------------------------------
+
+
+def parse_listen_address(listen: str) -> tuple[str, int]:
+    """Splits `host:port` (IPv6 hosts in brackets) and checks the port."""
+    # An unbracketed IPv6 host ("::1") does not match: its last group would read as the port.
+    # The port is ASCII digits only: str.isdigit also takes look-alikes (fullwidth U+FF15).
+    matched = LISTEN_PATTERN.fullmatch(listen)
+    if matched is None or not 0 <= int(matched["port"]) <= 65535:
+        raise ValueError("must be host:port, e.g. 127.0.0.1:50051 or [::1]:50051")
+    return matched["host"], int(matched["port"])
+
+
+def _require(test: Callable[[Any], object], problem: str) -> Callable[[Any], None]:
+    """A check that refuses, saying `problem`, every value `test` finds false."""
+    def check(value: Any) -> None:
+        if not test(value):
+            raise ValueError(problem)
+
+    return check
+
+
+def _unless_empty(check: Callable[[Any], object]) -> Callable[[Any], None]:
+    """`check`, for a setting whose empty value means off (or the default)."""
+    def optional(value: Any) -> None:
+        if value:
+            check(value)
+
+    return optional
+
+
+def _each_matching(pattern: re.Pattern[str], shape: str) -> Callable[[tuple[str, ...]], None]:
+    def check(values: tuple[str, ...]) -> None:
+        for value in values:
+            if not pattern.fullmatch(value):
+                raise ValueError(f"{value!r} is not {shape}")
+
+    return check
+
+
+def _check_turn_secrets(secrets: tuple[str, ...]) -> None:
+    if any(len(secret) < 16 for secret in secrets):
+        raise ValueError("every secret must be at least 16 characters long")
+    if len(set(secrets)) != len(secrets):
+        raise ValueError("lists the same secret twice")
+
+
+def _check_client_projects(pairs: tuple[tuple[str, str], ...]) -> None:
+    for identity, project in pairs:
+        if project != ADMIN_IDENTITY and not PROJECT_ID_PATTERN.fullmatch(project):
+            raise ValueError(f"{identity!r} maps to {project!r}, which is neither a project "
+                             "id nor *")
+
+
+def _check_text(value: object) -> None:
+    """Every setting's last check: no control character (a NUL, a line break...) and no
+    oversized text, in the value or in any item of a list."""
+    if isinstance(value, tuple):
+        for item in value:
+            _check_text(item)
+    elif isinstance(value, (str, Path)):
+        text = str(value)
+        if len(text) > MAX_SETTING_TEXT:
+            raise ValueError(f"must be at most {MAX_SETTING_TEXT} characters")
+        if not text.isprintable():
+            raise ValueError("must hold no control character (a NUL, a line break...)")
+
+
+def _is_http_url(url: str) -> bool:
+    if len(url) > MAX_URL or not URL_PATTERN.fullmatch(url):
+        return False
+    try:
+        return bool(httpx.URL(url).host)  # e.g. http://:80 names no host
+    except httpx.InvalidURL:
+        return False
+
+
+_HTTP_URL = _unless_empty(_require(
+    _is_http_url, "must be an http(s) URL of printable ASCII without spaces"))
+_UPSTREAM_TIMEOUT = _require(lambda seconds: 0 < seconds <= 600,
+                             "must be more than 0 and at most 600 seconds")
+
+
+# -- The settings ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server reads at start, each setting declared once.
+
+    Field names are the TOML keys; `env_name` and `flag_name` spell the others.
+    """
+
+    listen: str = setting(
+        "127.0.0.1:50051", "host:port to listen on (default 127.0.0.1:50051)",
+        check=parse_listen_address)
+    # `setting` returns a dataclasses.field (ruff knows str, int and tuple defaults are safe).
+    data_dir: Path = setting(  # noqa: RUF009
+        DEFAULT_DATA_DIR,
+        "directory for the SQLite store and generated dev secrets (default .icegate)")
+    store: str = setting(
+        "", "sqlite:///path (default under --data-dir) or redis://host:port/db",
+        # A redis:// URL may carry a password.
+        secret=True, check=_unless_empty(_require(
+            lambda url: url.startswith(STORE_SCHEMES) and url.isprintable(),
+            "must start with sqlite:/// or redis:// and hold no control character")))
+    turn_secrets: tuple[str, ...] = setting(
+        (), "comma-separated TURN shared secrets; the first signs, all stay valid",
+        secret=True, check=_check_turn_secrets)
+    # Defaults match `make coturn`: a coturn on this machine's port 3478.
+    turn_uris: tuple[str, ...] = setting(
+        ("turn:127.0.0.1:3478?transport=udp", "turn:127.0.0.1:3478?transport=tcp"),
+        "comma-separated turn:/turns: URIs handed to browsers",
+        check=_each_matching(TURN_URI_PATTERN, "turn[s]:host[:port][?transport=udp|tcp]"))
+    stun_uris: tuple[str, ...] = setting(
+        ("stun:127.0.0.1:3478",), "comma-separated stun: URIs handed to browsers",
+        check=_each_matching(STUN_URI_PATTERN, "stun[s]:host[:port]"))
+    turn_realm: str = setting(
+        "icegate.local", "the coturn realm (default icegate.local)",
+        check=_require(REALM_PATTERN.fullmatch, "must be 1-255 characters: letters, digits, "
+                       ". _ -, starting with a letter or digit"))
+    turn_ttl_default: int = setting(
+        3600, "TURN credential lifetime when a caller names none, seconds (3600)")
+    turn_ttl_min: int = setting(
+        60, "shortest TURN credential lifetime a caller may ask for, seconds (60)",
+        check=_require(lambda seconds: seconds >= 1, "must be at least 1 second"))
+    turn_ttl_max: int = setting(
+        86400, "longest TURN credential lifetime a caller may ask for, seconds (86400)")
+    api_keys: tuple[str, ...] = setting(
+        (), "comma-separated static caller keys with full (admin) access",
+        secret=True, check=_require(lambda keys: all(len(key) >= 16 for key in keys),
+                                    "every key must be at least 16 characters long"))
+    dev_secrets: bool = setting(
+        True, "generate and keep dev secrets when none are configured (default true)")
+    store_timeout: float = setting(
+        0.1, "seconds a Redis store call may take before the call fails UNAVAILABLE (0.1)",
+        check=_require(lambda seconds: 0 < seconds <= 60,
+                       "must be more than 0 and at most 60 seconds"))
+    rate_limit_fail_open: bool = setting(
+        False, "admit known callers uncounted while the store is unreachable (false)")
+    master_key: str = setting(
+        "", "base64 of 32 bytes sealing provider keys; comma-separated, first seals",
+        secret=True)
+    master_key_file: str = setting(
+        "", "a file holding the master key(s), instead of ICEGATE_MASTER_KEY")
+    session_lease_seconds: int = setting(
+        3600, "a session not kept alive this long frees its slot (3600)",
+        check=_require(lambda seconds: 1 <= seconds <= 7 * 86400,
+                       "must be between 1 second and 7 days"))
+    upstream_connect_timeout: float = setting(
+        5.0, "seconds to connect to a provider (5)", check=_UPSTREAM_TIMEOUT)
+    upstream_read_timeout: float = setting(
+        30.0, "seconds to wait for a provider's answer (30)", check=_UPSTREAM_TIMEOUT)
+    coturn_redis: str = setting(
+        "", "redis:// URL of coturn's redis-userdb; icegate keeps the realm's secrets",
+        secret=True, check=_unless_empty(_require(
+            COTURN_REDIS_PATTERN.fullmatch,
+            "must be a redis:// URL of printable ASCII without spaces")))
+    coturn_sqlite: str = setting(
+        "", "path of coturn's SQLite userdb: icegate keeps the realm's secrets there",
+        check=_unless_empty(_require(lambda path: Path(path).parent.is_dir(),
+                                     "must be a file in an existing directory")))
+    turn_rotate_interval: int = setting(
+        0, "rotate the TURN secret automatically every this many seconds (0: off)",
+        check=_unless_empty(_require(lambda seconds: 60 <= seconds <= 365 * 86400,
+                                     "must be 0 (off) or between 60 seconds and a year")))
+    # Empty: the provider's own URL (sessions/providers); Azure has none, the URL names the
+    # customer's resource.
+    openai_base_url: str = setting(
+        "", "OpenAI API base URL (https://api.openai.com)", check=_HTTP_URL)
+    azure_base_url: str = setting(
+        "", "Azure OpenAI resource URL, https://<resource>.openai.azure.com", check=_HTTP_URL)
+    orga_base_url: str = setting(
+        "", "Orga AI API base URL (https://api.orga-ai.com)", check=_HTTP_URL)
+    gemini_base_url: str = setting(
+        "", "Gemini API base URL (https://generativelanguage.googleapis.com)",
+        check=_HTTP_URL)
+    shutdown_grace: float = setting(
+        10.0, "seconds in-flight calls get to finish on SIGTERM (default 10)",
+        check=_require(lambda seconds: math.isfinite(seconds) and seconds >= 0,
+                       "must be a finite number of seconds, not negative"))
+    log_level: str = setting(
+        "INFO", "DEBUG, INFO, WARNING or ERROR (default INFO)", parse=_parse_upper,
+        check=_require(lambda level: level in {"DEBUG", "INFO", "WARNING", "ERROR"},
+                       "must be DEBUG, INFO, WARNING or ERROR"))
+    log_format: str = setting(
+        "json", "json (one sanitised JSON object per line, the default) or text",
+        parse=_parse_lower,
+        check=_require(lambda format: format in {"json", "text"}, "must be json or text"))
+    metrics_listen: str = setting(
+        "", "host:port serving Prometheus metrics at /metrics (default empty: off)",
+        check=_unless_empty(parse_listen_address))
+    workers: int = setting(
+        1, "server processes sharing the port with SO_REUSEPORT (default 1)",
+        check=_require(lambda count: 1 <= count <= MAX_WORKERS,
+                       f"must be between 1 and {MAX_WORKERS}"))
+    tls_cert: str = setting(
+        "", "PEM certificate chain to serve TLS with (with --tls-key); no TLS when unset")
+    tls_key: str = setting(
+        "", "PEM private key of --tls-cert (unencrypted; keep it mode 0600)")
+    tls_client_ca: str = setting(
+        "", "PEM CA bundle: require client certificates it signed (mutual TLS)")
+    tls_client_projects: tuple[tuple[str, str], ...] = setting(
+        (), "typed certificate name = project id, comma-separated, e.g. "
+        "uri:spiffe://corp/web=acme,dns:ops.internal=*; types uri, dns, email, ip, cn (cn "
+        "only for a certificate without SAN); * makes an admin",
+        parse=parse_client_projects, check=_check_client_projects)
+
+    def __repr__(self) -> str:
+        # Settings are printed in logs and tracebacks: secrets show as counts only.
+        shown = ", ".join(f"{name}={value!r}" for name, value in self.redacted().items())
+        return f"Settings({shown})"
+
+    def redacted(self) -> dict[str, object]:
+        """Every setting as it may be shown or logged: a secret by its size only."""
+        return {name: f"<{len(getattr(self, name))} hidden>" if name in SECRET_SETTINGS
+                else getattr(self, name) for name in SETTINGS}
+
+    @property
+    def store_url(self) -> str:
+        """The store URL in force: the setting, or a SQLite file under the data directory."""
+        return self.store or f"sqlite:///{self.data_dir / 'icegate.sqlite3'}"
+
+
+def _table() -> dict[str, Setting]:
+    types = typing.get_type_hints(Settings)
+    table = {}
+    for declared in fields(Settings):
+        record = declared.metadata.get("setting")
+        if not isinstance(record, Setting):
+            raise TypeError(f"Settings.{declared.name} is not declared with setting(...)")
+        parse = record.parse or _PARSE_BY_TYPE.get(types[declared.name])
+        if parse is None:
+            raise TypeError(f"Settings.{declared.name}: no parser for its type; give parse=")
+        table[declared.name] = dataclasses.replace(record, parse=parse)
+    return table
+
+
+SETTINGS: Mapping[str, Setting] = _table()
+"""Every setting by name, in declaration order, each with its parser resolved."""
+SECRET_SETTINGS = frozenset(name for name, spec in SETTINGS.items() if spec.secret)
+"""Settings shown by size only: secrets, and URLs that may carry a password."""
 
 
 def env_name(setting: str) -> str:
@@ -250,8 +410,42 @@ def flag_name(setting: str) -> str:
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     """Adds one flag per setting (all default to None: unset falls through to env and TOML)."""
     parser.add_argument("--config", metavar="FILE", help="TOML settings file (ICEGATE_CONFIG)")
-    for name in _PARSERS:
-        parser.add_argument(flag_name(name), dest=name, default=None, help=_HELP[name])
+    for name, spec in SETTINGS.items():
+        parser.add_argument(flag_name(name), dest=name, default=None, help=spec.help)
+
+
+def read_setting(name: str, raw: Any, source: str | None = None) -> Any:
+    """The value one spelling of a setting stands for, parsed and checked on its own.
+
+    Args:
+        name: The setting.
+        raw: Its value as a flag, the environment or the TOML file gives it.
+        source: Where `raw` came from, named in a parse error; its variable when omitted.
+
+    Raises:
+        ConfigError: `raw` does not parse (naming `source`) or the setting refuses it (naming
+            its variable); never showing the value.
+    """
+    spec = SETTINGS[name]
+    assert spec.parse is not None  # `_table` resolved every parser
+    try:
+        value = spec.parse(raw)
+    except ValueError as error:
+        raise ConfigError(f"invalid setting {source or env_name(name)}: {_one_line(error)}"
+                          ) from None
+    try:
+        if spec.check is not None:
+            spec.check(value)
+        _check_text(value)
+    except ValueError as error:
+        raise ConfigError(f"invalid setting {env_name(name)}: {_one_line(error)}") from None
+    return value
+
+
+def _one_line(error: ValueError) -> str:
+    # A problem may quote the value: its line breaks and NULs are shown escaped.
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode()
+                   for char in str(error))
 
 
 def load_settings(
@@ -273,27 +467,21 @@ def load_settings(
     config_path = flags.pop("config", None) or environ.get("ICEGATE_CONFIG")
     from_file = _read_toml(Path(config_path)) if config_path else {}
     # Checked before merging: a key the file sets and a flag overrides is still a known key.
-    unknown = sorted(set(from_file) - set(_PARSERS))
+    unknown = sorted(set(from_file) - set(SETTINGS))
     if unknown:
         raise ConfigError(f"unknown setting {unknown[0]!r} in {config_path}")
 
     values: dict[str, Any] = {}
-    for name, parse in _PARSERS.items():
+    for name in SETTINGS:
         if name in flags:
-            source, raw = flag_name(name), flags[name]
+            values[name] = read_setting(name, flags[name], flag_name(name))
         elif env_name(name) in environ:
-            source, raw = env_name(name), environ[env_name(name)]
+            values[name] = read_setting(name, environ[env_name(name)], env_name(name))
         elif name in from_file:
-            source, raw = f"{name} in {config_path}", from_file[name]
-        else:
-            continue
-        try:
-            values[name] = parse(raw)
-        except ValueError as error:
-            raise ConfigError(f"invalid setting {source}: {error}") from None
+            values[name] = read_setting(name, from_file[name], f"{name} in {config_path}")
 
     settings = Settings(**values)
-    _validate(settings)
+    _check_together(settings)
     return settings
 
 
@@ -308,62 +496,18 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"invalid setting ICEGATE_CONFIG: {path} is not TOML: {error}") from None
 
 
-def parse_listen_address(listen: str) -> tuple[str, int]:
-    """Splits `host:port` (IPv6 hosts in brackets) and checks the port."""
-    # An unbracketed IPv6 host ("::1") does not match: its last group would read as the port.
-    # The port is ASCII digits only: str.isdigit also takes look-alikes (fullwidth U+FF15).
-    matched = LISTEN_PATTERN.fullmatch(listen)
-    if matched is None or not 0 <= int(matched["port"]) <= 65535:
-        raise ValueError("must be host:port, e.g. 127.0.0.1:50051 or [::1]:50051")
-    return matched["host"], int(matched["port"])
-
-
-def _validate(settings: Settings) -> None:
+def _check_together(settings: Settings) -> None:
+    """The checks that involve more than one setting; each setting alone passed its own."""
     def fail(name: str, problem: str) -> None:
         raise ConfigError(f"invalid setting {env_name(name)}: {problem}")
 
-    try:
-        _, listen_port = parse_listen_address(settings.listen)
-    except ValueError as error:
-        fail("listen", str(error))
-    if not 1 <= settings.workers <= MAX_WORKERS:
-        fail("workers", f"must be between 1 and {MAX_WORKERS}")
-    if settings.workers > 1 and listen_port == 0:
+    if settings.workers > 1 and parse_listen_address(settings.listen)[1] == 0:
         fail("workers", "more than one worker needs a fixed port in ICEGATE_LISTEN, not 0")
-    if settings.store and (not settings.store.startswith(STORE_SCHEMES)
-                           or not settings.store.isprintable()):
-        fail("store", "must start with sqlite:/// or redis:// and hold no control character")
-    for secret in settings.turn_secrets:
-        if len(secret) < 16:
-            fail("turn_secrets", "every secret must be at least 16 characters long")
-    if len(set(settings.turn_secrets)) != len(settings.turn_secrets):
-        fail("turn_secrets", "lists the same secret twice")
-    for uri in settings.turn_uris:
-        if not TURN_URI_PATTERN.fullmatch(uri):
-            fail("turn_uris", f"{uri!r} is not turn[s]:host[:port][?transport=udp|tcp]")
-    for uri in settings.stun_uris:
-        if not STUN_URI_PATTERN.fullmatch(uri):
-            fail("stun_uris", f"{uri!r} is not stun[s]:host[:port]")
-    if not REALM_PATTERN.fullmatch(settings.turn_realm):
-        fail("turn_realm", "must be 1-255 characters: letters, digits, . _ -, starting with a "
-             "letter or digit")
-    for key in settings.api_keys:
-        if len(key) < 16:
-            fail("api_keys", "every key must be at least 16 characters long")
-    if settings.turn_ttl_min < 1:
-        fail("turn_ttl_min", "must be at least 1 second")
     if settings.turn_ttl_max < settings.turn_ttl_min:
         fail("turn_ttl_max", f"must be at least ICEGATE_TURN_TTL_MIN ({settings.turn_ttl_min})")
     if not settings.turn_ttl_min <= settings.turn_ttl_default <= settings.turn_ttl_max:
         fail("turn_ttl_default",
              f"must lie between {settings.turn_ttl_min} and {settings.turn_ttl_max}")
-    if not math.isfinite(settings.shutdown_grace) or settings.shutdown_grace < 0:
-        fail("shutdown_grace", "must be a finite number of seconds, not negative")
-    if not 1 <= settings.session_lease_seconds <= 7 * 86400:
-        fail("session_lease_seconds", "must be between 1 second and 7 days")
-    for name in ("upstream_connect_timeout", "upstream_read_timeout"):
-        if not 0 < getattr(settings, name) <= 600:
-            fail(name, "must be more than 0 and at most 600 seconds")
     if settings.master_key and settings.master_key_file:
         fail("master_key", "set ICEGATE_MASTER_KEY or ICEGATE_MASTER_KEY_FILE, not both")
     if settings.master_key or settings.master_key_file:
@@ -373,44 +517,13 @@ def _validate(settings: Settings) -> None:
             load_master_keys(settings.master_key or None, settings.master_key_file or None)
         except ValueError as error:
             raise ConfigError(f"invalid setting {error}") from None
-    for name in ("openai_base_url", "azure_base_url", "orga_base_url", "gemini_base_url"):
-        url = getattr(settings, name)
-        if url and (len(url) > MAX_URL or not URL_PATTERN.fullmatch(url)):
-            fail(name, "must be an http(s) URL of printable ASCII without spaces")
-    if settings.coturn_redis and not COTURN_REDIS_PATTERN.fullmatch(settings.coturn_redis):
-        fail("coturn_redis", "must be a redis:// URL of printable ASCII without spaces")
-    if settings.coturn_sqlite and not Path(settings.coturn_sqlite).parent.is_dir():
-        fail("coturn_sqlite", "must be a file in an existing directory")
-    if settings.turn_rotate_interval and not 60 <= settings.turn_rotate_interval <= 365 * 86400:
-        fail("turn_rotate_interval", "must be 0 (off) or between 60 seconds and a year")
     if settings.turn_rotate_interval and not (settings.coturn_redis or settings.coturn_sqlite):
         # Without a userdb icegate keeps, coturn never learns a rotated secret and refuses
         # every credential signed after the first rotation.
         fail("turn_rotate_interval", "needs ICEGATE_COTURN_REDIS or ICEGATE_COTURN_SQLITE, "
              "so that coturn follows the rotations")
-    if not 0 < settings.store_timeout <= 60:
-        fail("store_timeout", "must be more than 0 and at most 60 seconds")
-    if settings.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-        fail("log_level", "must be DEBUG, INFO, WARNING or ERROR")
-    if settings.log_format not in {"json", "text"}:
-        fail("log_format", "must be json or text")
-    if settings.metrics_listen:
-        try:
-            parse_listen_address(settings.metrics_listen)
-        except ValueError as error:
-            fail("metrics_listen", str(error))
-        if settings.metrics_listen == settings.listen and not settings.listen.endswith(":0"):
-            fail("metrics_listen", "must differ from ICEGATE_LISTEN")
-    _validate_tls(settings, fail)
-    if not settings.dev_secrets and not settings.turn_secrets:
-        fail("turn_secrets", "is required when ICEGATE_DEV_SECRETS is false")
-    if not settings.dev_secrets and not settings.api_keys:
-        fail("api_keys", "is required when ICEGATE_DEV_SECRETS is false")
-    if not settings.dev_secrets and not (settings.master_key or settings.master_key_file):
-        fail("master_key", "is required when ICEGATE_DEV_SECRETS is false")
-
-
-def _validate_tls(settings: Settings, fail: Callable[[str, str], None]) -> None:
+    if settings.metrics_listen == settings.listen and not settings.listen.endswith(":0"):
+        fail("metrics_listen", "must differ from ICEGATE_LISTEN")
     if bool(settings.tls_cert) != bool(settings.tls_key):
         fail("tls_key" if settings.tls_cert else "tls_cert",
              "ICEGATE_TLS_CERT and ICEGATE_TLS_KEY must be set together")
@@ -419,11 +532,13 @@ def _validate_tls(settings: Settings, fail: Callable[[str, str], None]) -> None:
     if settings.tls_client_projects and not settings.tls_client_ca:
         fail("tls_client_projects", "needs ICEGATE_TLS_CLIENT_CA: only verified client "
              "certificates can stand for a caller")
-    for identity, project in settings.tls_client_projects:
-        if project != ADMIN_IDENTITY and not PROJECT_ID_PATTERN.fullmatch(project):
-            fail("tls_client_projects", f"{identity!r} maps to {project!r}, which is neither "
-                 "a project id nor *")
     try:
         check_tls_files(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     except ValueError as error:
         raise ConfigError(f"invalid setting {error}") from None
+    if not settings.dev_secrets and not settings.turn_secrets:
+        fail("turn_secrets", "is required when ICEGATE_DEV_SECRETS is false")
+    if not settings.dev_secrets and not settings.api_keys:
+        fail("api_keys", "is required when ICEGATE_DEV_SECRETS is false")
+    if not settings.dev_secrets and not (settings.master_key or settings.master_key_file):
+        fail("master_key", "is required when ICEGATE_DEV_SECRETS is false")

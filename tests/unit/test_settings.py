@@ -5,12 +5,17 @@ from __future__ import annotations
 import argparse
 import base64
 import dataclasses
+import logging
+import re
 from pathlib import Path
 
 import pytest
 
 from icegate.connection import DEFAULT_TARGET
 from icegate_server.settings import (
+    MAX_SETTING_TEXT,
+    SECRET_SETTINGS,
+    SETTINGS,
     ConfigError,
     Settings,
     add_setting_flags,
@@ -18,6 +23,7 @@ from icegate_server.settings import (
     flag_name,
     load_settings,
     parse_listen_address,
+    read_setting,
 )
 
 SECRET_A = "turn-secret-aaaaaaaaaaaa"
@@ -90,12 +96,15 @@ def test_command_line_flags_fall_through_to_the_environment():
     assert settings.turn_ttl_min == 100
 
 
-def test_every_setting_has_a_flag_and_an_environment_variable():
+def test_every_setting_has_a_flag_help_text_and_an_environment_variable():
     parser = argparse.ArgumentParser()
     add_setting_flags(parser)
-    options = {option for action in parser._actions for option in action.option_strings}
+    helps = {option: action.help for action in parser._actions
+             for option in action.option_strings}
+    assert list(SETTINGS) == SETTING_NAMES
     for name in SETTING_NAMES:
-        assert flag_name(name) in options
+        assert flag_name(name) in helps
+        assert helps[flag_name(name)] and helps[flag_name(name)] == SETTINGS[name].help
         assert env_name(name) == "ICEGATE_" + name.upper()
 
 
@@ -350,3 +359,97 @@ def test_store_defaults_to_sqlite_under_the_data_dir(data_dir):
 def test_configured_store_is_used_as_given():
     settings = load_settings({}, {"ICEGATE_STORE": "redis://127.0.0.1:6379/2"})
     assert settings.store_url == "redis://127.0.0.1:6379/2"
+
+
+# -- Every setting, from the table: defaults, secrets, hostile spellings --------------------
+
+# A valid spelling of each setting whose default is empty (the others spell their default).
+EXAMPLES = {
+    "store": "redis://127.0.0.1:6379/0",
+    "turn_secrets": f"{SECRET_A},{SECRET_B}",
+    "api_keys": KEY_A,
+    "master_key": MASTER_KEY,
+    "master_key_file": "/etc/icegate/master.key",
+    "coturn_redis": "redis://:password@127.0.0.1:6379/0",
+    "coturn_sqlite": str(Path(__file__).parent / "turndb"),
+    "openai_base_url": "https://api.openai.test",
+    "azure_base_url": "https://resource.openai.azure.test",
+    "orga_base_url": "https://api.orga.test",
+    "gemini_base_url": "https://gemini.test",
+    "metrics_listen": "127.0.0.1:9464",
+    "tls_cert": "/etc/icegate/cert.pem",
+    "tls_key": "/etc/icegate/key.pem",
+    "tls_client_ca": "/etc/icegate/ca.pem",
+    "tls_client_projects": "dns:web.internal=acme,uri:spiffe://corp/ops=*",
+}
+
+
+def spelled(value: object) -> str:
+    """A value as the environment spells it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join("=".join(item) if isinstance(item, tuple) else item for item in value)
+    return str(value)
+
+
+def valid_spelling(name: str) -> str:
+    default = getattr(Settings(), name)
+    if name in EXAMPLES:
+        return EXAMPLES[name]
+    assert default not in ("", ()), f"{name}: add a valid spelling to EXAMPLES"
+    return spelled(default)
+
+
+@pytest.mark.parametrize("name", SETTING_NAMES)
+def test_every_default_and_example_passes_its_own_check(name):
+    default = getattr(Settings(), name)
+    assert read_setting(name, spelled(default)) == default
+    assert read_setting(name, valid_spelling(name)) is not None
+
+
+def hostile_spellings(valid: str) -> dict[str, str]:
+    return {"leading NUL": "\x00" + valid, "inner NUL": valid + "\x00" + valid,
+            "trailing NUL": valid + "\x00", "inner line break": valid + "\n" + valid,
+            "escape": valid + "\x1b[2J", "oversized": valid + "x" * MAX_SETTING_TEXT}
+
+
+@pytest.mark.parametrize("name", SETTING_NAMES)
+def test_every_setting_refuses_hostile_spellings_with_one_line(name):
+    valid = valid_spelling(name)
+    for what, raw in hostile_spellings(valid).items():
+        with pytest.raises(ConfigError) as caught:
+            read_setting(name, raw, env_name(name))
+        message = str(caught.value)
+        assert env_name(name) in message, what
+        assert "\n" not in message and "\r" not in message, what
+        if name in SECRET_SETTINGS:
+            assert not any(part in message for part in valid.split(",")), what
+
+
+@pytest.mark.parametrize("name", SETTING_NAMES)
+def test_every_setting_trims_a_trailing_newline(name):
+    # `$(cat file)` and env files leave line ends: trimmed, never carried into the value.
+    valid = valid_spelling(name)
+    for ending in ("\n", "\r\n", " "):
+        assert read_setting(name, valid + ending) == read_setting(name, valid)
+
+
+@pytest.mark.parametrize("name", sorted(SECRET_SETTINGS))
+def test_secret_settings_never_appear_when_settings_are_shown_or_logged(name, caplog):
+    marker = "marker-of-a-secret-0123456789"
+    value = (marker,) if isinstance(getattr(Settings(), name), tuple) else marker
+    settings = dataclasses.replace(Settings(), **{name: value})
+    logging.getLogger("icegate_server.test").warning("settings: %s %r", settings, settings)
+    formatter = logging.Formatter("%(message)s")
+    logged = [formatter.format(record) for record in caplog.records]
+    for shown in (repr(settings), str(settings), f"{settings}", str(settings.redacted()),
+                  *logged):
+        assert marker not in shown
+        assert re.search(rf"\b{name}'?(=|: )'<[0-9]+ hidden>'", shown)
+    assert settings.turn_realm in repr(settings)
+
+
+def test_the_secret_settings_are_the_secrets_and_urls_with_passwords():
+    assert {"turn_secrets", "api_keys", "master_key", "store", "coturn_redis"} == (
+        SECRET_SETTINGS)

@@ -1,4 +1,4 @@
-"""The registry the server uses: kinds, settings from the environment, the shared client."""
+"""The registry the server uses: kinds, base URLs from the settings, the shared client."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from icegate_server.errors import (
     UpstreamAuthFailedError,
     UpstreamNotConfiguredError,
 )
+from icegate_server.server import provider_settings
 from icegate_server.sessions.providers import (
-    BASE_URL_ENV,
     ProviderKind,
     ProviderRuntime,
     ProviderSettings,
@@ -23,6 +23,7 @@ from icegate_server.sessions.providers import (
     make_http_client,
     parse_provider_kind,
 )
+from icegate_server.settings import ConfigError, load_settings
 
 
 def test_every_kind_has_an_adapter_of_that_kind() -> None:
@@ -35,28 +36,25 @@ def test_every_kind_has_an_adapter_of_that_kind() -> None:
     asyncio.run(build())
 
 
-def test_settings_from_env_override_defaults() -> None:
-    settings = ProviderSettings.from_env({
+def test_base_url_settings_override_defaults() -> None:
+    # The base URLs are ordinary settings; the server turns them into ProviderSettings.
+    settings = provider_settings(load_settings({}, {
         "ICEGATE_OPENAI_BASE_URL": "http://127.0.0.1:9000",
         "ICEGATE_AZURE_BASE_URL": "https://res.openai.azure.com",
         "ICEGATE_GEMINI_BASE_URL": "",
-    })
+    }))
     assert settings.openai_base_url == "http://127.0.0.1:9000"
     assert settings.azure_base_url == "https://res.openai.azure.com"
     assert settings.orga_base_url == "https://api.orga-ai.com"
     assert settings.gemini_base_url == "https://generativelanguage.googleapis.com"
-    assert ProviderSettings.from_env({}) == ProviderSettings()
+    assert provider_settings(load_settings({}, {})) == ProviderSettings()
     assert ProviderSettings().azure_base_url is None
-    assert set(BASE_URL_ENV.values()) == {
-        "ICEGATE_OPENAI_BASE_URL", "ICEGATE_AZURE_BASE_URL", "ICEGATE_ORGA_BASE_URL",
-        "ICEGATE_GEMINI_BASE_URL",
-    }
 
 
-@pytest.mark.parametrize("bad", ["ftp://x", "api.openai.com", "https://"])
+@pytest.mark.parametrize("bad", ["ftp://x", "api.openai.com", "https://", "http://:80"])
 def test_bad_base_url_names_the_variable(bad: str) -> None:
-    with pytest.raises(ValueError, match="ICEGATE_ORGA_BASE_URL"):
-        ProviderSettings.from_env({"ICEGATE_ORGA_BASE_URL": bad})
+    with pytest.raises(ConfigError, match="ICEGATE_ORGA_BASE_URL"):
+        load_settings({}, {"ICEGATE_ORGA_BASE_URL": bad})
 
 
 def test_parse_provider_kind() -> None:

@@ -7,7 +7,6 @@ The server builds one pooled `httpx.AsyncClient` with `make_http_client`, wraps 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import httpx
@@ -29,7 +28,6 @@ from icegate_server.sessions.providers.openai import OpenAIBetaProvider, OpenAIP
 from icegate_server.sessions.providers.orga import OrgaProvider
 
 __all__ = [
-    "BASE_URL_ENV",
     "IceServer",
     "MintedToken",
     "Provider",
@@ -43,42 +41,17 @@ __all__ = [
     "parse_provider_kind",
 ]
 
-# Setting name -> environment variable; the GA and older dialects of a provider share one.
-BASE_URL_ENV = {
-    "openai_base_url": "ICEGATE_OPENAI_BASE_URL",
-    "azure_base_url": "ICEGATE_AZURE_BASE_URL",
-    "orga_base_url": "ICEGATE_ORGA_BASE_URL",
-    "gemini_base_url": "ICEGATE_GEMINI_BASE_URL",
-}
-
-
 @dataclass(frozen=True)
 class ProviderSettings:
-    """Where each provider lives. Azure has no default: its URL names the customer's resource."""
+    """Where each provider lives. Azure has no default: its URL names the customer's resource.
+
+    A plain value: the server builds it from its checked settings (`ICEGATE_*_BASE_URL`).
+    """
 
     openai_base_url: str = openai.DEFAULT_BASE_URL
     azure_base_url: str | None = None
     orga_base_url: str = orga.DEFAULT_BASE_URL
     gemini_base_url: str = gemini.DEFAULT_BASE_URL
-
-    def __post_init__(self) -> None:
-        for name, env in BASE_URL_ENV.items():
-            value = getattr(self, name)
-            if value is None:
-                continue
-            url = httpx.URL(value)
-            if url.scheme not in ("http", "https") or not url.host:
-                raise ValueError(f"{env}: must be an http(s) URL, got {value!r}")
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> ProviderSettings:
-        """Reads `ICEGATE_<PROVIDER>_BASE_URL`; unset or empty keeps the default.
-
-        Raises:
-            ValueError: a URL that is not http(s), naming the variable.
-        """
-        given = {name: environ[env] for name, env in BASE_URL_ENV.items() if environ.get(env)}
-        return cls(**given)
 
 
 def make_http_client(
