@@ -16,7 +16,13 @@ from icegate_server.dev_secrets import apply_dev_secrets
 from icegate_server.errors import IcegateError
 from icegate_server.observability.logs import Safe, configure_logging, stop_logging
 from icegate_server.server import run_server
-from icegate_server.settings import ConfigError, Settings, add_setting_flags, load_settings
+from icegate_server.settings import (
+    SETTINGS,
+    ConfigError,
+    Settings,
+    add_setting_flags,
+    load_settings,
+)
 
 log = logging.getLogger("icegate_server")
 
@@ -44,8 +50,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _resolve_settings(args: argparse.Namespace) -> Settings:
-    flags = {key: value for key, value in vars(args).items()
-             if key not in {"command", "output"} and not key.startswith("coturn_")}
+    # Only settings: the rendering options (`--coturn-listening-ip`...) are not settings,
+    # while `--coturn-redis` and `--coturn-sqlite` are.
+    flags = {key: value for key, value in vars(args).items() if key in SETTINGS or key == "config"}
     settings = load_settings(flags)
     # From here on every line goes through the sanitising formatter (observability.logs).
     configure_logging(settings.log_format, settings.log_level)

@@ -65,3 +65,17 @@ def test_the_server_stops_at_start_with_that_one_line(tmp_path, monkeypatch, cap
     assert server_main([]) == 2
     assert capsys.readouterr().err == f"icegate-server: {MESSAGE}\n"
     assert not (tmp_path / "icegate.sqlite3").exists()  # nothing started
+
+
+def test_the_coturn_database_flags_reach_the_server(tmp_path, monkeypatch, capsys):
+    """`--coturn-sqlite` on the command line counts (its `coturn_` prefix once had it dropped
+    with coturn-config's rendering options): the rendered config reads the secrets from it."""
+    for name in ("ICEGATE_COTURN_REDIS", "ICEGATE_COTURN_SQLITE", "ICEGATE_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ICEGATE_DATA_DIR", str(tmp_path))
+    turndb = tmp_path / "turndb"
+    output = tmp_path / "turnserver.conf"
+    assert server_main(["coturn-config", "--output", str(output), "--turn-rotate-interval",
+                        "3600", "--coturn-sqlite", str(turndb),
+                        "--coturn-listening-ip", "127.0.0.1"]) == 0, capsys.readouterr().err
+    assert f"userdb={turndb}" in output.read_text()
