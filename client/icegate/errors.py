@@ -24,7 +24,9 @@
     ├── CancelledError               CANCELLED
     ├── InternalError                INTERNAL, UNKNOWN, DATA_LOSS, UNIMPLEMENTED ...
 
-`from_rpc_error` is the one place a `grpc.RpcError` becomes one of these.
+`from_rpc_error` is the one place a `grpc.RpcError` becomes one of these: by the ErrorInfo
+reason (an `ErrorReason` of protos/icegate/v1/errors.proto) where icegate sent one, else by the
+status code. The attributes read ErrorInfo metadata under the keys of `icegate.error_metadata`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ from typing import Any
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+
+from icegate import error_metadata
+from icegate.error_reasons import reason_from_wire
+from icegate.v1.errors_pb2 import ErrorReason
 
 
 @dataclass(frozen=True)
@@ -122,7 +128,7 @@ class RateLimitedError(ResourceExhaustedError):
 
     @property
     def reset_at(self) -> datetime | None:
-        value = self.metadata.get("reset_at")
+        value = self.metadata.get(error_metadata.RESET_AT)
         return datetime.fromisoformat(value) if value else None
 
     @property
@@ -131,7 +137,7 @@ class RateLimitedError(ResourceExhaustedError):
 
     @property
     def limit(self) -> int | None:
-        value = self.metadata.get("limit")
+        value = self.metadata.get(error_metadata.LIMIT)
         return int(value) if value else None
 
 
@@ -141,23 +147,23 @@ class QuotaExceededError(ResourceExhaustedError):
     @property
     def usage(self) -> QuotaUsage:
         return QuotaUsage(
-            plan=self.metadata.get("plan", ""),
-            sessions_included=int(self.metadata.get("sessions_included", 0)),
-            sessions_used=int(self.metadata.get("sessions_used", 0)),
-            sessions_remaining=int(self.metadata.get("sessions_remaining", 0)),
+            plan=self.metadata.get(error_metadata.PLAN, ""),
+            sessions_included=int(self.metadata.get(error_metadata.SESSIONS_INCLUDED, 0)),
+            sessions_used=int(self.metadata.get(error_metadata.SESSIONS_USED, 0)),
+            sessions_remaining=int(self.metadata.get(error_metadata.SESSIONS_REMAINING, 0)),
         )
 
     @property
     def plan(self) -> str:
-        return self.metadata.get("plan", "")
+        return self.metadata.get(error_metadata.PLAN, "")
 
     @property
     def upgrade_url(self) -> str:
-        return self.metadata.get("upgrade_url", "")
+        return self.metadata.get(error_metadata.UPGRADE_URL, "")
 
     @property
     def resets_at(self) -> datetime | None:
-        value = self.metadata.get("resets_at")
+        value = self.metadata.get(error_metadata.RESETS_AT)
         return datetime.fromisoformat(value) if value else None
 
 
@@ -166,11 +172,11 @@ class ConcurrentLimitError(ResourceExhaustedError):
 
     @property
     def current(self) -> int:
-        return int(self.metadata.get("current", 0))
+        return int(self.metadata.get(error_metadata.CURRENT, 0))
 
     @property
     def max_sessions(self) -> int:
-        return int(self.metadata.get("max", 0))
+        return int(self.metadata.get(error_metadata.MAX, 0))
 
 
 class _UpstreamDetails:
@@ -180,15 +186,15 @@ class _UpstreamDetails:
 
     @property
     def provider(self) -> str:
-        return self.metadata.get("provider", "")
+        return self.metadata.get(error_metadata.PROVIDER, "")
 
     @property
     def upstream_status(self) -> int:
-        return int(self.metadata.get("upstream_status", 0))
+        return int(self.metadata.get(error_metadata.UPSTREAM_STATUS, 0))
 
     @property
     def upstream_request_id(self) -> str:
-        return self.metadata.get("upstream_request_id", "")
+        return self.metadata.get(error_metadata.UPSTREAM_REQUEST_ID, "")
 
 
 class UpstreamQuotaError(_UpstreamDetails, ResourceExhaustedError):
@@ -243,16 +249,31 @@ class InternalError(IcegateError):
     """The server failed in a way it does not explain (a bug, or an unknown status)."""
 
 
-_BY_REASON: dict[str, type[IcegateError]] = {
-    "PROJECT_FORBIDDEN": ProjectForbiddenError,
-    "RATE_LIMITED": RateLimitedError,
-    "QUOTA_EXCEEDED": QuotaExceededError,
-    "CONCURRENT_LIMIT": ConcurrentLimitError,
-    "UPSTREAM_QUOTA_EXCEEDED": UpstreamQuotaError,
-    "UPSTREAM_NOT_CONFIGURED": UpstreamNotConfiguredError,
-    "UPSTREAM_AUTH_FAILED": UpstreamAuthFailedError,
-    "UPSTREAM_REJECTED": UpstreamRejectedError,
-    "COTURN_OUT_OF_STEP": CoturnOutOfStepError,
+_BY_REASON: dict[ErrorReason.ValueType, type[IcegateError]] = {
+    ErrorReason.ERROR_REASON_INVALID_FIELD: InvalidArgumentError,
+    ErrorReason.ERROR_REASON_MALFORMED_REQUEST: InvalidArgumentError,
+    ErrorReason.ERROR_REASON_INVALID_API_KEY: AuthenticationError,
+    ErrorReason.ERROR_REASON_PROJECT_FORBIDDEN: ProjectForbiddenError,
+    ErrorReason.ERROR_REASON_NOT_FOUND: NotFoundError,
+    ErrorReason.ERROR_REASON_ALREADY_EXISTS: AlreadyExistsError,
+    ErrorReason.ERROR_REASON_RATE_LIMITED: RateLimitedError,
+    ErrorReason.ERROR_REASON_QUOTA_EXCEEDED: QuotaExceededError,
+    ErrorReason.ERROR_REASON_CONCURRENT_LIMIT: ConcurrentLimitError,
+    ErrorReason.ERROR_REASON_STORE_UNAVAILABLE: UnavailableError,
+    ErrorReason.ERROR_REASON_COTURN_OUT_OF_STEP: CoturnOutOfStepError,
+    ErrorReason.ERROR_REASON_UPSTREAM_NOT_CONFIGURED: UpstreamNotConfiguredError,
+    ErrorReason.ERROR_REASON_UPSTREAM_AUTH_FAILED: UpstreamAuthFailedError,
+    ErrorReason.ERROR_REASON_UPSTREAM_REJECTED: UpstreamRejectedError,
+    ErrorReason.ERROR_REASON_UPSTREAM_QUOTA_EXCEEDED: UpstreamQuotaError,
+    ErrorReason.ERROR_REASON_UPSTREAM_UNAVAILABLE: UpstreamUnavailableError,
+    ErrorReason.ERROR_REASON_INTERNAL: InternalError,
+}
+"""The class for each reason icegate sends; an empty or unknown reason falls back on the code."""
+
+_BY_REASON_AND_CODE: dict[tuple[ErrorReason.ValueType, grpc.StatusCode], type[IcegateError]] = {
+    # One reason, two codes: the provider failed, or did not answer before the deadline.
+    (ErrorReason.ERROR_REASON_UPSTREAM_UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        UpstreamTimeoutError,
 }
 
 _BY_CODE: dict[grpc.StatusCode, type[IcegateError]] = {
@@ -300,11 +321,8 @@ def from_rpc_error(error: grpc.RpcError) -> IcegateError:
     message: str = (call.details() if hasattr(call, "details") else None) or code.name
     reason, metadata, details = _unpack_details(call) if hasattr(call, "trailing_metadata") \
         else ("", {}, ())
-    if reason == "UPSTREAM_UNAVAILABLE" and code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        cls: type[IcegateError] = UpstreamTimeoutError
-    elif reason == "UPSTREAM_UNAVAILABLE":
-        cls = UpstreamUnavailableError
-    else:
-        cls = _BY_REASON.get(reason) or _BY_CODE.get(code, InternalError)
+    known = reason_from_wire(reason)
+    cls = (_BY_REASON_AND_CODE.get((known, code)) or _BY_REASON.get(known)
+           or _BY_CODE.get(code, InternalError))
     return cls(message, code=code, reason=reason, metadata=metadata, details=details)
 

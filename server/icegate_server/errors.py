@@ -1,7 +1,8 @@
 """The domain errors icegate raises, independent of gRPC.
 
 Domain code raises these; `icegate_server.status` maps each class to a gRPC status code,
-an ErrorInfo reason and the rich details callers read. Messages are shown to callers, so
+an ErrorInfo reason (an `ErrorReason` of protos/icegate/v1/errors.proto, sent as the name
+below) and the rich details callers read. Messages are shown to callers, so
 they never contain a secret, a key or a token.
 
     IcegateError

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import ast
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 import icegate.errors as client_errors
+from icegate import error_metadata
+from icegate.error_reasons import wire_reason
+from icegate.v1.errors_pb2 import ErrorReason
 from icegate_server import errors, status
+from icegate_server.observability.metrics import LIMIT_REASONS
 
 RESET_AT = datetime(2030, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def all_subclasses(cls: type) -> list[type]:
@@ -146,7 +155,7 @@ def test_subclass_without_its_own_row_maps_through_its_base():
         pass
 
     error = SlowDownError(limit=1, window_seconds=1, reset_at=RESET_AT, retry_after_seconds=1)
-    assert status.lookup(error) == status.ERROR_TABLE[errors.RateLimitedError]
+    assert status.lookup(error) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
 
 
 def test_invalid_field_becomes_bad_request_with_the_field():
@@ -254,3 +263,176 @@ def test_client_trusts_the_code_when_details_disagree_with_it():
     typed = client_errors.from_rpc_error(Mismatch(answer))
     assert type(typed) is client_errors.UnavailableError
     assert typed.details == ()
+
+
+# --- The ErrorReason enum is the one list of reasons -------------------------------------------
+
+REASONS = [value for value in ErrorReason.values() if value != ErrorReason.ERROR_REASON_UNSPECIFIED]
+
+# What callers match on (README, docs/SECURITY.md, the DESIGN table): renaming an ErrorReason
+# value changes the wire, and this list is what catches it.
+PUBLISHED_REASONS = {
+    "INVALID_FIELD", "MALFORMED_REQUEST", "INVALID_API_KEY", "PROJECT_FORBIDDEN", "NOT_FOUND",
+    "ALREADY_EXISTS", "RATE_LIMITED", "QUOTA_EXCEEDED", "CONCURRENT_LIMIT", "STORE_UNAVAILABLE",
+    "COTURN_OUT_OF_STEP", "UPSTREAM_NOT_CONFIGURED", "UPSTREAM_AUTH_FAILED", "UPSTREAM_REJECTED",
+    "UPSTREAM_QUOTA_EXCEEDED", "UPSTREAM_UNAVAILABLE", "INTERNAL",
+}
+
+
+def test_wire_reasons_are_the_published_strings():
+    assert {wire_reason(value) for value in REASONS} == PUBLISHED_REASONS
+
+
+def test_every_reason_is_sent_by_some_error_class():
+    sent = {status.lookup(sample(cls))[1] for cls in CONCRETE}
+    # INTERNAL alone belongs to no error class: it is the answer to a bug.
+    assert sent == {wire_reason(value) for value in REASONS} - {status.INTERNAL_REASON}
+    assert status.lookup(errors.IcegateError("unmapped")) == (
+        grpc.StatusCode.INTERNAL, status.INTERNAL_REASON)
+    (info,) = unpack(rpc_status.from_call(FakeRpcError(status.INTERNAL_STATUS)),
+                     error_details_pb2.ErrorInfo)
+    assert info.reason == wire_reason(ErrorReason.ERROR_REASON_INTERNAL) == "INTERNAL"
+
+
+def packed(message: object) -> any_pb2.Any:
+    any_message = any_pb2.Any()
+    any_message.Pack(message)
+    return any_message
+
+
+def sent_pairs() -> list[tuple[grpc.StatusCode, int]]:
+    """Every (status code, reason) pair icegate's server answers."""
+    return sorted({*status.ERROR_TABLE.values(),
+                   (grpc.StatusCode.INTERNAL, ErrorReason.ERROR_REASON_INTERNAL)},
+                  key=lambda pair: (pair[1], pair[0].value[0]))
+
+
+@pytest.mark.parametrize(("code", "reason"), sent_pairs(),
+                         ids=lambda value: getattr(value, "name", None) or wire_reason(value))
+def test_client_has_a_class_for_every_reason_that_refines_the_code(code, reason):
+    answer = rpc_status.to_status(status_pb2.Status(
+        code=code.value[0], message="refused", details=[packed(
+            error_details_pb2.ErrorInfo(reason=wire_reason(reason), domain=status.ERROR_DOMAIN))]))
+    typed = client_errors.from_rpc_error(FakeRpcError(answer))
+    assert typed.reason == wire_reason(reason)
+    # A caller that catches by status code catches this reason too.
+    assert isinstance(typed, client_errors._BY_CODE.get(code, client_errors.InternalError))
+
+
+def test_every_reason_is_understood_by_the_client():
+    assert set(client_errors._BY_REASON) == set(REASONS)
+
+
+def test_an_unknown_reason_falls_back_on_the_code():
+    for reason in ("A_REASON_FROM_A_NEWER_SERVER", "ERROR_REASON_RATE_LIMITED"):
+        answer = rpc_status.to_status(status_pb2.Status(
+            code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message="refused",
+            details=[packed(error_details_pb2.ErrorInfo(reason=reason))]))
+        typed = client_errors.from_rpc_error(FakeRpcError(answer))
+        assert type(typed) is client_errors.ResourceExhaustedError
+        assert typed.reason == reason
+
+
+def test_limit_refusal_labels_are_the_reasons_of_the_project_limits():
+    # icegate_limit_refusals_total{reason}: the label values dashboards already query.
+    assert LIMIT_REASONS == ("RATE_LIMITED", "QUOTA_EXCEEDED", "CONCURRENT_LIMIT")
+    limits = (errors.RateLimitedError, errors.QuotaExceededError, errors.ConcurrentLimitError)
+    assert {status.lookup(sample(cls))[1] for cls in limits} == set(LIMIT_REASONS)
+
+
+# --- ErrorInfo metadata keys are the constants of icegate.error_metadata ----------------------
+
+METADATA_KEYS = {value for name, value in vars(error_metadata).items()
+                 if name.isupper() and isinstance(value, str)}
+
+
+# What the typed client's attributes and other clients read: renaming a constant's value
+# changes the wire.
+PUBLISHED_METADATA_KEYS = {
+    "limit", "window_seconds", "reset_at", "plan", "sessions_included", "sessions_used",
+    "sessions_remaining", "upgrade_url", "resets_at", "current", "max", "provider",
+    "upstream_status", "upstream_request_id",
+}
+
+
+def test_metadata_keys_are_the_published_strings():
+    assert METADATA_KEYS == PUBLISHED_METADATA_KEYS
+
+
+@pytest.mark.parametrize("cls", CONCRETE, ids=lambda cls: cls.__name__)
+def test_server_writes_only_declared_metadata_keys(cls):
+    assert set(error_info(sample(cls)).metadata) <= METADATA_KEYS
+
+
+# --- No reason or metadata key spelled by hand in server/ or client/ --------------------------
+
+def _is_metadata(node: ast.expr) -> bool:
+    """`metadata` or `<anything>.metadata`: the ErrorInfo metadata as both sides name it."""
+    return (isinstance(node, ast.Name) and node.id == "metadata") or (
+        isinstance(node, ast.Attribute) and node.attr == "metadata")
+
+
+def _literal(node: ast.expr | None) -> bool:
+    return isinstance(node, ast.Constant) and isinstance(node.value, str)
+
+
+def hand_spelled(source: str) -> list[tuple[int, str]]:
+    """(line, what) for every reason and every ErrorInfo metadata key spelled as a literal.
+
+    A reason is any string literal equal to a wire reason or an ErrorReason value name: they
+    come from the enum only. A metadata key is a literal key where ErrorInfo metadata is read or
+    written (`metadata[...]`, `metadata.get(...)`, `metadata.update(...)`, `metadata = {...}`,
+    `ErrorInfo(metadata=...)`); words such as `plan` or `provider` mean other things elsewhere.
+    """
+    reasons = PUBLISHED_REASONS | {ErrorReason.Name(value) for value in ErrorReason.values()}
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(source)):
+        if _literal(node) and node.value in reasons:  # type: ignore[attr-defined]
+            found.append((node.lineno, f"reason {node.value!r}"))  # type: ignore[attr-defined]
+        keys: list[ast.expr | None] = []
+        if isinstance(node, ast.Subscript) and _is_metadata(node.value):
+            keys.append(node.slice)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and _is_metadata(node.func.value)):
+            if node.func.attr in ("get", "pop", "setdefault") and node.args:
+                keys.append(node.args[0])
+            if node.func.attr == "update":
+                found.extend((node.lineno, f"metadata key {kw.arg!r}")
+                             for kw in node.keywords if kw.arg)
+                keys.extend(key for arg in node.args if isinstance(arg, ast.Dict)
+                            for key in arg.keys)
+        elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict) and any(
+                _is_metadata(target) for target in node.targets):
+            keys.extend(node.value.keys)
+        elif isinstance(node, ast.Call):
+            for kw in node.keywords:
+                if kw.arg == "metadata" and isinstance(kw.value, ast.Dict):
+                    keys.extend(kw.value.keys)
+        found.extend((node.lineno, f"metadata key {key.value!r}")  # type: ignore[union-attr]
+                     for key in keys if _literal(key))
+    return found
+
+
+@pytest.mark.parametrize("source", [
+    'ErrorInfo(reason="RATE_LIMITED")',
+    'if reason == "UPSTREAM_UNAVAILABLE": pass',
+    'TABLE = {"ERROR_REASON_QUOTA_EXCEEDED": 1}',
+    'metadata.update(limit="100")',
+    'metadata.update({"plan": plan})',
+    'metadata["upstream_request_id"] = request_id',
+    'value = self.metadata.get("reset_at")',
+    'metadata = {"current": "1"}',
+    'ErrorInfo(reason=reason, metadata={"max": "5"})',
+])
+def test_the_scan_finds_a_hand_spelled_reason_or_key(source):
+    assert hand_spelled(source)
+
+
+def test_no_reason_or_metadata_key_is_spelled_by_hand():
+    sources = [path for package in (ROOT / "server", ROOT / "client" / "icegate")
+               for path in package.rglob("*.py") if "/icegate/v1/" not in path.as_posix()]
+    assert ROOT / "server" / "icegate_server" / "status.py" in sources
+    assert ROOT / "client" / "icegate" / "errors.py" in sources
+    offenders = [f"{path.relative_to(ROOT)}:{line}: {what}" for path in sources
+                 for line, what in hand_spelled(path.read_text(encoding="utf-8"))]
+    assert offenders == [], "use ErrorReason / icegate.error_metadata"

@@ -38,7 +38,7 @@ from icegate_server.errors import IcegateError, MalformedRequestError
 from icegate_server.observability.logs import RpcLogEvent, log_rpc, valid_request_id
 from icegate_server.observability.metrics import IcegateMetrics
 from icegate_server.projects.records import PROJECT_ID_PATTERN
-from icegate_server.status import INTERNAL_STATUS, lookup, to_grpc_status
+from icegate_server.status import INTERNAL_REASON, INTERNAL_STATUS, lookup, to_grpc_status
 
 REQUEST_ID_HEADER = "x-request-id"
 
@@ -179,7 +179,7 @@ class CallGuard:
                 code = grpc.StatusCode.CANCELLED
                 raise
             except Exception as error:
-                code, reason, bug = grpc.StatusCode.INTERNAL, "INTERNAL", error
+                code, reason, bug = grpc.StatusCode.INTERNAL, INTERNAL_REASON, error
                 await context.abort(INTERNAL_STATUS.code, INTERNAL_STATUS.details,
                                     (*INTERNAL_STATUS.trailing_metadata, *trailer))
             finally:

@@ -57,6 +57,8 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from icegate.error_reasons import wire_reason
+from icegate.v1.errors_pb2 import ErrorReason
 from icegate_server.clock import Clock
 from icegate_server.errors import (
     UpstreamAuthFailedError,
@@ -76,8 +78,12 @@ RPC_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2
 UPSTREAM_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Seconds: provider token APIs answer in 100 ms to a few seconds; retries add up to ~30 s."""
 
-LIMIT_REASONS = ("RATE_LIMITED", "QUOTA_EXCEEDED", "CONCURRENT_LIMIT")
-"""The ErrorInfo reasons `icegate_limit_refusals_total` counts."""
+LIMIT_REASONS = tuple(wire_reason(reason) for reason in (
+    ErrorReason.ERROR_REASON_RATE_LIMITED,
+    ErrorReason.ERROR_REASON_QUOTA_EXCEEDED,
+    ErrorReason.ERROR_REASON_CONCURRENT_LIMIT,
+))
+"""The ErrorInfo reasons `icegate_limit_refusals_total` counts, as they are on the wire."""
 
 UPSTREAM_OUTCOMES = ("ok", "auth_failed", "rejected", "quota", "unavailable", "timeout",
                      "cancelled", "error")
