@@ -57,11 +57,15 @@ class Setting:
     secret: bool = False
 
 
+_RECORD = "icegate_setting"
+"""The key of a `Settings` field's metadata that holds its `Setting` record."""
+
+
 def setting(default: T, help: str, *, check: Callable[[Any], object] | None = None,
             parse: Callable[[Any], Any] | None = None, secret: bool = False) -> T:
     """Declares a `Settings` field: its default and its `Setting` record."""
     declared: T = dataclasses.field(default=default,
-                                    metadata={"setting": Setting(help, check, parse, secret)})
+                                    metadata={_RECORD: Setting(help, check, parse, secret)})
     return declared
 
 
@@ -381,7 +385,7 @@ def _table() -> dict[str, Setting]:
     types = typing.get_type_hints(Settings)
     table = {}
     for declared in fields(Settings):
-        record = declared.metadata.get("setting")
+        record = declared.metadata.get(_RECORD)
         if not isinstance(record, Setting):
             raise TypeError(f"Settings.{declared.name} is not declared with setting(...)")
         parse = record.parse or _PARSE_BY_TYPE.get(types[declared.name])
