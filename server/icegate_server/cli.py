@@ -1,7 +1,7 @@
 """`icegate-server`: runs the service, or prints a coturn config that matches its settings.
 
     icegate-server [--listen HOST:PORT] [--config FILE] [...]   run the service
-    icegate-server --workers N [...]                            N processes on one port
+    icegate-server --workers N [...]                            N processes on one port (Redis)
     icegate-server coturn-config [--output FILE] [...]          print a matching turnserver.conf
 """
 
@@ -17,6 +17,7 @@ from icegate_server.errors import IcegateError
 from icegate_server.observability.logs import Safe, configure_logging, stop_logging
 from icegate_server.server import run_server
 from icegate_server.settings import ConfigError, Settings, add_setting_flags, load_settings
+from icegate_server.workers import refuse_sqlite_workers, supervise_workers
 
 log = logging.getLogger("icegate_server")
 
@@ -47,6 +48,7 @@ def _resolve_settings(args: argparse.Namespace) -> Settings:
     flags = {key: value for key, value in vars(args).items()
              if key not in {"command", "output"} and not key.startswith("coturn_")}
     settings = load_settings(flags)
+    refuse_sqlite_workers(settings)
     # From here on every line goes through the sanitising formatter (observability.logs).
     configure_logging(settings.log_format, settings.log_level)
     settings, dev_file, created = apply_dev_secrets(settings)
@@ -85,8 +87,6 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         return 0
 
     if settings.workers > 1:
-        from icegate_server.workers import supervise_workers
-
         try:
             return supervise_workers(settings)
         except (OSError, IcegateError) as error:
