@@ -6,7 +6,7 @@
 Sections (see docs/PERFORMANCE.md for the method):
   compare   capacity (closed loop) and latency at a fixed rate of IssueTurnCredentials and
             GetIceServers on: bare grpc.aio, FastAPI/uvicorn, icegate on SQLite, on Redis,
-            with --workers 2 (the last two when this checkout has them);
+            on Redis with --workers 2 (the last two when this checkout has them);
   sessions  CreateSession against a local fake OpenAI with a fixed latency, next to a direct
             httpx call to the same fake;
   scaling   IssueTurnCredentials capacity and memory as projects and active leases grow,
@@ -308,10 +308,9 @@ class Bench:
                 "x_bare": median_ratio(runs, capacity["bare grpc.aio"]),
                 "x_fastapi": median_ratio(runs, capacity["FastAPI (uvicorn, HTTP/1.1)"]),
             }
-        for many in ("icegate SQLite --workers 2", "icegate Redis --workers 2"):
-            one = many.removesuffix(" --workers 2")
-            if many in capacity and one in capacity:
-                ratios[many]["x_one_worker"] = median_ratio(capacity[many], capacity[one])
+        many, one = "icegate Redis --workers 2", "icegate Redis"
+        if many in capacity and one in capacity:
+            ratios[many]["x_one_worker"] = median_ratio(capacity[many], capacity[one])
         for label, figures in ratios.items():
             print(f"   {label}: {figures} (runs {[round(r) for r in capacity[label]]})",
                   flush=True)
@@ -339,8 +338,8 @@ class Bench:
         variants = [("icegate SQLite", "sqlite", 1)]
         if self.redis_usable():
             variants.append(("icegate Redis", "redis", 1))
+        # --workers on Redis only: one process owns a SQLite file (a start is refused).
         if targets.workers_flag_available():
-            variants.append(("icegate SQLite --workers 2", "sqlite", 2))
             if self.redis_usable():
                 variants.append(("icegate Redis --workers 2", "redis", 2))
         else:

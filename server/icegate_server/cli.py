@@ -1,7 +1,7 @@
 """`icegate-server`: runs the service, or prints a coturn config that matches its settings.
 
     icegate-server [--listen HOST:PORT] [--config FILE] [...]   run the service
-    icegate-server --workers N [...]                            N processes on one port
+    icegate-server --workers N [...]                            N processes on one port (Redis)
     icegate-server coturn-config [--output FILE] [...]          print a matching turnserver.conf
 """
 
@@ -23,6 +23,7 @@ from icegate_server.settings import (
     add_setting_flags,
     load_settings,
 )
+from icegate_server.workers import refuse_sqlite_workers, supervise_workers
 
 log = logging.getLogger("icegate_server")
 
@@ -54,6 +55,7 @@ def _resolve_settings(args: argparse.Namespace) -> Settings:
     # while `--coturn-redis` and `--coturn-sqlite` are.
     flags = {key: value for key, value in vars(args).items() if key in SETTINGS or key == "config"}
     settings = load_settings(flags)
+    refuse_sqlite_workers(settings)
     # From here on every line goes through the sanitising formatter (observability.logs).
     configure_logging(settings.log_format, settings.log_level)
     settings, dev_file, created = apply_dev_secrets(settings)
@@ -92,8 +94,6 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         return 0
 
     if settings.workers > 1:
-        from icegate_server.workers import supervise_workers
-
         try:
             return supervise_workers(settings)
         except (OSError, IcegateError) as error:

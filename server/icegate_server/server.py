@@ -177,8 +177,7 @@ async def create_server(
     vault = Vault(load_master_keys(settings.master_key or None,
                                    settings.master_key_file or None))
     store = instrument_store(
-        await open_store(settings.store_url, timeout=settings.store_timeout,
-                         shared=settings.workers > 1), metrics)
+        await open_store(settings.store_url, timeout=settings.store_timeout), metrics)
     http = make_http_client(settings.upstream_connect_timeout, settings.upstream_read_timeout,
                             transport=http_transport)
     try:

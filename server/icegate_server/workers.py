@@ -1,23 +1,21 @@
-"""`icegate-server --workers N`: N server processes sharing one port, under one supervisor.
+"""`icegate-server --workers N`: N server processes sharing one port and one Redis store, under
+one supervisor (grpc's `examples/python/multiprocessing`, with signals and exit codes).
 
-The supervisor (the process the operator started) does everything that must happen once, then
-starts the workers and watches them:
+SQLite serves one process (`store/sqlite.py`): the command line refuses `--workers N` on it
+(`refuse_sqlite_workers`), so every worker here talks to the same Redis, and every limit holds
+across them as across replicas.
 
-1. It claims the listen address: a per-address lock (a Linux abstract Unix socket, which lives
-   exactly as long as the supervisor and in the same network namespace as the port), then a
-   probe bind WITHOUT SO_REUSEPORT. The probe fails while anything listens on the port: another
-   icegate-server with one worker or with many, or any other program. The probe is closed before
-   the workers bind (they could not bind beside it), and the lock closes the race that leaves:
-   two supervisors starting at once both pass a probe, but only one gets the lock. A
-   single-process server that grabs the port in that instant makes the workers' binds fail, so
-   the supervisor stops; nothing ever shares the port silently.
-2. Dev secrets were already settled by the command line (`apply_dev_secrets`), once, here. The
-   store is opened once to create its schema and the `default` project, so workers never race to
-   create either.
-3. It starts N workers with the "spawn" start method: each is a fresh interpreter that builds its
-   own grpc.aio server (SO_REUSEPORT on), uvloop event loop and store connection. Not "fork":
-   gRPC's C core is not fork-safe once initialised, and the supervisor has already run an event
-   loop and a SQLite thread whose locks a forked child would inherit mid-state.
+The supervisor (the process the operator started) claims the port, then starts the workers
+and watches them:
+
+1. It probes the listen address with a bind WITHOUT SO_REUSEPORT, which fails while anything
+   listens there (another icegate-server with one worker or with many, or any other program),
+   so the workers never share the port silently with another server. The probe is closed
+   before the workers bind (they could not bind beside it).
+2. It starts N workers with the "spawn" start method: each is a fresh interpreter that builds
+   its own grpc.aio server (SO_REUSEPORT on), uvloop event loop and store connection. Not
+   "fork": gRPC's C core is not fork-safe once initialised. Each worker creates the `default`
+   project if it is missing, atomically in the store, as replicas do.
 
 Signals and exit codes, kept simple and predictable:
 - SIGTERM or SIGINT to the supervisor is forwarded to every worker as SIGTERM. Each worker turns
@@ -36,7 +34,6 @@ worker takes the group down: a health check answered by any worker answers for t
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import errno
@@ -49,11 +46,10 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
 from types import FrameType
 
 from icegate_server.observability.logs import Safe, configure_logging, stop_logging
-from icegate_server.settings import Settings, parse_listen_address
+from icegate_server.settings import ConfigError, Settings, parse_listen_address
 
 log = logging.getLogger(__name__)
 
@@ -61,38 +57,32 @@ STOP_MARGIN_SECONDS = 10.0
 """How long past the shutdown grace workers get to close their store and exit."""
 
 _POLL_SECONDS = 0.2
-_AddressInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str,
-                     tuple[str, int] | tuple[str, int, int, int] | tuple[int, bytes]]
 
 
-@contextlib.contextmanager
-def claim_listen_address(listen: str) -> Iterator[None]:
-    """Holds the listen address for one group of workers, or raises OSError naming it.
+def refuse_sqlite_workers(settings: Settings) -> None:
+    """Stops a start with more than one worker on a SQLite store, which one process owns.
 
     Raises:
-        OSError: Another server listens on the address, or another supervisor is starting
-            on it.
+        ConfigError: `settings.workers` is above 1 and the store is SQLite (the message names
+            ICEGATE_STORE, in one line).
+    """
+    if settings.workers > 1 and settings.store_url.startswith("sqlite:"):
+        raise ConfigError(
+            "invalid setting ICEGATE_STORE: a SQLite store serves one process, not "
+            f"{settings.workers} workers (ICEGATE_WORKERS); use Redis (ICEGATE_STORE="
+            "redis://...) for more than one process")
+
+
+def probe_listen_address(listen: str) -> None:
+    """Binds each address of `listen` without SO_REUSEPORT, and closes it again.
+
+    Raises:
+        OSError: Another server listens on the address (the message names it, in one line).
     """
     host, port = parse_listen_address(listen)
     host = host.removeprefix("[").removesuffix("]")
-    addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-    with contextlib.ExitStack() as held:
-        if sys.platform.startswith("linux"):
-            for ip in sorted({str(sockaddr[0]) for *_, sockaddr in addresses}):
-                lock = held.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-                try:
-                    lock.bind(f"\0icegate-server:{ip}:{port}")
-                except OSError:
-                    raise OSError(f"cannot listen on {listen}: another "
-                                  "icegate-server is starting or running there") from None
-        _probe_unused(listen, addresses)
-        yield
-
-
-def _probe_unused(listen: str, addresses: Sequence[_AddressInfo]) -> None:
-    """Binds each address without SO_REUSEPORT; fails if anything listens there."""
-    for family, kind, proto, _, sockaddr in addresses:
+    for family, kind, proto, _, sockaddr in socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
         with socket.socket(family, kind, proto) as probe:
             # SO_REUSEADDR as gRPC sets it: connections in TIME_WAIT from an earlier run do
             # not count, a listening socket still does.
@@ -105,21 +95,6 @@ def _probe_unused(listen: str, addresses: Sequence[_AddressInfo]) -> None:
                                   "(another server is listening there)") from None
                 # Anything else (an IPv6 address on a host without IPv6...) is for the
                 # workers' own bind to report, as a single server would.
-
-
-async def _prepare_store(settings: Settings) -> None:
-    """Creates the store's schema and the `default` project once, before any worker starts."""
-    from icegate_server.clock import SystemClock
-    from icegate_server.projects.admin import ProjectAdmin
-    from icegate_server.server import project_defaults
-    from icegate_server.store import open_store
-
-    store = await open_store(settings.store_url, timeout=settings.store_timeout, shared=True)
-    try:
-        await ProjectAdmin(store, SystemClock(), project_defaults(settings)
-                           ).ensure_default_project()
-    finally:
-        await store.close()
 
 
 class _Supervisor:
@@ -212,9 +187,8 @@ def supervise_workers(settings: Settings) -> int:
     supervisor = _Supervisor(settings)
     # From here a stop request is honoured without a traceback: no worker is started after it.
     supervisor.install_signal_handlers()
-    with claim_listen_address(settings.listen):
-        asyncio.run(_prepare_store(settings))
-        return supervisor.run()
+    probe_listen_address(settings.listen)
+    return supervisor.run()
 
 
 def _watch_supervisor(supervisor_pid: int) -> None:

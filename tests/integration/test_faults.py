@@ -216,7 +216,7 @@ def test_sqlite_writes_commit_right_after_a_checkpoint(tmp_path):
 
 def test_a_second_server_on_the_same_sqlite_file_stops_at_start_with_one_line(tmp_path):
     """The first server owns the file and admits from memory: a second one must not split
-    the limits with it silently, so it refuses to start, naming the way to share a file."""
+    the limits with it silently, so it refuses to start, naming Redis for more processes."""
     store = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
     with ServerProcess(tmp_path / "one", store=store) as first, \
             icegate.Client(first.target, TEST_ADMIN_KEY) as admin:
@@ -227,6 +227,7 @@ def test_a_second_server_on_the_same_sqlite_file_stops_at_start_with_one_line(tm
         log_lines = second.read_log().strip().splitlines()
         assert len(log_lines) == 1
         assert "in use" in log_lines[0] and "--workers" in log_lines[0]
+        assert "ICEGATE_STORE" in log_lines[0] and "redis://" in log_lines[0]
         assert admin.issue_turn_credentials("u", timeout=10).username.endswith(":default/u")
     # Once the first has stopped, the file is free again.
     with ServerProcess(tmp_path / "three", store=store) as third, \

@@ -64,16 +64,13 @@ class Backend:
         return asyncio.run(main())
 
 
-@pytest.fixture(params=["sqlite", "sqlite-shared", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    """Each backend in turn: SQLite on a fresh file, owned by the process and shared with
-    other processes (`--workers`: positions in a shared table, caches checked against the
-    file's data_version), and Redis on a fresh redis-server."""
-    if request.param.startswith("sqlite"):
+    """Each backend in turn: SQLite on a fresh file, owned by the process, and Redis on a
+    fresh redis-server."""
+    if request.param == "sqlite":
         path = str(tmp_path / "s.sqlite3")
-        shared = request.param == "sqlite-shared"
-        return Backend(request.param, lambda: SqliteStore.open(path, shared=shared),
-                       lambda: None)
+        return Backend("sqlite", lambda: SqliteStore.open(path), lambda: None)
     server = request.getfixturevalue("redis_server")
     return Backend("redis", lambda: RedisStore.open(server.url), server.restart)
 

@@ -74,7 +74,7 @@ def test_rotation_and_retirement_without_restarting_coturn(tmp_path, redis_serve
 
 
 def test_every_replica_signs_with_the_new_secret(tmp_path, redis_server):
-    # Replicas share a Redis (one SQLite file belongs to one server, or to its workers).
+    # Replicas share a Redis (one SQLite file belongs to one process).
     store = redis_server.url
     first = RunningServer(server_settings(tmp_path / "a", store=store))
     second = RunningServer(server_settings(tmp_path / "b", store=store))

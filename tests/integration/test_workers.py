@@ -1,4 +1,5 @@
-"""`icegate-server --workers 2`: two processes on one port, one supervisor, one lifecycle.
+"""`icegate-server --workers 2`: two processes on one port and one Redis, one supervisor, one
+lifecycle; and the refusal of more than one worker on SQLite, which one process owns.
 
 Which worker serves a connection is read from the kernel (Linux /proc): the worker process that
 owns the server side of the established TCP connection. No product change is needed to see it.
@@ -25,10 +26,13 @@ import icegate
 from fake_upstreams import FakeUpstream, OpenAIEmulation
 from fake_upstreams.server import CannedResponse, RecordedRequest
 from harness.icegate_server import TEST_ADMIN_KEY
+from harness.redis_server import RedisServer
 from harness.server_process import ServerProcess
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="reads sockets and processes from Linux /proc")
+redis = pytest.mark.redis
+BIN = Path(sys.executable).parent
 
 OPENAI_KEY = "sk-test-workers-openai-key-0001"
 # Each channel gets its own connection: gRPC otherwise shares one between equal channels.
@@ -100,9 +104,16 @@ def wait_for_listening_workers(server: ServerProcess, count: int, timeout: float
                          f"{server.read_log()}")
 
 
+def on_redis(workdir: Path, redis_server: RedisServer, **settings: str) -> ServerProcess:
+    """A server process on the test's Redis. The store timeout is well above the default
+    0.1 s: these tests count outcomes exactly, and on a loaded 2-core machine a Redis reply
+    can take longer (UNAVAILABLE, not a limit's answer)."""
+    return ServerProcess(workdir, store=redis_server.url, store_timeout="2", **settings)
+
+
 @pytest.fixture
-def workers(tmp_path) -> Iterator[ServerProcess]:
-    server = ServerProcess(tmp_path / "workers", workers="2").start()
+def workers(tmp_path, redis_server) -> Iterator[ServerProcess]:
+    server = on_redis(tmp_path / "workers", redis_server, workers="2").start()
     try:
         wait_for_listening_workers(server, 2)
         yield server
@@ -114,6 +125,7 @@ def own_client(target: str, key: str) -> icegate.Client:
     return icegate.Client(target, key, channel=grpc.insecure_channel(target, OWN_CONNECTION))
 
 
+@redis
 def test_calls_over_fresh_connections_are_served_by_both_workers(workers):
     clients = [own_client(workers.target, TEST_ADMIN_KEY) for _ in range(16)]
     try:
@@ -127,6 +139,7 @@ def test_calls_over_fresh_connections_are_served_by_both_workers(workers):
     assert sum(served.values()) == 16
 
 
+@redis
 def test_rate_limit_is_exact_across_the_workers(workers):
     with icegate.Client(workers.target, TEST_ADMIN_KEY) as admin:
         admin.create_project("shared", rate_limit_requests=20, rate_limit_window=3600)
@@ -154,6 +167,7 @@ def test_rate_limit_is_exact_across_the_workers(workers):
     assert outcomes.count("RATE_LIMITED") == 40
 
 
+@redis
 def test_sigterm_stops_every_worker_and_exits_zero_within_the_grace(workers):
     assert workers.process is not None
     worker_pids = wait_for_listening_workers(workers, 2)
@@ -163,9 +177,10 @@ def test_sigterm_stops_every_worker_and_exits_zero_within_the_grace(workers):
     assert not any(Path(f"/proc/{pid}").exists() for pid in worker_pids)
 
 
-def test_sigint_to_the_whole_process_group_stops_each_worker_once(tmp_path):
+@redis
+def test_sigint_to_the_whole_process_group_stops_each_worker_once(tmp_path, redis_server):
     # A terminal's Ctrl-C reaches the supervisor and its workers at once.
-    server = ServerProcess(tmp_path, workers="2")
+    server = on_redis(tmp_path, redis_server, workers="2")
     server.new_session = True
     server.start()
     try:
@@ -180,12 +195,14 @@ def test_sigint_to_the_whole_process_group_stops_each_worker_once(tmp_path):
     assert "Traceback" not in log
 
 
-def test_in_flight_call_finishes_after_sigterm(tmp_path):
+@redis
+def test_in_flight_call_finishes_after_sigterm(tmp_path, redis_server):
     def slow_openai(request: RecordedRequest) -> CannedResponse:
         return dataclasses.replace(OpenAIEmulation(OPENAI_KEY)(request), delay=1.5)
 
     with FakeUpstream(slow_openai) as openai:
-        server = ServerProcess(tmp_path, workers="2", openai_base_url=openai.base_url).start()
+        server = on_redis(tmp_path, redis_server, workers="2",
+                          openai_base_url=openai.base_url).start()
         try:
             wait_for_listening_workers(server, 2)
             with icegate.Client(server.target, TEST_ADMIN_KEY) as admin:
@@ -205,6 +222,7 @@ def test_in_flight_call_finishes_after_sigterm(tmp_path):
             server.stop()
 
 
+@redis
 def test_a_worker_dying_stops_the_others_and_the_supervisor_exits_nonzero(workers):
     assert workers.process is not None
     first, second = sorted(wait_for_listening_workers(workers, 2))
@@ -214,6 +232,7 @@ def test_a_worker_dying_stops_the_others_and_the_supervisor_exits_nonzero(worker
     assert "exited with code -9; stopping the others" in workers.read_log()
 
 
+@redis
 def test_workers_stop_when_their_supervisor_is_killed(workers):
     assert workers.process is not None
     worker_pids = wait_for_listening_workers(workers, 2)
@@ -226,17 +245,19 @@ def test_workers_stop_when_their_supervisor_is_killed(workers):
         time.sleep(0.1)
 
 
+@redis
 @pytest.mark.parametrize(("first_workers", "second_workers"),
                          [("2", "1"), ("2", "2"), ("1", "2")])
-def test_a_second_server_on_the_same_port_is_refused(tmp_path, first_workers, second_workers):
-    first = ServerProcess(tmp_path / "first", workers=first_workers).start()
+def test_a_second_server_on_the_same_port_is_refused(tmp_path, redis_server, first_workers,
+                                                     second_workers):
+    first = on_redis(tmp_path / "first", redis_server, workers=first_workers).start()
     try:
         if first_workers != "1":
             wait_for_listening_workers(first, int(first_workers))
         second_dir = tmp_path / "second"
         second_dir.mkdir()
         env = {**first.env, "ICEGATE_WORKERS": second_workers}
-        result = subprocess.run([str(Path(sys.executable).parent / "icegate-server")],
+        result = subprocess.run([str(BIN / "icegate-server")],
                                 cwd=second_dir, env=env, capture_output=True, text=True,
                                 timeout=30)
         assert result.returncode == 1
@@ -248,3 +269,37 @@ def test_a_second_server_on_the_same_port_is_refused(tmp_path, first_workers, se
             assert client.health() == "SERVING"
     finally:
         assert first.stop() == 0
+
+
+@pytest.mark.parametrize("given", ["flag", "environment", "toml"])
+def test_more_than_one_worker_on_sqlite_stops_at_start_naming_the_store(tmp_path, given):
+    # One process owns a SQLite file; more share a Redis. ServerProcess's environment has no
+    # ICEGATE_STORE: the default SQLite file under the data directory.
+    env = ServerProcess(tmp_path / "env").env
+    argv = [str(BIN / "icegate-server")]
+    if given == "flag":
+        argv += ["--workers", "2"]
+    elif given == "environment":
+        env.update(ICEGATE_WORKERS="2", ICEGATE_STORE=f"sqlite:///{tmp_path / 'x.sqlite3'}")
+    else:
+        config = tmp_path / "icegate.toml"
+        config.write_text(f'workers = 3\nstore = "sqlite:///{tmp_path / "x.sqlite3"}"\n')
+        argv += ["--config", str(config)]
+    result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("icegate-server: invalid setting ICEGATE_STORE: ")
+    assert "redis://" in lines[0] and "Traceback" not in result.stderr
+    # Nothing started half-configured: no store file, no data directory.
+    assert not (tmp_path / "x.sqlite3").exists() and not (tmp_path / ".icegate").exists()
+
+
+def test_one_worker_on_sqlite_still_serves(tmp_path):
+    with ServerProcess(tmp_path, workers="1") as server, \
+            icegate.Client(server.target, TEST_ADMIN_KEY) as client:
+        assert client.issue_turn_credentials("alice").username.endswith(":default/alice")
+        assert client.health() == "SERVING"
+    assert server.stop() == 0
+    assert (tmp_path / ".icegate" / "icegate.sqlite3").exists()

@@ -1,24 +1,23 @@
-"""State stores behind one Protocol: SQLite (embedded default) and Redis (shared by replicas)."""
+"""State stores behind one Protocol: SQLite (embedded default, one process) and Redis (shared by
+workers and replicas)."""
 
 from __future__ import annotations
 
 from icegate_server.store.base import Store
 
 
-async def open_store(url: str, *, timeout: float = 0.1, shared: bool = False) -> Store:
-    """Opens the store `url` names: `sqlite:///path` or `redis://...`.
+async def open_store(url: str, *, timeout: float = 0.1) -> Store:
+    """Opens the store `url` names: `sqlite:///path` (owned by this process) or `redis://...`
+    (shared by every worker and replica).
 
     Args:
         url: The store URL.
         timeout: Redis only: how long one store call may take.
-        shared: SQLite only: whether other processes (`--workers`) use the file too; by
-            default the process owns it (see `icegate_server.store.sqlite`). A Redis store
-            is always shared.
     """
     if url.startswith("sqlite:///"):
         from icegate_server.store.sqlite import SqliteStore
 
-        return await SqliteStore.open(url.removeprefix("sqlite:///"), shared=shared)
+        return await SqliteStore.open(url.removeprefix("sqlite:///"))
     if url.startswith(("redis://", "rediss://", "unix://")):
         from icegate_server.store.redis import RedisStore
 

@@ -29,12 +29,12 @@ def test_a_position_of_a_deleted_project_is_never_written_back(tmp_path: Path) -
             assert admitted.outcome is AdmitOutcome.ADMITTED
             assert await store.delete_project("alpha", NOW)
             # As if the admission had raced the deletion: its position is still in memory.
-            store._positions.step("alpha", NOW, RateLimitPolicy.of(1, 3600), lambda _: None)
+            store._positions["alpha"] = NOW + RateLimitPolicy.of(1, 3600).interval_ms
             store._unwritten.add("alpha")
             await store._write_back_positions()
             await store.create_project(Project("alpha", rate_limit_requests=1,
                                                rate_limit_window_seconds=3600))
-            store._positions.forget("alpha")  # read back from the file
+            store._positions.pop("alpha")  # read back from the file
             again = await store.admit(digest=None, project_id="alpha", now_ms=NOW, count=True)
             assert again.outcome is AdmitOutcome.ADMITTED
         finally:
@@ -57,7 +57,7 @@ def test_positions_are_written_back_on_close(tmp_path: Path) -> None:
             await store.close()  # well before the periodic write-back
 
     async def reopened() -> int | None:
-        store = await SqliteStore.open(path, shared=True)  # reads the file on every call
+        store = await SqliteStore.open(path)  # nothing in memory yet: reads the file
         try:
             return await store.rate_position("alpha")
         finally:
