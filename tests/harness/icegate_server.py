@@ -2,12 +2,15 @@
 
 Tests drive it with the real sync client from the test's thread and with the async client
 from their own loop, exactly as callers do. The clock is injected, so tests freeze time.
+Tests get servers from the `server_factory` fixture (harness/pytest_plugin.py), which stops
+every server it started when the test ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import threading
 from collections.abc import Coroutine
@@ -76,3 +79,27 @@ class RunningServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class ServerFactory:
+    """Starts test servers on one data directory, and stops every one of them in `stop_all`.
+
+    `factory(clock, **overrides)` starts a `RunningServer` with `server_settings(data_dir,
+    **overrides)` and the given clock (a fresh `FrozenClock` when None). A server started again
+    on the same data directory finds the data the previous one left, as a restart would; pass
+    `data_dir=` for a server of its own (two live servers must not share a SQLite file).
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self._running = contextlib.ExitStack()
+
+    def __call__(self, clock: Clock | None = None, *, data_dir: Path | None = None,
+                 **overrides: Any) -> RunningServer:
+        server = RunningServer(server_settings(data_dir or self.data_dir, **overrides), clock)
+        self._running.callback(server.stop)  # a no-op for a server already stopped
+        return server
+
+    def stop_all(self) -> None:
+        """Stops every server still running, the last started first (all, even if one fails)."""
+        self._running.close()

@@ -1,6 +1,11 @@
-"""pytest fixtures that start real coturn and Redis servers for a test.
+"""pytest fixtures that start real icegate, coturn and Redis servers for a test.
 
 Loaded from tests/conftest.py with `pytest_plugins = ["harness.pytest_plugin"]`.
+
+- `server_factory` (and `module_server_factory`, for a module's shared server) starts icegate
+  servers with settings overrides and a clock; thin fixtures in a test module give it that
+  module's defaults. `icegate_server` is the plain one.
+- `store_url` runs a server-level test on each store: SQLite, then Redis.
 
 When `turnserver`, `turnutils_uclient` or `redis-server` is not installed, a test that needs it
 is skipped on a developer machine, and fails when the environment variable CI is "true": CI
@@ -17,6 +22,8 @@ from pathlib import Path
 import pytest
 
 from harness.coturn import DEFAULT_REALM, Coturn
+from harness.icegate_server import RunningServer, ServerFactory
+from harness.ports import free_tcp_port
 from harness.redis_server import RedisServer
 
 CoturnFactory = Callable[..., Coturn]
@@ -75,3 +82,49 @@ def redis_server_session() -> Iterator[RedisServer]:
     require_binaries("redis-server")
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
+    """Starts icegate servers for this test (data in `tmp_path`); stops them when it ends.
+
+    `server_factory(clock, **overrides)` returns a running `RunningServer`; see
+    `ServerFactory` for the data directory a second server uses.
+    """
+    factory = ServerFactory(tmp_path)
+    yield factory
+    factory.stop_all()
+
+
+@pytest.fixture(scope="module")
+def module_server_factory(request: pytest.FixtureRequest,
+                          tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFactory]:
+    """`server_factory` for servers a whole module shares (stopped when the module ends)."""
+    factory = ServerFactory(tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2]))
+    yield factory
+    factory.stop_all()
+
+
+@pytest.fixture
+def icegate_server(server_factory: ServerFactory) -> RunningServer:
+    """A real icegate server on a free port with a frozen clock (`.clock`), on SQLite."""
+    return server_factory()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each store backend a server can run on, in turn: the `store` setting for it.
+
+    SQLite is the file the server would use by default in `tmp_path`; Redis is a fresh
+    `redis_server` (skipped without redis-server on a developer machine, failed on CI).
+    """
+    if request.param == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        return server.url
+    return f"sqlite:///{tmp_path / 'icegate.sqlite3'}"
+
+
+@pytest.fixture
+def free_port_unused() -> int:
+    """A loopback TCP port nothing listens on."""
+    return free_tcp_port()

@@ -1,9 +1,10 @@
 """Hostile input through the real server: every field of every request, and the metadata.
 
-The request strategy is built from the generated descriptors, so a field added to a proto is
-fuzzed without touching this file. Whatever a caller sends, icegate answers with a status
-that says what happened: never UNKNOWN or INTERNAL (a bug), never a credential for nobody,
-and a refused field (INVALID_ARGUMENT) never costs an upstream request.
+The request strategies (harness/request_strategies.py) are built from the generated
+descriptors, so a field added to a proto is fuzzed without touching this file. Whatever a
+caller sends, icegate answers with a status that says what happened: never UNKNOWN or INTERNAL
+(a bug), never a credential for nobody, and a refused field (INVALID_ARGUMENT) never costs an
+upstream request.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import pytest
 from google.protobuf import descriptor, duration_pb2, field_mask_pb2, message_factory
 from google.rpc import error_details_pb2, status_pb2
 from hypothesis import HealthCheck, event, given, settings
-from hypothesis import strategies as st
 
 import icegate
 from fake_upstreams import (
@@ -28,11 +28,18 @@ from fake_upstreams import (
     OpenAIEmulation,
     OrgaEmulation,
 )
-from harness.icegate_server import TEST_ADMIN_KEY, RunningServer, server_settings
+from harness.icegate_server import TEST_ADMIN_KEY, RunningServer, ServerFactory
 from harness.raw_grpc import RawGrpcConnection, grpc_frame
+from harness.request_strategies import (
+    METHODS,
+    RequestStrategies,
+    field_paths,
+    is_set,
+    method_path,
+    replace_field,
+)
 from icegate.v1 import admin_pb2, credentials_pb2, sessions_pb2, usage_pb2
 
-FD = descriptor.FieldDescriptor
 MAX_RECEIVE = 64 * 1024  # server.py: grpc.max_receive_message_length
 
 PROVIDER_KEYS = {
@@ -43,146 +50,8 @@ PROVIDER_KEYS = {
 }
 AZURE_DEPLOYMENTS = frozenset({"gpt-realtime", "gpt-4o-realtime-preview"})
 
-METHODS: list[descriptor.MethodDescriptor] = [
-    method
-    for module in (credentials_pb2, sessions_pb2, usage_pb2, admin_pb2)
-    for service in module.DESCRIPTOR.services_by_name.values()
-    for method in service.methods
-]
-"""Every RPC of every icegate.v1 service, from the generated descriptors."""
-
-
-def method_path(method: descriptor.MethodDescriptor) -> str:
-    return f"/{method.containing_service.full_name}/{method.name}"
-
-
-# -- a request strategy from a message descriptor ------------------------------------------
-
-_ALL_FIELD_NAMES = sorted({
-    field.name
-    for module in (credentials_pb2, sessions_pb2, usage_pb2, admin_pb2)
-    for message in module.DESCRIPTOR.message_types_by_name.values()
-    for field in message.fields
-})
-
-STRING_HINTS = [
-    "", "default", "fuzz-spare", "alice", "a", "a:b", ":", " ", "\x00", "é", "😀",
-    *PROVIDER_KEYS, "openai-beta", "echo", "alloy", "nobody", "gpt-realtime", "gpt-realtime-mini",
-    "gpt-4o-realtime-preview", "audio", "text", "dev@example.test", "https://example.com/up",
-    "javascript:alert(1)", "ses_0000000000000000", "igk_x_y", "bmV4dA==", "free",
-    *PROVIDER_KEYS.values(), *_ALL_FIELD_NAMES,
-]
-"""Values that get past the first checks, so deeper validation is reached too."""
-
-_INT_RANGES = {
-    FD.TYPE_INT32: (-(2**31), 2**31 - 1), FD.TYPE_SINT32: (-(2**31), 2**31 - 1),
-    FD.TYPE_SFIXED32: (-(2**31), 2**31 - 1), FD.TYPE_INT64: (-(2**63), 2**63 - 1),
-    FD.TYPE_SINT64: (-(2**63), 2**63 - 1), FD.TYPE_SFIXED64: (-(2**63), 2**63 - 1),
-    FD.TYPE_UINT32: (0, 2**32 - 1), FD.TYPE_FIXED32: (0, 2**32 - 1),
-    FD.TYPE_UINT64: (0, 2**64 - 1), FD.TYPE_FIXED64: (0, 2**64 - 1),
-}
-_INT_HINTS = [0, 1, -1, 5, 10, 59, 60, 120, 600, 3600, 7200, 86400, 7 * 86400 + 1, 10**6,
-              10**9, 10**9 + 1, 315_576_000_000, 315_576_000_001, 999_999_999, 1_000_000_000]
-
-_unicode = st.characters(exclude_categories=("Cs",))  # protobuf strings cannot hold surrogates
-_hostile = st.sampled_from(list(":\x00\x01\n\r\t\x1b\x7f\x85/\\%' é😀\u202e\ufeff\u200b\ufffd"))
-SHORT_TEXT = st.one_of(
-    st.sampled_from(["", "default"]),
-    st.sampled_from(STRING_HINTS),
-    st.text(_unicode, max_size=40),
-    st.text(st.one_of(_hostile, _unicode), max_size=300),
-    st.builds(lambda hint, tail: hint + tail, st.sampled_from(STRING_HINTS),
-              st.text(_hostile, min_size=1, max_size=3)),
-    st.builds(lambda head, hint: head + hint, st.text(_hostile, min_size=1, max_size=3),
-              st.sampled_from(STRING_HINTS)),
-)
-HUGE_TEXT = st.builds(lambda piece, size: (piece * size)[:size],
-                      st.text(_unicode, min_size=1, max_size=8), st.integers(300, 64 * 1024))
-"""Up to 64 Ki characters; past 64 KiB of message, grpc refuses it before icegate sees it."""
-TEXT = st.one_of(SHORT_TEXT, SHORT_TEXT, SHORT_TEXT, HUGE_TEXT)
-
-
-def _integers(field_type: int) -> st.SearchStrategy[int]:
-    low, high = _INT_RANGES[field_type]
-    edges = sorted({v for v in (*_INT_HINTS, *(-v for v in _INT_HINTS), low, high)
-                    if low <= v <= high})
-    return st.one_of(st.sampled_from(edges), st.integers(low, high))
-
-
-def _scalar(field: descriptor.FieldDescriptor, *, short: bool) -> st.SearchStrategy[Any]:
-    if field.type in _INT_RANGES:
-        return _integers(field.type)
-    if field.type == FD.TYPE_ENUM:  # proto3 enums are open: any int32 goes on the wire
-        defined = [value.number for value in field.enum_type.values]
-        return st.one_of(st.sampled_from(defined), st.integers(-(2**31), 2**31 - 1))
-    if field.type == FD.TYPE_DOUBLE:
-        return st.one_of(st.sampled_from([0.0, -0.0, 0.25, 0.6, 1.0, 1.5, 2.0, 1e308]),
-                         st.floats(allow_nan=True, allow_infinity=True))
-    if field.type == FD.TYPE_FLOAT:
-        return st.floats(width=32, allow_nan=True, allow_infinity=True)
-    if field.type == FD.TYPE_BOOL:
-        return st.booleans()
-    if field.type == FD.TYPE_STRING:
-        return SHORT_TEXT if short else TEXT
-    if field.type == FD.TYPE_BYTES:
-        return st.binary(max_size=64) if short else st.one_of(
-            st.binary(max_size=64), st.binary(min_size=1000, max_size=70_000))
-    raise NotImplementedError(f"{field.full_name}: field type {field.type}")
-
-
-def _value(field: descriptor.FieldDescriptor, depth: int, *,
-           short: bool = False) -> st.SearchStrategy[Any]:
-    if field.message_type is not None:
-        return message_strategy(field.message_type, depth + 1)
-    return _scalar(field, short=short)
-
-
-def _field(field: descriptor.FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
-    if field.message_type is not None and field.message_type.GetOptions().map_entry:
-        key = _value(field.message_type.fields_by_name["key"], depth)
-        value = _value(field.message_type.fields_by_name["value"], depth)
-        return st.dictionaries(key, value, max_size=20)
-    if field.is_repeated:
-        many = 30 if field.message_type is not None else 300
-        return st.one_of(st.lists(_value(field, depth), max_size=4),
-                         st.lists(_value(field, depth, short=True), min_size=20, max_size=many))
-    return _value(field, depth)
-
-
-def _build(message_class: Any, values: dict[str, Any]) -> Any:
-    message = message_class()
-    _build_into(message, values)
-    return message
-
-
-def _build_into(message: Any, values: dict[str, Any]) -> None:
-    for name, value in values.items():
-        field = message.DESCRIPTOR.fields_by_name[name]
-        target = getattr(message, name) if field.message_type is not None else None
-        if field.message_type is not None and field.message_type.GetOptions().map_entry:
-            value_field = field.message_type.fields_by_name["value"]
-            for k, v in value.items():
-                if value_field.message_type is not None:
-                    target[k].CopyFrom(v)
-                else:
-                    target[k] = v
-        elif field.is_repeated:
-            getattr(message, name).extend(value)
-        elif target is not None:
-            target.CopyFrom(value)
-            target.SetInParent()  # an empty sub-message is still "set"
-        else:
-            setattr(message, name, value)
-
-
-def message_strategy(message: descriptor.Descriptor, depth: int = 0) -> st.SearchStrategy[Any]:
-    """Messages of type `message`, any subset of fields set, each to any value of its type."""
-    message_class = message_factory.GetMessageClass(message)
-    if depth > 4:
-        return st.just(message_class())
-    optional = {field.name: _field(field, depth) for field in message.fields}
-    return st.fixed_dictionaries({}, optional=optional).map(
-        lambda values: _build(message_class, values))
+STRATEGIES = RequestStrategies(extra_hints=["fuzz-spare", *PROVIDER_KEYS.values()])
+"""Requests of every kind, their strings leaning on this module's project and keys too."""
 
 
 # -- the server under attack -----------------------------------------------------------------
@@ -299,27 +168,26 @@ class Target:
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory) -> Iterator[Target]:
+def target(module_server_factory: ServerFactory) -> Iterator[Target]:
     with FakeUpstream(OpenAIEmulation(PROVIDER_KEYS["openai"])) as openai, \
             FakeUpstream(AzureEmulation(PROVIDER_KEYS["azure"], AZURE_DEPLOYMENTS)) as azure, \
             FakeUpstream(OrgaEmulation(PROVIDER_KEYS["orga"])) as orga, \
             FakeUpstream(GeminiEmulation(PROVIDER_KEYS["gemini"])) as gemini:
         # Every provider points at a fake: no example can reach the real internet.
-        data_dir = tmp_path_factory.mktemp("hostile")
-        settings_ = server_settings(
-            data_dir, openai_base_url=openai.base_url,
+        server = module_server_factory(
+            openai_base_url=openai.base_url,
             azure_base_url=azure.base_url, orga_base_url=orga.base_url,
             gemini_base_url=gemini.base_url, upstream_read_timeout=5.0,
             # A coturn database icegate keeps: RotateTurnSecret needs one (or its override).
-            coturn_sqlite=str(data_dir / "coturn.sqlite3"))
-        with RunningServer(settings_) as server:
-            running = Target(server, [openai, azure, orga, gemini])
-            running.admin.create_project("fuzz-spare")
-            running.ensure_baseline()
-            try:
-                yield running
-            finally:
-                running.close()
+            coturn_sqlite=str(module_server_factory.data_dir / "coturn.sqlite3"))
+        running = Target(server, [openai, azure, orga, gemini])
+        running.admin.create_project("fuzz-spare")
+        running.ensure_baseline()
+        try:
+            yield running
+        finally:
+            running.close()
+            server.stop()  # before its fakes go
 
 
 # -- what every answer must satisfy ---------------------------------------------------------
@@ -421,7 +289,7 @@ def test_every_field_of_every_request(target: Target, method: descriptor.MethodD
     @settings(max_examples=60, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                      HealthCheck.large_base_example])
-    @given(request=message_strategy(method.input_type))
+    @given(request=STRATEGIES.message(method.input_type))
     def check(request: Any) -> None:
         before = target.upstream_requests()
         code, response, error = target.call(method, request)
@@ -432,34 +300,6 @@ def test_every_field_of_every_request(target: Target, method: descriptor.MethodD
             target.ensure_baseline()
 
     check()
-
-
-def field_paths(message: descriptor.Descriptor, depth: int = 0,
-                ) -> list[tuple[descriptor.FieldDescriptor, ...]]:
-    """Every field of `message` and, a few levels down, of its sub-messages, as paths."""
-    paths: list[tuple[descriptor.FieldDescriptor, ...]] = []
-    for field in message.fields:
-        paths.append((field,))
-        if field.message_type is not None and not field.is_repeated and depth < 2:
-            paths.extend((field, *rest) for rest in field_paths(field.message_type, depth + 1))
-    return paths
-
-
-def _replace(message: Any, path: tuple[descriptor.FieldDescriptor, ...], value: Any) -> None:
-    for field in path[:-1]:
-        message = getattr(message, field.name)
-    last = path[-1]
-    message.ClearField(last.name)
-    _build_into(message, {last.name: value})
-
-
-def one_hostile_field(method: descriptor.MethodDescriptor) -> st.SearchStrategy[Any]:
-    """(path, value): one field, anywhere in the request, and any value of its type."""
-    paths = field_paths(method.input_type)
-    if not paths:
-        return st.just(None)
-    return st.sampled_from(paths).flatmap(
-        lambda path: st.tuples(st.just(path), _field(path[-1], len(path))))
 
 
 @pytest.mark.parametrize("method", METHODS, ids=method_path)
@@ -476,11 +316,11 @@ def test_one_hostile_field_in_a_valid_request(target: Target,
     @settings(max_examples=40, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                      HealthCheck.large_base_example])
-    @given(mutation=one_hostile_field(method))
+    @given(mutation=STRATEGIES.one_field(method))
     def check(mutation: Any) -> None:
         request = target.valid_request(method.name)
         if mutation is not None:
-            _replace(request, *mutation)
+            replace_field(request, *mutation)
         before = target.upstream_requests()
         code, response, error = target.call(method, request)
         calls = target.upstream_requests() - before
@@ -492,19 +332,6 @@ def test_one_hostile_field_in_a_valid_request(target: Target,
     check()
 
 
-def _is_set(message: Any, path: tuple[descriptor.FieldDescriptor, ...]) -> bool:
-    for field in path[:-1]:
-        if not message.HasField(field.name):
-            return False
-        message = getattr(message, field.name)
-    last = path[-1]
-    if last.is_repeated:
-        return len(getattr(message, last.name)) > 0
-    if last.has_presence:
-        return bool(message.HasField(last.name))
-    return bool(getattr(message, last.name) != last.default_value)
-
-
 @pytest.mark.parametrize("method", METHODS, ids=method_path)
 def test_the_strategy_reaches_every_field(method: descriptor.MethodDescriptor):
     """The generic strategy sets every field of the request and of its sub-messages (so a
@@ -513,9 +340,9 @@ def test_the_strategy_reaches_every_field(method: descriptor.MethodDescriptor):
 
     @settings(max_examples=100, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
-    @given(message_strategy(method.input_type))
+    @given(STRATEGIES.message(method.input_type))
     def collect(request: Any) -> None:
-        missing.difference_update([path for path in missing if _is_set(request, path)])
+        missing.difference_update([path for path in missing if is_set(request, path)])
 
     collect()
     assert {".".join(f.name for f in path) for path in missing} == set()

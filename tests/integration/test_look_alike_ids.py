@@ -7,15 +7,14 @@ from __future__ import annotations
 import pytest
 
 import icegate
-from harness.icegate_server import TEST_ADMIN_KEY, RunningServer, server_settings
+from harness.icegate_server import TEST_ADMIN_KEY
 
 FAST = 5.0
 
 
 @pytest.fixture(scope="module")
-def admin(tmp_path_factory):
-    with RunningServer(server_settings(tmp_path_factory.mktemp("look-alike"))) as running, \
-            icegate.Client(running.target, TEST_ADMIN_KEY) as client:
+def admin(module_server_factory):
+    with icegate.Client(module_server_factory().target, TEST_ADMIN_KEY) as client:
         client.create_project("acme", timeout=FAST)
         yield client
 

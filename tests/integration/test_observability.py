@@ -23,7 +23,6 @@ from harness.icegate_server import (
     TEST_MASTER_KEY,
     TEST_TURN_SECRET,
     RunningServer,
-    server_settings,
 )
 from harness.server_process import ServerProcess
 from icegate.errors import from_rpc_error
@@ -49,11 +48,9 @@ def openai():
 
 
 @pytest.fixture
-def server(tmp_path, openai):
-    settings = server_settings(tmp_path, openai_base_url=openai.base_url,
-                               metrics_listen="127.0.0.1:0")
-    with RunningServer(settings, FrozenClock(NOVEMBER)) as running:
-        yield running
+def server(server_factory, openai):
+    return server_factory(FrozenClock(NOVEMBER), openai_base_url=openai.base_url,
+                          metrics_listen="127.0.0.1:0")
 
 
 def scrape(server: RunningServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -212,17 +209,16 @@ def test_active_lease_gauge_follows_the_store(server, openai):
     assert value(scrape(server), "icegate_active_leases") == 0
 
 
-def test_two_servers_in_one_process_keep_separate_figures(server, tmp_path):
-    other_settings = server_settings(tmp_path / "other", metrics_listen="127.0.0.1:0")
-    with RunningServer(other_settings) as other, \
+def test_two_servers_in_one_process_keep_separate_figures(server, server_factory, tmp_path):
+    with server_factory(data_dir=tmp_path / "other", metrics_listen="127.0.0.1:0") as other, \
             icegate.Client(server.target, TEST_ADMIN_KEY) as client:
         client.issue_turn_credentials("bob")
         assert value(scrape(server), "icegate_turn_credentials_issued_total") == 1
         assert value(scrape(other), "icegate_turn_credentials_issued_total") == 0
 
 
-def test_stop_closes_the_metrics_port(tmp_path):
-    running = RunningServer(server_settings(tmp_path, metrics_listen="127.0.0.1:0"))
+def test_stop_closes_the_metrics_port(server_factory):
+    running = server_factory(metrics_listen="127.0.0.1:0")
     port = running.server.metrics_port
     running.stop()
     with pytest.raises(httpx.ConnectError):
@@ -414,13 +410,13 @@ def test_a_bug_is_one_error_line_without_its_message(capture, server, stub, monk
                  method=CREDENTIALS + "IssueTurnCredentials") == 1
 
 
-def test_a_servicer_abort_keeps_its_code_and_the_request_id(tmp_path, monkeypatch):
+def test_a_servicer_abort_keeps_its_code_and_the_request_id(monkeypatch, server_factory):
     async def aborting(self, request, context):
         await context.abort(grpc.StatusCode.NOT_FOUND, "nothing here")
 
     # Handlers are bound when the server is built: patch first, then start one.
     monkeypatch.setattr(CredentialServicer, "IssueTurnCredentials", aborting)
-    with RunningServer(server_settings(tmp_path, metrics_listen="127.0.0.1:0")) as server, \
+    with server_factory(metrics_listen="127.0.0.1:0") as server, \
             grpc.insecure_channel(server.target) as channel:
         with pytest.raises(grpc.RpcError) as caught:
             credentials_pb2_grpc.CredentialServiceStub(channel).IssueTurnCredentials(

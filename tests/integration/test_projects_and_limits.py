@@ -6,18 +6,14 @@ import grpc
 import pytest
 
 import icegate
-from harness.icegate_server import TEST_ADMIN_KEY, RunningServer, server_settings
+from harness.icegate_server import TEST_ADMIN_KEY, RunningServer, ServerFactory
 from icegate.v1 import credentials_pb2, credentials_pb2_grpc
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def server(request, tmp_path):
+@pytest.fixture
+def server(server_factory: ServerFactory, store_url: str) -> RunningServer:
     """A real icegate server (frozen clock) on each store backend."""
-    overrides = {}
-    if request.param == "redis":
-        overrides["store"] = request.getfixturevalue("redis_server").url
-    with RunningServer(server_settings(tmp_path, **overrides)) as running:
-        yield running
+    return server_factory(store=store_url)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 import icegate
-from harness.icegate_server import TEST_ADMIN_KEY, RunningServer, server_settings
+from harness.icegate_server import TEST_ADMIN_KEY, RunningServer, ServerFactory
 from harness.raw_grpc import RawGrpcConnection, StreamResult, grpc_frame
 from icegate.v1 import credentials_pb2
 
@@ -28,11 +28,11 @@ RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 8, 12, 13, 14
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[RunningServer]:
-    with RunningServer(server_settings(tmp_path_factory.mktemp("raw-http2"))) as running:
-        with icegate.Client(running.target, TEST_ADMIN_KEY) as admin:
-            admin.update_project("default", rate_limit_requests=10**9)
-        yield running
+def server(module_server_factory: ServerFactory) -> RunningServer:
+    running = module_server_factory()
+    with icegate.Client(running.target, TEST_ADMIN_KEY) as admin:
+        admin.update_project("default", rate_limit_requests=10**9)
+    return running
 
 
 @pytest.fixture(scope="module")

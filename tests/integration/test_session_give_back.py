@@ -24,7 +24,7 @@ import pytest
 import icegate
 from fake_upstreams import CannedResponse, FakeUpstream, OpenAIEmulation, openai_error
 from harness.delay_proxy import DelayProxy
-from harness.icegate_server import TEST_ADMIN_KEY, RunningServer, server_settings
+from harness.icegate_server import TEST_ADMIN_KEY, RunningServer, ServerFactory, server_settings
 from harness.redis_server import RedisServer
 from harness.server_process import ServerProcess
 from icegate_server.clock import FrozenClock, SystemClock
@@ -176,15 +176,12 @@ def test_deadlines_expiring_behind_a_slow_redis_keep_nothing(
 
 # -- the provider answers after the lease would have expired -------------------------------------
 
-@pytest.fixture(params=["sqlite", "redis"])
-def frozen_server(request: pytest.FixtureRequest, tmp_path: Path,
-                  openai: FakeUpstream) -> Iterator[RunningServer]:
-    overrides: dict[str, object] = {"openai_base_url": openai.base_url,
-                                    "session_lease_seconds": 1}
-    if request.param == "redis":
-        overrides["store"] = request.getfixturevalue("redis_server").url
-    with RunningServer(server_settings(tmp_path, **overrides), FrozenClock(NOVEMBER)) as server:
-        yield server
+@pytest.fixture
+def frozen_server(server_factory: ServerFactory, store_url: str,
+                  openai: FakeUpstream) -> RunningServer:
+    """A server on each store, its clock frozen in November, with 1 s session leases."""
+    return server_factory(FrozenClock(NOVEMBER), store=store_url,
+                          openai_base_url=openai.base_url, session_lease_seconds=1)
 
 
 def test_an_upstream_refusing_after_the_lease_time_keeps_nothing(

@@ -10,7 +10,7 @@ import pytest
 
 import icegate
 from fake_upstreams import CannedResponse, FakeUpstream, OpenAIEmulation, openai_error
-from harness.icegate_server import TEST_ADMIN_KEY, RunningServer, server_settings
+from harness.icegate_server import TEST_ADMIN_KEY, RunningServer, ServerFactory
 from icegate_server.clock import FrozenClock
 
 OPENAI_KEY = "sk-test-SECRET-openai-key-1234"
@@ -23,13 +23,11 @@ def openai():
         yield fake
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def server(request, tmp_path, openai):
-    overrides = {"openai_base_url": openai.base_url, "session_lease_seconds": 600}
-    if request.param == "redis":
-        overrides["store"] = request.getfixturevalue("redis_server").url
-    with RunningServer(server_settings(tmp_path, **overrides), FrozenClock(NOVEMBER)) as running:
-        yield running
+@pytest.fixture
+def server(server_factory: ServerFactory, store_url: str, openai) -> RunningServer:
+    """A real icegate server, its clock frozen in November, on each store backend."""
+    return server_factory(FrozenClock(NOVEMBER), store=store_url,
+                          openai_base_url=openai.base_url, session_lease_seconds=600)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import icegate
-from harness.icegate_server import TEST_ADMIN_KEY, RunningServer, server_settings
+from harness.icegate_server import TEST_ADMIN_KEY
 from harness.pki import CertFiles, TestCA
 from harness.server_process import ServerProcess
 
@@ -70,27 +70,28 @@ def pki(tmp_path_factory):
     }
 
 
-def tls_settings(tmp_path: Path, pki, *, mutual: bool, **overrides):
+def tls_overrides(pki, *, mutual: bool) -> dict[str, str]:
+    """The TLS settings of a test server: its certificate, and for mutual TLS the client CA
+    and the mapping of certificate names to projects."""
     server: CertFiles = pki["server"]
-    extra = dict(tls_cert=server.cert, tls_key=server.key)
+    overrides = dict(tls_cert=server.cert, tls_key=server.key)
     if mutual:
-        extra.update(tls_client_ca=pki["ca"].cert, tls_client_projects=CLIENT_PROJECTS)
-    return server_settings(tmp_path, **extra, **overrides)
+        overrides.update(tls_client_ca=pki["ca"].cert, tls_client_projects=CLIENT_PROJECTS)
+    return overrides
 
 
 @pytest.fixture
-def tls_server(tmp_path, pki):
-    with RunningServer(tls_settings(tmp_path, pki, mutual=False)) as running:
-        yield running
+def tls_server(server_factory, pki):
+    return server_factory(**tls_overrides(pki, mutual=False))
 
 
 @pytest.fixture
-def mtls_server(tmp_path, pki):
-    with RunningServer(tls_settings(tmp_path, pki, mutual=True)) as running:
-        with icegate.Client(running.target, TEST_ADMIN_KEY, tls=client_tls(pki, "ops")) as admin:
-            admin.create_project("acme")
-            admin.create_project("billing")
-        yield running
+def mtls_server(server_factory, pki):
+    running = server_factory(**tls_overrides(pki, mutual=True))
+    with icegate.Client(running.target, TEST_ADMIN_KEY, tls=client_tls(pki, "ops")) as admin:
+        admin.create_project("acme")
+        admin.create_project("billing")
+    return running
 
 
 def client_tls(pki, cert_name: str | None = None, *, ca: str = "ca") -> icegate.TlsConfig:

@@ -25,7 +25,7 @@ from fake_upstreams.hostile import (
     BENIGN_TOKEN,
     HostileUpstream,
 )
-from harness.icegate_server import TEST_ADMIN_KEY, RunningServer, server_settings
+from harness.icegate_server import TEST_ADMIN_KEY, RunningServer, ServerFactory
 from icegate_server.clock import FrozenClock
 from icegate_server.observability.logs import QUIET_LIBRARY_LOGGERS
 
@@ -66,18 +66,17 @@ def hostile() -> Iterator[tuple[FakeUpstream, HostileUpstream]]:
 
 
 @pytest.fixture(scope="module")
-def server(hostile, tmp_path_factory) -> Iterator[RunningServer]:
+def server(hostile, module_server_factory: ServerFactory) -> RunningServer:
     fake, _ = hostile
     url = fake.base_url
-    settings = server_settings(tmp_path_factory.mktemp("hostile"), openai_base_url=url,
-                               azure_base_url=url, orga_base_url=url, gemini_base_url=url)
-    with RunningServer(settings, FrozenClock(time.time())) as running:
-        with icegate.Client(running.target, TEST_ADMIN_KEY) as admin:
-            admin.create_project(PROJECT, rate_limit_requests=1_000_000,
-                                 max_concurrent_sessions=1000)
-            for family in ("openai", "azure", "orga", "gemini"):
-                admin.set_provider_key(PROJECT, family, PROVIDER_KEY)
-        yield running
+    running = module_server_factory(FrozenClock(time.time()), openai_base_url=url,
+                                    azure_base_url=url, orga_base_url=url, gemini_base_url=url)
+    with icegate.Client(running.target, TEST_ADMIN_KEY) as admin:
+        admin.create_project(PROJECT, rate_limit_requests=1_000_000,
+                             max_concurrent_sessions=1000)
+        for family in ("openai", "azure", "orga", "gemini"):
+            admin.set_provider_key(PROJECT, family, PROVIDER_KEY)
+    return running
 
 
 @pytest.fixture
