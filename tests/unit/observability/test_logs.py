@@ -207,15 +207,15 @@ RPC_EVENTS = [
 
 
 @pytest.mark.parametrize("event", RPC_EVENTS)
-def test_the_rpc_line_says_what_the_formatter_says(event):
-    # The line production writes (configure_logging's queue and writer thread) carries
+def test_the_fast_rpc_line_says_what_the_formatter_says(event):
+    # Production logs RPCs without a LogRecord (logs._FastRpcLines): the line must carry
     # exactly the content the sanitising formatter would write for the same event.
     stream = io.StringIO()
     root = logging.getLogger()
     saved_handlers, saved_level = list(root.handlers), root.level
     try:
         configure_logging("json", "INFO", stream=stream)
-        for _ in range(2):
+        for _ in range(2):  # the second line comes from the remembered fragments
             log_rpc(event)
     finally:
         stop_logging()
