@@ -111,7 +111,13 @@ class MethodTable(grpc.GenericRpcHandler):
     grpc.aio's server waits for the next call of each *registered* method separately: its
     accept loop runs `asyncio.wait` over one pending future per registered method (and one
     for all others), so every call pays in Python for every method the server has. One
-    generic handler leaves one future to wait on: PLACEHOLDER_FIGURE
+    generic handler leaves one future to wait on, and it depends on nothing but the
+    descriptors and the servicers' method names, not on how generated code registers.
+
+    Measured (`bench/instructions.py`, IssueTurnCredentials, two targets at a time,
+    2026-12-06): this table 558k-562k instructions a call; grpc's own extension point instead
+    (the generated `add_XServicer_to_server` registrations and a `grpc.aio.ServerInterceptor`
+    wrapping each method's handler once, cached) 714k, 27 % more, past the 5 % rule.
     """
 
     def __init__(self) -> None:
