@@ -116,6 +116,19 @@ class Served:
     def calls(self, method: str, code: str) -> float | None:
         return self.sample("icegate_rpcs_total", method=method, code=code)
 
+    def recorded(self) -> float:
+        """IssueTurnCredentials calls the guard has recorded so far."""
+        return self.sample("icegate_rpc_duration_seconds_count", method=ISSUE) or 0.0
+
+    async def recorded_after(self, before: float) -> None:
+        # An error status reaches the caller from inside `context.abort`, before the guard's
+        # `finally` records the call; that runs on this same loop right after.
+        for _ in range(1000):
+            if self.recorded() > before:
+                return
+            await asyncio.sleep(0.001)
+        raise AssertionError("the guard never recorded the call")
+
 
 @contextlib.asynccontextmanager
 async def guarded_server() -> AsyncIterator[Served]:
@@ -142,12 +155,15 @@ def bearer(key: str, *extra: tuple[str, str]) -> tuple[tuple[str, str], ...]:
 
 
 async def issue(served: Served, user_id: str, metadata: Any = ()) -> grpc.aio.UnaryUnaryCall:
-    """Makes one IssueTurnCredentials call and waits for its end, whatever its status."""
+    """Makes one IssueTurnCredentials call and waits for its end, whatever its status, and
+    for the guard to record it."""
+    before = served.recorded()
     call = served.stub.IssueTurnCredentials(
         credentials_pb2.IssueTurnCredentialsRequest(user_id=user_id, project_id="acme"),
         metadata=metadata)
     with contextlib.suppress(grpc.aio.AioRpcError):
         await call
+    await served.recorded_after(before)
     return call
 
 
@@ -272,11 +288,7 @@ def test_a_cancelled_call_is_counted_cancelled(caplog):
             await served.servicer.started.wait()
             call.cancel()
             await served.servicer.ended.wait()
-            # The guard records in the same task, right after the servicer unwinds.
-            for _ in range(1000):
-                if served.calls(ISSUE, "CANCELLED") is not None:
-                    break
-                await asyncio.sleep(0.001)
+            await served.recorded_after(0)
             assert served.calls(ISSUE, "CANCELLED") == 1
             assert served.calls(ISSUE, "OK") is None
 
@@ -313,6 +325,7 @@ def test_an_undecodable_body_is_invalid_argument(caplog):
             call = raw(b"\xff\xff\xff\xff", metadata=bearer(GOOD_KEY))
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await call
+            await served.recorded_after(0)
             assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
             assert caught.value.details() == to_grpc_status(
                 MalformedRequestError("the request body is not a valid message")).details
