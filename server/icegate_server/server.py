@@ -15,18 +15,14 @@ from dataclasses import dataclass, field
 import grpc
 import grpc.aio
 import httpx
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from icegate.v1 import (
     admin_pb2,
-    admin_pb2_grpc,
     credentials_pb2,
-    credentials_pb2_grpc,
     sessions_pb2,
-    sessions_pb2_grpc,
     usage_pb2,
-    usage_pb2_grpc,
 )
 from icegate_server.access.control import AccessControl
 from icegate_server.access.guard import CallGuard, MethodTable
@@ -223,17 +219,17 @@ async def create_server(
                                     + settings.upstream_read_timeout)
         guard = CallGuard(access, metrics)
         methods = MethodTable()
-        methods.add(credentials_pb2_grpc.add_CredentialServiceServicer_to_server,
+        methods.add(credentials_pb2.DESCRIPTOR.services_by_name["CredentialService"],
                     CredentialServicer(issuer, settings.stun_uris), guard)
-        methods.add(sessions_pb2_grpc.add_SessionServiceServicer_to_server,
+        methods.add(sessions_pb2.DESCRIPTOR.services_by_name["SessionService"],
                     SessionServicer(sessions), guard)
-        methods.add(admin_pb2_grpc.add_AdminServiceServicer_to_server,
+        methods.add(admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
                     AdminServicer(admin, provider_keys, turn_secrets), guard)
-        methods.add(usage_pb2_grpc.add_UsageServiceServicer_to_server,
+        methods.add(usage_pb2.DESCRIPTOR.services_by_name["UsageService"],
                     UsageServicer(UsageReporter(store, clock)), guard)
         health_servicer = health.aio.HealthServicer()
-        methods.add(health_pb2_grpc.add_HealthServicer_to_server, health_servicer)
-        methods.add(reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
+        methods.add(health_pb2.DESCRIPTOR.services_by_name["Health"], health_servicer)
+        methods.add(reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
                     reflection.aio.ReflectionServicer(
                         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)))
         server.add_generic_rpc_handlers((methods,))

@@ -194,6 +194,15 @@ class _FastRpcLines:
     (a handful of methods, projects, keys, codes and connections), so each distinct
     combination of those fields is checked against the rules and turned into its JSON once,
     then remembered (at most `_MEMO_SIZE` combinations; a full memo starts over).
+
+    Measured, not assumed (`bench/instructions.py`, IssueTurnCredentials, two targets at a
+    time, 2026-12-06): the same server writing this line through `RPC_LOGGER.info` (LogRecord,
+    QueueHandler, `JsonFormatter`) executed 754k instructions a call against 575k with this
+    class: the stock path costs 179k more, 24 % of a call (in process: 18 us a line against
+    2 us; dropping the LogRecord's caller, thread and process look-ups saves only 0.6 us). So
+    it stays, beside `JsonFormatter`; every field still passes `FIELD_RULES`
+    (`checked_fields`), and `test_the_fast_rpc_line_says_what_the_formatter_says` holds the
+    two lines equal, hostile values included.
     """
 
     _MEMO_SIZE = 4096
