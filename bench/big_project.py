@@ -29,7 +29,7 @@ from harness.redis_server import RedisServer
 from icegate.v1 import admin_pb2
 from icegate_server.access.keys import key_digest
 from icegate_server.projects.records import ApiKey, Project
-from icegate_server.servicers.admin import api_key_to_proto
+from icegate_server.servicers.admin_service import api_key_to_proto
 from icegate_server.store.base import AdmitOutcome, Store
 from icegate_server.store.redis import RedisStore
 from icegate_server.store.sqlite import SqliteStore

@@ -40,10 +40,10 @@ from icegate_server.observability.metrics import (
 )
 from icegate_server.projects.admin import ProjectAdmin, ProjectDefaults
 from icegate_server.projects.usage import UsageReporter
-from icegate_server.servicers.admin import AdminServicer
-from icegate_server.servicers.credentials import CredentialServicer
-from icegate_server.servicers.sessions import SessionServicer
-from icegate_server.servicers.usage import UsageServicer
+from icegate_server.servicers.admin_service import AdminServicer
+from icegate_server.servicers.credential_service import CredentialServicer
+from icegate_server.servicers.session_service import SessionServicer
+from icegate_server.servicers.usage_service import UsageServicer
 from icegate_server.sessions.provider_keys import ProviderKeys
 from icegate_server.sessions.providers import (
     ProviderRuntime,

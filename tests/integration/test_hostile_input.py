@@ -357,7 +357,7 @@ PROJECT_SCOPED = [m for m in METHODS if m.containing_service.name != "AdminServi
 
 
 def test_a_huge_update_mask_path_is_invalid_argument(target: Target):
-    """Fixed in servicers/admin.py: the refused path is no longer echoed whole."""
+    """Fixed in servicers/admin_service.py: the refused path is no longer echoed whole."""
     update = next(m for m in METHODS if m.name == "UpdateProject")
     request = admin_pb2.UpdateProjectRequest(project=admin_pb2.Project(project_id="default"))
     request.update_mask.paths.append(HUGE)

@@ -29,7 +29,7 @@ from icegate.errors import from_rpc_error
 from icegate.v1 import credentials_pb2, credentials_pb2_grpc
 from icegate_server.clock import FrozenClock
 from icegate_server.observability.logs import JsonFormatter, TextFormatter
-from icegate_server.servicers.credentials import CredentialServicer
+from icegate_server.servicers.credential_service import CredentialServicer
 from icegate_server.turn.credentials import TurnCredentialIssuer
 
 OPENAI_KEY = "sk-test-SECRET-openai-key-1234"

@@ -23,7 +23,7 @@ from icegate_server.access.rate_limit import RateLimitPolicy, gcra_admit
 from icegate_server.errors import StoreUnavailableError
 from icegate_server.projects.admin import MAX_PAGE_SIZE
 from icegate_server.projects.records import DEFAULT_PROJECT_ID, MAX_DISPLAY_NAME, ApiKey, Project
-from icegate_server.servicers.admin import api_key_to_proto
+from icegate_server.servicers.admin_service import api_key_to_proto
 from icegate_server.store.base import (
     PURGE_BATCH,
     AdmitOutcome,

@@ -13,7 +13,7 @@ from icegate.v1 import credentials_pb2, sessions_pb2, sessions_pb2_grpc
 from icegate_server.access.guard import current_call
 from icegate_server.errors import InvalidFieldError
 from icegate_server.projects.records import Project
-from icegate_server.servicers.credentials import requested_ttl
+from icegate_server.servicers.credential_service import requested_ttl
 from icegate_server.sessions.providers import MintedToken, ProviderKind, SessionOptions
 from icegate_server.sessions.realtime import RealtimeSessions
 from icegate_server.turn.ice_servers import IceServer

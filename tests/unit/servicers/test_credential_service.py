@@ -20,7 +20,7 @@ from icegate_server.access.keys import Caller
 from icegate_server.clock import FrozenClock
 from icegate_server.errors import InvalidFieldError
 from icegate_server.projects.records import Project
-from icegate_server.servicers.credentials import CredentialServicer
+from icegate_server.servicers.credential_service import CredentialServicer
 from icegate_server.turn.credentials import TurnCredentialIssuer, TurnSecretKeyring
 
 SIGNING = "signing-secret-0123456789"
