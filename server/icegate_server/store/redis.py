@@ -68,7 +68,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
-import hashlib
+import functools
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -113,12 +113,8 @@ if server_ms > tonumber(ARGV[1]) then return {clock, 'late'} end
 """
 
 # ARGV: deadline, prefix, digest hex ('' for a static admin), project id, now_ms, count
-# ('1'/'0'), default project id, known key id (the caller holds the record of the key with
-# this id, so it is not sent back; '' if none), project stamp (SHA-1 hex of the project JSON the caller holds, or
-# ''). Returns {clock, outcome, key hash fields | false, project JSON | false, TAT | false}:
-# the key's fields only when not known, the project's JSON only when its stamp differs.
-# The key and the project are read here, in the same atomic step that counts, so a
-# revocation or a project update is seen by the very next call on every replica.
+# ('1'/'0'), default project id. Returns {clock, outcome, key hash fields | false,
+# project JSON | false, TAT | false}.
 _ADMIT = _FENCE + """
 local prefix, digest, project_id = ARGV[2], ARGV[3], ARGV[4]
 local now = tonumber(ARGV[5])
@@ -129,8 +125,7 @@ if digest ~= '' then
   local record = {}
   for i = 1, #fields, 2 do record[fields[i]] = fields[i + 1] end
   if tonumber(record['revoke_time']) > 0 then return {clock, 'unknown_key'} end
-  -- A key record never changes but for its revocation (checked above).
-  if record['key_id'] ~= ARGV[8] then key = fields end
+  key = fields
   if record['admin'] ~= '1' then
     if project_id ~= '' and project_id ~= record['project_id'] then
       return {clock, 'forbidden', key}
@@ -141,11 +136,9 @@ end
 if project_id == '' then project_id = ARGV[7] end
 local project_json = redis.call('GET', prefix .. 'project:' .. project_id)
 if not project_json then return {clock, 'no_project', key} end
-local project_sent = project_json
-if redis.sha1hex(project_json) == ARGV[9] then project_sent = false end
 local rate_key = prefix .. 'rl:' .. project_id
 local stored = redis.call('GET', rate_key)
-if ARGV[6] ~= '1' then return {clock, 'admitted', key, project_sent, stored} end
+if ARGV[6] ~= '1' then return {clock, 'admitted', key, project_json, stored} end
 
 -- limits.gcra_admit, in integer milliseconds (all values are far below 2^53).
 local project = cjson.decode(project_json)
@@ -157,10 +150,10 @@ local base = now
 local tat = tonumber(stored)
 if tat and tat > now then base = tat end
 local candidate = base + interval
-if candidate - now > window then return {clock, 'rate_limited', key, project_sent, stored} end
+if candidate - now > window then return {clock, 'rate_limited', key, project_json, stored} end
 local new_tat = string.format('%.0f', candidate)
 redis.call('SET', rate_key, new_tat, 'PX', string.format('%.0f', window + interval))
-return {clock, 'admitted', key, project_sent, new_tat}
+return {clock, 'admitted', key, project_json, new_tat}
 """
 
 # KEYS: leases, month counter, pending, provider keys. ARGV: deadline, session id, now_ms,
@@ -453,7 +446,10 @@ def _project_json(project: Project) -> str:
 _PROJECT_FIELDS = frozenset(f.name for f in dataclasses.fields(Project))
 
 
+@functools.lru_cache(maxsize=16384)
 def _project_from_json(text: str) -> Project:
+    # Cached by the record's text, as in the SQLite store: every admission brings the
+    # project's JSON back, and a changed project is a new text, so never stale.
     return Project(**{k: v for k, v in json.loads(text).items() if k in _PROJECT_FIELDS})
 
 
@@ -470,6 +466,11 @@ def _key_fields(key: ApiKey) -> dict[str, str]:
 
 
 def _key_from_fields(flat: Sequence[str]) -> ApiKey:
+    return _key_from_field_tuple(tuple(flat))
+
+
+@functools.lru_cache(maxsize=16384)
+def _key_from_field_tuple(flat: tuple[str, ...]) -> ApiKey:
     fields = dict(zip(flat[0::2], flat[1::2], strict=True))
     return ApiKey(
         key_id=fields["key_id"],
@@ -502,16 +503,6 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-_KNOWN_RECORDS = 16384
-"""Key and project records one process keeps for the admission script's stamps, at most."""
-
-
-def _remember(known: dict[str, Any], name: str, record: Any) -> None:
-    if len(known) >= _KNOWN_RECORDS and name not in known:
-        known.clear()  # rare (more live keys than this): the next calls send them again
-    known[name] = record
-
-
 def _settle(future: asyncio.Future[list[Any]], outcome: list[Any] | BaseException) -> None:
     if future.done():  # its caller was cancelled
         return
@@ -539,10 +530,6 @@ class RedisStore:
         # Admissions waiting for the batch in flight to come back, and that batch.
         self._admits_waiting: list[tuple[list[str | int], asyncio.Future[list[Any]]]] = []
         self._admit_batch: asyncio.Task[None] | None = None
-        # Records the admission script need not send again (see `admit`), by key digest hex
-        # and by project id (with the SHA-1 hex of the project's JSON).
-        self._known_keys: dict[str, ApiKey] = {}
-        self._known_projects: dict[str, tuple[str, Project]] = {}
         # The batches' own connection (one batch is in flight at a time), outside the pool:
         # a pool take and give-back per batch cost more than the batch's write and read.
         self._admit_connection: aioredis.Connection = \
@@ -760,20 +747,8 @@ class RedisStore:
 
     async def admit(self, *, digest: bytes | None, project_id: str, now_ms: int,
                     count: bool) -> Admission:
-        # The key and project records this process holds go to the script as stamps (key
-        # id, SHA-1 of the project JSON); it sends back only what differs, so a steady
-        # caller's reply is {clock, outcome, TAT}.
-        digest_hex = digest.hex() if digest is not None else ""
-        known_key = self._known_keys.get(digest_hex) if digest_hex else None
-        if known_key is None or known_key.admin:
-            expected_project = project_id or DEFAULT_PROJECT_ID
-        else:
-            expected_project = known_key.project_id
-        known_project = self._known_projects.get(expected_project)
-        args: list[str | int] = [
-            PREFIX, digest_hex, project_id, now_ms, "1" if count else "0", DEFAULT_PROJECT_ID,
-            known_key.key_id if known_key is not None else "",
-            known_project[0] if known_project is not None else ""]
+        args: list[str | int] = [PREFIX, digest.hex() if digest is not None else "",
+                                 project_id, now_ms, "1" if count else "0", DEFAULT_PROJECT_ID]
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
         self._admits_waiting.append((args, future))
@@ -782,25 +757,10 @@ class RedisStore:
         reply = await future
         reply += [None] * (4 - len(reply))
         outcome, key_fields, project_json, tat = reply
-        if outcome == "unknown_key":
-            self._known_keys.pop(digest_hex, None)
-            key = None
-        elif key_fields:
-            key = _key_from_fields(key_fields)
-            _remember(self._known_keys, digest_hex, key)
-        else:
-            key = known_key
-        project = None
-        if project_json:
-            project = _project_from_json(project_json)
-            stamp = hashlib.sha1(project_json.encode(), usedforsecurity=False).hexdigest()
-            _remember(self._known_projects, project.project_id, (stamp, project))
-        elif known_project is not None and outcome in ("admitted", "rate_limited"):
-            project = known_project[1]
         return Admission(
             outcome=AdmitOutcome(outcome),
-            key=key,
-            project=project,
+            key=_key_from_fields(key_fields) if key_fields else None,
+            project=_project_from_json(project_json) if project_json else None,
             tat_ms=int(tat) if tat is not None else None,
         )
 
@@ -837,12 +797,14 @@ class RedisStore:
                     # As the pool does for its own: (re)connected, and nothing left unread
                     # (a restarted Redis closes it; the check finds that, and reconnects).
                     await self._redis.connection_pool.ensure_connection(connection)
-                    # hiredis packs str and int arguments itself: redis-py's encoder,
-                    # which checks and encodes each argument in Python first, cost
-                    # more than half of a batch's client CPU (measured in process).
+                    # hiredis packs the str and int arguments in C. redis-py's own
+                    # pack_commands encodes each one in Python first: 11 % of icegate's
+                    # instructions per call on Redis (bench/instructions.py: 828k with
+                    # it, 739k without; SQLite 557k).
                     sha = self._admit.sha
                     await connection.send_packed_command(b"".join(
-                        [hiredis.pack_command(("EVALSHA", sha, 0, deadline, *args))
+                        # (hiredis's stub types the tuple as one element long.)
+                        [hiredis.pack_command(("EVALSHA", sha, 0, deadline, *args))  # type: ignore[arg-type]
                          for args, _ in batch]))
                     replies: list[Any] = []
                     for _ in batch:
