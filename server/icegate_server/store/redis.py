@@ -75,6 +75,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.retry import Retry
@@ -796,8 +797,15 @@ class RedisStore:
                     # As the pool does for its own: (re)connected, and nothing left unread
                     # (a restarted Redis closes it; the check finds that, and reconnects).
                     await self._redis.connection_pool.ensure_connection(connection)
-                    await connection.send_packed_command(connection.pack_commands(
-                        [("EVALSHA", self._admit.sha, 0, deadline, *args) for args, _ in batch]))
+                    # hiredis packs the str and int arguments in C. redis-py's own
+                    # pack_commands encodes each one in Python first: 11 % of icegate's
+                    # instructions per call on Redis (bench/instructions.py: 828k with
+                    # it, 739k without; SQLite 557k).
+                    sha = self._admit.sha
+                    await connection.send_packed_command(b"".join(
+                        # (hiredis's stub types the tuple as one element long.)
+                        [hiredis.pack_command(("EVALSHA", sha, 0, deadline, *args))  # type: ignore[arg-type]
+                         for args, _ in batch]))
                     replies: list[Any] = []
                     for _ in batch:
                         try:
