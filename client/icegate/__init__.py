@@ -37,6 +37,7 @@ from icegate.errors import (
     UpstreamUnavailableError,
 )
 from icegate.ice import rtc_ice_servers
+from icegate.v1.errors_pb2 import ErrorReason
 
 __all__ = [
     "AlreadyExistsError",
@@ -48,6 +49,7 @@ __all__ = [
     "ConfigurationError",
     "CoturnOutOfStepError",
     "DeadlineExceededError",
+    "ErrorReason",
     "FailedPreconditionError",
     "FieldViolation",
     "IcegateError",

@@ -75,6 +75,12 @@ class IcegateError(Exception):
         self.metadata: dict[str, str] = dict(metadata or {})
         self.details = details
 
+    @property
+    def error_reason(self) -> ErrorReason.ValueType:
+        """`reason` as the contract's `icegate.ErrorReason` (ERROR_REASON_UNSPECIFIED when the
+        answer named none, or one this client does not know)."""
+        return reason_from_wire(self.reason)
+
     def __str__(self) -> str:
         reason = f" {self.reason}" if self.reason else ""
         return f"{self.code.name}{reason}: {self.message}"

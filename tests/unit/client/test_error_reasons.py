@@ -35,3 +35,16 @@ def test_unspecified_is_never_sent():
     "A_REASON_FROM_A_NEWER_SERVER"])
 def test_an_empty_or_unknown_reason_reads_as_unspecified(wire):
     assert reason_from_wire(wire) == ErrorReason.ERROR_REASON_UNSPECIFIED
+
+
+def test_a_raised_error_names_its_reason_as_the_contract_enum():
+    """A caller can switch on `icegate.ErrorReason` instead of comparing strings."""
+    import grpc
+
+    import icegate
+
+    limited = icegate.RateLimitedError("slow down", code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                       reason="RATE_LIMITED")
+    assert limited.error_reason == icegate.ErrorReason.ERROR_REASON_RATE_LIMITED
+    unknown = icegate.IcegateError("?", reason="SOMETHING_NEW")
+    assert unknown.error_reason == icegate.ErrorReason.ERROR_REASON_UNSPECIFIED
