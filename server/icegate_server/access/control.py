@@ -107,23 +107,18 @@ class AccessControl:
         if policy is MethodPolicy.ADMIN:
             if static_caller is not None:
                 return CallContext(static_caller, None)
-            admission = await self._store.admit(digest=digest, project_id="",
-                                                now_ms=self._now_ms(), count=False)
-            caller = self._caller_of(admission)
+            found = await self._store.admit(digest=digest, project_id="",
+                                            now_ms=self._now_ms(), count=False)
+            caller = self._caller_of(found)
             if not caller.is_admin:
                 raise ProjectForbiddenError("this call needs an admin key")
             return CallContext(caller, None)
 
-        try:
-            admission = await self._store.admit(
-                digest=None if static_caller is not None else digest, project_id=project_id,
-                now_ms=self._now_ms(), count=policy is MethodPolicy.PROJECT)
-        except StoreUnavailableError:
-            remembered = self._remembered(digest, project_id)
-            if remembered is None:
-                raise
-            log.warning("store unavailable: admitting a known caller uncounted (fail open)")
-            return remembered
+        admission = await self._admit_in_store(
+            None if static_caller is not None else digest, project_id, policy,
+            remembered_as=digest)
+        if isinstance(admission, CallContext):
+            return admission
         caller = static_caller or self._caller_of(admission)
         context = self._decide(admission, caller, project_id)
         if self._fail_open:
@@ -174,20 +169,31 @@ class AccessControl:
             raise ProjectForbiddenError(f"the client certificate {identity!r} may not act "
                                         f"on project {project_id!r}")
         # digest=None admits as an authenticated admin would: the project check is above.
-        try:
-            admission = await self._store.admit(
-                digest=None, project_id=project_id or caller.project_id,
-                now_ms=self._now_ms(), count=policy is MethodPolicy.PROJECT)
-        except StoreUnavailableError:
-            remembered = self._remembered(identity, project_id)
-            if remembered is None:
-                raise
-            log.warning("store unavailable: admitting a known caller uncounted (fail open)")
-            return remembered
+        admission = await self._admit_in_store(None, project_id or caller.project_id, policy,
+                                               remembered_as=identity, asked_for=project_id)
+        if isinstance(admission, CallContext):
+            return admission
         context = self._decide(admission, caller, project_id or caller.project_id)
         if self._fail_open:
             self._remember(identity, project_id, context)
         return context
+
+    async def _admit_in_store(self, digest: bytes | None, project_id: str,
+                              policy: MethodPolicy, *, remembered_as: bytes | str,
+                              asked_for: str | None = None) -> Admission | CallContext:
+        """`Store.admit`, or, when the store is unavailable and fail-open allows it, the call
+        context remembered for `remembered_as` (a key digest or a certificate name)."""
+        try:
+            return await self._store.admit(digest=digest, project_id=project_id,
+                                           now_ms=self._now_ms(),
+                                           count=policy is MethodPolicy.PROJECT)
+        except StoreUnavailableError:
+            remembered = self._remembered(
+                remembered_as, project_id if asked_for is None else asked_for)
+            if remembered is None:
+                raise
+            log.warning("store unavailable: admitting a known caller uncounted (fail open)")
+            return remembered
 
     def _now_ms(self) -> int:
         return int(self._clock.now() * 1000)
