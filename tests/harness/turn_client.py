@@ -25,6 +25,7 @@ import os
 import socket
 import ssl
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -206,3 +207,22 @@ class TurnClient:
                  tb: TracebackType | None) -> None:
         self.close()
 
+
+
+def wait_until_answering(host: str, port: int, *, timeout: float = 10.0) -> None:
+    """Waits until coturn on host:port (UDP) answers an Allocate without credentials (401).
+
+    Raises:
+        TimeoutError: Nothing answered within `timeout` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with TurnClient(host, port, timeout=0.4) as client:
+                if client.allocate("", "").code == 401:
+                    return
+        except (TimeoutError, ConnectionRefusedError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"coturn never answered on {host}:{port}")
+        time.sleep(0.05)

@@ -53,7 +53,6 @@ DENIED_PEER_NETWORKS: tuple[tuple[str, str], ...] = (
     ("203.0.113.0/24", "documentation (TEST-NET-3)"),
     ("224.0.0.0/4", "multicast"),
     ("240.0.0.0/4", "reserved, and broadcast"),
-    ("::/128", "unspecified"),
     ("::1/128", "loopback"),
     ("::ffff:0:0/96", "IPv4-mapped: the IPv4 ranges above by another name"),
     ("64:ff9b::/96", "NAT64: IPv4 behind a translator"),
@@ -65,7 +64,9 @@ DENIED_PEER_NETWORKS: tuple[tuple[str, str], ...] = (
     ("ff00::/8", "multicast"),
 )
 """Every range coturn refuses to relay to, with why: eturnal's recommended list (the defaults
-of its `blacklist_peers`), the unspecified and IPv4-mapped IPv6 ranges, and RFC 6156's."""
+of its `blacklist_peers`), IPv4-mapped IPv6, and RFC 6156's. Not `::` (unspecified): coturn
+4.6.1 reads `denied-peer-ip=::-::` as "any address" and then refuses every IPv4 peer too (seen
+here); it answers a peer `::` with 403 by itself (tests/integration/test_coturn_deny_list.py)."""
 
 _LOOPBACK_NETWORKS = frozenset({"127.0.0.0/8", "::1/128"})
 _CLI_PASSWORD_PATTERN = re.compile(r"[!$-&(-~]{1,256}")
