@@ -260,7 +260,9 @@ def test_dockerfile_commands_exist():
     assert set(instructions["EXPOSE"].split()) == {"50051", "9464"}
     # The HEALTHCHECK and CMD name the console scripts pyproject.toml installs.
     scripts = (DEPLOY.parent / "pyproject.toml").read_text()
-    health_argv = healthcheck_argv()
+    shell, flag, script = healthcheck_argv()
+    assert (shell, flag) == ("sh", "-c")  # python:3.11-slim has /bin/sh
+    health_argv = shlex.split(script.removeprefix("exec "))
     cmd_argv = yaml.safe_load(instructions["CMD"])
     for argv in (health_argv, cmd_argv):
         assert re.search(rf"^{re.escape(argv[0])} = ", scripts, flags=re.MULTILINE), argv
