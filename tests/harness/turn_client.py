@@ -62,7 +62,7 @@ def _xor_address(ip: str, port: int, transaction_id: bytes) -> bytes:
     address = ipaddress.ip_address(ip)
     cookie = struct.pack("!I", MAGIC_COOKIE)
     mask = cookie if address.version == 4 else cookie + transaction_id
-    packed = bytes(a ^ b for a, b in zip(address.packed, mask))
+    packed = bytes(a ^ b for a, b in zip(address.packed, mask, strict=True))
     family = 0x01 if address.version == 4 else 0x02
     return struct.pack("!BBH", 0, family, port ^ (MAGIC_COOKIE >> 16)) + packed
 

@@ -13,8 +13,6 @@ import dataclasses
 import os
 import re
 import shlex
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest

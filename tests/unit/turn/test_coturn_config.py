@@ -4,8 +4,8 @@ that would contradict the URIs icegate hands out is refused."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import ipaddress
+import os
 from typing import Any
 
 import pytest
@@ -198,7 +198,7 @@ def test_loopback_peers_only_for_a_coturn_on_loopback(settings):
     assert "allow-loopback-peers" in conf_lines(text)
     assert not is_denied(text, "127.0.0.1/32") and not is_denied(text, "::1/128")
     assert is_denied(text, "10.0.0.0/8") and is_denied(text, "fc00::/7")
-    for rendering in ({"listening_ip": "0.0.0.0"}, {"relay_ip": "203.0.113.5"},
+    for rendering in ({"listening_ip": "0.0.0.0"}, {"relay_ip": "203.0.113.5"},  # noqa: S104
                       {"listening_ip": "192.0.2.1", "relay_ip": "127.0.0.1"}):
         with pytest.raises(CoturnConfigError, match="loopback"):
             render(settings, allow_loopback_peers=True, **rendering)
@@ -345,7 +345,7 @@ def test_command_refuses_in_one_line_and_writes_nothing(tmp_path, monkeypatch, c
     assert "ICEGATE_COTURN_TLS_CERT" in error
     assert not output.exists()
     assert main(["coturn-config", "--output", str(output), "--coturn-listening-ip",
-                 "0.0.0.0", "--coturn-allow-loopback-peers"]) == 2
+                 "0.0.0.0", "--coturn-allow-loopback-peers"]) == 2  # noqa: S104
     assert not output.exists()
 
 
