@@ -20,6 +20,7 @@ import os
 import pwd
 import shlex
 import shutil
+import ssl
 import stat
 import subprocess
 import sys
@@ -97,10 +98,11 @@ def install_root() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def install_as_documented(root: Path, env: dict[str, str], relay: tuple[int, int]) -> Path:
+def install_as_documented(root: Path, env: dict[str, str], relay: tuple[int, int], *,
+                         check: bool = True) -> Path:
     """icegate.service's /etc/icegate steps, then deploy/systemd/install-coturn-config."""
     etc_icegate = root / "etc" / "icegate"
-    (root / "etc").mkdir(mode=0o755)
+    (root / "etc").mkdir(mode=0o755, exist_ok=True)
     # `install -d -m 0750 /etc/icegate`, `install -m 0600 icegate.env /etc/icegate/icegate.env`
     subprocess.run(["install", "-d", "-m", "0750", str(etc_icegate)], check=True)
     env_file = root / "icegate.env"
@@ -110,7 +112,7 @@ def install_as_documented(root: Path, env: dict[str, str], relay: tuple[int, int
     script_env = {"PATH": os.environ["PATH"], "DESTDIR": str(root),
                   "ICEGATE_SERVER": str(Path(sys.executable).parent / "icegate-server")}
     subprocess.run([str(SYSTEMD / "install-coturn-config"), "127.0.0.1", str(relay[0]),
-                    str(relay[1])], env=script_env, check=True, timeout=60)
+                    str(relay[1])], env=script_env, check=check, timeout=60)
     return root / INSTALLED_CONF.lstrip("/")
 
 
@@ -304,3 +306,57 @@ def write_as_icegates_dynamic_user(userdb: Path, realm: str, secret: str) -> int
             os._exit(status)
     _, wait_status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(wait_status)
+
+
+def test_turns_install_serves_tls_with_a_certificate_turnserver_reads(install_root, tmp_path):
+    """TURN over TLS as documented: coturn's certificate in /etc/icegate-coturn/tls (0640
+    root:turnserver), named in icegate.env; coturn, as turnserver on the unit's command line,
+    allocates over TLS. An unreadable key stops the install before a config is written."""
+    from harness.pki import TestCA
+
+    port, tls_port = free_tcp_udp_port(), free_tcp_udp_port()
+    relay = reserve_relay_range()
+    ca = TestCA(tmp_path / "pki")
+    issued_cert = ca.issue("turn", "turn.icegate.test", dns=("turn.icegate.test",), server=True)
+    tls_dir = install_root / "etc" / "icegate-coturn-tls"
+    tls_dir.mkdir(parents=True)
+    os.chown(tls_dir, 0, grp.getgrnam("turnserver").gr_gid)
+    tls_dir.chmod(0o750)
+    cert, key = tls_dir / "fullchain.pem", tls_dir / "privkey.pem"
+    shutil.copy(issued_cert.cert, cert)
+    shutil.copy(issued_cert.key, key)
+    for path in (cert, key):
+        os.chown(path, 0, grp.getgrnam("turnserver").gr_gid)
+        path.chmod(0o640)
+    env = {"ICEGATE_TURN_SECRETS": TEST_TURN_SECRET, "ICEGATE_API_KEYS": TEST_ADMIN_KEY,
+           "ICEGATE_MASTER_KEY": TEST_MASTER_KEY, "ICEGATE_DEV_SECRETS": "false",
+           "ICEGATE_TURN_REALM": REALM,
+           "ICEGATE_TURN_URIS": f"turn:127.0.0.1:{port}?transport=udp,"
+                                f"turns:turn.icegate.test:{tls_port}?transport=tcp",
+           "ICEGATE_COTURN_TLS_CERT": str(cert), "ICEGATE_COTURN_TLS_KEY": str(key)}
+    try:
+        key.chmod(0o600)  # root's alone: turnserver could not read it
+        conf = install_as_documented(install_root, env, (relay.min_port, relay.max_port),
+                                     check=False)
+        assert not conf.exists()
+        key.chmod(0o640)
+        (install_root / "etc" / "icegate" / "icegate.env").unlink()
+        conf = install_as_documented(install_root, env, (relay.min_port, relay.max_port))
+        assert f"tls-listening-port={tls_port}" in conf.read_text().splitlines()
+
+        coturn = start_coturn(rerooted(drop_in_command("ExecStart"), install_root), port,
+                              tmp_path / "coturn.log")
+        try:
+            from harness.coturn import rest_credential
+
+            context = ssl.create_default_context(cafile=ca.cert)
+            username, password = rest_credential(TEST_TURN_SECRET, "alice",
+                                                 int(time.time()) + 600)
+            with TurnClient("127.0.0.1", tls_port, tls_context=context,
+                            server_name="turn.icegate.test") as turn:
+                assert turn.allocate(username, password).code == 0
+                assert turn.create_permission("127.0.0.1") == 403
+        finally:
+            stop(coturn)
+    finally:
+        relay.release()
