@@ -20,8 +20,8 @@ from harness.turn_client import wait_until_answering
 ICEGATE_SERVER = Path(sys.executable).parent / "icegate-server"
 
 
-def render_coturn_config(environment: Mapping[str, str], output: Path,
-                         *options: str) -> subprocess.CompletedProcess[str]:
+def run_coturn_config_command(environment: Mapping[str, str], output: Path,
+                              *options: str) -> subprocess.CompletedProcess[str]:
     """Runs `icegate-server coturn-config --output OUTPUT OPTIONS...` with only `environment`
     for ICEGATE_* settings (none inherited from the test process)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ICEGATE_")}
@@ -32,7 +32,7 @@ def render_coturn_config(environment: Mapping[str, str], output: Path,
 
 
 class RenderedCoturn:
-    """`turnserver -c CONFIG` (with `prefix` before it, e.g. setpriv), answering on host:port."""
+    """`turnserver -c CONFIG` (or `argv`, e.g. under setpriv), answering on host:port."""
 
     def __init__(self, config: Path, host: str, port: int, *,
                  argv: Sequence[str] | None = None) -> None:

@@ -18,7 +18,7 @@ from harness.coturn import rest_credential
 from harness.icegate_server import TEST_TURN_SECRET
 from harness.ports import free_tcp_udp_port, reserve_relay_range
 from harness.pytest_plugin import require_binaries
-from harness.rendered_coturn import RenderedCoturn, render_coturn_config
+from harness.rendered_coturn import RenderedCoturn, run_coturn_config_command
 from harness.turn_client import TurnClient
 
 pytestmark = pytest.mark.coturn
@@ -55,7 +55,7 @@ def production_coturn(request: pytest.FixtureRequest,
     port = free_tcp_udp_port()
     relay = reserve_relay_range()
     config = directory / "turnserver.conf"
-    rendered = render_coturn_config(
+    rendered = run_coturn_config_command(
         {"ICEGATE_TURN_SECRETS": TEST_TURN_SECRET, "ICEGATE_TURN_REALM": REALM,
          "ICEGATE_TURN_URIS": f"turn:127.0.0.1:{port}?transport=udp",
          "ICEGATE_DATA_DIR": str(directory / "data")},

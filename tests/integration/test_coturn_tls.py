@@ -23,7 +23,7 @@ import icegate
 from harness.icegate_server import TEST_ADMIN_KEY, RunningServer, server_settings
 from harness.ports import free_tcp_port, free_tcp_udp_port, reserve_relay_range
 from harness.pytest_plugin import require_binaries
-from harness.rendered_coturn import RenderedCoturn, render_coturn_config
+from harness.rendered_coturn import RenderedCoturn, run_coturn_config_command
 from harness.turn_client import TurnClient
 from icegate_server.clock import FrozenClock
 
@@ -66,7 +66,7 @@ class TlsDeployment:
 
     def render(self, name: str, *options: str) -> Path:
         config = self.directory / f"{name}.conf"
-        rendered = render_coturn_config(
+        rendered = run_coturn_config_command(
             self.environment, config, "--coturn-min-port", str(self.relay[0]),
             "--coturn-max-port", str(self.relay[1]), *options)
         assert rendered.returncode == 0, rendered.stderr
@@ -160,7 +160,7 @@ def test_turns_uris_without_a_coturn_certificate_are_refused(deployment):
     environment = {k: v for k, v in deployment.environment.items()
                    if not k.startswith("ICEGATE_COTURN_TLS_")}
     output = deployment.directory / "refused.conf"
-    rendered = render_coturn_config(environment, output)
+    rendered = run_coturn_config_command(environment, output)
     assert rendered.returncode == 2
     assert "ICEGATE_COTURN_TLS_CERT" in rendered.stderr
     assert not output.exists()

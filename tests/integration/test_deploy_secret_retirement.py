@@ -16,7 +16,7 @@ from harness.coturn import rest_credential
 from harness.icegate_server import TEST_ADMIN_KEY, RunningServer, server_settings
 from harness.ports import free_tcp_udp_port, reserve_relay_range
 from harness.pytest_plugin import require_binaries
-from harness.rendered_coturn import RenderedCoturn, render_coturn_config
+from harness.rendered_coturn import RenderedCoturn, run_coturn_config_command
 from harness.turn_client import TurnClient
 from icegate_server.clock import FrozenClock
 
@@ -93,7 +93,7 @@ def test_without_a_userdb_coturn_restarts_on_the_rerendered_config(tmp_path):
     config = tmp_path / "turnserver.conf"
 
     def render(secrets: str) -> None:
-        rendered = render_coturn_config(
+        rendered = run_coturn_config_command(
             {"ICEGATE_TURN_SECRETS": secrets, "ICEGATE_TURN_REALM": REALM,
              "ICEGATE_TURN_URIS": f"turn:127.0.0.1:{port}?transport=udp",
              "ICEGATE_DATA_DIR": str(tmp_path / "data")},
