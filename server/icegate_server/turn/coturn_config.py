@@ -3,8 +3,9 @@
 Rendered from `deploy/coturn/turnserver.conf.template` (shipped inside the wheel as package
 data), so the realm, the secrets, the ports and the TLS coturn uses can never drift from the
 URIs icegate hands out. A config that would contradict them is refused (`CoturnConfigError`):
-`turns:` URIs without a certificate for coturn, two TLS ports, a CLI beyond loopback, loopback
-peers on a coturn that answers beyond loopback.
+`turns:` URIs without a certificate for coturn, turn: or turns: URIs on two ports, a CLI beyond
+loopback, loopback peers on a coturn that answers beyond loopback. stun: URIs on another port
+than coturn's only warn.
 """
 
 from __future__ import annotations
@@ -120,6 +121,24 @@ def listening_port(settings: Settings) -> int:
         if uri.startswith("turn:"):
             return _uri_port(uri, "turn", DEFAULT_TURN_PORT)
     return DEFAULT_TURN_PORT
+
+
+def _check_plain_ports(settings: Settings) -> list[str]:
+    """Refuses turn: URIs on several ports; warns of stun: URIs coturn would not answer.
+
+    Raises:
+        CoturnConfigError: The turn: URIs name different ports (coturn listens on one).
+    """
+    ports = {_uri_port(uri, "turn", DEFAULT_TURN_PORT) for uri in settings.turn_uris
+             if uri.startswith("turn:")}
+    if len(ports) > 1:
+        raise CoturnConfigError(
+            f"ICEGATE_TURN_URIS names turn: ports {sorted(ports)}; coturn listens on one "
+            "port: give every turn: URI the same port")
+    port = listening_port(settings)
+    return [f"ICEGATE_STUN_URIS hands out {uri}, but coturn listens on port {port}"
+            for uri in settings.stun_uris
+            if uri.startswith("stun:") and _uri_port(uri, "stun", DEFAULT_TURN_PORT) != port]
 
 
 def tls_listening_port(settings: Settings) -> int | None:
@@ -271,7 +290,9 @@ def render_coturn_config(settings: Settings,
     """
     rendering = rendering or CoturnRendering()
     _check_rendering(rendering)
-    tls, warnings = _tls_lines(settings)
+    warnings = _check_plain_ports(settings)
+    tls, tls_warnings = _tls_lines(settings)
+    warnings += tls_warnings
     state_dir = settings.data_dir.resolve() / "coturn"
     static_secrets = "\n".join(f"static-auth-secret={s}" for s in settings.turn_secrets)
     user_database = f"userdb={state_dir / 'turndb'}"

@@ -118,7 +118,7 @@ def test_turns_uris_do_not_choose_the_plain_port(tls_settings):
 @pytest.mark.parametrize(
     "turn_uris",
     [
-        ("turn:turn.example.test?transport=udp", "turn:turn.example.test:3481?transport=tcp"),
+        ("turn:turn.example.test?transport=udp", "turn:turn.example.test:3478?transport=tcp"),
         ("turns:turn.example.test:5349",),
     ],
 )
@@ -245,6 +245,20 @@ def test_turns_uris_on_two_ports_or_on_the_plain_port_are_refused(tls_settings):
                                                         "turns:a.example.test:443"))
     with pytest.raises(CoturnConfigError, match="same port"):
         render(same)
+
+
+def test_turn_uris_on_two_plain_ports_are_refused(settings):
+    settings = dataclasses.replace(settings, turn_uris=("turn:a.example.test:3478",
+                                                        "turn:a.example.test:3480"))
+    with pytest.raises(CoturnConfigError, match="same port"):
+        render(settings)
+
+
+def test_stun_uris_on_another_port_than_coturns_warn(settings):
+    _, warnings = render_coturn_config(settings)
+    assert any("stun:127.0.0.1:3478" in warning and "3479" in warning for warning in warnings)
+    matching = dataclasses.replace(settings, stun_uris=("stun:turn.example.test:3479",))
+    assert render_coturn_config(matching)[1] == []
 
 
 def test_a_certificate_without_turns_uris_warns(settings):
