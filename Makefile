@@ -45,8 +45,18 @@ proto-check: proto
 	@test -z "$$(git status --porcelain -- $(GENERATED_DIR))" || \
 	  { echo "generated code is not committed: run 'make proto' and commit $(GENERATED_DIR)"; exit 1; }
 
+# The dev set-up keeps coturn's SQLite userdb in step: `make run` writes the TURN secrets in
+# force into $(DEV_DIR)/coturn/turndb (ICEGATE_COTURN_SQLITE), the coturn of `make coturn` reads
+# them at every allocation, so `icegate admin turn-secret rotate` reaches coturn without a
+# restart. Set ICEGATE_COTURN_SQLITE (or ICEGATE_COTURN_REDIS) yourself to use another.
+DEV_DIR ?= .icegate
+DEV_COTURN_USERDB = $(abspath $(DEV_DIR))/coturn/turndb
+DEV_SETTINGS = ICEGATE_DATA_DIR=$${ICEGATE_DATA_DIR-$(DEV_DIR)} \
+	ICEGATE_COTURN_SQLITE=$${ICEGATE_COTURN_SQLITE-$(DEV_COTURN_USERDB)}
+
 run: proto
-	$(BIN)/icegate-server $(ARGS)
+	mkdir -p $(DEV_DIR)/coturn
+	$(DEV_SETTINGS) $(BIN)/icegate-server $(ARGS)
 
 # Uses the committed stubs; a test fails when they differ from what `make proto` generates.
 test: $(STAMP)
@@ -57,11 +67,14 @@ lint: $(STAMP)
 	$(BIN)/ruff check client server tests examples
 	$(BIN)/mypy
 
-# Starts a local coturn with the same secrets and realm as `make run`'s server.
+# Starts a local coturn with the same secrets, realm and userdb as `make run`'s server, on
+# loopback only (so it may relay between loopback peers, for trying calls on this machine).
 coturn: $(STAMP)
 	scripts/install-system-packages
-	$(BIN)/icegate-server coturn-config --output .icegate/turnserver.conf $(ARGS)
-	turnserver -c .icegate/turnserver.conf
+	mkdir -p $(DEV_DIR)/coturn
+	$(DEV_SETTINGS) $(BIN)/icegate-server coturn-config --coturn-allow-loopback-peers \
+	  --output $(DEV_DIR)/turnserver.conf $(ARGS)
+	turnserver -c $(DEV_DIR)/turnserver.conf
 
 # icegate against a bare grpc.aio server and FastAPI, with h2load: about 18-20 minutes
 # (BENCH_QUICK=1: about 2). Writes bench/results/ and prints the summary; see

@@ -1,7 +1,8 @@
 """`icegate`: the client's command line, for people and scripts.
 
 Talks to `ICEGATE_TARGET` (host:port) with `ICEGATE_API_KEY`, over TLS when given a CA
-(`--ca-file`, `ICEGATE_TLS_CA`) or a client certificate (`--cert`/`--key`). Results go to
+(`--ca-file`, `ICEGATE_TLS_CA`), a client certificate (`--cert`/`--key`) or the name to check
+the server's certificate against (`--server-name`, `ICEGATE_TLS_SERVER_NAME`). Results go to
 standard output as JSON; errors to standard error as one line, with exit status 1 (2 for usage
 errors).
 """
@@ -9,7 +10,9 @@ errors).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -33,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cert", help="PEM client certificate for mutual TLS, with --key "
                         "(ICEGATE_TLS_CERT); no API key needed if the server maps it")
     parser.add_argument("--key", help="PEM private key of --cert (ICEGATE_TLS_KEY)")
+    parser.add_argument("--server-name", help="call over TLS, checking the server's "
+                        "certificate against this name instead of the target's host, e.g. "
+                        "when dialing an IP address (ICEGATE_TLS_SERVER_NAME)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     for name, help_text in (
@@ -251,6 +257,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
     try:
         tls = TlsConfig.from_env(args.ca_file, args.cert, args.key)
+        server_name = args.server_name or os.environ.get("ICEGATE_TLS_SERVER_NAME")
+        if server_name:
+            tls = dataclasses.replace(tls or TlsConfig(), server_name=server_name)
         with Client(args.target, default_timeout=args.timeout, debug=args.debug,
                     tls=tls) as client:
             result = _run(args, client)

@@ -46,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
                            help="lowest relay UDP port (49160)")
     rendering.add_argument("--coturn-max-port", type=int, default=49200, metavar="PORT",
                            help="highest relay UDP port (49200)")
+    rendering.add_argument("--coturn-external-ip", default="", metavar="PUBLIC[/PRIVATE]",
+                           help="behind a 1:1 NAT: the public address clients reach coturn at "
+                           "(and the private one it has)")
+    rendering.add_argument("--coturn-allow-loopback-peers", action="store_true",
+                           help="let relayed traffic reach this host's loopback: only for a "
+                           "coturn on loopback addresses (make coturn, tests); refused otherwise")
     add_setting_flags(parser)
     return parser
 
@@ -86,11 +92,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "coturn-config":
-        from icegate_server.turn.coturn_config import write_coturn_config
+        from icegate_server.turn.coturn_config import (
+            CoturnConfigError,
+            CoturnRendering,
+            write_coturn_config,
+        )
 
-        write_coturn_config(settings, args.output, listening_ip=args.coturn_listening_ip,
-                            relay_ip=args.coturn_relay_ip, min_port=args.coturn_min_port,
-                            max_port=args.coturn_max_port)
+        rendering = CoturnRendering(
+            listening_ip=args.coturn_listening_ip, relay_ip=args.coturn_relay_ip,
+            min_port=args.coturn_min_port, max_port=args.coturn_max_port,
+            external_ip=args.coturn_external_ip,
+            allow_loopback_peers=args.coturn_allow_loopback_peers)
+        try:
+            warnings = write_coturn_config(settings, args.output, rendering)
+        except CoturnConfigError as error:
+            print(f"icegate-server coturn-config: {error}", file=sys.stderr)
+            return 2
+        for warning in warnings:
+            print(f"icegate-server coturn-config: warning: {warning}", file=sys.stderr)
         return 0
 
     if settings.workers > 1:

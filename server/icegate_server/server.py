@@ -186,7 +186,9 @@ async def create_server(
         turn_secrets = TurnSecretRotation(
             store, vault, clock, issuer, static_secrets=settings.turn_secrets,
             max_ttl_seconds=settings.turn_ttl_max, sinks=coturn_sinks(settings),
-            rotate_every_seconds=settings.turn_rotate_interval)
+            rotate_every_seconds=settings.turn_rotate_interval,
+            on_sync_failure=metrics.coturn_sync_failed)
+        metrics.watch_signing_secret_age(lambda: turn_secrets.signing_secret_age(clock.now()))
         await turn_secrets.refresh()
         access = AccessControl(store, clock, settings.api_keys,
                                fail_open_rate_limit=settings.rate_limit_fail_open,

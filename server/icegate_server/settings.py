@@ -88,6 +88,10 @@ STUN_URI_PATTERN = re.compile(rf"stuns?:{_HOST}(?::[0-9]{{1,5}})?")
 REALM_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 """A coturn realm: a domain-like name, 1-255 characters."""
 COTURN_REDIS_PATTERN = re.compile(r"(?:rediss?|unix)://[\x21-\x7e]+")
+COTURN_PATH_PATTERN = re.compile(r"/[!$-&(-~]{1,4095}")
+"""A file coturn reads, as an absolute path of printable ASCII: it goes into turnserver.conf
+as it is, where a space, a quote, a # or a line break would end, comment or add a directive."""
+COTURN_PATH_PROBLEM = "must be an absolute path of printable ASCII without spaces, quotes or #"
 
 
 # -- Parsers, picked by a field's type -----------------------------------------------------
@@ -323,6 +327,25 @@ class Settings:
         0, "rotate the TURN secret automatically every this many seconds (0: off)",
         check=_unless_empty(_require(lambda seconds: 60 <= seconds <= 365 * 86400,
                                      "must be 0 (off) or between 60 seconds and a year")))
+    # coturn's side of the deployment: read by `icegate-server coturn-config` only (the
+    # service itself never opens these files; coturn's own user does).
+    coturn_tls_cert: str = setting(
+        "", "PEM certificate chain coturn serves turns: URIs with, as coturn's host sees the "
+        "path; needed whenever ICEGATE_TURN_URIS has a turns: URI",
+        check=_unless_empty(_require(COTURN_PATH_PATTERN.fullmatch, COTURN_PATH_PROBLEM)))
+    coturn_tls_key: str = setting(
+        "", "PEM private key of ICEGATE_COTURN_TLS_CERT, readable by coturn's user only",
+        check=_unless_empty(_require(COTURN_PATH_PATTERN.fullmatch, COTURN_PATH_PROBLEM)))
+    coturn_user_quota: int = setting(
+        0, "coturn's backstop: allocations one TURN username may hold at once (0: no limit)",
+        check=_require(lambda count: 0 <= count <= 1_000_000, "must be between 0 and 1000000"))
+    coturn_total_quota: int = setting(
+        0, "coturn's backstop: allocations the whole coturn may hold at once (0: no limit)",
+        check=_require(lambda count: 0 <= count <= 10_000_000,
+                       "must be between 0 and 10000000"))
+    coturn_max_bps: int = setting(
+        0, "coturn's backstop: bytes per second one TURN session may relay (0: no limit)",
+        check=_require(lambda rate: 0 <= rate <= 10**12, "must be between 0 and 10^12"))
     # Empty: the provider's own URL (sessions/providers); Azure has none, the URL names the
     # customer's resource.
     openai_base_url: str = setting(
@@ -526,6 +549,9 @@ def _check_together(settings: Settings) -> None:
         # every credential signed after the first rotation.
         fail("turn_rotate_interval", "needs ICEGATE_COTURN_REDIS or ICEGATE_COTURN_SQLITE, "
              "so that coturn follows the rotations")
+    if bool(settings.coturn_tls_cert) != bool(settings.coturn_tls_key):
+        fail("coturn_tls_key" if settings.coturn_tls_cert else "coturn_tls_cert",
+             "ICEGATE_COTURN_TLS_CERT and ICEGATE_COTURN_TLS_KEY must be set together")
     if settings.metrics_listen == settings.listen and not settings.listen.endswith(":0"):
         fail("metrics_listen", "must differ from ICEGATE_LISTEN")
     if bool(settings.tls_cert) != bool(settings.tls_key):

@@ -117,6 +117,15 @@ def render_turnserver_config(
         static_auth_secrets="\n".join(f"static-auth-secret={s}" for s in secrets),
         user_database=user_database,
         state_dir=state_dir,
+        # The harness's coturn relays between loopback peers (turnutils_uclient -y), plainly;
+        # tests/integration/test_coturn_deny_list.py and test_coturn_tls.py run the production
+        # rendering (`icegate-server coturn-config`) instead.
+        tls="no-tls",
+        external_ip="",
+        statistics="",
+        admin_cli="no-cli",
+        peer_access="allow-loopback-peers",
+        limits="",
     )
 
 

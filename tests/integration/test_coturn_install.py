@@ -20,6 +20,7 @@ import os
 import pwd
 import shlex
 import shutil
+import ssl
 import stat
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from pathlib import Path
 import pytest
 
 import icegate
-from harness.coturn import _stun_binding_answered, allocate, unauthenticated_allocate
+from harness.coturn import _stun_binding_answered, unauthenticated_allocate
 from harness.icegate_server import (
     TEST_ADMIN_KEY,
     TEST_MASTER_KEY,
@@ -41,6 +42,7 @@ from harness.icegate_server import (
 )
 from harness.ports import free_tcp_udp_port, reserve_relay_range
 from harness.pytest_plugin import require_binaries
+from harness.turn_client import TurnClient
 from icegate_server.clock import FrozenClock
 
 pytestmark = pytest.mark.coturn
@@ -50,7 +52,6 @@ SYSTEMD = REPO / "deploy" / "systemd"
 DROP_IN = SYSTEMD / "coturn.service.d" / "icegate.conf"
 INSTALLED_CONF = "/etc/icegate-coturn/turnserver.conf"
 REALM = "icegate.test"
-LOOPBACK_DENIED = "--denied-peer-ip=127.0.0.0-127.255.255.255"
 
 
 def require_root_and_turnserver_user() -> None:
@@ -97,10 +98,11 @@ def install_root() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def install_as_documented(root: Path, env: dict[str, str], relay: tuple[int, int]) -> Path:
+def install_as_documented(root: Path, env: dict[str, str], relay: tuple[int, int], *,
+                         check: bool = True) -> Path:
     """icegate.service's /etc/icegate steps, then deploy/systemd/install-coturn-config."""
     etc_icegate = root / "etc" / "icegate"
-    (root / "etc").mkdir(mode=0o755)
+    (root / "etc").mkdir(mode=0o755, exist_ok=True)
     # `install -d -m 0750 /etc/icegate`, `install -m 0600 icegate.env /etc/icegate/icegate.env`
     subprocess.run(["install", "-d", "-m", "0750", str(etc_icegate)], check=True)
     env_file = root / "icegate.env"
@@ -110,7 +112,7 @@ def install_as_documented(root: Path, env: dict[str, str], relay: tuple[int, int
     script_env = {"PATH": os.environ["PATH"], "DESTDIR": str(root),
                   "ICEGATE_SERVER": str(Path(sys.executable).parent / "icegate-server")}
     subprocess.run([str(SYSTEMD / "install-coturn-config"), "127.0.0.1", str(relay[0]),
-                    str(relay[1])], env=script_env, check=True, timeout=60)
+                    str(relay[1])], env=script_env, check=check, timeout=60)
     return root / INSTALLED_CONF.lstrip("/")
 
 
@@ -163,10 +165,8 @@ def test_documented_install_gives_coturn_a_config_it_reads_and_enforces(install_
         guard = rerooted(drop_in_command("ExecStartPre"), install_root)
         assert subprocess.run(as_turnserver(guard), check=False).returncode == 0
 
-        # The unit's own ExecStart, as turnserver. The probe's relay peer is on loopback, so
-        # only the loopback deny range is left out here; every other word is the unit's.
+        # The unit's own ExecStart, every word of it, as turnserver.
         exec_start = rerooted(drop_in_command("ExecStart"), install_root)
-        exec_start.remove(LOOPBACK_DENIED)
         coturn = start_coturn(exec_start, port, tmp_path / "coturn.log")
         try:
             settings = server_settings(tmp_path / "icegate", turn_realm=REALM,
@@ -174,11 +174,15 @@ def test_documented_install_gives_coturn_a_config_it_reads_and_enforces(install_
             with RunningServer(settings, FrozenClock(time.time())) as server, \
                     icegate.Client(server.target, TEST_ADMIN_KEY) as client:
                 issued = client.issue_turn_credentials("alice", ttl=600)
-            result = allocate("127.0.0.1", port, issued.username, issued.password)
-            assert result.ok, result.output
+            with TurnClient("127.0.0.1", port) as turn:
+                assert turn.allocate(issued.username, issued.password).code == 0
+                # The installed config carries the deny-list: nothing on this host (icegate,
+                # Redis, coturn's CLI) or its private networks is reachable through the relay.
+                assert turn.create_permission("127.0.0.1") == 403
+                assert turn.create_permission("10.1.2.3") == 403
             assert unauthenticated_allocate("127.0.0.1", port) == 401
-            forged = allocate("127.0.0.1", port, issued.username, "A" + issued.password[1:])
-            assert not forged.ok
+            with TurnClient("127.0.0.1", port) as turn:
+                assert turn.allocate(issued.username, "A" + issued.password[1:]).code == 401
         finally:
             stop(coturn)
 
@@ -234,5 +238,125 @@ def test_an_unreadable_config_no_longer_makes_an_open_relay(install_root, tmp_pa
             assert unauthenticated_allocate("127.0.0.1", port) == 401
         finally:
             stop(after)
+    finally:
+        relay.release()
+
+
+def test_sqlite_userdb_is_shared_by_coturn_and_icegates_dynamic_user(install_root, tmp_path):
+    """ICEGATE_COTURN_SQLITE under /var/lib/coturn: the script makes it writable for group
+    turnserver, and icegate, a transient user in that group (icegate.service.d/
+    coturn-sqlite.conf), keeps the secrets there; coturn accepts what it wrote."""
+    port = free_tcp_udp_port()
+    relay = reserve_relay_range()
+    userdb = "/var/lib/coturn/icegate/turndb"
+    env = {"ICEGATE_TURN_SECRETS": TEST_TURN_SECRET, "ICEGATE_API_KEYS": TEST_ADMIN_KEY,
+           "ICEGATE_MASTER_KEY": TEST_MASTER_KEY, "ICEGATE_DEV_SECRETS": "false",
+           "ICEGATE_TURN_REALM": REALM, "ICEGATE_COTURN_SQLITE": userdb,
+           "ICEGATE_TURN_URIS": f"turn:127.0.0.1:{port}?transport=udp"}
+    try:
+        conf = install_as_documented(install_root, env, (relay.min_port, relay.max_port))
+        installed_userdb = install_root / userdb.lstrip("/")
+        assert f"userdb={installed_userdb}" in conf.read_text().splitlines()
+        assert owner_mode(installed_userdb) == ("turnserver", "turnserver", "0o660")
+        assert owner_mode(installed_userdb.parent) == ("turnserver", "turnserver", "0o2770")
+
+        # As systemd runs icegate: a uid of its own, group turnserver as a supplementary one.
+        fresh = "fresh-secret-after-rotation-0123"
+        assert write_as_icegates_dynamic_user(installed_userdb, REALM, fresh) == 0
+
+        coturn = start_coturn(rerooted(drop_in_command("ExecStart"), install_root), port,
+                              tmp_path / "coturn.log")
+        try:
+            from harness.coturn import rest_credential
+
+            username, password = rest_credential(fresh, "alice", int(time.time()) + 600)
+            with TurnClient("127.0.0.1", port) as turn:
+                assert turn.allocate(username, password).code == 0
+            # The static secret is gone from the userdb icegate rewrote: refused.
+            username, password = rest_credential(TEST_TURN_SECRET, "alice",
+                                                 int(time.time()) + 600)
+            with TurnClient("127.0.0.1", port) as turn:
+                assert turn.allocate(username, password).code == 401
+        finally:
+            stop(coturn)
+    finally:
+        relay.release()
+
+
+def write_as_icegates_dynamic_user(userdb: Path, realm: str, secret: str) -> int:
+    """icegate's own userdb writer, run in a child with the identity systemd gives icegate
+    with coturn-sqlite.conf: a transient uid, group turnserver as a supplementary group.
+
+    A forked child rather than a new interpreter: this interpreter may live where another
+    uid cannot read it (a venv under /root). Returns the child's exit status (0: written).
+    """
+    from icegate_server.turn.coturn_userdb import CoturnSqliteSecrets
+
+    turnserver_gid = grp.getgrnam("turnserver").gr_gid
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        status = 1
+        try:
+            os.setgroups([turnserver_gid])
+            os.setgid(61999)
+            os.setuid(61999)
+            CoturnSqliteSecrets(str(userdb), realm)._replace({secret})
+            status = 0
+        finally:
+            os._exit(status)
+    _, wait_status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(wait_status)
+
+
+def test_turns_install_serves_tls_with_a_certificate_turnserver_reads(install_root, tmp_path):
+    """TURN over TLS as documented: coturn's certificate in /etc/icegate-coturn/tls (0640
+    root:turnserver), named in icegate.env; coturn, as turnserver on the unit's command line,
+    allocates over TLS. An unreadable key stops the install before a config is written."""
+    from harness.pki import TestCA
+
+    port, tls_port = free_tcp_udp_port(), free_tcp_udp_port()
+    relay = reserve_relay_range()
+    ca = TestCA(tmp_path / "pki")
+    issued_cert = ca.issue("turn", "turn.icegate.test", dns=("turn.icegate.test",), server=True)
+    tls_dir = install_root / "etc" / "icegate-coturn-tls"
+    tls_dir.mkdir(parents=True)
+    os.chown(tls_dir, 0, grp.getgrnam("turnserver").gr_gid)
+    tls_dir.chmod(0o750)
+    cert, key = tls_dir / "fullchain.pem", tls_dir / "privkey.pem"
+    shutil.copy(issued_cert.cert, cert)
+    shutil.copy(issued_cert.key, key)
+    for path in (cert, key):
+        os.chown(path, 0, grp.getgrnam("turnserver").gr_gid)
+        path.chmod(0o640)
+    env = {"ICEGATE_TURN_SECRETS": TEST_TURN_SECRET, "ICEGATE_API_KEYS": TEST_ADMIN_KEY,
+           "ICEGATE_MASTER_KEY": TEST_MASTER_KEY, "ICEGATE_DEV_SECRETS": "false",
+           "ICEGATE_TURN_REALM": REALM,
+           "ICEGATE_TURN_URIS": f"turn:127.0.0.1:{port}?transport=udp,"
+                                f"turns:turn.icegate.test:{tls_port}?transport=tcp",
+           "ICEGATE_COTURN_TLS_CERT": str(cert), "ICEGATE_COTURN_TLS_KEY": str(key)}
+    try:
+        key.chmod(0o600)  # root's alone: turnserver could not read it
+        conf = install_as_documented(install_root, env, (relay.min_port, relay.max_port),
+                                     check=False)
+        assert not conf.exists()
+        key.chmod(0o640)
+        (install_root / "etc" / "icegate" / "icegate.env").unlink()
+        conf = install_as_documented(install_root, env, (relay.min_port, relay.max_port))
+        assert f"tls-listening-port={tls_port}" in conf.read_text().splitlines()
+
+        coturn = start_coturn(rerooted(drop_in_command("ExecStart"), install_root), port,
+                              tmp_path / "coturn.log")
+        try:
+            from harness.coturn import rest_credential
+
+            context = ssl.create_default_context(cafile=ca.cert)
+            username, password = rest_credential(TEST_TURN_SECRET, "alice",
+                                                 int(time.time()) + 600)
+            with TurnClient("127.0.0.1", tls_port, tls_context=context,
+                            server_name="turn.icegate.test") as turn:
+                assert turn.allocate(username, password).code == 0
+                assert turn.create_permission("127.0.0.1") == 403
+        finally:
+            stop(coturn)
     finally:
         relay.release()

@@ -113,8 +113,10 @@ def test_coturn_config_from_icegate_settings_runs_a_matching_coturn(tmp_path, re
                ICEGATE_API_KEYS=TEST_ADMIN_KEY, ICEGATE_MASTER_KEY=TEST_MASTER_KEY,
                ICEGATE_DATA_DIR=str(tmp_path / "data"))
     config = tmp_path / "turnserver.conf"
+    # Loopback peers: the probe below relays between two allocations on 127.0.0.1.
     subprocess.run([str(Path(sys.executable).parent / "icegate-server"), "coturn-config",
-                    "--output", str(config)], env=env, check=True, timeout=30)
+                    "--coturn-allow-loopback-peers", "--output", str(config)], env=env,
+                   check=True, timeout=30)
     assert (config.stat().st_mode & 0o777) == 0o600
     text = config.read_text()
     assert f"realm={REALM}" in text and f"listening-port={port}" in text

@@ -21,6 +21,15 @@ Series (all prefixed `icegate_`):
     icegate_active_leases                             gauge: session leases live in the store
     icegate_turn_credentials_issued_total             TURN credentials signed
     icegate_store_errors_total{operation}             store calls that raised, by Store method
+    icegate_build_info{version, python, grpc}         1: what this process runs
+    icegate_turn_signing_secret_age_seconds           age of the secret signing TURN credentials
+                                                      (NaN for one from ICEGATE_TURN_SECRETS,
+                                                      whose age icegate cannot know)
+    icegate_coturn_sync_failures_total                writes of the TURN secrets into coturn's
+                                                      userdb that failed (retried every second)
+
+and prometheus_client's own `process_*` series (CPU seconds, resident and virtual memory,
+open and maximum file descriptors, start time) and `python_info`, for this process.
 
 Cardinality: every label takes its values from a closed set fixed by the code: the methods the
 server registered (an unknown method is answered UNIMPLEMENTED by gRPC before the call guard
@@ -41,6 +50,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import platform
 import socket
 import threading
 from collections.abc import Awaitable, Callable
@@ -50,7 +61,16 @@ from typing import Any, cast
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    make_wsgi_app,
+)
 
 from icegate.error_reasons import wire_reason
 from icegate.v1.errors_pb2 import ErrorReason
@@ -175,6 +195,20 @@ class IcegateMetrics:
         store_errors = Counter("icegate_store_errors", "Store calls that failed, by operation.",
                                ("operation",), registry=registry)
         self._store_errors = {op: store_errors.labels(op) for op in STORE_OPERATIONS}
+        # This process's CPU, memory and descriptors (read from /proc at each scrape), and
+        # what it runs.
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        Info("icegate_build", "The icegate, Python and grpcio versions this process runs.",
+             registry=registry).info(build_info())
+        self._signing_secret_age = Gauge(
+            "icegate_turn_signing_secret_age_seconds",
+            "Age of the secret signing TURN credentials; NaN when it comes from "
+            "ICEGATE_TURN_SECRETS (its age is unknown).", registry=registry)
+        self._signing_secret_age.set(math.nan)
+        self._coturn_sync_failures = Counter(
+            "icegate_coturn_sync_failures",
+            "Writes of the TURN secrets into coturn's userdb that failed.", registry=registry)
 
     def rpc(self, method: str) -> MethodMetrics:
         """The recorder of one method; the call guard asks once per method, then keeps it."""
@@ -213,6 +247,25 @@ class IcegateMetrics:
 
     def set_active_leases(self, count: int) -> None:
         self._active_leases.set(count)
+
+    def watch_signing_secret_age(self, age_seconds: Callable[[], float]) -> None:
+        """Reads the signing secret's age from `age_seconds` at every scrape."""
+        self._signing_secret_age.set_function(age_seconds)
+
+    def coturn_sync_failed(self) -> None:
+        self._coturn_sync_failures.inc()
+
+
+def build_info() -> dict[str, str]:
+    """The `icegate_build_info` labels: versions of icegate, Python and grpcio."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        icegate_version = version("icegate")
+    except PackageNotFoundError:  # pragma: no cover - running from a bare source tree
+        icegate_version = "unknown"
+    return {"version": icegate_version, "python": platform.python_version(),
+            "grpc": grpc.__version__}
 
 
 # --- the store, instrumented -------------------------------------------------------------------

@@ -26,8 +26,9 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from icegate_server.clock import Clock
@@ -67,7 +68,8 @@ class TurnSecretRotation:
 
     def __init__(self, store: Store, vault: Vault, clock: Clock, issuer: TurnCredentialIssuer,
                  *, static_secrets: Sequence[str], max_ttl_seconds: int,
-                 sinks: Sequence[CoturnSecretSink] = (), rotate_every_seconds: int = 0) -> None:
+                 sinks: Sequence[CoturnSecretSink] = (), rotate_every_seconds: int = 0,
+                 on_sync_failure: Callable[[], None] = lambda: None) -> None:
         self._store = store
         self._vault = vault
         self._clock = clock
@@ -76,6 +78,7 @@ class TurnSecretRotation:
         self._max_ttl_ms = max_ttl_seconds * 1000
         self._sinks = tuple(sinks)
         self._rotate_every_ms = rotate_every_seconds * 1000
+        self._on_sync_failure = on_sync_failure
         self._entries: tuple[RingEntry, ...] = ()
         self._synced: frozenset[str] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -119,10 +122,22 @@ class TurnSecretRotation:
     async def _sync(self, values: frozenset[str]) -> None:
         if values == self._synced or not self._sinks:
             return
-        for sink in self._sinks:
-            await sink.replace(values)
+        try:
+            for sink in self._sinks:
+                await sink.replace(values)
+        except Exception:
+            # Retried at the next refresh (every REFRESH_SECONDS): nothing counts as synced.
+            self._on_sync_failure()
+            raise
         self._synced = values
         log.info("coturn's TURN secrets updated (%d in force)", len(values))
+
+    def signing_secret_age(self, now: float) -> float:
+        """Seconds since the signing secret was made; NaN for a secret from the settings
+        (or none yet), whose making icegate never saw."""
+        if not self._entries or self._entries[0].source != "ring":
+            return math.nan
+        return max(0.0, now - self._entries[0].created_ms / 1000)
 
     @property
     def keeps_coturn_in_step(self) -> bool:
@@ -138,6 +153,12 @@ class TurnSecretRotation:
                 every credential the new secret signs, and the caller did not say that
                 coturn will be restarted with the new secrets (`coturn_restart_planned`).
         """
+        if not self.keeps_coturn_in_step and coturn_restart_planned:
+            log.warning(
+                "rotating the TURN secret with nothing keeping coturn in step "
+                "(ICEGATE_COTURN_REDIS/SQLITE unset): coturn refuses the credentials the new "
+                "secret signs until it is restarted with it (re-render its config: "
+                "install-coturn-config, make coturn, or the compose coturn-config service)")
         if not self.keeps_coturn_in_step and not coturn_restart_planned:
             raise CoturnOutOfStepError(
                 "coturn would refuse every credential signed with the new secret: icegate "
