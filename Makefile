@@ -29,13 +29,17 @@ $(BENCH_STAMP): pyproject.toml
 
 # The one way stubs are made. The proto package maps onto the Python package
 # (icegate.v1 -> client/icegate/v1/), so generated imports need no rewriting.
+# Connect stubs (`*_connect.py`) sit over the same google.protobuf `_pb2` classes
+# (`protobuf=google`), so one set of messages serves both transports.
 proto: $(STAMP)
-	find $(GENERATED_DIR) -name '*_pb2*.py*' -delete
+	find $(GENERATED_DIR) \( -name '*_pb2*.py*' -o -name '*_connect.py' \) -delete
 	$(BIN)/python -m grpc_tools.protoc -I protos \
 	  --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy \
 	  --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
+	  --plugin=protoc-gen-connectrpc=$(BIN)/protoc-gen-connectrpc \
 	  --python_out=client --grpc_python_out=client \
 	  --mypy_out=client --mypy_grpc_out=client \
+	  --connectrpc_out=client --connectrpc_opt=protobuf=google \
 	  $(PROTOS)
 
 # Regenerates the committed stubs and fails if they differ from what is committed.

@@ -14,7 +14,6 @@ import dataclasses
 import math
 import os
 import re
-import sys
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -26,10 +25,7 @@ import httpx
 from icegate_server.access.tls import ADMIN_IDENTITY, check_tls_files, parse_client_projects
 from icegate_server.projects.records import MAX_URL, PROJECT_ID_PATTERN, URL_PATTERN
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
+import tomllib
 
 T = TypeVar("T")
 
