@@ -24,12 +24,7 @@ from grpc_status import rpc_status
 
 from icegate.v1 import credentials_pb2, credentials_pb2_grpc
 from icegate_server.access.control import CallContext, MethodPolicy
-from icegate_server.access.guard import (
-    REQUEST_ID_HEADER,
-    CallGuard,
-    MethodTable,
-    current_call,
-)
+from icegate_server.access.guard import REQUEST_ID_HEADER, CallGuard, current_call
 from icegate_server.access.keys import Caller
 from icegate_server.errors import (
     InvalidApiKeyError,
@@ -42,6 +37,7 @@ from icegate_server.observability.logs import FIELDS_ATTRIBUTE, JsonFormatter
 from icegate_server.observability.metrics import IcegateMetrics
 from icegate_server.projects.records import Project
 from icegate_server.status import INTERNAL_STATUS, lookup, to_grpc_status
+from icegate_server.transports.grpc_methods import MethodTable
 
 ISSUE = "/icegate.v1.CredentialService/IssueTurnCredentials"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
