@@ -26,6 +26,7 @@ Servicers receive a small stand-in for grpc's `ServicerContext` with what they u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import ssl
 import time
@@ -56,6 +57,7 @@ from icegate_server.access.guard import (
 )
 from icegate_server.access.tls import certificate_names
 from icegate_server.observability.logs import valid_request_id
+from icegate_server.status import INTERNAL_RPC_STATUS
 
 Behavior = Callable[[Any, Any], Awaitable[Any]]
 
@@ -165,7 +167,12 @@ class ConnectApplication(ConnectASGIApplication[None]):
             chain: Sequence[str] = (extensions.get(_TLS_EXTENSION) or {}).get(
                 "client_cert_chain") or ()
             _client_certificate.set(chain[0] if chain else None)
-        await super().__call__(scope, receive, send)
+        # connectrpc answers a request it cannot serve (native gRPC without HTTP trailers, a
+        # header that is not UTF-8) and then raises for the server to log: a line per hostile
+        # request would let any client flood the log. Calls that reach a servicer are logged
+        # by the guard; one left unanswered gets uvicorn's 500.
+        with contextlib.suppress(Exception):
+            await super().__call__(scope, receive, send)
 
     def add(self, service: ServiceDescriptor, servicer: object,
             guard: CallGuard | None = None) -> None:
@@ -193,7 +200,13 @@ def _open(behavior: Behavior) -> Callable[[Any, RequestContext[Any, Any]], Await
     async def served(request: Any, context: RequestContext[Any, Any]) -> Any:
         if request is UNDECODABLE:
             raise ConnectError(Code.INVALID_ARGUMENT, "the request body is not a valid message")
-        return await behavior(request, ConnectServicerContext(context))
+        try:
+            return await behavior(request, ConnectServicerContext(context))
+        except ConnectError:
+            raise
+        except Exception:
+            # connectrpc would answer with the exception's text; nothing of it goes out.
+            raise connect_error(INTERNAL_RPC_STATUS) from None
 
     return served
 
