@@ -40,6 +40,7 @@ from processes import ManagedProcess, free_port
 FEW, MANY = 200, 1200
 VALGRIND = shutil.which("valgrind")
 TARGETS = {"bare": "bare grpc.aio", "fastapi": "FastAPI (uvicorn, HTTP/1.1)",
+           "bare-connect": "bare Connect (connectrpc, uvicorn)",
            "icegate-sqlite": "icegate SQLite", "icegate-redis": "icegate Redis",
            "icegate-sqlite-connect": "icegate SQLite Connect",
            "icegate-redis-connect": "icegate Redis Connect"}
@@ -62,6 +63,12 @@ def _instructions(target: str, calls: int, work: Path) -> int:
         server = ManagedProcess(f"cg-bare-{calls}", valgrind + argv, port=port, log_dir=work,
                                 startup_timeout=180).start()
         endpoint = grpc_endpoint(port, scenario.ISSUE, bodies["issue"], "unused")
+    elif target == "bare-connect":
+        argv = [sys.executable, str(targets.BENCH_DIR / "bare_connect_server.py"), "--port",
+                str(port)]
+        server = ManagedProcess(f"cg-bare-connect-{calls}", valgrind + argv, port=port,
+                                log_dir=work, startup_timeout=180).start()
+        endpoint = connect_endpoint(port, scenario.ISSUE, bodies["issue-proto"], "unused")
     elif target == "fastapi":
         argv = [sys.executable, str(targets.BENCH_DIR / "fastapi_server.py"), "--port",
                 str(port)]

@@ -98,6 +98,13 @@ def start_bare_grpc(work: Path) -> ManagedProcess:
                                         "--port", str(port)], port=port, log_dir=work).start()
 
 
+def start_bare_connect(work: Path) -> ManagedProcess:
+    port = free_port()
+    return ManagedProcess("bare-connect", [
+        sys.executable, str(BENCH_DIR / "bare_connect_server.py"), "--port", str(port)],
+        port=port, log_dir=work).start()
+
+
 def start_fastapi(work: Path) -> ManagedProcess:
     port = free_port()
     return ManagedProcess("fastapi", [sys.executable, str(BENCH_DIR / "fastapi_server.py"),
