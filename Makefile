@@ -67,12 +67,13 @@ coturn: $(STAMP)
 	$(BIN)/icegate-server coturn-config --output .icegate/turnserver.conf $(ARGS)
 	turnserver -c .icegate/turnserver.conf
 
-# icegate against a bare grpc.aio server and FastAPI, with h2load: about 18-20 minutes
+# icegate (over gRPC and over Connect) against a bare grpc.aio server, a bare Connect server and
+# FastAPI, with h2load: about 25-30 minutes
 # (BENCH_QUICK=1: about 2). Writes bench/results/ and prints the summary; see
 # docs/PERFORMANCE.md. `timeout` is the hard bound; the script stops its servers on SIGTERM.
 bench: $(BENCH_STAMP)
 	@command -v h2load >/dev/null || { echo "make bench needs h2load: apt-get install nghttp2-client"; exit 1; }
-	timeout 28m $(BIN)/python bench/run.py
+	timeout 40m $(BIN)/python bench/run.py
 
 # A py-spy flamegraph of icegate under h2load for 10 s into bench/results/raw/
 # (ARGS="--method ice|session --seconds N").
