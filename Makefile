@@ -49,8 +49,10 @@ proto-check: proto
 	@test -z "$$(git status --porcelain -- $(GENERATED_DIR))" || \
 	  { echo "generated code is not committed: run 'make proto' and commit $(GENERATED_DIR)"; exit 1; }
 
+# gRPC on 127.0.0.1:50051 and Connect on 127.0.0.1:8080 (ICEGATE_HTTP_LISTEN overrides it;
+# set it empty to serve gRPC only).
 run: proto
-	$(BIN)/icegate-server $(ARGS)
+	ICEGATE_HTTP_LISTEN="$${ICEGATE_HTTP_LISTEN-127.0.0.1:8080}" $(BIN)/icegate-server $(ARGS)
 
 # Uses the committed stubs; a test fails when they differ from what `make proto` generates.
 test: $(STAMP)
