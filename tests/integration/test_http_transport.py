@@ -130,6 +130,31 @@ def test_rich_details_are_connect_error_details(server):
         "google.rpc.ErrorInfo", "google.rpc.BadRequest"]
 
 
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_binary_and_json_calls_are_refused_alike(server):
+    # A binary call takes icegate's own unary path, a JSON one connectrpc's application: the
+    # same Connect error either way.
+    from icegate.v1 import credentials_pb2
+
+    def refused(content_type: str, body: bytes) -> tuple[int, dict[str, object]]:
+        connection = http.client.HTTPConnection("127.0.0.1", server.server.http_port,
+                                                timeout=10)
+        try:
+            connection.request("POST", ISSUE, body=body, headers={
+                "content-type": content_type, "authorization": "Bearer igk_" + "z" * 40})
+            answer = connection.getresponse()
+            error = json.loads(answer.read())
+        finally:
+            connection.close()
+        return answer.status, error
+
+    binary = refused("application/proto", credentials_pb2.IssueTurnCredentialsRequest(
+        user_id="alice").SerializeToString())
+    text = refused("application/json", b'{"userId": "alice"}')
+    assert binary == text
+    assert binary[0] == 401 and binary[1]["code"] == "unauthenticated"
+
+
 def test_a_taken_http_port_stops_the_server_with_one_line(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gzip
 import http.client
 import json
 import logging
@@ -529,3 +530,27 @@ def test_over_connect_a_client_that_hangs_up_is_counted_cancelled(caplog):
             del reader
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("encoding", [None, "gzip"], ids=["binary-unary-path", "connectrpc-path"])
+def test_over_connect_a_deadline_ends_the_call_deadline_exceeded(caplog, encoding):
+    # A plain binary call is served by the module's own unary path; a compressed one by
+    # connectrpc's application: the same deadline, answer and record either way.
+    async def scenario() -> None:
+        async with connect_server() as served:
+            body = credentials_pb2.IssueTurnCredentialsRequest(user_id="hang").SerializeToString()
+            headers = {"content-type": "application/proto", "connect-timeout-ms": "200",
+                       "authorization": f"Bearer {GOOD_KEY}"}
+            if encoding:
+                body = gzip.compress(body)
+                headers["content-encoding"] = encoding
+            status, answer_headers, answer = await served.post(ISSUE, body, headers)
+            assert status == 504
+            assert json.loads(answer)["code"] == "deadline_exceeded"
+            assert len(answer_headers["x-request-id"]) == 32
+            await served.servicer.ended.wait()
+            assert served.calls("CANCELLED") == 1
+
+    asyncio.run(scenario())
+    [line] = rpc_records(caplog)
+    assert logged_fields(line)["code"] == "CANCELLED"
