@@ -17,6 +17,10 @@ this module only translates:
 - a body that does not parse (binary or JSON) reaches the guard as `UNDECODABLE`, answered
   INVALID_ARGUMENT (MALFORMED_REQUEST) through the one error table, counted and logged.
 
+A plain binary unary call (`application/proto`, no compression: what icegate's clients and
+Connect-ES send) is served by this module's own short path over the same endpoint table
+(`_serve_binary_unary`: measured, see there); every other request goes through connectrpc.
+
 Only unary methods are served over HTTP (the Connect protocol's streaming needs HTTP/2 for
 what icegate would use it for): health's Check is, its Watch and reflection stay on gRPC.
 Servicers receive a small stand-in for grpc's `ServicerContext` with what they use of it
