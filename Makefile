@@ -29,13 +29,17 @@ $(BENCH_STAMP): pyproject.toml
 
 # The one way stubs are made. The proto package maps onto the Python package
 # (icegate.v1 -> client/icegate/v1/), so generated imports need no rewriting.
+# Connect stubs (`*_connect.py`) sit over the same google.protobuf `_pb2` classes
+# (`protobuf=google`), so one set of messages serves both transports.
 proto: $(STAMP)
-	find $(GENERATED_DIR) -name '*_pb2*.py*' -delete
+	find $(GENERATED_DIR) \( -name '*_pb2*.py*' -o -name '*_connect.py' \) -delete
 	$(BIN)/python -m grpc_tools.protoc -I protos \
 	  --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy \
 	  --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
+	  --plugin=protoc-gen-connectrpc=$(BIN)/protoc-gen-connectrpc \
 	  --python_out=client --grpc_python_out=client \
 	  --mypy_out=client --mypy_grpc_out=client \
+	  --connectrpc_out=client --connectrpc_opt=protobuf=google \
 	  $(PROTOS)
 
 # Regenerates the committed stubs and fails if they differ from what is committed.
@@ -54,9 +58,12 @@ DEV_COTURN_USERDB = $(abspath $(DEV_DIR))/coturn/turndb
 DEV_SETTINGS = ICEGATE_DATA_DIR=$${ICEGATE_DATA_DIR-$(DEV_DIR)} \
 	ICEGATE_COTURN_SQLITE=$${ICEGATE_COTURN_SQLITE-$(DEV_COTURN_USERDB)}
 
+# gRPC on 127.0.0.1:50051 and Connect on 127.0.0.1:8080 (ICEGATE_HTTP_LISTEN overrides it;
+# set it empty to serve gRPC only).
 run: proto
 	mkdir -p $(DEV_DIR)/coturn
-	$(DEV_SETTINGS) $(BIN)/icegate-server $(ARGS)
+	$(DEV_SETTINGS) ICEGATE_HTTP_LISTEN="$${ICEGATE_HTTP_LISTEN-127.0.0.1:8080}" \
+	  $(BIN)/icegate-server $(ARGS)
 
 # Uses the committed stubs; a test fails when they differ from what `make proto` generates.
 test: $(STAMP)
@@ -76,12 +83,13 @@ coturn: $(STAMP)
 	  --output $(DEV_DIR)/turnserver.conf $(ARGS)
 	turnserver -c $(DEV_DIR)/turnserver.conf
 
-# icegate against a bare grpc.aio server and FastAPI, with h2load: about 18-20 minutes
+# icegate (over gRPC and over Connect) against a bare grpc.aio server, a bare Connect server and
+# FastAPI, with h2load: about 25-30 minutes
 # (BENCH_QUICK=1: about 2). Writes bench/results/ and prints the summary; see
 # docs/PERFORMANCE.md. `timeout` is the hard bound; the script stops its servers on SIGTERM.
 bench: $(BENCH_STAMP)
 	@command -v h2load >/dev/null || { echo "make bench needs h2load: apt-get install nghttp2-client"; exit 1; }
-	timeout 28m $(BIN)/python bench/run.py
+	timeout 40m $(BIN)/python bench/run.py
 
 # A py-spy flamegraph of icegate under h2load for 10 s into bench/results/raw/
 # (ARGS="--method ice|session --seconds N").

@@ -34,13 +34,18 @@ from typing import Any
 
 import scenario
 import targets
-from loadgen import grpc_endpoint, json_endpoint, run_h2load
+from loadgen import connect_endpoint, grpc_endpoint, json_endpoint, run_h2load
 from processes import ManagedProcess, free_port
 
 FEW, MANY = 200, 1200
 VALGRIND = shutil.which("valgrind")
 TARGETS = {"bare": "bare grpc.aio", "fastapi": "FastAPI (uvicorn, HTTP/1.1)",
-           "icegate-sqlite": "icegate SQLite", "icegate-redis": "icegate Redis"}
+           "bare-connect": "bare Connect (connectrpc, uvicorn)",
+           "icegate-sqlite": "icegate SQLite", "icegate-redis": "icegate Redis",
+           "icegate-sqlite-connect": "icegate SQLite Connect",
+           "icegate-redis-connect": "icegate Redis Connect"}
+"""The targets; `-connect` ones are the same icegate loaded over Connect (binary protobuf,
+HTTP/1.1) instead of gRPC."""
 _TOTAL = re.compile(r"^(?:summary|totals):\s+(\d+)", re.M)
 
 
@@ -58,6 +63,12 @@ def _instructions(target: str, calls: int, work: Path) -> int:
         server = ManagedProcess(f"cg-bare-{calls}", valgrind + argv, port=port, log_dir=work,
                                 startup_timeout=180).start()
         endpoint = grpc_endpoint(port, scenario.ISSUE, bodies["issue"], "unused")
+    elif target == "bare-connect":
+        argv = [sys.executable, str(targets.BENCH_DIR / "bare_connect_server.py"), "--port",
+                str(port)]
+        server = ManagedProcess(f"cg-bare-connect-{calls}", valgrind + argv, port=port,
+                                log_dir=work, startup_timeout=180).start()
+        endpoint = connect_endpoint(port, scenario.ISSUE, bodies["issue-proto"], "unused")
     elif target == "fastapi":
         argv = [sys.executable, str(targets.BENCH_DIR / "fastapi_server.py"), "--port",
                 str(port)]
@@ -68,19 +79,21 @@ def _instructions(target: str, calls: int, work: Path) -> int:
         data = work / f"{target}-{calls}"
         data.mkdir(parents=True, exist_ok=True)
         store_url: str | None = None
-        if target == "icegate-redis":
+        connect = target.endswith("-connect")
+        if target.startswith("icegate-redis"):
             redis = targets.start_redis(data)
             store_url = f"redis://127.0.0.1:{redis.port}/0"
             # Redis listens now: a port picked before it started could have been its own.
             port = free_port()
-        env = targets.icegate_env(port, data, store_url)
+        http_port = free_port() if connect else None
+        env = targets.icegate_env(port, data, store_url, http_port=http_port)
         # Under callgrind a call runs ~50x slower: the 0.1 s default would fail some calls
         # UNAVAILABLE, and a failed call costs less than an answered one.
         env["ICEGATE_STORE_TIMEOUT"] = "5"
         try:
             server = ManagedProcess(
                 f"cg-{target}-{calls}", [*valgrind, sys.executable, targets.ICEGATE_SERVER],
-                port=port, log_dir=work, cwd=data,
+                port=port, log_dir=work, cwd=data, http_port=http_port,
                 env=env, startup_timeout=180).start()
             key = targets.prepare_project(port).api_key
         except BaseException:
@@ -89,7 +102,9 @@ def _instructions(target: str, calls: int, work: Path) -> int:
             if redis is not None:
                 redis.stop()
             raise
-        endpoint = grpc_endpoint(port, scenario.ISSUE, bodies["issue"], key)
+        endpoint = (connect_endpoint(http_port, scenario.ISSUE, bodies["issue-proto"], key)
+                    if http_port is not None
+                    else grpc_endpoint(port, scenario.ISSUE, bodies["issue"], key))
     try:
         result = run_h2load(endpoint, clients=8, streams=4, requests=calls)
         if result.status_2xx != calls:
@@ -128,17 +143,18 @@ def measure(work: Path, chosen: Sequence[str] | None = None) -> dict[str, Any]:
     if VALGRIND is None:
         return {"note": "valgrind is not installed: instructions per call not measured"}
     if chosen is None:
-        chosen = [key for key in TARGETS
-                  if key != "icegate-redis" or targets.redis_server_binary() is not None]
-    # Two targets at a time, one per core; icegate-redis alone, since its redis-server is a
-    # third busy process (beside another target it counted icegate SQLite 571k instead of 530k
-    # and itself 776k instead of 741k).
-    paired = [key for key in chosen if key != "icegate-redis"]
+        chosen = [key for key in TARGETS if not key.startswith("icegate-redis")
+                  or targets.redis_server_binary() is not None]
+    # Two targets at a time, one per core; the Redis ones alone, since their redis-server is
+    # a third busy process (beside another target it counted icegate SQLite 571k instead of
+    # 530k and itself 776k instead of 741k).
+    alone = [key for key in chosen if key.startswith("icegate-redis")]
+    paired = [key for key in chosen if key not in alone]
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {key: pool.submit(per_call, key, work) for key in paired}
         counts = {TARGETS[key]: future.result() for key, future in futures.items()}
-    if "icegate-redis" in chosen:
-        counts[TARGETS["icegate-redis"]] = per_call("icegate-redis", work)
+    for key in alone:
+        counts[TARGETS[key]] = per_call(key, work)
     results: dict[str, Any] = {"instructions_per_call": counts, "calls": [FEW, MANY]}
     bare, fastapi = counts.get(TARGETS["bare"]), counts.get(TARGETS["fastapi"])
     sqlite, redis = counts.get(TARGETS["icegate-sqlite"]), counts.get(TARGETS["icegate-redis"])
@@ -151,6 +167,11 @@ def measure(work: Path, chosen: Sequence[str] | None = None) -> dict[str, Any]:
     if sqlite and redis:
         # The Redis path's cost against the embedded one's (issue 16: at most 1.1).
         results["redis_over_sqlite"] = redis / sqlite
+    connect = counts.get(TARGETS["icegate-sqlite-connect"])
+    if connect and fastapi:
+        results["connect_vs_fastapi"] = fastapi / connect
+    if connect and sqlite:
+        results["connect_vs_grpc"] = sqlite / connect
     return results
 
 

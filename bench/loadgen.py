@@ -43,6 +43,15 @@ def grpc_endpoint(port: int, method: str, body: Path, api_key: str) -> Endpoint:
     )
 
 
+def connect_endpoint(port: int, method: str, body: Path, api_key: str) -> Endpoint:
+    """A Connect unary call: a POST of the bare message, binary protobuf, over HTTP/1.1."""
+    return Endpoint(
+        url=f"http://127.0.0.1:{port}{method}", body=body,
+        headers=("content-type: application/proto", f"authorization: Bearer {api_key}"),
+        http1=True,
+    )
+
+
 def json_endpoint(port: int, path: str, body: Path, api_key: str) -> Endpoint:
     return Endpoint(
         url=f"http://127.0.0.1:{port}{path}", body=body,

@@ -51,10 +51,12 @@ class ManagedProcess:
 
     def __init__(self, name: str, argv: Sequence[str], *, port: int, log_dir: Path,
                  env: Mapping[str, str] | None = None, cwd: Path | None = None,
-                 startup_timeout: float = 30.0) -> None:
+                 startup_timeout: float = 30.0, http_port: int | None = None) -> None:
         self.name = name
         self.argv = list(argv)
         self.port = port
+        self.http_port = http_port
+        """icegate's HTTP listener (Connect), waited for too; None for the others."""
         self.log_path = log_dir / f"{name}-{port}.log"
         self.env = dict(env if env is not None else os.environ)
         self.cwd = cwd
@@ -74,6 +76,9 @@ class ManagedProcess:
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_for_port(self.port, self.process, self.startup_timeout, self.log_path)
+            if self.http_port is not None:
+                wait_for_port(self.http_port, self.process, self.startup_timeout,
+                              self.log_path)
         except BaseException:
             self.stop()
             raise

@@ -12,6 +12,8 @@ ICEGATE = "icegate SQLite"
 ICEGATE_REDIS = "icegate Redis"
 # --workers runs on Redis only: one process owns a SQLite file (store/sqlite.py).
 WORKERS_REDIS = "icegate Redis --workers 2"
+ICEGATE_CONNECT = "icegate SQLite Connect"
+"""The same icegate process loaded over Connect (binary protobuf, HTTP/1.1)."""
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -51,6 +53,25 @@ def targets_table(results: dict[str, Any]) -> list[str]:
             add(f"--workers 2 ≥ 1.3 x one worker ({WORKERS_REDIS}, paired rounds)",
                 f"{_fmt(paired[WORKERS_REDIS]['x_one_worker'])} x",
                 paired[WORKERS_REDIS]["x_one_worker"] >= 1.3)
+    if ICEGATE_CONNECT in paired:
+        connect = paired[ICEGATE_CONNECT]
+        add("Connect, every feature on, ≥ 1.3 x FastAPI (paired rounds)",
+            f"{_fmt(connect['x_fastapi'])} x", connect["x_fastapi"] >= 1.3)
+        add("Connect ≥ 1.5 x icegate over gRPC (paired rounds)",
+            f"{_fmt(connect.get('x_grpc'))} x", connect.get("x_grpc", 0) >= 1.5)
+    counted_connect = results.get("instructions", {})
+    if "connect_vs_fastapi" in counted_connect:
+        add("Connect ≥ 1.3 x FastAPI in instructions per call (callgrind)",
+            f"{_fmt(counted_connect['connect_vs_fastapi'])} x",
+            counted_connect["connect_vs_fastapi"] >= 1.3)
+    if "connect_vs_grpc" in counted_connect:
+        add("Connect ≥ 1.5 x icegate over gRPC in instructions per call (callgrind)",
+            f"{_fmt(counted_connect['connect_vs_grpc'])} x",
+            counted_connect["connect_vs_grpc"] >= 1.5)
+    connect_row = _row(compare, ICEGATE_CONNECT, issue)
+    add("Connect p99 < 5 ms at 1,000 req/s, IssueTurnCredentials",
+        f"{_fmt(connect_row['p99_ms'])} ms" if connect_row else "not measured",
+        None if connect_row is None else connect_row["p99_ms"] < 5)
     icegate = _row(compare, ICEGATE, issue)
     vs_bare = _ratio(icegate, _row(compare, BARE, issue))
     add("IssueTurnCredentials ≥ 0.85 x bare grpc.aio req/s (sections one after another)",
@@ -230,13 +251,14 @@ def paired_table(paired: dict[str, Any]) -> list[str]:
     lines = [f"{paired['rounds']} rounds; in each, every target's closed loop (h2load -c 32 -m 8, "
              f"{paired['seconds']} s) runs within seconds of the others'. Ratios are medians of "
              "the per-round ratios.", "",
-             "| target | req/s (median) | x bare | x FastAPI | x one worker | runs |",
-             "|---|---:|---:|---:|---:|---|"]
+             "| target | req/s (median) | x bare | x FastAPI | x one worker | x over gRPC | runs |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for target, figures in paired["ratios"].items():
         runs = ", ".join(f"{r:,.0f}" for r in paired["runs"][target])
         lines.append(f"| {target} | {_fmt(figures['capacity_rps'], 0)} | "
                      f"{_fmt(figures['x_bare'])} | {_fmt(figures['x_fastapi'])} | "
-                     f"{_fmt(figures.get('x_one_worker'))} | {runs} |")
+                     f"{_fmt(figures.get('x_one_worker'))} | {_fmt(figures.get('x_grpc'))} | "
+                     f"{runs} |")
     return lines
 
 

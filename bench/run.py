@@ -40,6 +40,7 @@ import targets
 from loadgen import (
     Endpoint,
     LoadResult,
+    connect_endpoint,
     grpc_endpoint,
     json_endpoint,
     run_fixed_rate,
@@ -54,6 +55,7 @@ T = TypeVar("T")
 K = TypeVar("K")
 
 RESULTS = Path(__file__).resolve().parent / "results"
+BARE_CONNECT = "bare Connect (connectrpc, uvicorn)"
 FLAT_PROJECTS = 10_000
 """The project count per-call cost must not grow up to (against one project)."""
 
@@ -259,6 +261,10 @@ class Bench:
             return {name: grpc_endpoint(port, path, self.bodies[body], key)
                     for name, (path, body, _) in methods.items()}
 
+        def connect_endpoints(port: int, key: str) -> dict[str, Endpoint]:
+            return {name: connect_endpoint(port, path, self.bodies[f"{body}-proto"], key)
+                    for name, (path, body, _) in methods.items()}
+
         if not self.out_of_time("bare grpc.aio"):
             with targets.start_bare_grpc(self.work) as bare:
                 rows += self.measure_credentials("bare grpc.aio", bare,
@@ -268,14 +274,25 @@ class Bench:
                 rows += self.measure_credentials("FastAPI (uvicorn, HTTP/1.1)", fastapi, {
                     name: json_endpoint(fastapi.port, path, self.bodies["json"], "none")
                     for name, (_, _, path) in methods.items()})
+        if not self.out_of_time("bare Connect"):
+            with targets.start_bare_connect(self.work) as bare_connect:
+                rows += self.measure_credentials(BARE_CONNECT, bare_connect,
+                                                 connect_endpoints(bare_connect.port, "none"))
         for label, store, workers in self._icegate_variants():
             if self.out_of_time(label):
                 continue
             with self.icegate(label, store=store, workers=workers) as (server, key, extra):
                 for method in (scenario.ISSUE, scenario.ICE):
                     targets.check_call(server.port, key, method)
+                    targets.check_call(f"http://127.0.0.1:{server.http_port}", key, method)
                 rows += self.measure_credentials(label, server,
                                                  grpc_endpoints(server.port, key), extra)
+                # The same process over Connect (binary protobuf, HTTP/1.1).
+                if workers == 1 and not self.out_of_time(f"{label} Connect"):
+                    assert server.http_port is not None
+                    rows += self.measure_credentials(
+                        f"{label} Connect", server, connect_endpoints(server.http_port, key),
+                        extra)
         return rows
 
     def paired(self, rounds: int) -> dict[str, Any]:
@@ -295,11 +312,21 @@ class Bench:
             fastapi = stack.enter_context(targets.start_fastapi(self.work))
             endpoints["FastAPI (uvicorn, HTTP/1.1)"] = (json_endpoint(
                 fastapi.port, "/turn-credentials", self.bodies["json"], "none"), [fastapi.pid])
+            bare_connect = stack.enter_context(targets.start_bare_connect(self.work))
+            endpoints[BARE_CONNECT] = (connect_endpoint(
+                bare_connect.port, scenario.ISSUE, self.bodies["issue-proto"], "none"),
+                [bare_connect.pid])
             for label, store, workers in self._icegate_variants():
                 server, key, store_pids = stack.enter_context(
                     self.icegate(f"{label} paired", store=store, workers=workers))
                 endpoints[label] = (grpc_endpoint(server.port, *issue, key),
                                     [server.pid, *store_pids])
+                # The same server over Connect: binary protobuf, h2load --h1.
+                assert server.http_port is not None
+                targets.check_call(f"http://127.0.0.1:{server.http_port}", key, scenario.ISSUE)
+                endpoints[f"{label} Connect"] = (connect_endpoint(
+                    server.http_port, scenario.ISSUE, self.bodies["issue-proto"], key),
+                    [server.pid, *store_pids])
             capacity = self.alternate(endpoints, rounds).rps
         ratios: dict[str, dict[str, float]] = {}
         for label, runs in capacity.items():
@@ -308,6 +335,10 @@ class Bench:
                 "x_bare": median_ratio(runs, capacity["bare grpc.aio"]),
                 "x_fastapi": median_ratio(runs, capacity["FastAPI (uvicorn, HTTP/1.1)"]),
             }
+            over_grpc = label.removesuffix(" Connect")
+            if label.endswith(" Connect") and over_grpc in capacity:
+                # Connect against the same icegate process over gRPC (issue 21: >= 1.5).
+                ratios[label]["x_grpc"] = median_ratio(runs, capacity[over_grpc])
         many, one = "icegate Redis --workers 2", "icegate Redis"
         if many in capacity and one in capacity:
             ratios[many]["x_one_worker"] = median_ratio(capacity[many], capacity[one])

@@ -83,6 +83,11 @@ def write_bodies(directory: Path) -> dict[str, Path]:
             options=sessions_pb2.SessionOptions(model="gpt-realtime", voice="alloy"),
         ).SerializeToString()),
         "json": json.dumps({"user_id": USER_ID, "ttl": TTL_SECONDS}).encode(),
+        # Connect unary: the bare message, binary protobuf (`application/proto`).
+        "issue-proto": credentials_pb2.IssueTurnCredentialsRequest(
+            user_id=USER_ID, ttl=ttl).SerializeToString(),
+        "ice-proto": credentials_pb2.GetIceServersRequest(
+            user_id=USER_ID, ttl=ttl).SerializeToString(),
     }
     paths = {}
     for name, body in bodies.items():

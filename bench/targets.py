@@ -1,4 +1,5 @@
-"""The servers under load: icegate (SQLite, Redis, --workers) and the two baselines.
+"""The servers under load: icegate (SQLite, Redis, --workers; gRPC and Connect) and the two
+baselines.
 
 Each `start_*` returns a started `ManagedProcess`; the caller stops it (try/finally). icegate
 gets its own data directory, the benchmark's TURN settings and admin key, and a project
@@ -50,7 +51,8 @@ def redis_server_binary() -> str | None:
 
 
 def icegate_env(port: int, data_dir: Path, store_url: str | None = None,
-                openai_base_url: str | None = None) -> dict[str, str]:
+                openai_base_url: str | None = None,
+                http_port: int | None = None) -> dict[str, str]:
     import os
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("ICEGATE_")}
@@ -66,6 +68,8 @@ def icegate_env(port: int, data_dir: Path, store_url: str | None = None,
         "ICEGATE_SHUTDOWN_GRACE": "2",
         "ICEGATE_LOG_LEVEL": "INFO",
     })
+    if http_port is not None:
+        env["ICEGATE_HTTP_LISTEN"] = f"127.0.0.1:{http_port}"
     if store_url:
         env["ICEGATE_STORE"] = store_url
     if openai_base_url:
@@ -75,20 +79,30 @@ def icegate_env(port: int, data_dir: Path, store_url: str | None = None,
 
 def start_icegate(name: str, work: Path, *, store_url: str | None = None, workers: int = 1,
                   openai_base_url: str | None = None) -> ManagedProcess:
-    port = free_port()
+    port, http_port = free_port(), free_port()
     data_dir = work / f"{name}-data"
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [ICEGATE_SERVER]
     if workers > 1:
         argv += ["--workers", str(workers)]
+    # Both transports, as `make run` serves them: gRPC on `port`, Connect on `http_port`.
     return ManagedProcess(name, argv, port=port, log_dir=work, cwd=data_dir,
-                          env=icegate_env(port, data_dir, store_url, openai_base_url)).start()
+                          http_port=http_port,
+                          env=icegate_env(port, data_dir, store_url, openai_base_url,
+                                          http_port)).start()
 
 
 def start_bare_grpc(work: Path) -> ManagedProcess:
     port = free_port()
     return ManagedProcess("bare-grpc", [sys.executable, str(BENCH_DIR / "bare_grpc_server.py"),
                                         "--port", str(port)], port=port, log_dir=work).start()
+
+
+def start_bare_connect(work: Path) -> ManagedProcess:
+    port = free_port()
+    return ManagedProcess("bare-connect", [
+        sys.executable, str(BENCH_DIR / "bare_connect_server.py"), "--port", str(port)],
+        port=port, log_dir=work).start()
 
 
 def start_fastapi(work: Path) -> ManagedProcess:
@@ -135,9 +149,11 @@ def prepare_project(port: int, *, with_openai_key: bool = False) -> PreparedProj
     return PreparedProject(scenario.PROJECT_ID, key.secret)
 
 
-def check_call(port: int, api_key: str, method: str) -> None:
-    """One real call through the typed client: raises the typed error if the set-up is wrong."""
-    with icegate.Client(f"127.0.0.1:{port}", api_key) as client:
+def check_call(port: int | str, api_key: str, method: str) -> None:
+    """One real call through the typed client (to a gRPC port, or a Connect URL): raises the
+    typed error if the set-up is wrong."""
+    with icegate.Client(port if isinstance(port, str) else f"127.0.0.1:{port}",
+                        api_key) as client:
         if method == scenario.ISSUE:
             client.issue_turn_credentials(scenario.USER_ID, ttl=scenario.TTL_SECONDS, timeout=10)
         elif method == scenario.ICE:

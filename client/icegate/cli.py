@@ -1,8 +1,9 @@
 """`icegate`: the client's command line, for people and scripts.
 
-Talks to `ICEGATE_TARGET` (host:port) with `ICEGATE_API_KEY`, over TLS when given a CA
-(`--ca-file`, `ICEGATE_TLS_CA`), a client certificate (`--cert`/`--key`) or the name to check
-the server's certificate against (`--server-name`, `ICEGATE_TLS_SERVER_NAME`). Results go to
+Talks to `ICEGATE_TARGET` (host:port for gRPC, or an http:// or https:// URL for Connect) with
+`ICEGATE_API_KEY`, over TLS when given a CA (`--ca-file`, `ICEGATE_TLS_CA`), a client
+certificate (`--cert`/`--key`), an https:// URL, or the name to check the server's certificate
+against (`--server-name`, `ICEGATE_TLS_SERVER_NAME`; gRPC only). Results go to
 standard output as JSON; errors to standard error as one line, with exit status 1 (2 for usage
 errors).
 """
@@ -28,7 +29,8 @@ from icegate.ice import rtc_ice_servers
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="icegate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", help="host:port of icegate (ICEGATE_TARGET)")
+    parser.add_argument("--target", help="host:port of icegate's gRPC port, or the http(s):// "
+                        "URL of its HTTP listener for Connect (ICEGATE_TARGET)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call (10)")
     parser.add_argument("--debug", action="store_true", help="log each call (no secrets)")
     parser.add_argument("--ca-file", help="call over TLS, trusting this PEM CA bundle "

@@ -8,11 +8,20 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
+from connectrpc.errors import ConnectError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pyqwest import SyncHTTPTransport
 
 from icegate import requests
-from icegate.connection import DEFAULT_TIMEOUT, Connection, Metadata, TlsConfig
-from icegate.errors import from_rpc_error
+from icegate.connect_transport import Stubs, is_http_target, sync_stubs
+from icegate.connection import (
+    DEFAULT_TIMEOUT,
+    ConfigurationError,
+    Connection,
+    Metadata,
+    TlsConfig,
+)
+from icegate.errors import from_connect_error, from_rpc_error
 from icegate.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -33,7 +42,9 @@ class Client:
     """Calls icegate synchronously over one reused channel.
 
     Args:
-        target: `host:port` of icegate; `ICEGATE_TARGET` or 127.0.0.1:50051 when omitted.
+        target: `host:port` of icegate's gRPC port, or the `http://` / `https://` URL of its
+            HTTP listener to call over Connect (binary protobuf; the same methods, errors,
+            deadlines and retries); `ICEGATE_TARGET` or 127.0.0.1:50051 when omitted.
         api_key: The caller key; `ICEGATE_API_KEY` (or the `make run` dev key) when omitted.
         default_timeout: Seconds a call may take when it names no `timeout`.
         debug: Log every call (method, duration, outcome; never a key or a credential).
@@ -44,8 +55,8 @@ class Client:
         wait_for_ready: Let calls wait (within their deadline) for the server to become
             reachable instead of failing UNAVAILABLE at once: for callers that start before
             icegate, or ride out its restarts.
-        channel: A channel to call over instead of one the client opens to `target` (for
-            custom options or tests); the client closes it on `close()`.
+        channel: A gRPC channel to call over instead of one the client opens to `target`
+            (for custom options or tests); the client closes it on `close()`.
 
     Every method takes keyword-only `timeout` (seconds) and `metadata`, and raises a subclass
     of `icegate.errors.IcegateError` on failure.
@@ -58,18 +69,26 @@ class Client:
         self._connection = connection = Connection.resolve(
             target, api_key, default_timeout=default_timeout, debug=debug, tls=tls,
             wait_for_ready=wait_for_ready)
-        if channel is None:
-            credentials = connection.channel_credentials()
-            options = connection.channel_options()
-            channel = (grpc.secure_channel(connection.target, credentials, options=options)
-                       if credentials is not None
-                       else grpc.insecure_channel(connection.target, options=options))
-        self._channel = channel
-        self._credentials = credentials_pb2_grpc.CredentialServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
-        self._usage = usage_pb2_grpc.UsageServiceStub(self._channel)
-        self._sessions = sessions_pb2_grpc.SessionServiceStub(self._channel)
+        self._http: SyncHTTPTransport | None = None
+        if is_http_target(connection.target):
+            if channel is not None:
+                raise ConfigurationError("channel= is for gRPC targets, not an http(s) URL")
+            self._channel = None
+            self._http, stubs = sync_stubs(connection)
+        else:
+            if channel is None:
+                credentials = connection.channel_credentials()
+                options = connection.channel_options()
+                channel = (grpc.secure_channel(connection.target, credentials, options=options)
+                           if credentials is not None
+                           else grpc.insecure_channel(connection.target, options=options))
+            self._channel = channel
+            stubs = Stubs(credentials_pb2_grpc.CredentialServiceStub(channel),
+                          health_pb2_grpc.HealthStub(channel),
+                          admin_pb2_grpc.AdminServiceStub(channel),
+                          usage_pb2_grpc.UsageServiceStub(channel),
+                          sessions_pb2_grpc.SessionServiceStub(channel))
+        self._credentials, self._health, self._admin, self._usage, self._sessions = stubs
 
     def __enter__(self) -> Client:
         return self
@@ -79,8 +98,11 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        """Closes the channel; calls in flight are cancelled."""
-        self._channel.close()
+        """Closes the channel (or the HTTP connections); calls in flight are cancelled."""
+        if self._channel is not None:
+            self._channel.close()
+        if self._http is not None:
+            self._http.close()
 
     def _call(self, rpc: Any, request: Any, timeout: float | None, metadata: Metadata,
               *, authenticated: bool = True) -> Any:
@@ -93,8 +115,9 @@ class Client:
                 metadata=connection.call_metadata(metadata) if authenticated else tuple(metadata),
                 **connection.call_options,
             )
-        except grpc.RpcError as error:
-            typed = from_rpc_error(error)
+        except (grpc.RpcError, ConnectError) as error:
+            typed = (from_connect_error(error) if isinstance(error, ConnectError)
+                     else from_rpc_error(error))
             if connection.debug:
                 log.debug("icegate %s failed in %.1f ms: %s", type(request).__name__,
                           (time.perf_counter() - started) * 1e3, typed)

@@ -1,6 +1,7 @@
 """How a client reaches icegate: target, key, TLS, channel options and the retry policy.
 
-Shared by the sync `Client` and the `AsyncClient`, so both behave the same.
+Shared by the sync `Client` and the `AsyncClient`, so both behave the same, over gRPC (a
+`host:port` target) and over Connect (an `http://` or `https://` URL, `connect_transport`).
 """
 
 from __future__ import annotations
@@ -24,18 +25,32 @@ log = logging.getLogger("icegate")
 
 Metadata = Sequence[tuple[str, str]]
 
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How UNAVAILABLE is retried: attempts in all, and the exponential backoff (seconds)."""
+
+    max_attempts: int = 3
+    initial_backoff: float = 0.1
+    max_backoff: float = 1.0
+    multiplier: float = 2.0
+
+
 # Retries only where they are safe: UNAVAILABLE means the call did not run (or ran with no
-# effect worth keeping), so gRPC itself retries it with backoff. Nothing else is retried.
+# effect worth keeping), so it is retried with backoff; nothing else is. gRPC does it from
+# its service config, the Connect transport from the same two constants.
+RETRY_POLICY = RetryPolicy()
+RETRYING_SERVICES = ("icegate.v1.CredentialService", "icegate.v1.UsageService",
+                     "grpc.health.v1.Health")
 SERVICE_CONFIG = json.dumps({
     "methodConfig": [{
-        "name": [{"service": "icegate.v1.CredentialService"},
-                 {"service": "icegate.v1.UsageService"},
-                 {"service": "grpc.health.v1.Health"}],
+        "name": [{"service": service} for service in RETRYING_SERVICES],
         "retryPolicy": {
-            "maxAttempts": 3,
-            "initialBackoff": "0.1s",
-            "maxBackoff": "1s",
-            "backoffMultiplier": 2,
+            "maxAttempts": RETRY_POLICY.max_attempts,
+            "initialBackoff": f"{RETRY_POLICY.initial_backoff}s",
+            "maxBackoff": f"{RETRY_POLICY.max_backoff}s",
+            "backoffMultiplier": RETRY_POLICY.multiplier,
             "retryableStatusCodes": ["UNAVAILABLE"],
         },
     }],
@@ -108,9 +123,9 @@ class TlsConfig:
                                      "(cert_file and key_file, ICEGATE_TLS_CERT and "
                                      "ICEGATE_TLS_KEY)")
         return grpc.ssl_channel_credentials(
-            root_certificates=_read_pem("CA", self.ca_file),
-            private_key=_read_pem("key", self.key_file),
-            certificate_chain=_read_pem("certificate", self.cert_file))
+            root_certificates=read_pem("CA", self.ca_file),
+            private_key=read_pem("key", self.key_file),
+            certificate_chain=read_pem("certificate", self.cert_file))
 
     def channel_options(self) -> tuple[tuple[str, object], ...]:
         if self.server_name:
@@ -118,7 +133,8 @@ class TlsConfig:
         return ()
 
 
-def _read_pem(what: str, path: str | None) -> bytes | None:
+def read_pem(what: str, path: str | None) -> bytes | None:
+    """A PEM file's bytes (None for no file), or a ConfigurationError naming it."""
     if path is None:
         return None
     try:

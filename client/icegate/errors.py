@@ -24,18 +24,25 @@
     ├── CancelledError               CANCELLED
     ├── InternalError                INTERNAL, UNKNOWN, DATA_LOSS, UNIMPLEMENTED ...
 
-`from_rpc_error` is the one place a `grpc.RpcError` becomes one of these: by the ErrorInfo
-reason (an `ErrorReason` of protos/icegate/v1/errors.proto) where icegate sent one, else by the
-status code. The attributes read ErrorInfo metadata under the keys of `icegate.error_metadata`.
+`from_rpc_error` (gRPC's `RpcError`) and `from_connect_error` (Connect's `ConnectError`) are
+the one place a failed call becomes one of these, the same one whichever transport carried
+it: by the ErrorInfo reason (an `ErrorReason` of protos/icegate/v1/errors.proto) where icegate
+sent one, else by the status code. The rich details are the same google.rpc messages on both
+(trailers on gRPC, Connect error details over HTTP). The attributes read ErrorInfo metadata
+under the keys of `icegate.error_metadata`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import grpc
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -297,6 +304,32 @@ _BY_CODE: dict[grpc.StatusCode, type[IcegateError]] = {
 }
 
 
+_DETAIL_CLASSES = {cls.DESCRIPTOR.full_name: cls for cls in (
+    error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.RetryInfo,
+    error_details_pb2.QuotaFailure, error_details_pb2.Help)}
+"""The detail messages icegate sends, by their full name (`type.googleapis.com/<name>`)."""
+
+
+def _typed_details(packed: Iterable[tuple[str, bytes]]
+                   ) -> tuple[str, dict[str, str], tuple[Any, ...]]:
+    """The reason, ErrorInfo metadata and known detail messages of (type name, bytes) pairs;
+    unknown or undecodable details are left out."""
+    details: list[Any] = []
+    reason, metadata = "", {}
+    for type_name, value in packed:
+        cls = _DETAIL_CLASSES.get(type_name)
+        if cls is None:
+            continue
+        try:
+            message = cls.FromString(value)
+        except DecodeError:
+            continue
+        details.append(message)
+        if isinstance(message, error_details_pb2.ErrorInfo):
+            reason, metadata = message.reason, dict(message.metadata)
+    return reason, metadata, tuple(details)
+
+
 def _unpack_details(error: grpc.Call) -> tuple[str, dict[str, str], tuple[Any, ...]]:
     try:
         status = rpc_status.from_call(error)
@@ -304,31 +337,38 @@ def _unpack_details(error: grpc.Call) -> tuple[str, dict[str, str], tuple[Any, .
         status = None
     if status is None:
         return "", {}, ()
-    details: list[Any] = []
-    reason, metadata = "", {}
-    for packed in status.details:
-        for cls in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest,
-                    error_details_pb2.RetryInfo, error_details_pb2.QuotaFailure,
-                    error_details_pb2.Help):
-            if packed.Is(cls.DESCRIPTOR):
-                message = cls()
-                packed.Unpack(message)
-                details.append(message)
-                if isinstance(message, error_details_pb2.ErrorInfo):
-                    reason, metadata = message.reason, dict(message.metadata)
-                break
-    return reason, metadata, tuple(details)
+    return _typed_details((packed.type_url.rpartition("/")[2], packed.value)
+                          for packed in status.details)
 
 
-def from_rpc_error(error: grpc.RpcError) -> IcegateError:
-    """The typed exception for a failed call, with its rich details as attributes."""
-    call: Any = error
-    code: grpc.StatusCode = call.code() if hasattr(call, "code") else grpc.StatusCode.UNKNOWN
-    message: str = (call.details() if hasattr(call, "details") else None) or code.name
-    reason, metadata, details = _unpack_details(call) if hasattr(call, "trailing_metadata") \
-        else ("", {}, ())
+def _typed(code: grpc.StatusCode, message: str, reason: str, metadata: dict[str, str],
+           details: tuple[Any, ...]) -> IcegateError:
     known = reason_from_wire(reason)
     cls = (_BY_REASON_AND_CODE.get((known, code)) or _BY_REASON.get(known)
            or _BY_CODE.get(code, InternalError))
     return cls(message, code=code, reason=reason, metadata=metadata, details=details)
 
+
+def from_rpc_error(error: grpc.RpcError) -> IcegateError:
+    """The typed exception for a call that failed over gRPC, with its rich details as
+    attributes."""
+    call: Any = error
+    code: grpc.StatusCode = call.code() if hasattr(call, "code") else grpc.StatusCode.UNKNOWN
+    message: str = (call.details() if hasattr(call, "details") else None) or code.name
+    reason, metadata, details = _unpack_details(call) if hasattr(call, "trailing_metadata") \
+        else ("", {}, ())
+    return _typed(code, message, reason, metadata, details)
+
+
+_STATUS_OF_CONNECT_CODE = {Code.CANCELED: grpc.StatusCode.CANCELLED, **{
+    code: grpc.StatusCode[code.name] for code in Code if code.name in grpc.StatusCode.__members__}}
+"""The gRPC status code of each Connect code (the same names; gRPC spells CANCELLED)."""
+
+
+def from_connect_error(error: ConnectError) -> IcegateError:
+    """The typed exception for a call that failed over Connect, with its rich details (the
+    Connect error details) as attributes: the same exception gRPC would have given."""
+    code = _STATUS_OF_CONNECT_CODE.get(error.code, grpc.StatusCode.UNKNOWN)
+    reason, metadata, details = _typed_details(
+        (detail.type_name, detail.message_bytes) for detail in error.details)
+    return _typed(code, error.message or code.name, reason, metadata, details)

@@ -1,5 +1,8 @@
-"""Assembles the grpc.aio server from settings, and runs it until SIGTERM/SIGINT.
+"""Assembles the server from settings, and runs it until SIGTERM/SIGINT.
 
+One process serves the contract on two transports, on one event loop: gRPC through grpc.aio
+(`ICEGATE_LISTEN`) and, when `ICEGATE_HTTP_LISTEN` is set, Connect and gRPC-Web over HTTP
+(`transports/`). Both serve the same servicers through the same guard, store and metrics.
 `create_server` is separate from `serve` so tests start real servers on port 0.
 """
 
@@ -25,7 +28,7 @@ from icegate.v1 import (
     usage_pb2,
 )
 from icegate_server.access.control import AccessControl
-from icegate_server.access.guard import CallGuard, MethodTable
+from icegate_server.access.guard import MAX_REQUEST_BYTES, CallGuard
 from icegate_server.access.tls import is_loopback_host, server_credentials
 from icegate_server.clock import Clock, SystemClock
 from icegate_server.errors import IcegateError
@@ -55,6 +58,9 @@ from icegate_server.sessions.realtime import RealtimeSessions
 from icegate_server.sessions.vault import Vault, load_master_keys
 from icegate_server.settings import Settings, parse_listen_address
 from icegate_server.store import Store, open_store
+from icegate_server.transports.connect_app import ConnectApplication
+from icegate_server.transports.grpc_methods import MethodTable
+from icegate_server.transports.http_listener import HttpListener, HttpTls, bind_http_socket
 from icegate_server.turn.coturn_userdb import (
     CoturnRedisSecrets,
     CoturnSecretSink,
@@ -90,6 +96,8 @@ class IcegateServer:
     lease_gauge: ActiveLeaseGauge | None = None
     sessions: RealtimeSessions | None = None
     """Realtime sessions, whose give-backs in flight are finished or stopped at `stop`."""
+    http_listener: HttpListener | None = None
+    """Connect and gRPC-Web over HTTP (`ICEGATE_HTTP_LISTEN`), None when off."""
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -98,9 +106,16 @@ class IcegateServer:
         """The port metrics are served on, None when off."""
         return None if self.metrics_endpoint is None else self.metrics_endpoint.port
 
+    @property
+    def http_port(self) -> int | None:
+        """The port Connect is served on, None when off."""
+        return None if self.http_listener is None else self.http_listener.port
+
     async def start(self) -> None:
-        """Starts serving and reports SERVING."""
+        """Starts serving (both transports) and reports SERVING."""
         await self.grpc_server.start()
+        if self.http_listener is not None:
+            await self.http_listener.start()
         self.turn_secrets.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -113,7 +128,11 @@ class IcegateServer:
             return
         self._stopped.set()
         await self.health.enter_graceful_shutdown()
-        await self.grpc_server.stop(self.settings.shutdown_grace if grace is None else grace)
+        grace = self.settings.shutdown_grace if grace is None else grace
+        stopping = [self.grpc_server.stop(grace)]
+        if self.http_listener is not None:
+            stopping.append(self.http_listener.stop(grace))
+        await asyncio.gather(*stopping)
         await self.turn_secrets.stop()
         for task in self._background:
             task.cancel()
@@ -199,7 +218,7 @@ async def create_server(
                 # Several workers share the port on purpose; one server must never share it
                 # silently with another (gRPC's default is 1).
                 ("grpc.so_reuseport", int(settings.workers > 1)),
-                ("grpc.max_receive_message_length", 64 * 1024),
+                ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                 # grpcio never answers a unary stream that ends before a whole message, so a
                 # peer could park such streams forever: bound them per connection, and let
                 # connections age out (clients reconnect on GOAWAY by themselves).
@@ -220,17 +239,25 @@ async def create_server(
                                     upstream_seconds=settings.upstream_connect_timeout
                                     + settings.upstream_read_timeout)
         guard = CallGuard(access, metrics)
-        methods = MethodTable()
-        methods.add(credentials_pb2.DESCRIPTOR.services_by_name["CredentialService"],
-                    CredentialServicer(issuer, settings.stun_uris), guard)
-        methods.add(sessions_pb2.DESCRIPTOR.services_by_name["SessionService"],
-                    SessionServicer(sessions), guard)
-        methods.add(admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
-                    AdminServicer(admin, provider_keys, turn_secrets), guard)
-        methods.add(usage_pb2.DESCRIPTOR.services_by_name["UsageService"],
-                    UsageServicer(UsageReporter(store, clock)), guard)
         health_servicer = health.aio.HealthServicer()
-        methods.add(health_pb2.DESCRIPTOR.services_by_name["Health"], health_servicer)
+        # Every service on both transports: the guarded ones, then health (open). Reflection
+        # (a bidirectional stream) is gRPC's only.
+        served = (
+            (credentials_pb2.DESCRIPTOR.services_by_name["CredentialService"],
+             CredentialServicer(issuer, settings.stun_uris), guard),
+            (sessions_pb2.DESCRIPTOR.services_by_name["SessionService"],
+             SessionServicer(sessions), guard),
+            (admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
+             AdminServicer(admin, provider_keys, turn_secrets), guard),
+            (usage_pb2.DESCRIPTOR.services_by_name["UsageService"],
+             UsageServicer(UsageReporter(store, clock)), guard),
+            (health_pb2.DESCRIPTOR.services_by_name["Health"], health_servicer, None),
+        )
+        methods = MethodTable()
+        connect = ConnectApplication()
+        for descriptor, servicer, service_guard in served:
+            methods.add(descriptor, servicer, service_guard)
+            connect.add(descriptor, servicer, service_guard)
         methods.add(reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
                     reflection.aio.ReflectionServicer(
                         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)))
@@ -243,12 +270,21 @@ async def create_server(
             port = 0
         if port == 0:
             raise OSError(f"cannot listen on {settings.listen}: address in use or not available")
+        http_listener = None
+        if settings.http_listen:
+            http_listener = HttpListener(
+                connect, bind_http_socket(settings.http_listen, reuse_port=settings.workers > 1),
+                read_timeout=settings.http_read_timeout,
+                tls=HttpTls(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+                if settings.tls_cert else None)
         endpoint, lease_gauge = None, None
         if settings.metrics_listen:
             host, metrics_port = parse_listen_address(settings.metrics_listen)
             try:
                 endpoint = serve_metrics(metrics.registry, host, metrics_port, metrics_limits)
             except OSError as error:
+                if http_listener is not None:
+                    await http_listener.stop(0)
                 raise OSError(f"cannot serve metrics on {settings.metrics_listen} "
                               f"(ICEGATE_METRICS_LISTEN): {error.strerror}") from None
             lease_gauge = ActiveLeaseGauge(store, clock, metrics)
@@ -258,7 +294,8 @@ async def create_server(
         await store.close()
         raise
     return IcegateServer(server, health_servicer, store, settings, http, turn_secrets, metrics,
-                         endpoint, lease_gauge, sessions=sessions), port
+                         endpoint, lease_gauge, sessions=sessions,
+                         http_listener=http_listener), port
 
 
 def _freeze_startup_objects() -> None:
@@ -288,6 +325,14 @@ async def serve(settings: Settings, *,
     if not settings.tls_cert and not is_loopback_host(host):
         log.warning("listening on %s without TLS: keys and credentials cross the network in "
                     "clear; set ICEGATE_TLS_CERT and ICEGATE_TLS_KEY", Safe(host))
+    if server.http_listener is not None:
+        http_host = settings.http_listen.rpartition(":")[0]
+        log.info("Connect and gRPC-Web on %s://%s:%d", Safe(server.http_listener.scheme),
+                 Safe(http_host), server.http_listener.port)
+        if not settings.tls_cert and not is_loopback_host(http_host):
+            log.warning("serving HTTP on %s without TLS: keys and credentials cross the "
+                        "network in clear; set ICEGATE_TLS_CERT and ICEGATE_TLS_KEY",
+                        Safe(http_host))
     if server.metrics_port is not None:
         log.info("Prometheus metrics on http://%s:%d/metrics",
                  Safe(settings.metrics_listen.rpartition(":")[0]), server.metrics_port)

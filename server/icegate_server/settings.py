@@ -14,7 +14,6 @@ import dataclasses
 import math
 import os
 import re
-import sys
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -22,14 +21,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import tomllib
 
 from icegate_server.access.tls import ADMIN_IDENTITY, check_tls_files, parse_client_projects
 from icegate_server.projects.records import MAX_URL, PROJECT_ID_PATTERN, URL_PATTERN
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
 
 T = TypeVar("T")
 
@@ -372,8 +367,16 @@ class Settings:
     metrics_listen: str = setting(
         "", "host:port serving Prometheus metrics at /metrics (default empty: off)",
         check=_unless_empty(parse_listen_address))
+    http_listen: str = setting(
+        "", "host:port serving the same services over Connect and gRPC-Web (HTTP/1.1), e.g. "
+        "127.0.0.1:8080 (default empty: off)", check=_unless_empty(parse_listen_address))
+    http_read_timeout: float = setting(
+        10.0, "seconds an HTTP request (headers and body) may take to arrive, counted from "
+        "the connection or the previous answer (10)",
+        check=_require(lambda seconds: 0 < seconds <= 300,
+                       "must be more than 0 and at most 300 seconds"))
     workers: int = setting(
-        1, "server processes sharing the port with SO_REUSEPORT (default 1)",
+        1, "server processes sharing the ports with SO_REUSEPORT (default 1)",
         check=_require(lambda count: 1 <= count <= MAX_WORKERS,
                        f"must be between 1 and {MAX_WORKERS}"))
     tls_cert: str = setting(
@@ -530,6 +533,12 @@ def _check_together(settings: Settings) -> None:
 
     if settings.workers > 1 and parse_listen_address(settings.listen)[1] == 0:
         fail("workers", "more than one worker needs a fixed port in ICEGATE_LISTEN, not 0")
+    if settings.workers > 1 and settings.http_listen \
+            and parse_listen_address(settings.http_listen)[1] == 0:
+        fail("workers", "more than one worker needs a fixed port in ICEGATE_HTTP_LISTEN, not 0")
+    if settings.http_listen and not settings.http_listen.endswith(":0") \
+            and settings.http_listen in (settings.listen, settings.metrics_listen):
+        fail("http_listen", "must differ from ICEGATE_LISTEN and ICEGATE_METRICS_LISTEN")
     if settings.turn_ttl_max < settings.turn_ttl_min:
         fail("turn_ttl_max", f"must be at least ICEGATE_TURN_TTL_MIN ({settings.turn_ttl_min})")
     if not settings.turn_ttl_min <= settings.turn_ttl_default <= settings.turn_ttl_max:

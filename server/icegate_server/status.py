@@ -162,9 +162,12 @@ def to_grpc_status(error: errors.IcegateError) -> grpc.Status:
     return rpc_status.to_status(to_rpc_status(error))  # type: ignore[no-any-return]
 
 
-INTERNAL_STATUS = rpc_status.to_status(status_pb2.Status(
+INTERNAL_RPC_STATUS = status_pb2.Status(
     code=code_pb2.INTERNAL,
     message="internal error; the server log has the details",
     details=[_pack(error_details_pb2.ErrorInfo(reason=INTERNAL_REASON, domain=ERROR_DOMAIN))],
-))
+)
 """What a caller sees for a bug: nothing of the exception, which may hold anything."""
+
+INTERNAL_STATUS = rpc_status.to_status(INTERNAL_RPC_STATUS)
+"""`INTERNAL_RPC_STATUS` in the form `ServicerContext.abort` takes."""

@@ -1,5 +1,6 @@
-"""`icegate-server --workers N`: N server processes sharing one port and one Redis store, under
-one supervisor (grpc's `examples/python/multiprocessing`, with signals and exit codes).
+"""`icegate-server --workers N`: N server processes sharing the ports (gRPC and, when set, HTTP)
+and one Redis store, under one supervisor (grpc's `examples/python/multiprocessing`, with
+signals and exit codes).
 
 SQLite serves one process (`store/sqlite.py`): the command line refuses `--workers N` on it
 (`refuse_sqlite_workers`), so every worker here talks to the same Redis, and every limit holds
@@ -8,10 +9,10 @@ across them as across replicas.
 The supervisor (the process the operator started) claims the port, then starts the workers
 and watches them:
 
-1. It probes the listen address with a bind WITHOUT SO_REUSEPORT, which fails while anything
-   listens there (another icegate-server with one worker or with many, or any other program),
-   so the workers never share the port silently with another server. The probe is closed
-   before the workers bind (they could not bind beside it).
+1. It probes the listen addresses (gRPC, and HTTP when set) with a bind WITHOUT SO_REUSEPORT,
+   which fails while anything listens there (another icegate-server with one worker or with
+   many, or any other program), so the workers never share a port silently with another
+   server. The probes are closed before the workers bind (they could not bind beside them).
 2. It starts N workers with the "spawn" start method: each is a fresh interpreter that builds
    its own grpc.aio server (SO_REUSEPORT on), uvloop event loop and store connection. Not
    "fork": gRPC's C core is not fork-safe once initialised. Each worker creates the `default`
@@ -188,6 +189,8 @@ def supervise_workers(settings: Settings) -> int:
     # From here a stop request is honoured without a traceback: no worker is started after it.
     supervisor.install_signal_handlers()
     probe_listen_address(settings.listen)
+    if settings.http_listen:
+        probe_listen_address(settings.http_listen)
     return supervisor.run()
 
 
@@ -212,7 +215,8 @@ def worker_settings(settings: Settings, index: int) -> Settings:
 
 
 def _worker_main(settings: Settings, index: int, supervisor_pid: int) -> None:
-    """A worker process: one grpc.aio server on the shared port, stopped by SIGTERM only."""
+    """A worker process: one grpc.aio server (and HTTP listener) on the shared ports, stopped
+    by SIGTERM only."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     settings = worker_settings(settings, index)

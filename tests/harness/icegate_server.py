@@ -1,9 +1,13 @@
-"""A real icegate grpc.aio server on a free loopback port, in a thread with its own event loop.
+"""A real icegate server on free loopback ports (gRPC and HTTP), in a thread with its own loop.
 
 Tests drive it with the real sync client from the test's thread and with the async client
 from their own loop, exactly as callers do. The clock is injected, so tests freeze time.
 Tests get servers from the `server_factory` fixture (harness/pytest_plugin.py), which stops
 every server it started when the test ends.
+
+Every test server listens on both transports; `target` is what the test's clients dial: the
+gRPC `host:port`, or the Connect URL when the test runs under the `transport` fixture's
+"connect" (`grpc_target` and `http_url` name each one whatever the transport).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ def server_settings(data_dir: Path, **overrides: Any) -> Settings:
         master_key=TEST_MASTER_KEY,
         dev_secrets=False,
         shutdown_grace=2.0,
+        http_listen="127.0.0.1:0",
     )
     return dataclasses.replace(base, **overrides)
 
@@ -47,8 +52,10 @@ def server_settings(data_dir: Path, **overrides: Any) -> Settings:
 class RunningServer:
     """An icegate server running on a background event loop until `stop()`."""
 
-    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+    def __init__(self, settings: Settings, clock: Clock | None = None, *,
+                 transport: str = "grpc") -> None:
         self.settings = settings
+        self.transport = transport
         self.clock = clock or FrozenClock()
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="icegate-test-server",
@@ -59,8 +66,22 @@ class RunningServer:
         self.run(self.server.start())
 
     @property
-    def target(self) -> str:
+    def grpc_target(self) -> str:
+        """The gRPC port as clients dial it, `127.0.0.1:<port>`."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        """The HTTP listener's URL (Connect), `http[s]://127.0.0.1:<port>`."""
+        listener = self.server.http_listener
+        assert listener is not None, "this server was started without ICEGATE_HTTP_LISTEN"
+        return f"{listener.scheme}://127.0.0.1:{listener.port}"
+
+    @property
+    def target(self) -> str:
+        """What the test's clients dial: `http_url` under the Connect transport, else
+        `grpc_target`."""
+        return self.http_url if self.transport == "connect" else self.grpc_target
 
     def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
         """Runs `coroutine` on the server's loop and returns its result."""
@@ -90,13 +111,15 @@ class ServerFactory:
     `data_dir=` for a server of its own (two live servers must not share a SQLite file).
     """
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, transport: str = "grpc") -> None:
         self.data_dir = data_dir
+        self.transport = transport
         self._running = contextlib.ExitStack()
 
     def __call__(self, clock: Clock | None = None, *, data_dir: Path | None = None,
                  **overrides: Any) -> RunningServer:
-        server = RunningServer(server_settings(data_dir or self.data_dir, **overrides), clock)
+        server = RunningServer(server_settings(data_dir or self.data_dir, **overrides), clock,
+                               transport=self.transport)
         self._running.callback(server.stop)  # a no-op for a server already stopped
         return server
 

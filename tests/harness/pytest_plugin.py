@@ -6,6 +6,9 @@ Loaded from tests/conftest.py with `pytest_plugins = ["harness.pytest_plugin"]`.
   servers with settings overrides and a clock; thin fixtures in a test module give it that
   module's defaults. `icegate_server` is the plain one.
 - `store_url` runs a server-level test on each store: SQLite, then Redis.
+- `transport` runs a test (or a module, with `pytestmark = pytest.mark.usefixtures("transport")`)
+  once over gRPC and once over Connect: the servers `server_factory` starts for it give the
+  Connect URL as their `target`, so the same client code drives either transport.
 
 When `turnserver`, `turnutils_uclient` or `redis-server` is not installed, a test that needs it
 is skipped on a developer machine, and fails when the environment variable CI is "true": CI
@@ -84,14 +87,30 @@ def redis_server_session() -> Iterator[RedisServer]:
         yield server
 
 
+TRANSPORTS = ("grpc", "connect")
+
+
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    """Each transport the contract is served on, in turn: "grpc", then "connect"."""
+    return str(request.param)
+
+
+def _transport_of(request: pytest.FixtureRequest) -> str:
+    # The test's transport when it runs under the `transport` fixture, else gRPC.
+    if "transport" in request.fixturenames:
+        return str(request.getfixturevalue("transport"))
+    return "grpc"
+
+
 @pytest.fixture
-def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
+def server_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServerFactory]:
     """Starts icegate servers for this test (data in `tmp_path`); stops them when it ends.
 
     `server_factory(clock, **overrides)` returns a running `RunningServer`; see
     `ServerFactory` for the data directory a second server uses.
     """
-    factory = ServerFactory(tmp_path)
+    factory = ServerFactory(tmp_path, _transport_of(request))
     yield factory
     factory.stop_all()
 
@@ -99,7 +118,8 @@ def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
 @pytest.fixture(scope="module")
 def module_server_factory(request: pytest.FixtureRequest,
                           tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFactory]:
-    """`server_factory` for servers a whole module shares (stopped when the module ends)."""
+    """`server_factory` for servers a whole module shares (stopped when the module ends);
+    their `target` is the gRPC port (see `transport_server_factory` for both)."""
     factory = ServerFactory(tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2]))
     yield factory
     factory.stop_all()

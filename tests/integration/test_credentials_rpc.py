@@ -1,4 +1,5 @@
-"""CredentialService through a real grpc.aio server, driven by the real sync and async clients."""
+"""CredentialService through a real server, driven by the real sync and async clients over
+each transport (the `transport` fixture: gRPC, then Connect)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import icegate
 from harness.icegate_server import TEST_ADMIN_KEY, TEST_TURN_SECRET
+from harness.raw_connect import connect_status
 from icegate.v1 import credentials_pb2, credentials_pb2_grpc
 
 
@@ -24,7 +26,7 @@ def expected_password(username: str, secret: str = TEST_TURN_SECRET) -> str:
 
 
 @pytest.fixture
-def client(icegate_server):
+def client(transport, icegate_server):
     with icegate.Client(icegate_server.target, TEST_ADMIN_KEY) as client:
         yield client
 
@@ -82,7 +84,8 @@ def test_bad_fields_are_invalid_argument_naming_the_field(client, user_id, ttl, 
 
 
 @pytest.mark.parametrize("key", [None, "igk_wrong_key_0123456789abcdef"])
-def test_missing_or_wrong_key_is_unauthenticated(icegate_server, key, monkeypatch, tmp_path):
+def test_missing_or_wrong_key_is_unauthenticated(transport, icegate_server, key, monkeypatch,
+                                                 tmp_path):
     monkeypatch.delenv("ICEGATE_API_KEY", raising=False)
     monkeypatch.chdir(tmp_path)  # no .icegate/dev-secrets.json to fall back on
     with icegate.Client(icegate_server.target, key) as client:
@@ -107,8 +110,13 @@ def test_missing_or_wrong_key_is_unauthenticated(icegate_server, key, monkeypatc
     ],
     ids=["none", "basic-scheme", "empty-bearer", "repeated"],
 )
-def test_malformed_authorization_is_unauthenticated(icegate_server, metadata):
-    with grpc.insecure_channel(icegate_server.target) as channel:
+def test_malformed_authorization_is_unauthenticated(transport, icegate_server, metadata):
+    if transport == "connect":
+        status = connect_status(icegate_server.http_url,
+                                credentials_pb2.IssueTurnCredentialsRequest(user_id="a"), metadata)
+        assert status is grpc.StatusCode.UNAUTHENTICATED
+        return
+    with grpc.insecure_channel(icegate_server.grpc_target) as channel:
         stub = credentials_pb2_grpc.CredentialServiceStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
             stub.IssueTurnCredentials(credentials_pb2.IssueTurnCredentialsRequest(user_id="a"),
@@ -117,7 +125,7 @@ def test_malformed_authorization_is_unauthenticated(icegate_server, metadata):
 
 
 def test_health_and_reflection_need_no_key(icegate_server):
-    with grpc.insecure_channel(icegate_server.target) as channel:
+    with grpc.insecure_channel(icegate_server.grpc_target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "icegate.v1.CredentialService"):
             answer = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
@@ -130,7 +138,7 @@ def test_health_and_reflection_need_no_key(icegate_server):
 
 
 def test_reflection_reveals_no_secret(icegate_server):
-    with grpc.insecure_channel(icegate_server.target) as channel:
+    with grpc.insecure_channel(icegate_server.grpc_target) as channel:
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
         answers = list(reflection.ServerReflectionInfo(iter([
             reflection_pb2.ServerReflectionRequest(file_containing_symbol=name)
@@ -145,15 +153,12 @@ def test_client_health_reports_serving(client):
     assert client.health() == "SERVING"
 
 
-def test_health_turns_not_serving_on_shutdown(icegate_server):
-    with grpc.insecure_channel(icegate_server.target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        icegate_server.run(icegate_server.server.health.enter_graceful_shutdown())
-        answer = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
-    assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING
+def test_health_turns_not_serving_on_shutdown(icegate_server, client):
+    icegate_server.run(icegate_server.server.health.enter_graceful_shutdown())
+    assert client.health() == "NOT_SERVING"
 
 
-def test_async_client_twin(icegate_server):
+def test_async_client_twin(transport, icegate_server):
     async def scenario():
         async with icegate.AsyncClient(icegate_server.target, TEST_ADMIN_KEY) as client:
             credential = await client.issue_turn_credentials("dave", ttl=300)
@@ -169,7 +174,7 @@ def test_async_client_twin(icegate_server):
     assert servers.ice_servers[1].username.endswith(":default/dave")
 
 
-def test_async_client_raises_typed_unauthenticated(icegate_server):
+def test_async_client_raises_typed_unauthenticated(transport, icegate_server):
     async def scenario():
         async with icegate.AsyncClient(icegate_server.target, "igk_not_a_key_000000000") as c:
             await c.issue_turn_credentials("alice")
@@ -178,8 +183,9 @@ def test_async_client_raises_typed_unauthenticated(icegate_server):
         asyncio.run(scenario())
 
 
-def test_unreachable_server_is_unavailable(free_port_unused):
-    with icegate.Client(f"127.0.0.1:{free_port_unused}", TEST_ADMIN_KEY,
+@pytest.mark.parametrize("scheme", ["", "http://"])
+def test_unreachable_server_is_unavailable(free_port_unused, scheme):
+    with icegate.Client(f"{scheme}127.0.0.1:{free_port_unused}", TEST_ADMIN_KEY,
                         default_timeout=2) as client, pytest.raises(
             (icegate.UnavailableError, icegate.DeadlineExceededError)):
         client.issue_turn_credentials("alice")

@@ -24,13 +24,17 @@ def test_the_wheel_carries_generated_code_and_keeps_server_dependencies_optional
     for proto in ("admin", "credentials", "sessions", "usage"):
         assert f"icegate/v1/{proto}_pb2.py" in names
         assert f"icegate/v1/{proto}_pb2_grpc.pyi" in names
+        assert f"icegate/v1/{proto}_connect.py" in names
     assert "icegate_server/turnserver.conf.template" in names
     assert "icegate/py.typed" in names
     requirements = metadata.get_all("Requires-Dist")
     unconditional = {r.split(">")[0].split("<")[0].split("=")[0].strip()
                      for r in requirements if "extra ==" not in r}
+    # The client speaks gRPC and Connect (http:// targets); uvicorn serves, so it is the
+    # server's.
     assert unconditional == {"grpcio", "grpcio-status", "protobuf", "googleapis-common-protos",
-                             "grpcio-health-checking"}
+                             "grpcio-health-checking", "connectrpc"}
     assert any("cryptography" in r and "extra == 'server'" in r for r in requirements)
+    assert any("uvicorn" in r and "extra == 'server'" in r for r in requirements)
     assert "icegate = icegate.cli:main" in entry_points
     assert "icegate-server = icegate_server.__main__:main" in entry_points

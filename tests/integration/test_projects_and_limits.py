@@ -1,4 +1,5 @@
-"""Projects, caller keys and rate limits through a real server, on SQLite and on Redis."""
+"""Projects, caller keys and rate limits through a real server, on SQLite and on Redis, over
+each transport (gRPC, then Connect)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import pytest
 
 import icegate
 from harness.icegate_server import TEST_ADMIN_KEY, RunningServer, ServerFactory
+from harness.raw_connect import connect_status
 from icegate.v1 import credentials_pb2, credentials_pb2_grpc
 
 
 @pytest.fixture
-def server(server_factory: ServerFactory, store_url: str) -> RunningServer:
+def server(transport: str, server_factory: ServerFactory, store_url: str) -> RunningServer:
     """A real icegate server (frozen clock) on each store backend."""
     return server_factory(store=store_url)
 
@@ -136,12 +138,13 @@ def test_project_ttl_policy(server, admin):
 
 class TestAuthorizationMatrix:
     def call(self, server, metadata):
+        request = credentials_pb2.IssueTurnCredentialsRequest(user_id="u", project_id="acme")
+        if server.transport == "connect":
+            return connect_status(server.http_url, request, metadata)
         with grpc.insecure_channel(server.target) as channel:
             stub = credentials_pb2_grpc.CredentialServiceStub(channel)
             try:
-                stub.IssueTurnCredentials(
-                    credentials_pb2.IssueTurnCredentialsRequest(user_id="u", project_id="acme"),
-                    metadata=metadata, timeout=5)
+                stub.IssueTurnCredentials(request, metadata=metadata, timeout=5)
             except grpc.RpcError as error:
                 return error.code()
         return grpc.StatusCode.OK

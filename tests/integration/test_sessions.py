@@ -1,4 +1,5 @@
-"""Realtime sessions end to end: real server and client, a fake OpenAI on a real socket."""
+"""Realtime sessions end to end: real server and client (over each transport), a fake OpenAI on
+a real socket."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def openai():
 
 
 @pytest.fixture
-def server(server_factory: ServerFactory, store_url: str, openai) -> RunningServer:
+def server(transport: str, server_factory: ServerFactory, store_url: str,
+           openai) -> RunningServer:
     """A real icegate server, its clock frozen in November, on each store backend."""
     return server_factory(FrozenClock(NOVEMBER), store=store_url,
                           openai_base_url=openai.base_url, session_lease_seconds=600)

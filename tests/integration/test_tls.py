@@ -1,5 +1,5 @@
-"""Transport security through real servers: TLS, mutual TLS, certificates standing for keys,
-the client's and the CLI's TLS options, and the server's TLS settings and warning."""
+"""Transport security through real servers, over each transport: TLS, mutual TLS, certificates
+standing for keys, the client's and the CLI's TLS options, and the server's TLS settings."""
 
 from __future__ import annotations
 
@@ -81,12 +81,12 @@ def tls_overrides(pki, *, mutual: bool) -> dict[str, str]:
 
 
 @pytest.fixture
-def tls_server(server_factory, pki):
+def tls_server(transport, server_factory, pki):
     return server_factory(**tls_overrides(pki, mutual=False))
 
 
 @pytest.fixture
-def mtls_server(server_factory, pki):
+def mtls_server(transport, server_factory, pki):
     running = server_factory(**tls_overrides(pki, mutual=True))
     with icegate.Client(running.target, TEST_ADMIN_KEY, tls=client_tls(pki, "ops")) as admin:
         admin.create_project("acme")

@@ -33,10 +33,10 @@ def openai():
         yield fake
 
 
-def run_server(tmp_path, openai, master_key, **overrides):
+def run_server(tmp_path, openai, master_key, transport="grpc", **overrides):
     settings = server_settings(tmp_path, master_key=master_key, openai_base_url=openai.base_url,
                                **overrides)
-    return RunningServer(settings, FrozenClock(time.time()))
+    return RunningServer(settings, FrozenClock(time.time()), transport=transport)
 
 
 def test_master_key_rotation_reseals_every_key(tmp_path, openai):
@@ -79,9 +79,9 @@ def test_a_wrong_master_key_cannot_open_the_keys(tmp_path, openai):
     assert openai.requests_to("/v1/realtime/client_secrets") == []
 
 
-def test_provider_key_set_reads_standard_input_only(tmp_path, openai):
+def test_provider_key_set_reads_standard_input_only(tmp_path, openai, transport):
     icegate_cli = str(Path(sys.executable).parent / "icegate")
-    with run_server(tmp_path, openai, TEST_MASTER_KEY) as server:
+    with run_server(tmp_path, openai, TEST_MASTER_KEY, transport) as server:
         env = {"ICEGATE_TARGET": server.target, "ICEGATE_API_KEY": TEST_ADMIN_KEY,
                "PATH": "/usr/bin:/bin"}
         result = subprocess.run(

@@ -27,7 +27,7 @@ from fake_upstreams import FakeUpstream, OpenAIEmulation
 from fake_upstreams.server import CannedResponse, RecordedRequest
 from harness.icegate_server import TEST_ADMIN_KEY
 from harness.redis_server import RedisServer
-from harness.server_process import ServerProcess
+from harness.server_process import ServerProcess, free_port
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="reads sockets and processes from Linux /proc")
@@ -137,6 +137,29 @@ def test_calls_over_fresh_connections_are_served_by_both_workers(workers):
             client.close()
     assert len(served) == 2, served
     assert sum(served.values()) == 16
+
+
+@redis
+def test_the_workers_share_the_http_listener_too(tmp_path, redis_server):
+    http_port = free_port()
+    server = on_redis(tmp_path / "http-workers", redis_server, workers="2",
+                      http_listen=f"127.0.0.1:{http_port}").start()
+    try:
+        workers = wait_for_listening_workers(server, 2)
+        assert set(owners(workers, socket_inodes(http_port, _LISTEN))) == workers
+        # Each client has its own connection pool, so each its own connection.
+        clients = [icegate.Client(f"http://127.0.0.1:{http_port}", TEST_ADMIN_KEY)
+                   for _ in range(16)]
+        try:
+            for client in clients:
+                assert client.issue_turn_credentials("a").username.endswith(":default/a")
+            served = owners(workers, socket_inodes(http_port, _ESTABLISHED))
+        finally:
+            for client in clients:
+                client.close()
+        assert len(served) == 2, served
+    finally:
+        assert server.stop() == 0
 
 
 @redis

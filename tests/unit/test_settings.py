@@ -161,6 +161,12 @@ BAD_ENV_VALUES = [
     ("metrics_listen", "9100"),
     ("metrics_listen", "127.0.0.1:metrics"),
     ("metrics_listen", "127.0.0.1:50051"),  # the gRPC listen address (the default)
+    ("http_listen", "8080"),
+    ("http_listen", "127.0.0.1:http"),
+    ("http_listen", "127.0.0.1:50051"),  # the gRPC listen address (the default)
+    ("http_read_timeout", "0"),
+    ("http_read_timeout", "301"),
+    ("http_read_timeout", "slow"),
     ("store_timeout", "0"),
     ("store_timeout", "61"),
     ("store_timeout", "fast"),
@@ -385,6 +391,7 @@ EXAMPLES = {
     "orga_base_url": "https://api.orga.test",
     "gemini_base_url": "https://gemini.test",
     "metrics_listen": "127.0.0.1:9464",
+    "http_listen": "127.0.0.1:8080",
     "tls_cert": "/etc/icegate/cert.pem",
     "tls_key": "/etc/icegate/key.pem",
     "tls_client_ca": "/etc/icegate/ca.pem",

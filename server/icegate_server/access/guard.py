@@ -1,46 +1,50 @@
-"""The guard every icegate RPC passes through: admit, run, map errors, observe.
+"""The guard every icegate RPC passes through, whichever transport brought it.
 
-`MethodTable.add(service, servicer, guard)` puts each method of a protobuf service into the
-server's one method table: its handler is built from the service's descriptor (method name,
-request and response message classes, streaming kind) and the servicer's method of the same
-name, wrapped once by the guard. Health checking and reflection go in unguarded and stay
-open (load balancers and grpcurl carry no key).
+The guard is the one place a call is admitted and observed; the transports (gRPC through
+grpc.aio in `transports/grpc_methods.py`, Connect and gRPC-Web over HTTP in
+`transports/connect_app.py`) are thin adapters around it that only translate: they read the
+caller's metadata and peer, call the servicer, and write what the guard decided back in
+their own wire form.
 
-A guarded call is admitted through `AccessControl` (key, or else a verified client
-certificate; project, rate limit: one store round trip at most), its `CallContext` is made
-available to the servicer through `current_call()`, and any `IcegateError` becomes a gRPC
-status with rich details through `icegate_server.status`, the one place that mapping lives.
+For each guarded method (`CallGuard.method`) the guard holds the method's policy and metric
+series, and gives the adapters three steps:
 
-It also observes every guarded call: the request id (the caller's `x-request-id` if valid,
-else a fresh one) goes back in the trailing metadata on success and on error (merged with
-the rich-status trailer), and each call ends in one `icegate_rpcs_total` count, one latency
-observation and one log line (`icegate_server.observability.logs`). Open methods are neither
-counted nor logged.
+- `GuardedMethod.admit`: the request is checked to have parsed, then admitted through
+  `AccessControl` (a bearer key, or else a verified client certificate; project, rate limit:
+  one store round trip at most), and its `CallContext` made available to the servicer
+  through `current_call()`.
+- `refusal`: any exception becomes a status code, an ErrorInfo reason and a google.rpc
+  `Status` with rich details through `icegate_server.status`, the one place that mapping
+  lives; an exception that is not an `IcegateError` is a bug, answered INTERNAL with nothing
+  of the exception in it.
+- `GuardedMethod.observe`: one `icegate_rpcs_total` count, one latency observation and one
+  log line (`icegate_server.observability.logs`) per call.
+
+The request id (the caller's `x-request-id` if valid, else a fresh one) goes back on success
+and on error, in the transport's own place (a gRPC trailer, a Connect response header), and
+is the one in the log line. Open methods (health, reflection) are served unguarded: neither
+admitted, counted nor logged.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import itertools
 import os
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, NamedTuple
 
 import grpc
-import grpc.aio
-from google.protobuf.descriptor import ServiceDescriptor
-from google.protobuf.message_factory import GetMessageClass
+from google.rpc import status_pb2
 
 from icegate_server.access.control import AccessControl, CallContext, MethodPolicy
 from icegate_server.access.keys import bearer_key, has_authorization
-from icegate_server.access.tls import peer_identities
 from icegate_server.errors import IcegateError, MalformedRequestError
 from icegate_server.observability.logs import RpcLogEvent, log_rpc, valid_request_id
 from icegate_server.observability.metrics import IcegateMetrics
 from icegate_server.projects.records import PROJECT_ID_PATTERN
-from icegate_server.status import INTERNAL_REASON, INTERNAL_STATUS, lookup, to_grpc_status
+from icegate_server.status import INTERNAL_REASON, INTERNAL_RPC_STATUS, lookup, to_rpc_status
 
 REQUEST_ID_HEADER = "x-request-id"
 
@@ -50,11 +54,22 @@ SERVICE_POLICIES = {
 }
 """Services whose methods are not ordinary counted project calls (the default: fail closed)."""
 
+MAX_REQUEST_BYTES = 64 * 1024
+"""The largest request message either transport accepts (gRPC answers RESOURCE_EXHAUSTED,
+Connect too); icegate's largest request, a provider key with its options, is far smaller."""
+
+UNDECODABLE = object()
+"""What a transport hands the guard for a request body that does not parse."""
+
+Metadata = Collection[tuple[str, Any]]
+"""A call's metadata as (lower-case name, value) pairs: gRPC metadata, or HTTP headers (read
+more than once)."""
+
 _current_call: contextvars.ContextVar[CallContext] = contextvars.ContextVar("icegate_call")
 
 
 def current_call() -> CallContext:
-    """The caller and project of the RPC being served (set by `CallGuard`)."""
+    """The caller and project of the RPC being served (set by `GuardedMethod.admit`)."""
     return _current_call.get()
 
 
@@ -71,7 +86,7 @@ def new_request_id() -> str:
     return f"{_REQUEST_ID_PREFIX}{next(_request_numbers):016x}"
 
 
-def request_id_of(metadata: Any) -> str:
+def request_id_of(metadata: Metadata) -> str:
     """The caller's `x-request-id` when it is 1-128 printable ASCII characters, else a new one."""
     for name, value in metadata:
         if name == REQUEST_ID_HEADER:
@@ -89,146 +104,90 @@ def method_policy(method: str) -> MethodPolicy:
     return MethodPolicy.PROJECT
 
 
-if TYPE_CHECKING:  # grpc's stubs make the handler generic; at run time it is not subscriptable.
-    Handler = grpc.RpcMethodHandler[Any, Any]
-else:
-    Handler = grpc.RpcMethodHandler
-UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+class Refusal(NamedTuple):
+    """How a call that raised ends: its code, ErrorInfo reason and rich status; `bug` is the
+    exception when it was not a domain error (logged with its traceback frames)."""
+
+    code: grpc.StatusCode
+    reason: str
+    status: status_pb2.Status
+    bug: Exception | None
 
 
-_METHOD_HANDLERS: dict[tuple[bool, bool], Callable[..., Handler]] = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-"""grpc's handler factory for each (client streaming, server streaming) kind of method."""
+def refusal(error: Exception) -> Refusal:
+    """The answer to a call that raised `error`, through the one error table (`status.py`)."""
+    if isinstance(error, IcegateError):
+        code, reason = lookup(error)
+        return Refusal(code, reason, to_rpc_status(error), None)
+    return Refusal(grpc.StatusCode.INTERNAL, INTERNAL_REASON, INTERNAL_RPC_STATUS, error)
 
 
-class MethodTable(grpc.GenericRpcHandler):
-    """Every method the server serves, found by one dict look-up; no registered methods.
+class GuardedMethod:
+    """One guarded method: what admits its calls and what observes them."""
 
-    grpc.aio's server waits for the next call of each *registered* method separately: its
-    accept loop runs `asyncio.wait` over one pending future per registered method (and one
-    for all others), so every call pays in Python for every method the server has. One
-    generic handler leaves one future to wait on, and it depends on nothing but the
-    descriptors and the servicers' method names, not on how generated code registers.
+    __slots__ = ("_access", "_metrics", "_observe", "name", "policy")
 
-    Measured (`bench/instructions.py`, IssueTurnCredentials, two targets at a time,
-    2026-12-06): this table 558k-562k instructions a call; grpc's own extension point instead
-    (the generated `add_XServicer_to_server` registrations and a `grpc.aio.ServerInterceptor`
-    wrapping each method's handler once, cached) 714k, 27 % more, past the 5 % rule.
-    """
+    def __init__(self, name: str, access: AccessControl, metrics: IcegateMetrics) -> None:
+        self.name = name
+        self.policy = method_policy(name)
+        self._access = access
+        self._metrics = metrics
+        # The histogram child is resolved now, so every served method shows from the start.
+        self._observe = metrics.rpc(name).observe
 
-    def __init__(self) -> None:
-        self._handlers: dict[str, Handler] = {}
+    async def admit(self, request: Any, metadata: Metadata,
+                    identities: Callable[[], Sequence[str]]) -> CallContext:
+        """Admits one call of this method and makes it `current_call()`.
 
-    def add(self, service: ServiceDescriptor, servicer: object,
-            guard: CallGuard | None = None) -> None:
-        """Serves every method of `service` by `servicer`'s method of the same name, each
-        wrapped by `guard` when given (else open)."""
-        for method in service.methods:
-            name = f"/{service.full_name}/{method.name}"
-            request = GetMessageClass(method.input_type)
-            response = GetMessageClass(method.output_type)
-            handler = _METHOD_HANDLERS[method.client_streaming, method.server_streaming](
-                getattr(servicer, method.name),
-                request_deserializer=request.FromString,
-                response_serializer=response.SerializeToString)
-            self._handlers[name] = handler if guard is None else guard.wrap(name, handler)
+        Args:
+            request: The parsed request, or `UNDECODABLE`.
+            metadata: The call's metadata (gRPC) or headers (HTTP), lower-case names.
+            identities: Gives the verified client certificate's typed names; asked only when
+                the call carries no authorization and certificates may stand for a caller.
 
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
-        return self._handlers.get(handler_call_details.method)
+        Raises:
+            IcegateError: The call is refused (the error says why); see `AccessControl`.
+        """
+        if request is UNDECODABLE:
+            raise MalformedRequestError("the request body is not a valid message")
+        access = self._access
+        project_id = getattr(request, "project_id", "")
+        # A bearer key, when present, wins; a verified client certificate stands in for a
+        # missing one (mutual TLS with ICEGATE_TLS_CLIENT_PROJECTS).
+        if access.admits_identities and not has_authorization(metadata):
+            call = await access.admit_identity(identities(), self.policy, project_id)
+        else:
+            call = await access.admit(bearer_key(metadata), self.policy, project_id)
+        _current_call.set(call)
+        return call
+
+    def observe(self, code: grpc.StatusCode, reason: str, started: float, request_id: str,
+                peer: str, call: CallContext | None, request: Any,
+                bug: Exception | None = None) -> None:
+        """Counts, times and logs one finished call (`started`: its `time.perf_counter()`)."""
+        seconds = time.perf_counter() - started
+        self._observe(code, seconds)
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            self._metrics.limit_refused(reason)
+        log_rpc(RpcLogEvent(
+            self.name, code, seconds * 1000, request_id, peer, _project_of(call, request),
+            call.caller.key_id if call is not None else "", reason), bug)
 
 
 class CallGuard:
-    """Admits every guarded RPC and maps domain errors to statuses."""
+    """Makes the `GuardedMethod` of each method a transport serves."""
 
     def __init__(self, access: AccessControl, metrics: IcegateMetrics | None = None) -> None:
         self._access = access
         self._metrics = metrics if metrics is not None else IcegateMetrics()
+        self._methods: dict[str, GuardedMethod] = {}
 
-    def wrap(self, method: str, handler: Handler) -> Handler:
-        """`handler` of the full method name `method`, admitted and observed by this guard."""
-        if handler.unary_unary is None:
-            raise TypeError(f"{method}: icegate serves unary-unary RPCs only")
-        return grpc.unary_unary_rpc_method_handler(
-            self._guard(cast(UnaryBehavior, handler.unary_unary), method_policy(method),
-                        method),
-            request_deserializer=_tolerant(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
-        )
-
-    def _guard(self, behavior: UnaryBehavior, policy: MethodPolicy,
-               method: str) -> UnaryBehavior:
-        access = self._access
-        metrics = self._metrics
-        observe = metrics.rpc(method).observe
-
-        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            started = time.perf_counter()
-            metadata = context.invocation_metadata() or ()
-            trailer = ((REQUEST_ID_HEADER, request_id_of(metadata)),)
-            context.set_trailing_metadata(trailer)
-            code, reason, call, bug = grpc.StatusCode.OK, "", None, None
-            try:
-                if request is UNDECODABLE:
-                    raise MalformedRequestError("the request body is not a valid message")
-                project_id = getattr(request, "project_id", "")
-                # A bearer key, when present, wins; a verified client certificate stands in
-                # for a missing one (mutual TLS with ICEGATE_TLS_CLIENT_PROJECTS).
-                if access.admits_identities and not has_authorization(metadata):
-                    call = await access.admit_identity(
-                        peer_identities(context.auth_context()), policy, project_id)
-                else:
-                    call = await access.admit(bearer_key(metadata), policy, project_id)
-                _current_call.set(call)
-                return await behavior(request, context)
-            except IcegateError as error:
-                code, reason = lookup(error)
-                status = to_grpc_status(error)
-                await context.abort(status.code, status.details,
-                                    (*status.trailing_metadata, *trailer))
-            except grpc.aio.AbortError:
-                code = _aborted_code(context)
-                raise
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as error:
-                code, reason, bug = grpc.StatusCode.INTERNAL, INTERNAL_REASON, error
-                await context.abort(INTERNAL_STATUS.code, INTERNAL_STATUS.details,
-                                    (*INTERNAL_STATUS.trailing_metadata, *trailer))
-            finally:
-                seconds = time.perf_counter() - started
-                observe(code, seconds)
-                if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    metrics.limit_refused(reason)
-                log_rpc(RpcLogEvent(
-                    method, code, seconds * 1000, trailer[0][1], context.peer(),
-                    _project_of(call, request), call.caller.key_id if call is not None else "",
-                    reason), bug)
-
+    def method(self, name: str) -> GuardedMethod:
+        """The guarded method of the full name `name` (one per name, shared by transports)."""
+        guarded = self._methods.get(name)
+        if guarded is None:
+            guarded = self._methods[name] = GuardedMethod(name, self._access, self._metrics)
         return guarded
-
-
-UNDECODABLE = object()
-"""What the request deserializer hands over for a body that does not parse."""
-
-
-def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    # grpcio answers a deserializer's exception UNKNOWN with the exception's text; a sentinel
-    # lets CallGuard answer INVALID_ARGUMENT through the one error table instead.
-    if deserialize is None:
-        return None
-
-    def parse(data: bytes) -> Any:
-        try:
-            return deserialize(data)
-        except Exception:
-            return UNDECODABLE
-
-    return parse
 
 
 def _project_of(call: CallContext | None, request: Any) -> str:
@@ -237,17 +196,3 @@ def _project_of(call: CallContext | None, request: Any) -> str:
         return call.project.project_id
     named = getattr(request, "project_id", "")
     return named if isinstance(named, str) and PROJECT_ID_PATTERN.fullmatch(named) else ""
-
-
-def _aborted_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
-    # A servicer that aborted by itself: the code it set, when grpc tells it.
-    try:
-        code = context.code()
-    except Exception:
-        return grpc.StatusCode.UNKNOWN
-    if isinstance(code, grpc.StatusCode):
-        return code
-    for candidate in grpc.StatusCode:
-        if candidate.value[0] == code:
-            return candidate
-    return grpc.StatusCode.UNKNOWN

@@ -1,14 +1,19 @@
-"""The call guard on a real grpc.aio server: admission, statuses, trailers, metrics, log lines.
+"""The call guard on a real grpc.aio server and a real Connect listener: admission, statuses,
+trailers and headers, metrics, log lines.
 
-The guard is served through `MethodTable` exactly as `create_server` wires it, with a
-stand-in `AccessControl` (keys decided by the test) and a CredentialService servicer whose
-behaviour each test picks through the request's `user_id`.
+The guard is served through `MethodTable` and `ConnectApplication` exactly as `create_server`
+wires them, with a stand-in `AccessControl` (keys decided by the test) and a
+CredentialService servicer whose behaviour each test picks through the request's `user_id`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import gzip
+import http.client
+import json
 import logging
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
@@ -24,12 +29,7 @@ from grpc_status import rpc_status
 
 from icegate.v1 import credentials_pb2, credentials_pb2_grpc
 from icegate_server.access.control import CallContext, MethodPolicy
-from icegate_server.access.guard import (
-    REQUEST_ID_HEADER,
-    CallGuard,
-    MethodTable,
-    current_call,
-)
+from icegate_server.access.guard import REQUEST_ID_HEADER, CallGuard, current_call
 from icegate_server.access.keys import Caller
 from icegate_server.errors import (
     InvalidApiKeyError,
@@ -42,6 +42,9 @@ from icegate_server.observability.logs import FIELDS_ATTRIBUTE, JsonFormatter
 from icegate_server.observability.metrics import IcegateMetrics
 from icegate_server.projects.records import Project
 from icegate_server.status import INTERNAL_STATUS, lookup, to_grpc_status
+from icegate_server.transports.connect_app import ConnectApplication
+from icegate_server.transports.grpc_methods import MethodTable
+from icegate_server.transports.http_listener import HttpListener, bind_http_socket
 
 ISSUE = "/icegate.v1.CredentialService/IssueTurnCredentials"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
@@ -363,3 +366,191 @@ class _TrailersOnly:
 
     def trailing_metadata(self) -> Any:
         return self._trailers
+
+
+# --- the same guard behind the Connect adapter --------------------------------------------------
+
+
+class ConnectServed:
+    """The guarded CredentialService (and open health) over Connect, on a real uvicorn
+    listener on a free port, with the same stand-in access control and servicer."""
+
+    def __init__(self, port: int, metrics: IcegateMetrics, access: StandInAccess,
+                 servicer: Credentials) -> None:
+        self.port, self.metrics, self.access, self.servicer = port, metrics, access, servicer
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str]
+                   ) -> tuple[int, dict[str, str], bytes]:
+        def exchange() -> tuple[int, dict[str, str], bytes]:
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            try:
+                connection.request("POST", path, body=body, headers=headers)
+                answer = connection.getresponse()
+                return (answer.status, {k.lower(): v for k, v in answer.getheaders()},
+                        answer.read())
+            finally:
+                connection.close()
+
+        return await asyncio.to_thread(exchange)
+
+    async def issue(self, user_id: str, key: str | None) -> tuple[int, dict[str, str], bytes]:
+        headers = {"content-type": "application/proto"}
+        if key is not None:
+            headers["authorization"] = f"Bearer {key}"
+        body = credentials_pb2.IssueTurnCredentialsRequest(
+            user_id=user_id, project_id="acme").SerializeToString()
+        return await self.post(ISSUE, body, headers)
+
+    def calls(self, code: str) -> float | None:
+        return self.metrics.registry.get_sample_value(
+            "icegate_rpcs_total", {"method": ISSUE, "code": code})
+
+
+@contextlib.asynccontextmanager
+async def connect_server() -> AsyncIterator[ConnectServed]:
+    metrics, access, servicer = IcegateMetrics(), StandInAccess(), Credentials()
+    guard = CallGuard(access, metrics)  # type: ignore[arg-type]
+    app = ConnectApplication()
+    app.add(credentials_pb2.DESCRIPTOR.services_by_name["CredentialService"], servicer, guard)
+    app.add(health_pb2.DESCRIPTOR.services_by_name["Health"], health.aio.HealthServicer())
+    listener = HttpListener(app, bind_http_socket("127.0.0.1:0", reuse_port=False),
+                            read_timeout=5)
+    await listener.start()
+    try:
+        yield ConnectServed(listener.port, metrics, access, servicer)
+    finally:
+        await listener.stop(0.5)
+
+
+def connect_reason(body: bytes) -> str:
+    """The ErrorInfo reason among a Connect error's details."""
+    for detail in json.loads(body)["details"]:
+        if detail["type"] == "google.rpc.ErrorInfo":
+            value = detail["value"]
+            return str(error_details_pb2.ErrorInfo.FromString(
+                base64.b64decode(value + "=" * (-len(value) % 4))).reason)
+    raise AssertionError("no ErrorInfo in the Connect error")
+
+
+@pytest.mark.parametrize(("key", "error", "http_status"), [
+    (GOOD_KEY, None, 200),
+    (None, InvalidApiKeyError("x"), 401),
+    (FOREIGN_KEY, ProjectForbiddenError("x"), 403),
+    (LIMITED_KEY, RATE_LIMITED, 429),
+])
+def test_over_connect_the_admission_outcome_decides_the_status(caplog, key, error,
+                                                               http_status):
+    code, reason = (grpc.StatusCode.OK, "") if error is None else lookup(error)
+
+    async def scenario() -> None:
+        async with connect_server() as served:
+            status, headers, body = await served.issue("alice", key)
+            assert status == http_status
+            assert len(headers["x-request-id"]) == 32
+            assert served.calls(code.name) == 1
+            if error is None:
+                answer = credentials_pb2.IssueTurnCredentialsResponse.FromString(body)
+                assert answer.username == "for-alice"
+                assert served.servicer.seen == [ACME]
+            else:
+                assert served.servicer.seen == []
+                assert connect_reason(body) == reason
+
+    asyncio.run(scenario())
+    [line] = rpc_records(caplog)
+    fields = logged_fields(line)
+    assert (fields["method"], fields["code"], fields["reason"]) == (ISSUE, code.name, reason)
+    assert fields["key_id"] == ("key-1" if error is None else "")
+
+
+def test_over_connect_an_unexpected_exception_is_internal_and_leaks_nothing(caplog):
+    async def scenario() -> None:
+        async with connect_server() as served:
+            status, headers, body = await served.issue("bug", GOOD_KEY)
+            assert status == 500
+            assert json.loads(body)["message"] == INTERNAL_STATUS.details
+            assert SECRET.encode() not in body
+            assert all(SECRET not in value for value in headers.values())
+            assert served.calls("INTERNAL") == 1
+
+    asyncio.run(scenario())
+    [line] = rpc_records(caplog)
+    assert line.levelno == logging.ERROR
+    assert SECRET not in JsonFormatter().format(line)
+
+
+def test_over_connect_an_undecodable_body_is_refused_before_admission(caplog):
+    async def scenario() -> None:
+        async with connect_server() as served:
+            status, _, body = await served.post(ISSUE, b"\xff\xff\xff\xff", {
+                "content-type": "application/proto", "authorization": f"Bearer {GOOD_KEY}"})
+            assert status == 400
+            assert connect_reason(body) == "MALFORMED_REQUEST"
+            assert served.access.asked == []
+            assert served.calls("INVALID_ARGUMENT") == 1
+
+    asyncio.run(scenario())
+
+
+def test_over_connect_health_is_open_and_not_counted(caplog):
+    async def scenario() -> None:
+        async with connect_server() as served:
+            status, _, body = await served.post("/grpc.health.v1.Health/Check", b"{}",
+                                                {"content-type": "application/json"})
+            assert status == 200 and json.loads(body) == {"status": "SERVING"}
+            status, _, body = await served.post("/grpc.health.v1.Health/Check",
+                                                b'{"service": "nope"}',
+                                                {"content-type": "application/json"})
+            assert status == 404 and json.loads(body)["code"] == "not_found"
+            assert served.access.asked == []
+
+    asyncio.run(scenario())
+    assert rpc_records(caplog) == []
+
+
+def test_over_connect_a_client_that_hangs_up_is_counted_cancelled(caplog):
+    async def scenario() -> None:
+        async with connect_server() as served:
+            body = credentials_pb2.IssueTurnCredentialsRequest(user_id="hang").SerializeToString()
+            reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+            writer.write(b"POST " + ISSUE.encode() + b" HTTP/1.1\r\nhost: x\r\n"
+                         b"content-type: application/proto\r\n"
+                         b"authorization: Bearer " + GOOD_KEY.encode() + b"\r\n"
+                         b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            await writer.drain()
+            await served.servicer.started.wait()
+            writer.close()
+            await served.servicer.ended.wait()
+            for _ in range(1000):
+                if served.calls("CANCELLED"):
+                    break
+                await asyncio.sleep(0.001)
+            assert served.calls("CANCELLED") == 1
+            assert served.calls("OK") is None
+            del reader
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("encoding", [None, "gzip"], ids=["binary-unary-path", "connectrpc-path"])
+def test_over_connect_a_deadline_ends_the_call_deadline_exceeded(caplog, encoding):
+    # A plain binary call is served by the module's own unary path; a compressed one by
+    # connectrpc's application: the same deadline, answer and record either way.
+    async def scenario() -> None:
+        async with connect_server() as served:
+            body = credentials_pb2.IssueTurnCredentialsRequest(user_id="hang").SerializeToString()
+            headers = {"content-type": "application/proto", "connect-timeout-ms": "200",
+                       "authorization": f"Bearer {GOOD_KEY}"}
+            if encoding:
+                body = gzip.compress(body)
+                headers["content-encoding"] = encoding
+            status, answer_headers, answer = await served.post(ISSUE, body, headers)
+            assert status == 504
+            assert json.loads(answer)["code"] == "deadline_exceeded"
+            assert len(answer_headers["x-request-id"]) == 32
+            await served.servicer.ended.wait()
+            assert served.calls("CANCELLED") == 1
+
+    asyncio.run(scenario())
+    [line] = rpc_records(caplog)
+    assert logged_fields(line)["code"] == "CANCELLED"
