@@ -62,8 +62,7 @@ DEV_SETTINGS = ICEGATE_DATA_DIR=$${ICEGATE_DATA_DIR-$(DEV_DIR)} \
 # set it empty to serve gRPC only).
 run: proto
 	mkdir -p $(DEV_DIR)/coturn
-	$(DEV_SETTINGS) ICEGATE_HTTP_LISTEN="$${ICEGATE_HTTP_LISTEN-127.0.0.1:8080}" \
-	  $(BIN)/icegate-server $(ARGS)
+	ICEGATE_HTTP_LISTEN="$${ICEGATE_HTTP_LISTEN-127.0.0.1:8080}" $(DEV_SETTINGS) $(BIN)/icegate-server $(ARGS)
 
 # Uses the committed stubs; a test fails when they differ from what `make proto` generates.
 test: $(STAMP)
