@@ -59,10 +59,12 @@ DEV_SETTINGS = ICEGATE_DATA_DIR=$${ICEGATE_DATA_DIR-$(DEV_DIR)} \
 	ICEGATE_COTURN_SQLITE=$${ICEGATE_COTURN_SQLITE-$(DEV_COTURN_USERDB)}
 
 # gRPC on 127.0.0.1:50051 and Connect on 127.0.0.1:8080 (ICEGATE_HTTP_LISTEN overrides it;
-# set it empty to serve gRPC only).
+# set it empty to serve gRPC only; on Python 3.10, which Connect's runtime does not support,
+# gRPC only).
+DEV_HTTP_LISTEN = $(shell $(BIN)/python -c 'import sys; print("127.0.0.1:8080" if sys.version_info >= (3, 11) else "")')
 run: proto
 	mkdir -p $(DEV_DIR)/coturn
-	ICEGATE_HTTP_LISTEN="$${ICEGATE_HTTP_LISTEN-127.0.0.1:8080}" $(DEV_SETTINGS) $(BIN)/icegate-server $(ARGS)
+	ICEGATE_HTTP_LISTEN="$${ICEGATE_HTTP_LISTEN-$(DEV_HTTP_LISTEN)}" $(DEV_SETTINGS) $(BIN)/icegate-server $(ARGS)
 
 # Uses the committed stubs; a test fails when they differ from what `make proto` generates.
 test: $(STAMP)

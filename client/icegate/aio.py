@@ -5,24 +5,24 @@ from __future__ import annotations
 import logging
 import time
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import grpc.aio
-from connectrpc.errors import ConnectError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pyqwest import HTTPTransport
 
 from icegate import requests
-from icegate.connect_transport import Stubs, async_stubs, is_http_target
 from icegate.connection import (
     DEFAULT_TIMEOUT,
     ConfigurationError,
     Connection,
     Metadata,
+    Stubs,
     TlsConfig,
+    connect_transport,
+    is_http_target,
 )
-from icegate.errors import from_connect_error, from_rpc_error
+from icegate.errors import IcegateError, from_rpc_error
 from icegate.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -33,6 +33,9 @@ from icegate.v1 import (
     usage_pb2,
     usage_pb2_grpc,
 )
+
+if TYPE_CHECKING:
+    from pyqwest import HTTPTransport
 
 log = logging.getLogger("icegate")
 
@@ -75,7 +78,7 @@ class AsyncClient:
             if channel is not None:
                 raise ConfigurationError("channel= is for gRPC targets, not an http(s) URL")
             self._channel = None
-            self._http, stubs = async_stubs(connection)
+            self._http, stubs = connect_transport().async_stubs(connection)
         else:
             if channel is None:
                 credentials = connection.channel_credentials()
@@ -117,9 +120,9 @@ class AsyncClient:
                 metadata=connection.call_metadata(metadata) if authenticated else tuple(metadata),
                 **connection.call_options,
             )
-        except (grpc.RpcError, ConnectError) as error:
-            typed = (from_connect_error(error) if isinstance(error, ConnectError)
-                     else from_rpc_error(error))
+        except (grpc.RpcError, IcegateError) as error:
+            # Over Connect the stub raises the typed error itself; gRPC's is converted here.
+            typed = error if isinstance(error, IcegateError) else from_rpc_error(error)
             if connection.debug:
                 log.debug("icegate %s failed in %.1f ms: %s", type(request).__name__,
                           (time.perf_counter() - started) * 1e3, typed)

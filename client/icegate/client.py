@@ -5,23 +5,23 @@ from __future__ import annotations
 import logging
 import time
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-from connectrpc.errors import ConnectError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pyqwest import SyncHTTPTransport
 
 from icegate import requests
-from icegate.connect_transport import Stubs, is_http_target, sync_stubs
 from icegate.connection import (
     DEFAULT_TIMEOUT,
     ConfigurationError,
     Connection,
     Metadata,
+    Stubs,
     TlsConfig,
+    connect_transport,
+    is_http_target,
 )
-from icegate.errors import from_connect_error, from_rpc_error
+from icegate.errors import IcegateError, from_rpc_error
 from icegate.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -32,6 +32,9 @@ from icegate.v1 import (
     usage_pb2,
     usage_pb2_grpc,
 )
+
+if TYPE_CHECKING:
+    from pyqwest import SyncHTTPTransport
 
 log = logging.getLogger("icegate")
 
@@ -74,7 +77,7 @@ class Client:
             if channel is not None:
                 raise ConfigurationError("channel= is for gRPC targets, not an http(s) URL")
             self._channel = None
-            self._http, stubs = sync_stubs(connection)
+            self._http, stubs = connect_transport().sync_stubs(connection)
         else:
             if channel is None:
                 credentials = connection.channel_credentials()
@@ -115,9 +118,9 @@ class Client:
                 metadata=connection.call_metadata(metadata) if authenticated else tuple(metadata),
                 **connection.call_options,
             )
-        except (grpc.RpcError, ConnectError) as error:
-            typed = (from_connect_error(error) if isinstance(error, ConnectError)
-                     else from_rpc_error(error))
+        except (grpc.RpcError, IcegateError) as error:
+            # Over Connect the stub raises the typed error itself; gRPC's is converted here.
+            typed = error if isinstance(error, IcegateError) else from_rpc_error(error)
             if connection.debug:
                 log.debug("icegate %s failed in %.1f ms: %s", type(request).__name__,
                           (time.perf_counter() - started) * 1e3, typed)

@@ -12,8 +12,9 @@ the gRPC channel's:
 - with `wait_for_ready`, a server that cannot be reached is tried again (with the same
   backoff) until the deadline instead of failing at once.
 
-A failed call raises `connectrpc.errors.ConnectError`; the client turns it into the typed
-exception in `icegate.errors` (`from_connect_error`), as it does gRPC's `RpcError`.
+A failed call raises the typed exception of `icegate.errors` (`from_connect_error`), the
+same the client makes of gRPC's `RpcError`. Only clients given an http(s) target import this
+module (`connection.connect_transport`): the Connect runtime needs Python 3.11.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from connectrpc.client import ConnectClient, ConnectClientSync
 from connectrpc.code import Code
@@ -43,8 +44,10 @@ from icegate.connection import (
     RETRYING_SERVICES,
     ConfigurationError,
     Connection,
+    Stubs,
     read_pem,
 )
+from icegate.errors import from_connect_error
 from icegate.v1 import (
     admin_connect,
     admin_pb2,
@@ -56,16 +59,10 @@ from icegate.v1 import (
     usage_pb2,
 )
 
-HTTP_SCHEMES = ("http://", "https://")
 IDLE_CONNECTION_SECONDS = 60.0
 """How long an idle pooled connection is kept: under icegate's 75 s, so the server never
 closes one just as the client sends on it."""
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
-
-
-def is_http_target(target: str) -> bool:
-    """Whether `target` selects Connect (an http:// or https:// URL) rather than gRPC."""
-    return target.lower().startswith(HTTP_SCHEMES)
 
 
 def base_url(target: str) -> str:
@@ -212,7 +209,7 @@ def _sync_method(send: Callable[..., Any], retrying: bool) -> Callable[..., Any]
             except ConnectError as error:
                 delay = delays[min(attempt - 1, len(delays) - 1)] if delays else 0.0
                 if not retry.again(error, attempt, deadline - time.monotonic(), delay):
-                    raise
+                    raise from_connect_error(error) from None
                 time.sleep(delay)
                 attempt += 1
 
@@ -235,7 +232,7 @@ def _async_method(send: Callable[..., Awaitable[Any]], retrying: bool) -> Callab
             except ConnectError as error:
                 delay = delays[min(attempt - 1, len(delays) - 1)] if delays else 0.0
                 if not retry.again(error, attempt, deadline - time.monotonic(), delay):
-                    raise
+                    raise from_connect_error(error) from None
                 await asyncio.sleep(delay)
                 attempt += 1
 
@@ -248,16 +245,6 @@ def client_options(http_client: Any) -> dict[str, Any]:
     and a bound on the answer's size."""
     return {"http_client": http_client, "codec": google_protobuf_binary_codec(),
             "send_compression": None, "read_max_bytes": MAX_RESPONSE_BYTES}
-
-
-class Stubs(NamedTuple):
-    """The stubs a client calls through, one per service (gRPC's or these)."""
-
-    credentials: Any
-    health: Any
-    admin: Any
-    usage: Any
-    sessions: Any
 
 
 _SERVICES = (

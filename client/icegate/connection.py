@@ -12,6 +12,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -24,6 +26,44 @@ DEV_SECRETS_PATH = Path(".icegate") / "dev-secrets.json"
 log = logging.getLogger("icegate")
 
 Metadata = Sequence[tuple[str, str]]
+
+HTTP_SCHEMES = ("http://", "https://")
+
+
+def is_http_target(target: str) -> bool:
+    """Whether `target` selects Connect (an http:// or https:// URL) rather than gRPC."""
+    return target.lower().startswith(HTTP_SCHEMES)
+
+
+def connect_transport() -> ModuleType:
+    """`icegate.connect_transport`, imported when a client is first given an http(s) target.
+
+    gRPC callers never import the Connect runtime (connectrpc, pyqwest), which needs Python
+    3.11 or newer: on 3.10 the client works over gRPC and refuses a URL with this reason.
+
+    Raises:
+        ConfigurationError: The Connect runtime cannot be imported here.
+    """
+    try:
+        from icegate import connect_transport as module
+    except ImportError as error:
+        if (error.name or "").partition(".")[0] not in ("connectrpc", "pyqwest"):
+            raise
+        raise ConfigurationError(
+            "an http(s):// target calls icegate over Connect, which needs Python 3.11 or "
+            "newer with the connectrpc package; give a host:port target to call over gRPC"
+        ) from error
+    return module
+
+
+class Stubs(NamedTuple):
+    """The stubs a client calls through, one per service (gRPC's, or Connect's)."""
+
+    credentials: Any
+    health: Any
+    admin: Any
+    usage: Any
+    sessions: Any
 
 
 

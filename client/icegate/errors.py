@@ -37,11 +37,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-from connectrpc.code import Code
-from connectrpc.errors import ConnectError
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -49,6 +47,9 @@ from grpc_status import rpc_status
 from icegate import error_metadata
 from icegate.error_reasons import reason_from_wire
 from icegate.v1.errors_pb2 import ErrorReason
+
+if TYPE_CHECKING:  # the Connect runtime is imported only by clients that call over it
+    from connectrpc.errors import ConnectError
 
 
 @dataclass(frozen=True)
@@ -360,15 +361,16 @@ def from_rpc_error(error: grpc.RpcError) -> IcegateError:
     return _typed(code, message, reason, metadata, details)
 
 
-_STATUS_OF_CONNECT_CODE = {Code.CANCELED: grpc.StatusCode.CANCELLED, **{
-    code: grpc.StatusCode[code.name] for code in Code if code.name in grpc.StatusCode.__members__}}
-"""The gRPC status code of each Connect code (the same names; gRPC spells CANCELLED)."""
+_STATUS_OF_CONNECT_CODE = {"CANCELED": grpc.StatusCode.CANCELLED, **{
+    code.name: code for code in grpc.StatusCode if code is not grpc.StatusCode.OK}}
+"""The gRPC status code of each Connect code, by name (the same names; gRPC spells
+CANCELLED)."""
 
 
 def from_connect_error(error: ConnectError) -> IcegateError:
     """The typed exception for a call that failed over Connect, with its rich details (the
     Connect error details) as attributes: the same exception gRPC would have given."""
-    code = _STATUS_OF_CONNECT_CODE.get(error.code, grpc.StatusCode.UNKNOWN)
+    code = _STATUS_OF_CONNECT_CODE.get(error.code.name, grpc.StatusCode.UNKNOWN)
     reason, metadata, details = _typed_details(
         (detail.type_name, detail.message_bytes) for detail in error.details)
     return _typed(code, error.message or code.name, reason, metadata, details)

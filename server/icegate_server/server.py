@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 import grpc.aio
@@ -58,9 +59,7 @@ from icegate_server.sessions.realtime import RealtimeSessions
 from icegate_server.sessions.vault import Vault, load_master_keys
 from icegate_server.settings import Settings, parse_listen_address
 from icegate_server.store import Store, open_store
-from icegate_server.transports.connect_app import ConnectApplication
 from icegate_server.transports.grpc_methods import MethodTable
-from icegate_server.transports.http_listener import HttpListener, HttpTls, bind_http_socket
 from icegate_server.turn.coturn_userdb import (
     CoturnRedisSecrets,
     CoturnSecretSink,
@@ -68,6 +67,9 @@ from icegate_server.turn.coturn_userdb import (
 )
 from icegate_server.turn.credentials import TurnCredentialIssuer, TurnSecretKeyring
 from icegate_server.turn.rotation import TurnSecretRotation
+
+if TYPE_CHECKING:  # imported when ICEGATE_HTTP_LISTEN is set (create_server)
+    from icegate_server.transports.http_listener import HttpListener
 
 log = logging.getLogger(__name__)
 
@@ -254,10 +256,8 @@ async def create_server(
             (health_pb2.DESCRIPTOR.services_by_name["Health"], health_servicer, None),
         )
         methods = MethodTable()
-        connect = ConnectApplication()
         for descriptor, servicer, service_guard in served:
             methods.add(descriptor, servicer, service_guard)
-            connect.add(descriptor, servicer, service_guard)
         methods.add(reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
                     reflection.aio.ReflectionServicer(
                         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)))
@@ -272,11 +272,10 @@ async def create_server(
             raise OSError(f"cannot listen on {settings.listen}: address in use or not available")
         http_listener = None
         if settings.http_listen:
-            http_listener = HttpListener(
-                connect, bind_http_socket(settings.http_listen, reuse_port=settings.workers > 1),
-                read_timeout=settings.http_read_timeout,
-                tls=HttpTls(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-                if settings.tls_cert else None)
+            # Imported only when asked for: the Connect runtime needs Python 3.11 (on 3.10 the
+            # settings refuse ICEGATE_HTTP_LISTEN, and gRPC serves alone).
+            from icegate_server.transports.http_listener import connect_listener
+            http_listener = connect_listener(served, settings)
         endpoint, lease_gauge = None, None
         if settings.metrics_listen:
             host, metrics_port = parse_listen_address(settings.metrics_listen)

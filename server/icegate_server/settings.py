@@ -11,17 +11,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import os
 import re
+import sys
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
+
 import httpx
-import tomllib
 
 from icegate_server.access.tls import ADMIN_IDENTITY, check_tls_files, parse_client_projects
 from icegate_server.projects.records import MAX_URL, PROJECT_ID_PATTERN, URL_PATTERN
@@ -536,6 +542,9 @@ def _check_together(settings: Settings) -> None:
     if settings.workers > 1 and settings.http_listen \
             and parse_listen_address(settings.http_listen)[1] == 0:
         fail("workers", "more than one worker needs a fixed port in ICEGATE_HTTP_LISTEN, not 0")
+    if settings.http_listen and importlib.util.find_spec("connectrpc") is None:
+        fail("http_listen", "Connect needs Python 3.11 or newer with the connectrpc package "
+             "(pip install 'icegate[server]' there); leave it empty to serve gRPC only")
     if settings.http_listen and not settings.http_listen.endswith(":0") \
             and settings.http_listen in (settings.listen, settings.metrics_listen):
         fail("http_listen", "must differ from ICEGATE_LISTEN and ICEGATE_METRICS_LISTEN")

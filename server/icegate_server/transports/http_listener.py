@@ -33,14 +33,21 @@ import errno
 import logging
 import socket
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from icegate_server.settings import parse_listen_address
 from icegate_server.transports.connect_app import ConnectApplication, client_certificate_pem
+
+if TYPE_CHECKING:
+    from google.protobuf.descriptor import ServiceDescriptor
+
+    from icegate_server.access.guard import CallGuard
+    from icegate_server.settings import Settings
 
 MAX_HEADER_BYTES = 16 * 1024
 """The longest request line plus headers accepted (a bearer key and a request id need <1 KiB)."""
@@ -232,3 +239,21 @@ class HttpListener:
         self._config.timeout_graceful_shutdown = max(grace, 0.1)  # type: ignore[assignment]
         await self._server.shutdown(sockets=[self._socket])
 
+
+def connect_listener(served: Sequence[tuple[ServiceDescriptor, object, CallGuard | None]],
+                     settings: Settings) -> HttpListener:
+    """The HTTP listener of `ICEGATE_HTTP_LISTEN`: every service in `served` (descriptor,
+    servicer, guard or None for an open one) over Connect and gRPC-Web, with the gRPC port's
+    TLS files.
+
+    Raises:
+        OSError: The address is taken or not available.
+    """
+    connect = ConnectApplication()
+    for descriptor, servicer, guard in served:
+        connect.add(descriptor, servicer, guard)
+    tls = (HttpTls(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+           if settings.tls_cert else None)
+    return HttpListener(
+        connect, bind_http_socket(settings.http_listen, reuse_port=settings.workers > 1),
+        read_timeout=settings.http_read_timeout, tls=tls)
