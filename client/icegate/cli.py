@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from google.protobuf import json_format
@@ -72,11 +73,25 @@ def _add_session_commands(session: argparse.ArgumentParser) -> None:
     create.add_argument("--modality", action="append", default=[], dest="modalities",
                         help="audio or text; repeat for several")
     create.add_argument("--email", default="", help="Orga only: the end user's e-mail")
+    create.add_argument("--var", action="append", default=[], dest="variables",
+                        metavar="NAME=VALUE",
+                        help="a variable of the project's instructions template; repeat")
     for name, help_text in (("keepalive", "renew a session's lease"),
                             ("end", "end a session, freeing its slot")):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("session_id")
         command.add_argument("--project", default="")
+
+
+def _variables(pairs: list[str]) -> dict[str, str]:
+    """`NAME=VALUE` arguments as a dict."""
+    variables = {}
+    for pair in pairs:
+        name, equals, value = pair.partition("=")
+        if not equals or not name:
+            raise ValueError(f"--var needs NAME=VALUE, not {pair[:64]!r}")
+        variables[name] = value
+    return variables
 
 
 def _run_session(args: argparse.Namespace, client: Client) -> Any:
@@ -85,7 +100,7 @@ def _run_session(args: argparse.Namespace, client: Client) -> Any:
             args.provider, project_id=args.project, user_id=args.user, model=args.model,
             voice=args.voice, instructions=args.instructions, temperature=args.temperature,
             speed=args.speed, token_ttl=args.token_ttl, modalities=args.modalities,
-            email=args.email)
+            email=args.email, instruction_variables=_variables(args.variables))
         answer = _as_dict(created)
         # What a browser takes, in the shape the seeds' frontends expect.
         answer["browser"] = {
@@ -132,6 +147,17 @@ def _add_admin_commands(admin: argparse.ArgumentParser) -> None:
     for name in ("get", "delete"):
         project.add_parser(name, help=f"{name} a project").add_argument("project_id")
     project.add_parser("list", help="list every project")
+    policy = project.add_parser("policy", help="a project's session policy per provider").\
+        add_subparsers(dest="policy_command", required=True)
+    set_policy = policy.add_parser(
+        "set", help="set the policy from a JSON file (the SessionPolicy message's JSON; - "
+        "for standard input)")
+    set_policy.add_argument("--file", required=True, help="policy.json, or - for stdin")
+    for name, help_text in (("set", None), ("get", "print the policy"),
+                            ("delete", "delete the policy")):
+        command = set_policy if name == "set" else policy.add_parser(name, help=help_text)
+        command.add_argument("--project", required=True)
+        command.add_argument("--provider", required=True, help="openai, azure, orga, gemini")
 
     key = groups.add_parser("key", help="caller keys").add_subparsers(
         dest="admin_command", required=True)
@@ -191,6 +217,8 @@ def _run_admin(args: argparse.Namespace, client: Client) -> Any:
         return {"deleted": args.project_id}
     if command == ("project", "list"):
         return [_as_dict(p) for p in client.list_all_projects()]
+    if command == ("project", "policy"):
+        return _run_policy(args, client)
     if command == ("key", "create"):
         return _as_dict(client.create_api_key(args.project or "", admin=args.admin,
                                               display_name=args.name))
@@ -216,6 +244,22 @@ def _run_admin(args: argparse.Namespace, client: Client) -> Any:
     if command == ("turn-secret", "list"):
         return [_as_dict(s) for s in client.list_turn_secrets()]
     raise AssertionError(command)
+
+
+def _run_policy(args: argparse.Namespace, client: Client) -> Any:
+    if args.policy_command == "set":
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text("utf-8")
+        try:
+            policy = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{args.file} is not JSON: {error}") from None
+        if not isinstance(policy, dict):
+            raise ValueError(f"{args.file} must hold a JSON object")
+        return _as_dict(client.set_session_policy(args.project, args.provider, policy))
+    if args.policy_command == "get":
+        return _as_dict(client.get_session_policy(args.project, args.provider))
+    client.delete_session_policy(args.project, args.provider)
+    return {"deleted": f"{args.project}/{args.provider}"}
 
 
 def _run(args: argparse.Namespace, client: Client) -> Any:
@@ -254,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with Client(args.target, default_timeout=args.timeout, debug=args.debug,
                     tls=tls) as client:
             result = _run(args, client)
-    except (IcegateError, ConfigurationError, ValueError) as error:
+    except (IcegateError, ConfigurationError, ValueError, OSError) as error:
         print(f"icegate: {error}", file=sys.stderr)
         return 1
     if isinstance(result, str):

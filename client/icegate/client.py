@@ -263,6 +263,37 @@ class Client:
                    sessions_pb2.EndSessionRequest(project_id=project_id, session_id=session_id),
                    timeout, metadata)
 
+    # -- session policies (admin keys only) ------------------------------------------------
+
+    def set_session_policy(self, project_id: str, provider: str,
+                           policy: requests.SessionPolicyLike, *,
+                           timeout: float | None = None,
+                           metadata: Metadata = ()) -> admin_pb2.SetSessionPolicyResponse:
+        """Sets the project's session policy for a provider family (openai, azure, orga,
+        gemini), replacing the previous one; `policy` is the message or its JSON as a dict."""
+        return (self._call(self._admin.SetSessionPolicy,  # type: ignore[no-any-return]
+                          admin_pb2.SetSessionPolicyRequest(
+                              project_id=project_id, provider=provider,
+                              policy=requests.session_policy(policy)),
+                          timeout, metadata))
+
+    def get_session_policy(self, project_id: str, provider: str, *,
+                           timeout: float | None = None,
+                           metadata: Metadata = ()) -> admin_pb2.GetSessionPolicyResponse:
+        """The project's session policy for a provider family; NotFoundError when none."""
+        return (self._call(self._admin.GetSessionPolicy,  # type: ignore[no-any-return]
+                          admin_pb2.GetSessionPolicyRequest(project_id=project_id,
+                                                            provider=provider),
+                          timeout, metadata))
+
+    def delete_session_policy(self, project_id: str, provider: str, *,
+                              timeout: float | None = None, metadata: Metadata = ()) -> None:
+        """Deletes the project's session policy for a provider family."""
+        self._call(self._admin.DeleteSessionPolicy,
+                   admin_pb2.DeleteSessionPolicyRequest(project_id=project_id,
+                                                        provider=provider),
+                   timeout, metadata)
+
     # -- provider keys (admin keys only) ----------------------------------------------------
 
     def set_provider_key(self, project_id: str, provider: str, api_key: str, *,

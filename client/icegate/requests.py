@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import timedelta
+from typing import Any
 
-from google.protobuf import duration_pb2, field_mask_pb2
+from google.protobuf import duration_pb2, field_mask_pb2, json_format
 
 from icegate.v1 import admin_pb2, credentials_pb2, sessions_pb2
 
@@ -105,10 +107,12 @@ def provider(value: ProviderName) -> sessions_pb2.Provider.ValueType:
 def session_options(*, model: str = "", voice: str = "", instructions: str = "",
                     temperature: float | None = None, speed: float | None = None,
                     token_ttl: Ttl = None, modalities: tuple[str, ...] | list[str] = (),
-                    email: str = "") -> sessions_pb2.SessionOptions:
+                    email: str = "", instruction_variables: Mapping[str, str] | None = None,
+                    ) -> sessions_pb2.SessionOptions:
     """The SessionOptions message of keyword options (None and empty mean the default)."""
     message = sessions_pb2.SessionOptions(model=model, voice=voice, instructions=instructions,
-                                          modalities=list(modalities), email=email)
+                                          modalities=list(modalities), email=email,
+                                          instruction_variables=dict(instruction_variables or {}))
     if temperature is not None:
         message.temperature = temperature
     if speed is not None:
@@ -116,3 +120,21 @@ def session_options(*, model: str = "", voice: str = "", instructions: str = "",
     if token_ttl is not None:
         message.token_ttl.CopyFrom(duration(token_ttl))
     return message
+
+
+SessionPolicyLike = admin_pb2.SessionPolicy | Mapping[str, Any]
+"""A session policy: the message, or its JSON form as a dict (what `policy.json` holds)."""
+
+
+def session_policy(policy: SessionPolicyLike) -> admin_pb2.SessionPolicy:
+    """The SessionPolicy message of a message or of its JSON form.
+
+    Raises:
+        ValueError: A dict that is not a SessionPolicy's JSON (unknown field, wrong type).
+    """
+    if isinstance(policy, admin_pb2.SessionPolicy):
+        return policy
+    try:
+        return json_format.ParseDict(dict(policy), admin_pb2.SessionPolicy())
+    except json_format.ParseError as error:
+        raise ValueError(f"not a session policy: {error}") from None

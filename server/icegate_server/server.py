@@ -44,6 +44,7 @@ from icegate_server.servicers.admin_service import AdminServicer
 from icegate_server.servicers.credential_service import CredentialServicer
 from icegate_server.servicers.session_service import SessionServicer
 from icegate_server.servicers.usage_service import UsageServicer
+from icegate_server.sessions.policy import SessionPolicies
 from icegate_server.sessions.provider_keys import ProviderKeys
 from icegate_server.sessions.providers import (
     ProviderRuntime,
@@ -224,7 +225,8 @@ async def create_server(
         methods.add(sessions_pb2.DESCRIPTOR.services_by_name["SessionService"],
                     SessionServicer(sessions), guard)
         methods.add(admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
-                    AdminServicer(admin, provider_keys, turn_secrets), guard)
+                    AdminServicer(admin, provider_keys, turn_secrets,
+                                  SessionPolicies(store, providers, clock)), guard)
         methods.add(usage_pb2.DESCRIPTOR.services_by_name["UsageService"],
                     UsageServicer(UsageReporter(store, clock)), guard)
         health_servicer = health.aio.HealthServicer()

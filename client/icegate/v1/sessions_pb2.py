@@ -27,35 +27,39 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from icegate.v1 import credentials_pb2 as icegate_dot_v1_dot_credentials__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19icegate/v1/sessions.proto\x12\nicegate.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cicegate/v1/credentials.proto\"\xdd\x01\n\x0eSessionOptions\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05voice\x18\x02 \x01(\t\x12\x14\n\x0cinstructions\x18\x03 \x01(\t\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05speed\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12,\n\ttoken_ttl\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nmodalities\x18\x07 \x03(\t\x12\r\n\x05\x65mail\x18\x08 \x01(\tB\x0e\n\x0c_temperatureB\x08\n\x06_speed\"P\n\x0e\x45phemeralToken\x12\r\n\x05value\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbd\x01\n\x14\x43reateSessionRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12&\n\x08provider\x18\x02 \x01(\x0e\x32\x14.icegate.v1.Provider\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.icegate.v1.SessionOptions\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12+\n\x08turn_ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xa9\x03\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x33\n\x0f\x65phemeral_token\x18\x02 \x01(\x0b\x32\x1a.icegate.v1.EphemeralToken\x12\x1b\n\x13upstream_session_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\r\n\x05voice\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11lease_expire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x0bice_servers\x18\x08 \x03(\x0b\x32\x15.icegate.v1.IceServer\x12\x33\n\x14provider_ice_servers\x18\t \x03(\x0b\x32\x15.icegate.v1.IceServer\x12&\n\x08provider\x18\n \x01(\x0e\x32\x14.icegate.v1.Provider\x12\x1b\n\x13upstream_request_id\x18\x0b \x01(\t\"\x84\x01\n\x19MintEphemeralTokenRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12&\n\x08provider\x18\x02 \x01(\x0e\x32\x14.icegate.v1.Provider\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.icegate.v1.SessionOptions\"\xde\x01\n\x1aMintEphemeralTokenResponse\x12\x33\n\x0f\x65phemeral_token\x18\x01 \x01(\x0b\x32\x1a.icegate.v1.EphemeralToken\x12\x1b\n\x13upstream_session_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05voice\x18\x04 \x01(\t\x12\x33\n\x14provider_ice_servers\x18\x05 \x03(\x0b\x32\x15.icegate.v1.IceServer\x12\x1b\n\x13upstream_request_id\x18\x06 \x01(\t\"A\n\x17KeepAliveSessionRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"Q\n\x18KeepAliveSessionResponse\x12\x35\n\x11lease_expire_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\";\n\x11\x45ndSessionRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x14\n\x12\x45ndSessionResponse*\xaa\x01\n\x08Provider\x12\x18\n\x14PROVIDER_UNSPECIFIED\x10\x00\x12\x13\n\x0fPROVIDER_OPENAI\x10\x01\x12\x18\n\x14PROVIDER_OPENAI_BETA\x10\x02\x12\x12\n\x0ePROVIDER_AZURE\x10\x03\x12\x19\n\x15PROVIDER_AZURE_LEGACY\x10\x04\x12\x11\n\rPROVIDER_ORGA\x10\x05\x12\x13\n\x0fPROVIDER_GEMINI\x10\x06\x32\xf7\x02\n\x0eSessionService\x12T\n\rCreateSession\x12 .icegate.v1.CreateSessionRequest\x1a!.icegate.v1.CreateSessionResponse\x12\x63\n\x12MintEphemeralToken\x12%.icegate.v1.MintEphemeralTokenRequest\x1a&.icegate.v1.MintEphemeralTokenResponse\x12]\n\x10KeepAliveSession\x12#.icegate.v1.KeepAliveSessionRequest\x1a$.icegate.v1.KeepAliveSessionResponse\x12K\n\nEndSession\x12\x1d.icegate.v1.EndSessionRequest\x1a\x1e.icegate.v1.EndSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19icegate/v1/sessions.proto\x12\nicegate.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cicegate/v1/credentials.proto\"\xef\x02\n\x0eSessionOptions\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05voice\x18\x02 \x01(\t\x12\x14\n\x0cinstructions\x18\x03 \x01(\t\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05speed\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12,\n\ttoken_ttl\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nmodalities\x18\x07 \x03(\t\x12\r\n\x05\x65mail\x18\x08 \x01(\t\x12S\n\x15instruction_variables\x18\t \x03(\x0b\x32\x34.icegate.v1.SessionOptions.InstructionVariablesEntry\x1a;\n\x19InstructionVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_speed\"P\n\x0e\x45phemeralToken\x12\r\n\x05value\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbd\x01\n\x14\x43reateSessionRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12&\n\x08provider\x18\x02 \x01(\x0e\x32\x14.icegate.v1.Provider\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.icegate.v1.SessionOptions\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12+\n\x08turn_ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xa9\x03\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x33\n\x0f\x65phemeral_token\x18\x02 \x01(\x0b\x32\x1a.icegate.v1.EphemeralToken\x12\x1b\n\x13upstream_session_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\r\n\x05voice\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11lease_expire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x0bice_servers\x18\x08 \x03(\x0b\x32\x15.icegate.v1.IceServer\x12\x33\n\x14provider_ice_servers\x18\t \x03(\x0b\x32\x15.icegate.v1.IceServer\x12&\n\x08provider\x18\n \x01(\x0e\x32\x14.icegate.v1.Provider\x12\x1b\n\x13upstream_request_id\x18\x0b \x01(\t\"\x84\x01\n\x19MintEphemeralTokenRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12&\n\x08provider\x18\x02 \x01(\x0e\x32\x14.icegate.v1.Provider\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.icegate.v1.SessionOptions\"\xde\x01\n\x1aMintEphemeralTokenResponse\x12\x33\n\x0f\x65phemeral_token\x18\x01 \x01(\x0b\x32\x1a.icegate.v1.EphemeralToken\x12\x1b\n\x13upstream_session_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05voice\x18\x04 \x01(\t\x12\x33\n\x14provider_ice_servers\x18\x05 \x03(\x0b\x32\x15.icegate.v1.IceServer\x12\x1b\n\x13upstream_request_id\x18\x06 \x01(\t\"A\n\x17KeepAliveSessionRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"Q\n\x18KeepAliveSessionResponse\x12\x35\n\x11lease_expire_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\";\n\x11\x45ndSessionRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x14\n\x12\x45ndSessionResponse*\xaa\x01\n\x08Provider\x12\x18\n\x14PROVIDER_UNSPECIFIED\x10\x00\x12\x13\n\x0fPROVIDER_OPENAI\x10\x01\x12\x18\n\x14PROVIDER_OPENAI_BETA\x10\x02\x12\x12\n\x0ePROVIDER_AZURE\x10\x03\x12\x19\n\x15PROVIDER_AZURE_LEGACY\x10\x04\x12\x11\n\rPROVIDER_ORGA\x10\x05\x12\x13\n\x0fPROVIDER_GEMINI\x10\x06\x32\xf7\x02\n\x0eSessionService\x12T\n\rCreateSession\x12 .icegate.v1.CreateSessionRequest\x1a!.icegate.v1.CreateSessionResponse\x12\x63\n\x12MintEphemeralToken\x12%.icegate.v1.MintEphemeralTokenRequest\x1a&.icegate.v1.MintEphemeralTokenResponse\x12]\n\x10KeepAliveSession\x12#.icegate.v1.KeepAliveSessionRequest\x1a$.icegate.v1.KeepAliveSessionResponse\x12K\n\nEndSession\x12\x1d.icegate.v1.EndSessionRequest\x1a\x1e.icegate.v1.EndSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'icegate.v1.sessions_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROVIDER']._serialized_start=1656
-  _globals['_PROVIDER']._serialized_end=1826
+  _globals['_SESSIONOPTIONS_INSTRUCTIONVARIABLESENTRY']._loaded_options = None
+  _globals['_SESSIONOPTIONS_INSTRUCTIONVARIABLESENTRY']._serialized_options = b'8\001'
+  _globals['_PROVIDER']._serialized_start=1802
+  _globals['_PROVIDER']._serialized_end=1972
   _globals['_SESSIONOPTIONS']._serialized_start=137
-  _globals['_SESSIONOPTIONS']._serialized_end=358
-  _globals['_EPHEMERALTOKEN']._serialized_start=360
-  _globals['_EPHEMERALTOKEN']._serialized_end=440
-  _globals['_CREATESESSIONREQUEST']._serialized_start=443
-  _globals['_CREATESESSIONREQUEST']._serialized_end=632
-  _globals['_CREATESESSIONRESPONSE']._serialized_start=635
-  _globals['_CREATESESSIONRESPONSE']._serialized_end=1060
-  _globals['_MINTEPHEMERALTOKENREQUEST']._serialized_start=1063
-  _globals['_MINTEPHEMERALTOKENREQUEST']._serialized_end=1195
-  _globals['_MINTEPHEMERALTOKENRESPONSE']._serialized_start=1198
-  _globals['_MINTEPHEMERALTOKENRESPONSE']._serialized_end=1420
-  _globals['_KEEPALIVESESSIONREQUEST']._serialized_start=1422
-  _globals['_KEEPALIVESESSIONREQUEST']._serialized_end=1487
-  _globals['_KEEPALIVESESSIONRESPONSE']._serialized_start=1489
-  _globals['_KEEPALIVESESSIONRESPONSE']._serialized_end=1570
-  _globals['_ENDSESSIONREQUEST']._serialized_start=1572
-  _globals['_ENDSESSIONREQUEST']._serialized_end=1631
-  _globals['_ENDSESSIONRESPONSE']._serialized_start=1633
-  _globals['_ENDSESSIONRESPONSE']._serialized_end=1653
-  _globals['_SESSIONSERVICE']._serialized_start=1829
-  _globals['_SESSIONSERVICE']._serialized_end=2204
+  _globals['_SESSIONOPTIONS']._serialized_end=504
+  _globals['_SESSIONOPTIONS_INSTRUCTIONVARIABLESENTRY']._serialized_start=419
+  _globals['_SESSIONOPTIONS_INSTRUCTIONVARIABLESENTRY']._serialized_end=478
+  _globals['_EPHEMERALTOKEN']._serialized_start=506
+  _globals['_EPHEMERALTOKEN']._serialized_end=586
+  _globals['_CREATESESSIONREQUEST']._serialized_start=589
+  _globals['_CREATESESSIONREQUEST']._serialized_end=778
+  _globals['_CREATESESSIONRESPONSE']._serialized_start=781
+  _globals['_CREATESESSIONRESPONSE']._serialized_end=1206
+  _globals['_MINTEPHEMERALTOKENREQUEST']._serialized_start=1209
+  _globals['_MINTEPHEMERALTOKENREQUEST']._serialized_end=1341
+  _globals['_MINTEPHEMERALTOKENRESPONSE']._serialized_start=1344
+  _globals['_MINTEPHEMERALTOKENRESPONSE']._serialized_end=1566
+  _globals['_KEEPALIVESESSIONREQUEST']._serialized_start=1568
+  _globals['_KEEPALIVESESSIONREQUEST']._serialized_end=1633
+  _globals['_KEEPALIVESESSIONRESPONSE']._serialized_start=1635
+  _globals['_KEEPALIVESESSIONRESPONSE']._serialized_end=1716
+  _globals['_ENDSESSIONREQUEST']._serialized_start=1718
+  _globals['_ENDSESSIONREQUEST']._serialized_end=1777
+  _globals['_ENDSESSIONRESPONSE']._serialized_start=1779
+  _globals['_ENDSESSIONRESPONSE']._serialized_end=1799
+  _globals['_SESSIONSERVICE']._serialized_start=1975
+  _globals['_SESSIONSERVICE']._serialized_end=2350
 # @@protoc_insertion_point(module_scope)

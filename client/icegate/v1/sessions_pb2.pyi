@@ -71,6 +71,26 @@ class SessionOptions(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class InstructionVariablesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     MODEL_FIELD_NUMBER: _builtins.int
     VOICE_FIELD_NUMBER: _builtins.int
     INSTRUCTIONS_FIELD_NUMBER: _builtins.int
@@ -79,6 +99,7 @@ class SessionOptions(_message.Message):
     TOKEN_TTL_FIELD_NUMBER: _builtins.int
     MODALITIES_FIELD_NUMBER: _builtins.int
     EMAIL_FIELD_NUMBER: _builtins.int
+    INSTRUCTION_VARIABLES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model (for Azure: the deployment name). Empty means the provider's default model
     (Azure requires it). At most 128 characters of letters, digits and `._:/-`.
@@ -105,6 +126,15 @@ class SessionOptions(_message.Message):
     def modalities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Output modalities, e.g. ["audio"] or ["text"]; empty means the provider's default."""
 
+    @_builtins.property
+    def instruction_variables(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The values of the named variables of the project's instructions template (see
+        SessionPolicy.instructions_template): every variable the template names, and no other.
+        Names are 1-64 letters, digits and `_`; values at most 1024 printable characters. Set
+        only when the project's policy has a template (PERMISSION_DENIED, reason SESSION_POLICY,
+        otherwise).
+        """
+
     def __init__(
         self,
         *,
@@ -116,10 +146,11 @@ class SessionOptions(_message.Message):
         token_ttl: _duration_pb2.Duration | None = ...,
         modalities: _abc.Iterable[_builtins.str] | None = ...,
         email: _builtins.str = ...,
+        instruction_variables: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_speed", b"_speed", "_temperature", b"_temperature", "speed", b"speed", "temperature", b"temperature", "token_ttl", b"token_ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_speed", b"_speed", "_temperature", b"_temperature", "email", b"email", "instructions", b"instructions", "modalities", b"modalities", "model", b"model", "speed", b"speed", "temperature", b"temperature", "token_ttl", b"token_ttl", "voice", b"voice"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_speed", b"_speed", "_temperature", b"_temperature", "email", b"email", "instruction_variables", b"instruction_variables", "instructions", b"instructions", "modalities", b"modalities", "model", b"model", "speed", b"speed", "temperature", b"temperature", "token_ttl", b"token_ttl", "voice", b"voice"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__speed: _TypeAlias = _typing.Literal["speed"]  # noqa: Y015
     _WhichOneofArgType__speed: _TypeAlias = _typing.Literal["_speed", b"_speed"]  # noqa: Y015

@@ -58,6 +58,7 @@ def session_options(message: sessions_pb2.SessionOptions) -> SessionOptions:
         token_ttl_seconds=int(token_ttl) if token_ttl is not None else None,
         modalities=tuple(message.modalities),
         email=message.email,
+        instruction_variables=tuple(sorted(message.instruction_variables.items())),
     )
 
 

@@ -1,10 +1,12 @@
 """Realtime sessions: a provider token plus ICE servers, under quota and concurrency leases.
 
 Order of work in `create`, chosen so that nothing is consumed by a request that was bound to
-fail: validate the options (no network), issue the TURN credential (validates user and TTL),
-then, in one atomic store call, read the sealed provider key and take a *pending* lease (none
-taken without a key), then open the key and call the provider, and only when it answered
-confirm the session: the lease becomes a full one and the month's count goes up by one.
+fail: validate the options (no network), read the project's session policy for the provider
+and hold the options to it (`sessions.policy`: what it fixes is what the provider is sent),
+issue the TURN credential (validates user and TTL), then, in one atomic store call, read the
+sealed provider key and take a *pending* lease (none taken without a key), then open the
+key and call the provider, and only when it answered confirm the session: the lease becomes
+a full one and the month's count goes up by one.
 
 Nothing is kept by a call that fails (docs/RELIABILITY.md, "Sessions: nothing kept by a call
 that fails"). A pending lease lives as long as the provider call may take plus
@@ -19,6 +21,7 @@ back exactly what is held), retried briefly in the background if the store does 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import secrets
@@ -38,10 +41,11 @@ from icegate_server.errors import (
 from icegate_server.observability.logs import Safe
 from icegate_server.projects.records import Project
 from icegate_server.projects.usage import next_month_start_ms
+from icegate_server.sessions.policy import SessionPolicy, apply_policy
 from icegate_server.sessions.provider_keys import ProviderKeys, key_family, missing_key_error
 from icegate_server.sessions.providers import MintedToken, Provider, ProviderKind, SessionOptions
 from icegate_server.store import Store
-from icegate_server.store.base import SessionAdmission, SessionOutcome, month_of
+from icegate_server.store.base import SessionAdmission, SessionOutcome, SessionRecord, month_of
 from icegate_server.turn.credentials import TurnCredentialIssuer
 from icegate_server.turn.ice_servers import IceServer, build_ice_servers
 
@@ -114,11 +118,30 @@ class RealtimeSessions:
         provider.validate(options)
         return provider
 
+    async def _hold_to_policy(self, project: Project, kind: ProviderKind, provider: Provider,
+                              options: SessionOptions
+                              ) -> tuple[SessionOptions, SessionPolicy | None]:
+        """The options to send upstream under the project's policy for the provider, and the
+        policy (None when it has none). One store read; nothing is taken.
+
+        Raises:
+            SessionPolicyError: An option the policy does not allow.
+            InvalidFieldError: What the policy made of the options breaks a provider rule.
+        """
+        record = await self._store.get_session_policy(project.project_id, key_family(kind))
+        policy = _parsed_policy(record.policy_json) if record is not None else None
+        held = apply_policy(policy, options, kind,
+                            provider_default_ttl=provider.default_token_ttl_seconds)
+        if held is not options:
+            provider.validate(held)
+        return held, policy
+
     async def create(self, project: Project, kind: ProviderKind, options: SessionOptions, *,
                      user_id: str, turn_ttl: float | None,
                      timeout: float | None) -> CreatedSession:
         """Mints a token and leases a session slot, or raises why not (nothing consumed)."""
         provider = self._provider(kind, options)
+        options, policy = await self._hold_to_policy(project, kind, provider, options)
         session_id = self._session_ids()
         credential = self._issuer.issue_for(project, user_id or session_id, turn_ttl,
                                             ttl_field="turn_ttl")
@@ -127,6 +150,13 @@ class RealtimeSessions:
                                                                    self._upstream_seconds)
         now_ms = int(self._clock.now() * 1000)
         month = month_of(now_ms)
+        ends_ms = 0
+        if policy is not None and policy.max_session_duration_seconds:
+            # Kept before the session begins (a record takes no unit and no slot), so that
+            # no keep-alive of the session can ever miss it.
+            ends_ms = now_ms + policy.max_session_duration_seconds * 1000
+            await self._store.put_session_record(
+                SessionRecord(project.project_id, session_id, kind.value, ends_ms), now_ms)
         beginning = asyncio.ensure_future(self._store.begin_session(
             project_id=project.project_id, session_id=session_id, month=month, now_ms=now_ms,
             pending_ms=int((bound + PENDING_MARGIN_SECONDS) * 1000),
@@ -146,9 +176,11 @@ class RealtimeSessions:
             token = await provider.mint(api_key, options,
                                         timeout=bound - (self._clock.monotonic() - started))
             confirmed_ms = int(self._clock.now() * 1000)
+            lease_ms = self._lease_ms if not ends_ms else min(self._lease_ms,
+                                                               ends_ms - confirmed_ms)
             confirming = asyncio.ensure_future(self._store.confirm_session(
                 project_id=project.project_id, session_id=session_id, month=month,
-                now_ms=confirmed_ms, lease_ms=self._lease_ms))
+                now_ms=confirmed_ms, lease_ms=lease_ms))
             if not await asyncio.shield(confirming):
                 raise StoreUnavailableError(
                     "the session start outlived its reservation before the provider answered; "
@@ -166,7 +198,7 @@ class RealtimeSessions:
             token=token,
             ice_servers=build_ice_servers(self._stun_uris, credential),
             create_time=now_ms / 1000,
-            lease_expires_at=(confirmed_ms + self._lease_ms) / 1000,
+            lease_expires_at=(confirmed_ms + lease_ms) / 1000,
         )
 
     @staticmethod
@@ -238,6 +270,7 @@ class RealtimeSessions:
                    timeout: float | None) -> MintedToken:
         """A provider token alone: no quota unit, no lease."""
         provider = self._provider(kind, options)
+        options, _ = await self._hold_to_policy(project, kind, provider, options)
         api_key = await self._keys.open(project.project_id, kind)
         return await provider.mint(api_key, options, timeout=timeout)
 
@@ -245,11 +278,19 @@ class RealtimeSessions:
         """Renews a live session's lease; returns its new expiry (Unix seconds)."""
         _check_session_id(session_id)
         now_ms = int(self._clock.now() * 1000)
+        lease_ms = self._lease_ms
+        record = await self._store.get_session_record(project.project_id, session_id)
+        if record is not None and record.ends_ms:
+            if record.ends_ms <= now_ms:
+                # Its lease expired then at the latest (it was never renewed past it).
+                raise NotFoundError(f"session {session_id!r} reached the longest duration "
+                                    "its project's session policy allows")
+            lease_ms = min(lease_ms, record.ends_ms - now_ms)
         if not await self._store.renew_session(project_id=project.project_id,
                                                session_id=session_id, now_ms=now_ms,
-                                               lease_ms=self._lease_ms):
+                                               lease_ms=lease_ms):
             raise NotFoundError(f"session {session_id!r} is not active (ended or expired)")
-        return (now_ms + self._lease_ms) / 1000
+        return (now_ms + lease_ms) / 1000
 
     async def end(self, project: Project, session_id: str) -> None:
         """Ends a session, freeing its concurrency slot."""
@@ -258,6 +299,12 @@ class RealtimeSessions:
                                              session_id=session_id,
                                              now_ms=int(self._clock.now() * 1000)):
             raise NotFoundError(f"session {session_id!r} is not active (ended or expired)")
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed_policy(text: str) -> SessionPolicy:
+    # Cached by the record's text, as projects are: a changed policy is a new text.
+    return SessionPolicy.from_json(text)
 
 
 SESSION_ID_PATTERN = re.compile(r"ses_[A-Za-z0-9_-]{4,60}")

@@ -23,6 +23,9 @@ digest of a caller key):
     icegate:pkey:<p>             hash    provider -> JSON {sealed (base64), last4,
                                          update_time_ms}
     icegate:pkey-projects        set     projects holding provider keys (list over all)
+    icegate:policy:<p>           hash    provider family -> JSON {policy, update_time_ms}
+    icegate:srec:<p>             hash    session id -> JSON SessionRecord fields
+    icegate:srec-ends:<p>        zset    session ids with an end: member id, score ends_ms
 
 Bounded work. No script works in proportion to a project's key count: ListApiKeys reads a
 page (ZRANGEBYLEX, at most 1000 keys), and deleting a project removes its record, counters
@@ -91,6 +94,8 @@ from icegate_server.store.base import (
     ProviderKeyRecord,
     SessionAdmission,
     SessionOutcome,
+    SessionPolicyRecord,
+    SessionRecord,
     TurnSecretRecord,
     api_key_cursor,
     parse_api_key_cursor,
@@ -278,7 +283,8 @@ local prefix, id = ARGV[1], ARGV[2]
 local existed = redis.call('DEL', prefix .. 'project:' .. id)
 redis.call('ZREM', prefix .. 'projects', id)
 redis.call('UNLINK', prefix .. 'rl:' .. id, prefix .. 'leases:' .. id, prefix .. 'pkey:' .. id,
-           prefix .. 'pending:' .. id)
+           prefix .. 'pending:' .. id, prefix .. 'policy:' .. id, prefix .. 'srec:' .. id,
+           prefix .. 'srec-ends:' .. id)
 redis.call('SREM', prefix .. 'pkey-projects', id)
 for _, month in ipairs(redis.call('SMEMBERS', prefix .. 'quota-months:' .. id)) do
   redis.call('DEL', prefix .. 'quota:' .. id .. ':' .. month)
@@ -364,6 +370,34 @@ _DELETE_PROVIDER_KEY = """
 local deleted = redis.call('HDEL', KEYS[1], ARGV[2])
 if redis.call('HLEN', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[1]) end
 return deleted
+"""
+
+# KEYS: project record, policy hash. ARGV: provider, record JSON. 0 (nothing written) when
+# the project does not exist.
+_PUT_SESSION_POLICY = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+
+# KEYS: records hash, ends zset. ARGV: session id, record JSON, ends_ms (0: none), now_ms.
+# Drops the records that ended by now, then keeps this one.
+_PUT_SESSION_RECORD = """
+local ended = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[4])
+if #ended > 0 then
+  redis.call('HDEL', KEYS[1], unpack(ended))
+  redis.call('ZREM', KEYS[2], unpack(ended))
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if tonumber(ARGV[3]) > 0 then redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1]) end
+return 1
+"""
+
+# KEYS: records hash, ends zset. ARGV: session id.
+_DELETE_SESSION_RECORD = """
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
 """
 
 # KEYS: the ring hash. ARGV: new id, new record JSON, now ms, retire-at ms, min age ms.
@@ -555,6 +589,9 @@ class RedisStore:
         self._list_all_provider_keys = register(_LIST_ALL_PROVIDER_KEYS)
         self._rotate_turn_secret = register(_ROTATE_TURN_RING)
         self._purge_turn_secrets = register(_PURGE_TURN_SECRETS)
+        self._put_session_policy = register(_PUT_SESSION_POLICY)
+        self._put_session_record = register(_PUT_SESSION_RECORD)
+        self._delete_session_record = register(_DELETE_SESSION_RECORD)
         self._scripts = (
             self._admit, self._begin_session, self._cancel_session, self._confirm_session,
             self._renew_session,
@@ -563,6 +600,7 @@ class RedisStore:
             self._create_api_key, self._revoke_api_key,
             self._list_api_keys, self._put_provider_key, self._delete_provider_key,
             self._list_all_provider_keys, self._rotate_turn_secret, self._purge_turn_secrets,
+            self._put_session_policy, self._put_session_record, self._delete_session_record,
         )
 
     @classmethod
@@ -921,6 +959,52 @@ class RedisStore:
                                    [project_id, provider])
         return bool(deleted)
 
+    # -- session policies and session records -------------------------------------------------
+
+    async def put_session_policy(self, record: SessionPolicyRecord) -> bool:
+        text = json.dumps({"policy": record.policy_json,
+                           "update_time_ms": record.update_time_ms})
+        written = await self._call(self._put_session_policy,
+                                   [_project_key(record.project_id),
+                                    f"{PREFIX}policy:{record.project_id}"],
+                                   [record.provider, text])
+        return bool(written)
+
+    async def get_session_policy(self, project_id: str,
+                                 provider: str) -> SessionPolicyRecord | None:
+        with self._unavailable_on_error():
+            text = await self._redis.hget(f"{PREFIX}policy:{project_id}", provider)
+        if text is None:
+            return None
+        data = json.loads(_text(text))
+        return SessionPolicyRecord(project_id, provider, str(data["policy"]),
+                                   int(data["update_time_ms"]))
+
+    async def delete_session_policy(self, project_id: str, provider: str) -> bool:
+        with self._unavailable_on_error():
+            deleted = await self._redis.hdel(f"{PREFIX}policy:{project_id}", provider)
+        return bool(deleted)
+
+    async def put_session_record(self, record: SessionRecord, now_ms: int) -> None:
+        text = json.dumps({"provider": record.provider, "ends_ms": record.ends_ms})
+        await self._call(self._put_session_record,
+                         [f"{PREFIX}srec:{record.project_id}",
+                          f"{PREFIX}srec-ends:{record.project_id}"],
+                         [record.session_id, text, record.ends_ms, now_ms])
+
+    async def get_session_record(self, project_id: str, session_id: str) -> SessionRecord | None:
+        with self._unavailable_on_error():
+            text = await self._redis.hget(f"{PREFIX}srec:{project_id}", session_id)
+        if text is None:
+            return None
+        data = json.loads(_text(text))
+        return SessionRecord(project_id, session_id, str(data["provider"]),
+                             int(data["ends_ms"]))
+
+    async def delete_session_record(self, project_id: str, session_id: str) -> None:
+        await self._call(self._delete_session_record,
+                         [f"{PREFIX}srec:{project_id}", f"{PREFIX}srec-ends:{project_id}"],
+                         [session_id])
 
     # -- the TURN secret ring ------------------------------------------------------------------
 

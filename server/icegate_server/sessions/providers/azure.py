@@ -20,6 +20,7 @@ from icegate_server.sessions.providers.base import (
     check_api_key,
 )
 from icegate_server.sessions.providers.openai import (
+    DEFAULT_TOKEN_TTL_SECONDS,
     client_secrets_body,
     parse_client_secret,
     parse_session,
@@ -76,6 +77,7 @@ class AzureProvider(_AzureBase):
 
     kind = ProviderKind.AZURE
     _path = "/openai/v1/realtime/client_secrets"
+    default_token_ttl_seconds: int | None = DEFAULT_TOKEN_TTL_SECONDS
 
     def validate(self, options: SessionOptions) -> None:
         """See `Provider.validate`; the model is the deployment name and is required."""
@@ -96,6 +98,7 @@ class AzureLegacyProvider(_AzureBase):
 
     kind = ProviderKind.AZURE_LEGACY
     _path = "/openai/realtimeapi/sessions"
+    default_token_ttl_seconds: int | None = None
 
     def validate(self, options: SessionOptions) -> None:
         """See `Provider.validate`; the model is the deployment name and is required."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import logging
 import math
 import re
@@ -82,6 +83,11 @@ class SessionOptions:
         token_ttl_seconds: Lifetime of the minted token, where the provider lets us choose.
         modalities: Output modalities, e.g. ("audio",) or ("text",); empty means default.
         email: Orga only: the end user's e-mail address sent with the client-secret request.
+        tools: Tools in the provider's JSON shape (a session policy fixes them).
+        instruction_variables: (name, value) pairs filling the project's instructions
+            template; `sessions.policy.apply_policy` turns them into `instructions`.
+        locked: Whether a session policy fixed these options: a provider that can lock a
+            token's session (Gemini) locks every field sent.
     """
 
     model: str = ""
@@ -92,6 +98,9 @@ class SessionOptions:
     token_ttl_seconds: int | None = None
     modalities: tuple[str, ...] = ()
     email: str = ""
+    tools: tuple[JsonObject, ...] = field(default=(), hash=False)
+    instruction_variables: tuple[tuple[str, str], ...] = ()
+    locked: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,6 +133,12 @@ class Provider(Protocol):
     @property
     def kind(self) -> ProviderKind:
         """Which provider this adapter talks to."""
+        ...
+
+    @property
+    def default_token_ttl_seconds(self) -> int | None:
+        """The token lifetime icegate asks for when the caller names none; None where the
+        provider does not let icegate choose one."""
         ...
 
     def validate(self, options: SessionOptions) -> None:
@@ -217,6 +232,28 @@ def check_modalities(
     if len(set(modalities)) != len(modalities) or frozenset(modalities) not in allowed:
         choices = " or ".join(sorted("+".join(sorted(combo)) for combo in allowed))
         raise InvalidFieldError("modalities", f"must be {choices}")
+
+
+MAX_TOOLS = 128
+MAX_TOOLS_JSON_BYTES = 64 * 1024
+
+
+def check_tools(tools: Sequence[JsonObject]) -> None:
+    """Rejects more than `MAX_TOOLS` tools, more than 64 KiB of them as JSON, or a tool that
+    is not a JSON object (its shape is the provider's to judge)."""
+    if not tools:
+        return
+    if len(tools) > MAX_TOOLS:
+        raise InvalidFieldError("tools", f"must be at most {MAX_TOOLS} tools")
+    try:
+        size = len(json.dumps(list(tools), allow_nan=False).encode())
+    except (TypeError, ValueError):
+        raise InvalidFieldError("tools", "must be JSON objects") from None
+    if size > MAX_TOOLS_JSON_BYTES:
+        raise InvalidFieldError("tools", f"must be at most {MAX_TOOLS_JSON_BYTES} bytes of JSON")
+    for tool in tools:
+        if not isinstance(tool, dict):
+            raise InvalidFieldError("tools", "must be JSON objects")
 
 
 def reject_if_set(field_name: str, value: object, provider: ProviderKind) -> None:

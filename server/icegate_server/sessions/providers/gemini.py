@@ -21,6 +21,7 @@ from icegate_server.sessions.providers.base import (
     check_modalities,
     check_model,
     check_range,
+    check_tools,
     reject_if_set,
 )
 from icegate_server.sessions.providers.upstream_text import UpstreamField
@@ -72,6 +73,7 @@ class GeminiProvider:
     """Gemini Live ephemeral auth tokens (one use, setup locked in)."""
 
     kind = ProviderKind.GEMINI
+    default_token_ttl_seconds: int | None = DEFAULT_TOKEN_TTL_SECONDS
 
     def __init__(self, runtime: ProviderRuntime, base_url: str = DEFAULT_BASE_URL) -> None:
         """Builds the adapter.
@@ -97,6 +99,7 @@ class GeminiProvider:
         check_range("token_ttl", options.token_ttl_seconds, *TOKEN_TTL_RANGE)
         check_modalities(options.modalities, MODALITIES)
         reject_if_set("email", options.email, self.kind)
+        check_tools(options.tools)
 
     async def mint(
         self, api_key: str, options: SessionOptions, *, timeout: float | None
@@ -107,12 +110,17 @@ class GeminiProvider:
         model = options.model or DEFAULT_MODEL
         ttl = options.token_ttl_seconds or DEFAULT_TOKEN_TTL_SECONDS
         now = self._clock.now()
+        setup = _setup(options, model)
         body: JsonObject = {
             "uses": 1,
             "expireTime": _rfc3339(now + ttl),
             "newSessionExpireTime": _rfc3339(now + min(ttl, NEW_SESSION_WINDOW_SECONDS)),
-            "bidiGenerateContentSetup": _setup(options, model),
+            "bidiGenerateContentSetup": setup,
         }
+        if options.locked:
+            # A session policy fixed these: lock every field sent, so the browser holding
+            # the token cannot change them when it opens the session.
+            body["fieldMask"] = ",".join(_field_paths(setup))
         answer = await self._http.call(
             "POST", self._url, headers={"x-goog-api-key": api_key}, json_body=body,
             deadline=self._http.deadline(timeout), secrets=(api_key,),
@@ -143,4 +151,18 @@ def _setup(options: SessionOptions, model: str) -> JsonObject:
         setup["generationConfig"] = generation
     if options.instructions:
         setup["systemInstruction"] = {"parts": [{"text": options.instructions}]}
+    if options.tools:
+        setup["tools"] = list(options.tools)
     return setup
+
+
+def _field_paths(setup: JsonObject) -> list[str]:
+    """The FieldMask paths of what `setup` sets: `generationConfig`'s fields one by one (the
+    browser may still set those the setup leaves out), every other field whole."""
+    paths: list[str] = []
+    for key, value in setup.items():
+        if key == "generationConfig":
+            paths.extend(f"generationConfig.{inner}" for inner in value)
+        else:
+            paths.append(key)
+    return paths

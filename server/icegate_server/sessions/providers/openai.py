@@ -23,6 +23,7 @@ from icegate_server.sessions.providers.base import (
     check_modalities,
     check_model,
     check_range,
+    check_tools,
     reject_if_set,
 )
 from icegate_server.sessions.providers.upstream_text import UpstreamField
@@ -59,6 +60,7 @@ def validate_client_secrets_options(
     check_range("token_ttl", options.token_ttl_seconds, *TOKEN_TTL_RANGE)
     check_modalities(options.modalities, GA_MODALITIES)
     reject_if_set("email", options.email, provider)
+    check_tools(options.tools)
 
 
 def client_secrets_body(options: SessionOptions, model: str) -> JsonObject:
@@ -68,6 +70,8 @@ def client_secrets_body(options: SessionOptions, model: str) -> JsonObject:
         session["instructions"] = options.instructions
     if options.modalities:
         session["output_modalities"] = list(options.modalities)
+    if options.tools:
+        session["tools"] = list(options.tools)
     output: JsonObject = {}
     if options.voice:
         output["voice"] = options.voice
@@ -108,6 +112,7 @@ def validate_sessions_options(
     reject_if_set("token_ttl", options.token_ttl_seconds, provider)
     check_modalities(options.modalities, BETA_MODALITIES)
     reject_if_set("email", options.email, provider)
+    check_tools(options.tools)
 
 
 def sessions_body(options: SessionOptions, model: str) -> JsonObject:
@@ -123,6 +128,8 @@ def sessions_body(options: SessionOptions, model: str) -> JsonObject:
         body["temperature"] = options.temperature
     if options.speed is not None:
         body["speed"] = options.speed
+    if options.tools:
+        body["tools"] = list(options.tools)
     return body
 
 
@@ -191,6 +198,7 @@ class OpenAIProvider(_OpenAIBase):
 
     kind = ProviderKind.OPENAI
     _path = "/v1/realtime/client_secrets"
+    default_token_ttl_seconds: int | None = DEFAULT_TOKEN_TTL_SECONDS
 
     def validate(self, options: SessionOptions) -> None:
         """See `Provider.validate`."""
@@ -211,6 +219,7 @@ class OpenAIBetaProvider(_OpenAIBase):
 
     kind = ProviderKind.OPENAI_BETA
     _path = "/v1/realtime/sessions"
+    default_token_ttl_seconds: int | None = None
 
     def validate(self, options: SessionOptions) -> None:
         """See `Provider.validate`."""

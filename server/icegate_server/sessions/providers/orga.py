@@ -42,6 +42,7 @@ class OrgaProvider:
     """Orga AI: client secret plus the ICE servers the browser must use with it."""
 
     kind = ProviderKind.ORGA
+    default_token_ttl_seconds: int | None = None
 
     def __init__(self, runtime: ProviderRuntime, base_url: str = DEFAULT_BASE_URL) -> None:
         """Builds the adapter.
@@ -68,6 +69,7 @@ class OrgaProvider:
         reject_if_set("speed", options.speed, self.kind)
         reject_if_set("token_ttl", options.token_ttl_seconds, self.kind)
         reject_if_set("modalities", options.modalities, self.kind)
+        reject_if_set("tools", options.tools, self.kind)
         if options.email and not _EMAIL.fullmatch(options.email):
             raise InvalidFieldError("email", "must be an e-mail address")
 
