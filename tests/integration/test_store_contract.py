@@ -29,6 +29,8 @@ from icegate_server.store.base import (
     AdmitOutcome,
     ProviderKeyRecord,
     SessionOutcome,
+    SessionPolicyRecord,
+    SessionRecord,
     Store,
     TurnSecretRecord,
     api_key_cursor,
@@ -1183,5 +1185,53 @@ def test_admission_sees_every_change_on_the_very_next_call(backend: Backend) -> 
         # A project made again starts from rest: nothing of the deleted one's position.
         assert (await store.admit(digest=None, project_id="alpha", now_ms=NOW,
                                   count=True)).outcome is AdmitOutcome.ADMITTED
+
+    backend.run(scenario)
+
+
+# -- session policies and session records --------------------------------------------------------
+
+def test_session_policies_belong_to_an_existing_project_and_go_with_it(backend: Backend) -> None:
+    text = '{"allowed_voices":["marin"],"instructions":"Caf\\u00e9 \\u2615"}'
+    openai = SessionPolicyRecord("alpha", "openai", text, NOW)
+    gemini = SessionPolicyRecord("alpha", "gemini", "{}", NOW + 1)
+
+    async def scenario(store: Store) -> None:
+        assert await store.put_session_policy(openai) is False  # no project alpha yet
+        await store.create_project(project("alpha"))
+        assert await store.get_session_policy("alpha", "openai") is None
+        assert await store.put_session_policy(openai) is True
+        assert await store.put_session_policy(gemini) is True
+        assert await store.get_session_policy("alpha", "openai") == openai
+        replaced = SessionPolicyRecord("alpha", "openai", "{}", NOW + 5)
+        assert await store.put_session_policy(replaced) is True
+        assert await store.get_session_policy("alpha", "openai") == replaced
+        assert await store.delete_session_policy("alpha", "openai") is True
+        assert await store.delete_session_policy("alpha", "openai") is False
+        assert await store.get_session_policy("alpha", "gemini") == gemini
+        await store.delete_project("alpha", NOW)
+        await store.create_project(project("alpha"))
+        assert await store.get_session_policy("alpha", "gemini") is None
+
+    backend.run(scenario)
+
+
+def test_session_records_last_until_deleted_or_ended(backend: Backend) -> None:
+    ending = SessionRecord("alpha", "ses_ending", "openai", NOW + 1000)
+    endless = SessionRecord("alpha", "ses_endless", "azure", 0)
+
+    async def scenario(store: Store) -> None:
+        await store.put_session_record(ending, NOW)
+        await store.put_session_record(endless, NOW)
+        assert await store.get_session_record("alpha", "ses_ending") == ending
+        assert await store.get_session_record("beta", "ses_ending") is None
+        # A later write drops what ended by then; what never ends stays until deleted.
+        await store.put_session_record(SessionRecord("alpha", "ses_new", "openai", 0),
+                                       NOW + 1000)
+        assert await store.get_session_record("alpha", "ses_ending") is None
+        assert await store.get_session_record("alpha", "ses_endless") == endless
+        await store.delete_session_record("alpha", "ses_endless")
+        await store.delete_session_record("alpha", "ses_endless")  # idempotent
+        assert await store.get_session_record("alpha", "ses_endless") is None
 
     backend.run(scenario)

@@ -991,7 +991,7 @@ class SessionPolicy(_message.Message):
     def tools(self) -> _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]:
         """Tools the session is given, each a JSON object in the provider's own shape (e.g. OpenAI's
         `{"type": "function", "name": ..., "parameters": {...}}`), fixed server-side: callers
-        cannot change them. At most 128 tools and 64 KiB of JSON in all.
+        cannot change them. At most 128 tools and 32 KiB of JSON in all.
         """
 
     @_builtins.property

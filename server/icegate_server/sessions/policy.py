@@ -301,10 +301,10 @@ class SessionPolicies:
 
     @staticmethod
     def _family(provider: str) -> str:
-        family = provider.strip().lower()
-        if family not in POLICY_FAMILIES:
+        # Matched whole, as spelled: the name becomes part of a store key.
+        if provider not in POLICY_FAMILIES:
             raise InvalidFieldError("provider", "must be one of " + ", ".join(POLICY_FAMILIES))
-        return family
+        return provider
 
     async def set(self, project_id: str, provider: str, policy: SessionPolicy) -> StoredPolicy:
         """Checks and stores a policy, replacing the previous one.

@@ -235,7 +235,8 @@ def check_modalities(
 
 
 MAX_TOOLS = 128
-MAX_TOOLS_JSON_BYTES = 64 * 1024
+MAX_TOOLS_JSON_BYTES = 32 * 1024
+"""Tools beside 32 KiB of instructions still fit the server's 64 KiB request limit."""
 
 
 def check_tools(tools: Sequence[JsonObject]) -> None:
