@@ -139,6 +139,22 @@ class Target:
         }
         if name == "DeleteProviderKey":
             self.admin.set_provider_key("default", "gemini", PROVIDER_KEYS["gemini"])
+        if name in ("GetSessionPolicy", "DeleteSessionPolicy"):
+            self.admin.set_session_policy("fuzz-spare", "openai", {"caller_options": ["voice"]})
+        policy = admin_pb2.SessionPolicy(
+            allowed_models=["gpt-realtime"], default_model="gpt-realtime",
+            allowed_voices=["echo"], instructions_template="Help ${who}.",
+            max_token_ttl=duration(seconds=300), max_session_duration=duration(seconds=900),
+            caller_options=["voice", "modalities"])
+        policy.tools.add().update({"type": "function", "name": "lookup"})
+        requests.update({
+            "SetSessionPolicy": lambda: admin_pb2.SetSessionPolicyRequest(
+                project_id="fuzz-spare", provider="openai", policy=policy),
+            "GetSessionPolicy": lambda: admin_pb2.GetSessionPolicyRequest(
+                project_id="fuzz-spare", provider="openai"),
+            "DeleteSessionPolicy": lambda: admin_pb2.DeleteSessionPolicyRequest(
+                project_id="fuzz-spare", provider="openai"),
+        })
         if name not in requests:  # RPCs without fields: the empty request is the valid one
             method = next(m for m in METHODS if m.name == name)
             return message_factory.GetMessageClass(method.input_type)()
@@ -230,6 +246,16 @@ def error_info(error: grpc.RpcError) -> tuple[error_details_pb2.ErrorInfo | None
 
 def _strings(message: Any) -> Iterator[str]:
     for field, value in message.ListFields():
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            # A map (Struct's fields, instruction_variables): its keys, then its values.
+            yield from (key for key in value if isinstance(key, str))
+            inner = field.message_type.fields_by_name["value"]
+            for item in value.values():
+                if inner.message_type is not None:
+                    yield from _strings(item)
+                elif isinstance(item, str):
+                    yield item
+            continue
         values = value if field.is_repeated else [value]
         for item in values:
             if field.message_type is not None:
