@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import grpc.aio
@@ -24,6 +24,9 @@ from icegate.v1 import (
     usage_pb2,
     usage_pb2_grpc,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 log = logging.getLogger("icegate")
 
@@ -222,12 +225,13 @@ class AsyncClient:
     async def create_session(
         self, provider: requests.ProviderName = "openai", *, project_id: str = "",
         user_id: str = "", turn_ttl: requests.Ttl = None, timeout: float | None = None,
-        metadata: Metadata = (), **options: Any,
+        metadata: Metadata = (), **options: Unpack[requests.SessionOptionArgs],
     ) -> sessions_pb2.CreateSessionResponse:
         """Creates a realtime session: a provider token plus ICE servers, under the quota.
 
-        `options` are SessionOptions fields: model, voice, instructions, temperature, speed,
-        token_ttl, modalities, email. Not retried: a retry would create a second session.
+        `options` are SessionOptions fields (`requests.SessionOptionArgs`): model, voice,
+        instructions, type, turn_detection, tools... Not retried: a retry would create a
+        second session.
         """
         request = sessions_pb2.CreateSessionRequest(
             project_id=project_id, provider=requests.provider(provider),
@@ -239,7 +243,8 @@ class AsyncClient:
 
     async def mint_ephemeral_token(
         self, provider: requests.ProviderName = "openai", *, project_id: str = "",
-        timeout: float | None = None, metadata: Metadata = (), **options: Any,
+        timeout: float | None = None, metadata: Metadata = (),
+        **options: Unpack[requests.SessionOptionArgs],
     ) -> sessions_pb2.MintEphemeralTokenResponse:
         """A provider token alone (rate limited, but no quota unit and no lease)."""
         return await self._call(self._sessions.MintEphemeralToken,  # type: ignore[no-any-return]

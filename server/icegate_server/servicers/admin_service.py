@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import grpc.aio
-from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
 from icegate.v1 import admin_pb2, admin_pb2_grpc
 from icegate_server.errors import InvalidFieldError
 from icegate_server.projects.admin import ProjectAdmin
 from icegate_server.projects.records import ApiKey, Project
+from icegate_server.servicers.session_service import json_of_struct
 from icegate_server.sessions.policy import SessionPolicies, SessionPolicy, StoredPolicy
 from icegate_server.sessions.provider_keys import ProviderKeys
 from icegate_server.store.base import ProviderKeyRecord
@@ -109,18 +110,6 @@ def turn_secrets_to_proto(entries: tuple[RingEntry, ...]) -> list[admin_pb2.Turn
     return infos
 
 
-def _integral(value: Any) -> Any:
-    """A Struct's JSON with whole numbers as ints (Struct holds every number as a double,
-    and a tool's JSON Schema says `"maxLength": 5`, not 5.0)."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, dict):
-        return {key: _integral(inner) for key, inner in value.items()}
-    if isinstance(value, list):
-        return [_integral(inner) for inner in value]
-    return value
-
-
 def _optional_seconds(message: admin_pb2.SessionPolicy, name: str) -> int | None:
     if not message.HasField(name):  # type: ignore[arg-type]
         return None
@@ -135,7 +124,7 @@ def policy_from_proto(message: admin_pb2.SessionPolicy) -> SessionPolicy:
         allowed_voices=tuple(message.allowed_voices),
         instructions=message.instructions,
         instructions_template=message.instructions_template,
-        tools=tuple(_integral(json_format.MessageToDict(tool)) for tool in message.tools),
+        tools=tuple(json_of_struct(tool) for tool in message.tools),
         max_token_ttl_seconds=_optional_seconds(message, "max_token_ttl"),
         max_session_duration_seconds=_optional_seconds(message, "max_session_duration"),
         caller_options=tuple(message.caller_options),

@@ -28,7 +28,9 @@ from icegate_server.store import Store
 from icegate_server.store.base import SessionPolicyRecord
 
 CALLER_OPTIONS = ("model", "voice", "instructions", "temperature", "speed", "token_ttl",
-                  "modalities", "email", "tools")
+                  "modalities", "email", "tools", "type", "input_audio_format",
+                  "output_audio_format", "turn_detection", "input_transcription",
+                  "noise_reduction", "tool_choice", "max_output_tokens", "tracing", "prompt")
 """The SessionOptions fields a policy may let callers set (`caller_options` names them)."""
 
 MAX_LISTED = 64
@@ -117,7 +119,14 @@ def _set_options(options: SessionOptions) -> list[str]:
         "model": options.model, "voice": options.voice, "instructions": options.instructions,
         "temperature": options.temperature, "speed": options.speed,
         "token_ttl": options.token_ttl_seconds, "modalities": options.modalities,
-        "email": options.email, "tools": options.tools,
+        "email": options.email, "tools": options.tools, "type": options.session_type,
+        "input_audio_format": options.input_audio_format,
+        "output_audio_format": options.output_audio_format,
+        "turn_detection": options.turn_detection,
+        "input_transcription": options.input_transcription,
+        "noise_reduction": options.noise_reduction, "tool_choice": options.tool_choice,
+        "max_output_tokens": options.max_output_tokens, "tracing": options.tracing,
+        "prompt": options.prompt,
     }
     return [name for name in CALLER_OPTIONS if values[name] not in (None, "", ())]
 

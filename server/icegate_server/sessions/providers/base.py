@@ -70,6 +70,46 @@ class ProviderKind(str, Enum):
 
 
 @dataclass(frozen=True)
+class TurnDetection:
+    """Voice activity detection (see `icegate.v1.TurnDetection`); None fields are unset."""
+
+    type: str
+    threshold: float | None = None
+    prefix_padding_ms: int | None = None
+    silence_duration_ms: int | None = None
+    eagerness: str = ""
+    create_response: bool | None = None
+    interrupt_response: bool | None = None
+
+
+@dataclass(frozen=True)
+class InputTranscription:
+    """A transcript of the user's audio: model, language (ISO 639-1) and prompt."""
+
+    model: str = ""
+    language: str = ""
+    prompt: str = ""
+
+
+@dataclass(frozen=True)
+class Tracing:
+    """The session's trace at the provider; all empty means the provider's `auto`."""
+
+    workflow_name: str = ""
+    group_id: str = ""
+    metadata: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class PromptReference:
+    """A prompt stored at the provider: id, version ("" for its current one), variables."""
+
+    id: str
+    version: str = ""
+    variables: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class SessionOptions:
     """What the caller asks the realtime session to be; unset fields take the provider default.
 
@@ -88,6 +128,16 @@ class SessionOptions:
             template; `sessions.policy.apply_policy` turns them into `instructions`.
         locked: Whether a session policy fixed these options: a provider that can lock a
             token's session (Gemini) locks every field sent.
+        session_type: "realtime" or "transcription" ("" for the default, realtime).
+        input_audio_format: `audio/pcm`, `audio/pcmu` or `audio/pcma`; "" for the default.
+        output_audio_format: The same, for what the session speaks.
+        turn_detection: Voice activity detection; None keeps the provider's default.
+        input_transcription: A transcript of the user's audio; None for none.
+        noise_reduction: `near_field` or `far_field`; "" for none.
+        tool_choice: `auto`, `none`, `required` or a function name; "" for the default.
+        max_output_tokens: The most output tokens of a response; None for no limit.
+        tracing: The session's trace; None for none.
+        prompt: A prompt stored at the provider; None for none.
     """
 
     model: str = ""
@@ -101,6 +151,16 @@ class SessionOptions:
     tools: tuple[JsonObject, ...] = field(default=(), hash=False)
     instruction_variables: tuple[tuple[str, str], ...] = ()
     locked: bool = False
+    session_type: str = ""
+    input_audio_format: str = ""
+    output_audio_format: str = ""
+    turn_detection: TurnDetection | None = None
+    input_transcription: InputTranscription | None = None
+    noise_reduction: str = ""
+    tool_choice: str = ""
+    max_output_tokens: int | None = None
+    tracing: Tracing | None = None
+    prompt: PromptReference | None = None
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from icegate_server.sessions.providers.base import (
     check_tools,
     reject_if_set,
 )
+from icegate_server.sessions.providers.openai_session import GA_ONLY, reject_ga_fields
 from icegate_server.sessions.providers.upstream_text import UpstreamField
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
@@ -41,6 +42,7 @@ DEFAULT_TOKEN_TTL_SECONDS = 30 * 60
 # How long the token may be used to *open* a session (Google's default).
 NEW_SESSION_WINDOW_SECONDS = 60
 MODALITIES = (frozenset({"audio"}), frozenset({"text"}))
+MAX_OUTPUT_TOKENS = 65536
 REQUEST_ID_HEADERS = ("x-request-id", "x-goog-request-id")
 
 
@@ -100,6 +102,14 @@ class GeminiProvider:
         check_modalities(options.modalities, MODALITIES)
         reject_if_set("email", options.email, self.kind)
         check_tools(options.tools)
+        reject_ga_fields(options, self.kind, (*GA_ONLY, "tool_choice"))
+        check_range("max_output_tokens", options.max_output_tokens, 1, MAX_OUTPUT_TOKENS)
+        transcription = options.input_transcription
+        if transcription is not None:
+            # Gemini transcribes with its own model, in the language it hears.
+            for name in ("model", "language", "prompt"):
+                reject_if_set(f"input_transcription.{name}", getattr(transcription, name),
+                              self.kind)
 
     async def mint(
         self, api_key: str, options: SessionOptions, *, timeout: float | None
@@ -143,6 +153,8 @@ def _setup(options: SessionOptions, model: str) -> JsonObject:
         generation["responseModalities"] = [m.upper() for m in options.modalities]
     if options.temperature is not None:
         generation["temperature"] = options.temperature
+    if options.max_output_tokens is not None:
+        generation["maxOutputTokens"] = options.max_output_tokens
     if options.voice:
         generation["speechConfig"] = {
             "voiceConfig": {"prebuiltVoiceConfig": {"voiceName": options.voice}}
@@ -153,6 +165,8 @@ def _setup(options: SessionOptions, model: str) -> JsonObject:
         setup["systemInstruction"] = {"parts": [{"text": options.instructions}]}
     if options.tools:
         setup["tools"] = list(options.tools)
+    if options.input_transcription is not None:
+        setup["inputAudioTranscription"] = {}
     return setup
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from icegate_server.errors import InvalidFieldError
 from icegate_server.sessions.providers.base import (
     JsonObject,
     MintedToken,
@@ -25,6 +26,12 @@ from icegate_server.sessions.providers.base import (
     check_range,
     check_tools,
     reject_if_set,
+)
+from icegate_server.sessions.providers.openai_session import (
+    beta_session_fields,
+    ga_session,
+    validate_beta_session,
+    validate_ga_session,
 )
 from icegate_server.sessions.providers.upstream_text import UpstreamField
 
@@ -54,33 +61,24 @@ def validate_client_secrets_options(
     check_model(options.model, required=model_required)
     check_choice("voice", options.voice, VOICES)
     check_instructions(options.instructions)
-    # The GA session object has no temperature any more.
-    reject_if_set("temperature", options.temperature, provider)
+    if options.temperature is not None:
+        # The GA session object has no temperature any more; say so, not just "no".
+        beta = "openai_beta" if provider is ProviderKind.OPENAI else "azure_legacy"
+        raise InvalidFieldError("temperature", f"is a beta-only session field: GA sessions "
+                                f"({provider.value}) have none; use provider {beta}")
     check_range("speed", options.speed, *SPEED_RANGE)
     check_range("token_ttl", options.token_ttl_seconds, *TOKEN_TTL_RANGE)
     check_modalities(options.modalities, GA_MODALITIES)
     reject_if_set("email", options.email, provider)
     check_tools(options.tools)
+    validate_ga_session(options, provider)
 
 
 def client_secrets_body(options: SessionOptions, model: str) -> JsonObject:
-    """The GA request body: an expiry and a `realtime` session."""
-    session: JsonObject = {"type": "realtime", "model": model}
-    if options.instructions:
-        session["instructions"] = options.instructions
-    if options.modalities:
-        session["output_modalities"] = list(options.modalities)
-    if options.tools:
-        session["tools"] = list(options.tools)
-    output: JsonObject = {}
-    if options.voice:
-        output["voice"] = options.voice
-    if options.speed is not None:
-        output["speed"] = options.speed
-    if output:
-        session["audio"] = {"output": output}
+    """The GA request body: an expiry and the session (`openai_session.ga_session`)."""
     seconds = options.token_ttl_seconds or DEFAULT_TOKEN_TTL_SECONDS
-    return {"expires_after": {"anchor": "created_at", "seconds": seconds}, "session": session}
+    return {"expires_after": {"anchor": "created_at", "seconds": seconds},
+            "session": ga_session(options, model)}
 
 
 def parse_client_secret(answer: UpstreamAnswer, options: SessionOptions, model: str) -> MintedToken:
@@ -113,6 +111,7 @@ def validate_sessions_options(
     check_modalities(options.modalities, BETA_MODALITIES)
     reject_if_set("email", options.email, provider)
     check_tools(options.tools)
+    validate_beta_session(options, provider)
 
 
 def sessions_body(options: SessionOptions, model: str) -> JsonObject:
@@ -130,6 +129,7 @@ def sessions_body(options: SessionOptions, model: str) -> JsonObject:
         body["speed"] = options.speed
     if options.tools:
         body["tools"] = list(options.tools)
+    body.update(beta_session_fields(options))
     return body
 
 
