@@ -76,11 +76,58 @@ def _add_session_commands(session: argparse.ArgumentParser) -> None:
     create.add_argument("--var", action="append", default=[], dest="variables",
                         metavar="NAME=VALUE",
                         help="a variable of the project's instructions template; repeat")
+    _add_ga_session_flags(create)
     for name, help_text in (("keepalive", "renew a session's lease"),
                             ("end", "end a session, freeing its slot")):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("session_id")
         command.add_argument("--project", default="")
+
+
+def _add_ga_session_flags(command: argparse.ArgumentParser) -> None:
+    """The GA session's options (protos/icegate/v1/sessions.proto; README's provider table)."""
+    command.add_argument("--type", default="", help="realtime (default) or transcription")
+    command.add_argument("--input-audio-format", default="",
+                         help="audio/pcm, audio/pcmu or audio/pcma")
+    command.add_argument("--output-audio-format", default="",
+                         help="audio/pcm, audio/pcmu or audio/pcma")
+    command.add_argument("--turn-detection", default="",
+                         help="server_vad, semantic_vad or none")
+    command.add_argument("--transcription-model", default="",
+                         help="transcribe the user's audio with this model")
+    command.add_argument("--transcription-language", default="", help="e.g. en")
+    command.add_argument("--noise-reduction", default="", help="near_field or far_field")
+    command.add_argument("--tools-file", help="a JSON list of tools (the provider's shape)")
+    command.add_argument("--tool-choice", default="",
+                         help="auto, none, required or a function name")
+    command.add_argument("--max-output-tokens", type=int)
+    command.add_argument("--trace", nargs="?", const="", default=None, metavar="WORKFLOW",
+                         help="trace the session (optionally under a workflow name)")
+    command.add_argument("--prompt-id", default="", help="a prompt stored at the provider")
+    command.add_argument("--prompt-version", default="")
+
+
+def _ga_session_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "type": args.type, "input_audio_format": args.input_audio_format,
+        "output_audio_format": args.output_audio_format,
+        "noise_reduction": args.noise_reduction, "tool_choice": args.tool_choice,
+        "max_output_tokens": args.max_output_tokens}
+    if args.turn_detection:
+        options["turn_detection"] = {"type": args.turn_detection}
+    if args.transcription_model or args.transcription_language:
+        options["input_transcription"] = {"model": args.transcription_model,
+                                          "language": args.transcription_language}
+    if args.tools_file:
+        tools = json.loads(Path(args.tools_file).read_text("utf-8"))
+        if not isinstance(tools, list):
+            raise ValueError(f"{args.tools_file} must hold a JSON list of tools")
+        options["tools"] = tools
+    if args.trace is not None:
+        options["tracing"] = {"workflow_name": args.trace} if args.trace else True
+    if args.prompt_id:
+        options["prompt"] = {"id": args.prompt_id, "version": args.prompt_version}
+    return options
 
 
 def _variables(pairs: list[str]) -> dict[str, str]:
@@ -100,7 +147,8 @@ def _run_session(args: argparse.Namespace, client: Client) -> Any:
             args.provider, project_id=args.project, user_id=args.user, model=args.model,
             voice=args.voice, instructions=args.instructions, temperature=args.temperature,
             speed=args.speed, token_ttl=args.token_ttl, modalities=args.modalities,
-            email=args.email, instruction_variables=_variables(args.variables))
+            email=args.email, instruction_variables=_variables(args.variables),
+            **_ga_session_options(args))
         answer = _as_dict(created)
         # What a browser takes, in the shape the seeds' frontends expect.
         answer["browser"] = {

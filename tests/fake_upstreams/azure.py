@@ -38,7 +38,10 @@ class AzureEmulation:
             problem = check_ga_body(body)
             if problem:
                 return azure_error(400, "invalid_request_error", problem)
-            if body["session"].get("model") not in self.deployments:
+            session = body["session"]
+            deployment = session.get("model") or session.get("audio", {}).get(
+                "input", {}).get("transcription", {}).get("model")
+            if deployment not in self.deployments:
                 return azure_error(404, "DeploymentNotFound",
                                    "The API deployment for this resource does not exist.")
             answer = ga_answer(body["session"], body["expires_after"]["seconds"], request_id)

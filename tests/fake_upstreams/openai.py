@@ -52,6 +52,47 @@ def beta_answer(body: dict[str, Any], request_id: str) -> CannedResponse:
     }, headers={"x-request-id": request_id})
 
 
+REALTIME_FIELDS = {"type", "model", "instructions", "output_modalities", "audio", "tools",
+                   "tool_choice", "max_output_tokens", "tracing", "prompt", "include",
+                   "truncation"}
+TRANSCRIPTION_FIELDS = {"type", "audio", "include"}
+AUDIO_FORMATS = {"audio/pcm", "audio/pcmu", "audio/pcma"}
+INPUT_FIELDS = {"format", "turn_detection", "transcription", "noise_reduction"}
+OUTPUT_FIELDS = {"format", "voice", "speed"}
+
+
+def check_ga_session(session: Any) -> str | None:
+    """The first thing OpenAI would refuse in a GA `session` object, None when fine."""
+    if not isinstance(session, dict) or session.get("type") not in ("realtime", "transcription"):
+        return "session.type must be realtime or transcription"
+    known = REALTIME_FIELDS if session["type"] == "realtime" else TRANSCRIPTION_FIELDS
+    unknown = sorted(set(session) - known)
+    if unknown:  # e.g. the beta's `temperature`
+        return f"Unknown parameter: 'session.{unknown[0]}'."
+    audio = session.get("audio", {})
+    for side, fields in (("input", INPUT_FIELDS), ("output", OUTPUT_FIELDS)):
+        part = audio.get(side, {})
+        extra = sorted(set(part) - fields)
+        if extra:
+            return f"Unknown parameter: 'session.audio.{side}.{extra[0]}'."
+        audio_format = part.get("format")
+        if audio_format is not None and audio_format.get("type") not in AUDIO_FORMATS:
+            return f"Invalid value for 'session.audio.{side}.format.type'."
+    voice = audio.get("output", {}).get("voice")
+    if voice is not None and voice not in VOICES:
+        return f"Invalid value: '{voice}'. Supported values are: {sorted(VOICES)}"
+    detection = audio.get("input", {}).get("turn_detection")
+    if detection is not None and detection.get("type") not in ("server_vad", "semantic_vad"):
+        return "Invalid value for 'session.audio.input.turn_detection.type'."
+    transcription = audio.get("input", {}).get("transcription")
+    if transcription is not None and not transcription.get("model"):
+        return "Missing required parameter: 'session.audio.input.transcription.model'."
+    tokens = session.get("max_output_tokens", "inf")
+    if tokens != "inf" and not (isinstance(tokens, int) and 1 <= tokens <= 4096):
+        return "Invalid value for 'session.max_output_tokens'."
+    return None
+
+
 def check_ga_body(body: Any) -> str | None:
     """The first thing OpenAI would refuse in a client_secrets body, None when fine."""
     if not isinstance(body, dict):
@@ -61,13 +102,7 @@ def check_ga_body(body: Any) -> str | None:
         return "expires_after.anchor must be created_at"
     if not 10 <= expires.get("seconds", 600) <= 7200:
         return "expires_after.seconds must be between 10 and 7200"
-    session = body.get("session")
-    if not isinstance(session, dict) or session.get("type") not in ("realtime", "transcription"):
-        return "session.type must be realtime or transcription"
-    voice = session.get("audio", {}).get("output", {}).get("voice")
-    if voice is not None and voice not in VOICES:
-        return f"Invalid value: '{voice}'. Supported values are: {sorted(VOICES)}"
-    return None
+    return check_ga_session(body.get("session"))
 
 
 class OpenAIEmulation:

@@ -364,7 +364,8 @@ def test_the_strategy_reaches_every_field(method: descriptor.MethodDescriptor):
     field added to a proto is fuzzed at once)."""
     missing = set(field_paths(method.input_type))
 
-    @settings(max_examples=100, deadline=None, database=None,
+    # Requests with many nested fields (SessionOptions) need more examples to set each once.
+    @settings(max_examples=max(100, 6 * len(missing)), deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(STRATEGIES.message(method.input_type))
     def collect(request: Any) -> None:
