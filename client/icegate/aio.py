@@ -253,6 +253,25 @@ class AsyncClient:
                               options=requests.session_options(**options)),
                           timeout, metadata)
 
+    async def create_call(
+        self, sdp_offer: str, provider: requests.ProviderName = "openai", *,
+        project_id: str = "", user_id: str = "", turn_ttl: requests.Ttl = None,
+        timeout: float | None = None, metadata: Metadata = (),
+        **options: Unpack[requests.SessionOptionArgs],
+    ) -> sessions_pb2.CreateCallResponse:
+        """Starts a provider call for the browser's SDP offer (OpenAI or Azure GA) with the
+        project's key, under the quota: the answer SDP, call id, session id and ICE servers.
+
+        The browser never holds a token. Not retried: a retry would start a second call.
+        """
+        request = sessions_pb2.CreateCallRequest(
+            project_id=project_id, provider=requests.provider(provider),
+            options=requests.session_options(**options), sdp_offer=sdp_offer, user_id=user_id)
+        if turn_ttl is not None:
+            request.turn_ttl.CopyFrom(requests.duration(turn_ttl))
+        return await self._call(self._sessions.CreateCall,  # type: ignore[no-any-return]
+                          request, timeout, metadata)
+
     async def keep_alive_session(self, session_id: str, *, project_id: str = "",
                            timeout: float | None = None,
                            metadata: Metadata = ()) -> sessions_pb2.KeepAliveSessionResponse:

@@ -77,6 +77,17 @@ def _add_session_commands(session: argparse.ArgumentParser) -> None:
                         metavar="NAME=VALUE",
                         help="a variable of the project's instructions template; repeat")
     _add_ga_session_flags(create)
+    call = commands.add_parser("call", help="start a provider call for a browser's SDP "
+                               "offer (OpenAI, Azure): prints the answer SDP and ids")
+    call.add_argument("--provider", default="openai", help="openai or azure")
+    call.add_argument("--sdp-file", required=True, help="the offer (SDP); - for stdin")
+    call.add_argument("--project", default="", help="project id (admin keys only)")
+    call.add_argument("--user", default="", help="end user the TURN credential is for")
+    call.add_argument("--model", default="")
+    call.add_argument("--voice", default="")
+    call.add_argument("--var", action="append", default=[], dest="variables",
+                      metavar="NAME=VALUE",
+                      help="a variable of the project's instructions template; repeat")
     for name, help_text in (("keepalive", "renew a session's lease"),
                             ("end", "end a session, freeing its slot")):
         command = commands.add_parser(name, help=help_text)
@@ -157,6 +168,17 @@ def _run_session(args: argparse.Namespace, client: Client) -> Any:
                                            *created.provider_ice_servers]),
         }
         return answer
+    if args.session_command == "call":
+        offer = sys.stdin.read() if args.sdp_file == "-" else \
+            Path(args.sdp_file).read_text("ascii")
+        started = client.create_call(
+            offer, args.provider, project_id=args.project, user_id=args.user,
+            model=args.model, voice=args.voice,
+            instruction_variables=_variables(args.variables))
+        result = _as_dict(started)
+        result["browser"] = {"sdp": started.sdp_answer,
+                             "iceServers": rtc_ice_servers(started.ice_servers)}
+        return result
     if args.session_command == "keepalive":
         return _as_dict(client.keep_alive_session(args.session_id, project_id=args.project))
     client.end_session(args.session_id, project_id=args.project)

@@ -778,3 +778,113 @@ class EndSessionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EndSessionResponse: _TypeAlias = EndSessionResponse  # noqa: Y015
+
+@_typing.final
+class CreateCallRequest(_message.Message):
+    """CreateCallRequest asks for a provider call answering a browser's SDP offer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    SDP_OFFER_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    TURN_TTL_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.str
+    """The project; empty means the key's own (admin keys: "default")."""
+    provider: Global___Provider.ValueType
+    """The provider: PROVIDER_OPENAI or PROVIDER_AZURE."""
+    sdp_offer: _builtins.str
+    """The browser's SDP offer (RTCPeerConnection.createOffer): `v=0` first, printable ASCII
+    lines, at most 32 KiB.
+    """
+    user_id: _builtins.str
+    """The end user the TURN credential in `ice_servers` is bound to; as in CreateSession."""
+    @_builtins.property
+    def options(self) -> Global___SessionOptions:
+        """The session's options, held to the project's session policy as in CreateSession."""
+
+    @_builtins.property
+    def turn_ttl(self) -> _duration_pb2.Duration:
+        """Lifetime of the TURN credential; the project's default when unset."""
+
+    def __init__(
+        self,
+        *,
+        project_id: _builtins.str = ...,
+        provider: Global___Provider.ValueType = ...,
+        options: Global___SessionOptions | None = ...,
+        sdp_offer: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        turn_ttl: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "turn_ttl", b"turn_ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "project_id", b"project_id", "provider", b"provider", "sdp_offer", b"sdp_offer", "turn_ttl", b"turn_ttl", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateCallRequest: _TypeAlias = CreateCallRequest  # noqa: Y015
+
+@_typing.final
+class CreateCallResponse(_message.Message):
+    """CreateCallResponse is what the browser needs to finish its connection."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    SDP_ANSWER_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    ICE_SERVERS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    UPSTREAM_REQUEST_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """icegate's id for the session: pass it to KeepAliveSession and EndSession (which also
+    hangs the call up).
+    """
+    sdp_answer: _builtins.str
+    """The provider's SDP answer, for RTCPeerConnection.setRemoteDescription."""
+    call_id: _builtins.str
+    """The provider's id of the call (e.g. `rtc_...`)."""
+    model: _builtins.str
+    """The model the session runs."""
+    provider: Global___Provider.ValueType
+    """The provider."""
+    upstream_request_id: _builtins.str
+    """The provider's request id, for support tickets."""
+    @_builtins.property
+    def ice_servers(self) -> _containers.RepeatedCompositeFieldContainer[_credentials_pb2.IceServer]:
+        """icegate's ICE servers (STUN, then TURN with a fresh credential)."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When icegate created the session."""
+
+    @_builtins.property
+    def lease_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the session's lease expires unless KeepAliveSession renews it."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        sdp_answer: _builtins.str = ...,
+        call_id: _builtins.str = ...,
+        ice_servers: _abc.Iterable[_credentials_pb2.IceServer] | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        model: _builtins.str = ...,
+        provider: Global___Provider.ValueType = ...,
+        upstream_request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "lease_expire_time", b"lease_expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "create_time", b"create_time", "ice_servers", b"ice_servers", "lease_expire_time", b"lease_expire_time", "model", b"model", "provider", b"provider", "sdp_answer", b"sdp_answer", "session_id", b"session_id", "upstream_request_id", b"upstream_request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateCallResponse: _TypeAlias = CreateCallResponse  # noqa: Y015

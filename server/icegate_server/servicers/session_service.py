@@ -183,6 +183,21 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
             upstream_request_id=token.upstream_request_id,
         )
 
+    async def CreateCall(self, request: sessions_pb2.CreateCallRequest,
+                         context: Context) -> sessions_pb2.CreateCallResponse:
+        kind = provider_kind(request.provider)
+        created = await self._sessions.create_call(
+            _project(), kind, session_options(request.options), request.sdp_offer,
+            user_id=request.user_id, turn_ttl=requested_ttl(request, field="turn_ttl"),
+            timeout=_time_left(context))
+        call = created.call
+        return sessions_pb2.CreateCallResponse(
+            session_id=created.session_id, sdp_answer=call.sdp_answer, call_id=call.call_id,
+            ice_servers=ice_servers_to_proto(created.ice_servers),
+            create_time=_timestamp(created.create_time),
+            lease_expire_time=_timestamp(created.lease_expires_at), model=call.model,
+            provider=request.provider, upstream_request_id=call.upstream_request_id)
+
     async def MintEphemeralToken(
         self, request: sessions_pb2.MintEphemeralTokenRequest, context: Context
     ) -> sessions_pb2.MintEphemeralTokenResponse:

@@ -25,8 +25,9 @@ import functools
 import logging
 import re
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from icegate_server.clock import Clock, utc_datetime
 from icegate_server.errors import (
@@ -43,7 +44,17 @@ from icegate_server.projects.records import Project
 from icegate_server.projects.usage import next_month_start_ms
 from icegate_server.sessions.policy import SessionPolicy, apply_policy
 from icegate_server.sessions.provider_keys import ProviderKeys, key_family, missing_key_error
-from icegate_server.sessions.providers import MintedToken, Provider, ProviderKind, SessionOptions
+from icegate_server.sessions.providers import (
+    CallingProvider,
+    CreatedCall,
+    MintedToken,
+    Provider,
+    ProviderKind,
+    SessionOptions,
+)
+from icegate_server.sessions.providers.azure import AzureProvider
+from icegate_server.sessions.providers.openai import OpenAIProvider
+from icegate_server.sessions.providers.upstream_text import sdp_lines_fit
 from icegate_server.store import Store
 from icegate_server.store.base import SessionAdmission, SessionOutcome, SessionRecord, month_of
 from icegate_server.turn.credentials import TurnCredentialIssuer
@@ -71,6 +82,43 @@ SESSION_ID_PREFIX = "ses_"
 
 def new_session_id() -> str:
     return SESSION_ID_PREFIX + secrets.token_urlsafe(16)
+
+
+T = TypeVar("T")
+Upstream = Callable[[str, SessionOptions, float], Awaitable[T]]
+"""The provider call of a session start: (api key, options held to the policy, seconds
+left) -> what the provider answered."""
+CALLING_PROVIDERS = (OpenAIProvider, AzureProvider)
+"""The adapters CreateCall takes (the GA calls API)."""
+MAX_SDP_OFFER_CHARS = 32 * 1024
+
+
+def check_sdp_offer(sdp_offer: str) -> None:
+    """Refuses an offer that is not SDP before it goes anywhere."""
+    if not sdp_lines_fit(sdp_offer, MAX_SDP_OFFER_CHARS):
+        raise InvalidFieldError("sdp_offer", "must be an SDP offer: v=0 first, then type=value "
+                                f"lines of printable ASCII, at most {MAX_SDP_OFFER_CHARS} "
+                                "characters")
+
+
+@dataclass(frozen=True)
+class _Started(Generic[T]):
+    session_id: str
+    result: T
+    ice_servers: list[IceServer]
+    create_time: float
+    lease_expires_at: float
+
+
+@dataclass(frozen=True)
+class CreatedCallSession:
+    """What CreateCall answers."""
+
+    session_id: str
+    call: CreatedCall
+    ice_servers: list[IceServer]
+    create_time: float
+    lease_expires_at: float
 
 
 @dataclass(frozen=True)
@@ -141,6 +189,46 @@ class RealtimeSessions:
                      timeout: float | None) -> CreatedSession:
         """Mints a token and leases a session slot, or raises why not (nothing consumed)."""
         provider = self._provider(kind, options)
+
+        async def mint(api_key: str, held: SessionOptions, left: float) -> MintedToken:
+            return await provider.mint(api_key, held, timeout=left)
+
+        started = await self._start(project, kind, provider, options, user_id=user_id,
+                                    turn_ttl=turn_ttl, timeout=timeout, upstream=mint)
+        return CreatedSession(started.session_id, started.result, started.ice_servers,
+                              started.create_time, started.lease_expires_at)
+
+    async def create_call(self, project: Project, kind: ProviderKind, options: SessionOptions,
+                          sdp_offer: str, *, user_id: str, turn_ttl: float | None,
+                          timeout: float | None) -> CreatedCallSession:
+        """Starts a provider call for the browser's offer under a session slot, or raises
+        why not (nothing consumed)."""
+        check_sdp_offer(sdp_offer)
+        provider = self._provider(kind, options)
+        calling = self._calling(kind, provider)
+
+        async def call(api_key: str, held: SessionOptions, left: float) -> CreatedCall:
+            return await calling.create_call(api_key, held, sdp_offer, timeout=left)
+
+        started = await self._start(project, kind, provider, options, user_id=user_id,
+                                    turn_ttl=turn_ttl, timeout=timeout, upstream=call,
+                                    call_id_of=lambda created: created.call_id)
+        return CreatedCallSession(started.session_id, started.result, started.ice_servers,
+                                  started.create_time, started.lease_expires_at)
+
+    @staticmethod
+    def _calling(kind: ProviderKind, provider: Provider) -> CallingProvider:
+        if not isinstance(provider, CALLING_PROVIDERS):
+            raise InvalidFieldError("provider", "CreateCall takes PROVIDER_OPENAI or "
+                                    "PROVIDER_AZURE (the GA calls API)")
+        return provider
+
+    async def _start(self, project: Project, kind: ProviderKind, provider: Provider,
+                     options: SessionOptions, *, user_id: str, turn_ttl: float | None,
+                     timeout: float | None, upstream: Upstream[T],
+                     call_id_of: Callable[[T], str] | None = None) -> _Started[T]:
+        """What CreateSession and CreateCall share: policy, TURN credential, pending lease,
+        the provider call `upstream`, confirmation; everything given back on failure."""
         options, policy = await self._hold_to_policy(project, kind, provider, options)
         session_id = self._session_ids()
         credential = self._issuer.issue_for(project, user_id or session_id, turn_ttl,
@@ -152,11 +240,12 @@ class RealtimeSessions:
         month = month_of(now_ms)
         ends_ms = 0
         if policy is not None and policy.max_session_duration_seconds:
-            # Kept before the session begins (a record takes no unit and no slot), so that
-            # no keep-alive of the session can ever miss it.
             ends_ms = now_ms + policy.max_session_duration_seconds * 1000
-            await self._store.put_session_record(
-                SessionRecord(project.project_id, session_id, kind.value, ends_ms), now_ms)
+            if call_id_of is None:
+                # Kept before the session begins (a record takes no unit and no slot), so
+                # that no keep-alive of the session can ever miss it.
+                await self._store.put_session_record(
+                    SessionRecord(project.project_id, session_id, kind.value, ends_ms), now_ms)
         beginning = asyncio.ensure_future(self._store.begin_session(
             project_id=project.project_id, session_id=session_id, month=month, now_ms=now_ms,
             pending_ms=int((bound + PENDING_MARGIN_SECONDS) * 1000),
@@ -173,8 +262,14 @@ class RealtimeSessions:
         confirming: asyncio.Future[bool] | None = None
         try:
             api_key = self._keys.open_record(admission.provider_key, kind)
-            token = await provider.mint(api_key, options,
-                                        timeout=bound - (self._clock.monotonic() - started))
+            result = await upstream(api_key, options,
+                                    bound - (self._clock.monotonic() - started))
+            if call_id_of is not None:
+                # What ending the session needs to hang the call up, kept before the session
+                # is confirmed (a lease nothing could hang up must not be handed out).
+                await self._store.put_session_record(SessionRecord(
+                    project.project_id, session_id, kind.value, ends_ms,
+                    call_id=call_id_of(result)), now_ms)
             confirmed_ms = int(self._clock.now() * 1000)
             lease_ms = self._lease_ms if not ends_ms else min(self._lease_ms,
                                                                ends_ms - confirmed_ms)
@@ -193,13 +288,8 @@ class RealtimeSessions:
         except BaseException:
             await self._give_back(project.project_id, session_id, month, after=confirming)
             raise
-        return CreatedSession(
-            session_id=session_id,
-            token=token,
-            ice_servers=build_ice_servers(self._stun_uris, credential),
-            create_time=now_ms / 1000,
-            lease_expires_at=(confirmed_ms + lease_ms) / 1000,
-        )
+        return _Started(session_id, result, build_ice_servers(self._stun_uris, credential),
+                        now_ms / 1000, (confirmed_ms + lease_ms) / 1000)
 
     @staticmethod
     def _refuse_unless_started(admission: SessionAdmission, project: Project,
@@ -299,6 +389,7 @@ class RealtimeSessions:
                                              session_id=session_id,
                                              now_ms=int(self._clock.now() * 1000)):
             raise NotFoundError(f"session {session_id!r} is not active (ended or expired)")
+        await self._store.delete_session_record(project.project_id, session_id)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -90,13 +90,15 @@ class SessionRecord:
     """What icegate remembers of a live session beyond its lease (see `sessions.realtime`).
 
     `ends_ms` is when the session must end whatever keep-alives say (its policy's maximum
-    duration), 0 for never; `provider` the provider kind's name.
+    duration), 0 for never; `provider` the provider kind's name; `call_id` the provider's
+    call (CreateCall), "" for none.
     """
 
     project_id: str
     session_id: str
     provider: str
     ends_ms: int = 0
+    call_id: str = ""
 
 
 @dataclass(frozen=True)

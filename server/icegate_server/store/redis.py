@@ -986,7 +986,8 @@ class RedisStore:
         return bool(deleted)
 
     async def put_session_record(self, record: SessionRecord, now_ms: int) -> None:
-        text = json.dumps({"provider": record.provider, "ends_ms": record.ends_ms})
+        text = json.dumps({"provider": record.provider, "ends_ms": record.ends_ms,
+                           "call_id": record.call_id})
         await self._call(self._put_session_record,
                          [f"{PREFIX}srec:{record.project_id}",
                           f"{PREFIX}srec-ends:{record.project_id}"],
@@ -999,7 +1000,7 @@ class RedisStore:
             return None
         data = json.loads(_text(text))
         return SessionRecord(project_id, session_id, str(data["provider"]),
-                             int(data["ends_ms"]))
+                             int(data["ends_ms"]), str(data.get("call_id", "")))
 
     async def delete_session_record(self, project_id: str, session_id: str) -> None:
         await self._call(self._delete_session_record,

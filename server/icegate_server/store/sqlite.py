@@ -150,6 +150,7 @@ CREATE TABLE IF NOT EXISTS session_records (
     session_id TEXT NOT NULL,
     provider   TEXT NOT NULL,
     ends_ms    INTEGER NOT NULL,             -- 0: no end beyond the lease
+    call_id    TEXT NOT NULL,                -- the provider's call, '' for none
     PRIMARY KEY (project_id, session_id)
 );
 CREATE INDEX IF NOT EXISTS session_records_by_end ON session_records(project_id, ends_ms)
@@ -653,16 +654,18 @@ class SqliteStore:
                 db.execute("DELETE FROM session_records WHERE project_id = ? "
                            "AND ends_ms > 0 AND ends_ms <= ?", (record.project_id, now_ms))
                 db.execute(
-                    "INSERT INTO session_records(project_id, session_id, provider, ends_ms) "
-                    "VALUES (?, ?, ?, ?) ON CONFLICT(project_id, session_id) DO UPDATE SET "
-                    "provider = excluded.provider, ends_ms = excluded.ends_ms",
-                    (record.project_id, record.session_id, record.provider, record.ends_ms))
+                    "INSERT INTO session_records(project_id, session_id, provider, ends_ms, "
+                    "call_id) VALUES (?, ?, ?, ?, ?) ON CONFLICT(project_id, session_id) DO "
+                    "UPDATE SET provider = excluded.provider, ends_ms = excluded.ends_ms, "
+                    "call_id = excluded.call_id",
+                    (record.project_id, record.session_id, record.provider, record.ends_ms,
+                     record.call_id))
 
         await self._run_on_loop(work)
 
     async def get_session_record(self, project_id: str, session_id: str) -> SessionRecord | None:
         row = await self._run_on_loop(lambda db: db.execute(
-            "SELECT project_id, session_id, provider, ends_ms FROM session_records "
+            "SELECT project_id, session_id, provider, ends_ms, call_id FROM session_records "
             "WHERE project_id = ? AND session_id = ?", (project_id, session_id)).fetchone())
         return SessionRecord(*row) if row else None
 

@@ -15,6 +15,8 @@ from icegate_server.errors import InvalidFieldError
 from icegate_server.sessions.providers import gemini, openai, orga
 from icegate_server.sessions.providers.azure import AzureLegacyProvider, AzureProvider
 from icegate_server.sessions.providers.base import (
+    CallingProvider,
+    CreatedCall,
     IceServer,
     InputTranscription,
     MintedToken,
@@ -32,6 +34,8 @@ from icegate_server.sessions.providers.openai import OpenAIBetaProvider, OpenAIP
 from icegate_server.sessions.providers.orga import OrgaProvider
 
 __all__ = [
+    "CallingProvider",
+    "CreatedCall",
     "IceServer",
     "InputTranscription",
     "MintedToken",

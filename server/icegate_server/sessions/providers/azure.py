@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 from icegate_server.errors import UpstreamNotConfiguredError
 from icegate_server.sessions.providers.base import (
+    CreatedCall,
     JsonObject,
     MintedToken,
     ProviderKind,
@@ -21,7 +22,9 @@ from icegate_server.sessions.providers.base import (
 )
 from icegate_server.sessions.providers.openai import (
     DEFAULT_TOKEN_TTL_SECONDS,
+    call_parts,
     client_secrets_body,
+    parse_call,
     parse_client_secret,
     parse_session,
     sessions_body,
@@ -40,6 +43,8 @@ class _AzureBase:
     kind: ProviderKind
     _path: str
 
+    _calls_path = "/openai/v1/realtime/calls"
+
     def __init__(self, runtime: ProviderRuntime, base_url: str | None) -> None:
         """Builds the adapter.
 
@@ -49,6 +54,7 @@ class _AzureBase:
                 the operator configured none (every mint then fails as not configured).
         """
         self._url = None if not base_url else base_url.rstrip("/") + self._path
+        self._calls_url = None if not base_url else base_url.rstrip("/") + self._calls_path
         self._http = UpstreamHttp(runtime, self.kind, request_id_headers=REQUEST_ID_HEADERS)
 
     def _configured_url(self) -> str:
@@ -91,6 +97,19 @@ class AzureProvider(_AzureBase):
         answer = await self._post(
             api_key, client_secrets_body(options, options.model), timeout=timeout)
         return parse_client_secret(answer, options, options.model)
+
+    async def create_call(self, api_key: str, options: SessionOptions, sdp_offer: str, *,
+                          timeout: float | None) -> CreatedCall:
+        """See `CallingProvider.create_call`: `POST /openai/v1/realtime/calls`, multipart."""
+        self.validate(options)
+        self._configured_url()
+        assert self._calls_url is not None
+        check_api_key(api_key, self.kind)
+        answer = await self._http.call(
+            "POST", self._calls_url, headers={"api-key": api_key},
+            files=call_parts(options, options.model, sdp_offer), json_answer=False,
+            deadline=self._http.deadline(timeout), secrets=(api_key,))
+        return parse_call(answer, options.model)
 
 
 class AzureLegacyProvider(_AzureBase):

@@ -187,6 +187,41 @@ class MintedToken:
     upstream_request_id: str = ""
 
 
+@dataclass(frozen=True)
+class CreatedCall:
+    """A WebRTC call the provider started for a browser's SDP offer.
+
+    Attributes:
+        sdp_answer: The provider's SDP answer (checked by `upstream_sdp`).
+        call_id: The provider's call id ("" when its answer named none).
+        model: The model the session runs.
+        upstream_request_id: The provider's request id of the answer.
+    """
+
+    sdp_answer: str = field(repr=False)
+    call_id: str
+    model: str
+    upstream_request_id: str = ""
+
+
+class CallingProvider(Protocol):
+    """A provider that starts calls server-side (OpenAI and Azure GA)."""
+
+    @property
+    def kind(self) -> ProviderKind:
+        ...
+
+    async def create_call(self, api_key: str, options: SessionOptions, sdp_offer: str, *,
+                          timeout: float | None) -> CreatedCall:
+        """Posts the browser's offer with the session to the provider's calls endpoint.
+
+        Raises:
+            InvalidFieldError: bad options (no request was sent).
+            UpstreamError: a subclass telling why the provider did not answer the offer.
+        """
+        ...
+
+
 class Provider(Protocol):
     """One upstream token API."""
 
@@ -380,6 +415,11 @@ class UpstreamAnswer:
     """Already through `upstream_text` (REQUEST_ID): "" when absent or unfit."""
     secrets: tuple[str, ...] = field(default=(), repr=False)
     """What `text` keeps out of every string it returns (the provider key...)."""
+    raw_text: str = field(default="", repr=False)
+    """The body as text, for an answer that is not JSON (a call's SDP): not yet checked,
+    the adapter passes it through `upstream_sdp`."""
+    location: str = field(default="", repr=False)
+    """The Location header as sent, not yet checked (a call's `/calls/{id}`)."""
 
     def malformed(self, what: str) -> UpstreamUnavailableError:
         """The error for a 2xx answer that lacks what the adapter needs."""
@@ -458,6 +498,16 @@ class _Failure:
     retry_after: float | None = None
 
 
+@dataclass(frozen=True)
+class _Body:
+    """What a request sends besides method, URL and headers, and what its answer is."""
+
+    json_body: JsonObject | None
+    params: Mapping[str, str] | None
+    files: Mapping[str, tuple[None, str, str]] | None
+    json_answer: bool
+
+
 _RETRYABLE_STATUSES = frozenset({408, 429})
 _MAX_RETRY_AFTER_SECONDS = 86_400.0
 
@@ -505,6 +555,8 @@ class UpstreamHttp:
         secrets: Sequence[str],
         json_body: JsonObject | None = None,
         params: Mapping[str, str] | None = None,
+        files: Mapping[str, tuple[None, str, str]] | None = None,
+        json_answer: bool = True,
     ) -> UpstreamAnswer:
         """Sends the request until it succeeds, fails for good, or the deadline comes.
 
@@ -516,21 +568,24 @@ class UpstreamHttp:
             secrets: Strings to scrub from any upstream text put into an error.
             json_body: The JSON body, if any.
             params: Query parameters, if any.
+            files: A multipart/form-data body instead: name -> (None, text, content type).
+            json_answer: False for an answer that is not JSON (its text in `raw_text`).
 
         Returns:
-            The 2xx answer whose body is a JSON object.
+            The 2xx answer: a JSON object, or its text (`json_answer` False).
 
         Raises:
             UpstreamError: a subclass; see `icegate_server.errors`.
         """
         metrics = self._runtime.metrics
+        extra = _Body(json_body, params, files, json_answer)
         if metrics is None:
-            return await self._call(method, url, headers, deadline, secrets, json_body, params)
+            return await self._call(method, url, headers, deadline, secrets, extra)
         # Real elapsed time, not the injected clock: this measures the provider, not the domain.
         started = time.perf_counter()
         failure: BaseException | None = None
         try:
-            return await self._call(method, url, headers, deadline, secrets, json_body, params)
+            return await self._call(method, url, headers, deadline, secrets, extra)
         except BaseException as error:
             failure = error
             raise
@@ -545,19 +600,20 @@ class UpstreamHttp:
         headers: Mapping[str, str],
         deadline: Deadline,
         secrets: Sequence[str],
-        json_body: JsonObject | None,
-        params: Mapping[str, str] | None,
+        body: _Body,
     ) -> UpstreamAnswer:
         policy = self._runtime.retry
         path = httpx.URL(url).path
         attempt = 0
         while True:
             outcome = await self._send_once(
-                method, url, headers, deadline, secrets, json_body, params, path, attempt
+                method, url, headers, deadline, secrets, body, path, attempt
             )
             if isinstance(outcome, httpx.Response):
                 failure = self._failure_of(outcome, secrets)
                 if failure is None:
+                    if not body.json_answer:
+                        return self._text_answer(outcome, secrets)
                     return self._answer(outcome, secrets)
             else:
                 failure = outcome
@@ -573,8 +629,7 @@ class UpstreamHttp:
         headers: Mapping[str, str],
         deadline: Deadline,
         secrets: Sequence[str],
-        json_body: JsonObject | None,
-        params: Mapping[str, str] | None,
+        body: _Body,
         path: str,
         attempt: int,
     ) -> httpx.Response | _Failure:
@@ -583,7 +638,8 @@ class UpstreamHttp:
         if remaining is not None and remaining <= 0:
             raise self._deadline_error(deadline)
         request = self._runtime.http.request(
-            method, url, headers=dict(headers), json=json_body, params=params
+            method, url, headers=dict(headers), json=body.json_body, params=body.params,
+            files=body.files,
         )
         try:
             # wait_for cancels the request (and closes its connection) when the deadline comes;
@@ -634,6 +690,13 @@ class UpstreamHttp:
             if value:
                 return value
         return ""
+
+    def _text_answer(self, response: httpx.Response,
+                     secrets: Sequence[str]) -> UpstreamAnswer:
+        return UpstreamAnswer(self._provider, response.status_code, {},
+                              self._request_id(response, secrets), tuple(secrets),
+                              raw_text=response.text,
+                              location=response.headers.get("location", ""))
 
     def _answer(self, response: httpx.Response, secrets: Sequence[str]) -> UpstreamAnswer:
         request_id = self._request_id(response, secrets)

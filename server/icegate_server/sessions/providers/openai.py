@@ -6,11 +6,13 @@ two dialects with another URL and auth header.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
 from icegate_server.errors import InvalidFieldError
 from icegate_server.sessions.providers.base import (
+    CreatedCall,
     JsonObject,
     MintedToken,
     ProviderKind,
@@ -33,7 +35,11 @@ from icegate_server.sessions.providers.openai_session import (
     validate_beta_session,
     validate_ga_session,
 )
-from icegate_server.sessions.providers.upstream_text import UpstreamField
+from icegate_server.sessions.providers.upstream_text import (
+    UpstreamField,
+    upstream_sdp,
+    upstream_text,
+)
 
 DEFAULT_BASE_URL = "https://api.openai.com"
 DEFAULT_GA_MODEL = "gpt-realtime"
@@ -79,6 +85,25 @@ def client_secrets_body(options: SessionOptions, model: str) -> JsonObject:
     seconds = options.token_ttl_seconds or DEFAULT_TOKEN_TTL_SECONDS
     return {"expires_after": {"anchor": "created_at", "seconds": seconds},
             "session": ga_session(options, model)}
+
+
+def call_parts(options: SessionOptions, model: str, sdp_offer: str
+               ) -> dict[str, tuple[None, str, str]]:
+    """The multipart body of a server-side call: the browser's offer and the GA session."""
+    return {"sdp": (None, sdp_offer, "application/sdp"),
+            "session": (None, json.dumps(ga_session(options, model)), "application/json")}
+
+
+def parse_call(answer: UpstreamAnswer, model: str) -> CreatedCall:
+    """Reads a call's `201 Created`: the SDP answer as the body, the call id in `Location`
+    (`/v1/realtime/calls/{call_id}`; tolerated absent, as the docs leave it unconfirmed)."""
+    sdp_answer = upstream_sdp(answer.raw_text, answer.secrets)
+    if not sdp_answer:
+        raise answer.malformed("no SDP answer")
+    call_id = upstream_text(answer.location.rstrip("/").rpartition("/")[2],
+                            UpstreamField.CALL_ID, answer.secrets)
+    return CreatedCall(sdp_answer=sdp_answer, call_id=call_id, model=model,
+                       upstream_request_id=answer.request_id)
 
 
 def parse_client_secret(answer: UpstreamAnswer, options: SessionOptions, model: str) -> MintedToken:
@@ -172,6 +197,7 @@ class _OpenAIBase:
             project: Optional `OpenAI-Project` header value.
         """
         self._url = base_url.rstrip("/") + self._path
+        self._calls_url = base_url.rstrip("/") + "/v1/realtime/calls"
         self._http = UpstreamHttp(runtime, self.kind)
         self._extra_headers = {
             name: value
@@ -212,6 +238,18 @@ class OpenAIProvider(_OpenAIBase):
         model = options.model or DEFAULT_GA_MODEL
         answer = await self._post(api_key, client_secrets_body(options, model), timeout=timeout)
         return parse_client_secret(answer, options, model)
+
+    async def create_call(self, api_key: str, options: SessionOptions, sdp_offer: str, *,
+                          timeout: float | None) -> CreatedCall:
+        """See `CallingProvider.create_call`: `POST /v1/realtime/calls`, multipart."""
+        self.validate(options)
+        check_api_key(api_key, self.kind)
+        model = options.model or DEFAULT_GA_MODEL
+        auth = {"Authorization": f"Bearer {api_key}", **self._extra_headers}
+        answer = await self._http.call(
+            "POST", self._calls_url, headers=auth, files=call_parts(options, model, sdp_offer),
+            json_answer=False, deadline=self._http.deadline(timeout), secrets=(api_key,))
+        return parse_call(answer, model)
 
 
 class OpenAIBetaProvider(_OpenAIBase):
