@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import email.policy
 import itertools
+import json
+import re
 import time
-from typing import Any
+from email.parser import BytesParser
+from typing import TYPE_CHECKING, Any
 
 from fake_upstreams.server import CannedResponse, RecordedRequest
+
+if TYPE_CHECKING:
+    from fake_upstreams.webrtc_peer import RealtimePeers
 
 VOICES = {"alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar"}
 _ids = itertools.count(1)
@@ -105,11 +112,58 @@ def check_ga_body(body: Any) -> str | None:
     return check_ga_session(body.get("session"))
 
 
-class OpenAIEmulation:
-    """Answers like api.openai.com for one valid key."""
+CANNED_SDP_ANSWER = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
+"""The answer of a fake without a WebRTC peer (tests that never connect)."""
 
-    def __init__(self, api_key: str) -> None:
+
+def form_parts(request: RecordedRequest) -> dict[str, str] | None:
+    """The parts of a multipart/form-data body by name, None when it is not one."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        return None
+    message = BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + request.body)
+    parts = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if isinstance(name, str):
+            payload = part.get_payload(decode=True)
+            parts[name] = payload.decode() if isinstance(payload, bytes) else str(payload)
+    return parts
+
+
+def answer_call(request: RecordedRequest, peers: RealtimePeers | None, request_id: str,
+                location_prefix: str, check_session: Any = None) -> CannedResponse:
+    """A calls endpoint: `sdp` and `session` parts in, `201` with the SDP answer out."""
+    parts = form_parts(request)
+    if parts is None or "sdp" not in parts or "session" not in parts:
+        return openai_error(400, "Expected multipart/form-data with sdp and session parts.")
+    try:
+        session = json.loads(parts["session"])
+    except ValueError:
+        return openai_error(400, "session must be JSON")
+    problem = (check_session or check_ga_session)(session)
+    if problem:
+        return openai_error(400, problem)
+    if not parts["sdp"].startswith("v=0"):
+        return openai_error(400, "Invalid SDP offer.")
+    if peers is None:
+        sdp, call_id = CANNED_SDP_ANSWER, f"rtc_canned{next(_ids)}"
+    else:
+        sdp, call_id = peers.answer(parts["sdp"], session)
+    return CannedResponse(201, raw_body=sdp.encode(), headers={
+        "Content-Type": "application/sdp", "Location": f"{location_prefix}/{call_id}",
+        "x-request-id": request_id})
+
+
+class OpenAIEmulation:
+    """Answers like api.openai.com for one valid key; calls get a real WebRTC peer's answer
+    when given `peers`."""
+
+    def __init__(self, api_key: str, peers: RealtimePeers | None = None) -> None:
         self.api_key = api_key
+        self.peers = peers
+        self.hung_up: list[str] = []
 
     def __call__(self, request: RecordedRequest) -> CannedResponse:
         if request.headers.get("authorization") != f"Bearer {self.api_key}":
@@ -123,6 +177,17 @@ class OpenAIEmulation:
                 return openai_error(400, problem)
             return ga_answer(request.json["session"],
                              request.json["expires_after"]["seconds"], request_id)
+        if request.method == "POST" and request.path == "/v1/realtime/calls":
+            return answer_call(request, self.peers, request_id, "/v1/realtime/calls")
+        hangup = re.fullmatch(r"/v1/realtime/calls/([A-Za-z0-9_-]+)/hangup", request.path)
+        if request.method == "POST" and hangup:
+            call_id = hangup[1]
+            known = self.peers.hang_up(call_id) if self.peers is not None else \
+                call_id.startswith("rtc_canned")
+            if not known:
+                return openai_error(404, f"Call {call_id} not found.")
+            self.hung_up.append(call_id)
+            return CannedResponse(200, {}, headers={"x-request-id": request_id})
         if request.method == "POST" and request.path == "/v1/realtime/sessions":
             body = request.json
             if not isinstance(body, dict) or "model" not in body:
