@@ -148,6 +148,10 @@ class Target:
             caller_options=["voice", "modalities"])
         policy.tools.add().update({"type": "function", "name": "lookup"})
         requests.update({
+            "CreateCall": lambda: sessions_pb2.CreateCallRequest(
+                project_id="default", provider=sessions_pb2.PROVIDER_OPENAI, options=options,
+                sdp_offer="v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n",
+                user_id="alice", turn_ttl=duration(seconds=600)),
             "SetSessionPolicy": lambda: admin_pb2.SetSessionPolicyRequest(
                 project_id="fuzz-spare", provider="openai", policy=policy),
             "GetSessionPolicy": lambda: admin_pb2.GetSessionPolicyRequest(
@@ -220,8 +224,8 @@ UPSTREAM_ONLY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 ECHOED_TOO_MUCH = "received metadata size exceeds"
 """grpc's words when the answer's trailers outgrow the client's metadata limit."""
 
-MINTING = {"CreateSession", "MintEphemeralToken"}
-CREDENTIAL_RPCS = {"IssueTurnCredentials", "GetIceServers", "CreateSession"}
+MINTING = {"CreateSession", "MintEphemeralToken", "CreateCall"}
+CREDENTIAL_RPCS = {"IssueTurnCredentials", "GetIceServers", "CreateSession", "CreateCall"}
 MUTATING = {"UpdateProject", "DeleteProject", "SetProviderKey", "DeleteProviderKey"}
 """Admin RPCs whose success may take from `default` what the other examples rely on."""
 
@@ -299,7 +303,8 @@ def check_answer(method: descriptor.MethodDescriptor, request: Any, code: grpc.S
         assert upstream_calls > 0, f"{where}: a token without asking the provider"
     if method.name in CREDENTIAL_RPCS:
         user = getattr(request, "user_id", "")
-        assert user or method.name == "CreateSession", f"{where}: a credential for no user"
+        assert user or method.name in ("CreateSession", "CreateCall"), \
+            f"{where}: a credential for no user"
     for text in _strings(response):
         # A TURN username is `<expiry>:<project>/<user>`: never with an empty user. A project
         # id has no `/`, so the user is all that follows the first one (it may hold `/`).
