@@ -36,6 +36,7 @@ from icegate_server.errors import (
     NotFoundError,
     QuotaExceededError,
     StoreUnavailableError,
+    UpstreamError,
     UpstreamNotConfiguredError,
     UpstreamTimeoutError,
 )
@@ -73,6 +74,8 @@ GIVE_BACK_MAX_RETRY_SECONDS = 5.0
 """A give-back the store did not answer is tried again after 0.5 s, doubling up to 5 s, for as
 long as what it gives back can still be held: a confirmed session (its reply lost) keeps its
 unit and slot until a cancel reaches the store, however long the store is down."""
+HANG_UP_SECONDS = 5.0
+"""How long EndSession waits for the provider to hang a call up."""
 GIVE_BACK_WAIT_SECONDS = 1.0
 """How long a failing call waits for its give-back before answering (the rest goes on in
 the background)."""
@@ -385,11 +388,33 @@ class RealtimeSessions:
     async def end(self, project: Project, session_id: str) -> None:
         """Ends a session, freeing its concurrency slot."""
         _check_session_id(session_id)
+        record = await self._store.get_session_record(project.project_id, session_id)
         if not await self._store.end_session(project_id=project.project_id,
                                              session_id=session_id,
                                              now_ms=int(self._clock.now() * 1000)):
             raise NotFoundError(f"session {session_id!r} is not active (ended or expired)")
-        await self._store.delete_session_record(project.project_id, session_id)
+        if record is not None:
+            await self._store.delete_session_record(project.project_id, session_id)
+            if record.call_id:
+                await self.hang_up(project, record)
+
+    async def hang_up(self, project: Project, record: SessionRecord) -> None:
+        """Hangs up the provider call of an ended session: a step of its own, beside the lease
+        release (and the end of its TURN allocations), so a provider that is down does not
+        keep the session's slot. A failure is logged (no key, no provider text) and left:
+        the provider ends a call nobody speaks on by itself."""
+        kind = ProviderKind(record.provider)
+        provider = self._providers.get(kind)
+        if not isinstance(provider, CALLING_PROVIDERS):
+            return
+        try:
+            api_key = await self._keys.open(project.project_id, kind)
+            await provider.hang_up(api_key, record.call_id, timeout=HANG_UP_SECONDS)
+        except (UpstreamError, StoreUnavailableError, ValueError) as error:
+            status = error.upstream_status if isinstance(error, UpstreamError) else 0
+            logger.warning("call %s of session %s (project %s) not hung up: %s (HTTP %d)",
+                           Safe(record.call_id), Safe(record.session_id),
+                           Safe(project.project_id), Safe(type(error).__name__), status)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -23,6 +23,7 @@ from icegate_server.sessions.providers.base import (
 from icegate_server.sessions.providers.openai import (
     DEFAULT_TOKEN_TTL_SECONDS,
     call_parts,
+    checked_call_id,
     client_secrets_body,
     parse_call,
     parse_client_secret,
@@ -110,6 +111,15 @@ class AzureProvider(_AzureBase):
             files=call_parts(options, options.model, sdp_offer), json_answer=False,
             deadline=self._http.deadline(timeout), secrets=(api_key,))
         return parse_call(answer, options.model)
+
+    async def hang_up(self, api_key: str, call_id: str, *, timeout: float | None) -> None:
+        """See `CallingProvider.hang_up`: `POST /openai/v1/realtime/calls/{call_id}/hangup`."""
+        self._configured_url()
+        check_api_key(api_key, self.kind)
+        await self._http.call(
+            "POST", f"{self._calls_url}/{checked_call_id(call_id)}/hangup",
+            headers={"api-key": api_key}, json_answer=False,
+            deadline=self._http.deadline(timeout), secrets=(api_key,))
 
 
 class AzureLegacyProvider(_AzureBase):

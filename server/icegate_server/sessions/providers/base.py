@@ -221,6 +221,14 @@ class CallingProvider(Protocol):
         """
         ...
 
+    async def hang_up(self, api_key: str, call_id: str, *, timeout: float | None) -> None:
+        """Ends a call the provider started (`/calls/{call_id}/hangup`).
+
+        Raises:
+            UpstreamError: a subclass telling why the provider did not end it.
+        """
+        ...
+
 
 class Provider(Protocol):
     """One upstream token API."""

@@ -7,6 +7,7 @@ two dialects with another URL and auth header.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -104,6 +105,13 @@ def parse_call(answer: UpstreamAnswer, model: str) -> CreatedCall:
                             UpstreamField.CALL_ID, answer.secrets)
     return CreatedCall(sdp_answer=sdp_answer, call_id=call_id, model=model,
                        upstream_request_id=answer.request_id)
+
+
+def checked_call_id(call_id: str) -> str:
+    """A call id fit to go into a URL path (it came from a provider's answer, once)."""
+    if not re.fullmatch(UpstreamField.CALL_ID.value or "", call_id):
+        raise ValueError("not a call id")
+    return call_id
 
 
 def parse_client_secret(answer: UpstreamAnswer, options: SessionOptions, model: str) -> MintedToken:
@@ -250,6 +258,14 @@ class OpenAIProvider(_OpenAIBase):
             "POST", self._calls_url, headers=auth, files=call_parts(options, model, sdp_offer),
             json_answer=False, deadline=self._http.deadline(timeout), secrets=(api_key,))
         return parse_call(answer, model)
+
+    async def hang_up(self, api_key: str, call_id: str, *, timeout: float | None) -> None:
+        """See `CallingProvider.hang_up`: `POST /v1/realtime/calls/{call_id}/hangup`."""
+        check_api_key(api_key, self.kind)
+        auth = {"Authorization": f"Bearer {api_key}", **self._extra_headers}
+        await self._http.call(
+            "POST", f"{self._calls_url}/{checked_call_id(call_id)}/hangup", headers=auth,
+            json_answer=False, deadline=self._http.deadline(timeout), secrets=(api_key,))
 
 
 class OpenAIBetaProvider(_OpenAIBase):
