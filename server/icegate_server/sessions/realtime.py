@@ -232,11 +232,14 @@ class RealtimeSessions:
                      call_id_of: Callable[[T], str] | None = None) -> _Started[T]:
         """What CreateSession and CreateCall share: policy, TURN credential, pending lease,
         the provider call `upstream`, confirmation; everything given back on failure."""
+        # `timeout` was measured when the call arrived: every step counts against it, the
+        # policy read included (a session confirmed past the caller's deadline is one the
+        # caller never gets).
+        started = self._clock.monotonic()
         options, policy = await self._hold_to_policy(project, kind, provider, options)
         session_id = self._session_ids()
         credential = self._issuer.issue_for(project, user_id or session_id, turn_ttl,
                                             ttl_field="turn_ttl")
-        started = self._clock.monotonic()
         bound = self._upstream_seconds if timeout is None else min(timeout,
                                                                    self._upstream_seconds)
         now_ms = int(self._clock.now() * 1000)
@@ -363,9 +366,11 @@ class RealtimeSessions:
                    timeout: float | None) -> MintedToken:
         """A provider token alone: no quota unit, no lease."""
         provider = self._provider(kind, options)
+        started = self._clock.monotonic()
         options, _ = await self._hold_to_policy(project, kind, provider, options)
         api_key = await self._keys.open(project.project_id, kind)
-        return await provider.mint(api_key, options, timeout=timeout)
+        left = None if timeout is None else timeout - (self._clock.monotonic() - started)
+        return await provider.mint(api_key, options, timeout=left)
 
     async def keep_alive(self, project: Project, session_id: str) -> float:
         """Renews a live session's lease; returns its new expiry (Unix seconds)."""
