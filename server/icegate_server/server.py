@@ -107,6 +107,8 @@ class IcegateServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.lease_gauge is not None:
             self._background.append(asyncio.create_task(self.lease_gauge.run()))
+        if self.sessions is not None:
+            self._background.append(asyncio.create_task(self.sessions.run_reaper()))
 
     async def stop(self, grace: float | None = None) -> None:
         """Reports NOT_SERVING, lets in-flight calls finish within `grace`, then releases all."""

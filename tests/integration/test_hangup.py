@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 
@@ -27,7 +28,16 @@ def openai(emulation):
 
 @pytest.fixture
 def server(server_factory: ServerFactory, store_url: str, openai) -> RunningServer:
-    return server_factory(store=store_url, openai_base_url=openai.base_url)
+    return server_factory(store=store_url, openai_base_url=openai.base_url,
+                          session_lease_seconds=600)
+
+
+def wait_for_hangup(emulation: OpenAIEmulation, call_id: str) -> bool:
+    """Whether `call_id` is hung up within 5 s (the reaper runs every second)."""
+    deadline = time.monotonic() + 5
+    while call_id not in emulation.hung_up and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return call_id in emulation.hung_up
 
 
 @pytest.fixture
@@ -63,3 +73,26 @@ def test_a_failed_hangup_still_ends_the_session_and_logs_no_key(server, admin, o
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert started.call_id in logged and "not hung up" in logged
     assert OPENAI_KEY not in logged
+
+
+def test_a_call_whose_lease_expires_is_hung_up(server, admin, emulation):
+    kept = admin.create_call(OFFER, "openai")
+    expiring = admin.create_call(OFFER, "openai")
+    server.clock.advance(500)
+    admin.keep_alive_session(kept.session_id)
+    server.clock.advance(101)  # `expiring` was not kept alive
+    assert wait_for_hangup(emulation, expiring.call_id)
+    assert kept.call_id not in emulation.hung_up
+    with pytest.raises(icegate.NotFoundError):
+        admin.end_session(expiring.session_id)
+    assert emulation.hung_up.count(expiring.call_id) == 1
+
+
+def test_a_call_at_its_policys_maximum_duration_is_hung_up(server, admin, emulation):
+    admin.set_session_policy("default", "openai", {"max_session_duration": "300s"})
+    started = admin.create_call(OFFER, "openai")
+    assert started.lease_expire_time.seconds == int(server.clock.now()) + 300
+    server.clock.advance(200)
+    admin.keep_alive_session(started.session_id)  # cannot reach past the 300 s
+    server.clock.advance(100)
+    assert wait_for_hangup(emulation, started.call_id)

@@ -1230,8 +1230,42 @@ def test_session_records_last_until_deleted_or_ended(backend: Backend) -> None:
                                        NOW + 1000)
         assert await store.get_session_record("alpha", "ses_ending") is None
         assert await store.get_session_record("alpha", "ses_endless") == endless
-        await store.delete_session_record("alpha", "ses_endless")
-        await store.delete_session_record("alpha", "ses_endless")  # idempotent
+        assert await store.take_session_record("alpha", "ses_endless") == endless
+        assert await store.take_session_record("alpha", "ses_endless") is None  # once
         assert await store.get_session_record("alpha", "ses_endless") is None
 
     backend.run(scenario)
+
+
+def test_the_records_of_calls_whose_lease_is_gone_are_taken_once(backend: Backend) -> None:
+    async def scenario(store: Store) -> list[list[SessionRecord]]:
+        await store.create_project(project("alpha"))
+        await store.put_provider_key(ProviderKeyRecord("alpha", "openai", b"k", "0000", NOW))
+        calls = {}
+        for name in ("live", "expiring", "ended", "ending"):
+            session_id = f"ses_{name}"
+            await store.begin_session(project_id="alpha", session_id=session_id, month=MONTH,
+                                      now_ms=NOW, pending_ms=5000, quota=10, max_concurrent=10,
+                                      provider="openai")
+            lease_ms = 1000 if name == "expiring" else 60_000
+            await store.confirm_session(project_id="alpha", session_id=session_id,
+                                        month=MONTH, now_ms=NOW, lease_ms=lease_ms)
+            ends_ms = NOW + 500 if name == "ending" else 0
+            calls[name] = SessionRecord("alpha", session_id, "openai", ends_ms,
+                                        call_id=f"rtc_{name}")
+            await store.put_session_record(calls[name], NOW)
+        # A record without a call is never taken here.
+        await store.put_session_record(SessionRecord("alpha", "ses_token", "openai"), NOW)
+        await store.end_session(project_id="alpha", session_id="ses_ended", now_ms=NOW)
+        first = await store.take_ended_calls(NOW + 2000, 10)
+        # Past its end, a call's record stays until taken (its lease decides).
+        await store.put_session_record(SessionRecord("alpha", "ses_x", "openai"), NOW + 2000)
+        again = await store.take_ended_calls(NOW + 2000, 10)
+        later = await store.take_ended_calls(NOW + 61_000, 10)
+        assert await store.get_session_record("alpha", "ses_token") is not None
+        return [sorted(first, key=lambda r: r.session_id), again, later]
+
+    first, again, later = backend.run(scenario)
+    assert [r.call_id for r in first] == ["rtc_ended", "rtc_expiring"]
+    assert again == []
+    assert sorted(r.call_id for r in later) == ["rtc_ending", "rtc_live"]

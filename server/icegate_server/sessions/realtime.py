@@ -76,6 +76,10 @@ long as what it gives back can still be held: a confirmed session (its reply los
 unit and slot until a cancel reaches the store, however long the store is down."""
 HANG_UP_SECONDS = 5.0
 """How long EndSession waits for the provider to hang a call up."""
+REAP_INTERVAL_SECONDS = 1.0
+REAP_BATCH = 100
+"""Every second, the calls of up to 100 sessions whose lease is gone are hung up (one store
+call when there are none)."""
 GIVE_BACK_WAIT_SECONDS = 1.0
 """How long a failing call waits for its give-back before answering (the rest goes on in
 the background)."""
@@ -393,17 +397,35 @@ class RealtimeSessions:
     async def end(self, project: Project, session_id: str) -> None:
         """Ends a session, freeing its concurrency slot."""
         _check_session_id(session_id)
-        record = await self._store.get_session_record(project.project_id, session_id)
         if not await self._store.end_session(project_id=project.project_id,
                                              session_id=session_id,
                                              now_ms=int(self._clock.now() * 1000)):
             raise NotFoundError(f"session {session_id!r} is not active (ended or expired)")
-        if record is not None:
-            await self._store.delete_session_record(project.project_id, session_id)
-            if record.call_id:
-                await self.hang_up(project, record)
+        # Whoever takes the record hangs its call up: this call, or `reap_ended_calls` on
+        # any replica, never both.
+        record = await self._store.take_session_record(project.project_id, session_id)
+        if record is not None and record.call_id:
+            await self.hang_up(record)
 
-    async def hang_up(self, project: Project, record: SessionRecord) -> None:
+    async def reap_ended_calls(self) -> int:
+        """Hangs up the calls whose session's lease is gone (expired, at its policy's
+        maximum duration, cancelled) without an EndSession; returns how many it took."""
+        records = await self._store.take_ended_calls(int(self._clock.now() * 1000),
+                                                     REAP_BATCH)
+        for record in records:
+            await self.hang_up(record)
+        return len(records)
+
+    async def run_reaper(self, interval: float = REAP_INTERVAL_SECONDS) -> None:
+        """`reap_ended_calls` every `interval` seconds, until cancelled."""
+        while True:
+            try:
+                await self.reap_ended_calls()
+            except StoreUnavailableError:
+                logger.warning("ended calls not reaped this round (store unavailable)")
+            await asyncio.sleep(interval)
+
+    async def hang_up(self, record: SessionRecord) -> None:
         """Hangs up the provider call of an ended session: a step of its own, beside the lease
         release (and the end of its TURN allocations), so a provider that is down does not
         keep the session's slot. A failure is logged (no key, no provider text) and left:
@@ -413,13 +435,13 @@ class RealtimeSessions:
         if not isinstance(provider, CALLING_PROVIDERS):
             return
         try:
-            api_key = await self._keys.open(project.project_id, kind)
+            api_key = await self._keys.open(record.project_id, kind)
             await provider.hang_up(api_key, record.call_id, timeout=HANG_UP_SECONDS)
         except (UpstreamError, StoreUnavailableError, ValueError) as error:
             status = error.upstream_status if isinstance(error, UpstreamError) else 0
             logger.warning("call %s of session %s (project %s) not hung up: %s (HTTP %d)",
                            Safe(record.call_id), Safe(record.session_id),
-                           Safe(project.project_id), Safe(type(error).__name__), status)
+                           Safe(record.project_id), Safe(type(error).__name__), status)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -297,7 +297,16 @@ class Store(Protocol):
     async def get_session_record(self, project_id: str, session_id: str) -> SessionRecord | None:
         ...
 
-    async def delete_session_record(self, project_id: str, session_id: str) -> None:
+    async def take_session_record(self, project_id: str,
+                                  session_id: str) -> SessionRecord | None:
+        """Removes a session's record and returns it (None when there was none): of the
+        callers taking the same record, exactly one gets it."""
+        ...
+
+    async def take_ended_calls(self, now_ms: int, limit: int) -> list[SessionRecord]:
+        """Removes and returns up to `limit` records of calls (a `call_id`) whose lease is not
+        live at `now_ms` (expired, ended, cancelled, or reached its end): the calls to hang
+        up. Each record is returned once, to one caller."""
         ...
 
     # -- the TURN secret ring ------------------------------------------------------------------

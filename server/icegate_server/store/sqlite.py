@@ -651,7 +651,8 @@ class SqliteStore:
     async def put_session_record(self, record: SessionRecord, now_ms: int) -> None:
         def work(db: sqlite3.Connection) -> None:
             with _write_transaction(db):
-                db.execute("DELETE FROM session_records WHERE project_id = ? "
+                # A call's record waits for take_ended_calls (its call is hung up then).
+                db.execute("DELETE FROM session_records WHERE project_id = ? AND call_id = '' "
                            "AND ends_ms > 0 AND ends_ms <= ?", (record.project_id, now_ms))
                 db.execute(
                     "INSERT INTO session_records(project_id, session_id, provider, ends_ms, "
@@ -669,10 +670,24 @@ class SqliteStore:
             "WHERE project_id = ? AND session_id = ?", (project_id, session_id)).fetchone())
         return SessionRecord(*row) if row else None
 
-    async def delete_session_record(self, project_id: str, session_id: str) -> None:
-        await self._run_on_loop(lambda db: db.execute(
-            "DELETE FROM session_records WHERE project_id = ? AND session_id = ?",
-            (project_id, session_id)))
+    async def take_session_record(self, project_id: str,
+                                  session_id: str) -> SessionRecord | None:
+        row = await self._run_on_loop(lambda db: db.execute(
+            "DELETE FROM session_records WHERE project_id = ? AND session_id = ? "
+            "RETURNING project_id, session_id, provider, ends_ms, call_id",
+            (project_id, session_id)).fetchone())
+        return SessionRecord(*row) if row else None
+
+    async def take_ended_calls(self, now_ms: int, limit: int) -> list[SessionRecord]:
+        rows = await self._run(lambda db: db.execute(
+            "DELETE FROM session_records WHERE rowid IN ("
+            " SELECT r.rowid FROM session_records r LEFT JOIN leases l"
+            " ON l.project_id = r.project_id AND l.session_id = r.session_id"
+            " AND l.expires_ms > :now"
+            " WHERE r.call_id != '' AND l.session_id IS NULL LIMIT :limit) "
+            "RETURNING project_id, session_id, provider, ends_ms, call_id",
+            {"now": now_ms, "limit": limit}).fetchall())
+        return [SessionRecord(*row) for row in rows]
 
     # -- the TURN secret ring --------------------------------------------------------------
 
