@@ -11,6 +11,7 @@ from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -21,6 +22,30 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _SessionPolicyEnforcement:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SessionPolicyEnforcementEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SessionPolicyEnforcement.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SESSION_POLICY_ENFORCEMENT_UNSPECIFIED: _SessionPolicyEnforcement.ValueType  # 0
+    """No watching: what the browser changes stays changed."""
+    SESSION_POLICY_ENFORCEMENT_RESTORE: _SessionPolicyEnforcement.ValueType  # 1
+    """icegate sends its own `session.update` restoring the fixed fields."""
+    SESSION_POLICY_ENFORCEMENT_HANG_UP: _SessionPolicyEnforcement.ValueType  # 2
+    """icegate hangs the call up and ends its session."""
+
+class SessionPolicyEnforcement(_SessionPolicyEnforcement, metaclass=_SessionPolicyEnforcementEnumTypeWrapper):
+    """SessionPolicyEnforcement is how a policy holds a running call to what it fixed."""
+
+SESSION_POLICY_ENFORCEMENT_UNSPECIFIED: SessionPolicyEnforcement.ValueType  # 0
+"""No watching: what the browser changes stays changed."""
+SESSION_POLICY_ENFORCEMENT_RESTORE: SessionPolicyEnforcement.ValueType  # 1
+"""icegate sends its own `session.update` restoring the fixed fields."""
+SESSION_POLICY_ENFORCEMENT_HANG_UP: SessionPolicyEnforcement.ValueType  # 2
+"""icegate hangs the call up and ends its session."""
+Global___SessionPolicyEnforcement: _TypeAlias = SessionPolicyEnforcement  # noqa: Y015
 
 @_typing.final
 class Project(_message.Message):
@@ -964,6 +989,7 @@ class SessionPolicy(_message.Message):
     MAX_TOKEN_TTL_FIELD_NUMBER: _builtins.int
     MAX_SESSION_DURATION_FIELD_NUMBER: _builtins.int
     CALLER_OPTIONS_FIELD_NUMBER: _builtins.int
+    ENFORCEMENT_FIELD_NUMBER: _builtins.int
     default_model: _builtins.str
     """The model of a session whose caller names none; empty means the provider's default. One
     of `allowed_models` when those are set.
@@ -976,6 +1002,12 @@ class SessionPolicy(_message.Message):
     """Instructions with named variables (`$name` or `${name}`, `$$` for a dollar sign) that
     each caller fills through SessionOptions.instruction_variables; the caller may set no
     instructions of its own. At most 32 KiB of UTF-8 once filled.
+    """
+    enforcement: Global___SessionPolicyEnforcement.ValueType
+    """What icegate does when the browser of a call (CreateCall) changes a field the policy
+    fixed (instructions, tools, the voice it allowed) with its own `session.update`: icegate
+    watches the call's sideband connection and puts the field back, or hangs the call up.
+    OpenAI only. Unset: icegate does not watch.
     """
     @_builtins.property
     def allowed_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -1026,10 +1058,11 @@ class SessionPolicy(_message.Message):
         max_token_ttl: _duration_pb2.Duration | None = ...,
         max_session_duration: _duration_pb2.Duration | None = ...,
         caller_options: _abc.Iterable[_builtins.str] | None = ...,
+        enforcement: Global___SessionPolicyEnforcement.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["max_session_duration", b"max_session_duration", "max_token_ttl", b"max_token_ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_models", b"allowed_models", "allowed_voices", b"allowed_voices", "caller_options", b"caller_options", "default_model", b"default_model", "instructions", b"instructions", "instructions_template", b"instructions_template", "max_session_duration", b"max_session_duration", "max_token_ttl", b"max_token_ttl", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_models", b"allowed_models", "allowed_voices", b"allowed_voices", "caller_options", b"caller_options", "default_model", b"default_model", "enforcement", b"enforcement", "instructions", b"instructions", "instructions_template", b"instructions_template", "max_session_duration", b"max_session_duration", "max_token_ttl", b"max_token_ttl", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

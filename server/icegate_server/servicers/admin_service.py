@@ -128,7 +128,16 @@ def policy_from_proto(message: admin_pb2.SessionPolicy) -> SessionPolicy:
         max_token_ttl_seconds=_optional_seconds(message, "max_token_ttl"),
         max_session_duration_seconds=_optional_seconds(message, "max_session_duration"),
         caller_options=tuple(message.caller_options),
+        enforcement=_ENFORCEMENTS.get(message.enforcement, "?"),
     )
+
+
+_ENFORCEMENTS = {
+    admin_pb2.SESSION_POLICY_ENFORCEMENT_UNSPECIFIED: "",
+    admin_pb2.SESSION_POLICY_ENFORCEMENT_RESTORE: "restore",
+    admin_pb2.SESSION_POLICY_ENFORCEMENT_HANG_UP: "hang_up",
+}
+_ENFORCEMENT_VALUES = {name: value for value, name in _ENFORCEMENTS.items()}
 
 
 def policy_to_proto(policy: SessionPolicy) -> admin_pb2.SessionPolicy:
@@ -141,7 +150,9 @@ def policy_to_proto(policy: SessionPolicy) -> admin_pb2.SessionPolicy:
         allowed_models=policy.allowed_models, default_model=policy.default_model,
         allowed_voices=policy.allowed_voices, instructions=policy.instructions,
         instructions_template=policy.instructions_template, tools=tools,
-        caller_options=policy.caller_options)
+        caller_options=policy.caller_options,
+        enforcement=_ENFORCEMENT_VALUES.get(
+            policy.enforcement, admin_pb2.SESSION_POLICY_ENFORCEMENT_UNSPECIFIED))
     if policy.max_token_ttl_seconds is not None:
         message.max_token_ttl.seconds = policy.max_token_ttl_seconds
     if policy.max_session_duration_seconds is not None:

@@ -56,6 +56,8 @@ class SessionPolicy:
         max_token_ttl_seconds: The cap on the provider token's lifetime; None for none.
         max_session_duration_seconds: How long a session may last at most; None for no cap.
         caller_options: The SessionOptions fields a caller may set at all.
+        enforcement: What a call's sideband does when the browser changes a fixed field:
+            "restore", "hang_up", or "" for nothing (`sessions.sideband`).
     """
 
     allowed_models: tuple[str, ...] = ()
@@ -67,6 +69,7 @@ class SessionPolicy:
     max_token_ttl_seconds: int | None = None
     max_session_duration_seconds: int | None = None
     caller_options: tuple[str, ...] = ()
+    enforcement: str = ""
 
     def to_json(self) -> str:
         """The record the store keeps."""
@@ -282,6 +285,11 @@ def validate_policy(policy: SessionPolicy, provider: Provider) -> None:
                              model=_any_model(policy)), "max_token_ttl")
     _whole_seconds(policy.max_session_duration_seconds, "policy.max_session_duration", 1,
                    MAX_SESSION_DURATION_SECONDS)
+    if policy.enforcement not in ("", "restore", "hang_up"):
+        raise InvalidFieldError("policy.enforcement", "must be a SessionPolicyEnforcement")
+    if policy.enforcement and provider.kind is not ProviderKind.OPENAI:
+        raise InvalidFieldError("policy.enforcement",
+                                "is only available for openai (its calls' sideband)")
 
 
 def _any_model(policy: SessionPolicy) -> str:

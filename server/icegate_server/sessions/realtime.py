@@ -56,6 +56,7 @@ from icegate_server.sessions.providers import (
 from icegate_server.sessions.providers.azure import AzureProvider
 from icegate_server.sessions.providers.openai import OpenAIProvider
 from icegate_server.sessions.providers.upstream_text import sdp_lines_fit
+from icegate_server.sessions.sideband import LockedSession, Sidebands
 from icegate_server.store import Store
 from icegate_server.store.base import SessionAdmission, SessionOutcome, SessionRecord, month_of
 from icegate_server.turn.credentials import TurnCredentialIssuer
@@ -95,6 +96,8 @@ T = TypeVar("T")
 Upstream = Callable[[str, SessionOptions, float], Awaitable[T]]
 """The provider call of a session start: (api key, options held to the policy, seconds
 left) -> what the provider answered."""
+OnStarted = Callable[[T, str, SessionOptions, "SessionPolicy | None", str], None]
+"""Called once a session started: (provider answer, api key, options sent, policy, id)."""
 CALLING_PROVIDERS = (OpenAIProvider, AzureProvider)
 """The adapters CreateCall takes (the GA calls API)."""
 MAX_SDP_OFFER_CHARS = 32 * 1024
@@ -146,7 +149,8 @@ class RealtimeSessions:
                  providers: Mapping[ProviderKind, Provider], issuer: TurnCredentialIssuer,
                  stun_uris: tuple[str, ...], clock: Clock, *, lease_seconds: int = 3600,
                  upstream_seconds: float = 35.0,
-                 session_ids: Callable[[], str] = new_session_id) -> None:
+                 session_ids: Callable[[], str] = new_session_id,
+                 sidebands: Sidebands | None = None) -> None:
         """
         Args:
             lease_seconds: The life of a session's lease, renewed by KeepAliveSession.
@@ -164,6 +168,7 @@ class RealtimeSessions:
         self._upstream_seconds = upstream_seconds
         self._session_ids = session_ids
         self._giving_back: set[asyncio.Task[None]] = set()
+        self._sidebands = sidebands or Sidebands()
 
     def _provider(self, kind: ProviderKind, options: SessionOptions) -> Provider:
         provider = self._providers.get(kind)
@@ -217,9 +222,26 @@ class RealtimeSessions:
         async def call(api_key: str, held: SessionOptions, left: float) -> CreatedCall:
             return await calling.create_call(api_key, held, sdp_offer, timeout=left)
 
+        def enforce(created: CreatedCall, api_key: str, held: SessionOptions,
+                    policy: SessionPolicy | None, session_id: str) -> None:
+            if policy is None or not policy.enforcement or not created.call_id or \
+                    not isinstance(provider, OpenAIProvider):
+                return
+            locked = locked_session(policy, held)
+            if locked.empty:
+                return
+            url, headers = provider.sideband(api_key, created.call_id)
+
+            async def hang_up() -> None:
+                await self._end_by_policy(project.project_id, session_id)
+
+            self._sidebands.watch(session_id, created.call_id, url, headers, locked,
+                                  restore=policy.enforcement == "restore", hang_up=hang_up)
+
         started = await self._start(project, kind, provider, options, user_id=user_id,
                                     turn_ttl=turn_ttl, timeout=timeout, upstream=call,
-                                    call_id_of=lambda created: created.call_id)
+                                    call_id_of=lambda created: created.call_id,
+                                    on_started=enforce)
         return CreatedCallSession(started.session_id, started.result, started.ice_servers,
                                   started.create_time, started.lease_expires_at)
 
@@ -233,7 +255,8 @@ class RealtimeSessions:
     async def _start(self, project: Project, kind: ProviderKind, provider: Provider,
                      options: SessionOptions, *, user_id: str, turn_ttl: float | None,
                      timeout: float | None, upstream: Upstream[T],
-                     call_id_of: Callable[[T], str] | None = None) -> _Started[T]:
+                     call_id_of: Callable[[T], str] | None = None,
+                     on_started: OnStarted[T] | None = None) -> _Started[T]:
         """What CreateSession and CreateCall share: policy, TURN credential, pending lease,
         the provider call `upstream`, confirmation; everything given back on failure."""
         # `timeout` was measured when the call arrived: every step counts against it, the
@@ -298,6 +321,8 @@ class RealtimeSessions:
         except BaseException:
             await self._give_back(project.project_id, session_id, month, after=confirming)
             raise
+        if on_started is not None:
+            on_started(result, api_key, options, policy, session_id)
         return _Started(session_id, result, build_ice_servers(self._stun_uris, credential),
                         now_ms / 1000, (confirmed_ms + lease_ms) / 1000)
 
@@ -333,8 +358,10 @@ class RealtimeSessions:
         await asyncio.wait({task}, timeout=GIVE_BACK_WAIT_SECONDS)
 
     async def close(self) -> None:
-        """Lets give-backs in flight finish (up to `GIVE_BACK_WAIT_SECONDS`), then stops the
-        rest: what they held frees itself when its lease or pending life ends."""
+        """Stops the sidebands; lets give-backs in flight finish (up to
+        `GIVE_BACK_WAIT_SECONDS`), then stops the rest: what they held frees itself when its
+        lease or pending life ends."""
+        await self._sidebands.close()
         if self._giving_back:
             await asyncio.wait(set(self._giving_back), timeout=GIVE_BACK_WAIT_SECONDS)
         for task in list(self._giving_back):
@@ -425,11 +452,21 @@ class RealtimeSessions:
                 logger.warning("ended calls not reaped this round (store unavailable)")
             await asyncio.sleep(interval)
 
+    async def _end_by_policy(self, project_id: str, session_id: str) -> None:
+        """Ends a session whose browser broke its policy (enforcement `hang_up`): its lease,
+        and its call (if no EndSession or reaper took it meanwhile)."""
+        await self._store.end_session(project_id=project_id, session_id=session_id,
+                                      now_ms=int(self._clock.now() * 1000))
+        record = await self._store.take_session_record(project_id, session_id)
+        if record is not None and record.call_id:
+            await self.hang_up(record)
+
     async def hang_up(self, record: SessionRecord) -> None:
         """Hangs up the provider call of an ended session: a step of its own, beside the lease
         release (and the end of its TURN allocations), so a provider that is down does not
         keep the session's slot. A failure is logged (no key, no provider text) and left:
         the provider ends a call nobody speaks on by itself."""
+        await self._sidebands.stop(record.session_id)
         kind = ProviderKind(record.provider)
         provider = self._providers.get(kind)
         if not isinstance(provider, CALLING_PROVIDERS):
@@ -442,6 +479,17 @@ class RealtimeSessions:
             logger.warning("call %s of session %s (project %s) not hung up: %s (HTTP %d)",
                            Safe(record.call_id), Safe(record.session_id),
                            Safe(record.project_id), Safe(type(error).__name__), status)
+
+
+def locked_session(policy: SessionPolicy, sent: SessionOptions) -> LockedSession:
+    """What of the session `sent` the policy fixed, for its sideband to hold."""
+    fixed_instructions = bool(policy.instructions or policy.instructions_template)
+    return LockedSession(
+        instructions=sent.instructions if fixed_instructions else None,
+        tool_names=tuple(str(tool.get("name")) for tool in sent.tools) if policy.tools
+        else None,
+        tools=tuple(sent.tools) if policy.tools else (),
+        voice=sent.voice if policy.allowed_voices and sent.voice else None)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -206,6 +206,8 @@ class _OpenAIBase:
         """
         self._url = base_url.rstrip("/") + self._path
         self._calls_url = base_url.rstrip("/") + "/v1/realtime/calls"
+        # The sideband of a call is a WebSocket on the same host (wss for https).
+        self._sideband_url = "ws" + base_url.rstrip("/").removeprefix("http") + "/v1/realtime"
         self._http = UpstreamHttp(runtime, self.kind)
         self._extra_headers = {
             name: value
@@ -258,6 +260,12 @@ class OpenAIProvider(_OpenAIBase):
             "POST", self._calls_url, headers=auth, files=call_parts(options, model, sdp_offer),
             json_answer=False, deadline=self._http.deadline(timeout), secrets=(api_key,))
         return parse_call(answer, model)
+
+    def sideband(self, api_key: str, call_id: str) -> tuple[str, dict[str, str]]:
+        """The URL and headers of a call's sideband WebSocket (`?call_id=`), with the key."""
+        check_api_key(api_key, self.kind)
+        return (f"{self._sideband_url}?call_id={checked_call_id(call_id)}",
+                {"Authorization": f"Bearer {api_key}", **self._extra_headers})
 
     async def hang_up(self, api_key: str, call_id: str, *, timeout: float | None) -> None:
         """See `CallingProvider.hang_up`: `POST /v1/realtime/calls/{call_id}/hangup`."""
