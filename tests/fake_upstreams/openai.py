@@ -6,11 +6,13 @@ import email.policy
 import itertools
 import json
 import re
+import socket
 import time
 from email.parser import BytesParser
 from typing import TYPE_CHECKING, Any
 
 from fake_upstreams.server import CannedResponse, RecordedRequest
+from fake_upstreams.websocket import ServerWebSocket
 
 if TYPE_CHECKING:
     from fake_upstreams.webrtc_peer import RealtimePeers
@@ -164,6 +166,8 @@ class OpenAIEmulation:
         self.api_key = api_key
         self.peers = peers
         self.hung_up: list[str] = []
+        self.sidebands_opened: list[str] = []
+        self.sideband_updates: list[dict[str, Any]] = []
 
     def __call__(self, request: RecordedRequest) -> CannedResponse:
         if request.headers.get("authorization") != f"Bearer {self.api_key}":
@@ -194,3 +198,23 @@ class OpenAIEmulation:
                 return openai_error(400, "Missing required parameter: 'model'.", param="model")
             return beta_answer(body, request_id)
         return openai_error(404, f"Invalid URL ({request.method} {request.path})")
+
+    def websocket(self, request: RecordedRequest, connection: socket.socket,
+                  head: bytes) -> None:
+        """`GET /v1/realtime?call_id=...` upgraded: a call's sideband. The call's events
+        reach it; its `session.update` changes the call's session."""
+        call_id = (request.query.get("call_id") or [""])[0]
+        if request.path != "/v1/realtime" or self.peers is None or \
+                request.headers.get("authorization") != f"Bearer {self.api_key}":
+            connection.sendall(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
+            return
+        sideband = ServerWebSocket(connection, head)
+        if not self.peers.attach_sideband(call_id, sideband):
+            sideband.close()
+            return
+        self.sidebands_opened.append(call_id)
+        for message in sideband.messages():
+            event = json.loads(message)
+            if event.get("type") == "session.update":
+                self.sideband_updates.append(event)
+                self.peers.update(call_id, event.get("session") or {})

@@ -38,6 +38,8 @@ class CallPeer:
     channel: RTCDataChannel | None = None
     received: list[dict[str, Any]] = field(default_factory=list)
     hung_up: bool = False
+    sidebands: list[Any] = field(default_factory=list)
+    """The sideband sockets of the call (each with `send(text)` and `close()`)."""
 
 
 class RealtimePeers:
@@ -107,16 +109,51 @@ class RealtimePeers:
                 peer.received.append(event)
                 if self.on_event is not None:
                     self.on_event(peer, event)
+                if event.get("type") == "session.update":
+                    self._apply_update(peer, event.get("session") or {})
 
         await connection.setRemoteDescription(RTCSessionDescription(offer, "offer"))
         await connection.setLocalDescription(await connection.createAnswer())
         return connection.localDescription.sdp, call_id
+
+    def update(self, call_id: str, patch: dict[str, Any]) -> None:
+        """Applies a `session.update` from the call's sideband (any thread)."""
+        peer = self.calls.get(call_id)
+        if peer is not None:
+            self._loop.call_soon_threadsafe(self._apply_update, peer, patch)
+
+    def attach_sideband(self, call_id: str, sideband: Any) -> bool:
+        """Adds a sideband socket to a live call; False when there is no such call."""
+        peer = self.calls.get(call_id)
+        if peer is None or peer.hung_up:
+            return False
+        peer.sidebands.append(sideband)
+        return True
+
+    def _apply_update(self, peer: CallPeer, patch: dict[str, Any]) -> None:
+        """What the provider does with a `session.update`, from the browser or a sideband:
+        the fields change, and every listener hears `session.updated`."""
+        for key, value in patch.items():
+            if key == "audio" and isinstance(value, dict):
+                audio = peer.session.setdefault("audio", {})
+                for side, fields in value.items():
+                    audio.setdefault(side, {}).update(fields)
+            elif key != "type":
+                peer.session[key] = value
+        event = json.dumps({"type": "session.updated", "event_id": f"event_{next(_ids)}",
+                            "session": {"id": f"sess_{peer.call_id}", **peer.session}})
+        if peer.channel is not None and peer.channel.readyState == "open":
+            peer.channel.send(event)
+        for sideband in list(peer.sidebands):
+            sideband.send(event)
 
     async def _hang_up(self, call_id: str) -> bool:
         peer = self.calls.get(call_id)
         if peer is None or peer.hung_up:
             return False
         peer.hung_up = True
+        for sideband in peer.sidebands:
+            sideband.close()
         await peer.connection.close()
         return True
 

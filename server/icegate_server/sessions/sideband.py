@@ -34,6 +34,8 @@ MAX_RESTORES = 20
 """A browser that changes the locked fields this many times is hung up, whatever the mode:
 it is fighting the policy, and each restore costs the project a round of provider work."""
 OPEN_TIMEOUT_SECONDS = 10.0
+CLOSE_TIMEOUT_SECONDS = 2.0
+"""How long stopping a watcher (EndSession) waits for the provider to close the socket."""
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,8 @@ class Sidebands:
         restores = 0
         try:
             async with connect(url, additional_headers=headers, max_size=MAX_EVENT_BYTES,
-                               open_timeout=OPEN_TIMEOUT_SECONDS) as socket:
+                               open_timeout=OPEN_TIMEOUT_SECONDS,
+                               close_timeout=CLOSE_TIMEOUT_SECONDS) as socket:
                 async for message in socket:
                     event = _event(message)
                     if event.get("type") not in ("session.created", "session.updated"):
