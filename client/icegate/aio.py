@@ -36,6 +36,7 @@ from icegate.v1 import (
 
 if TYPE_CHECKING:
     from pyqwest import HTTPTransport
+    from typing_extensions import Unpack
 
 log = logging.getLogger("icegate")
 
@@ -249,12 +250,13 @@ class AsyncClient:
     async def create_session(
         self, provider: requests.ProviderName = "openai", *, project_id: str = "",
         user_id: str = "", turn_ttl: requests.Ttl = None, timeout: float | None = None,
-        metadata: Metadata = (), **options: Any,
+        metadata: Metadata = (), **options: Unpack[requests.SessionOptionArgs],
     ) -> sessions_pb2.CreateSessionResponse:
         """Creates a realtime session: a provider token plus ICE servers, under the quota.
 
-        `options` are SessionOptions fields: model, voice, instructions, temperature, speed,
-        token_ttl, modalities, email. Not retried: a retry would create a second session.
+        `options` are SessionOptions fields (`requests.SessionOptionArgs`): model, voice,
+        instructions, type, turn_detection, tools... Not retried: a retry would create a
+        second session.
         """
         request = sessions_pb2.CreateSessionRequest(
             project_id=project_id, provider=requests.provider(provider),
@@ -266,7 +268,8 @@ class AsyncClient:
 
     async def mint_ephemeral_token(
         self, provider: requests.ProviderName = "openai", *, project_id: str = "",
-        timeout: float | None = None, metadata: Metadata = (), **options: Any,
+        timeout: float | None = None, metadata: Metadata = (),
+        **options: Unpack[requests.SessionOptionArgs],
     ) -> sessions_pb2.MintEphemeralTokenResponse:
         """A provider token alone (rate limited, but no quota unit and no lease)."""
         return await self._call(self._sessions.MintEphemeralToken,  # type: ignore[no-any-return]
@@ -274,6 +277,25 @@ class AsyncClient:
                               project_id=project_id, provider=requests.provider(provider),
                               options=requests.session_options(**options)),
                           timeout, metadata)
+
+    async def create_call(
+        self, sdp_offer: str, provider: requests.ProviderName = "openai", *,
+        project_id: str = "", user_id: str = "", turn_ttl: requests.Ttl = None,
+        timeout: float | None = None, metadata: Metadata = (),
+        **options: Unpack[requests.SessionOptionArgs],
+    ) -> sessions_pb2.CreateCallResponse:
+        """Starts a provider call for the browser's SDP offer (OpenAI or Azure GA) with the
+        project's key, under the quota: the answer SDP, call id, session id and ICE servers.
+
+        The browser never holds a token. Not retried: a retry would start a second call.
+        """
+        request = sessions_pb2.CreateCallRequest(
+            project_id=project_id, provider=requests.provider(provider),
+            options=requests.session_options(**options), sdp_offer=sdp_offer, user_id=user_id)
+        if turn_ttl is not None:
+            request.turn_ttl.CopyFrom(requests.duration(turn_ttl))
+        return await self._call(self._sessions.CreateCall,  # type: ignore[no-any-return]
+                          request, timeout, metadata)
 
     async def keep_alive_session(self, session_id: str, *, project_id: str = "",
                            timeout: float | None = None,
@@ -289,6 +311,37 @@ class AsyncClient:
         """Ends a session, freeing its concurrency slot."""
         await self._call(self._sessions.EndSession,
                    sessions_pb2.EndSessionRequest(project_id=project_id, session_id=session_id),
+                   timeout, metadata)
+
+    # -- session policies (admin keys only) ------------------------------------------------
+
+    async def set_session_policy(self, project_id: str, provider: str,
+                           policy: requests.SessionPolicyLike, *,
+                           timeout: float | None = None,
+                           metadata: Metadata = ()) -> admin_pb2.SetSessionPolicyResponse:
+        """Sets the project's session policy for a provider family (openai, azure, orga,
+        gemini), replacing the previous one; `policy` is the message or its JSON as a dict."""
+        return (await self._call(self._admin.SetSessionPolicy,  # type: ignore[no-any-return]
+                          admin_pb2.SetSessionPolicyRequest(
+                              project_id=project_id, provider=provider,
+                              policy=requests.session_policy(policy)),
+                          timeout, metadata))
+
+    async def get_session_policy(self, project_id: str, provider: str, *,
+                           timeout: float | None = None,
+                           metadata: Metadata = ()) -> admin_pb2.GetSessionPolicyResponse:
+        """The project's session policy for a provider family; NotFoundError when none."""
+        return (await self._call(self._admin.GetSessionPolicy,  # type: ignore[no-any-return]
+                          admin_pb2.GetSessionPolicyRequest(project_id=project_id,
+                                                            provider=provider),
+                          timeout, metadata))
+
+    async def delete_session_policy(self, project_id: str, provider: str, *,
+                              timeout: float | None = None, metadata: Metadata = ()) -> None:
+        """Deletes the project's session policy for a provider family."""
+        await self._call(self._admin.DeleteSessionPolicy,
+                   admin_pb2.DeleteSessionPolicyRequest(project_id=project_id,
+                                                        provider=provider),
                    timeout, metadata)
 
     # -- provider keys (admin keys only) ----------------------------------------------------

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from google.protobuf import json_format
@@ -80,11 +81,83 @@ def _add_session_commands(session: argparse.ArgumentParser) -> None:
     create.add_argument("--modality", action="append", default=[], dest="modalities",
                         help="audio or text; repeat for several")
     create.add_argument("--email", default="", help="Orga only: the end user's e-mail")
+    create.add_argument("--var", action="append", default=[], dest="variables",
+                        metavar="NAME=VALUE",
+                        help="a variable of the project's instructions template; repeat")
+    _add_ga_session_flags(create)
+    call = commands.add_parser("call", help="start a provider call for a browser's SDP "
+                               "offer (OpenAI, Azure): prints the answer SDP and ids")
+    call.add_argument("--provider", default="openai", help="openai or azure")
+    call.add_argument("--sdp-file", required=True, help="the offer (SDP); - for stdin")
+    call.add_argument("--project", default="", help="project id (admin keys only)")
+    call.add_argument("--user", default="", help="end user the TURN credential is for")
+    call.add_argument("--model", default="")
+    call.add_argument("--voice", default="")
+    call.add_argument("--var", action="append", default=[], dest="variables",
+                      metavar="NAME=VALUE",
+                      help="a variable of the project's instructions template; repeat")
     for name, help_text in (("keepalive", "renew a session's lease"),
                             ("end", "end a session, freeing its slot")):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("session_id")
         command.add_argument("--project", default="")
+
+
+def _add_ga_session_flags(command: argparse.ArgumentParser) -> None:
+    """The GA session's options (protos/icegate/v1/sessions.proto; README's provider table)."""
+    command.add_argument("--type", default="", help="realtime (default) or transcription")
+    command.add_argument("--input-audio-format", default="",
+                         help="audio/pcm, audio/pcmu or audio/pcma")
+    command.add_argument("--output-audio-format", default="",
+                         help="audio/pcm, audio/pcmu or audio/pcma")
+    command.add_argument("--turn-detection", default="",
+                         help="server_vad, semantic_vad or none")
+    command.add_argument("--transcription-model", default="",
+                         help="transcribe the user's audio with this model")
+    command.add_argument("--transcription-language", default="", help="e.g. en")
+    command.add_argument("--noise-reduction", default="", help="near_field or far_field")
+    command.add_argument("--tools-file", help="a JSON list of tools (the provider's shape)")
+    command.add_argument("--tool-choice", default="",
+                         help="auto, none, required or a function name")
+    command.add_argument("--max-output-tokens", type=int)
+    command.add_argument("--trace", nargs="?", const="", default=None, metavar="WORKFLOW",
+                         help="trace the session (optionally under a workflow name)")
+    command.add_argument("--prompt-id", default="", help="a prompt stored at the provider")
+    command.add_argument("--prompt-version", default="")
+
+
+def _ga_session_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "type": args.type, "input_audio_format": args.input_audio_format,
+        "output_audio_format": args.output_audio_format,
+        "noise_reduction": args.noise_reduction, "tool_choice": args.tool_choice,
+        "max_output_tokens": args.max_output_tokens}
+    if args.turn_detection:
+        options["turn_detection"] = {"type": args.turn_detection}
+    if args.transcription_model or args.transcription_language:
+        options["input_transcription"] = {"model": args.transcription_model,
+                                          "language": args.transcription_language}
+    if args.tools_file:
+        tools = json.loads(Path(args.tools_file).read_text("utf-8"))
+        if not isinstance(tools, list):
+            raise ValueError(f"{args.tools_file} must hold a JSON list of tools")
+        options["tools"] = tools
+    if args.trace is not None:
+        options["tracing"] = {"workflow_name": args.trace} if args.trace else True
+    if args.prompt_id:
+        options["prompt"] = {"id": args.prompt_id, "version": args.prompt_version}
+    return options
+
+
+def _variables(pairs: list[str]) -> dict[str, str]:
+    """`NAME=VALUE` arguments as a dict."""
+    variables = {}
+    for pair in pairs:
+        name, equals, value = pair.partition("=")
+        if not equals or not name:
+            raise ValueError(f"--var needs NAME=VALUE, not {pair[:64]!r}")
+        variables[name] = value
+    return variables
 
 
 def _run_session(args: argparse.Namespace, client: Client) -> Any:
@@ -93,7 +166,8 @@ def _run_session(args: argparse.Namespace, client: Client) -> Any:
             args.provider, project_id=args.project, user_id=args.user, model=args.model,
             voice=args.voice, instructions=args.instructions, temperature=args.temperature,
             speed=args.speed, token_ttl=args.token_ttl, modalities=args.modalities,
-            email=args.email)
+            email=args.email, instruction_variables=_variables(args.variables),
+            **_ga_session_options(args))
         answer = _as_dict(created)
         # What a browser takes, in the shape the seeds' frontends expect.
         answer["browser"] = {
@@ -102,6 +176,17 @@ def _run_session(args: argparse.Namespace, client: Client) -> Any:
                                            *created.provider_ice_servers]),
         }
         return answer
+    if args.session_command == "call":
+        offer = sys.stdin.read() if args.sdp_file == "-" else \
+            Path(args.sdp_file).read_text("ascii")
+        started = client.create_call(
+            offer, args.provider, project_id=args.project, user_id=args.user,
+            model=args.model, voice=args.voice,
+            instruction_variables=_variables(args.variables))
+        result = _as_dict(started)
+        result["browser"] = {"sdp": started.sdp_answer,
+                             "iceServers": rtc_ice_servers(started.ice_servers)}
+        return result
     if args.session_command == "keepalive":
         return _as_dict(client.keep_alive_session(args.session_id, project_id=args.project))
     client.end_session(args.session_id, project_id=args.project)
@@ -140,6 +225,17 @@ def _add_admin_commands(admin: argparse.ArgumentParser) -> None:
     for name in ("get", "delete"):
         project.add_parser(name, help=f"{name} a project").add_argument("project_id")
     project.add_parser("list", help="list every project")
+    policy = project.add_parser("policy", help="a project's session policy per provider").\
+        add_subparsers(dest="policy_command", required=True)
+    set_policy = policy.add_parser(
+        "set", help="set the policy from a JSON file (the SessionPolicy message's JSON; - "
+        "for standard input)")
+    set_policy.add_argument("--file", required=True, help="policy.json, or - for stdin")
+    for name, help_text in (("set", None), ("get", "print the policy"),
+                            ("delete", "delete the policy")):
+        command = set_policy if name == "set" else policy.add_parser(name, help=help_text)
+        command.add_argument("--project", required=True)
+        command.add_argument("--provider", required=True, help="openai, azure, orga, gemini")
 
     key = groups.add_parser("key", help="caller keys").add_subparsers(
         dest="admin_command", required=True)
@@ -199,6 +295,8 @@ def _run_admin(args: argparse.Namespace, client: Client) -> Any:
         return {"deleted": args.project_id}
     if command == ("project", "list"):
         return [_as_dict(p) for p in client.list_all_projects()]
+    if command == ("project", "policy"):
+        return _run_policy(args, client)
     if command == ("key", "create"):
         return _as_dict(client.create_api_key(args.project or "", admin=args.admin,
                                               display_name=args.name))
@@ -224,6 +322,22 @@ def _run_admin(args: argparse.Namespace, client: Client) -> Any:
     if command == ("turn-secret", "list"):
         return [_as_dict(s) for s in client.list_turn_secrets()]
     raise AssertionError(command)
+
+
+def _run_policy(args: argparse.Namespace, client: Client) -> Any:
+    if args.policy_command == "set":
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text("utf-8")
+        try:
+            policy = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{args.file} is not JSON: {error}") from None
+        if not isinstance(policy, dict):
+            raise ValueError(f"{args.file} must hold a JSON object")
+        return _as_dict(client.set_session_policy(args.project, args.provider, policy))
+    if args.policy_command == "get":
+        return _as_dict(client.get_session_policy(args.project, args.provider))
+    client.delete_session_policy(args.project, args.provider)
+    return {"deleted": f"{args.project}/{args.provider}"}
 
 
 def _run(args: argparse.Namespace, client: Client) -> Any:
@@ -265,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with Client(args.target, default_timeout=args.timeout, debug=args.debug,
                     tls=tls) as client:
             result = _run(args, client)
-    except (IcegateError, ConfigurationError, ValueError) as error:
+    except (IcegateError, ConfigurationError, ValueError, OSError) as error:
         print(f"icegate: {error}", file=sys.stderr)
         return 1
     if isinstance(result, str):

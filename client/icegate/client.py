@@ -35,6 +35,7 @@ from icegate.v1 import (
 
 if TYPE_CHECKING:
     from pyqwest import SyncHTTPTransport
+    from typing_extensions import Unpack
 
 log = logging.getLogger("icegate")
 
@@ -247,12 +248,13 @@ class Client:
     def create_session(
         self, provider: requests.ProviderName = "openai", *, project_id: str = "",
         user_id: str = "", turn_ttl: requests.Ttl = None, timeout: float | None = None,
-        metadata: Metadata = (), **options: Any,
+        metadata: Metadata = (), **options: Unpack[requests.SessionOptionArgs],
     ) -> sessions_pb2.CreateSessionResponse:
         """Creates a realtime session: a provider token plus ICE servers, under the quota.
 
-        `options` are SessionOptions fields: model, voice, instructions, temperature, speed,
-        token_ttl, modalities, email. Not retried: a retry would create a second session.
+        `options` are SessionOptions fields (`requests.SessionOptionArgs`): model, voice,
+        instructions, type, turn_detection, tools... Not retried: a retry would create a
+        second session.
         """
         request = sessions_pb2.CreateSessionRequest(
             project_id=project_id, provider=requests.provider(provider),
@@ -264,7 +266,8 @@ class Client:
 
     def mint_ephemeral_token(
         self, provider: requests.ProviderName = "openai", *, project_id: str = "",
-        timeout: float | None = None, metadata: Metadata = (), **options: Any,
+        timeout: float | None = None, metadata: Metadata = (),
+        **options: Unpack[requests.SessionOptionArgs],
     ) -> sessions_pb2.MintEphemeralTokenResponse:
         """A provider token alone (rate limited, but no quota unit and no lease)."""
         return self._call(self._sessions.MintEphemeralToken,  # type: ignore[no-any-return]
@@ -272,6 +275,25 @@ class Client:
                               project_id=project_id, provider=requests.provider(provider),
                               options=requests.session_options(**options)),
                           timeout, metadata)
+
+    def create_call(
+        self, sdp_offer: str, provider: requests.ProviderName = "openai", *,
+        project_id: str = "", user_id: str = "", turn_ttl: requests.Ttl = None,
+        timeout: float | None = None, metadata: Metadata = (),
+        **options: Unpack[requests.SessionOptionArgs],
+    ) -> sessions_pb2.CreateCallResponse:
+        """Starts a provider call for the browser's SDP offer (OpenAI or Azure GA) with the
+        project's key, under the quota: the answer SDP, call id, session id and ICE servers.
+
+        The browser never holds a token. Not retried: a retry would start a second call.
+        """
+        request = sessions_pb2.CreateCallRequest(
+            project_id=project_id, provider=requests.provider(provider),
+            options=requests.session_options(**options), sdp_offer=sdp_offer, user_id=user_id)
+        if turn_ttl is not None:
+            request.turn_ttl.CopyFrom(requests.duration(turn_ttl))
+        return self._call(self._sessions.CreateCall,  # type: ignore[no-any-return]
+                          request, timeout, metadata)
 
     def keep_alive_session(self, session_id: str, *, project_id: str = "",
                            timeout: float | None = None,
@@ -287,6 +309,37 @@ class Client:
         """Ends a session, freeing its concurrency slot."""
         self._call(self._sessions.EndSession,
                    sessions_pb2.EndSessionRequest(project_id=project_id, session_id=session_id),
+                   timeout, metadata)
+
+    # -- session policies (admin keys only) ------------------------------------------------
+
+    def set_session_policy(self, project_id: str, provider: str,
+                           policy: requests.SessionPolicyLike, *,
+                           timeout: float | None = None,
+                           metadata: Metadata = ()) -> admin_pb2.SetSessionPolicyResponse:
+        """Sets the project's session policy for a provider family (openai, azure, orga,
+        gemini), replacing the previous one; `policy` is the message or its JSON as a dict."""
+        return (self._call(self._admin.SetSessionPolicy,  # type: ignore[no-any-return]
+                          admin_pb2.SetSessionPolicyRequest(
+                              project_id=project_id, provider=provider,
+                              policy=requests.session_policy(policy)),
+                          timeout, metadata))
+
+    def get_session_policy(self, project_id: str, provider: str, *,
+                           timeout: float | None = None,
+                           metadata: Metadata = ()) -> admin_pb2.GetSessionPolicyResponse:
+        """The project's session policy for a provider family; NotFoundError when none."""
+        return (self._call(self._admin.GetSessionPolicy,  # type: ignore[no-any-return]
+                          admin_pb2.GetSessionPolicyRequest(project_id=project_id,
+                                                            provider=provider),
+                          timeout, metadata))
+
+    def delete_session_policy(self, project_id: str, provider: str, *,
+                              timeout: float | None = None, metadata: Metadata = ()) -> None:
+        """Deletes the project's session policy for a provider family."""
+        self._call(self._admin.DeleteSessionPolicy,
+                   admin_pb2.DeleteSessionPolicyRequest(project_id=project_id,
+                                                        provider=provider),
                    timeout, metadata)
 
     # -- provider keys (admin keys only) ----------------------------------------------------

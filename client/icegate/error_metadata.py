@@ -44,3 +44,7 @@ UPSTREAM_STATUS: Final = "upstream_status"
 """The HTTP status the provider answered; `0` when no answer came."""
 UPSTREAM_REQUEST_ID: Final = "upstream_request_id"
 """The provider's request id, only when it sent one."""
+
+# SESSION_POLICY
+FIELD: Final = "field"
+"""The SessionOptions field outside the project's session policy."""

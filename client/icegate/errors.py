@@ -3,7 +3,8 @@
     IcegateError
     ├── AuthenticationError          UNAUTHENTICATED (INVALID_API_KEY)
     ├── PermissionDeniedError        PERMISSION_DENIED
-    │   └── ProjectForbiddenError        PROJECT_FORBIDDEN
+    │   ├── ProjectForbiddenError        PROJECT_FORBIDDEN
+    │   └── SessionPolicyError           SESSION_POLICY (.field)
     ├── InvalidArgumentError         INVALID_ARGUMENT (INVALID_FIELD; .field_violations)
     ├── NotFoundError                NOT_FOUND
     ├── AlreadyExistsError           ALREADY_EXISTS
@@ -104,6 +105,14 @@ class PermissionDeniedError(IcegateError):
 
 class ProjectForbiddenError(PermissionDeniedError):
     """The key is valid but not for the project the call names."""
+
+
+class SessionPolicyError(PermissionDeniedError):
+    """An option lies outside the project's session policy; `field` names it."""
+
+    @property
+    def field(self) -> str:
+        return self.metadata.get(error_metadata.FIELD, "")
 
 
 class InvalidArgumentError(IcegateError):
@@ -275,6 +284,7 @@ _BY_REASON: dict[ErrorReason.ValueType, type[IcegateError]] = {
     ErrorReason.ERROR_REASON_CONCURRENT_LIMIT: ConcurrentLimitError,
     ErrorReason.ERROR_REASON_STORE_UNAVAILABLE: UnavailableError,
     ErrorReason.ERROR_REASON_COTURN_OUT_OF_STEP: CoturnOutOfStepError,
+    ErrorReason.ERROR_REASON_SESSION_POLICY: SessionPolicyError,
     ErrorReason.ERROR_REASON_UPSTREAM_NOT_CONFIGURED: UpstreamNotConfiguredError,
     ErrorReason.ERROR_REASON_UPSTREAM_AUTH_FAILED: UpstreamAuthFailedError,
     ErrorReason.ERROR_REASON_UPSTREAM_REJECTED: UpstreamRejectedError,

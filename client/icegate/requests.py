@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
+from typing import Any, TypedDict, TypeVar
 
-from google.protobuf import duration_pb2, field_mask_pb2
+from google.protobuf import duration_pb2, field_mask_pb2, json_format
+from google.protobuf.message import Message
 
 from icegate.v1 import admin_pb2, credentials_pb2, sessions_pb2
 
@@ -102,17 +105,117 @@ def provider(value: ProviderName) -> sessions_pb2.Provider.ValueType:
         raise ValueError(f"unknown provider {value!r}; one of {', '.join(names)}") from None
 
 
+MessageLike = Message | Mapping[str, Any]
+"""A nested option: its message, or its JSON form as a dict."""
+
+
+class SessionOptionArgs(TypedDict, total=False):
+    """The keyword options of `create_session` and `mint_ephemeral_token`: SessionOptions'
+    fields (protos/icegate/v1/sessions.proto says what each means and which provider takes
+    it). Nested ones take their message or its JSON as a dict."""
+
+    model: str
+    voice: str
+    instructions: str
+    temperature: float | None
+    speed: float | None
+    token_ttl: Ttl
+    modalities: Sequence[str]
+    email: str
+    instruction_variables: Mapping[str, str] | None
+    type: str
+    input_audio_format: str
+    output_audio_format: str
+    turn_detection: MessageLike | None
+    input_transcription: MessageLike | None
+    noise_reduction: str
+    tools: Sequence[Mapping[str, Any]]
+    tool_choice: str
+    max_output_tokens: int | None
+    tracing: MessageLike | bool | None
+    prompt: MessageLike | None
+
+
+NestedMessage = TypeVar("NestedMessage", bound=Message)
+
+
+def _nested(value: MessageLike, message: NestedMessage) -> NestedMessage:
+    """`message` filled from `value` (a message of its type, or its JSON as a dict)."""
+    message.SetInParent()  # present even when `value` sets nothing
+    if isinstance(value, Message):
+        message.CopyFrom(value)  # type: ignore[arg-type]  # (TypeError if another type)
+        return message
+    try:
+        return json_format.ParseDict(dict(value), message)
+    except json_format.ParseError as error:
+        raise ValueError(f"not a {type(message).__name__}: {error}") from None
+
+
 def session_options(*, model: str = "", voice: str = "", instructions: str = "",
                     temperature: float | None = None, speed: float | None = None,
-                    token_ttl: Ttl = None, modalities: tuple[str, ...] | list[str] = (),
-                    email: str = "") -> sessions_pb2.SessionOptions:
-    """The SessionOptions message of keyword options (None and empty mean the default)."""
-    message = sessions_pb2.SessionOptions(model=model, voice=voice, instructions=instructions,
-                                          modalities=list(modalities), email=email)
+                    token_ttl: Ttl = None, modalities: Sequence[str] = (),
+                    email: str = "", instruction_variables: Mapping[str, str] | None = None,
+                    type: str = "", input_audio_format: str = "",
+                    output_audio_format: str = "", turn_detection: MessageLike | None = None,
+                    input_transcription: MessageLike | None = None, noise_reduction: str = "",
+                    tools: Sequence[Mapping[str, Any]] = (), tool_choice: str = "",
+                    max_output_tokens: int | None = None,
+                    tracing: MessageLike | bool | None = None,
+                    prompt: MessageLike | None = None) -> sessions_pb2.SessionOptions:
+    """The SessionOptions message of keyword options (None and empty mean the default).
+
+    `type` is "realtime" or "transcription"; `tracing=True` asks for the provider's default
+    tracing.
+
+    Raises:
+        ValueError: An unknown `type`, or a nested option that is not its message's JSON.
+    """
+    message = sessions_pb2.SessionOptions(
+        model=model, voice=voice, instructions=instructions, modalities=list(modalities),
+        email=email, instruction_variables=dict(instruction_variables or {}),
+        input_audio_format=input_audio_format, output_audio_format=output_audio_format,
+        noise_reduction=noise_reduction, tool_choice=tool_choice)
+    if type:
+        try:
+            message.type = sessions_pb2.SessionType.Value("SESSION_TYPE_" + type.upper())
+        except ValueError:
+            raise ValueError(f"unknown session type {type!r}; realtime or transcription") \
+                from None
     if temperature is not None:
         message.temperature = temperature
     if speed is not None:
         message.speed = speed
     if token_ttl is not None:
         message.token_ttl.CopyFrom(duration(token_ttl))
+    if max_output_tokens is not None:
+        message.max_output_tokens = max_output_tokens
+    for tool in tools:
+        message.tools.add().update(dict(tool))
+    for name, value in (("turn_detection", turn_detection),
+                        ("input_transcription", input_transcription), ("prompt", prompt)):
+        if value is not None:
+            _nested(value, getattr(message, name))
+    if tracing is True:
+        message.tracing.SetInParent()
+    elif tracing not in (None, False):
+        assert not isinstance(tracing, bool)
+        message.tracing.CopyFrom(_nested(tracing, sessions_pb2.Tracing()))
     return message
+
+
+SessionPolicyLike = admin_pb2.SessionPolicy | Mapping[str, Any]
+"""A session policy: the message, or its JSON form as a dict (what `policy.json` holds)."""
+
+
+def session_policy(policy: SessionPolicyLike) -> admin_pb2.SessionPolicy:
+    """The SessionPolicy message of a message or of its JSON form.
+
+    Raises:
+        ValueError: A dict that is not a SessionPolicy's JSON (unknown field, wrong type).
+    """
+    if isinstance(policy, admin_pb2.SessionPolicy):
+        return policy
+    try:
+        return json_format.ParseDict(dict(policy), admin_pb2.SessionPolicy())
+    except json_format.ParseError as error:
+        raise ValueError(f"not a session policy: {error}") from None

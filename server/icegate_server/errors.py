@@ -17,6 +17,7 @@ they never contain a secret, a key or a token.
     ├── ConcurrentLimitError         RESOURCE_EXHAUSTED   CONCURRENT_LIMIT
     ├── StoreUnavailableError        UNAVAILABLE          STORE_UNAVAILABLE
     ├── CoturnOutOfStepError         FAILED_PRECONDITION  COTURN_OUT_OF_STEP
+    ├── SessionPolicyError           PERMISSION_DENIED    SESSION_POLICY
     └── UpstreamError
         ├── UpstreamNotConfiguredError   FAILED_PRECONDITION  UPSTREAM_NOT_CONFIGURED
         ├── UpstreamAuthFailedError      FAILED_PRECONDITION  UPSTREAM_AUTH_FAILED
@@ -121,6 +122,14 @@ class StoreUnavailableError(IcegateError):
 
 class CoturnOutOfStepError(IcegateError):
     """A TURN secret rotation coturn would not follow: icegate keeps no coturn userdb."""
+
+
+class SessionPolicyError(IcegateError):
+    """An option of the call lies outside the project's session policy; `field` names it."""
+
+    def __init__(self, field: str, description: str) -> None:
+        super().__init__(f"{field}: {description} (the project's session policy)")
+        self.field = field
 
 
 class UpstreamError(IcegateError):

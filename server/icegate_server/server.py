@@ -48,6 +48,7 @@ from icegate_server.servicers.admin_service import AdminServicer
 from icegate_server.servicers.credential_service import CredentialServicer
 from icegate_server.servicers.session_service import SessionServicer
 from icegate_server.servicers.usage_service import UsageServicer
+from icegate_server.sessions.policy import SessionPolicies
 from icegate_server.sessions.provider_keys import ProviderKeys
 from icegate_server.sessions.providers import (
     ProviderRuntime,
@@ -123,6 +124,8 @@ class IcegateServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.lease_gauge is not None:
             self._background.append(asyncio.create_task(self.lease_gauge.run()))
+        if self.sessions is not None:
+            self._background.append(asyncio.create_task(self.sessions.run_reaper()))
 
     async def stop(self, grace: float | None = None) -> None:
         """Reports NOT_SERVING, lets in-flight calls finish within `grace`, then releases all."""
@@ -250,7 +253,8 @@ async def create_server(
             (sessions_pb2.DESCRIPTOR.services_by_name["SessionService"],
              SessionServicer(sessions), guard),
             (admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
-             AdminServicer(admin, provider_keys, turn_secrets), guard),
+             AdminServicer(admin, provider_keys, turn_secrets,
+                           SessionPolicies(store, providers, clock)), guard),
             (usage_pb2.DESCRIPTOR.services_by_name["UsageService"],
              UsageServicer(UsageReporter(store, clock)), guard),
             (health_pb2.DESCRIPTOR.services_by_name["Health"], health_servicer, None),

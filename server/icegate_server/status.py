@@ -48,6 +48,8 @@ ERROR_TABLE: dict[type[errors.IcegateError], tuple[grpc.StatusCode, ErrorReason.
         (grpc.StatusCode.UNAVAILABLE, ErrorReason.ERROR_REASON_STORE_UNAVAILABLE),
     errors.CoturnOutOfStepError:
         (grpc.StatusCode.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_COTURN_OUT_OF_STEP),
+    errors.SessionPolicyError:
+        (grpc.StatusCode.PERMISSION_DENIED, ErrorReason.ERROR_REASON_SESSION_POLICY),
     errors.UpstreamNotConfiguredError:
         (grpc.StatusCode.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_UPSTREAM_NOT_CONFIGURED),
     errors.UpstreamAuthFailedError:
@@ -131,6 +133,8 @@ def to_rpc_status(error: errors.IcegateError) -> status_pb2.Status:
             error_metadata.CURRENT: str(error.current),
             error_metadata.MAX: str(error.maximum),
         })
+    elif isinstance(error, errors.SessionPolicyError):
+        metadata[error_metadata.FIELD] = error.field
     elif isinstance(error, errors.UpstreamError):
         metadata.update({
             error_metadata.PROVIDER: error.provider,

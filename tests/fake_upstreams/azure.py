@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from fake_upstreams.openai import beta_answer, check_ga_body, ga_answer
+from fake_upstreams.openai import answer_call, beta_answer, check_ga_body, ga_answer
 from fake_upstreams.server import CannedResponse, RecordedRequest
 
 LEGACY_API_VERSION = "2025-04-01-preview"
@@ -33,12 +33,19 @@ class AzureEmulation:
             return azure_error(401, "401", "Access denied due to invalid subscription key or "
                                "wrong API endpoint. Make sure to provide a valid key.")
         request_id = f"azreq-{next(_ids)}"
+        if request.method == "POST" and request.path == "/openai/v1/realtime/calls":
+            answer = answer_call(request, None, request_id, "/openai/v1/realtime/calls")
+            return CannedResponse(answer.status, answer.json_body, answer.raw_body,
+                                  {**answer.headers, "apim-request-id": request_id})
         body = request.json
         if request.method == "POST" and request.path == "/openai/v1/realtime/client_secrets":
             problem = check_ga_body(body)
             if problem:
                 return azure_error(400, "invalid_request_error", problem)
-            if body["session"].get("model") not in self.deployments:
+            session = body["session"]
+            deployment = session.get("model") or session.get("audio", {}).get(
+                "input", {}).get("transcription", {}).get("model")
+            if deployment not in self.deployments:
                 return azure_error(404, "DeploymentNotFound",
                                    "The API deployment for this resource does not exist.")
             answer = ga_answer(body["session"], body["expires_after"]["seconds"], request_id)

@@ -61,6 +61,9 @@ class RecordedRequest:
 
 
 Responder = Callable[[RecordedRequest], CannedResponse]
+WebSocketResponder = Callable[[RecordedRequest, socket.socket, bytes], None]
+"""Takes over a connection asking to upgrade to WebSocket: the request, its socket, and the
+request's head as sent (to hand to a WebSocket protocol)."""
 
 
 def _not_scripted(request: RecordedRequest) -> CannedResponse:
@@ -72,6 +75,7 @@ class FakeUpstream:
 
     def __init__(self, responder: Responder = _not_scripted) -> None:
         self.responder = responder
+        self.websocket: WebSocketResponder | None = getattr(responder, "websocket", None)
         self.requests: list[RecordedRequest] = []
         self._queue: deque[CannedResponse] = deque()
         self._always: CannedResponse | None = None
@@ -149,6 +153,15 @@ def _make_handler(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
                 headers={k.lower(): v for k, v in self.headers.items()},
                 body=body,
             )
+            if self.headers.get("Upgrade", "").lower() == "websocket" and fake.websocket:
+                with fake._lock:
+                    fake.requests.append(request)
+                    fake._arrived.notify_all()
+                self.close_connection = True
+                head = "".join(f"{name}: {value}\r\n" for name, value in self.headers.items())
+                fake.websocket(request, self.connection,
+                               f"{self.requestline}\r\n{head}\r\n".encode("latin-1"))
+                return
             canned = fake._next_response(request)
             if canned.delay and fake._stopping.wait(canned.delay):
                 self._reset()

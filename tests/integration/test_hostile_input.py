@@ -139,6 +139,26 @@ class Target:
         }
         if name == "DeleteProviderKey":
             self.admin.set_provider_key("default", "gemini", PROVIDER_KEYS["gemini"])
+        if name in ("GetSessionPolicy", "DeleteSessionPolicy"):
+            self.admin.set_session_policy("fuzz-spare", "openai", {"caller_options": ["voice"]})
+        policy = admin_pb2.SessionPolicy(
+            allowed_models=["gpt-realtime"], default_model="gpt-realtime",
+            allowed_voices=["echo"], instructions_template="Help ${who}.",
+            max_token_ttl=duration(seconds=300), max_session_duration=duration(seconds=900),
+            caller_options=["voice", "modalities"])
+        policy.tools.add().update({"type": "function", "name": "lookup"})
+        requests.update({
+            "CreateCall": lambda: sessions_pb2.CreateCallRequest(
+                project_id="default", provider=sessions_pb2.PROVIDER_OPENAI, options=options,
+                sdp_offer="v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n",
+                user_id="alice", turn_ttl=duration(seconds=600)),
+            "SetSessionPolicy": lambda: admin_pb2.SetSessionPolicyRequest(
+                project_id="fuzz-spare", provider="openai", policy=policy),
+            "GetSessionPolicy": lambda: admin_pb2.GetSessionPolicyRequest(
+                project_id="fuzz-spare", provider="openai"),
+            "DeleteSessionPolicy": lambda: admin_pb2.DeleteSessionPolicyRequest(
+                project_id="fuzz-spare", provider="openai"),
+        })
         if name not in requests:  # RPCs without fields: the empty request is the valid one
             method = next(m for m in METHODS if m.name == name)
             return message_factory.GetMessageClass(method.input_type)()
@@ -204,8 +224,8 @@ UPSTREAM_ONLY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 ECHOED_TOO_MUCH = "received metadata size exceeds"
 """grpc's words when the answer's trailers outgrow the client's metadata limit."""
 
-MINTING = {"CreateSession", "MintEphemeralToken"}
-CREDENTIAL_RPCS = {"IssueTurnCredentials", "GetIceServers", "CreateSession"}
+MINTING = {"CreateSession", "MintEphemeralToken", "CreateCall"}
+CREDENTIAL_RPCS = {"IssueTurnCredentials", "GetIceServers", "CreateSession", "CreateCall"}
 MUTATING = {"UpdateProject", "DeleteProject", "SetProviderKey", "DeleteProviderKey"}
 """Admin RPCs whose success may take from `default` what the other examples rely on."""
 
@@ -230,6 +250,16 @@ def error_info(error: grpc.RpcError) -> tuple[error_details_pb2.ErrorInfo | None
 
 def _strings(message: Any) -> Iterator[str]:
     for field, value in message.ListFields():
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            # A map (Struct's fields, instruction_variables): its keys, then its values.
+            yield from (key for key in value if isinstance(key, str))
+            inner = field.message_type.fields_by_name["value"]
+            for item in value.values():
+                if inner.message_type is not None:
+                    yield from _strings(item)
+                elif isinstance(item, str):
+                    yield item
+            continue
         values = value if field.is_repeated else [value]
         for item in values:
             if field.message_type is not None:
@@ -273,7 +303,8 @@ def check_answer(method: descriptor.MethodDescriptor, request: Any, code: grpc.S
         assert upstream_calls > 0, f"{where}: a token without asking the provider"
     if method.name in CREDENTIAL_RPCS:
         user = getattr(request, "user_id", "")
-        assert user or method.name == "CreateSession", f"{where}: a credential for no user"
+        assert user or method.name in ("CreateSession", "CreateCall"), \
+            f"{where}: a credential for no user"
     for text in _strings(response):
         # A TURN username is `<expiry>:<project>/<user>`: never with an empty user. A project
         # id has no `/`, so the user is all that follows the first one (it may hold `/`).
@@ -338,7 +369,8 @@ def test_the_strategy_reaches_every_field(method: descriptor.MethodDescriptor):
     field added to a proto is fuzzed at once)."""
     missing = set(field_paths(method.input_type))
 
-    @settings(max_examples=100, deadline=None, database=None,
+    # Requests with many nested fields (SessionOptions) need more examples to set each once.
+    @settings(max_examples=max(100, 6 * len(missing)), deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(STRATEGIES.message(method.input_type))
     def collect(request: Any) -> None:

@@ -29,6 +29,8 @@ from icegate_server.store.base import (
     AdmitOutcome,
     ProviderKeyRecord,
     SessionOutcome,
+    SessionPolicyRecord,
+    SessionRecord,
     Store,
     TurnSecretRecord,
     api_key_cursor,
@@ -1187,3 +1189,85 @@ def test_admission_sees_every_change_on_the_very_next_call(backend: Backend) -> 
                                   count=True)).outcome is AdmitOutcome.ADMITTED
 
     backend.run(scenario)
+
+
+# -- session policies and session records --------------------------------------------------------
+
+def test_session_policies_belong_to_an_existing_project_and_go_with_it(backend: Backend) -> None:
+    text = '{"allowed_voices":["marin"],"instructions":"Caf\\u00e9 \\u2615"}'
+    openai = SessionPolicyRecord("alpha", "openai", text, NOW)
+    gemini = SessionPolicyRecord("alpha", "gemini", "{}", NOW + 1)
+
+    async def scenario(store: Store) -> None:
+        assert await store.put_session_policy(openai) is False  # no project alpha yet
+        await store.create_project(project("alpha"))
+        assert await store.get_session_policy("alpha", "openai") is None
+        assert await store.put_session_policy(openai) is True
+        assert await store.put_session_policy(gemini) is True
+        assert await store.get_session_policy("alpha", "openai") == openai
+        replaced = SessionPolicyRecord("alpha", "openai", "{}", NOW + 5)
+        assert await store.put_session_policy(replaced) is True
+        assert await store.get_session_policy("alpha", "openai") == replaced
+        assert await store.delete_session_policy("alpha", "openai") is True
+        assert await store.delete_session_policy("alpha", "openai") is False
+        assert await store.get_session_policy("alpha", "gemini") == gemini
+        await store.delete_project("alpha", NOW)
+        await store.create_project(project("alpha"))
+        assert await store.get_session_policy("alpha", "gemini") is None
+
+    backend.run(scenario)
+
+
+def test_session_records_last_until_deleted_or_ended(backend: Backend) -> None:
+    ending = SessionRecord("alpha", "ses_ending", "openai", NOW + 1000)
+    endless = SessionRecord("alpha", "ses_endless", "azure", 0)
+
+    async def scenario(store: Store) -> None:
+        await store.put_session_record(ending, NOW)
+        await store.put_session_record(endless, NOW)
+        assert await store.get_session_record("alpha", "ses_ending") == ending
+        assert await store.get_session_record("beta", "ses_ending") is None
+        # A later write drops what ended by then; what never ends stays until deleted.
+        await store.put_session_record(SessionRecord("alpha", "ses_new", "openai", 0),
+                                       NOW + 1000)
+        assert await store.get_session_record("alpha", "ses_ending") is None
+        assert await store.get_session_record("alpha", "ses_endless") == endless
+        assert await store.take_session_record("alpha", "ses_endless") == endless
+        assert await store.take_session_record("alpha", "ses_endless") is None  # once
+        assert await store.get_session_record("alpha", "ses_endless") is None
+
+    backend.run(scenario)
+
+
+def test_the_records_of_calls_whose_lease_is_gone_are_taken_once(backend: Backend) -> None:
+    async def scenario(store: Store) -> list[list[SessionRecord]]:
+        await store.create_project(project("alpha"))
+        await store.put_provider_key(ProviderKeyRecord("alpha", "openai", b"k", "0000", NOW))
+        calls = {}
+        for name in ("live", "expiring", "ended", "ending"):
+            session_id = f"ses_{name}"
+            await store.begin_session(project_id="alpha", session_id=session_id, month=MONTH,
+                                      now_ms=NOW, pending_ms=5000, quota=10, max_concurrent=10,
+                                      provider="openai")
+            lease_ms = 1000 if name == "expiring" else 60_000
+            await store.confirm_session(project_id="alpha", session_id=session_id,
+                                        month=MONTH, now_ms=NOW, lease_ms=lease_ms)
+            ends_ms = NOW + 500 if name == "ending" else 0
+            calls[name] = SessionRecord("alpha", session_id, "openai", ends_ms,
+                                        call_id=f"rtc_{name}")
+            await store.put_session_record(calls[name], NOW)
+        # A record without a call is never taken here.
+        await store.put_session_record(SessionRecord("alpha", "ses_token", "openai"), NOW)
+        await store.end_session(project_id="alpha", session_id="ses_ended", now_ms=NOW)
+        first = await store.take_ended_calls(NOW + 2000, 10)
+        # Past its end, a call's record stays until taken (its lease decides).
+        await store.put_session_record(SessionRecord("alpha", "ses_x", "openai"), NOW + 2000)
+        again = await store.take_ended_calls(NOW + 2000, 10)
+        later = await store.take_ended_calls(NOW + 61_000, 10)
+        assert await store.get_session_record("alpha", "ses_token") is not None
+        return [sorted(first, key=lambda r: r.session_id), again, later]
+
+    first, again, later = backend.run(scenario)
+    assert [r.call_id for r in first] == ["rtc_ended", "rtc_expiring"]
+    assert again == []
+    assert sorted(r.call_id for r in later) == ["rtc_ending", "rtc_live"]

@@ -46,6 +46,8 @@ def sample(cls: type[errors.IcegateError]) -> errors.IcegateError:
     """An instance of `cls` as domain code would raise it."""
     if issubclass(cls, errors.InvalidFieldError):
         return cls("user_id", "must not contain ':'")
+    if issubclass(cls, errors.SessionPolicyError):
+        return cls("voice", "must be one of marin, cedar")
     if issubclass(cls, errors.RateLimitedError):
         return cls(limit=100, window_seconds=900, reset_at=RESET_AT, retry_after_seconds=41.2)
     if issubclass(cls, errors.QuotaExceededError):
@@ -73,6 +75,7 @@ CLIENT_CLASS: dict[type[errors.IcegateError], type[client_errors.IcegateError]] 
     errors.ConcurrentLimitError: client_errors.ConcurrentLimitError,
     errors.StoreUnavailableError: client_errors.UnavailableError,
     errors.CoturnOutOfStepError: client_errors.CoturnOutOfStepError,
+    errors.SessionPolicyError: client_errors.SessionPolicyError,
     errors.UpstreamNotConfiguredError: client_errors.UpstreamNotConfiguredError,
     errors.UpstreamAuthFailedError: client_errors.UpstreamAuthFailedError,
     errors.UpstreamRejectedError: client_errors.UpstreamRejectedError,
@@ -275,7 +278,7 @@ PUBLISHED_REASONS = {
     "INVALID_FIELD", "MALFORMED_REQUEST", "INVALID_API_KEY", "PROJECT_FORBIDDEN", "NOT_FOUND",
     "ALREADY_EXISTS", "RATE_LIMITED", "QUOTA_EXCEEDED", "CONCURRENT_LIMIT", "STORE_UNAVAILABLE",
     "COTURN_OUT_OF_STEP", "UPSTREAM_NOT_CONFIGURED", "UPSTREAM_AUTH_FAILED", "UPSTREAM_REJECTED",
-    "UPSTREAM_QUOTA_EXCEEDED", "UPSTREAM_UNAVAILABLE", "INTERNAL",
+    "UPSTREAM_QUOTA_EXCEEDED", "UPSTREAM_UNAVAILABLE", "INTERNAL", "SESSION_POLICY",
 }
 
 
@@ -351,7 +354,7 @@ METADATA_KEYS = {value for name, value in vars(error_metadata).items()
 PUBLISHED_METADATA_KEYS = {
     "limit", "window_seconds", "reset_at", "plan", "sessions_included", "sessions_used",
     "sessions_remaining", "upgrade_url", "resets_at", "current", "max", "provider",
-    "upstream_status", "upstream_request_id",
+    "upstream_status", "upstream_request_id", "field",
 }
 
 

@@ -21,7 +21,7 @@ from connectrpc.protocol import ProtocolType
 from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DEFAULT_READ_MAX_BYTES, Endpoint, EndpointSync
 from pyqwest import Client, SyncClient
 
-from .admin_pb2 import CreateApiKeyRequest, CreateApiKeyResponse, CreateProjectRequest, CreateProjectResponse, DeleteProjectRequest, DeleteProjectResponse, DeleteProviderKeyRequest, DeleteProviderKeyResponse, GetProjectRequest, GetProjectResponse, ListApiKeysRequest, ListApiKeysResponse, ListProjectsRequest, ListProjectsResponse, ListProviderKeysRequest, ListProviderKeysResponse, ListTurnSecretsRequest, ListTurnSecretsResponse, ResealProviderKeysRequest, ResealProviderKeysResponse, RevokeApiKeyRequest, RevokeApiKeyResponse, RotateTurnSecretRequest, RotateTurnSecretResponse, SetProviderKeyRequest, SetProviderKeyResponse, UpdateProjectRequest, UpdateProjectResponse
+from .admin_pb2 import CreateApiKeyRequest, CreateApiKeyResponse, CreateProjectRequest, CreateProjectResponse, DeleteProjectRequest, DeleteProjectResponse, DeleteProviderKeyRequest, DeleteProviderKeyResponse, DeleteSessionPolicyRequest, DeleteSessionPolicyResponse, GetProjectRequest, GetProjectResponse, GetSessionPolicyRequest, GetSessionPolicyResponse, ListApiKeysRequest, ListApiKeysResponse, ListProjectsRequest, ListProjectsResponse, ListProviderKeysRequest, ListProviderKeysResponse, ListTurnSecretsRequest, ListTurnSecretsResponse, ResealProviderKeysRequest, ResealProviderKeysResponse, RevokeApiKeyRequest, RevokeApiKeyResponse, RotateTurnSecretRequest, RotateTurnSecretResponse, SetProviderKeyRequest, SetProviderKeyResponse, SetSessionPolicyRequest, SetSessionPolicyResponse, UpdateProjectRequest, UpdateProjectResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Iterable, Mapping
@@ -145,6 +145,30 @@ class AdminService(Protocol):
     async def list_turn_secrets(self, request: ListTurnSecretsRequest, ctx: RequestContext[ListTurnSecretsRequest, ListTurnSecretsResponse], /) -> ListTurnSecretsResponse:
         """
         Lists the TURN secrets in force by id, the signer first. Never returns a secret.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def set_session_policy(self, request: SetSessionPolicyRequest, ctx: RequestContext[SetSessionPolicyRequest, SetSessionPolicyResponse], /) -> SetSessionPolicyResponse:
+        """
+        Sets a project's session policy for a provider, replacing any previous one. It binds
+        every session, token and call the project starts with that provider from the next call
+        on, on every replica. INVALID_ARGUMENT naming the policy field that breaks a rule
+        (including a model or voice the provider does not take); NOT_FOUND for an unknown
+        project. Safe to retry.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def get_session_policy(self, request: GetSessionPolicyRequest, ctx: RequestContext[GetSessionPolicyRequest, GetSessionPolicyResponse], /) -> GetSessionPolicyResponse:
+        """
+        Returns a project's session policy for a provider. NOT_FOUND when the project has none
+        for it (its callers may then set every option the provider takes). Safe to retry.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def delete_session_policy(self, request: DeleteSessionPolicyRequest, ctx: RequestContext[DeleteSessionPolicyRequest, DeleteSessionPolicyResponse], /) -> DeleteSessionPolicyResponse:
+        """
+        Deletes a project's session policy for a provider. NOT_FOUND when it has none. Safe to
+        retry (a retry answers NOT_FOUND).
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -315,6 +339,39 @@ class AdminServiceASGIApplication(ConnectASGIApplication[AdminService]):
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.list_turn_secrets,
+                ),
+                "/icegate.v1.AdminService/SetSessionPolicy": Endpoint.unary(
+                    method=MethodInfo(
+                        name="SetSessionPolicy",
+                        service_name="icegate.v1.AdminService",
+                        input=SetSessionPolicyRequest,
+                        output=SetSessionPolicyResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.set_session_policy,
+                ),
+                "/icegate.v1.AdminService/GetSessionPolicy": Endpoint.unary(
+                    method=MethodInfo(
+                        name="GetSessionPolicy",
+                        service_name="icegate.v1.AdminService",
+                        input=GetSessionPolicyRequest,
+                        output=GetSessionPolicyResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.get_session_policy,
+                ),
+                "/icegate.v1.AdminService/DeleteSessionPolicy": Endpoint.unary(
+                    method=MethodInfo(
+                        name="DeleteSessionPolicy",
+                        service_name="icegate.v1.AdminService",
+                        input=DeleteSessionPolicyRequest,
+                        output=DeleteSessionPolicyResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.delete_session_policy,
                 ),
             },
             interceptors=interceptors,
@@ -702,6 +759,81 @@ class AdminServiceClient(ConnectClient):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    async def set_session_policy(
+        self,
+        request: SetSessionPolicyRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> SetSessionPolicyResponse:
+        """
+        Sets a project's session policy for a provider, replacing any previous one. It binds
+        every session, token and call the project starts with that provider from the next call
+        on, on every replica. INVALID_ARGUMENT naming the policy field that breaks a rule
+        (including a model or voice the provider does not take); NOT_FOUND for an unknown
+        project. Safe to retry.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="SetSessionPolicy",
+                service_name="icegate.v1.AdminService",
+                input=SetSessionPolicyRequest,
+                output=SetSessionPolicyResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def get_session_policy(
+        self,
+        request: GetSessionPolicyRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> GetSessionPolicyResponse:
+        """
+        Returns a project's session policy for a provider. NOT_FOUND when the project has none
+        for it (its callers may then set every option the provider takes). Safe to retry.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="GetSessionPolicy",
+                service_name="icegate.v1.AdminService",
+                input=GetSessionPolicyRequest,
+                output=GetSessionPolicyResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def delete_session_policy(
+        self,
+        request: DeleteSessionPolicyRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> DeleteSessionPolicyResponse:
+        """
+        Deletes a project's session policy for a provider. NOT_FOUND when it has none. Safe to
+        retry (a retry answers NOT_FOUND).
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="DeleteSessionPolicy",
+                service_name="icegate.v1.AdminService",
+                input=DeleteSessionPolicyRequest,
+                output=DeleteSessionPolicyResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
 
 class AdminServiceSync(Protocol):
     """
@@ -811,6 +943,30 @@ class AdminServiceSync(Protocol):
     def list_turn_secrets(self, request: ListTurnSecretsRequest, ctx: RequestContext[ListTurnSecretsRequest, ListTurnSecretsResponse], /) -> ListTurnSecretsResponse:
         """
         Lists the TURN secrets in force by id, the signer first. Never returns a secret.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def set_session_policy(self, request: SetSessionPolicyRequest, ctx: RequestContext[SetSessionPolicyRequest, SetSessionPolicyResponse], /) -> SetSessionPolicyResponse:
+        """
+        Sets a project's session policy for a provider, replacing any previous one. It binds
+        every session, token and call the project starts with that provider from the next call
+        on, on every replica. INVALID_ARGUMENT naming the policy field that breaks a rule
+        (including a model or voice the provider does not take); NOT_FOUND for an unknown
+        project. Safe to retry.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def get_session_policy(self, request: GetSessionPolicyRequest, ctx: RequestContext[GetSessionPolicyRequest, GetSessionPolicyResponse], /) -> GetSessionPolicyResponse:
+        """
+        Returns a project's session policy for a provider. NOT_FOUND when the project has none
+        for it (its callers may then set every option the provider takes). Safe to retry.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def delete_session_policy(self, request: DeleteSessionPolicyRequest, ctx: RequestContext[DeleteSessionPolicyRequest, DeleteSessionPolicyResponse], /) -> DeleteSessionPolicyResponse:
+        """
+        Deletes a project's session policy for a provider. NOT_FOUND when it has none. Safe to
+        retry (a retry answers NOT_FOUND).
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -979,6 +1135,39 @@ class AdminServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.list_turn_secrets,
+                ),
+                "/icegate.v1.AdminService/SetSessionPolicy": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="SetSessionPolicy",
+                        service_name="icegate.v1.AdminService",
+                        input=SetSessionPolicyRequest,
+                        output=SetSessionPolicyResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.set_session_policy,
+                ),
+                "/icegate.v1.AdminService/GetSessionPolicy": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="GetSessionPolicy",
+                        service_name="icegate.v1.AdminService",
+                        input=GetSessionPolicyRequest,
+                        output=GetSessionPolicyResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.get_session_policy,
+                ),
+                "/icegate.v1.AdminService/DeleteSessionPolicy": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="DeleteSessionPolicy",
+                        service_name="icegate.v1.AdminService",
+                        input=DeleteSessionPolicyRequest,
+                        output=DeleteSessionPolicyResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.delete_session_policy,
                 ),
             },
             interceptors=interceptors,
@@ -1360,6 +1549,81 @@ class AdminServiceClientSync(ConnectClientSync):
                 service_name="icegate.v1.AdminService",
                 input=ListTurnSecretsRequest,
                 output=ListTurnSecretsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def set_session_policy(
+        self,
+        request: SetSessionPolicyRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> SetSessionPolicyResponse:
+        """
+        Sets a project's session policy for a provider, replacing any previous one. It binds
+        every session, token and call the project starts with that provider from the next call
+        on, on every replica. INVALID_ARGUMENT naming the policy field that breaks a rule
+        (including a model or voice the provider does not take); NOT_FOUND for an unknown
+        project. Safe to retry.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="SetSessionPolicy",
+                service_name="icegate.v1.AdminService",
+                input=SetSessionPolicyRequest,
+                output=SetSessionPolicyResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def get_session_policy(
+        self,
+        request: GetSessionPolicyRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> GetSessionPolicyResponse:
+        """
+        Returns a project's session policy for a provider. NOT_FOUND when the project has none
+        for it (its callers may then set every option the provider takes). Safe to retry.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="GetSessionPolicy",
+                service_name="icegate.v1.AdminService",
+                input=GetSessionPolicyRequest,
+                output=GetSessionPolicyResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def delete_session_policy(
+        self,
+        request: DeleteSessionPolicyRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> DeleteSessionPolicyResponse:
+        """
+        Deletes a project's session policy for a provider. NOT_FOUND when it has none. Safe to
+        retry (a retry answers NOT_FOUND).
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="DeleteSessionPolicy",
+                service_name="icegate.v1.AdminService",
+                input=DeleteSessionPolicyRequest,
+                output=DeleteSessionPolicyResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
             ),

@@ -8,8 +8,10 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -20,6 +22,30 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _SessionPolicyEnforcement:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SessionPolicyEnforcementEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SessionPolicyEnforcement.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SESSION_POLICY_ENFORCEMENT_UNSPECIFIED: _SessionPolicyEnforcement.ValueType  # 0
+    """No watching: what the browser changes stays changed."""
+    SESSION_POLICY_ENFORCEMENT_RESTORE: _SessionPolicyEnforcement.ValueType  # 1
+    """icegate sends its own `session.update` restoring the fixed fields."""
+    SESSION_POLICY_ENFORCEMENT_HANG_UP: _SessionPolicyEnforcement.ValueType  # 2
+    """icegate hangs the call up and ends its session."""
+
+class SessionPolicyEnforcement(_SessionPolicyEnforcement, metaclass=_SessionPolicyEnforcementEnumTypeWrapper):
+    """SessionPolicyEnforcement is how a policy holds a running call to what it fixed."""
+
+SESSION_POLICY_ENFORCEMENT_UNSPECIFIED: SessionPolicyEnforcement.ValueType  # 0
+"""No watching: what the browser changes stays changed."""
+SESSION_POLICY_ENFORCEMENT_RESTORE: SessionPolicyEnforcement.ValueType  # 1
+"""icegate sends its own `session.update` restoring the fixed fields."""
+SESSION_POLICY_ENFORCEMENT_HANG_UP: SessionPolicyEnforcement.ValueType  # 2
+"""icegate hangs the call up and ends its session."""
+Global___SessionPolicyEnforcement: _TypeAlias = SessionPolicyEnforcement  # noqa: Y015
 
 @_typing.final
 class Project(_message.Message):
@@ -939,3 +965,266 @@ class ListTurnSecretsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListTurnSecretsResponse: _TypeAlias = ListTurnSecretsResponse  # noqa: Y015
+
+@_typing.final
+class SessionPolicy(_message.Message):
+    """SessionPolicy is what a project lets realtime sessions with one provider be, whatever its
+    callers ask: CreateSession and MintEphemeralToken check a call's SessionOptions against it
+    before anything is taken (PERMISSION_DENIED, reason SESSION_POLICY, metadata `field`
+    naming the option), and what it fixes is what icegate sends the provider. A policy for
+    `openai` also binds `openai_beta`, one for `azure` also `azure_legacy` (the dialects share
+    the provider key). Gemini tokens carry it as locked constraints (`fieldMask`). Its JSON
+    form (field names as here, or lowerCamelCase) is what `icegate admin project policy set
+    --file` reads.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALLOWED_MODELS_FIELD_NUMBER: _builtins.int
+    DEFAULT_MODEL_FIELD_NUMBER: _builtins.int
+    ALLOWED_VOICES_FIELD_NUMBER: _builtins.int
+    INSTRUCTIONS_FIELD_NUMBER: _builtins.int
+    INSTRUCTIONS_TEMPLATE_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    MAX_TOKEN_TTL_FIELD_NUMBER: _builtins.int
+    MAX_SESSION_DURATION_FIELD_NUMBER: _builtins.int
+    CALLER_OPTIONS_FIELD_NUMBER: _builtins.int
+    ENFORCEMENT_FIELD_NUMBER: _builtins.int
+    default_model: _builtins.str
+    """The model of a session whose caller names none; empty means the provider's default. One
+    of `allowed_models` when those are set.
+    """
+    instructions: _builtins.str
+    """Fixed instructions, sent whatever the caller asks; the caller may then set none. At most
+    32 KiB of UTF-8. Not together with `instructions_template`.
+    """
+    instructions_template: _builtins.str
+    """Instructions with named variables (`$name` or `${name}`, `$$` for a dollar sign) that
+    each caller fills through SessionOptions.instruction_variables; the caller may set no
+    instructions of its own. At most 32 KiB of UTF-8 once filled.
+    """
+    enforcement: Global___SessionPolicyEnforcement.ValueType
+    """What icegate does when the browser of a call (CreateCall) changes a field the policy
+    fixed (instructions, tools, the voice it allowed) with its own `session.update`: icegate
+    watches the call's sideband connection and puts the field back, or hangs the call up.
+    OpenAI only. Unset: icegate does not watch.
+    """
+    @_builtins.property
+    def allowed_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The models a caller may ask for; empty allows every model the provider takes. At most
+        64, each as SessionOptions.model.
+        """
+
+    @_builtins.property
+    def allowed_voices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The voices a caller may ask for, from the provider's list; empty allows every voice."""
+
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]:
+        """Tools the session is given, each a JSON object in the provider's own shape (e.g. OpenAI's
+        `{"type": "function", "name": ..., "parameters": {...}}`), fixed server-side: callers
+        cannot change them. At most 128 tools and 32 KiB of JSON in all.
+        """
+
+    @_builtins.property
+    def max_token_ttl(self) -> _duration_pb2.Duration:
+        """The longest provider token lifetime a caller may ask for, and the lifetime sent when it
+        asks for none and the provider's default is longer. Unset: the provider's own limits.
+        """
+
+    @_builtins.property
+    def max_session_duration(self) -> _duration_pb2.Duration:
+        """The longest a session may last from its creation, which KeepAliveSession cannot extend:
+        its lease expires then at the latest. Unset: no limit beyond the lease. 1 second to 7
+        days, whole seconds.
+        """
+
+    @_builtins.property
+    def caller_options(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The SessionOptions fields a caller may set at all, by name (e.g. "voice",
+        "modalities"); a field set that is not named here is refused. `instruction_variables`
+        needs no entry (the template governs it). Empty: the caller may set none.
+        """
+
+    def __init__(
+        self,
+        *,
+        allowed_models: _abc.Iterable[_builtins.str] | None = ...,
+        default_model: _builtins.str = ...,
+        allowed_voices: _abc.Iterable[_builtins.str] | None = ...,
+        instructions: _builtins.str = ...,
+        instructions_template: _builtins.str = ...,
+        tools: _abc.Iterable[_struct_pb2.Struct] | None = ...,
+        max_token_ttl: _duration_pb2.Duration | None = ...,
+        max_session_duration: _duration_pb2.Duration | None = ...,
+        caller_options: _abc.Iterable[_builtins.str] | None = ...,
+        enforcement: Global___SessionPolicyEnforcement.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_session_duration", b"max_session_duration", "max_token_ttl", b"max_token_ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_models", b"allowed_models", "allowed_voices", b"allowed_voices", "caller_options", b"caller_options", "default_model", b"default_model", "enforcement", b"enforcement", "instructions", b"instructions", "instructions_template", b"instructions_template", "max_session_duration", b"max_session_duration", "max_token_ttl", b"max_token_ttl", "tools", b"tools"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionPolicy: _TypeAlias = SessionPolicy  # noqa: Y015
+
+@_typing.final
+class SetSessionPolicyRequest(_message.Message):
+    """SetSessionPolicyRequest carries a policy to store."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.str
+    """The project; must exist."""
+    provider: _builtins.str
+    """The provider's name: openai, azure, orga or gemini."""
+    @_builtins.property
+    def policy(self) -> Global___SessionPolicy:
+        """The policy."""
+
+    def __init__(
+        self,
+        *,
+        project_id: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        policy: Global___SessionPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy", "project_id", b"project_id", "provider", b"provider"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetSessionPolicyRequest: _TypeAlias = SetSessionPolicyRequest  # noqa: Y015
+
+@_typing.final
+class SetSessionPolicyResponse(_message.Message):
+    """SetSessionPolicyResponse is the policy as stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___SessionPolicy:
+        """The stored policy."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was stored."""
+
+    def __init__(
+        self,
+        *,
+        policy: Global___SessionPolicy | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetSessionPolicyResponse: _TypeAlias = SetSessionPolicyResponse  # noqa: Y015
+
+@_typing.final
+class GetSessionPolicyRequest(_message.Message):
+    """GetSessionPolicyRequest names a project's policy for a provider."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.str
+    """The project."""
+    provider: _builtins.str
+    """The provider's name: openai, azure, orga or gemini."""
+    def __init__(
+        self,
+        *,
+        project_id: _builtins.str = ...,
+        provider: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project_id", b"project_id", "provider", b"provider"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSessionPolicyRequest: _TypeAlias = GetSessionPolicyRequest  # noqa: Y015
+
+@_typing.final
+class GetSessionPolicyResponse(_message.Message):
+    """GetSessionPolicyResponse is one stored policy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___SessionPolicy:
+        """The policy."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was stored."""
+
+    def __init__(
+        self,
+        *,
+        policy: Global___SessionPolicy | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSessionPolicyResponse: _TypeAlias = GetSessionPolicyResponse  # noqa: Y015
+
+@_typing.final
+class DeleteSessionPolicyRequest(_message.Message):
+    """DeleteSessionPolicyRequest names the policy to delete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.str
+    """The project."""
+    provider: _builtins.str
+    """The provider's name."""
+    def __init__(
+        self,
+        *,
+        project_id: _builtins.str = ...,
+        provider: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project_id", b"project_id", "provider", b"provider"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteSessionPolicyRequest: _TypeAlias = DeleteSessionPolicyRequest  # noqa: Y015
+
+@_typing.final
+class DeleteSessionPolicyResponse(_message.Message):
+    """DeleteSessionPolicyResponse confirms a deletion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteSessionPolicyResponse: _TypeAlias = DeleteSessionPolicyResponse  # noqa: Y015

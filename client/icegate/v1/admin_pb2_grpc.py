@@ -110,6 +110,21 @@ class AdminServiceStub:
                 request_serializer=icegate_dot_v1_dot_admin__pb2.ListTurnSecretsRequest.SerializeToString,
                 response_deserializer=icegate_dot_v1_dot_admin__pb2.ListTurnSecretsResponse.FromString,
                 _registered_method=True)
+        self.SetSessionPolicy = channel.unary_unary(
+                '/icegate.v1.AdminService/SetSessionPolicy',
+                request_serializer=icegate_dot_v1_dot_admin__pb2.SetSessionPolicyRequest.SerializeToString,
+                response_deserializer=icegate_dot_v1_dot_admin__pb2.SetSessionPolicyResponse.FromString,
+                _registered_method=True)
+        self.GetSessionPolicy = channel.unary_unary(
+                '/icegate.v1.AdminService/GetSessionPolicy',
+                request_serializer=icegate_dot_v1_dot_admin__pb2.GetSessionPolicyRequest.SerializeToString,
+                response_deserializer=icegate_dot_v1_dot_admin__pb2.GetSessionPolicyResponse.FromString,
+                _registered_method=True)
+        self.DeleteSessionPolicy = channel.unary_unary(
+                '/icegate.v1.AdminService/DeleteSessionPolicy',
+                request_serializer=icegate_dot_v1_dot_admin__pb2.DeleteSessionPolicyRequest.SerializeToString,
+                response_deserializer=icegate_dot_v1_dot_admin__pb2.DeleteSessionPolicyResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -237,6 +252,33 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetSessionPolicy(self, request, context):
+        """Sets a project's session policy for a provider, replacing any previous one. It binds
+        every session, token and call the project starts with that provider from the next call
+        on, on every replica. INVALID_ARGUMENT naming the policy field that breaks a rule
+        (including a model or voice the provider does not take); NOT_FOUND for an unknown
+        project. Safe to retry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSessionPolicy(self, request, context):
+        """Returns a project's session policy for a provider. NOT_FOUND when the project has none
+        for it (its callers may then set every option the provider takes). Safe to retry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSessionPolicy(self, request, context):
+        """Deletes a project's session policy for a provider. NOT_FOUND when it has none. Safe to
+        retry (a retry answers NOT_FOUND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -309,6 +351,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListTurnSecrets,
                     request_deserializer=icegate_dot_v1_dot_admin__pb2.ListTurnSecretsRequest.FromString,
                     response_serializer=icegate_dot_v1_dot_admin__pb2.ListTurnSecretsResponse.SerializeToString,
+            ),
+            'SetSessionPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSessionPolicy,
+                    request_deserializer=icegate_dot_v1_dot_admin__pb2.SetSessionPolicyRequest.FromString,
+                    response_serializer=icegate_dot_v1_dot_admin__pb2.SetSessionPolicyResponse.SerializeToString,
+            ),
+            'GetSessionPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSessionPolicy,
+                    request_deserializer=icegate_dot_v1_dot_admin__pb2.GetSessionPolicyRequest.FromString,
+                    response_serializer=icegate_dot_v1_dot_admin__pb2.GetSessionPolicyResponse.SerializeToString,
+            ),
+            'DeleteSessionPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSessionPolicy,
+                    request_deserializer=icegate_dot_v1_dot_admin__pb2.DeleteSessionPolicyRequest.FromString,
+                    response_serializer=icegate_dot_v1_dot_admin__pb2.DeleteSessionPolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -695,6 +752,87 @@ class AdminService:
             '/icegate.v1.AdminService/ListTurnSecrets',
             icegate_dot_v1_dot_admin__pb2.ListTurnSecretsRequest.SerializeToString,
             icegate_dot_v1_dot_admin__pb2.ListTurnSecretsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSessionPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/icegate.v1.AdminService/SetSessionPolicy',
+            icegate_dot_v1_dot_admin__pb2.SetSessionPolicyRequest.SerializeToString,
+            icegate_dot_v1_dot_admin__pb2.SetSessionPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSessionPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/icegate.v1.AdminService/GetSessionPolicy',
+            icegate_dot_v1_dot_admin__pb2.GetSessionPolicyRequest.SerializeToString,
+            icegate_dot_v1_dot_admin__pb2.GetSessionPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSessionPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/icegate.v1.AdminService/DeleteSessionPolicy',
+            icegate_dot_v1_dot_admin__pb2.DeleteSessionPolicyRequest.SerializeToString,
+            icegate_dot_v1_dot_admin__pb2.DeleteSessionPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

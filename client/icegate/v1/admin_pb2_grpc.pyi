@@ -91,6 +91,21 @@ class AdminServiceStub:
     """
     ListTurnSecrets: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListTurnSecretsRequest, _admin_pb2.ListTurnSecretsResponse]
     """Lists the TURN secrets in force by id, the signer first. Never returns a secret."""
+    SetSessionPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetSessionPolicyRequest, _admin_pb2.SetSessionPolicyResponse]
+    """Sets a project's session policy for a provider, replacing any previous one. It binds
+    every session, token and call the project starts with that provider from the next call
+    on, on every replica. INVALID_ARGUMENT naming the policy field that breaks a rule
+    (including a model or voice the provider does not take); NOT_FOUND for an unknown
+    project. Safe to retry.
+    """
+    GetSessionPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetSessionPolicyRequest, _admin_pb2.GetSessionPolicyResponse]
+    """Returns a project's session policy for a provider. NOT_FOUND when the project has none
+    for it (its callers may then set every option the provider takes). Safe to retry.
+    """
+    DeleteSessionPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DeleteSessionPolicyRequest, _admin_pb2.DeleteSessionPolicyResponse]
+    """Deletes a project's session policy for a provider. NOT_FOUND when it has none. Safe to
+    retry (a retry answers NOT_FOUND).
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -155,6 +170,21 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """
     ListTurnSecrets: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListTurnSecretsRequest, _admin_pb2.ListTurnSecretsResponse]  # type: ignore[assignment]
     """Lists the TURN secrets in force by id, the signer first. Never returns a secret."""
+    SetSessionPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetSessionPolicyRequest, _admin_pb2.SetSessionPolicyResponse]  # type: ignore[assignment]
+    """Sets a project's session policy for a provider, replacing any previous one. It binds
+    every session, token and call the project starts with that provider from the next call
+    on, on every replica. INVALID_ARGUMENT naming the policy field that breaks a rule
+    (including a model or voice the provider does not take); NOT_FOUND for an unknown
+    project. Safe to retry.
+    """
+    GetSessionPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetSessionPolicyRequest, _admin_pb2.GetSessionPolicyResponse]  # type: ignore[assignment]
+    """Returns a project's session policy for a provider. NOT_FOUND when the project has none
+    for it (its callers may then set every option the provider takes). Safe to retry.
+    """
+    DeleteSessionPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeleteSessionPolicyRequest, _admin_pb2.DeleteSessionPolicyResponse]  # type: ignore[assignment]
+    """Deletes a project's session policy for a provider. NOT_FOUND when it has none. Safe to
+    retry (a retry answers NOT_FOUND).
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService manages projects and the caller keys bound to them. Only admin keys (static
@@ -300,5 +330,38 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListTurnSecretsResponse, _abc.Awaitable[_admin_pb2.ListTurnSecretsResponse]]:
         """Lists the TURN secrets in force by id, the signer first. Never returns a secret."""
+
+    @_abc_1.abstractmethod
+    def SetSessionPolicy(
+        self,
+        request: _admin_pb2.SetSessionPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetSessionPolicyResponse, _abc.Awaitable[_admin_pb2.SetSessionPolicyResponse]]:
+        """Sets a project's session policy for a provider, replacing any previous one. It binds
+        every session, token and call the project starts with that provider from the next call
+        on, on every replica. INVALID_ARGUMENT naming the policy field that breaks a rule
+        (including a model or voice the provider does not take); NOT_FOUND for an unknown
+        project. Safe to retry.
+        """
+
+    @_abc_1.abstractmethod
+    def GetSessionPolicy(
+        self,
+        request: _admin_pb2.GetSessionPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetSessionPolicyResponse, _abc.Awaitable[_admin_pb2.GetSessionPolicyResponse]]:
+        """Returns a project's session policy for a provider. NOT_FOUND when the project has none
+        for it (its callers may then set every option the provider takes). Safe to retry.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteSessionPolicy(
+        self,
+        request: _admin_pb2.DeleteSessionPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.DeleteSessionPolicyResponse, _abc.Awaitable[_admin_pb2.DeleteSessionPolicyResponse]]:
+        """Deletes a project's session policy for a provider. NOT_FOUND when it has none. Safe to
+        retry (a retry answers NOT_FOUND).
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -84,6 +84,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_INTERNAL: _ErrorReason.ValueType  # 17
     """INTERNAL: a bug in icegate; the message says nothing more, the server log has the rest."""
+    ERROR_REASON_SESSION_POLICY: _ErrorReason.ValueType  # 18
+    """PERMISSION_DENIED: an option of the call lies outside the project's session policy for
+    the provider (a model or voice it does not allow, an option callers may not set, a token
+    lifetime above its cap...); metadata `field` names the SessionOptions field. Retrying the
+    same request fails the same way; the project's administrator changes the policy.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is why icegate refused or failed a call (AIP-193). Every error icegate answers
@@ -157,4 +163,10 @@ provider said when to retry; metadata as for ERROR_REASON_UPSTREAM_AUTH_FAILED.
 """
 ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 17
 """INTERNAL: a bug in icegate; the message says nothing more, the server log has the rest."""
+ERROR_REASON_SESSION_POLICY: ErrorReason.ValueType  # 18
+"""PERMISSION_DENIED: an option of the call lies outside the project's session policy for
+the provider (a model or voice it does not allow, an option callers may not set, a token
+lifetime above its cap...); metadata `field` names the SessionOptions field. Retrying the
+same request fails the same way; the project's administrator changes the policy.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

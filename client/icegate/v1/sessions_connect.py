@@ -21,7 +21,7 @@ from connectrpc.protocol import ProtocolType
 from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DEFAULT_READ_MAX_BYTES, Endpoint, EndpointSync
 from pyqwest import Client, SyncClient
 
-from .sessions_pb2 import CreateSessionRequest, CreateSessionResponse, EndSessionRequest, EndSessionResponse, KeepAliveSessionRequest, KeepAliveSessionResponse, MintEphemeralTokenRequest, MintEphemeralTokenResponse
+from .sessions_pb2 import CreateCallRequest, CreateCallResponse, CreateSessionRequest, CreateSessionResponse, EndSessionRequest, EndSessionResponse, KeepAliveSessionRequest, KeepAliveSessionResponse, MintEphemeralTokenRequest, MintEphemeralTokenResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Iterable, Mapping
@@ -78,6 +78,16 @@ class SessionService(Protocol):
         """
         Ends a session, releasing its lease (the month's count is kept). NOT_FOUND when it ended
         already or expired. Safe to retry (a retry answers NOT_FOUND).
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def create_call(self, request: CreateCallRequest, ctx: RequestContext[CreateCallRequest, CreateCallResponse], /) -> CreateCallResponse:
+        """
+        Starts a WebRTC call with the provider for the browser's SDP offer, with the project's
+        real key and the session its policy allows (the browser never holds a token), and
+        returns the provider's SDP answer with icegate's ICE servers: under the same quota,
+        lease and rate limit as CreateSession. OpenAI and Azure (GA) only; INVALID_ARGUMENT for
+        another provider or an offer that is not SDP. Not idempotent: a retry starts another call.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -138,6 +148,17 @@ class SessionServiceASGIApplication(ConnectASGIApplication[SessionService]):
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.end_session,
+                ),
+                "/icegate.v1.SessionService/CreateCall": Endpoint.unary(
+                    method=MethodInfo(
+                        name="CreateCall",
+                        service_name="icegate.v1.SessionService",
+                        input=CreateCallRequest,
+                        output=CreateCallResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.create_call,
                 ),
             },
             interceptors=interceptors,
@@ -288,6 +309,33 @@ class SessionServiceClient(ConnectClient):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    async def create_call(
+        self,
+        request: CreateCallRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> CreateCallResponse:
+        """
+        Starts a WebRTC call with the provider for the browser's SDP offer, with the project's
+        real key and the session its policy allows (the browser never holds a token), and
+        returns the provider's SDP answer with icegate's ICE servers: under the same quota,
+        lease and rate limit as CreateSession. OpenAI and Azure (GA) only; INVALID_ARGUMENT for
+        another provider or an offer that is not SDP. Not idempotent: a retry starts another call.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="CreateCall",
+                service_name="icegate.v1.SessionService",
+                input=CreateCallRequest,
+                output=CreateCallResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
 
 class SessionServiceSync(Protocol):
     """
@@ -330,6 +378,16 @@ class SessionServiceSync(Protocol):
         """
         Ends a session, releasing its lease (the month's count is kept). NOT_FOUND when it ended
         already or expired. Safe to retry (a retry answers NOT_FOUND).
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def create_call(self, request: CreateCallRequest, ctx: RequestContext[CreateCallRequest, CreateCallResponse], /) -> CreateCallResponse:
+        """
+        Starts a WebRTC call with the provider for the browser's SDP offer, with the project's
+        real key and the session its policy allows (the browser never holds a token), and
+        returns the provider's SDP answer with icegate's ICE servers: under the same quota,
+        lease and rate limit as CreateSession. OpenAI and Azure (GA) only; INVALID_ARGUMENT for
+        another provider or an offer that is not SDP. Not idempotent: a retry starts another call.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -388,6 +446,17 @@ class SessionServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.end_session,
+                ),
+                "/icegate.v1.SessionService/CreateCall": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="CreateCall",
+                        service_name="icegate.v1.SessionService",
+                        input=CreateCallRequest,
+                        output=CreateCallResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.create_call,
                 ),
             },
             interceptors=interceptors,
@@ -532,6 +601,33 @@ class SessionServiceClientSync(ConnectClientSync):
                 service_name="icegate.v1.SessionService",
                 input=EndSessionRequest,
                 output=EndSessionResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def create_call(
+        self,
+        request: CreateCallRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> CreateCallResponse:
+        """
+        Starts a WebRTC call with the provider for the browser's SDP offer, with the project's
+        real key and the session its policy allows (the browser never holds a token), and
+        returns the provider's SDP answer with icegate's ICE servers: under the same quota,
+        lease and rate limit as CreateSession. OpenAI and Azure (GA) only; INVALID_ARGUMENT for
+        another provider or an offer that is not SDP. Not idempotent: a retry starts another call.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="CreateCall",
+                service_name="icegate.v1.SessionService",
+                input=CreateCallRequest,
+                output=CreateCallResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
             ),

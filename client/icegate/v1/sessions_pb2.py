@@ -23,39 +23,66 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from icegate.v1 import credentials_pb2 as icegate_dot_v1_dot_credentials__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19icegate/v1/sessions.proto\x12\nicegate.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cicegate/v1/credentials.proto\"\xdd\x01\n\x0eSessionOptions\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05voice\x18\x02 \x01(\t\x12\x14\n\x0cinstructions\x18\x03 \x01(\t\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05speed\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12,\n\ttoken_ttl\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nmodalities\x18\x07 \x03(\t\x12\r\n\x05\x65mail\x18\x08 \x01(\tB\x0e\n\x0c_temperatureB\x08\n\x06_speed\"P\n\x0e\x45phemeralToken\x12\r\n\x05value\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbd\x01\n\x14\x43reateSessionRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12&\n\x08provider\x18\x02 \x01(\x0e\x32\x14.icegate.v1.Provider\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.icegate.v1.SessionOptions\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12+\n\x08turn_ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xa9\x03\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x33\n\x0f\x65phemeral_token\x18\x02 \x01(\x0b\x32\x1a.icegate.v1.EphemeralToken\x12\x1b\n\x13upstream_session_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\r\n\x05voice\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11lease_expire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x0bice_servers\x18\x08 \x03(\x0b\x32\x15.icegate.v1.IceServer\x12\x33\n\x14provider_ice_servers\x18\t \x03(\x0b\x32\x15.icegate.v1.IceServer\x12&\n\x08provider\x18\n \x01(\x0e\x32\x14.icegate.v1.Provider\x12\x1b\n\x13upstream_request_id\x18\x0b \x01(\t\"\x84\x01\n\x19MintEphemeralTokenRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12&\n\x08provider\x18\x02 \x01(\x0e\x32\x14.icegate.v1.Provider\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.icegate.v1.SessionOptions\"\xde\x01\n\x1aMintEphemeralTokenResponse\x12\x33\n\x0f\x65phemeral_token\x18\x01 \x01(\x0b\x32\x1a.icegate.v1.EphemeralToken\x12\x1b\n\x13upstream_session_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05voice\x18\x04 \x01(\t\x12\x33\n\x14provider_ice_servers\x18\x05 \x03(\x0b\x32\x15.icegate.v1.IceServer\x12\x1b\n\x13upstream_request_id\x18\x06 \x01(\t\"A\n\x17KeepAliveSessionRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"Q\n\x18KeepAliveSessionResponse\x12\x35\n\x11lease_expire_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\";\n\x11\x45ndSessionRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x14\n\x12\x45ndSessionResponse*\xaa\x01\n\x08Provider\x12\x18\n\x14PROVIDER_UNSPECIFIED\x10\x00\x12\x13\n\x0fPROVIDER_OPENAI\x10\x01\x12\x18\n\x14PROVIDER_OPENAI_BETA\x10\x02\x12\x12\n\x0ePROVIDER_AZURE\x10\x03\x12\x19\n\x15PROVIDER_AZURE_LEGACY\x10\x04\x12\x11\n\rPROVIDER_ORGA\x10\x05\x12\x13\n\x0fPROVIDER_GEMINI\x10\x06\x32\xf7\x02\n\x0eSessionService\x12T\n\rCreateSession\x12 .icegate.v1.CreateSessionRequest\x1a!.icegate.v1.CreateSessionResponse\x12\x63\n\x12MintEphemeralToken\x12%.icegate.v1.MintEphemeralTokenRequest\x1a&.icegate.v1.MintEphemeralTokenResponse\x12]\n\x10KeepAliveSession\x12#.icegate.v1.KeepAliveSessionRequest\x1a$.icegate.v1.KeepAliveSessionResponse\x12K\n\nEndSession\x12\x1d.icegate.v1.EndSessionRequest\x1a\x1e.icegate.v1.EndSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19icegate/v1/sessions.proto\x12\nicegate.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cicegate/v1/credentials.proto\"\x9e\x06\n\x0eSessionOptions\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05voice\x18\x02 \x01(\t\x12\x14\n\x0cinstructions\x18\x03 \x01(\t\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05speed\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12,\n\ttoken_ttl\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nmodalities\x18\x07 \x03(\t\x12\r\n\x05\x65mail\x18\x08 \x01(\t\x12S\n\x15instruction_variables\x18\t \x03(\x0b\x32\x34.icegate.v1.SessionOptions.InstructionVariablesEntry\x12%\n\x04type\x18\n \x01(\x0e\x32\x17.icegate.v1.SessionType\x12\x1a\n\x12input_audio_format\x18\x0b \x01(\t\x12\x1b\n\x13output_audio_format\x18\x0c \x01(\t\x12\x31\n\x0eturn_detection\x18\r \x01(\x0b\x32\x19.icegate.v1.TurnDetection\x12;\n\x13input_transcription\x18\x0e \x01(\x0b\x32\x1e.icegate.v1.InputTranscription\x12\x17\n\x0fnoise_reduction\x18\x0f \x01(\t\x12&\n\x05tools\x18\x10 \x03(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0btool_choice\x18\x11 \x01(\t\x12\x1e\n\x11max_output_tokens\x18\x12 \x01(\x05H\x02\x88\x01\x01\x12$\n\x07tracing\x18\x13 \x01(\x0b\x32\x13.icegate.v1.Tracing\x12+\n\x06prompt\x18\x14 \x01(\x0b\x32\x1b.icegate.v1.PromptReference\x1a;\n\x19InstructionVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_speedB\x14\n\x12_max_output_tokens\"\xb0\x02\n\rTurnDetection\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x16\n\tthreshold\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x1e\n\x11prefix_padding_ms\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12 \n\x13silence_duration_ms\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\teagerness\x18\x05 \x01(\t\x12\x1c\n\x0f\x63reate_response\x18\x06 \x01(\x08H\x03\x88\x01\x01\x12\x1f\n\x12interrupt_response\x18\x07 \x01(\x08H\x04\x88\x01\x01\x42\x0c\n\n_thresholdB\x14\n\x12_prefix_padding_msB\x16\n\x14_silence_duration_msB\x12\n\x10_create_responseB\x15\n\x13_interrupt_response\"E\n\x12InputTranscription\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\"\x98\x01\n\x07Tracing\x12\x15\n\rworkflow_name\x18\x01 \x01(\t\x12\x10\n\x08group_id\x18\x02 \x01(\t\x12\x33\n\x08metadata\x18\x03 \x03(\x0b\x32!.icegate.v1.Tracing.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9f\x01\n\x0fPromptReference\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12=\n\tvariables\x18\x03 \x03(\x0b\x32*.icegate.v1.PromptReference.VariablesEntry\x1a\x30\n\x0eVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"P\n\x0e\x45phemeralToken\x12\r\n\x05value\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbd\x01\n\x14\x43reateSessionRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12&\n\x08provider\x18\x02 \x01(\x0e\x32\x14.icegate.v1.Provider\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.icegate.v1.SessionOptions\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12+\n\x08turn_ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xa9\x03\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x33\n\x0f\x65phemeral_token\x18\x02 \x01(\x0b\x32\x1a.icegate.v1.EphemeralToken\x12\x1b\n\x13upstream_session_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\r\n\x05voice\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11lease_expire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x0bice_servers\x18\x08 \x03(\x0b\x32\x15.icegate.v1.IceServer\x12\x33\n\x14provider_ice_servers\x18\t \x03(\x0b\x32\x15.icegate.v1.IceServer\x12&\n\x08provider\x18\n \x01(\x0e\x32\x14.icegate.v1.Provider\x12\x1b\n\x13upstream_request_id\x18\x0b \x01(\t\"\x84\x01\n\x19MintEphemeralTokenRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12&\n\x08provider\x18\x02 \x01(\x0e\x32\x14.icegate.v1.Provider\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.icegate.v1.SessionOptions\"\xde\x01\n\x1aMintEphemeralTokenResponse\x12\x33\n\x0f\x65phemeral_token\x18\x01 \x01(\x0b\x32\x1a.icegate.v1.EphemeralToken\x12\x1b\n\x13upstream_session_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05voice\x18\x04 \x01(\t\x12\x33\n\x14provider_ice_servers\x18\x05 \x03(\x0b\x32\x15.icegate.v1.IceServer\x12\x1b\n\x13upstream_request_id\x18\x06 \x01(\t\"A\n\x17KeepAliveSessionRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"Q\n\x18KeepAliveSessionResponse\x12\x35\n\x11lease_expire_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\";\n\x11\x45ndSessionRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x14\n\x12\x45ndSessionResponse\"\xcd\x01\n\x11\x43reateCallRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12&\n\x08provider\x18\x02 \x01(\x0e\x32\x14.icegate.v1.Provider\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.icegate.v1.SessionOptions\x12\x11\n\tsdp_offer\x18\x04 \x01(\t\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12+\n\x08turn_ttl\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xb5\x02\n\x12\x43reateCallResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nsdp_answer\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x03 \x01(\t\x12*\n\x0bice_servers\x18\x04 \x03(\x0b\x32\x15.icegate.v1.IceServer\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11lease_expire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05model\x18\x07 \x01(\t\x12&\n\x08provider\x18\x08 \x01(\x0e\x32\x14.icegate.v1.Provider\x12\x1b\n\x13upstream_request_id\x18\t \x01(\t*\xaa\x01\n\x08Provider\x12\x18\n\x14PROVIDER_UNSPECIFIED\x10\x00\x12\x13\n\x0fPROVIDER_OPENAI\x10\x01\x12\x18\n\x14PROVIDER_OPENAI_BETA\x10\x02\x12\x12\n\x0ePROVIDER_AZURE\x10\x03\x12\x19\n\x15PROVIDER_AZURE_LEGACY\x10\x04\x12\x11\n\rPROVIDER_ORGA\x10\x05\x12\x13\n\x0fPROVIDER_GEMINI\x10\x06*f\n\x0bSessionType\x12\x1c\n\x18SESSION_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15SESSION_TYPE_REALTIME\x10\x01\x12\x1e\n\x1aSESSION_TYPE_TRANSCRIPTION\x10\x02\x32\xc4\x03\n\x0eSessionService\x12T\n\rCreateSession\x12 .icegate.v1.CreateSessionRequest\x1a!.icegate.v1.CreateSessionResponse\x12\x63\n\x12MintEphemeralToken\x12%.icegate.v1.MintEphemeralTokenRequest\x1a&.icegate.v1.MintEphemeralTokenResponse\x12]\n\x10KeepAliveSession\x12#.icegate.v1.KeepAliveSessionRequest\x1a$.icegate.v1.KeepAliveSessionResponse\x12K\n\nEndSession\x12\x1d.icegate.v1.EndSessionRequest\x1a\x1e.icegate.v1.EndSessionResponse\x12K\n\nCreateCall\x12\x1d.icegate.v1.CreateCallRequest\x1a\x1e.icegate.v1.CreateCallResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'icegate.v1.sessions_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROVIDER']._serialized_start=1656
-  _globals['_PROVIDER']._serialized_end=1826
-  _globals['_SESSIONOPTIONS']._serialized_start=137
-  _globals['_SESSIONOPTIONS']._serialized_end=358
-  _globals['_EPHEMERALTOKEN']._serialized_start=360
-  _globals['_EPHEMERALTOKEN']._serialized_end=440
-  _globals['_CREATESESSIONREQUEST']._serialized_start=443
-  _globals['_CREATESESSIONREQUEST']._serialized_end=632
-  _globals['_CREATESESSIONRESPONSE']._serialized_start=635
-  _globals['_CREATESESSIONRESPONSE']._serialized_end=1060
-  _globals['_MINTEPHEMERALTOKENREQUEST']._serialized_start=1063
-  _globals['_MINTEPHEMERALTOKENREQUEST']._serialized_end=1195
-  _globals['_MINTEPHEMERALTOKENRESPONSE']._serialized_start=1198
-  _globals['_MINTEPHEMERALTOKENRESPONSE']._serialized_end=1420
-  _globals['_KEEPALIVESESSIONREQUEST']._serialized_start=1422
-  _globals['_KEEPALIVESESSIONREQUEST']._serialized_end=1487
-  _globals['_KEEPALIVESESSIONRESPONSE']._serialized_start=1489
-  _globals['_KEEPALIVESESSIONRESPONSE']._serialized_end=1570
-  _globals['_ENDSESSIONREQUEST']._serialized_start=1572
-  _globals['_ENDSESSIONREQUEST']._serialized_end=1631
-  _globals['_ENDSESSIONRESPONSE']._serialized_start=1633
-  _globals['_ENDSESSIONRESPONSE']._serialized_end=1653
-  _globals['_SESSIONSERVICE']._serialized_start=1829
-  _globals['_SESSIONSERVICE']._serialized_end=2204
+  _globals['_SESSIONOPTIONS_INSTRUCTIONVARIABLESENTRY']._loaded_options = None
+  _globals['_SESSIONOPTIONS_INSTRUCTIONVARIABLESENTRY']._serialized_options = b'8\001'
+  _globals['_TRACING_METADATAENTRY']._loaded_options = None
+  _globals['_TRACING_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_PROMPTREFERENCE_VARIABLESENTRY']._loaded_options = None
+  _globals['_PROMPTREFERENCE_VARIABLESENTRY']._serialized_options = b'8\001'
+  _globals['_PROVIDER']._serialized_start=3478
+  _globals['_PROVIDER']._serialized_end=3648
+  _globals['_SESSIONTYPE']._serialized_start=3650
+  _globals['_SESSIONTYPE']._serialized_end=3752
+  _globals['_SESSIONOPTIONS']._serialized_start=167
+  _globals['_SESSIONOPTIONS']._serialized_end=965
+  _globals['_SESSIONOPTIONS_INSTRUCTIONVARIABLESENTRY']._serialized_start=858
+  _globals['_SESSIONOPTIONS_INSTRUCTIONVARIABLESENTRY']._serialized_end=917
+  _globals['_TURNDETECTION']._serialized_start=968
+  _globals['_TURNDETECTION']._serialized_end=1272
+  _globals['_INPUTTRANSCRIPTION']._serialized_start=1274
+  _globals['_INPUTTRANSCRIPTION']._serialized_end=1343
+  _globals['_TRACING']._serialized_start=1346
+  _globals['_TRACING']._serialized_end=1498
+  _globals['_TRACING_METADATAENTRY']._serialized_start=1451
+  _globals['_TRACING_METADATAENTRY']._serialized_end=1498
+  _globals['_PROMPTREFERENCE']._serialized_start=1501
+  _globals['_PROMPTREFERENCE']._serialized_end=1660
+  _globals['_PROMPTREFERENCE_VARIABLESENTRY']._serialized_start=1612
+  _globals['_PROMPTREFERENCE_VARIABLESENTRY']._serialized_end=1660
+  _globals['_EPHEMERALTOKEN']._serialized_start=1662
+  _globals['_EPHEMERALTOKEN']._serialized_end=1742
+  _globals['_CREATESESSIONREQUEST']._serialized_start=1745
+  _globals['_CREATESESSIONREQUEST']._serialized_end=1934
+  _globals['_CREATESESSIONRESPONSE']._serialized_start=1937
+  _globals['_CREATESESSIONRESPONSE']._serialized_end=2362
+  _globals['_MINTEPHEMERALTOKENREQUEST']._serialized_start=2365
+  _globals['_MINTEPHEMERALTOKENREQUEST']._serialized_end=2497
+  _globals['_MINTEPHEMERALTOKENRESPONSE']._serialized_start=2500
+  _globals['_MINTEPHEMERALTOKENRESPONSE']._serialized_end=2722
+  _globals['_KEEPALIVESESSIONREQUEST']._serialized_start=2724
+  _globals['_KEEPALIVESESSIONREQUEST']._serialized_end=2789
+  _globals['_KEEPALIVESESSIONRESPONSE']._serialized_start=2791
+  _globals['_KEEPALIVESESSIONRESPONSE']._serialized_end=2872
+  _globals['_ENDSESSIONREQUEST']._serialized_start=2874
+  _globals['_ENDSESSIONREQUEST']._serialized_end=2933
+  _globals['_ENDSESSIONRESPONSE']._serialized_start=2935
+  _globals['_ENDSESSIONRESPONSE']._serialized_end=2955
+  _globals['_CREATECALLREQUEST']._serialized_start=2958
+  _globals['_CREATECALLREQUEST']._serialized_end=3163
+  _globals['_CREATECALLRESPONSE']._serialized_start=3166
+  _globals['_CREATECALLRESPONSE']._serialized_end=3475
+  _globals['_SESSIONSERVICE']._serialized_start=3755
+  _globals['_SESSIONSERVICE']._serialized_end=4207
 # @@protoc_insertion_point(module_scope)

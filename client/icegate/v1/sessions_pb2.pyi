@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -62,6 +63,30 @@ PROVIDER_GEMINI: Provider.ValueType  # 6
 """Gemini Live ephemeral auth tokens (`v1alpha/auth_tokens`)."""
 Global___Provider: _TypeAlias = Provider  # noqa: Y015
 
+class _SessionType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SessionTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SessionType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SESSION_TYPE_UNSPECIFIED: _SessionType.ValueType  # 0
+    """Not set: a realtime (speech to speech) session."""
+    SESSION_TYPE_REALTIME: _SessionType.ValueType  # 1
+    """A speech-to-speech conversation."""
+    SESSION_TYPE_TRANSCRIPTION: _SessionType.ValueType  # 2
+    """Speech to text only."""
+
+class SessionType(_SessionType, metaclass=_SessionTypeEnumTypeWrapper):
+    """SessionType is what a GA realtime session does."""
+
+SESSION_TYPE_UNSPECIFIED: SessionType.ValueType  # 0
+"""Not set: a realtime (speech to speech) session."""
+SESSION_TYPE_REALTIME: SessionType.ValueType  # 1
+"""A speech-to-speech conversation."""
+SESSION_TYPE_TRANSCRIPTION: SessionType.ValueType  # 2
+"""Speech to text only."""
+Global___SessionType: _TypeAlias = SessionType  # noqa: Y015
+
 @_typing.final
 class SessionOptions(_message.Message):
     """SessionOptions is what the caller asks the realtime session to be. Each field is checked
@@ -71,6 +96,26 @@ class SessionOptions(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class InstructionVariablesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     MODEL_FIELD_NUMBER: _builtins.int
     VOICE_FIELD_NUMBER: _builtins.int
     INSTRUCTIONS_FIELD_NUMBER: _builtins.int
@@ -79,6 +124,18 @@ class SessionOptions(_message.Message):
     TOKEN_TTL_FIELD_NUMBER: _builtins.int
     MODALITIES_FIELD_NUMBER: _builtins.int
     EMAIL_FIELD_NUMBER: _builtins.int
+    INSTRUCTION_VARIABLES_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    INPUT_AUDIO_FORMAT_FIELD_NUMBER: _builtins.int
+    OUTPUT_AUDIO_FORMAT_FIELD_NUMBER: _builtins.int
+    TURN_DETECTION_FIELD_NUMBER: _builtins.int
+    INPUT_TRANSCRIPTION_FIELD_NUMBER: _builtins.int
+    NOISE_REDUCTION_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    TOOL_CHOICE_FIELD_NUMBER: _builtins.int
+    MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    TRACING_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model (for Azure: the deployment name). Empty means the provider's default model
     (Azure requires it). At most 128 characters of letters, digits and `._:/-`.
@@ -95,6 +152,26 @@ class SessionOptions(_message.Message):
     """Speech speed, where the provider takes one (OpenAI 0.25..1.5)."""
     email: _builtins.str
     """Orga only: the end user's e-mail address sent with the token request."""
+    type: Global___SessionType.ValueType
+    """The kind of session (OpenAI and Azure GA): SESSION_TYPE_REALTIME (the default) or
+    SESSION_TYPE_TRANSCRIPTION (speech to text only).
+    """
+    input_audio_format: _builtins.str
+    """The audio the browser sends (OpenAI and Azure GA): `audio/pcm` (24 kHz), `audio/pcmu`
+    or `audio/pcma`. Empty means the provider's default (`audio/pcm`).
+    """
+    output_audio_format: _builtins.str
+    """The audio the session speaks, in the same formats as `input_audio_format`."""
+    noise_reduction: _builtins.str
+    """Noise reduction of the input audio (OpenAI and Azure GA): `near_field` (headsets) or
+    `far_field` (laptop and room microphones). Empty means none.
+    """
+    tool_choice: _builtins.str
+    """Which tool the model calls: `auto`, `none`, `required`, or the name of a function in
+    `tools`. Empty means `auto`.
+    """
+    max_output_tokens: _builtins.int
+    """The most output tokens of one response, 1 to 4096; unset means no limit (`inf`)."""
     @_builtins.property
     def token_ttl(self) -> _duration_pb2.Duration:
         """How long the provider token lives, where the provider lets icegate choose (OpenAI GA:
@@ -104,6 +181,40 @@ class SessionOptions(_message.Message):
     @_builtins.property
     def modalities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Output modalities, e.g. ["audio"] or ["text"]; empty means the provider's default."""
+
+    @_builtins.property
+    def instruction_variables(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The values of the named variables of the project's instructions template (see
+        SessionPolicy.instructions_template): every variable the template names, and no other.
+        Names are 1-64 letters, digits and `_`; values at most 1024 printable characters. Set
+        only when the project's policy has a template (PERMISSION_DENIED, reason SESSION_POLICY,
+        otherwise).
+        """
+
+    @_builtins.property
+    def turn_detection(self) -> Global___TurnDetection:
+        """How the provider detects the end of the user's turn; unset keeps its default."""
+
+    @_builtins.property
+    def input_transcription(self) -> Global___InputTranscription:
+        """Transcription of the user's audio, alongside the session; unset means none."""
+
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]:
+        """Tools the model may call, each a JSON object in the provider's shape (e.g. OpenAI's
+        `{"type": "function", "name": ..., "parameters": {...}}`). At most 128 and 32 KiB of
+        JSON. Only where the project's policy lets callers set tools.
+        """
+
+    @_builtins.property
+    def tracing(self) -> Global___Tracing:
+        """Tracing of the session in the provider's dashboard (OpenAI and Azure GA); unset means
+        none, set and empty means the provider's defaults (`auto`).
+        """
+
+    @_builtins.property
+    def prompt(self) -> Global___PromptReference:
+        """A prompt stored at the provider to start the session from (OpenAI GA)."""
 
     def __init__(
         self,
@@ -116,21 +227,240 @@ class SessionOptions(_message.Message):
         token_ttl: _duration_pb2.Duration | None = ...,
         modalities: _abc.Iterable[_builtins.str] | None = ...,
         email: _builtins.str = ...,
+        instruction_variables: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        type: Global___SessionType.ValueType = ...,
+        input_audio_format: _builtins.str = ...,
+        output_audio_format: _builtins.str = ...,
+        turn_detection: Global___TurnDetection | None = ...,
+        input_transcription: Global___InputTranscription | None = ...,
+        noise_reduction: _builtins.str = ...,
+        tools: _abc.Iterable[_struct_pb2.Struct] | None = ...,
+        tool_choice: _builtins.str = ...,
+        max_output_tokens: _builtins.int | None = ...,
+        tracing: Global___Tracing | None = ...,
+        prompt: Global___PromptReference | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_speed", b"_speed", "_temperature", b"_temperature", "speed", b"speed", "temperature", b"temperature", "token_ttl", b"token_ttl"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "_speed", b"_speed", "_temperature", b"_temperature", "input_transcription", b"input_transcription", "max_output_tokens", b"max_output_tokens", "prompt", b"prompt", "speed", b"speed", "temperature", b"temperature", "token_ttl", b"token_ttl", "tracing", b"tracing", "turn_detection", b"turn_detection"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_speed", b"_speed", "_temperature", b"_temperature", "email", b"email", "instructions", b"instructions", "modalities", b"modalities", "model", b"model", "speed", b"speed", "temperature", b"temperature", "token_ttl", b"token_ttl", "voice", b"voice"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "_speed", b"_speed", "_temperature", b"_temperature", "email", b"email", "input_audio_format", b"input_audio_format", "input_transcription", b"input_transcription", "instruction_variables", b"instruction_variables", "instructions", b"instructions", "max_output_tokens", b"max_output_tokens", "modalities", b"modalities", "model", b"model", "noise_reduction", b"noise_reduction", "output_audio_format", b"output_audio_format", "prompt", b"prompt", "speed", b"speed", "temperature", b"temperature", "token_ttl", b"token_ttl", "tool_choice", b"tool_choice", "tools", b"tools", "tracing", b"tracing", "turn_detection", b"turn_detection", "type", b"type", "voice", b"voice"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_output_tokens: _TypeAlias = _typing.Literal["max_output_tokens"]  # noqa: Y015
+    _WhichOneofArgType__max_output_tokens: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens"]  # noqa: Y015
     _WhichOneofReturnType__speed: _TypeAlias = _typing.Literal["speed"]  # noqa: Y015
     _WhichOneofArgType__speed: _TypeAlias = _typing.Literal["_speed", b"_speed"]  # noqa: Y015
     _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
     _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_output_tokens) -> _WhichOneofReturnType__max_output_tokens | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__speed) -> _WhichOneofReturnType__speed | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
 
 Global___SessionOptions: _TypeAlias = SessionOptions  # noqa: Y015
+
+@_typing.final
+class TurnDetection(_message.Message):
+    """TurnDetection configures voice activity detection."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    PREFIX_PADDING_MS_FIELD_NUMBER: _builtins.int
+    SILENCE_DURATION_MS_FIELD_NUMBER: _builtins.int
+    EAGERNESS_FIELD_NUMBER: _builtins.int
+    CREATE_RESPONSE_FIELD_NUMBER: _builtins.int
+    INTERRUPT_RESPONSE_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    """`server_vad` (silence based), `semantic_vad` (OpenAI GA and beta: the model judges when
+    the user is done), or `none` to turn detection off (the browser commits turns itself).
+    """
+    threshold: _builtins.float
+    """server_vad: how loud speech must be, 0 to 1 (default 0.5)."""
+    prefix_padding_ms: _builtins.int
+    """server_vad: audio kept before detected speech, 0 to 5000 ms (default 300)."""
+    silence_duration_ms: _builtins.int
+    """server_vad: the silence that ends a turn, 0 to 10000 ms (default 500)."""
+    eagerness: _builtins.str
+    """semantic_vad: how soon the model answers: `low`, `medium`, `high` or `auto`."""
+    create_response: _builtins.bool
+    """Whether a response starts by itself when a turn ends (default true)."""
+    interrupt_response: _builtins.bool
+    """Whether the user speaking interrupts the response under way (default true)."""
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        threshold: _builtins.float | None = ...,
+        prefix_padding_ms: _builtins.int | None = ...,
+        silence_duration_ms: _builtins.int | None = ...,
+        eagerness: _builtins.str = ...,
+        create_response: _builtins.bool | None = ...,
+        interrupt_response: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_create_response", b"_create_response", "_interrupt_response", b"_interrupt_response", "_prefix_padding_ms", b"_prefix_padding_ms", "_silence_duration_ms", b"_silence_duration_ms", "_threshold", b"_threshold", "create_response", b"create_response", "interrupt_response", b"interrupt_response", "prefix_padding_ms", b"prefix_padding_ms", "silence_duration_ms", b"silence_duration_ms", "threshold", b"threshold"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_create_response", b"_create_response", "_interrupt_response", b"_interrupt_response", "_prefix_padding_ms", b"_prefix_padding_ms", "_silence_duration_ms", b"_silence_duration_ms", "_threshold", b"_threshold", "create_response", b"create_response", "eagerness", b"eagerness", "interrupt_response", b"interrupt_response", "prefix_padding_ms", b"prefix_padding_ms", "silence_duration_ms", b"silence_duration_ms", "threshold", b"threshold", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__create_response: _TypeAlias = _typing.Literal["create_response"]  # noqa: Y015
+    _WhichOneofArgType__create_response: _TypeAlias = _typing.Literal["_create_response", b"_create_response"]  # noqa: Y015
+    _WhichOneofReturnType__interrupt_response: _TypeAlias = _typing.Literal["interrupt_response"]  # noqa: Y015
+    _WhichOneofArgType__interrupt_response: _TypeAlias = _typing.Literal["_interrupt_response", b"_interrupt_response"]  # noqa: Y015
+    _WhichOneofReturnType__prefix_padding_ms: _TypeAlias = _typing.Literal["prefix_padding_ms"]  # noqa: Y015
+    _WhichOneofArgType__prefix_padding_ms: _TypeAlias = _typing.Literal["_prefix_padding_ms", b"_prefix_padding_ms"]  # noqa: Y015
+    _WhichOneofReturnType__silence_duration_ms: _TypeAlias = _typing.Literal["silence_duration_ms"]  # noqa: Y015
+    _WhichOneofArgType__silence_duration_ms: _TypeAlias = _typing.Literal["_silence_duration_ms", b"_silence_duration_ms"]  # noqa: Y015
+    _WhichOneofReturnType__threshold: _TypeAlias = _typing.Literal["threshold"]  # noqa: Y015
+    _WhichOneofArgType__threshold: _TypeAlias = _typing.Literal["_threshold", b"_threshold"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__create_response) -> _WhichOneofReturnType__create_response | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__interrupt_response) -> _WhichOneofReturnType__interrupt_response | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__prefix_padding_ms) -> _WhichOneofReturnType__prefix_padding_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__silence_duration_ms) -> _WhichOneofReturnType__silence_duration_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__threshold) -> _WhichOneofReturnType__threshold | None: ...
+
+Global___TurnDetection: _TypeAlias = TurnDetection  # noqa: Y015
+
+@_typing.final
+class InputTranscription(_message.Message):
+    """InputTranscription asks for a transcript of the user's audio."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The transcription model, e.g. `gpt-4o-transcribe`, `gpt-4o-mini-transcribe`,
+    `whisper-1`; required for OpenAI and Azure, refused for Gemini (which picks its own).
+    """
+    language: _builtins.str
+    """The language of the audio, ISO 639-1 (e.g. `en`); empty lets the model detect it."""
+    prompt: _builtins.str
+    """Text guiding the transcription (vocabulary, spelling); at most 1024 characters."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        language: _builtins.str = ...,
+        prompt: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["language", b"language", "model", b"model", "prompt", b"prompt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InputTranscription: _TypeAlias = InputTranscription  # noqa: Y015
+
+@_typing.final
+class Tracing(_message.Message):
+    """Tracing names the session's trace at the provider."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    WORKFLOW_NAME_FIELD_NUMBER: _builtins.int
+    GROUP_ID_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    workflow_name: _builtins.str
+    """The workflow name shown for the trace; at most 128 printable characters."""
+    group_id: _builtins.str
+    """A group id to filter traces by; at most 128 printable characters."""
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Free-form metadata; at most 16 entries of 64-character keys and 512-character values."""
+
+    def __init__(
+        self,
+        *,
+        workflow_name: _builtins.str = ...,
+        group_id: _builtins.str = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group_id", b"group_id", "metadata", b"metadata", "workflow_name", b"workflow_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Tracing: _TypeAlias = Tracing  # noqa: Y015
+
+@_typing.final
+class PromptReference(_message.Message):
+    """PromptReference starts a session from a prompt stored at the provider."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class VariablesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    VARIABLES_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The prompt's id, e.g. `pmpt_...`; 1 to 128 letters, digits and `_-`."""
+    version: _builtins.str
+    """The prompt's version; empty means its current one."""
+    @_builtins.property
+    def variables(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Values of the prompt's variables; at most 32 entries, values at most 1024 characters."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        version: _builtins.str = ...,
+        variables: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "variables", b"variables", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromptReference: _TypeAlias = PromptReference  # noqa: Y015
 
 @_typing.final
 class EphemeralToken(_message.Message):
@@ -448,3 +778,113 @@ class EndSessionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EndSessionResponse: _TypeAlias = EndSessionResponse  # noqa: Y015
+
+@_typing.final
+class CreateCallRequest(_message.Message):
+    """CreateCallRequest asks for a provider call answering a browser's SDP offer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    SDP_OFFER_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    TURN_TTL_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.str
+    """The project; empty means the key's own (admin keys: "default")."""
+    provider: Global___Provider.ValueType
+    """The provider: PROVIDER_OPENAI or PROVIDER_AZURE."""
+    sdp_offer: _builtins.str
+    """The browser's SDP offer (RTCPeerConnection.createOffer): `v=0` first, printable ASCII
+    lines, at most 32 KiB.
+    """
+    user_id: _builtins.str
+    """The end user the TURN credential in `ice_servers` is bound to; as in CreateSession."""
+    @_builtins.property
+    def options(self) -> Global___SessionOptions:
+        """The session's options, held to the project's session policy as in CreateSession."""
+
+    @_builtins.property
+    def turn_ttl(self) -> _duration_pb2.Duration:
+        """Lifetime of the TURN credential; the project's default when unset."""
+
+    def __init__(
+        self,
+        *,
+        project_id: _builtins.str = ...,
+        provider: Global___Provider.ValueType = ...,
+        options: Global___SessionOptions | None = ...,
+        sdp_offer: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        turn_ttl: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "turn_ttl", b"turn_ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "project_id", b"project_id", "provider", b"provider", "sdp_offer", b"sdp_offer", "turn_ttl", b"turn_ttl", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateCallRequest: _TypeAlias = CreateCallRequest  # noqa: Y015
+
+@_typing.final
+class CreateCallResponse(_message.Message):
+    """CreateCallResponse is what the browser needs to finish its connection."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    SDP_ANSWER_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    ICE_SERVERS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    UPSTREAM_REQUEST_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """icegate's id for the session: pass it to KeepAliveSession and EndSession (which also
+    hangs the call up).
+    """
+    sdp_answer: _builtins.str
+    """The provider's SDP answer, for RTCPeerConnection.setRemoteDescription."""
+    call_id: _builtins.str
+    """The provider's id of the call (e.g. `rtc_...`)."""
+    model: _builtins.str
+    """The model the session runs."""
+    provider: Global___Provider.ValueType
+    """The provider."""
+    upstream_request_id: _builtins.str
+    """The provider's request id, for support tickets."""
+    @_builtins.property
+    def ice_servers(self) -> _containers.RepeatedCompositeFieldContainer[_credentials_pb2.IceServer]:
+        """icegate's ICE servers (STUN, then TURN with a fresh credential)."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When icegate created the session."""
+
+    @_builtins.property
+    def lease_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the session's lease expires unless KeepAliveSession renews it."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        sdp_answer: _builtins.str = ...,
+        call_id: _builtins.str = ...,
+        ice_servers: _abc.Iterable[_credentials_pb2.IceServer] | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        model: _builtins.str = ...,
+        provider: Global___Provider.ValueType = ...,
+        upstream_request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "lease_expire_time", b"lease_expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "create_time", b"create_time", "ice_servers", b"ice_servers", "lease_expire_time", b"lease_expire_time", "model", b"model", "provider", b"provider", "sdp_answer", b"sdp_answer", "session_id", b"session_id", "upstream_request_id", b"upstream_request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateCallResponse: _TypeAlias = CreateCallResponse  # noqa: Y015

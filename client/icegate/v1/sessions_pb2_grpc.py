@@ -67,6 +67,11 @@ class SessionServiceStub:
                 request_serializer=icegate_dot_v1_dot_sessions__pb2.EndSessionRequest.SerializeToString,
                 response_deserializer=icegate_dot_v1_dot_sessions__pb2.EndSessionResponse.FromString,
                 _registered_method=True)
+        self.CreateCall = channel.unary_unary(
+                '/icegate.v1.SessionService/CreateCall',
+                request_serializer=icegate_dot_v1_dot_sessions__pb2.CreateCallRequest.SerializeToString,
+                response_deserializer=icegate_dot_v1_dot_sessions__pb2.CreateCallResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -117,6 +122,17 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateCall(self, request, context):
+        """Starts a WebRTC call with the provider for the browser's SDP offer, with the project's
+        real key and the session its policy allows (the browser never holds a token), and
+        returns the provider's SDP answer with icegate's ICE servers: under the same quota,
+        lease and rate limit as CreateSession. OpenAI and Azure (GA) only; INVALID_ARGUMENT for
+        another provider or an offer that is not SDP. Not idempotent: a retry starts another call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +155,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.EndSession,
                     request_deserializer=icegate_dot_v1_dot_sessions__pb2.EndSessionRequest.FromString,
                     response_serializer=icegate_dot_v1_dot_sessions__pb2.EndSessionResponse.SerializeToString,
+            ),
+            'CreateCall': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCall,
+                    request_deserializer=icegate_dot_v1_dot_sessions__pb2.CreateCallRequest.FromString,
+                    response_serializer=icegate_dot_v1_dot_sessions__pb2.CreateCallResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -262,6 +283,33 @@ class SessionService:
             '/icegate.v1.SessionService/EndSession',
             icegate_dot_v1_dot_sessions__pb2.EndSessionRequest.SerializeToString,
             icegate_dot_v1_dot_sessions__pb2.EndSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCall(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/icegate.v1.SessionService/CreateCall',
+            icegate_dot_v1_dot_sessions__pb2.CreateCallRequest.SerializeToString,
+            icegate_dot_v1_dot_sessions__pb2.CreateCallResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -62,6 +62,13 @@ class SessionServiceStub:
     """Ends a session, releasing its lease (the month's count is kept). NOT_FOUND when it ended
     already or expired. Safe to retry (a retry answers NOT_FOUND).
     """
+    CreateCall: _grpc.UnaryUnaryMultiCallable[_sessions_pb2.CreateCallRequest, _sessions_pb2.CreateCallResponse]
+    """Starts a WebRTC call with the provider for the browser's SDP offer, with the project's
+    real key and the session its policy allows (the browser never holds a token), and
+    returns the provider's SDP answer with icegate's ICE servers: under the same quota,
+    lease and rate limit as CreateSession. OpenAI and Azure (GA) only; INVALID_ARGUMENT for
+    another provider or an offer that is not SDP. Not idempotent: a retry starts another call.
+    """
 
 @_typing.type_check_only
 class SessionServiceAsyncStub(SessionServiceStub):
@@ -96,6 +103,13 @@ class SessionServiceAsyncStub(SessionServiceStub):
     EndSession: _aio.UnaryUnaryMultiCallable[_sessions_pb2.EndSessionRequest, _sessions_pb2.EndSessionResponse]  # type: ignore[assignment]
     """Ends a session, releasing its lease (the month's count is kept). NOT_FOUND when it ended
     already or expired. Safe to retry (a retry answers NOT_FOUND).
+    """
+    CreateCall: _aio.UnaryUnaryMultiCallable[_sessions_pb2.CreateCallRequest, _sessions_pb2.CreateCallResponse]  # type: ignore[assignment]
+    """Starts a WebRTC call with the provider for the browser's SDP offer, with the project's
+    real key and the session its policy allows (the browser never holds a token), and
+    returns the provider's SDP answer with icegate's ICE servers: under the same quota,
+    lease and rate limit as CreateSession. OpenAI and Azure (GA) only; INVALID_ARGUMENT for
+    another provider or an offer that is not SDP. Not idempotent: a retry starts another call.
     """
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -152,6 +166,19 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_sessions_pb2.EndSessionResponse, _abc.Awaitable[_sessions_pb2.EndSessionResponse]]:
         """Ends a session, releasing its lease (the month's count is kept). NOT_FOUND when it ended
         already or expired. Safe to retry (a retry answers NOT_FOUND).
+        """
+
+    @_abc_1.abstractmethod
+    def CreateCall(
+        self,
+        request: _sessions_pb2.CreateCallRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sessions_pb2.CreateCallResponse, _abc.Awaitable[_sessions_pb2.CreateCallResponse]]:
+        """Starts a WebRTC call with the provider for the browser's SDP offer, with the project's
+        real key and the session its policy allows (the browser never holds a token), and
+        returns the provider's SDP answer with icegate's ICE servers: under the same quota,
+        lease and rate limit as CreateSession. OpenAI and Azure (GA) only; INVALID_ARGUMENT for
+        another provider or an offer that is not SDP. Not idempotent: a retry starts another call.
         """
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import grpc.aio
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
 from icegate.v1 import admin_pb2, admin_pb2_grpc
 from icegate_server.errors import InvalidFieldError
 from icegate_server.projects.admin import ProjectAdmin
 from icegate_server.projects.records import ApiKey, Project
+from icegate_server.servicers.session_service import json_of_struct
+from icegate_server.sessions.policy import SessionPolicies, SessionPolicy, StoredPolicy
 from icegate_server.sessions.provider_keys import ProviderKeys
 from icegate_server.store.base import ProviderKeyRecord
 from icegate_server.turn.rotation import RingEntry, TurnSecretRotation
@@ -108,14 +110,70 @@ def turn_secrets_to_proto(entries: tuple[RingEntry, ...]) -> list[admin_pb2.Turn
     return infos
 
 
+def _optional_seconds(message: admin_pb2.SessionPolicy, name: str) -> int | None:
+    if not message.HasField(name):  # type: ignore[arg-type]
+        return None
+    return _whole_seconds(getattr(message, name), f"policy.{name}")
+
+
+def policy_from_proto(message: admin_pb2.SessionPolicy) -> SessionPolicy:
+    """The domain policy of a request (`sessions.policy.validate_policy` checks the values)."""
+    return SessionPolicy(
+        allowed_models=tuple(message.allowed_models),
+        default_model=message.default_model,
+        allowed_voices=tuple(message.allowed_voices),
+        instructions=message.instructions,
+        instructions_template=message.instructions_template,
+        tools=tuple(json_of_struct(tool) for tool in message.tools),
+        max_token_ttl_seconds=_optional_seconds(message, "max_token_ttl"),
+        max_session_duration_seconds=_optional_seconds(message, "max_session_duration"),
+        caller_options=tuple(message.caller_options),
+        enforcement=_ENFORCEMENTS.get(message.enforcement, "?"),
+    )
+
+
+_ENFORCEMENTS = {
+    admin_pb2.SESSION_POLICY_ENFORCEMENT_UNSPECIFIED: "",
+    admin_pb2.SESSION_POLICY_ENFORCEMENT_RESTORE: "restore",
+    admin_pb2.SESSION_POLICY_ENFORCEMENT_HANG_UP: "hang_up",
+}
+_ENFORCEMENT_VALUES = {name: value for value, name in _ENFORCEMENTS.items()}
+
+
+def policy_to_proto(policy: SessionPolicy) -> admin_pb2.SessionPolicy:
+    tools = []
+    for tool in policy.tools:
+        struct = struct_pb2.Struct()
+        struct.update(tool)
+        tools.append(struct)
+    message = admin_pb2.SessionPolicy(
+        allowed_models=policy.allowed_models, default_model=policy.default_model,
+        allowed_voices=policy.allowed_voices, instructions=policy.instructions,
+        instructions_template=policy.instructions_template, tools=tools,
+        caller_options=policy.caller_options,
+        enforcement=_ENFORCEMENT_VALUES.get(
+            policy.enforcement, admin_pb2.SESSION_POLICY_ENFORCEMENT_UNSPECIFIED))
+    if policy.max_token_ttl_seconds is not None:
+        message.max_token_ttl.seconds = policy.max_token_ttl_seconds
+    if policy.max_session_duration_seconds is not None:
+        message.max_session_duration.seconds = policy.max_session_duration_seconds
+    return message
+
+
+def _stored_policy_fields(stored: StoredPolicy) -> dict[str, Any]:
+    return {"policy": policy_to_proto(stored.policy),
+            "update_time": _timestamp(stored.update_time_ms / 1000)}
+
+
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     """Projects, caller keys and provider keys, for admin keys only (the call guard checks)."""
 
     def __init__(self, admin: ProjectAdmin, provider_keys: ProviderKeys,
-                 turn_secrets: TurnSecretRotation) -> None:
+                 turn_secrets: TurnSecretRotation, policies: SessionPolicies) -> None:
         self._admin = admin
         self._provider_keys = provider_keys
         self._turn_secrets = turn_secrets
+        self._policies = policies
 
     async def CreateProject(self, request: admin_pb2.CreateProjectRequest,
                             context: Context) -> admin_pb2.CreateProjectResponse:
@@ -201,3 +259,19 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         await self._turn_secrets.refresh()
         return admin_pb2.ListTurnSecretsResponse(
             turn_secrets=turn_secrets_to_proto(self._turn_secrets.entries))
+
+    async def SetSessionPolicy(self, request: admin_pb2.SetSessionPolicyRequest,
+                               context: Context) -> admin_pb2.SetSessionPolicyResponse:
+        stored = await self._policies.set(request.project_id, request.provider,
+                                          policy_from_proto(request.policy))
+        return admin_pb2.SetSessionPolicyResponse(**_stored_policy_fields(stored))
+
+    async def GetSessionPolicy(self, request: admin_pb2.GetSessionPolicyRequest,
+                               context: Context) -> admin_pb2.GetSessionPolicyResponse:
+        stored = await self._policies.get(request.project_id, request.provider)
+        return admin_pb2.GetSessionPolicyResponse(**_stored_policy_fields(stored))
+
+    async def DeleteSessionPolicy(self, request: admin_pb2.DeleteSessionPolicyRequest,
+                                  context: Context) -> admin_pb2.DeleteSessionPolicyResponse:
+        await self._policies.delete(request.project_id, request.provider)
+        return admin_pb2.DeleteSessionPolicyResponse()

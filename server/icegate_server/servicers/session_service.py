@@ -7,14 +7,22 @@ from collections.abc import Iterable
 from typing import Any
 
 import grpc.aio
-from google.protobuf import timestamp_pb2
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from icegate.v1 import credentials_pb2, sessions_pb2, sessions_pb2_grpc
 from icegate_server.access.guard import current_call
 from icegate_server.errors import InvalidFieldError
 from icegate_server.projects.records import Project
 from icegate_server.servicers.credential_service import requested_ttl
-from icegate_server.sessions.providers import MintedToken, ProviderKind, SessionOptions
+from icegate_server.sessions.providers import (
+    InputTranscription,
+    MintedToken,
+    PromptReference,
+    ProviderKind,
+    SessionOptions,
+    Tracing,
+    TurnDetection,
+)
 from icegate_server.sessions.realtime import RealtimeSessions
 from icegate_server.turn.ice_servers import IceServer
 
@@ -43,11 +51,51 @@ def _finite(value: float, field: str) -> float:
     return value
 
 
+SESSION_TYPES = {sessions_pb2.SESSION_TYPE_UNSPECIFIED: "",
+                 sessions_pb2.SESSION_TYPE_REALTIME: "realtime",
+                 sessions_pb2.SESSION_TYPE_TRANSCRIPTION: "transcription"}
+
+
+def _integral(value: Any) -> Any:
+    """JSON with whole numbers as ints (a Struct holds every number as a double, and a tool's
+    JSON Schema says `"maxLength": 5`, not 5.0)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _integral(inner) for key, inner in value.items()}
+    if isinstance(value, list):
+        return [_integral(inner) for inner in value]
+    return value
+
+
+def json_of_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as the JSON object it stands for."""
+    return _integral(json_format.MessageToDict(struct))  # type: ignore[no-any-return]
+
+
+def _turn_detection(message: sessions_pb2.TurnDetection) -> TurnDetection:
+    def optional(name: str) -> Any:
+        value = getattr(message, name) if message.HasField(name) else None  # type: ignore[arg-type]
+        return _finite(value, f"turn_detection.{name}") if isinstance(value, float) else value
+
+    return TurnDetection(
+        type=message.type, threshold=optional("threshold"),
+        prefix_padding_ms=optional("prefix_padding_ms"),
+        silence_duration_ms=optional("silence_duration_ms"), eagerness=message.eagerness,
+        create_response=optional("create_response"),
+        interrupt_response=optional("interrupt_response"))
+
+
 def session_options(message: sessions_pb2.SessionOptions) -> SessionOptions:
     """The domain options of a request (the provider adapter validates the values)."""
     token_ttl = requested_ttl(message, field="token_ttl")
     if token_ttl is not None and token_ttl != int(token_ttl):
         raise InvalidFieldError("token_ttl", "must be a whole number of seconds")
+    if message.type not in SESSION_TYPES:
+        raise InvalidFieldError("type", "must be SESSION_TYPE_REALTIME or "
+                                "SESSION_TYPE_TRANSCRIPTION")
+    transcription, tracing, prompt = (message.input_transcription, message.tracing,
+                                      message.prompt)
     return SessionOptions(
         model=message.model,
         voice=message.voice,
@@ -58,6 +106,26 @@ def session_options(message: sessions_pb2.SessionOptions) -> SessionOptions:
         token_ttl_seconds=int(token_ttl) if token_ttl is not None else None,
         modalities=tuple(message.modalities),
         email=message.email,
+        instruction_variables=tuple(sorted(message.instruction_variables.items())),
+        session_type=SESSION_TYPES[message.type],
+        input_audio_format=message.input_audio_format,
+        output_audio_format=message.output_audio_format,
+        turn_detection=_turn_detection(message.turn_detection)
+        if message.HasField("turn_detection") else None,
+        input_transcription=InputTranscription(transcription.model, transcription.language,
+                                                transcription.prompt)
+        if message.HasField("input_transcription") else None,
+        noise_reduction=message.noise_reduction,
+        tools=tuple(json_of_struct(tool) for tool in message.tools),
+        tool_choice=message.tool_choice,
+        max_output_tokens=message.max_output_tokens
+        if message.HasField("max_output_tokens") else None,
+        tracing=Tracing(tracing.workflow_name, tracing.group_id,
+                        tuple(sorted(tracing.metadata.items())))
+        if message.HasField("tracing") else None,
+        prompt=PromptReference(prompt.id, prompt.version,
+                               tuple(sorted(prompt.variables.items())))
+        if message.HasField("prompt") else None,
     )
 
 
@@ -114,6 +182,21 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
             provider=request.provider,
             upstream_request_id=token.upstream_request_id,
         )
+
+    async def CreateCall(self, request: sessions_pb2.CreateCallRequest,
+                         context: Context) -> sessions_pb2.CreateCallResponse:
+        kind = provider_kind(request.provider)
+        created = await self._sessions.create_call(
+            _project(), kind, session_options(request.options), request.sdp_offer,
+            user_id=request.user_id, turn_ttl=requested_ttl(request, field="turn_ttl"),
+            timeout=_time_left(context))
+        call = created.call
+        return sessions_pb2.CreateCallResponse(
+            session_id=created.session_id, sdp_answer=call.sdp_answer, call_id=call.call_id,
+            ice_servers=ice_servers_to_proto(created.ice_servers),
+            create_time=_timestamp(created.create_time),
+            lease_expire_time=_timestamp(created.lease_expires_at), model=call.model,
+            provider=request.provider, upstream_request_id=call.upstream_request_id)
 
     async def MintEphemeralToken(
         self, request: sessions_pb2.MintEphemeralTokenRequest, context: Context

@@ -1,10 +1,12 @@
 """Realtime sessions: a provider token plus ICE servers, under quota and concurrency leases.
 
 Order of work in `create`, chosen so that nothing is consumed by a request that was bound to
-fail: validate the options (no network), issue the TURN credential (validates user and TTL),
-then, in one atomic store call, read the sealed provider key and take a *pending* lease (none
-taken without a key), then open the key and call the provider, and only when it answered
-confirm the session: the lease becomes a full one and the month's count goes up by one.
+fail: validate the options (no network), read the project's session policy for the provider
+and hold the options to it (`sessions.policy`: what it fixes is what the provider is sent),
+issue the TURN credential (validates user and TTL), then, in one atomic store call, read the
+sealed provider key and take a *pending* lease (none taken without a key), then open the
+key and call the provider, and only when it answered confirm the session: the lease becomes
+a full one and the month's count goes up by one.
 
 Nothing is kept by a call that fails (docs/RELIABILITY.md, "Sessions: nothing kept by a call
 that fails"). A pending lease lives as long as the provider call may take plus
@@ -19,11 +21,13 @@ back exactly what is held), retried briefly in the background if the store does 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from icegate_server.clock import Clock, utc_datetime
 from icegate_server.errors import (
@@ -32,16 +36,29 @@ from icegate_server.errors import (
     NotFoundError,
     QuotaExceededError,
     StoreUnavailableError,
+    UpstreamError,
     UpstreamNotConfiguredError,
     UpstreamTimeoutError,
 )
 from icegate_server.observability.logs import Safe
 from icegate_server.projects.records import Project
 from icegate_server.projects.usage import next_month_start_ms
+from icegate_server.sessions.policy import SessionPolicy, apply_policy
 from icegate_server.sessions.provider_keys import ProviderKeys, key_family, missing_key_error
-from icegate_server.sessions.providers import MintedToken, Provider, ProviderKind, SessionOptions
+from icegate_server.sessions.providers import (
+    CallingProvider,
+    CreatedCall,
+    MintedToken,
+    Provider,
+    ProviderKind,
+    SessionOptions,
+)
+from icegate_server.sessions.providers.azure import AzureProvider
+from icegate_server.sessions.providers.openai import OpenAIProvider
+from icegate_server.sessions.providers.upstream_text import sdp_lines_fit
+from icegate_server.sessions.sideband import LockedSession, Sidebands
 from icegate_server.store import Store
-from icegate_server.store.base import SessionAdmission, SessionOutcome, month_of
+from icegate_server.store.base import SessionAdmission, SessionOutcome, SessionRecord, month_of
 from icegate_server.turn.credentials import TurnCredentialIssuer
 from icegate_server.turn.ice_servers import IceServer, build_ice_servers
 
@@ -58,6 +75,12 @@ GIVE_BACK_MAX_RETRY_SECONDS = 5.0
 """A give-back the store did not answer is tried again after 0.5 s, doubling up to 5 s, for as
 long as what it gives back can still be held: a confirmed session (its reply lost) keeps its
 unit and slot until a cancel reaches the store, however long the store is down."""
+HANG_UP_SECONDS = 5.0
+"""How long EndSession waits for the provider to hang a call up."""
+REAP_INTERVAL_SECONDS = 1.0
+REAP_BATCH = 100
+"""Every second, the calls of up to 100 sessions whose lease is gone are hung up (one store
+call when there are none)."""
 GIVE_BACK_WAIT_SECONDS = 1.0
 """How long a failing call waits for its give-back before answering (the rest goes on in
 the background)."""
@@ -67,6 +90,45 @@ SESSION_ID_PREFIX = "ses_"
 
 def new_session_id() -> str:
     return SESSION_ID_PREFIX + secrets.token_urlsafe(16)
+
+
+T = TypeVar("T")
+Upstream = Callable[[str, SessionOptions, float], Awaitable[T]]
+"""The provider call of a session start: (api key, options held to the policy, seconds
+left) -> what the provider answered."""
+OnStarted = Callable[[T, str, SessionOptions, "SessionPolicy | None", str], None]
+"""Called once a session started: (provider answer, api key, options sent, policy, id)."""
+CALLING_PROVIDERS = (OpenAIProvider, AzureProvider)
+"""The adapters CreateCall takes (the GA calls API)."""
+MAX_SDP_OFFER_CHARS = 32 * 1024
+
+
+def check_sdp_offer(sdp_offer: str) -> None:
+    """Refuses an offer that is not SDP before it goes anywhere."""
+    if not sdp_lines_fit(sdp_offer, MAX_SDP_OFFER_CHARS):
+        raise InvalidFieldError("sdp_offer", "must be an SDP offer: v=0 first, then type=value "
+                                f"lines of printable ASCII, at most {MAX_SDP_OFFER_CHARS} "
+                                "characters")
+
+
+@dataclass(frozen=True)
+class _Started(Generic[T]):
+    session_id: str
+    result: T
+    ice_servers: list[IceServer]
+    create_time: float
+    lease_expires_at: float
+
+
+@dataclass(frozen=True)
+class CreatedCallSession:
+    """What CreateCall answers."""
+
+    session_id: str
+    call: CreatedCall
+    ice_servers: list[IceServer]
+    create_time: float
+    lease_expires_at: float
 
 
 @dataclass(frozen=True)
@@ -87,7 +149,8 @@ class RealtimeSessions:
                  providers: Mapping[ProviderKind, Provider], issuer: TurnCredentialIssuer,
                  stun_uris: tuple[str, ...], clock: Clock, *, lease_seconds: int = 3600,
                  upstream_seconds: float = 35.0,
-                 session_ids: Callable[[], str] = new_session_id) -> None:
+                 session_ids: Callable[[], str] = new_session_id,
+                 sidebands: Sidebands | None = None) -> None:
         """
         Args:
             lease_seconds: The life of a session's lease, renewed by KeepAliveSession.
@@ -105,6 +168,7 @@ class RealtimeSessions:
         self._upstream_seconds = upstream_seconds
         self._session_ids = session_ids
         self._giving_back: set[asyncio.Task[None]] = set()
+        self._sidebands = sidebands or Sidebands()
 
     def _provider(self, kind: ProviderKind, options: SessionOptions) -> Provider:
         provider = self._providers.get(kind)
@@ -114,19 +178,107 @@ class RealtimeSessions:
         provider.validate(options)
         return provider
 
+    async def _hold_to_policy(self, project: Project, kind: ProviderKind, provider: Provider,
+                              options: SessionOptions
+                              ) -> tuple[SessionOptions, SessionPolicy | None]:
+        """The options to send upstream under the project's policy for the provider, and the
+        policy (None when it has none). One store read; nothing is taken.
+
+        Raises:
+            SessionPolicyError: An option the policy does not allow.
+            InvalidFieldError: What the policy made of the options breaks a provider rule.
+        """
+        record = await self._store.get_session_policy(project.project_id, key_family(kind))
+        policy = _parsed_policy(record.policy_json) if record is not None else None
+        held = apply_policy(policy, options, kind,
+                            provider_default_ttl=provider.default_token_ttl_seconds)
+        if held is not options:
+            provider.validate(held)
+        return held, policy
+
     async def create(self, project: Project, kind: ProviderKind, options: SessionOptions, *,
                      user_id: str, turn_ttl: float | None,
                      timeout: float | None) -> CreatedSession:
         """Mints a token and leases a session slot, or raises why not (nothing consumed)."""
         provider = self._provider(kind, options)
+
+        async def mint(api_key: str, held: SessionOptions, left: float) -> MintedToken:
+            return await provider.mint(api_key, held, timeout=left)
+
+        started = await self._start(project, kind, provider, options, user_id=user_id,
+                                    turn_ttl=turn_ttl, timeout=timeout, upstream=mint)
+        return CreatedSession(started.session_id, started.result, started.ice_servers,
+                              started.create_time, started.lease_expires_at)
+
+    async def create_call(self, project: Project, kind: ProviderKind, options: SessionOptions,
+                          sdp_offer: str, *, user_id: str, turn_ttl: float | None,
+                          timeout: float | None) -> CreatedCallSession:
+        """Starts a provider call for the browser's offer under a session slot, or raises
+        why not (nothing consumed)."""
+        check_sdp_offer(sdp_offer)
+        provider = self._provider(kind, options)
+        calling = self._calling(kind, provider)
+
+        async def call(api_key: str, held: SessionOptions, left: float) -> CreatedCall:
+            return await calling.create_call(api_key, held, sdp_offer, timeout=left)
+
+        def enforce(created: CreatedCall, api_key: str, held: SessionOptions,
+                    policy: SessionPolicy | None, session_id: str) -> None:
+            if policy is None or not policy.enforcement or not created.call_id or \
+                    not isinstance(provider, OpenAIProvider):
+                return
+            locked = locked_session(policy, held)
+            if locked.empty:
+                return
+            url, headers = provider.sideband(api_key, created.call_id)
+
+            async def hang_up() -> None:
+                await self._end_by_policy(project.project_id, session_id)
+
+            self._sidebands.watch(session_id, created.call_id, url, headers, locked,
+                                  restore=policy.enforcement == "restore", hang_up=hang_up)
+
+        started = await self._start(project, kind, provider, options, user_id=user_id,
+                                    turn_ttl=turn_ttl, timeout=timeout, upstream=call,
+                                    call_id_of=lambda created: created.call_id,
+                                    on_started=enforce)
+        return CreatedCallSession(started.session_id, started.result, started.ice_servers,
+                                  started.create_time, started.lease_expires_at)
+
+    @staticmethod
+    def _calling(kind: ProviderKind, provider: Provider) -> CallingProvider:
+        if not isinstance(provider, CALLING_PROVIDERS):
+            raise InvalidFieldError("provider", "CreateCall takes PROVIDER_OPENAI or "
+                                    "PROVIDER_AZURE (the GA calls API)")
+        return provider
+
+    async def _start(self, project: Project, kind: ProviderKind, provider: Provider,
+                     options: SessionOptions, *, user_id: str, turn_ttl: float | None,
+                     timeout: float | None, upstream: Upstream[T],
+                     call_id_of: Callable[[T], str] | None = None,
+                     on_started: OnStarted[T] | None = None) -> _Started[T]:
+        """What CreateSession and CreateCall share: policy, TURN credential, pending lease,
+        the provider call `upstream`, confirmation; everything given back on failure."""
+        # `timeout` was measured when the call arrived: every step counts against it, the
+        # policy read included (a session confirmed past the caller's deadline is one the
+        # caller never gets).
+        started = self._clock.monotonic()
+        options, policy = await self._hold_to_policy(project, kind, provider, options)
         session_id = self._session_ids()
         credential = self._issuer.issue_for(project, user_id or session_id, turn_ttl,
                                             ttl_field="turn_ttl")
-        started = self._clock.monotonic()
         bound = self._upstream_seconds if timeout is None else min(timeout,
                                                                    self._upstream_seconds)
         now_ms = int(self._clock.now() * 1000)
         month = month_of(now_ms)
+        ends_ms = 0
+        if policy is not None and policy.max_session_duration_seconds:
+            ends_ms = now_ms + policy.max_session_duration_seconds * 1000
+            if call_id_of is None:
+                # Kept before the session begins (a record takes no unit and no slot), so
+                # that no keep-alive of the session can ever miss it.
+                await self._store.put_session_record(
+                    SessionRecord(project.project_id, session_id, kind.value, ends_ms), now_ms)
         beginning = asyncio.ensure_future(self._store.begin_session(
             project_id=project.project_id, session_id=session_id, month=month, now_ms=now_ms,
             pending_ms=int((bound + PENDING_MARGIN_SECONDS) * 1000),
@@ -143,12 +295,20 @@ class RealtimeSessions:
         confirming: asyncio.Future[bool] | None = None
         try:
             api_key = self._keys.open_record(admission.provider_key, kind)
-            token = await provider.mint(api_key, options,
-                                        timeout=bound - (self._clock.monotonic() - started))
+            result = await upstream(api_key, options,
+                                    bound - (self._clock.monotonic() - started))
+            if call_id_of is not None:
+                # What ending the session needs to hang the call up, kept before the session
+                # is confirmed (a lease nothing could hang up must not be handed out).
+                await self._store.put_session_record(SessionRecord(
+                    project.project_id, session_id, kind.value, ends_ms,
+                    call_id=call_id_of(result)), now_ms)
             confirmed_ms = int(self._clock.now() * 1000)
+            lease_ms = self._lease_ms if not ends_ms else min(self._lease_ms,
+                                                               ends_ms - confirmed_ms)
             confirming = asyncio.ensure_future(self._store.confirm_session(
                 project_id=project.project_id, session_id=session_id, month=month,
-                now_ms=confirmed_ms, lease_ms=self._lease_ms))
+                now_ms=confirmed_ms, lease_ms=lease_ms))
             if not await asyncio.shield(confirming):
                 raise StoreUnavailableError(
                     "the session start outlived its reservation before the provider answered; "
@@ -161,13 +321,10 @@ class RealtimeSessions:
         except BaseException:
             await self._give_back(project.project_id, session_id, month, after=confirming)
             raise
-        return CreatedSession(
-            session_id=session_id,
-            token=token,
-            ice_servers=build_ice_servers(self._stun_uris, credential),
-            create_time=now_ms / 1000,
-            lease_expires_at=(confirmed_ms + self._lease_ms) / 1000,
-        )
+        if on_started is not None:
+            on_started(result, api_key, options, policy, session_id)
+        return _Started(session_id, result, build_ice_servers(self._stun_uris, credential),
+                        now_ms / 1000, (confirmed_ms + lease_ms) / 1000)
 
     @staticmethod
     def _refuse_unless_started(admission: SessionAdmission, project: Project,
@@ -201,8 +358,10 @@ class RealtimeSessions:
         await asyncio.wait({task}, timeout=GIVE_BACK_WAIT_SECONDS)
 
     async def close(self) -> None:
-        """Lets give-backs in flight finish (up to `GIVE_BACK_WAIT_SECONDS`), then stops the
-        rest: what they held frees itself when its lease or pending life ends."""
+        """Stops the sidebands; lets give-backs in flight finish (up to
+        `GIVE_BACK_WAIT_SECONDS`), then stops the rest: what they held frees itself when its
+        lease or pending life ends."""
+        await self._sidebands.close()
         if self._giving_back:
             await asyncio.wait(set(self._giving_back), timeout=GIVE_BACK_WAIT_SECONDS)
         for task in list(self._giving_back):
@@ -238,18 +397,29 @@ class RealtimeSessions:
                    timeout: float | None) -> MintedToken:
         """A provider token alone: no quota unit, no lease."""
         provider = self._provider(kind, options)
+        started = self._clock.monotonic()
+        options, _ = await self._hold_to_policy(project, kind, provider, options)
         api_key = await self._keys.open(project.project_id, kind)
-        return await provider.mint(api_key, options, timeout=timeout)
+        left = None if timeout is None else timeout - (self._clock.monotonic() - started)
+        return await provider.mint(api_key, options, timeout=left)
 
     async def keep_alive(self, project: Project, session_id: str) -> float:
         """Renews a live session's lease; returns its new expiry (Unix seconds)."""
         _check_session_id(session_id)
         now_ms = int(self._clock.now() * 1000)
+        lease_ms = self._lease_ms
+        record = await self._store.get_session_record(project.project_id, session_id)
+        if record is not None and record.ends_ms:
+            if record.ends_ms <= now_ms:
+                # Its lease expired then at the latest (it was never renewed past it).
+                raise NotFoundError(f"session {session_id!r} reached the longest duration "
+                                    "its project's session policy allows")
+            lease_ms = min(lease_ms, record.ends_ms - now_ms)
         if not await self._store.renew_session(project_id=project.project_id,
                                                session_id=session_id, now_ms=now_ms,
-                                               lease_ms=self._lease_ms):
+                                               lease_ms=lease_ms):
             raise NotFoundError(f"session {session_id!r} is not active (ended or expired)")
-        return (now_ms + self._lease_ms) / 1000
+        return (now_ms + lease_ms) / 1000
 
     async def end(self, project: Project, session_id: str) -> None:
         """Ends a session, freeing its concurrency slot."""
@@ -258,6 +428,74 @@ class RealtimeSessions:
                                              session_id=session_id,
                                              now_ms=int(self._clock.now() * 1000)):
             raise NotFoundError(f"session {session_id!r} is not active (ended or expired)")
+        # Whoever takes the record hangs its call up: this call, or `reap_ended_calls` on
+        # any replica, never both.
+        record = await self._store.take_session_record(project.project_id, session_id)
+        if record is not None and record.call_id:
+            await self.hang_up(record)
+
+    async def reap_ended_calls(self) -> int:
+        """Hangs up the calls whose session's lease is gone (expired, at its policy's
+        maximum duration, cancelled) without an EndSession; returns how many it took."""
+        records = await self._store.take_ended_calls(int(self._clock.now() * 1000),
+                                                     REAP_BATCH)
+        for record in records:
+            await self.hang_up(record)
+        return len(records)
+
+    async def run_reaper(self, interval: float = REAP_INTERVAL_SECONDS) -> None:
+        """`reap_ended_calls` every `interval` seconds, until cancelled."""
+        while True:
+            try:
+                await self.reap_ended_calls()
+            except StoreUnavailableError:
+                logger.warning("ended calls not reaped this round (store unavailable)")
+            await asyncio.sleep(interval)
+
+    async def _end_by_policy(self, project_id: str, session_id: str) -> None:
+        """Ends a session whose browser broke its policy (enforcement `hang_up`): its lease,
+        and its call (if no EndSession or reaper took it meanwhile)."""
+        await self._store.end_session(project_id=project_id, session_id=session_id,
+                                      now_ms=int(self._clock.now() * 1000))
+        record = await self._store.take_session_record(project_id, session_id)
+        if record is not None and record.call_id:
+            await self.hang_up(record)
+
+    async def hang_up(self, record: SessionRecord) -> None:
+        """Hangs up the provider call of an ended session: a step of its own, beside the lease
+        release (and the end of its TURN allocations), so a provider that is down does not
+        keep the session's slot. A failure is logged (no key, no provider text) and left:
+        the provider ends a call nobody speaks on by itself."""
+        await self._sidebands.stop(record.session_id)
+        kind = ProviderKind(record.provider)
+        provider = self._providers.get(kind)
+        if not isinstance(provider, CALLING_PROVIDERS):
+            return
+        try:
+            api_key = await self._keys.open(record.project_id, kind)
+            await provider.hang_up(api_key, record.call_id, timeout=HANG_UP_SECONDS)
+        except (UpstreamError, StoreUnavailableError, ValueError) as error:
+            status = error.upstream_status if isinstance(error, UpstreamError) else 0
+            logger.warning("call %s of session %s (project %s) not hung up: %s (HTTP %d)",
+                           Safe(record.call_id), Safe(record.session_id),
+                           Safe(record.project_id), Safe(type(error).__name__), status)
+
+
+def locked_session(policy: SessionPolicy, sent: SessionOptions) -> LockedSession:
+    """What of the session `sent` the policy fixed, for its sideband to hold."""
+    fixed_instructions = bool(policy.instructions or policy.instructions_template)
+    return LockedSession(
+        instructions=sent.instructions if fixed_instructions else None,
+        tool_names=tuple(str(tool.get("name")) for tool in sent.tools) if policy.tools
+        else None,
+        tools=tuple(sent.tools) if policy.tools else (),
+        voice=sent.voice if policy.allowed_voices and sent.voice else None)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed_policy(text: str) -> SessionPolicy:
+    # Cached by the record's text, as projects are: a changed policy is a new text.
+    return SessionPolicy.from_json(text)
 
 
 SESSION_ID_PATTERN = re.compile(r"ses_[A-Za-z0-9_-]{4,60}")

@@ -76,6 +76,32 @@ class SessionAdmission:
 
 
 @dataclass(frozen=True)
+class SessionPolicyRecord:
+    """A project's session policy for a provider family, as JSON (see `sessions.policy`)."""
+
+    project_id: str
+    provider: str
+    policy_json: str
+    update_time_ms: int
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """What icegate remembers of a live session beyond its lease (see `sessions.realtime`).
+
+    `ends_ms` is when the session must end whatever keep-alives say (its policy's maximum
+    duration), 0 for never; `provider` the provider kind's name; `call_id` the provider's
+    call (CreateCall), "" for none.
+    """
+
+    project_id: str
+    session_id: str
+    provider: str
+    ends_ms: int = 0
+    call_id: str = ""
+
+
+@dataclass(frozen=True)
 class TurnSecretRecord:
     """A TURN shared secret of the rotating ring, sealed (see `icegate_server.turn.rotation`).
 
@@ -248,6 +274,41 @@ class Store(Protocol):
     async def delete_provider_key(self, project_id: str, provider: str) -> bool:
         ...
 
+    # -- session policies and session records -------------------------------------------------
+
+    async def put_session_policy(self, record: SessionPolicyRecord) -> bool:
+        """Creates or replaces the policy of (project, provider); False (nothing written) when
+        the project does not exist."""
+        ...
+
+    async def get_session_policy(self, project_id: str,
+                                 provider: str) -> SessionPolicyRecord | None:
+        ...
+
+    async def delete_session_policy(self, project_id: str, provider: str) -> bool:
+        """False when there was none."""
+        ...
+
+    async def put_session_record(self, record: SessionRecord, now_ms: int) -> None:
+        """Keeps `record` until `delete_session_record`, or until its `ends_ms` has passed
+        (each call drops the project's records that ended before `now_ms`)."""
+        ...
+
+    async def get_session_record(self, project_id: str, session_id: str) -> SessionRecord | None:
+        ...
+
+    async def take_session_record(self, project_id: str,
+                                  session_id: str) -> SessionRecord | None:
+        """Removes a session's record and returns it (None when there was none): of the
+        callers taking the same record, exactly one gets it."""
+        ...
+
+    async def take_ended_calls(self, now_ms: int, limit: int) -> list[SessionRecord]:
+        """Removes and returns up to `limit` records of calls (a `call_id`) whose lease is not
+        live at `now_ms` (expired, ended, cancelled, or reached its end): the calls to hang
+        up. Each record is returned once, to one caller."""
+        ...
+
     # -- the TURN secret ring ------------------------------------------------------------------
 
     async def list_turn_secrets(self) -> list[TurnSecretRecord]:
@@ -306,6 +367,6 @@ def month_of(now_ms: int) -> str:
 
 __all__: Sequence[str] = (
     "PURGE_BATCH", "Admission", "AdmitOutcome", "ProviderKeyRecord", "SessionAdmission",
-    "SessionOutcome", "Store", "TurnSecretRecord", "api_key_cursor", "month_of",
-    "parse_api_key_cursor",
+    "SessionOutcome", "SessionPolicyRecord", "SessionRecord", "Store", "TurnSecretRecord",
+    "api_key_cursor", "month_of", "parse_api_key_cursor",
 )

@@ -23,6 +23,10 @@ digest of a caller key):
     icegate:pkey:<p>             hash    provider -> JSON {sealed (base64), last4,
                                          update_time_ms}
     icegate:pkey-projects        set     projects holding provider keys (list over all)
+    icegate:policy:<p>           hash    provider family -> JSON {policy, update_time_ms}
+    icegate:srec:<p>             hash    session id -> JSON SessionRecord fields
+    icegate:srec-ends:<p>        zset    session ids with an end: member id, score ends_ms
+    icegate:call-sessions        set     `<p> <session id>` of every record with a call id
 
 Bounded work. No script works in proportion to a project's key count: ListApiKeys reads a
 page (ZRANGEBYLEX, at most 1000 keys), and deleting a project removes its record, counters
@@ -91,6 +95,8 @@ from icegate_server.store.base import (
     ProviderKeyRecord,
     SessionAdmission,
     SessionOutcome,
+    SessionPolicyRecord,
+    SessionRecord,
     TurnSecretRecord,
     api_key_cursor,
     parse_api_key_cursor,
@@ -278,7 +284,8 @@ local prefix, id = ARGV[1], ARGV[2]
 local existed = redis.call('DEL', prefix .. 'project:' .. id)
 redis.call('ZREM', prefix .. 'projects', id)
 redis.call('UNLINK', prefix .. 'rl:' .. id, prefix .. 'leases:' .. id, prefix .. 'pkey:' .. id,
-           prefix .. 'pending:' .. id)
+           prefix .. 'pending:' .. id, prefix .. 'policy:' .. id, prefix .. 'srec:' .. id,
+           prefix .. 'srec-ends:' .. id)
 redis.call('SREM', prefix .. 'pkey-projects', id)
 for _, month in ipairs(redis.call('SMEMBERS', prefix .. 'quota-months:' .. id)) do
   redis.call('DEL', prefix .. 'quota:' .. id .. ':' .. month)
@@ -364,6 +371,69 @@ _DELETE_PROVIDER_KEY = """
 local deleted = redis.call('HDEL', KEYS[1], ARGV[2])
 if redis.call('HLEN', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[1]) end
 return deleted
+"""
+
+# KEYS: project record, policy hash. ARGV: provider, record JSON. 0 (nothing written) when
+# the project does not exist.
+_PUT_SESSION_POLICY = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+
+# KEYS: records hash, ends zset, call-sessions set. ARGV: session id, record JSON, ends_ms
+# (0: none), now_ms, call-sessions member ('' when the record has no call). Drops the
+# records without a call that ended by now (a call's record waits for take_ended_calls),
+# then keeps this one.
+_PUT_SESSION_RECORD = """
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[4])) do
+  local record = redis.call('HGET', KEYS[1], id)
+  if not record or cjson.decode(record)['call_id'] == '' then
+    redis.call('HDEL', KEYS[1], id)
+    redis.call('ZREM', KEYS[2], id)
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if tonumber(ARGV[3]) > 0 then redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1]) end
+if ARGV[5] ~= '' then redis.call('SADD', KEYS[3], ARGV[5]) end
+return 1
+"""
+
+# KEYS: records hash, ends zset, call-sessions set. ARGV: session id, call-sessions member.
+# The record's JSON, or false.
+_TAKE_SESSION_RECORD = """
+local record = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[2])
+return record
+"""
+
+# KEYS: call-sessions set. ARGV: prefix, now_ms, limit. Flat {project, session, record JSON,
+# ...} of the calls whose lease is not live, removed as they are returned. Works in
+# proportion to the calls in flight (each holds a lease, bounded by the projects' limits).
+_TAKE_ENDED_CALLS = """
+local prefix, now, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local out = {}
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if #out >= limit * 3 then break end
+  local space = string.find(member, ' ', 1, true)
+  local project, session = string.sub(member, 1, space - 1), string.sub(member, space + 1)
+  local expiry = redis.call('ZSCORE', prefix .. 'leases:' .. project, session)
+  if not expiry or tonumber(expiry) <= now then
+    local records = prefix .. 'srec:' .. project
+    local record = redis.call('HGET', records, session)
+    redis.call('HDEL', records, session)
+    redis.call('ZREM', prefix .. 'srec-ends:' .. project, session)
+    redis.call('SREM', KEYS[1], member)
+    if record then
+      out[#out + 1] = project
+      out[#out + 1] = session
+      out[#out + 1] = record
+    end
+  end
+end
+return out
 """
 
 # KEYS: the ring hash. ARGV: new id, new record JSON, now ms, retire-at ms, min age ms.
@@ -555,6 +625,10 @@ class RedisStore:
         self._list_all_provider_keys = register(_LIST_ALL_PROVIDER_KEYS)
         self._rotate_turn_secret = register(_ROTATE_TURN_RING)
         self._purge_turn_secrets = register(_PURGE_TURN_SECRETS)
+        self._put_session_policy = register(_PUT_SESSION_POLICY)
+        self._put_session_record = register(_PUT_SESSION_RECORD)
+        self._take_session_record = register(_TAKE_SESSION_RECORD)
+        self._take_ended_calls = register(_TAKE_ENDED_CALLS)
         self._scripts = (
             self._admit, self._begin_session, self._cancel_session, self._confirm_session,
             self._renew_session,
@@ -563,6 +637,8 @@ class RedisStore:
             self._create_api_key, self._revoke_api_key,
             self._list_api_keys, self._put_provider_key, self._delete_provider_key,
             self._list_all_provider_keys, self._rotate_turn_secret, self._purge_turn_secrets,
+            self._put_session_policy, self._put_session_record, self._take_session_record,
+            self._take_ended_calls,
         )
 
     @classmethod
@@ -921,6 +997,58 @@ class RedisStore:
                                    [project_id, provider])
         return bool(deleted)
 
+    # -- session policies and session records -------------------------------------------------
+
+    async def put_session_policy(self, record: SessionPolicyRecord) -> bool:
+        text = json.dumps({"policy": record.policy_json,
+                           "update_time_ms": record.update_time_ms})
+        written = await self._call(self._put_session_policy,
+                                   [_project_key(record.project_id),
+                                    f"{PREFIX}policy:{record.project_id}"],
+                                   [record.provider, text])
+        return bool(written)
+
+    async def get_session_policy(self, project_id: str,
+                                 provider: str) -> SessionPolicyRecord | None:
+        with self._unavailable_on_error():
+            text = await self._redis.hget(f"{PREFIX}policy:{project_id}", provider)
+        if text is None:
+            return None
+        data = json.loads(_text(text))
+        return SessionPolicyRecord(project_id, provider, str(data["policy"]),
+                                   int(data["update_time_ms"]))
+
+    async def delete_session_policy(self, project_id: str, provider: str) -> bool:
+        with self._unavailable_on_error():
+            deleted = await self._redis.hdel(f"{PREFIX}policy:{project_id}", provider)
+        return bool(deleted)
+
+    async def put_session_record(self, record: SessionRecord, now_ms: int) -> None:
+        text = json.dumps({"provider": record.provider, "ends_ms": record.ends_ms,
+                           "call_id": record.call_id})
+        member = f"{record.project_id} {record.session_id}" if record.call_id else ""
+        await self._call(self._put_session_record,
+                         [f"{PREFIX}srec:{record.project_id}",
+                          f"{PREFIX}srec-ends:{record.project_id}", _CALL_SESSIONS],
+                         [record.session_id, text, record.ends_ms, now_ms, member])
+
+    async def get_session_record(self, project_id: str, session_id: str) -> SessionRecord | None:
+        with self._unavailable_on_error():
+            text = await self._redis.hget(f"{PREFIX}srec:{project_id}", session_id)
+        return None if text is None else _session_record(project_id, session_id, _text(text))
+
+    async def take_session_record(self, project_id: str,
+                                  session_id: str) -> SessionRecord | None:
+        text = await self._call(self._take_session_record,
+                                [f"{PREFIX}srec:{project_id}", f"{PREFIX}srec-ends:{project_id}",
+                                 _CALL_SESSIONS], [session_id, f"{project_id} {session_id}"])
+        return None if not text else _session_record(project_id, session_id, _text(text))
+
+    async def take_ended_calls(self, now_ms: int, limit: int) -> list[SessionRecord]:
+        flat = await self._call(self._take_ended_calls, [_CALL_SESSIONS],
+                                [PREFIX, now_ms, limit])
+        return [_session_record(p, s, text)
+                for p, s, text in zip(flat[0::3], flat[1::3], flat[2::3], strict=True)]
 
     # -- the TURN secret ring ------------------------------------------------------------------
 
@@ -948,5 +1076,12 @@ class RedisStore:
 
 
 _TURN_RING = f"{PREFIX}turn-secrets"
+_CALL_SESSIONS = f"{PREFIX}call-sessions"
+
+
+def _session_record(project_id: str, session_id: str, text: str) -> SessionRecord:
+    data = json.loads(text)
+    return SessionRecord(project_id, session_id, str(data["provider"]), int(data["ends_ms"]),
+                         str(data.get("call_id", "")))
 
 __all__ = ["PREFIX", "RedisStore"]

@@ -57,6 +57,8 @@ from icegate_server.store.base import (
     ProviderKeyRecord,
     SessionAdmission,
     SessionOutcome,
+    SessionPolicyRecord,
+    SessionRecord,
     TurnSecretRecord,
     parse_api_key_cursor,
 )
@@ -136,6 +138,23 @@ CREATE TABLE IF NOT EXISTS provider_keys (
     update_time_ms INTEGER NOT NULL,
     PRIMARY KEY (project_id, provider)
 );
+CREATE TABLE IF NOT EXISTS session_policies (
+    project_id     TEXT NOT NULL,
+    provider       TEXT NOT NULL,            -- the provider family: openai, azure, ...
+    policy         TEXT NOT NULL,            -- sessions.policy.SessionPolicy as JSON
+    update_time_ms INTEGER NOT NULL,
+    PRIMARY KEY (project_id, provider)
+);
+CREATE TABLE IF NOT EXISTS session_records (
+    project_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    provider   TEXT NOT NULL,
+    ends_ms    INTEGER NOT NULL,             -- 0: no end beyond the lease
+    call_id    TEXT NOT NULL,                -- the provider's call, '' for none
+    PRIMARY KEY (project_id, session_id)
+);
+CREATE INDEX IF NOT EXISTS session_records_by_end ON session_records(project_id, ends_ms)
+    WHERE ends_ms > 0;
 """
 
 
@@ -348,7 +367,7 @@ class SqliteStore:
                 deleted = db.execute("DELETE FROM projects WHERE project_id = ?",
                                      (project_id,)).rowcount == 1
                 for table in ("rate_limits", "session_quota", "leases", "lease_counts",
-                              "provider_keys"):
+                              "provider_keys", "session_policies", "session_records"):
                     db.execute(f"DELETE FROM {table} WHERE project_id = ?",  # noqa: S608
                                (project_id,))
             return deleted
@@ -603,6 +622,72 @@ class SqliteStore:
         return await self._run(lambda db: db.execute(
             "DELETE FROM provider_keys WHERE project_id = ? AND provider = ?",
             (project_id, provider)).rowcount == 1)
+
+    # -- session policies and session records -------------------------------------------------
+
+    async def put_session_policy(self, record: SessionPolicyRecord) -> bool:
+        # Only while its project exists (in the same statement), as for caller keys.
+        return await self._run(lambda db: db.execute(
+            "INSERT INTO session_policies(project_id, provider, policy, update_time_ms) "
+            "SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM projects WHERE project_id = ?) "
+            "ON CONFLICT(project_id, provider) DO UPDATE SET policy = excluded.policy, "
+            "update_time_ms = excluded.update_time_ms",
+            (record.project_id, record.provider, record.policy_json, record.update_time_ms,
+             record.project_id)).rowcount == 1)
+
+    async def get_session_policy(self, project_id: str,
+                                 provider: str) -> SessionPolicyRecord | None:
+        # On the loop: CreateSession reads it before it begins the session.
+        row = await self._run_on_loop(lambda db: db.execute(
+            "SELECT project_id, provider, policy, update_time_ms FROM session_policies "
+            "WHERE project_id = ? AND provider = ?", (project_id, provider)).fetchone())
+        return SessionPolicyRecord(*row) if row else None
+
+    async def delete_session_policy(self, project_id: str, provider: str) -> bool:
+        return await self._run(lambda db: db.execute(
+            "DELETE FROM session_policies WHERE project_id = ? AND provider = ?",
+            (project_id, provider)).rowcount == 1)
+
+    async def put_session_record(self, record: SessionRecord, now_ms: int) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            with _write_transaction(db):
+                # A call's record waits for take_ended_calls (its call is hung up then).
+                db.execute("DELETE FROM session_records WHERE project_id = ? AND call_id = '' "
+                           "AND ends_ms > 0 AND ends_ms <= ?", (record.project_id, now_ms))
+                db.execute(
+                    "INSERT INTO session_records(project_id, session_id, provider, ends_ms, "
+                    "call_id) VALUES (?, ?, ?, ?, ?) ON CONFLICT(project_id, session_id) DO "
+                    "UPDATE SET provider = excluded.provider, ends_ms = excluded.ends_ms, "
+                    "call_id = excluded.call_id",
+                    (record.project_id, record.session_id, record.provider, record.ends_ms,
+                     record.call_id))
+
+        await self._run_on_loop(work)
+
+    async def get_session_record(self, project_id: str, session_id: str) -> SessionRecord | None:
+        row = await self._run_on_loop(lambda db: db.execute(
+            "SELECT project_id, session_id, provider, ends_ms, call_id FROM session_records "
+            "WHERE project_id = ? AND session_id = ?", (project_id, session_id)).fetchone())
+        return SessionRecord(*row) if row else None
+
+    async def take_session_record(self, project_id: str,
+                                  session_id: str) -> SessionRecord | None:
+        row = await self._run_on_loop(lambda db: db.execute(
+            "DELETE FROM session_records WHERE project_id = ? AND session_id = ? "
+            "RETURNING project_id, session_id, provider, ends_ms, call_id",
+            (project_id, session_id)).fetchone())
+        return SessionRecord(*row) if row else None
+
+    async def take_ended_calls(self, now_ms: int, limit: int) -> list[SessionRecord]:
+        rows = await self._run(lambda db: db.execute(
+            "DELETE FROM session_records WHERE rowid IN ("
+            " SELECT r.rowid FROM session_records r LEFT JOIN leases l"
+            " ON l.project_id = r.project_id AND l.session_id = r.session_id"
+            " AND l.expires_ms > :now"
+            " WHERE r.call_id != '' AND l.session_id IS NULL LIMIT :limit) "
+            "RETURNING project_id, session_id, provider, ends_ms, call_id",
+            {"now": now_ms, "limit": limit}).fetchall())
+        return [SessionRecord(*row) for row in rows]
 
     # -- the TURN secret ring --------------------------------------------------------------
 

@@ -42,6 +42,7 @@ class FakeProvider:
     """An OpenAI stand-in: answers a token, or raises `failure`, or waits for `release`."""
 
     kind = ProviderKind.OPENAI
+    default_token_ttl_seconds = 600
 
     def __init__(self) -> None:
         self.keys_used: list[str] = []

@@ -24,12 +24,13 @@ GOOD = {
     UpstreamField.ICE_URL: "turn:turn.example.test:3478?transport=udp",
     UpstreamField.ICE_USERNAME: "1700000000:orga",
     UpstreamField.ICE_CREDENTIAL: "c2VjcmV0+/=",
+    UpstreamField.CALL_ID: "rtc_u1_9f8e7d6c5b4a",
 }
 # The longest value each shape keeps.
 LONGEST = {
     UpstreamField.REQUEST_ID: 128, UpstreamField.SESSION_ID: 128, UpstreamField.MODEL: 128,
     UpstreamField.VOICE: 64, UpstreamField.TOKEN: 8192, UpstreamField.ICE_USERNAME: 512,
-    UpstreamField.ICE_CREDENTIAL: 512,
+    UpstreamField.ICE_CREDENTIAL: 512, UpstreamField.CALL_ID: 128,
 }
 
 

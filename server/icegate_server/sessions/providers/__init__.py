@@ -15,27 +15,39 @@ from icegate_server.errors import InvalidFieldError
 from icegate_server.sessions.providers import gemini, openai, orga
 from icegate_server.sessions.providers.azure import AzureLegacyProvider, AzureProvider
 from icegate_server.sessions.providers.base import (
+    CallingProvider,
+    CreatedCall,
     IceServer,
+    InputTranscription,
     MintedToken,
+    PromptReference,
     Provider,
     ProviderKind,
     ProviderRuntime,
     RetryPolicy,
     SessionOptions,
+    Tracing,
+    TurnDetection,
 )
 from icegate_server.sessions.providers.gemini import GeminiProvider
 from icegate_server.sessions.providers.openai import OpenAIBetaProvider, OpenAIProvider
 from icegate_server.sessions.providers.orga import OrgaProvider
 
 __all__ = [
+    "CallingProvider",
+    "CreatedCall",
     "IceServer",
+    "InputTranscription",
     "MintedToken",
+    "PromptReference",
     "Provider",
     "ProviderKind",
     "ProviderRuntime",
     "ProviderSettings",
     "RetryPolicy",
     "SessionOptions",
+    "Tracing",
+    "TurnDetection",
     "build_providers",
     "make_http_client",
     "parse_provider_kind",

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 from icegate_server.errors import UpstreamNotConfiguredError
 from icegate_server.sessions.providers.base import (
+    CreatedCall,
     JsonObject,
     MintedToken,
     ProviderKind,
@@ -20,7 +21,11 @@ from icegate_server.sessions.providers.base import (
     check_api_key,
 )
 from icegate_server.sessions.providers.openai import (
+    DEFAULT_TOKEN_TTL_SECONDS,
+    call_parts,
+    checked_call_id,
     client_secrets_body,
+    parse_call,
     parse_client_secret,
     parse_session,
     sessions_body,
@@ -39,6 +44,8 @@ class _AzureBase:
     kind: ProviderKind
     _path: str
 
+    _calls_path = "/openai/v1/realtime/calls"
+
     def __init__(self, runtime: ProviderRuntime, base_url: str | None) -> None:
         """Builds the adapter.
 
@@ -48,6 +55,7 @@ class _AzureBase:
                 the operator configured none (every mint then fails as not configured).
         """
         self._url = None if not base_url else base_url.rstrip("/") + self._path
+        self._calls_url = None if not base_url else base_url.rstrip("/") + self._calls_path
         self._http = UpstreamHttp(runtime, self.kind, request_id_headers=REQUEST_ID_HEADERS)
 
     def _configured_url(self) -> str:
@@ -76,6 +84,7 @@ class AzureProvider(_AzureBase):
 
     kind = ProviderKind.AZURE
     _path = "/openai/v1/realtime/client_secrets"
+    default_token_ttl_seconds: int | None = DEFAULT_TOKEN_TTL_SECONDS
 
     def validate(self, options: SessionOptions) -> None:
         """See `Provider.validate`; the model is the deployment name and is required."""
@@ -90,12 +99,35 @@ class AzureProvider(_AzureBase):
             api_key, client_secrets_body(options, options.model), timeout=timeout)
         return parse_client_secret(answer, options, options.model)
 
+    async def create_call(self, api_key: str, options: SessionOptions, sdp_offer: str, *,
+                          timeout: float | None) -> CreatedCall:
+        """See `CallingProvider.create_call`: `POST /openai/v1/realtime/calls`, multipart."""
+        self.validate(options)
+        self._configured_url()
+        assert self._calls_url is not None
+        check_api_key(api_key, self.kind)
+        answer = await self._http.call(
+            "POST", self._calls_url, headers={"api-key": api_key},
+            files=call_parts(options, options.model, sdp_offer), json_answer=False,
+            deadline=self._http.deadline(timeout), secrets=(api_key,))
+        return parse_call(answer, options.model)
+
+    async def hang_up(self, api_key: str, call_id: str, *, timeout: float | None) -> None:
+        """See `CallingProvider.hang_up`: `POST /openai/v1/realtime/calls/{call_id}/hangup`."""
+        self._configured_url()
+        check_api_key(api_key, self.kind)
+        await self._http.call(
+            "POST", f"{self._calls_url}/{checked_call_id(call_id)}/hangup",
+            headers={"api-key": api_key}, json_answer=False,
+            deadline=self._http.deadline(timeout), secrets=(api_key,))
+
 
 class AzureLegacyProvider(_AzureBase):
     """Azure OpenAI preview: `POST /openai/realtimeapi/sessions?api-version=2025-04-01-preview`."""
 
     kind = ProviderKind.AZURE_LEGACY
     _path = "/openai/realtimeapi/sessions"
+    default_token_ttl_seconds: int | None = None
 
     def validate(self, options: SessionOptions) -> None:
         """See `Provider.validate`; the model is the deployment name and is required."""

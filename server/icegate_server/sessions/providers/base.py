@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import logging
 import math
 import re
@@ -69,6 +70,46 @@ class ProviderKind(str, Enum):
 
 
 @dataclass(frozen=True)
+class TurnDetection:
+    """Voice activity detection (see `icegate.v1.TurnDetection`); None fields are unset."""
+
+    type: str
+    threshold: float | None = None
+    prefix_padding_ms: int | None = None
+    silence_duration_ms: int | None = None
+    eagerness: str = ""
+    create_response: bool | None = None
+    interrupt_response: bool | None = None
+
+
+@dataclass(frozen=True)
+class InputTranscription:
+    """A transcript of the user's audio: model, language (ISO 639-1) and prompt."""
+
+    model: str = ""
+    language: str = ""
+    prompt: str = ""
+
+
+@dataclass(frozen=True)
+class Tracing:
+    """The session's trace at the provider; all empty means the provider's `auto`."""
+
+    workflow_name: str = ""
+    group_id: str = ""
+    metadata: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class PromptReference:
+    """A prompt stored at the provider: id, version ("" for its current one), variables."""
+
+    id: str
+    version: str = ""
+    variables: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class SessionOptions:
     """What the caller asks the realtime session to be; unset fields take the provider default.
 
@@ -82,6 +123,21 @@ class SessionOptions:
         token_ttl_seconds: Lifetime of the minted token, where the provider lets us choose.
         modalities: Output modalities, e.g. ("audio",) or ("text",); empty means default.
         email: Orga only: the end user's e-mail address sent with the client-secret request.
+        tools: Tools in the provider's JSON shape (a session policy fixes them).
+        instruction_variables: (name, value) pairs filling the project's instructions
+            template; `sessions.policy.apply_policy` turns them into `instructions`.
+        locked: Whether a session policy fixed these options: a provider that can lock a
+            token's session (Gemini) locks every field sent.
+        session_type: "realtime" or "transcription" ("" for the default, realtime).
+        input_audio_format: `audio/pcm`, `audio/pcmu` or `audio/pcma`; "" for the default.
+        output_audio_format: The same, for what the session speaks.
+        turn_detection: Voice activity detection; None keeps the provider's default.
+        input_transcription: A transcript of the user's audio; None for none.
+        noise_reduction: `near_field` or `far_field`; "" for none.
+        tool_choice: `auto`, `none`, `required` or a function name; "" for the default.
+        max_output_tokens: The most output tokens of a response; None for no limit.
+        tracing: The session's trace; None for none.
+        prompt: A prompt stored at the provider; None for none.
     """
 
     model: str = ""
@@ -92,6 +148,19 @@ class SessionOptions:
     token_ttl_seconds: int | None = None
     modalities: tuple[str, ...] = ()
     email: str = ""
+    tools: tuple[JsonObject, ...] = field(default=(), hash=False)
+    instruction_variables: tuple[tuple[str, str], ...] = ()
+    locked: bool = False
+    session_type: str = ""
+    input_audio_format: str = ""
+    output_audio_format: str = ""
+    turn_detection: TurnDetection | None = None
+    input_transcription: InputTranscription | None = None
+    noise_reduction: str = ""
+    tool_choice: str = ""
+    max_output_tokens: int | None = None
+    tracing: Tracing | None = None
+    prompt: PromptReference | None = None
 
 
 @dataclass(frozen=True)
@@ -118,12 +187,61 @@ class MintedToken:
     upstream_request_id: str = ""
 
 
+@dataclass(frozen=True)
+class CreatedCall:
+    """A WebRTC call the provider started for a browser's SDP offer.
+
+    Attributes:
+        sdp_answer: The provider's SDP answer (checked by `upstream_sdp`).
+        call_id: The provider's call id ("" when its answer named none).
+        model: The model the session runs.
+        upstream_request_id: The provider's request id of the answer.
+    """
+
+    sdp_answer: str = field(repr=False)
+    call_id: str
+    model: str
+    upstream_request_id: str = ""
+
+
+class CallingProvider(Protocol):
+    """A provider that starts calls server-side (OpenAI and Azure GA)."""
+
+    @property
+    def kind(self) -> ProviderKind:
+        ...
+
+    async def create_call(self, api_key: str, options: SessionOptions, sdp_offer: str, *,
+                          timeout: float | None) -> CreatedCall:
+        """Posts the browser's offer with the session to the provider's calls endpoint.
+
+        Raises:
+            InvalidFieldError: bad options (no request was sent).
+            UpstreamError: a subclass telling why the provider did not answer the offer.
+        """
+        ...
+
+    async def hang_up(self, api_key: str, call_id: str, *, timeout: float | None) -> None:
+        """Ends a call the provider started (`/calls/{call_id}/hangup`).
+
+        Raises:
+            UpstreamError: a subclass telling why the provider did not end it.
+        """
+        ...
+
+
 class Provider(Protocol):
     """One upstream token API."""
 
     @property
     def kind(self) -> ProviderKind:
         """Which provider this adapter talks to."""
+        ...
+
+    @property
+    def default_token_ttl_seconds(self) -> int | None:
+        """The token lifetime icegate asks for when the caller names none; None where the
+        provider does not let icegate choose one."""
         ...
 
     def validate(self, options: SessionOptions) -> None:
@@ -219,6 +337,29 @@ def check_modalities(
         raise InvalidFieldError("modalities", f"must be {choices}")
 
 
+MAX_TOOLS = 128
+MAX_TOOLS_JSON_BYTES = 32 * 1024
+"""Tools beside 32 KiB of instructions still fit the server's 64 KiB request limit."""
+
+
+def check_tools(tools: Sequence[JsonObject]) -> None:
+    """Rejects more than `MAX_TOOLS` tools, more than 64 KiB of them as JSON, or a tool that
+    is not a JSON object (its shape is the provider's to judge)."""
+    if not tools:
+        return
+    if len(tools) > MAX_TOOLS:
+        raise InvalidFieldError("tools", f"must be at most {MAX_TOOLS} tools")
+    try:
+        size = len(json.dumps(list(tools), allow_nan=False).encode())
+    except (TypeError, ValueError):
+        raise InvalidFieldError("tools", "must be JSON objects") from None
+    if size > MAX_TOOLS_JSON_BYTES:
+        raise InvalidFieldError("tools", f"must be at most {MAX_TOOLS_JSON_BYTES} bytes of JSON")
+    for tool in tools:
+        if not isinstance(tool, dict):
+            raise InvalidFieldError("tools", "must be JSON objects")
+
+
 def reject_if_set(field_name: str, value: object, provider: ProviderKind) -> None:
     """Rejects an option the provider cannot honour, rather than silently dropping it."""
     if value not in (None, "", ()):
@@ -282,6 +423,11 @@ class UpstreamAnswer:
     """Already through `upstream_text` (REQUEST_ID): "" when absent or unfit."""
     secrets: tuple[str, ...] = field(default=(), repr=False)
     """What `text` keeps out of every string it returns (the provider key...)."""
+    raw_text: str = field(default="", repr=False)
+    """The body as text, for an answer that is not JSON (a call's SDP): not yet checked,
+    the adapter passes it through `upstream_sdp`."""
+    location: str = field(default="", repr=False)
+    """The Location header as sent, not yet checked (a call's `/calls/{id}`)."""
 
     def malformed(self, what: str) -> UpstreamUnavailableError:
         """The error for a 2xx answer that lacks what the adapter needs."""
@@ -360,6 +506,16 @@ class _Failure:
     retry_after: float | None = None
 
 
+@dataclass(frozen=True)
+class _Body:
+    """What a request sends besides method, URL and headers, and what its answer is."""
+
+    json_body: JsonObject | None
+    params: Mapping[str, str] | None
+    files: Mapping[str, tuple[None, str, str]] | None
+    json_answer: bool
+
+
 _RETRYABLE_STATUSES = frozenset({408, 429})
 _MAX_RETRY_AFTER_SECONDS = 86_400.0
 
@@ -407,6 +563,8 @@ class UpstreamHttp:
         secrets: Sequence[str],
         json_body: JsonObject | None = None,
         params: Mapping[str, str] | None = None,
+        files: Mapping[str, tuple[None, str, str]] | None = None,
+        json_answer: bool = True,
     ) -> UpstreamAnswer:
         """Sends the request until it succeeds, fails for good, or the deadline comes.
 
@@ -418,21 +576,24 @@ class UpstreamHttp:
             secrets: Strings to scrub from any upstream text put into an error.
             json_body: The JSON body, if any.
             params: Query parameters, if any.
+            files: A multipart/form-data body instead: name -> (None, text, content type).
+            json_answer: False for an answer that is not JSON (its text in `raw_text`).
 
         Returns:
-            The 2xx answer whose body is a JSON object.
+            The 2xx answer: a JSON object, or its text (`json_answer` False).
 
         Raises:
             UpstreamError: a subclass; see `icegate_server.errors`.
         """
         metrics = self._runtime.metrics
+        extra = _Body(json_body, params, files, json_answer)
         if metrics is None:
-            return await self._call(method, url, headers, deadline, secrets, json_body, params)
+            return await self._call(method, url, headers, deadline, secrets, extra)
         # Real elapsed time, not the injected clock: this measures the provider, not the domain.
         started = time.perf_counter()
         failure: BaseException | None = None
         try:
-            return await self._call(method, url, headers, deadline, secrets, json_body, params)
+            return await self._call(method, url, headers, deadline, secrets, extra)
         except BaseException as error:
             failure = error
             raise
@@ -447,19 +608,20 @@ class UpstreamHttp:
         headers: Mapping[str, str],
         deadline: Deadline,
         secrets: Sequence[str],
-        json_body: JsonObject | None,
-        params: Mapping[str, str] | None,
+        body: _Body,
     ) -> UpstreamAnswer:
         policy = self._runtime.retry
         path = httpx.URL(url).path
         attempt = 0
         while True:
             outcome = await self._send_once(
-                method, url, headers, deadline, secrets, json_body, params, path, attempt
+                method, url, headers, deadline, secrets, body, path, attempt
             )
             if isinstance(outcome, httpx.Response):
                 failure = self._failure_of(outcome, secrets)
                 if failure is None:
+                    if not body.json_answer:
+                        return self._text_answer(outcome, secrets)
                     return self._answer(outcome, secrets)
             else:
                 failure = outcome
@@ -475,8 +637,7 @@ class UpstreamHttp:
         headers: Mapping[str, str],
         deadline: Deadline,
         secrets: Sequence[str],
-        json_body: JsonObject | None,
-        params: Mapping[str, str] | None,
+        body: _Body,
         path: str,
         attempt: int,
     ) -> httpx.Response | _Failure:
@@ -485,7 +646,8 @@ class UpstreamHttp:
         if remaining is not None and remaining <= 0:
             raise self._deadline_error(deadline)
         request = self._runtime.http.request(
-            method, url, headers=dict(headers), json=json_body, params=params
+            method, url, headers=dict(headers), json=body.json_body, params=body.params,
+            files=body.files,
         )
         try:
             # wait_for cancels the request (and closes its connection) when the deadline comes;
@@ -536,6 +698,13 @@ class UpstreamHttp:
             if value:
                 return value
         return ""
+
+    def _text_answer(self, response: httpx.Response,
+                     secrets: Sequence[str]) -> UpstreamAnswer:
+        return UpstreamAnswer(self._provider, response.status_code, {},
+                              self._request_id(response, secrets), tuple(secrets),
+                              raw_text=response.text,
+                              location=response.headers.get("location", ""))
 
     def _answer(self, response: httpx.Response, secrets: Sequence[str]) -> UpstreamAnswer:
         request_id = self._request_id(response, secrets)

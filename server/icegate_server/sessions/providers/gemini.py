@@ -21,8 +21,10 @@ from icegate_server.sessions.providers.base import (
     check_modalities,
     check_model,
     check_range,
+    check_tools,
     reject_if_set,
 )
+from icegate_server.sessions.providers.openai_session import GA_ONLY, reject_ga_fields
 from icegate_server.sessions.providers.upstream_text import UpstreamField
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
@@ -40,6 +42,7 @@ DEFAULT_TOKEN_TTL_SECONDS = 30 * 60
 # How long the token may be used to *open* a session (Google's default).
 NEW_SESSION_WINDOW_SECONDS = 60
 MODALITIES = (frozenset({"audio"}), frozenset({"text"}))
+MAX_OUTPUT_TOKENS = 65536
 REQUEST_ID_HEADERS = ("x-request-id", "x-goog-request-id")
 
 
@@ -72,6 +75,7 @@ class GeminiProvider:
     """Gemini Live ephemeral auth tokens (one use, setup locked in)."""
 
     kind = ProviderKind.GEMINI
+    default_token_ttl_seconds: int | None = DEFAULT_TOKEN_TTL_SECONDS
 
     def __init__(self, runtime: ProviderRuntime, base_url: str = DEFAULT_BASE_URL) -> None:
         """Builds the adapter.
@@ -97,6 +101,15 @@ class GeminiProvider:
         check_range("token_ttl", options.token_ttl_seconds, *TOKEN_TTL_RANGE)
         check_modalities(options.modalities, MODALITIES)
         reject_if_set("email", options.email, self.kind)
+        check_tools(options.tools)
+        reject_ga_fields(options, self.kind, (*GA_ONLY, "tool_choice"))
+        check_range("max_output_tokens", options.max_output_tokens, 1, MAX_OUTPUT_TOKENS)
+        transcription = options.input_transcription
+        if transcription is not None:
+            # Gemini transcribes with its own model, in the language it hears.
+            for name in ("model", "language", "prompt"):
+                reject_if_set(f"input_transcription.{name}", getattr(transcription, name),
+                              self.kind)
 
     async def mint(
         self, api_key: str, options: SessionOptions, *, timeout: float | None
@@ -107,12 +120,17 @@ class GeminiProvider:
         model = options.model or DEFAULT_MODEL
         ttl = options.token_ttl_seconds or DEFAULT_TOKEN_TTL_SECONDS
         now = self._clock.now()
+        setup = _setup(options, model)
         body: JsonObject = {
             "uses": 1,
             "expireTime": _rfc3339(now + ttl),
             "newSessionExpireTime": _rfc3339(now + min(ttl, NEW_SESSION_WINDOW_SECONDS)),
-            "bidiGenerateContentSetup": _setup(options, model),
+            "bidiGenerateContentSetup": setup,
         }
+        if options.locked:
+            # A session policy fixed these: lock every field sent, so the browser holding
+            # the token cannot change them when it opens the session.
+            body["fieldMask"] = ",".join(_field_paths(setup))
         answer = await self._http.call(
             "POST", self._url, headers={"x-goog-api-key": api_key}, json_body=body,
             deadline=self._http.deadline(timeout), secrets=(api_key,),
@@ -135,6 +153,8 @@ def _setup(options: SessionOptions, model: str) -> JsonObject:
         generation["responseModalities"] = [m.upper() for m in options.modalities]
     if options.temperature is not None:
         generation["temperature"] = options.temperature
+    if options.max_output_tokens is not None:
+        generation["maxOutputTokens"] = options.max_output_tokens
     if options.voice:
         generation["speechConfig"] = {
             "voiceConfig": {"prebuiltVoiceConfig": {"voiceName": options.voice}}
@@ -143,4 +163,20 @@ def _setup(options: SessionOptions, model: str) -> JsonObject:
         setup["generationConfig"] = generation
     if options.instructions:
         setup["systemInstruction"] = {"parts": [{"text": options.instructions}]}
+    if options.tools:
+        setup["tools"] = list(options.tools)
+    if options.input_transcription is not None:
+        setup["inputAudioTranscription"] = {}
     return setup
+
+
+def _field_paths(setup: JsonObject) -> list[str]:
+    """The FieldMask paths of what `setup` sets: `generationConfig`'s fields one by one (the
+    browser may still set those the setup leaves out), every other field whole."""
+    paths: list[str] = []
+    for key, value in setup.items():
+        if key == "generationConfig":
+            paths.extend(f"generationConfig.{inner}" for inner in value)
+        else:
+            paths.append(key)
+    return paths

@@ -6,10 +6,14 @@ two dialects with another URL and auth header.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
+from icegate_server.errors import InvalidFieldError
 from icegate_server.sessions.providers.base import (
+    CreatedCall,
     JsonObject,
     MintedToken,
     ProviderKind,
@@ -23,9 +27,20 @@ from icegate_server.sessions.providers.base import (
     check_modalities,
     check_model,
     check_range,
+    check_tools,
     reject_if_set,
 )
-from icegate_server.sessions.providers.upstream_text import UpstreamField
+from icegate_server.sessions.providers.openai_session import (
+    beta_session_fields,
+    ga_session,
+    validate_beta_session,
+    validate_ga_session,
+)
+from icegate_server.sessions.providers.upstream_text import (
+    UpstreamField,
+    upstream_sdp,
+    upstream_text,
+)
 
 DEFAULT_BASE_URL = "https://api.openai.com"
 DEFAULT_GA_MODEL = "gpt-realtime"
@@ -53,30 +68,50 @@ def validate_client_secrets_options(
     check_model(options.model, required=model_required)
     check_choice("voice", options.voice, VOICES)
     check_instructions(options.instructions)
-    # The GA session object has no temperature any more.
-    reject_if_set("temperature", options.temperature, provider)
+    if options.temperature is not None:
+        # The GA session object has no temperature any more; say so, not just "no".
+        beta = "openai_beta" if provider is ProviderKind.OPENAI else "azure_legacy"
+        raise InvalidFieldError("temperature", f"is a beta-only session field: GA sessions "
+                                f"({provider.value}) have none; use provider {beta}")
     check_range("speed", options.speed, *SPEED_RANGE)
     check_range("token_ttl", options.token_ttl_seconds, *TOKEN_TTL_RANGE)
     check_modalities(options.modalities, GA_MODALITIES)
     reject_if_set("email", options.email, provider)
+    check_tools(options.tools)
+    validate_ga_session(options, provider)
 
 
 def client_secrets_body(options: SessionOptions, model: str) -> JsonObject:
-    """The GA request body: an expiry and a `realtime` session."""
-    session: JsonObject = {"type": "realtime", "model": model}
-    if options.instructions:
-        session["instructions"] = options.instructions
-    if options.modalities:
-        session["output_modalities"] = list(options.modalities)
-    output: JsonObject = {}
-    if options.voice:
-        output["voice"] = options.voice
-    if options.speed is not None:
-        output["speed"] = options.speed
-    if output:
-        session["audio"] = {"output": output}
+    """The GA request body: an expiry and the session (`openai_session.ga_session`)."""
     seconds = options.token_ttl_seconds or DEFAULT_TOKEN_TTL_SECONDS
-    return {"expires_after": {"anchor": "created_at", "seconds": seconds}, "session": session}
+    return {"expires_after": {"anchor": "created_at", "seconds": seconds},
+            "session": ga_session(options, model)}
+
+
+def call_parts(options: SessionOptions, model: str, sdp_offer: str
+               ) -> dict[str, tuple[None, str, str]]:
+    """The multipart body of a server-side call: the browser's offer and the GA session."""
+    return {"sdp": (None, sdp_offer, "application/sdp"),
+            "session": (None, json.dumps(ga_session(options, model)), "application/json")}
+
+
+def parse_call(answer: UpstreamAnswer, model: str) -> CreatedCall:
+    """Reads a call's `201 Created`: the SDP answer as the body, the call id in `Location`
+    (`/v1/realtime/calls/{call_id}`; tolerated absent, as the docs leave it unconfirmed)."""
+    sdp_answer = upstream_sdp(answer.raw_text, answer.secrets)
+    if not sdp_answer:
+        raise answer.malformed("no SDP answer")
+    call_id = upstream_text(answer.location.rstrip("/").rpartition("/")[2],
+                            UpstreamField.CALL_ID, answer.secrets)
+    return CreatedCall(sdp_answer=sdp_answer, call_id=call_id, model=model,
+                       upstream_request_id=answer.request_id)
+
+
+def checked_call_id(call_id: str) -> str:
+    """A call id fit to go into a URL path (it came from a provider's answer, once)."""
+    if not re.fullmatch(UpstreamField.CALL_ID.value or "", call_id):
+        raise ValueError("not a call id")
+    return call_id
 
 
 def parse_client_secret(answer: UpstreamAnswer, options: SessionOptions, model: str) -> MintedToken:
@@ -108,6 +143,8 @@ def validate_sessions_options(
     reject_if_set("token_ttl", options.token_ttl_seconds, provider)
     check_modalities(options.modalities, BETA_MODALITIES)
     reject_if_set("email", options.email, provider)
+    check_tools(options.tools)
+    validate_beta_session(options, provider)
 
 
 def sessions_body(options: SessionOptions, model: str) -> JsonObject:
@@ -123,6 +160,9 @@ def sessions_body(options: SessionOptions, model: str) -> JsonObject:
         body["temperature"] = options.temperature
     if options.speed is not None:
         body["speed"] = options.speed
+    if options.tools:
+        body["tools"] = list(options.tools)
+    body.update(beta_session_fields(options))
     return body
 
 
@@ -165,6 +205,9 @@ class _OpenAIBase:
             project: Optional `OpenAI-Project` header value.
         """
         self._url = base_url.rstrip("/") + self._path
+        self._calls_url = base_url.rstrip("/") + "/v1/realtime/calls"
+        # The sideband of a call is a WebSocket on the same host (wss for https).
+        self._sideband_url = "ws" + base_url.rstrip("/").removeprefix("http") + "/v1/realtime"
         self._http = UpstreamHttp(runtime, self.kind)
         self._extra_headers = {
             name: value
@@ -191,6 +234,7 @@ class OpenAIProvider(_OpenAIBase):
 
     kind = ProviderKind.OPENAI
     _path = "/v1/realtime/client_secrets"
+    default_token_ttl_seconds: int | None = DEFAULT_TOKEN_TTL_SECONDS
 
     def validate(self, options: SessionOptions) -> None:
         """See `Provider.validate`."""
@@ -205,12 +249,39 @@ class OpenAIProvider(_OpenAIBase):
         answer = await self._post(api_key, client_secrets_body(options, model), timeout=timeout)
         return parse_client_secret(answer, options, model)
 
+    async def create_call(self, api_key: str, options: SessionOptions, sdp_offer: str, *,
+                          timeout: float | None) -> CreatedCall:
+        """See `CallingProvider.create_call`: `POST /v1/realtime/calls`, multipart."""
+        self.validate(options)
+        check_api_key(api_key, self.kind)
+        model = options.model or DEFAULT_GA_MODEL
+        auth = {"Authorization": f"Bearer {api_key}", **self._extra_headers}
+        answer = await self._http.call(
+            "POST", self._calls_url, headers=auth, files=call_parts(options, model, sdp_offer),
+            json_answer=False, deadline=self._http.deadline(timeout), secrets=(api_key,))
+        return parse_call(answer, model)
+
+    def sideband(self, api_key: str, call_id: str) -> tuple[str, dict[str, str]]:
+        """The URL and headers of a call's sideband WebSocket (`?call_id=`), with the key."""
+        check_api_key(api_key, self.kind)
+        return (f"{self._sideband_url}?call_id={checked_call_id(call_id)}",
+                {"Authorization": f"Bearer {api_key}", **self._extra_headers})
+
+    async def hang_up(self, api_key: str, call_id: str, *, timeout: float | None) -> None:
+        """See `CallingProvider.hang_up`: `POST /v1/realtime/calls/{call_id}/hangup`."""
+        check_api_key(api_key, self.kind)
+        auth = {"Authorization": f"Bearer {api_key}", **self._extra_headers}
+        await self._http.call(
+            "POST", f"{self._calls_url}/{checked_call_id(call_id)}/hangup", headers=auth,
+            json_answer=False, deadline=self._http.deadline(timeout), secrets=(api_key,))
+
 
 class OpenAIBetaProvider(_OpenAIBase):
     """OpenAI Realtime beta: `POST /v1/realtime/sessions` (token lives about a minute)."""
 
     kind = ProviderKind.OPENAI_BETA
     _path = "/v1/realtime/sessions"
+    default_token_ttl_seconds: int | None = None
 
     def validate(self, options: SessionOptions) -> None:
         """See `Provider.validate`."""

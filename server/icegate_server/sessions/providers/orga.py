@@ -29,6 +29,7 @@ from icegate_server.sessions.providers.base import (
     plausible_unix_time,
     reject_if_set,
 )
+from icegate_server.sessions.providers.openai_session import GA_ONLY, reject_ga_fields
 from icegate_server.sessions.providers.upstream_text import UpstreamField, upstream_text
 
 DEFAULT_BASE_URL = "https://api.orga-ai.com"
@@ -42,6 +43,7 @@ class OrgaProvider:
     """Orga AI: client secret plus the ICE servers the browser must use with it."""
 
     kind = ProviderKind.ORGA
+    default_token_ttl_seconds: int | None = None
 
     def __init__(self, runtime: ProviderRuntime, base_url: str = DEFAULT_BASE_URL) -> None:
         """Builds the adapter.
@@ -68,6 +70,9 @@ class OrgaProvider:
         reject_if_set("speed", options.speed, self.kind)
         reject_if_set("token_ttl", options.token_ttl_seconds, self.kind)
         reject_if_set("modalities", options.modalities, self.kind)
+        reject_if_set("tools", options.tools, self.kind)
+        reject_ga_fields(options, self.kind, (*GA_ONLY, "input_transcription", "tool_choice",
+                                              "max_output_tokens"))
         if options.email and not _EMAIL.fullmatch(options.email):
             raise InvalidFieldError("email", "must be an e-mail address")
 

@@ -49,6 +49,8 @@ class UpstreamField(Enum):
     # RFC 7064 / 7065 URIs: scheme, host or [IPv6], optional port and transport.
     ICE_URL = (r"(?:stuns?|turns?):(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,253})"
                r"(?::[0-9]{1,5})?(?:\?transport=(?:udp|tcp))?")
+    # A realtime call's id (OpenAI's `rtc_...`), read from the answer's Location header.
+    CALL_ID = r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}"
     ICE_USERNAME = r"[\x21-\x7e]{1,512}"
     ICE_CREDENTIAL = r"[\x21-\x7e]{1,512}"
     MESSAGE = None
@@ -107,3 +109,30 @@ def _redact_match(match: re.Match[str]) -> str:
     # Keep "Bearer " so the message still says what was there.
     head = match.group(0)
     return head[:7] + REDACTED if head[:6].lower() == "bearer" else REDACTED
+
+
+SDP_LINE = re.compile(r"[a-z]=[\x20-\x7e]*")
+"""One line of an SDP description (RFC 8866: `<type>=<value>`), printable ASCII, to
+`fullmatch`."""
+MAX_SDP_CHARS = 64 * 1024
+
+
+def sdp_lines_fit(text: str, limit: int = MAX_SDP_CHARS) -> bool:
+    """Whether `text` is an SDP description: `v=0` first, then `<type>=<value>` lines of
+    printable ASCII ended by CRLF (or LF), at most `limit` characters in all."""
+    if len(text) > limit or not text.startswith("v=0"):
+        return False
+    lines = text.replace("\r\n", "\n").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return all(SDP_LINE.fullmatch(line) for line in lines)
+
+
+def upstream_sdp(value: object, secrets: Sequence[str]) -> str:
+    """An SDP answer from an upstream, unchanged when it is SDP (`sdp_lines_fit`) holding no
+    secret of the call; "" otherwise (the adapter then refuses the answer)."""
+    if not isinstance(value, str) or not sdp_lines_fit(value):
+        return ""
+    if any(secret and secret in value for secret in secrets):
+        return ""
+    return value
