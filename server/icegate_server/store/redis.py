@@ -95,6 +95,7 @@ from icegate_server.store.base import (
     api_key_cursor,
     parse_api_key_cursor,
 )
+from icegate_server.store.redis_admission import AdmissionConnection
 
 PREFIX = "icegate:"
 MAX_CONNECTIONS = 512
@@ -516,6 +517,19 @@ def _wall_ms() -> float:
     return time.time() * 1000
 
 
+# ConnectionError covers BusyLoadingError (still loading its data set) and
+# AuthenticationError; ReadOnlyError means we talk to a replica after a failover.
+_CONNECTION_ERRORS = (
+    redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError, redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError, redis.exceptions.OutOfMemoryError, OSError, TimeoutError)
+"""The failures that make the store unavailable (`StoreUnavailableError`) to a caller."""
+
+_AdmitCall = tuple[list[str | int], "asyncio.Future[list[Any]]"]
+"""One admission waiting for its reply: the `_ADMIT` arguments after the deadline, and its
+caller's future."""
+
+
 class RedisStore:
     """The `Store` on one Redis primary, shared by every replica of the service."""
 
@@ -527,13 +541,13 @@ class RedisStore:
         self._fence_ms = timeout * 1000 / 2
         self._clock_offset_ms = 0.0
         """Redis's wall clock minus ours, in ms (see the fence in the module docstring)."""
-        # Admissions waiting for the batch in flight to come back, and that batch.
-        self._admits_waiting: list[tuple[list[str | int], asyncio.Future[list[Any]]]] = []
-        self._admit_batch: asyncio.Task[None] | None = None
-        # The batches' own connection (one batch is in flight at a time), outside the pool:
-        # a pool take and give-back per batch cost more than the batch's write and read.
-        self._admit_connection: aioredis.Connection = \
-            client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        # The admissions' own connection (redis_admission.py), batches of `_ADMIT` calls.
+        self._admissions: AdmissionConnection[_AdmitCall] = AdmissionConnection(
+            self._connect_admissions, timeout=timeout, pack=self._pack_admits,
+            answer=self._answer_admit, fail=self._fail_admit)
+        self._admits_sent_ms = 0.0
+        """When the batch of admissions on the wire was packed (our wall clock)."""
+        self._admit_retries: set[asyncio.Task[None]] = set()
         register = client.register_script
         self._admit = register(_ADMIT)
         self._begin_session = register(_BEGIN_SESSION)
@@ -618,16 +632,18 @@ class RedisStore:
     def _unavailable_on_error(self) -> Iterator[None]:
         try:
             yield
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                redis.exceptions.ReadOnlyError, redis.exceptions.TryAgainError,
-                redis.exceptions.ClusterDownError, redis.exceptions.OutOfMemoryError,
-                OSError, TimeoutError) as error:
-            # ConnectionError covers BusyLoadingError (still loading its data set) and
-            # AuthenticationError; ReadOnlyError means we talk to a replica after a failover.
-            reason = f"{type(error).__name__}: {error}".splitlines()[0][:200]
-            for secret in self._secrets:
-                reason = reason.replace(secret, "***")
-            raise StoreUnavailableError(f"Redis store unavailable: {reason}") from None
+        except _CONNECTION_ERRORS as error:
+            raise self._unavailable(error) from None
+
+    def _unavailable(self, error: BaseException) -> BaseException:
+        """What a caller sees of `error`: a connection-level failure (`_CONNECTION_ERRORS`)
+        becomes `StoreUnavailableError`, with the URL's password scrubbed; others stay."""
+        if not isinstance(error, _CONNECTION_ERRORS):
+            return error
+        reason = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+        for secret in self._secrets:
+            reason = reason.replace(secret, "***")
+        return StoreUnavailableError(f"Redis store unavailable: {reason}")
 
     async def _call(self, script: AsyncScript, keys: Sequence[str],
                     args: Sequence[str | int]) -> Any:
@@ -674,9 +690,8 @@ class RedisStore:
             await self._redis.ping()
 
     async def close(self) -> None:
-        if self._admit_batch is not None:
-            await asyncio.gather(self._admit_batch, return_exceptions=True)
-        await self._admit_connection.disconnect()
+        await self._admissions.close()
+        await asyncio.gather(*self._admit_retries, return_exceptions=True)
         await self._redis.aclose()
 
     # -- projects ---------------------------------------------------------------------------
@@ -749,13 +764,11 @@ class RedisStore:
                     count: bool) -> Admission:
         args: list[str | int] = [PREFIX, digest.hex() if digest is not None else "",
                                  project_id, now_ms, "1" if count else "0", DEFAULT_PROJECT_ID]
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[Any]] = loop.create_future()
-        self._admits_waiting.append((args, future))
-        if len(self._admits_waiting) == 1 and self._admit_batch is None:
-            loop.call_soon(self._send_waiting_admits)
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._admissions.submit((args, future))
         reply = await future
-        reply += [None] * (4 - len(reply))
+        if len(reply) < 4:
+            reply += [None] * (4 - len(reply))
         outcome, key_fields, project_json, tat = reply
         return Admission(
             outcome=AdmitOutcome(outcome),
@@ -764,77 +777,50 @@ class RedisStore:
             tat_ms=int(tat) if tat is not None else None,
         )
 
-    def _send_waiting_admits(self) -> None:
-        # One batch in flight at a time: what arrives meanwhile waits for its answer and
-        # goes out next, all together, so batches grow with the load by themselves.
-        if self._admit_batch is not None or not self._admits_waiting:
-            return
-        batch, self._admits_waiting = self._admits_waiting, []
-        self._admit_batch = asyncio.get_running_loop().create_task(self._send_admits(batch))
-        self._admit_batch.add_done_callback(self._admit_batch_done)
+    async def _connect_admissions(self) -> aioredis.connection.AbstractConnection:
+        # A connection of the pool's kind (TCP, TLS or Unix; AUTH, SELECT, timeouts) that
+        # the pool does not hand out: the admissions keep it to themselves.
+        connection: aioredis.connection.AbstractConnection = \
+            self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        await connection.connect()  # type: ignore[no-untyped-call]
+        return connection
 
-    def _admit_batch_done(self, _task: asyncio.Task[None]) -> None:
-        self._admit_batch = None
-        self._send_waiting_admits()
-
-    async def _send_admits(
-            self, batch: list[tuple[list[str | int], asyncio.Future[list[Any]]]]) -> None:
-        try:
-            await self._send_admit_batch(batch)
-        finally:
-            # Cancelled with the batch in flight (the store is closing): no caller waits on.
-            for _, future in batch:
-                _settle(future, StoreUnavailableError("Redis store unavailable: closing"))
-
-    async def _send_admit_batch(
-            self, batch: list[tuple[list[str | int], asyncio.Future[list[Any]]]]) -> None:
-        sent = _wall_ms()
+    def _pack_admits(self, batch: list[_AdmitCall]) -> bytes:
+        # One deadline for the batch, computed as it is written (see the fence above).
+        sent = self._admits_sent_ms = _wall_ms()
         deadline = int(sent + self._clock_offset_ms + self._fence_ms)
-        connection = self._admit_connection
-        try:
-            with self._unavailable_on_error():
-                try:
-                    # As the pool does for its own: (re)connected, and nothing left unread
-                    # (a restarted Redis closes it; the check finds that, and reconnects).
-                    await self._redis.connection_pool.ensure_connection(connection)
-                    # hiredis packs the str and int arguments in C. redis-py's own
-                    # pack_commands encodes each one in Python first: 11 % of icegate's
-                    # instructions per call on Redis (bench/instructions.py: 828k with
-                    # it, 739k without; SQLite 557k).
-                    sha = self._admit.sha
-                    await connection.send_packed_command(b"".join(
-                        # (hiredis's stub types the tuple as one element long.)
-                        [hiredis.pack_command(("EVALSHA", sha, 0, deadline, *args))  # type: ignore[arg-type]
-                         for args, _ in batch]))
-                    replies: list[Any] = []
-                    for _ in batch:
-                        try:
-                            replies.append(await connection.read_response())
-                        except redis.exceptions.ResponseError as error:  # NOSCRIPT, say
-                            replies.append(error)
-                except BaseException:
-                    # Mid-batch the stream's position is unknown: start the next one afresh.
-                    await connection.disconnect(nowait=True)
-                    raise
-        except Exception as error:
-            for _, future in batch:
-                _settle(future, error)
+        sha = self._admit.sha
+        # hiredis packs the str and int arguments in C. redis-py's own pack_commands encodes
+        # each one in Python first: 11 % of icegate's instructions per call on Redis
+        # (bench/instructions.py: 828k with it, 739k without; SQLite 557k).
+        # (hiredis's stub types the tuple as one element long.)
+        return b"".join([hiredis.pack_command(("EVALSHA", sha, 0, deadline, *args))  # type: ignore[arg-type]
+                         for args, _ in batch])
+
+    def _answer_admit(self, call: _AdmitCall, reply: Any) -> None:
+        args, future = call
+        if type(reply) is list and reply[1] != "late":
+            self._learn_clock(reply, self._admits_sent_ms, _wall_ms(), late=False)
+            _settle(future, reply[1:])
             return
-        received = _wall_ms()
-        retry = []
-        for (args, future), reply in zip(batch, replies, strict=True):
-            if isinstance(reply, BaseException) or reply[1] == "late":
-                # Late (changed nothing), or the script is gone (a restarted Redis): alone,
-                # through the path that re-checks the clock and reloads the script.
-                retry.append((args, future))
-                continue
-            self._learn_clock(reply, sent, received, late=False)
-            _settle(future, list(reply[1:]))
-        for args, future in retry:
-            try:
-                _settle(future, await self._fenced(self._admit, [], args))
-            except Exception as error:
-                _settle(future, error)
+        # Late (it changed nothing), or an error reply (NOSCRIPT: a restarted or flushed
+        # Redis forgot the script): alone, through redis-py, which re-checks the clock and
+        # loads the script again.
+        task = asyncio.get_running_loop().create_task(self._admit_alone(args, future))
+        self._admit_retries.add(task)
+        task.add_done_callback(self._admit_retries.discard)
+
+    async def _admit_alone(self, args: list[str | int],
+                           future: asyncio.Future[list[Any]]) -> None:
+        try:
+            _settle(future, await self._fenced(self._admit, [], args))
+        except Exception as error:
+            _settle(future, error)
+
+    def _fail_admit(self, call: _AdmitCall, error: BaseException) -> None:
+        if not isinstance(error, Exception):  # cancelled: the store is closing
+            error = StoreUnavailableError("Redis store unavailable: closing")
+        _settle(call[1], self._unavailable(error))
 
     async def rate_position(self, project_id: str) -> int | None:
         with self._unavailable_on_error():

@@ -1,0 +1,266 @@
+"""The admissions' own Redis connection: batches written as packed bytes, replies parsed by
+hiredis in `data_received`, every other command left to redis-py.
+
+A hand-built fast path, kept because it pays: on IssueTurnCredentials, the one call that
+reaches Redis on every request, redis-py's round trip (pool check, connection, parser, the
+asyncio stream layers and a task per batch) cost more than the admission itself. Measured
+alone with callgrind (`cd bench && ../.venv/bin/python instructions.py icegate-sqlite
+icegate-redis`, issue 16): FIGURES-HERE.
+
+One batch is on the wire at a time. What the store hands over while it is waits, and goes
+out, all together, the moment the batch's last reply is parsed; so batches grow with the
+load by themselves and a lone call goes out at once. Per batch: one `transport.write`, and
+one timeout check. Per reply: hiredis's `gets()` and the store's `answer`.
+
+The connection itself is opened by redis-py (`connection_pool.make_connection()` then
+`connect()`): TCP, TLS or a Unix socket, AUTH, SELECT and CLIENT SETNAME, under the pool's
+connect and socket timeouts, exactly as for every other command. Then its transport is
+handed to this module's protocol, and redis-py's connection object only keeps the socket
+until it is closed.
+
+What a caller sees, on every way a batch can end:
+
+* its reply, or an error reply (NOSCRIPT, say) for the store to deal with;
+* `unavailable(error)` (the store's `StoreUnavailableError`) when the connection cannot be
+  opened, is lost with the batch on the wire (Redis killed, connection reset, a reply that
+  does not parse), or the batch's replies are not all in within `timeout` (Redis paused).
+  The connection is then dropped, since the stream's position is unknown: a reply still
+  coming must not answer the next batch's caller. Nothing is re-sent: the store's scripts
+  count, and one that timed out may have run.
+* The batches waiting behind a lost one go out on a new connection (redis-py reconnects);
+  a connection Redis closed while idle (a restart) is noticed by the event loop as it
+  happens, so only batches on the wire at that moment fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+import hiredis
+import redis.asyncio.connection
+import redis.exceptions
+
+Item = TypeVar("Item")
+"""What the store queues for one call (its arguments and its future)."""
+
+Connect = Callable[[], Awaitable[redis.asyncio.connection.AbstractConnection]]
+
+
+class AdmissionConnection(Generic[Item]):
+    """One Redis connection that sends the store's batches and hands back replies in order.
+
+    Args:
+        connect: Opens a redis-py connection (connected and authenticated).
+        timeout: Seconds a batch's replies may take, all of them, from its write.
+        pack: Turns a batch into the bytes to write (called at send time, so a deadline in
+            them is computed then).
+        answer: Takes one item's reply: a decoded RESP value, or `hiredis.ReplyError`.
+        fail: Takes one item whose batch failed, and the connection-level error.
+    """
+
+    def __init__(self, connect: Connect, *, timeout: float,
+                 pack: Callable[[list[Item]], bytes],
+                 answer: Callable[[Item, Any], None],
+                 fail: Callable[[Item, BaseException], None]) -> None:
+        self._connect = connect
+        self._timeout = timeout
+        self._pack = pack
+        self._answer = answer
+        self._fail = fail
+        self._waiting: list[Item] = []
+        self._link: _Link[Item] | None = None
+        """The open connection, if any."""
+        self._connecting: asyncio.Task[None] | None = None
+        self._stale: list[redis.asyncio.connection.AbstractConnection] = []
+        """redis-py connections whose socket was dropped, to tidy up before the next one."""
+        self._closed = False
+
+    def submit(self, item: Item) -> None:
+        """Queues `item`: it goes out with the next batch."""
+        if self._closed:
+            self._fail(item, redis.exceptions.ConnectionError("closing"))
+            return
+        self._waiting.append(item)
+        if len(self._waiting) == 1:
+            link = self._link
+            if link is None or not link.on_wire:
+                # On the next turn of the loop, so a burst that arrives together (the calls
+                # one loop iteration starts) goes out as one batch.
+                asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if not self._waiting or self._connecting is not None:
+            return
+        link = self._link
+        if link is not None:
+            if link.on_wire:
+                return  # the waiting go out when its last reply is in (`_batch_done`)
+            if link.send(self._waiting):
+                self._waiting = []
+                return
+        # No connection, or Redis closed it while idle: a new one.
+        batch, self._waiting = self._waiting, []
+        self._connecting = asyncio.get_running_loop().create_task(self._reconnect(batch))
+
+    def _batch_done(self) -> None:
+        if self._waiting:
+            self._flush()
+
+    async def _reconnect(self, batch: list[Item]) -> None:
+        try:
+            if self._link is not None:
+                self._stale.append(self._link.drop())
+                self._link = None
+            while self._stale:
+                await self._stale.pop().disconnect(nowait=True)
+            connection = await self._connect()
+            link = _Link(self, connection, self._timeout)
+        except BaseException as error:  # CancelledError too: the store is closing
+            self._connecting = None
+            for item in batch:
+                self._fail(item, error)
+            if not isinstance(error, Exception):
+                raise
+            if self._waiting:  # arrived meanwhile: they get their own attempt
+                asyncio.get_running_loop().call_soon(self._flush)
+            return
+        self._connecting = None
+        self._link = link
+        self._waiting[:0] = batch
+        self._flush()
+
+    def lost(self, link: _Link[Item], error: BaseException) -> None:
+        """`link` failed (lost, timed out, unparsable): its batch fails, the waiting go on."""
+        if link is not self._link:
+            return
+        self._link = None
+        self._stale.append(link.drop())
+        for item in link.take_unanswered():
+            self._fail(item, error)
+        if self._waiting and not self._closed:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    async def close(self) -> None:
+        """Waits for the batches queued so far, then closes the connection."""
+        while self._connecting is not None or self._waiting or (
+                self._link is not None and self._link.on_wire):
+            if self._connecting is not None:
+                await asyncio.gather(self._connecting, return_exceptions=True)
+            elif self._link is not None and self._link.on_wire:
+                await self._link.wait_answered()
+            else:
+                self._flush()
+                await asyncio.sleep(0)
+        self._closed = True
+        if self._link is not None:
+            self._stale.append(self._link.drop())
+            self._link = None
+        while self._stale:
+            await self._stale.pop().disconnect(nowait=True)
+
+
+class _Link(asyncio.Protocol, Generic[Item]):
+    """One open connection: the transport redis-py opened, read by hiredis."""
+
+    def __init__(self, owner: AdmissionConnection[Item],
+                 connection: redis.asyncio.connection.AbstractConnection,
+                 timeout: float) -> None:
+        self._owner = owner
+        self._connection = connection
+        self._timeout = timeout
+        self._loop = asyncio.get_running_loop()
+        # redis-py keeps the stream it opened (TCP, TLS or Unix) in a private attribute; a
+        # redis-py without it fails here, at the first admission, not silently.
+        writer = connection._writer
+        if writer is None:
+            raise redis.exceptions.ConnectionError("Connection closed while opening")
+        self._transport = writer.transport
+        self._reader = hiredis.Reader(encoding="utf-8")
+        self._answering: collections.deque[Item] = collections.deque()
+        self._batches_sent = 0
+        self._sent_at = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._answered: asyncio.Future[None] | None = None
+        self._transport.set_protocol(self)
+
+    @property
+    def on_wire(self) -> bool:
+        """A batch was sent and not all its replies are in."""
+        return bool(self._answering)
+
+    def send(self, batch: list[Item]) -> bool:
+        """Writes `batch`; False (nothing written) if the transport is closing."""
+        if self._transport.is_closing():
+            return False
+        self._answering.extend(batch)
+        self._transport.write(self._owner._pack(batch))
+        self._batches_sent += 1
+        self._sent_at = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._sent_at + self._timeout,
+                                             self._check_timeout, self._batches_sent)
+        return True
+
+    def _check_timeout(self, batch_number: int) -> None:
+        # One timer for every batch sent within a timeout of each other: it fires for the
+        # batch that armed it; if that one is answered and a later one is on the wire, it
+        # re-arms for the later one's deadline.
+        self._timer = None
+        if not self._answering:
+            return
+        if batch_number == self._batches_sent:
+            self._owner.lost(self, redis.exceptions.TimeoutError(
+                f"Timeout reading from socket: no reply within {self._timeout:g} s"))
+            return
+        self._timer = self._loop.call_at(self._sent_at + self._timeout,
+                                         self._check_timeout, self._batches_sent)
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        answering = self._answering
+        answer = self._owner._answer
+        try:
+            while (reply := reader.gets()) is not False:
+                answer(answering.popleft(), reply)
+        except (hiredis.ProtocolError, IndexError) as error:  # unparsable, or unasked for
+            self._owner.lost(self, redis.exceptions.ConnectionError(
+                f"Protocol error from Redis: {type(error).__name__}"))
+            return
+        if not answering:
+            if self._answered is not None:
+                self._answered.set_result(None)
+                self._answered = None
+            self._owner._batch_done()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._owner.lost(self, redis.exceptions.ConnectionError(
+            f"Connection lost: {exc}" if exc else "Connection closed by server."))
+
+    def take_unanswered(self) -> list[Item]:
+        items = list(self._answering)
+        self._answering.clear()
+        if self._answered is not None:
+            self._answered.set_result(None)
+            self._answered = None
+        return items
+
+    def drop(self) -> redis.asyncio.connection.AbstractConnection:
+        """Closes the socket now; returns redis-py's connection, to tidy up."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._transport.abort()
+        return self._connection
+
+    async def wait_answered(self) -> None:
+        if self._answering:
+            if self._answered is None:
+                self._answered = self._loop.create_future()
+            await self._answered
+
+
+__all__ = ["AdmissionConnection"]
