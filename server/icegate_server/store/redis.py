@@ -500,11 +500,11 @@ def _provider_from_json(project_id: str, provider: str, text: str) -> ProviderKe
 
 
 def _text(value: bytes | str) -> str:
-    # The client decodes replies (decode_responses=True); this only narrows the type.
+    # redis-py decodes replies (decode_responses=True); the admissions' connection does not.
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _settle(future: asyncio.Future[list[Any]], outcome: list[Any] | BaseException) -> None:
+def _settle(future: asyncio.Future[Any], outcome: Any) -> None:
     if future.done():  # its caller was cancelled
         return
     if isinstance(outcome, BaseException):
@@ -525,9 +525,43 @@ _CONNECTION_ERRORS = (
     redis.exceptions.ClusterDownError, redis.exceptions.OutOfMemoryError, OSError, TimeoutError)
 """The failures that make the store unavailable (`StoreUnavailableError`) to a caller."""
 
-_AdmitCall = tuple[list[str | int], "asyncio.Future[list[Any]]"]
-"""One admission waiting for its reply: the `_ADMIT` arguments after the deadline, and its
-caller's future."""
+_ADMIT_OUTCOMES: dict[bytes | str, AdmitOutcome] = {
+    **{outcome.value: outcome for outcome in AdmitOutcome},
+    **{outcome.value.encode(): outcome for outcome in AdmitOutcome}}
+"""`_ADMIT`'s outcome, as redis-py (str) or the admissions' connection (bytes) brings it."""
+_ADMIT_CACHE_SIZE = 16384
+"""Key records and projects an admission remembers at most (each cache starts afresh)."""
+
+_AdmitCall = tuple[bytes, "asyncio.Future[Admission]", tuple[str, str, int, bool]]
+"""One admission waiting for its reply: `_admit_argv`, its caller's future, and what
+`_admit_args` takes (for the retry through redis-py)."""
+
+
+def _admit_args(digest_hex: str, project_id: str, now_ms: int, count: bool) -> list[str | int]:
+    """`_ADMIT`'s ARGV after the deadline."""
+    return [PREFIX, digest_hex, project_id, now_ms, "1" if count else "0", DEFAULT_PROJECT_ID]
+
+
+_ADMIT_ARGC = len(_admit_args("", "", 0, False))
+_ADMIT_ARGV_START = f"${len(PREFIX)}\r\n{PREFIX}\r\n"
+_ADMIT_ARGV_END = {count: f"$1\r\n{int(count)}\r\n${len(DEFAULT_PROJECT_ID)}\r\n"
+                          f"{DEFAULT_PROJECT_ID}\r\n" for count in (False, True)}
+
+
+def _admit_argv(digest_hex: str, project_id: str, now_ms: int, count: bool) -> bytes:
+    """`_admit_args` as RESP bulk strings, what follows the deadline in the EVALSHA.
+
+    Packed by hand in one f-string: hiredis.pack_command spends ~15k instructions on the
+    whole EVALSHA (a sprintf per argument), this ~6k (callgrind, issue 16).
+    """
+    if not project_id.isascii():  # a length in characters would not be one in bytes
+        packed: bytes = hiredis.pack_command(tuple(_admit_args(  # type: ignore[arg-type]
+            digest_hex, project_id, now_ms, count)))
+        return packed[packed.index(b"\n") + 1:]
+    now = str(now_ms)
+    return (f"{_ADMIT_ARGV_START}${len(digest_hex)}\r\n{digest_hex}\r\n"
+            f"${len(project_id)}\r\n{project_id}\r\n${len(now)}\r\n{now}\r\n"
+            f"{_ADMIT_ARGV_END[count]}").encode()
 
 
 class RedisStore:
@@ -546,7 +580,12 @@ class RedisStore:
             self._connect_admissions, timeout=timeout, pack=self._pack_admits,
             answer=self._answer_admit, fail=self._fail_admit)
         self._admits_sent_ms = 0.0
-        """When the batch of admissions on the wire was packed (our wall clock)."""
+        """When the batch of admissions on the wire was packed (our wall clock); 0 once its
+        first reply set the clock offset."""
+        # What admissions brought back, by content: key records (by a field, checked in
+        # full) and projects (by their JSON).
+        self._admit_keys: dict[Any, tuple[list[Any], ApiKey]] = {}
+        self._admit_projects: dict[bytes | str, Project] = {}
         self._admit_retries: set[asyncio.Task[None]] = set()
         register = client.register_script
         self._admit = register(_ADMIT)
@@ -762,20 +801,11 @@ class RedisStore:
 
     async def admit(self, *, digest: bytes | None, project_id: str, now_ms: int,
                     count: bool) -> Admission:
-        args: list[str | int] = [PREFIX, digest.hex() if digest is not None else "",
-                                 project_id, now_ms, "1" if count else "0", DEFAULT_PROJECT_ID]
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._admissions.submit((args, future))
-        reply = await future
-        if len(reply) < 4:
-            reply += [None] * (4 - len(reply))
-        outcome, key_fields, project_json, tat = reply
-        return Admission(
-            outcome=AdmitOutcome(outcome),
-            key=_key_from_fields(key_fields) if key_fields else None,
-            project=_project_from_json(project_json) if project_json else None,
-            tat_ms=int(tat) if tat is not None else None,
-        )
+        digest_hex = digest.hex() if digest is not None else ""
+        future: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
+        self._admissions.submit((_admit_argv(digest_hex, project_id, now_ms, count), future,
+                                 (digest_hex, project_id, now_ms, count)))
+        return await future
 
     async def _connect_admissions(self) -> aioredis.connection.AbstractConnection:
         # A connection of the pool's kind (TCP, TLS or Unix; AUTH, SELECT, timeouts) that
@@ -788,32 +818,42 @@ class RedisStore:
     def _pack_admits(self, batch: list[_AdmitCall]) -> bytes:
         # One deadline for the batch, computed as it is written (see the fence above).
         sent = self._admits_sent_ms = _wall_ms()
-        deadline = int(sent + self._clock_offset_ms + self._fence_ms)
-        sha = self._admit.sha
-        # hiredis packs the str and int arguments in C. redis-py's own pack_commands encodes
-        # each one in Python first: 11 % of icegate's instructions per call on Redis
-        # (bench/instructions.py: 828k with it, 739k without; SQLite 557k).
-        # (hiredis's stub types the tuple as one element long.)
-        return b"".join([hiredis.pack_command(("EVALSHA", sha, 0, deadline, *args))  # type: ignore[arg-type]
-                         for args, _ in batch])
+        deadline = b"%d" % int(sent + self._clock_offset_ms + self._fence_ms)
+        sha = self._admit.sha.encode()
+        head = b"*%d\r\n$7\r\nEVALSHA\r\n$%d\r\n%b\r\n$1\r\n0\r\n$%d\r\n%b\r\n" % (
+            4 + _ADMIT_ARGC, len(sha), sha, len(deadline), deadline)
+        return head + head.join([call[0] for call in batch])
 
     def _answer_admit(self, call: _AdmitCall, reply: Any) -> None:
-        args, future = call
-        if type(reply) is list and reply[1] != "late":
-            self._learn_clock(reply, self._admits_sent_ms, _wall_ms(), late=False)
-            _settle(future, reply[1:])
+        # `reply` comes undecoded (bytes): decoding each of its ~20 strings costs more than
+        # the cache lookups below, which decode only what they have not seen.
+        future = call[1]
+        if type(reply) is not list or reply[1] == b"late":
+            # Late (it changed nothing), or an error reply (NOSCRIPT: a restarted or flushed
+            # Redis forgot the script): alone, through redis-py, which re-checks the clock
+            # and loads the script again.
+            task = asyncio.get_running_loop().create_task(
+                self._admit_alone(_admit_args(*call[2]), future))
+            self._admit_retries.add(task)
+            task.add_done_callback(self._admit_retries.discard)
             return
-        # Late (it changed nothing), or an error reply (NOSCRIPT: a restarted or flushed
-        # Redis forgot the script): alone, through redis-py, which re-checks the clock and
-        # loads the script again.
-        task = asyncio.get_running_loop().create_task(self._admit_alone(args, future))
-        self._admit_retries.add(task)
-        task.add_done_callback(self._admit_retries.discard)
+        if self._admits_sent_ms:  # the batch's first reply: Redis's clock, once a batch
+            self._learn_clock(reply, self._admits_sent_ms, _wall_ms(), late=False)
+            self._admits_sent_ms = 0.0
+        if future.done():  # its caller was cancelled
+            return
+        try:
+            admission = self._admission(reply)
+        except Exception as error:  # a reply of another shape: that caller's error alone
+            future.set_exception(error)
+        else:
+            future.set_result(admission)
 
     async def _admit_alone(self, args: list[str | int],
-                           future: asyncio.Future[list[Any]]) -> None:
+                           future: asyncio.Future[Admission]) -> None:
         try:
-            _settle(future, await self._fenced(self._admit, [], args))
+            reply = await self._fenced(self._admit, [], args)
+            _settle(future, self._admission([None, *reply]))
         except Exception as error:
             _settle(future, error)
 
@@ -821,6 +861,37 @@ class RedisStore:
         if not isinstance(error, Exception):  # cancelled: the store is closing
             error = StoreUnavailableError("Redis store unavailable: closing")
         _settle(call[1], self._unavailable(error))
+
+    def _admission(self, reply: list[Any]) -> Admission:
+        """The `_ADMIT` reply {clock, outcome, key fields, project JSON, TAT}, its tail
+        possibly missing, in bytes (the admissions' connection) or str (redis-py's)."""
+        if len(reply) < 5:
+            reply += [None] * (5 - len(reply))
+        _, outcome, fields, project_json, tat = reply
+        return Admission(_ADMIT_OUTCOMES[outcome],
+                         self._admitted_key(fields) if fields else None,
+                         self._admitted_project(project_json) if project_json else None,
+                         int(tat) if tat is not None else None)
+
+    def _admitted_key(self, fields: list[Any]) -> ApiKey:
+        # Cached by content (the fields compared in full), so a changed record is rebuilt.
+        cached = self._admit_keys.get(fields[1])
+        if cached is not None and cached[0] == fields:
+            return cached[1]
+        key = _key_from_fields([_text(field) for field in fields])
+        if len(self._admit_keys) >= _ADMIT_CACHE_SIZE:
+            self._admit_keys.clear()
+        self._admit_keys[fields[1]] = (fields, key)
+        return key
+
+    def _admitted_project(self, text: bytes | str) -> Project:
+        project = self._admit_projects.get(text)
+        if project is None:
+            project = _project_from_json(_text(text))
+            if len(self._admit_projects) >= _ADMIT_CACHE_SIZE:
+                self._admit_projects.clear()
+            self._admit_projects[text] = project
+        return project
 
     async def rate_position(self, project_id: str) -> int | None:
         with self._unavailable_on_error():

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
@@ -57,7 +58,8 @@ class AdmissionConnection(Generic[Item]):
         timeout: Seconds a batch's replies may take, all of them, from its write.
         pack: Turns a batch into the bytes to write (called at send time, so a deadline in
             them is computed then).
-        answer: Takes one item's reply: a decoded RESP value, or `hiredis.ReplyError`.
+        answer: Takes one item's reply: a RESP value (strings as bytes), or
+            `hiredis.ReplyError`.
         fail: Takes one item whose batch failed, and the connection-level error.
     """
 
@@ -178,7 +180,7 @@ class _Link(asyncio.Protocol, Generic[Item]):
         if writer is None:
             raise redis.exceptions.ConnectionError("Connection closed while opening")
         self._transport = writer.transport
-        self._reader = hiredis.Reader(encoding="utf-8")
+        self._reader = hiredis.Reader()  # replies undecoded: bytes
         self._answering: collections.deque[Item] = collections.deque()
         self._batches_sent = 0
         self._sent_at = 0.0
@@ -198,25 +200,36 @@ class _Link(asyncio.Protocol, Generic[Item]):
         self._answering.extend(batch)
         self._transport.write(self._owner._pack(batch))
         self._batches_sent += 1
-        self._sent_at = self._loop.time()
+        # time.monotonic is the loop's clock; uvloop's loop.time() is the one cached when
+        # this turn of the loop began, which would cut the timeout short by the turn's length.
+        self._sent_at = time.monotonic()
         if self._timer is None:
-            self._timer = self._loop.call_at(self._sent_at + self._timeout,
-                                             self._check_timeout, self._batches_sent)
+            self._arm_timer()
         return True
 
-    def _check_timeout(self, batch_number: int) -> None:
+    def _arm_timer(self) -> None:
+        self._timer = self._loop.call_at(self._sent_at + self._timeout, self._check_timeout,
+                                         self._batches_sent, False)
+
+    def _check_timeout(self, batch_number: int, polled: bool) -> None:
         # One timer for every batch sent within a timeout of each other: it fires for the
         # batch that armed it; if that one is answered and a later one is on the wire, it
         # re-arms for the later one's deadline.
         self._timer = None
         if not self._answering:
             return
-        if batch_number == self._batches_sent:
-            self._owner.lost(self, redis.exceptions.TimeoutError(
-                f"Timeout reading from socket: no reply within {self._timeout:g} s"))
+        if batch_number != self._batches_sent:
+            self._arm_timer()
             return
-        self._timer = self._loop.call_at(self._sent_at + self._timeout,
-                                         self._check_timeout, self._batches_sent)
+        if not polled:
+            # Due. uvloop runs due timers before it polls the sockets, so replies already
+            # in ours would count as late: they are read first (the loop polls before a
+            # timer 1 ms away), and only a batch still unanswered then has timed out.
+            self._timer = self._loop.call_later(0.001, self._check_timeout, batch_number,
+                                                True)
+            return
+        self._owner.lost(self, redis.exceptions.TimeoutError(
+            f"Timeout reading from socket: no reply within {self._timeout:g} s"))
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
