@@ -529,6 +529,7 @@ _ADMIT_OUTCOMES: dict[bytes | str, AdmitOutcome] = {
     **{outcome.value: outcome for outcome in AdmitOutcome},
     **{outcome.value.encode(): outcome for outcome in AdmitOutcome}}
 """`_ADMIT`'s outcome, as redis-py (str) or the admissions' connection (bytes) brings it."""
+_new_admission = tuple.__new__
 _ADMIT_CACHE_SIZE = 16384
 """Key records and projects an admission remembers at most (each cache starts afresh)."""
 
@@ -589,6 +590,10 @@ class RedisStore:
         self._admit_retries: set[asyncio.Task[None]] = set()
         register = client.register_script
         self._admit = register(_ADMIT)
+        sha = self._admit.sha
+        self._admit_head = (f"*{4 + _ADMIT_ARGC}\r\n$7\r\nEVALSHA\r\n${len(sha)}\r\n{sha}\r\n"
+                            f"$1\r\n0\r\n").encode()
+        """An admission's EVALSHA up to its deadline (numkeys 0)."""
         self._begin_session = register(_BEGIN_SESSION)
         self._cancel_session = register(_CANCEL_SESSION)
         self._confirm_session = register(_CONFIRM_SESSION)
@@ -818,10 +823,8 @@ class RedisStore:
     def _pack_admits(self, batch: list[_AdmitCall]) -> bytes:
         # One deadline for the batch, computed as it is written (see the fence above).
         sent = self._admits_sent_ms = _wall_ms()
-        deadline = b"%d" % int(sent + self._clock_offset_ms + self._fence_ms)
-        sha = self._admit.sha.encode()
-        head = b"*%d\r\n$7\r\nEVALSHA\r\n$%d\r\n%b\r\n$1\r\n0\r\n$%d\r\n%b\r\n" % (
-            4 + _ADMIT_ARGC, len(sha), sha, len(deadline), deadline)
+        deadline = str(int(sent + self._clock_offset_ms + self._fence_ms))
+        head = self._admit_head + f"${len(deadline)}\r\n{deadline}\r\n".encode()
         return head + head.join([call[0] for call in batch])
 
     def _answer_admit(self, call: _AdmitCall, reply: Any) -> None:
@@ -837,10 +840,27 @@ class RedisStore:
             self._admit_retries.add(task)
             task.add_done_callback(self._admit_retries.discard)
             return
-        if self._admits_sent_ms:  # the batch's first reply: Redis's clock, once a batch
-            self._learn_clock(reply, self._admits_sent_ms, _wall_ms(), late=False)
+        sent = self._admits_sent_ms
+        if sent:  # the batch's first reply: Redis's clock, once a batch (see _learn_clock)
             self._admits_sent_ms = 0.0
+            received = _wall_ms()
+            if received - sent < self._fence_ms:
+                self._clock_offset_ms = int(reply[0]) - (sent + received) / 2
         if future.done():  # its caller was cancelled
+            return
+        if len(reply) == 5:  # admitted or rate limited, with a key or not
+            _, outcome, fields, project_json, tat = reply
+            key = None
+            if fields:
+                cached = self._admit_keys.get(fields[1])
+                key = (cached[1] if cached is not None and cached[0] == fields
+                       else self._admitted_key(fields))
+            project = self._admit_projects.get(project_json)
+            if project is None:
+                project = self._admitted_project(project_json)
+            # Admission(...) without its Python-level __new__ (a namedtuple's is one).
+            future.set_result(_new_admission(Admission, (
+                _ADMIT_OUTCOMES[outcome], key, project, int(tat) if tat is not None else None)))
             return
         try:
             admission = self._admission(reply)

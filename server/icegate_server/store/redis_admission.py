@@ -88,7 +88,7 @@ class AdmissionConnection(Generic[Item]):
         self._waiting.append(item)
         if len(self._waiting) == 1:
             link = self._link
-            if link is None or not link.on_wire:
+            if link is None or not link.answering:
                 # On the next turn of the loop, so a burst that arrives together (the calls
                 # one loop iteration starts) goes out as one batch.
                 asyncio.get_running_loop().call_soon(self._flush)
@@ -98,18 +98,14 @@ class AdmissionConnection(Generic[Item]):
             return
         link = self._link
         if link is not None:
-            if link.on_wire:
-                return  # the waiting go out when its last reply is in (`_batch_done`)
+            if link.answering:
+                return  # the waiting go out when its last reply is in (`data_received`)
             if link.send(self._waiting):
                 self._waiting = []
                 return
         # No connection, or Redis closed it while idle: a new one.
         batch, self._waiting = self._waiting, []
         self._connecting = asyncio.get_running_loop().create_task(self._reconnect(batch))
-
-    def _batch_done(self) -> None:
-        if self._waiting:
-            self._flush()
 
     async def _reconnect(self, batch: list[Item]) -> None:
         try:
@@ -148,10 +144,10 @@ class AdmissionConnection(Generic[Item]):
     async def close(self) -> None:
         """Waits for the batches queued so far, then closes the connection."""
         while self._connecting is not None or self._waiting or (
-                self._link is not None and self._link.on_wire):
+                self._link is not None and self._link.answering):
             if self._connecting is not None:
                 await asyncio.gather(self._connecting, return_exceptions=True)
-            elif self._link is not None and self._link.on_wire:
+            elif self._link is not None and self._link.answering:
                 await self._link.wait_answered()
             else:
                 self._flush()
@@ -181,23 +177,19 @@ class _Link(asyncio.Protocol, Generic[Item]):
             raise redis.exceptions.ConnectionError("Connection closed while opening")
         self._transport = writer.transport
         self._reader = hiredis.Reader()  # replies undecoded: bytes
-        self._answering: collections.deque[Item] = collections.deque()
+        self.answering: collections.deque[Item] = collections.deque()
+        """The items of the batch on the wire whose replies are not in yet."""
         self._batches_sent = 0
         self._sent_at = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._answered: asyncio.Future[None] | None = None
         self._transport.set_protocol(self)
 
-    @property
-    def on_wire(self) -> bool:
-        """A batch was sent and not all its replies are in."""
-        return bool(self._answering)
-
     def send(self, batch: list[Item]) -> bool:
         """Writes `batch`; False (nothing written) if the transport is closing."""
         if self._transport.is_closing():
             return False
-        self._answering.extend(batch)
+        self.answering.extend(batch)
         self._transport.write(self._owner._pack(batch))
         self._batches_sent += 1
         # time.monotonic is the loop's clock; uvloop's loop.time() is the one cached when
@@ -216,7 +208,7 @@ class _Link(asyncio.Protocol, Generic[Item]):
         # batch that armed it; if that one is answered and a later one is on the wire, it
         # re-arms for the later one's deadline.
         self._timer = None
-        if not self._answering:
+        if not self.answering:
             return
         if batch_number != self._batches_sent:
             self._arm_timer()
@@ -234,7 +226,7 @@ class _Link(asyncio.Protocol, Generic[Item]):
     def data_received(self, data: bytes) -> None:
         reader = self._reader
         reader.feed(data)
-        answering = self._answering
+        answering = self.answering
         answer = self._owner._answer
         try:
             while (reply := reader.gets()) is not False:
@@ -247,15 +239,15 @@ class _Link(asyncio.Protocol, Generic[Item]):
             if self._answered is not None:
                 self._answered.set_result(None)
                 self._answered = None
-            self._owner._batch_done()
+            self._owner._flush()  # the batch is answered: the waiting go out now
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._owner.lost(self, redis.exceptions.ConnectionError(
             f"Connection lost: {exc}" if exc else "Connection closed by server."))
 
     def take_unanswered(self) -> list[Item]:
-        items = list(self._answering)
-        self._answering.clear()
+        items = list(self.answering)
+        self.answering.clear()
         if self._answered is not None:
             self._answered.set_result(None)
             self._answered = None
@@ -270,7 +262,7 @@ class _Link(asyncio.Protocol, Generic[Item]):
         return self._connection
 
     async def wait_answered(self) -> None:
-        if self._answering:
+        if self.answering:
             if self._answered is None:
                 self._answered = self._loop.create_future()
             await self._answered
