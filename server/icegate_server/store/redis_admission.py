@@ -89,8 +89,9 @@ class AdmissionConnection(Generic[Item]):
         if len(self._waiting) == 1:
             link = self._link
             if link is None or not link.answering:
-                # On the next turn of the loop, so a burst that arrives together (the calls
-                # one loop iteration starts) goes out as one batch.
+                # On the next turn of the loop, so the calls this turn starts go out as one
+                # batch (sent at once instead, a lone call would go out 1 in 6 batches
+                # sooner, and cost 1.5 % more instructions per call: 585k, not 576k).
                 asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
@@ -239,7 +240,9 @@ class _Link(asyncio.Protocol, Generic[Item]):
             if self._answered is not None:
                 self._answered.set_result(None)
                 self._answered = None
-            self._owner._flush()  # the batch is answered: the waiting go out now
+            owner = self._owner
+            if owner._waiting:  # the batch is answered: the waiting go out now
+                owner._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._owner.lost(self, redis.exceptions.ConnectionError(
