@@ -529,6 +529,8 @@ _ADMIT_OUTCOMES: dict[bytes | str, AdmitOutcome] = {
     **{outcome.value.encode(): outcome for outcome in AdmitOutcome}}
 """`_ADMIT`'s outcome, as redis-py (str) or the admissions' connection (bytes) brings it."""
 _new_admission = tuple.__new__
+_Admitted = tuple[list[bytes] | None, bytes, ApiKey | None, Project]
+"""An admission's key fields and project JSON as Redis sent them, and what they stand for."""
 _ADMIT_CACHE_SIZE = 16384
 """Key records and projects an admission remembers at most (each cache starts afresh)."""
 
@@ -588,9 +590,10 @@ class RedisStore:
         """When the batch of admissions on the wire was packed (our wall clock); 0 once its
         first reply set the clock offset."""
         # What admissions brought back, by content: key records (by a field, checked in
-        # full) and projects (by their JSON).
+        # full) and projects (by their JSON); and by caller, what it was last time.
         self._admit_keys: dict[Any, tuple[list[Any], ApiKey]] = {}
         self._admit_projects: dict[bytes | str, Project] = {}
+        self._admitted: dict[bytes | str, _Admitted] = {}
         self._admit_retries: set[asyncio.Task[None]] = set()
         register = client.register_script
         self._admit = register(_ADMIT)
@@ -828,6 +831,8 @@ class RedisStore:
         sent = self._admits_sent_ms = _wall_ms()
         deadline = str(int(sent + self._clock_offset_ms + self._fence_ms))
         head = self._admit_head + f"${len(deadline)}\r\n{deadline}\r\n".encode()
+        if len(batch) == 1:
+            return head + batch[0][0]
         return head + head.join([call[0] for call in batch])
 
     def _answer_admit(self, call: _AdmitCall, reply: Any) -> None:
@@ -853,17 +858,14 @@ class RedisStore:
             return
         if len(reply) == 5:  # admitted or rate limited, with a key or not
             _, outcome, fields, project_json, tat = reply
-            key = None
-            if fields:
-                cached = self._admit_keys.get(fields[1])
-                key = (cached[1] if cached is not None and cached[0] == fields
-                       else self._admitted_key(fields))
-            project = self._admit_projects.get(project_json)
-            if project is None:
-                project = self._admitted_project(project_json)
+            # What this caller's admissions brought back last time, compared in full.
+            caller = call[2][0] or call[2][1]  # its key's digest, or the project it names
+            seen = self._admitted.get(caller)
+            if seen is None or seen[0] != fields or seen[1] != project_json:
+                seen = self._remember_admitted(caller, fields, project_json)
             # Admission(...) without its Python-level __new__ (a namedtuple's is one).
             future.set_result(_new_admission(Admission, (
-                _ADMIT_OUTCOMES[outcome], key, project, int(tat) if tat is not None else None)))
+                _ADMIT_OUTCOMES[outcome], seen[2], seen[3], int(tat) if tat is not None else None)))
             return
         try:
             admission = self._admission(reply)
@@ -871,6 +873,15 @@ class RedisStore:
             future.set_exception(error)
         else:
             future.set_result(admission)
+
+    def _remember_admitted(self, caller: bytes | str, fields: list[bytes] | None,
+                           project_json: bytes) -> _Admitted:
+        seen = (fields, project_json, self._admitted_key(fields) if fields else None,
+                self._admitted_project(project_json))
+        if len(self._admitted) >= _ADMIT_CACHE_SIZE:
+            self._admitted.clear()
+        self._admitted[caller] = seen
+        return seen
 
     async def _admit_alone(self, args: list[str | int],
                            future: asyncio.Future[Admission]) -> None:
