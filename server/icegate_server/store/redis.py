@@ -40,26 +40,31 @@ Failing fast. The client has explicit socket and connect timeouts (`timeout`, 0.
 default) and redis-py's retries are switched off: a call that times out may already have
 run on the server, and blindly re-sending a counting script would count twice. A restarted
 Redis needs no retry anyway: the pool checks a pooled connection for EOF before using it
-and reconnects (RESP2 keeps that check on). Every connection-level failure becomes
-`StoreUnavailableError`.
+and reconnects (RESP2 keeps that check on), and the admissions' connection (below) hears
+Redis close it as it happens and opens a new one for the next batch. Every
+connection-level failure becomes `StoreUnavailableError`.
 
 A paused (or very slow) Redis brings one more hazard: a script the client gave up on sits
 in the server's socket buffer and runs when Redis wakes up, counting a call whose caller was
 told "unavailable". The counting scripts (`admit`, `begin_session`, `confirm_session`,
 `cancel_session`) are therefore fenced: the caller sends a deadline, half the timeout ahead,
 expressed on the server's clock (the offset between the clocks is measured from `TIME` at
-open and from every reply), and a script that starts after it changes nothing and answers
-"late". A late answer is certain to have changed nothing, so that call alone is retried
-once at once. The fence uses the real wall clock; the limits themselves use the injected `now_ms`.
+open and from the replies: every reply through redis-py, the first of each batch of
+admissions), and a script that starts after it changes nothing and answers "late". A late
+answer is certain to have changed nothing, so that call alone is retried once at once. The
+fence uses the real wall clock; the limits themselves use the injected `now_ms`.
 
-Batching. Every credential call runs `admit`. One batch of admissions is in flight at a
-time; the admissions that arrive while it is are sent together as the next one, a pipeline
-on a connection of their own (one write, then the replies read in order), so batches grow
-with the load by themselves and a lone call goes out at once. redis-py
-spends far more per command on the pool and the socket than Redis spends on the script
-(about 180 us of client CPU for a lone EVALSHA here, 40-50 us each in a pipeline of 10-50).
-Each script in the batch is still atomic on its own and fenced by the same deadline; a late
-one is retried alone, as above.
+Admissions. Every credential call runs `admit`, and only it bypasses redis-py: its EVALSHA
+goes out on a connection of its own (`redis_admission.AdmissionConnection`: redis-py opens
+it, an asyncio protocol writes packed bytes and reads replies with hiredis). One batch of
+admissions is on the wire at a time; the admissions that arrive while it is go out together
+as the next one (one write, the replies read in order), so batches grow with the load by
+themselves and a lone call goes out on the next turn of the loop. The replies stay bytes:
+each caller's key record and project are rebuilt only when what Redis sent differs from
+last time. Each script in the batch is still atomic on its own and fenced by the batch's
+deadline; a batch not answered within `timeout` fails, its connection is dropped, and
+nothing is re-sent; a late answer or an error reply (NOSCRIPT after a restart or a SCRIPT
+FLUSH) sends that call alone through redis-py, which loads the script again.
 """
 
 from __future__ import annotations
