@@ -3,10 +3,12 @@ hiredis in `data_received`, every other command left to redis-py.
 
 A hand-built fast path, kept because it pays: IssueTurnCredentials reaches Redis on every
 call, and redis-py's round trip for it (pool check, connection object, parser, response
-handling, the asyncio stream layers and a task per batch) cost more than the rest of the
-Redis path. Instructions per IssueTurnCredentials call, measured alone with callgrind
+handling, the asyncio stream layers and a task per batch) was most of what a call cost on
+Redis beyond SQLite. Instructions per IssueTurnCredentials call, measured alone with callgrind
 (`cd bench && ../.venv/bin/python instructions.py icegate-sqlite icegate-redis`, issue 16):
-FIGURES-HERE
+on Redis 761k and 772k before it (redis-py, hiredis packing; SQLite 571k and 532k in the same
+runs: 1.33 and 1.45 x), 570k-616k after (SQLite 534k-569k: 1.02-1.08 x, median 1.08, five
+runs). docs/PERFORMANCE.md has where the rest goes.
 
 One batch is on the wire at a time. What the store hands over meanwhile waits, and goes out,
 all together, as soon as the batch's last reply is parsed; so batches grow with the load by
