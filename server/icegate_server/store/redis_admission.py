@@ -7,7 +7,7 @@ handling, the asyncio stream layers and a task per batch) was most of what a cal
 Redis beyond SQLite. Instructions per IssueTurnCredentials call, measured alone with callgrind
 (`cd bench && ../.venv/bin/python instructions.py icegate-sqlite icegate-redis`, issue 16):
 on Redis 761k and 772k before it (redis-py, hiredis packing; SQLite 571k and 532k in the same
-runs: 1.33 and 1.45 x), 570k-616k after (SQLite 534k-569k: 1.02-1.08 x, median 1.08, five
+runs: 1.33 and 1.45 x), 570k-616k after (SQLite 534k-569k: 1.02-1.08 x, median 1.08, six
 runs). docs/PERFORMANCE.md has where the rest goes.
 
 One batch is on the wire at a time. What the store hands over meanwhile waits, and goes out,
