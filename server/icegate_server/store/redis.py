@@ -44,26 +44,31 @@ Failing fast. The client has explicit socket and connect timeouts (`timeout`, 0.
 default) and redis-py's retries are switched off: a call that times out may already have
 run on the server, and blindly re-sending a counting script would count twice. A restarted
 Redis needs no retry anyway: the pool checks a pooled connection for EOF before using it
-and reconnects (RESP2 keeps that check on). Every connection-level failure becomes
-`StoreUnavailableError`.
+and reconnects (RESP2 keeps that check on), and the admissions' connection (below) hears
+Redis close it as it happens and opens a new one for the next batch. Every
+connection-level failure becomes `StoreUnavailableError`.
 
 A paused (or very slow) Redis brings one more hazard: a script the client gave up on sits
 in the server's socket buffer and runs when Redis wakes up, counting a call whose caller was
 told "unavailable". The counting scripts (`admit`, `begin_session`, `confirm_session`,
 `cancel_session`) are therefore fenced: the caller sends a deadline, half the timeout ahead,
 expressed on the server's clock (the offset between the clocks is measured from `TIME` at
-open and from every reply), and a script that starts after it changes nothing and answers
-"late". A late answer is certain to have changed nothing, so that call alone is retried
-once at once. The fence uses the real wall clock; the limits themselves use the injected `now_ms`.
+open and from the replies: every reply through redis-py, the first of each batch of
+admissions), and a script that starts after it changes nothing and answers "late". A late
+answer is certain to have changed nothing, so that call alone is retried once at once. The
+fence uses the real wall clock; the limits themselves use the injected `now_ms`.
 
-Batching. Every credential call runs `admit`. One batch of admissions is in flight at a
-time; the admissions that arrive while it is are sent together as the next one, a pipeline
-on a connection of their own (one write, then the replies read in order), so batches grow
-with the load by themselves and a lone call goes out at once. redis-py
-spends far more per command on the pool and the socket than Redis spends on the script
-(about 180 us of client CPU for a lone EVALSHA here, 40-50 us each in a pipeline of 10-50).
-Each script in the batch is still atomic on its own and fenced by the same deadline; a late
-one is retried alone, as above.
+Admissions. Every credential call runs `admit`, and only it bypasses redis-py: its EVALSHA
+goes out on a connection of its own (`redis_admission.AdmissionConnection`: redis-py opens
+it, an asyncio protocol writes packed bytes and reads replies with hiredis). One batch of
+admissions is on the wire at a time; the admissions that arrive while it is go out together
+as the next one (one write, the replies read in order), so batches grow with the load by
+themselves and a lone call goes out on the next turn of the loop. The replies stay bytes:
+each caller's key record and project are rebuilt only when what Redis sent differs from
+last time. Each script in the batch is still atomic on its own and fenced by the batch's
+deadline; a batch not answered within `timeout` fails, its connection is dropped, and
+nothing is re-sent; a late answer or an error reply (NOSCRIPT after a restart or a SCRIPT
+FLUSH) sends that call alone through redis-py, which loads the script again.
 """
 
 from __future__ import annotations
@@ -79,7 +84,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.retry import Retry
@@ -101,6 +105,7 @@ from icegate_server.store.base import (
     api_key_cursor,
     parse_api_key_cursor,
 )
+from icegate_server.store.redis_admission import AdmissionConnection
 
 PREFIX = "icegate:"
 MAX_CONNECTIONS = 512
@@ -569,11 +574,11 @@ def _provider_from_json(project_id: str, provider: str, text: str) -> ProviderKe
 
 
 def _text(value: bytes | str) -> str:
-    # The client decodes replies (decode_responses=True); this only narrows the type.
+    # redis-py decodes replies (decode_responses=True); the admissions' connection does not.
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _settle(future: asyncio.Future[list[Any]], outcome: list[Any] | BaseException) -> None:
+def _settle(future: asyncio.Future[Any], outcome: Any) -> None:
     if future.done():  # its caller was cancelled
         return
     if isinstance(outcome, BaseException):
@@ -584,6 +589,62 @@ def _settle(future: asyncio.Future[list[Any]], outcome: list[Any] | BaseExceptio
 
 def _wall_ms() -> float:
     return time.time() * 1000
+
+
+# ConnectionError covers BusyLoadingError (still loading its data set) and
+# AuthenticationError; ReadOnlyError means we talk to a replica after a failover.
+_CONNECTION_ERRORS = (
+    redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError, redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError, redis.exceptions.OutOfMemoryError, OSError, TimeoutError)
+"""The failures that make the store unavailable (`StoreUnavailableError`) to a caller."""
+
+_ADMIT_OUTCOMES: dict[bytes | str, AdmitOutcome] = {
+    **{outcome.value: outcome for outcome in AdmitOutcome},
+    **{outcome.value.encode(): outcome for outcome in AdmitOutcome}}
+"""`_ADMIT`'s outcome, as redis-py (str) or the admissions' connection (bytes) brings it."""
+_new_admission = tuple.__new__
+_Admitted = tuple[list[bytes] | None, bytes, ApiKey | None, Project]
+"""An admission's key fields and project JSON as Redis sent them, and what they stand for."""
+_ADMIT_CACHE_SIZE = 16384
+"""Callers whose packed arguments and last admission are remembered, at most (past it, each
+memory starts afresh)."""
+
+_AdmitCall = tuple[bytes, "asyncio.Future[Admission]", tuple[bytes | None, str, int, bool]]
+"""One admission waiting for its reply: `_admit_argv`, its caller's future, and what
+`_admit_args` takes (for the retry through redis-py)."""
+
+
+def _admit_args(digest: bytes | None, project_id: str, now_ms: int,
+                count: bool) -> list[str | int]:
+    """`_ADMIT`'s ARGV after the deadline."""
+    return [PREFIX, digest.hex() if digest is not None else "", project_id, now_ms,
+            "1" if count else "0", DEFAULT_PROJECT_ID]
+
+
+_ADMIT_ARGC = len(_admit_args(None, "", 0, False))
+_ADMIT_NOW = 3
+"""Where `now_ms` is in `_admit_args`: the one argument that changes from call to call."""
+_admit_argv_parts: dict[tuple[bytes | None, str, bool], tuple[str, str]] = {}
+
+
+def _admit_argv(digest: bytes | None, project_id: str, now_ms: int, count: bool) -> bytes:
+    """`_admit_args` as RESP bulk strings, what follows the deadline in the EVALSHA.
+
+    Packed by hand around `now_ms`, what comes before and after it remembered for each
+    caller: hiredis.pack_command spends ~15k instructions on the whole EVALSHA (a sprintf
+    per argument), this ~3k (callgrind, issue 16).
+    """
+    parts = _admit_argv_parts.get((digest, project_id, count))
+    if parts is None:
+        bulks = [f"${len(str(arg).encode())}\r\n{arg}\r\n"
+                 for arg in _admit_args(digest, project_id, 0, count)]
+        parts = "".join(bulks[:_ADMIT_NOW]), "".join(bulks[_ADMIT_NOW + 1:])
+        if len(_admit_argv_parts) >= _ADMIT_CACHE_SIZE:
+            _admit_argv_parts.clear()
+        _admit_argv_parts[digest, project_id, count] = parts
+    now = str(now_ms)
+    return f"{parts[0]}${len(now)}\r\n{now}\r\n{parts[1]}".encode()
 
 
 class RedisStore:
@@ -597,15 +658,22 @@ class RedisStore:
         self._fence_ms = timeout * 1000 / 2
         self._clock_offset_ms = 0.0
         """Redis's wall clock minus ours, in ms (see the fence in the module docstring)."""
-        # Admissions waiting for the batch in flight to come back, and that batch.
-        self._admits_waiting: list[tuple[list[str | int], asyncio.Future[list[Any]]]] = []
-        self._admit_batch: asyncio.Task[None] | None = None
-        # The batches' own connection (one batch is in flight at a time), outside the pool:
-        # a pool take and give-back per batch cost more than the batch's write and read.
-        self._admit_connection: aioredis.Connection = \
-            client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        # The admissions' own connection (redis_admission.py), batches of `_ADMIT` calls.
+        self._admissions: AdmissionConnection[_AdmitCall] = AdmissionConnection(
+            self._connect_admissions, timeout=timeout, pack=self._pack_admits,
+            answer=self._answer_admit, fail=self._fail_admit)
+        self._admits_sent_ms = 0.0
+        """When the batch of admissions on the wire was packed (our wall clock); 0 once its
+        first reply set the clock offset."""
+        self._admitted: dict[bytes | str, _Admitted] = {}
+        """By caller (key digest, or the project named), what its last admission brought."""
+        self._admit_retries: set[asyncio.Task[None]] = set()
         register = client.register_script
         self._admit = register(_ADMIT)
+        sha = self._admit.sha
+        self._admit_head = (f"*{4 + _ADMIT_ARGC}\r\n$7\r\nEVALSHA\r\n${len(sha)}\r\n{sha}\r\n"
+                            f"$1\r\n0\r\n").encode()
+        """An admission's EVALSHA up to its deadline (numkeys 0)."""
         self._begin_session = register(_BEGIN_SESSION)
         self._cancel_session = register(_CANCEL_SESSION)
         self._confirm_session = register(_CONFIRM_SESSION)
@@ -694,16 +762,18 @@ class RedisStore:
     def _unavailable_on_error(self) -> Iterator[None]:
         try:
             yield
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                redis.exceptions.ReadOnlyError, redis.exceptions.TryAgainError,
-                redis.exceptions.ClusterDownError, redis.exceptions.OutOfMemoryError,
-                OSError, TimeoutError) as error:
-            # ConnectionError covers BusyLoadingError (still loading its data set) and
-            # AuthenticationError; ReadOnlyError means we talk to a replica after a failover.
-            reason = f"{type(error).__name__}: {error}".splitlines()[0][:200]
-            for secret in self._secrets:
-                reason = reason.replace(secret, "***")
-            raise StoreUnavailableError(f"Redis store unavailable: {reason}") from None
+        except _CONNECTION_ERRORS as error:
+            raise self._unavailable(error) from None
+
+    def _unavailable(self, error: BaseException) -> BaseException:
+        """What a caller sees of `error`: a connection-level failure (`_CONNECTION_ERRORS`)
+        becomes `StoreUnavailableError`, with the URL's password scrubbed; others stay."""
+        if not isinstance(error, _CONNECTION_ERRORS):
+            return error
+        reason = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+        for secret in self._secrets:
+            reason = reason.replace(secret, "***")
+        return StoreUnavailableError(f"Redis store unavailable: {reason}")
 
     async def _call(self, script: AsyncScript, keys: Sequence[str],
                     args: Sequence[str | int]) -> Any:
@@ -750,9 +820,8 @@ class RedisStore:
             await self._redis.ping()
 
     async def close(self) -> None:
-        if self._admit_batch is not None:
-            await asyncio.gather(self._admit_batch, return_exceptions=True)
-        await self._admit_connection.disconnect()
+        await self._admissions.close()
+        await asyncio.gather(*self._admit_retries, return_exceptions=True)
         await self._redis.aclose()
 
     # -- projects ---------------------------------------------------------------------------
@@ -823,94 +892,100 @@ class RedisStore:
 
     async def admit(self, *, digest: bytes | None, project_id: str, now_ms: int,
                     count: bool) -> Admission:
-        args: list[str | int] = [PREFIX, digest.hex() if digest is not None else "",
-                                 project_id, now_ms, "1" if count else "0", DEFAULT_PROJECT_ID]
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[Any]] = loop.create_future()
-        self._admits_waiting.append((args, future))
-        if len(self._admits_waiting) == 1 and self._admit_batch is None:
-            loop.call_soon(self._send_waiting_admits)
-        reply = await future
-        reply += [None] * (4 - len(reply))
-        outcome, key_fields, project_json, tat = reply
-        return Admission(
-            outcome=AdmitOutcome(outcome),
-            key=_key_from_fields(key_fields) if key_fields else None,
-            project=_project_from_json(project_json) if project_json else None,
-            tat_ms=int(tat) if tat is not None else None,
-        )
+        future: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
+        self._admissions.submit((_admit_argv(digest, project_id, now_ms, count), future,
+                                 (digest, project_id, now_ms, count)))
+        return await future
 
-    def _send_waiting_admits(self) -> None:
-        # One batch in flight at a time: what arrives meanwhile waits for its answer and
-        # goes out next, all together, so batches grow with the load by themselves.
-        if self._admit_batch is not None or not self._admits_waiting:
+    async def _connect_admissions(self) -> aioredis.connection.AbstractConnection:
+        # A connection of the pool's kind (TCP, TLS or Unix; AUTH, SELECT, timeouts) that
+        # the pool does not hand out: the admissions keep it to themselves.
+        connection: aioredis.connection.AbstractConnection = \
+            self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        await connection.connect()  # type: ignore[no-untyped-call]
+        return connection
+
+    def _pack_admits(self, batch: list[_AdmitCall]) -> bytes:
+        # One deadline for the batch, computed as it is written (see the fence above).
+        sent = self._admits_sent_ms = _wall_ms()
+        deadline = str(int(sent + self._clock_offset_ms + self._fence_ms))
+        head = self._admit_head + f"${len(deadline)}\r\n{deadline}\r\n".encode()
+        if len(batch) == 1:
+            return head + batch[0][0]
+        return head + head.join([call[0] for call in batch])
+
+    def _answer_admit(self, call: _AdmitCall, reply: Any) -> None:
+        # `reply` comes undecoded (bytes): decoding its ~20 strings cost 6k instructions of
+        # a 17k parse, more than comparing them with the caller's last ones below.
+        future = call[1]
+        if type(reply) is not list or reply[1] == b"late":
+            # Late (it changed nothing), or an error reply (NOSCRIPT: a restarted or flushed
+            # Redis forgot the script): alone, through redis-py, which re-checks the clock
+            # and loads the script again.
+            task = asyncio.get_running_loop().create_task(
+                self._admit_alone(_admit_args(*call[2]), future))
+            self._admit_retries.add(task)
+            task.add_done_callback(self._admit_retries.discard)
             return
-        batch, self._admits_waiting = self._admits_waiting, []
-        self._admit_batch = asyncio.get_running_loop().create_task(self._send_admits(batch))
-        self._admit_batch.add_done_callback(self._admit_batch_done)
-
-    def _admit_batch_done(self, _task: asyncio.Task[None]) -> None:
-        self._admit_batch = None
-        self._send_waiting_admits()
-
-    async def _send_admits(
-            self, batch: list[tuple[list[str | int], asyncio.Future[list[Any]]]]) -> None:
+        sent = self._admits_sent_ms
+        if sent:  # the batch's first reply: Redis's clock, once a batch (see _learn_clock)
+            self._admits_sent_ms = 0.0
+            received = _wall_ms()
+            if received - sent < self._fence_ms:
+                self._clock_offset_ms = int(reply[0]) - (sent + received) / 2
+        if future.done():  # its caller was cancelled
+            return
+        if len(reply) == 5:  # admitted or rate limited, with a key or not
+            _, outcome, fields, project_json, tat = reply
+            # What this caller's admissions brought back last time, compared in full.
+            caller = call[2][0] or call[2][1]  # its key's digest, or the project it names
+            seen = self._admitted.get(caller)
+            if seen is None or seen[0] != fields or seen[1] != project_json:
+                seen = self._remember_admitted(caller, fields, project_json)
+            # Admission(...) without its Python-level __new__ (a namedtuple's is one).
+            future.set_result(_new_admission(Admission, (
+                _ADMIT_OUTCOMES[outcome], seen[2], seen[3], int(tat) if tat is not None else None)))
+            return
         try:
-            await self._send_admit_batch(batch)
-        finally:
-            # Cancelled with the batch in flight (the store is closing): no caller waits on.
-            for _, future in batch:
-                _settle(future, StoreUnavailableError("Redis store unavailable: closing"))
+            admission = self._admission(reply)
+        except Exception as error:  # a reply of another shape: that caller's error alone
+            future.set_exception(error)
+        else:
+            future.set_result(admission)
 
-    async def _send_admit_batch(
-            self, batch: list[tuple[list[str | int], asyncio.Future[list[Any]]]]) -> None:
-        sent = _wall_ms()
-        deadline = int(sent + self._clock_offset_ms + self._fence_ms)
-        connection = self._admit_connection
+    def _remember_admitted(self, caller: bytes | str, fields: list[bytes] | None,
+                           project_json: bytes) -> _Admitted:
+        seen = (fields, project_json,
+                _key_from_fields([_text(f) for f in fields]) if fields else None,
+                _project_from_json(_text(project_json)))
+        if len(self._admitted) >= _ADMIT_CACHE_SIZE:
+            self._admitted.clear()
+        self._admitted[caller] = seen
+        return seen
+
+    async def _admit_alone(self, args: list[str | int],
+                           future: asyncio.Future[Admission]) -> None:
         try:
-            with self._unavailable_on_error():
-                try:
-                    # As the pool does for its own: (re)connected, and nothing left unread
-                    # (a restarted Redis closes it; the check finds that, and reconnects).
-                    await self._redis.connection_pool.ensure_connection(connection)
-                    # hiredis packs the str and int arguments in C. redis-py's own
-                    # pack_commands encodes each one in Python first: 11 % of icegate's
-                    # instructions per call on Redis (bench/instructions.py: 828k with
-                    # it, 739k without; SQLite 557k).
-                    sha = self._admit.sha
-                    await connection.send_packed_command(b"".join(
-                        # (hiredis's stub types the tuple as one element long.)
-                        [hiredis.pack_command(("EVALSHA", sha, 0, deadline, *args))  # type: ignore[arg-type]
-                         for args, _ in batch]))
-                    replies: list[Any] = []
-                    for _ in batch:
-                        try:
-                            replies.append(await connection.read_response())
-                        except redis.exceptions.ResponseError as error:  # NOSCRIPT, say
-                            replies.append(error)
-                except BaseException:
-                    # Mid-batch the stream's position is unknown: start the next one afresh.
-                    await connection.disconnect(nowait=True)
-                    raise
+            reply = await self._fenced(self._admit, [], args)
+            _settle(future, self._admission([None, *reply]))
         except Exception as error:
-            for _, future in batch:
-                _settle(future, error)
-            return
-        received = _wall_ms()
-        retry = []
-        for (args, future), reply in zip(batch, replies, strict=True):
-            if isinstance(reply, BaseException) or reply[1] == "late":
-                # Late (changed nothing), or the script is gone (a restarted Redis): alone,
-                # through the path that re-checks the clock and reloads the script.
-                retry.append((args, future))
-                continue
-            self._learn_clock(reply, sent, received, late=False)
-            _settle(future, list(reply[1:]))
-        for args, future in retry:
-            try:
-                _settle(future, await self._fenced(self._admit, [], args))
-            except Exception as error:
-                _settle(future, error)
+            _settle(future, error)
+
+    def _fail_admit(self, call: _AdmitCall, error: BaseException) -> None:
+        if not isinstance(error, Exception):  # cancelled: the store is closing
+            error = StoreUnavailableError("Redis store unavailable: closing")
+        _settle(call[1], self._unavailable(error))
+
+    def _admission(self, reply: list[Any]) -> Admission:
+        """The `_ADMIT` reply {clock, outcome, key fields, project JSON, TAT}, its tail
+        possibly missing, in bytes (the admissions' connection) or str (redis-py's)."""
+        if len(reply) < 5:
+            reply += [None] * (5 - len(reply))
+        _, outcome, fields, project_json, tat = reply
+        return Admission(_ADMIT_OUTCOMES[outcome],
+                         _key_from_fields([_text(f) for f in fields]) if fields else None,
+                         _project_from_json(_text(project_json)) if project_json else None,
+                         int(tat) if tat is not None else None)
 
     async def rate_position(self, project_id: str) -> int | None:
         with self._unavailable_on_error():
