@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
 
     usage = commands.add_parser("usage", help="print a project's usage and limits")
     usage.add_argument("--project", default="", help="project id (default: the key's)")
+    usage.add_argument("--turn-user", default="",
+                       help="also the TURN usage of this user id (or session id)")
 
     _add_session_commands(commands.add_parser("session", help="realtime AI sessions"))
     _add_admin_commands(commands.add_parser("admin", help="manage projects and keys "
@@ -116,6 +118,12 @@ def _add_project_fields(command: argparse.ArgumentParser) -> None:
                          help="sessions per calendar month (default 1000)")
     command.add_argument("--max-concurrent", dest="max_concurrent_sessions", type=int,
                          help="sessions held at once (default 5)")
+    command.add_argument("--max-allocations", dest="max_allocations", type=int,
+                         help="live TURN allocations at which new credentials are refused "
+                              "(default 0: no limit)")
+    command.add_argument("--byte-quota", dest="byte_quota", type=int,
+                         help="TURN bytes relayed per calendar month at which new credentials "
+                              "are refused (default 0: none)")
 
 
 def _add_admin_commands(admin: argparse.ArgumentParser) -> None:
@@ -169,7 +177,8 @@ def _add_admin_commands(admin: argparse.ArgumentParser) -> None:
 
 _PROJECT_FIELD_NAMES = ("display_name", "rate_limit_requests", "rate_limit_window",
                         "turn_ttl_default", "turn_ttl_max", "plan", "upgrade_url",
-                        "monthly_session_quota", "max_concurrent_sessions")
+                        "monthly_session_quota", "max_concurrent_sessions", "max_allocations",
+                        "byte_quota")
 
 
 def _as_dict(message: Message) -> dict[str, Any]:
@@ -235,7 +244,7 @@ def _run(args: argparse.Namespace, client: Client) -> Any:
     if args.command == "health":
         return client.health(args.service)
     if args.command == "usage":
-        return _as_dict(client.get_usage(args.project))
+        return _as_dict(client.get_usage(args.project, turn_user_id=args.turn_user))
     if args.command == "admin":
         return _run_admin(args, client)
     if args.command == "session":

@@ -122,11 +122,15 @@ class Client:
                           requests.get_ice_servers(user_id, ttl, project_id),
                           timeout, metadata)
 
-    def get_usage(self, project_id: str = "", *, timeout: float | None = None,
+    def get_usage(self, project_id: str = "", *, turn_user_id: str = "",
+                  timeout: float | None = None,
                   metadata: Metadata = ()) -> usage_pb2.GetUsageResponse:
-        """The project's rate-limit position, session counts and limits (not rate limited)."""
+        """The project's rate-limit position, session counts, TURN usage and limits (not rate
+        limited); with `turn_user_id`, that end user's TURN usage too."""
         return self._call(self._usage.GetUsage,  # type: ignore[no-any-return]
-                          usage_pb2.GetUsageRequest(project_id=project_id), timeout, metadata)
+                          usage_pb2.GetUsageRequest(project_id=project_id,
+                                                    turn_user_id=turn_user_id),
+                          timeout, metadata)
 
     # -- administration (admin keys only) ----------------------------------------------------
 

@@ -39,6 +39,7 @@ _DURATION_FIELDS = frozenset({"rate_limit_window", "turn_ttl_default", "turn_ttl
 PROJECT_FIELDS = frozenset({
     "display_name", "rate_limit_requests", "rate_limit_window", "turn_ttl_default",
     "turn_ttl_max", "plan", "upgrade_url", "monthly_session_quota", "max_concurrent_sessions",
+    "max_allocations", "byte_quota",
 })
 """The Project fields a caller sets at creation or changes with `update_project`."""
 

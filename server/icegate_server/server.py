@@ -55,6 +55,12 @@ from icegate_server.sessions.realtime import RealtimeSessions
 from icegate_server.sessions.vault import Vault, load_master_keys
 from icegate_server.settings import Settings, parse_listen_address
 from icegate_server.store import Store, open_store
+from icegate_server.turn.coturn_stats import (
+    COTURN_STATS_HEALTH,
+    CoturnStatsMeter,
+    Metering,
+    MeteringStatus,
+)
 from icegate_server.turn.coturn_userdb import (
     CoturnRedisSecrets,
     CoturnSecretSink,
@@ -90,6 +96,8 @@ class IcegateServer:
     lease_gauge: ActiveLeaseGauge | None = None
     sessions: RealtimeSessions | None = None
     """Realtime sessions, whose give-backs in flight are finished or stopped at `stop`."""
+    coturn_meter: CoturnStatsMeter | None = None
+    """Meters TURN usage from coturn's stats stream (`ICEGATE_COTURN_STATSDB`), or None."""
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -106,6 +114,9 @@ class IcegateServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.lease_gauge is not None:
             self._background.append(asyncio.create_task(self.lease_gauge.run()))
+        if self.coturn_meter is not None:
+            await self.health.set(COTURN_STATS_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.coturn_meter.start()
 
     async def stop(self, grace: float | None = None) -> None:
         """Reports NOT_SERVING, lets in-flight calls finish within `grace`, then releases all."""
@@ -115,6 +126,8 @@ class IcegateServer:
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(self.settings.shutdown_grace if grace is None else grace)
         await self.turn_secrets.stop()
+        if self.coturn_meter is not None:
+            await self.coturn_meter.stop()
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -225,9 +238,21 @@ async def create_server(
                     SessionServicer(sessions), guard)
         methods.add(admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
                     AdminServicer(admin, provider_keys, turn_secrets), guard)
-        methods.add(usage_pb2.DESCRIPTOR.services_by_name["UsageService"],
-                    UsageServicer(UsageReporter(store, clock)), guard)
         health_servicer = health.aio.HealthServicer()
+        meter = None
+        if settings.coturn_statsdb:
+            async def metering_health(metering: Metering) -> None:
+                await health_servicer.set(COTURN_STATS_HEALTH, (
+                    health_pb2.HealthCheckResponse.SERVING
+                    if metering.status is MeteringStatus.LIVE
+                    else health_pb2.HealthCheckResponse.NOT_SERVING))
+
+            meter = CoturnStatsMeter(settings.coturn_statsdb, store, clock, metrics,
+                                     on_change=metering_health,
+                                     resync_seconds=settings.coturn_stats_resync)
+        methods.add(usage_pb2.DESCRIPTOR.services_by_name["UsageService"],
+                    UsageServicer(UsageReporter(store, clock, meter.metering if meter else None)),
+                    guard)
         methods.add(health_pb2.DESCRIPTOR.services_by_name["Health"], health_servicer)
         methods.add(reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
                     reflection.aio.ReflectionServicer(
@@ -256,7 +281,7 @@ async def create_server(
         await store.close()
         raise
     return IcegateServer(server, health_servicer, store, settings, http, turn_secrets, metrics,
-                         endpoint, lease_gauge, sessions=sessions), port
+                         endpoint, lease_gauge, sessions=sessions, coturn_meter=meter), port
 
 
 def _freeze_startup_objects() -> None:

@@ -39,6 +39,8 @@ class Project(_message.Message):
     MAX_CONCURRENT_SESSIONS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    MAX_ALLOCATIONS_FIELD_NUMBER: _builtins.int
+    BYTE_QUOTA_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
     """The project's id: 1 to 63 characters, a lower-case letter then lower-case letters,
     digits and `-`. Chosen at creation; it appears in TURN usernames as `<expiry>:<id>/<user>`.
@@ -57,6 +59,20 @@ class Project(_message.Message):
     """Realtime sessions the project may create per UTC calendar month. Default 1000; 0 blocks."""
     max_concurrent_sessions: _builtins.int
     """Realtime sessions the project may hold at once. Default 5; 0 blocks."""
+    max_allocations: _builtins.int
+    """The most TURN allocations the project may hold live on coturn: at or above it, new TURN
+    credentials (IssueTurnCredentials, GetIceServers, CreateSession) are refused with
+    RESOURCE_EXHAUSTED, reason TURN_ALLOCATION_LIMIT. Counted from coturn's stats stream, so
+    it holds only while metering is live, and credentials issued but not yet used do not
+    count: pair it with coturn's own `total-quota`. Default 0: no limit; 0 to 100000000.
+    """
+    byte_quota: _builtins.int
+    """Bytes the project's TURN allocations may relay per UTC calendar month (to and from
+    peers, both directions): once reached, new TURN credentials are refused with
+    RESOURCE_EXHAUSTED, reason TURN_BYTE_QUOTA_EXCEEDED (allocations already open keep
+    relaying until their credentials expire or are revoked). Default 0: no quota;
+    0 to 2^62.
+    """
     @_builtins.property
     def rate_limit_window(self) -> _duration_pb2.Duration:
         """The window of the rate limit. Default 15 minutes; 1 second to 31 days, whole seconds."""
@@ -92,10 +108,12 @@ class Project(_message.Message):
         max_concurrent_sessions: _builtins.int | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        max_allocations: _builtins.int = ...,
+        byte_quota: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_concurrent_sessions", b"_max_concurrent_sessions", "_monthly_session_quota", b"_monthly_session_quota", "_rate_limit_requests", b"_rate_limit_requests", "create_time", b"create_time", "max_concurrent_sessions", b"max_concurrent_sessions", "monthly_session_quota", b"monthly_session_quota", "rate_limit_requests", b"rate_limit_requests", "rate_limit_window", b"rate_limit_window", "turn_ttl_default", b"turn_ttl_default", "turn_ttl_max", b"turn_ttl_max", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_concurrent_sessions", b"_max_concurrent_sessions", "_monthly_session_quota", b"_monthly_session_quota", "_rate_limit_requests", b"_rate_limit_requests", "create_time", b"create_time", "display_name", b"display_name", "max_concurrent_sessions", b"max_concurrent_sessions", "monthly_session_quota", b"monthly_session_quota", "plan", b"plan", "project_id", b"project_id", "rate_limit_requests", b"rate_limit_requests", "rate_limit_window", b"rate_limit_window", "turn_ttl_default", b"turn_ttl_default", "turn_ttl_max", b"turn_ttl_max", "update_time", b"update_time", "upgrade_url", b"upgrade_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_concurrent_sessions", b"_max_concurrent_sessions", "_monthly_session_quota", b"_monthly_session_quota", "_rate_limit_requests", b"_rate_limit_requests", "byte_quota", b"byte_quota", "create_time", b"create_time", "display_name", b"display_name", "max_allocations", b"max_allocations", "max_concurrent_sessions", b"max_concurrent_sessions", "monthly_session_quota", b"monthly_session_quota", "plan", b"plan", "project_id", b"project_id", "rate_limit_requests", b"rate_limit_requests", "rate_limit_window", b"rate_limit_window", "turn_ttl_default", b"turn_ttl_default", "turn_ttl_max", b"turn_ttl_max", "update_time", b"update_time", "upgrade_url", b"upgrade_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_concurrent_sessions: _TypeAlias = _typing.Literal["max_concurrent_sessions"]  # noqa: Y015
     _WhichOneofArgType__max_concurrent_sessions: _TypeAlias = _typing.Literal["_max_concurrent_sessions", b"_max_concurrent_sessions"]  # noqa: Y015

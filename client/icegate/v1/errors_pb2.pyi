@@ -84,6 +84,27 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_INTERNAL: _ErrorReason.ValueType  # 17
     """INTERNAL: a bug in icegate; the message says nothing more, the server log has the rest."""
+    ERROR_REASON_TURN_ALLOCATION_LIMIT: _ErrorReason.ValueType  # 18
+    """RESOURCE_EXHAUSTED: the project holds as many live TURN allocations as its
+    `max_allocations` allows; no new TURN credential until some end. QuotaFailure; metadata
+    `current` and `max`.
+    """
+    ERROR_REASON_TURN_BYTE_QUOTA_EXCEEDED: _ErrorReason.ValueType  # 19
+    """RESOURCE_EXHAUSTED: the project's TURN allocations relayed its monthly `byte_quota`.
+    QuotaFailure, and Help with the upgrade link when the project has one; metadata `plan`,
+    `bytes_used`, `byte_quota`, `upgrade_url`, `resets_at`.
+    """
+    ERROR_REASON_TURN_CREDENTIALS_REVOKED: _ErrorReason.ValueType  # 20
+    """PERMISSION_DENIED: TURN credentials for this user or session were revoked
+    (AdminService.RevokeTurnCredentials) and are refused until `revoked_until`, when every
+    credential issued before the revocation has expired.
+    """
+    ERROR_REASON_COTURN_CLI_UNAVAILABLE: _ErrorReason.ValueType  # 21
+    """UNAVAILABLE when coturn's admin CLI cannot be reached or refuses icegate's password
+    (safe to retry); FAILED_PRECONDITION when icegate has no CLI configured
+    (ICEGATE_COTURN_CLI). Allocations could not be ended; a revocation's refusal of new
+    credentials is in force all the same.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is why icegate refused or failed a call (AIP-193). Every error icegate answers
@@ -157,4 +178,25 @@ provider said when to retry; metadata as for ERROR_REASON_UPSTREAM_AUTH_FAILED.
 """
 ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 17
 """INTERNAL: a bug in icegate; the message says nothing more, the server log has the rest."""
+ERROR_REASON_TURN_ALLOCATION_LIMIT: ErrorReason.ValueType  # 18
+"""RESOURCE_EXHAUSTED: the project holds as many live TURN allocations as its
+`max_allocations` allows; no new TURN credential until some end. QuotaFailure; metadata
+`current` and `max`.
+"""
+ERROR_REASON_TURN_BYTE_QUOTA_EXCEEDED: ErrorReason.ValueType  # 19
+"""RESOURCE_EXHAUSTED: the project's TURN allocations relayed its monthly `byte_quota`.
+QuotaFailure, and Help with the upgrade link when the project has one; metadata `plan`,
+`bytes_used`, `byte_quota`, `upgrade_url`, `resets_at`.
+"""
+ERROR_REASON_TURN_CREDENTIALS_REVOKED: ErrorReason.ValueType  # 20
+"""PERMISSION_DENIED: TURN credentials for this user or session were revoked
+(AdminService.RevokeTurnCredentials) and are refused until `revoked_until`, when every
+credential issued before the revocation has expired.
+"""
+ERROR_REASON_COTURN_CLI_UNAVAILABLE: ErrorReason.ValueType  # 21
+"""UNAVAILABLE when coturn's admin CLI cannot be reached or refuses icegate's password
+(safe to retry); FAILED_PRECONDITION when icegate has no CLI configured
+(ICEGATE_COTURN_CLI). Allocations could not be ended; a revocation's refusal of new
+credentials is in force all the same.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

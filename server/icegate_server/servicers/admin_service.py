@@ -23,7 +23,8 @@ _DURATION_FIELDS = {
     "turn_ttl_max": "turn_ttl_max_seconds",
 }
 _PLAIN_FIELDS = ("display_name", "plan", "upgrade_url", "rate_limit_requests",
-                 "monthly_session_quota", "max_concurrent_sessions")
+                 "monthly_session_quota", "max_concurrent_sessions", "max_allocations",
+                 "byte_quota")
 _OPTIONAL_INT_FIELDS = {"rate_limit_requests", "monthly_session_quota", "max_concurrent_sessions"}
 SETTABLE_FIELDS = frozenset(_PLAIN_FIELDS) | frozenset(_DURATION_FIELDS)
 
@@ -52,6 +53,8 @@ def project_to_proto(project: Project) -> admin_pb2.Project:
         upgrade_url=project.upgrade_url,
         monthly_session_quota=project.monthly_session_quota,
         max_concurrent_sessions=project.max_concurrent_sessions,
+        max_allocations=project.max_allocations,
+        byte_quota=project.byte_quota,
         create_time=_timestamp(project.create_time),
         update_time=_timestamp(project.update_time),
     )

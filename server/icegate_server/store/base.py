@@ -75,6 +75,68 @@ class SessionAdmission:
     """The sealed key the session will mint with (read in the same step; None when absent)."""
 
 
+class TurnEventKind(enum.Enum):
+    """What an allocation event tells the store (see `Store.record_turn_events`)."""
+
+    STARTED = "started"
+    """A new allocation (coturn's `new`): live, nothing relayed yet."""
+    ALIVE = "alive"
+    """The allocation lives (refreshed, or found alive by a resynchronisation)."""
+    RELAYED = "relayed"
+    """`relayed_bytes` relayed since the previous report (coturn's relay-side `traffic`)."""
+    ENDED = "ended"
+    """The allocation is gone (coturn's `deleted`)."""
+    RELAYED_TOTAL = "relayed_total"
+    """`relayed_bytes` relayed over the allocation's whole life (coturn's relay-side
+    `total_traffic`, sent once at deletion): what the reports did not bring is counted now."""
+
+
+@dataclass(frozen=True)
+class TurnAllocationEvent:
+    """One allocation event attributed to a project and a user (or session) id."""
+
+    kind: TurnEventKind
+    allocation: str
+    """The allocation's identity: coturn's id and the username (`coturn_events`)."""
+    project_id: str
+    user_id: str
+    relayed_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class TurnMeterState:
+    """Who meters coturn's stats stream, and how the stream stands (see `turn.coturn_stats`).
+
+    One replica at a time holds the meter lease (`owner`, until `lease_expires_ms`); it alone
+    writes allocation events. `connected` says whether its subscription is up, since
+    `changed_ms`; `last_event_ms` is when it last counted an event.
+    """
+
+    owner: str = ""
+    lease_expires_ms: int = 0
+    connected: bool = False
+    changed_ms: int = 0
+    last_event_ms: int = 0
+
+
+class TurnProjectChange(NamedTuple):
+    """What a batch of allocation events did to one project."""
+
+    live_allocations: int
+    """The project's live allocations after the batch."""
+    relayed_bytes: int
+    """The bytes the batch counted for the project."""
+
+
+@dataclass(frozen=True)
+class TurnUsageFigures:
+    """A project's (or one of its users') TURN usage in one month, as metered from coturn."""
+
+    live_allocations: int = 0
+    relayed_bytes: int = 0
+    last_activity_ms: int = 0
+
+
 @dataclass(frozen=True)
 class TurnSecretRecord:
     """A TURN shared secret of the rotating ring, sealed (see `icegate_server.turn.rotation`).
@@ -268,6 +330,62 @@ class Store(Protocol):
         """Deletes the secrets whose retirement time has come; returns how many."""
         ...
 
+    # -- TURN usage, metered from coturn's stats stream (see `turn.coturn_stats`) ---------------
+
+    async def claim_turn_meter(self, state: TurnMeterState, *, now_ms: int) -> TurnMeterState:
+        """Takes or renews the meter lease for `state.owner` and records its stream state,
+        unless another owner holds a lease still running at `now_ms`.
+
+        Returns the state in force afterwards: `state` itself when the lease is ours, else
+        the holder's (so every replica can tell how metering stands). An owner whose
+        `lease_expires_ms` is 0 gives the lease up (if it holds it).
+        """
+        ...
+
+    async def turn_meter_state(self) -> TurnMeterState:
+        """The meter state last recorded (a lease past its expiry included)."""
+        ...
+
+    async def record_turn_events(self, events: Sequence[TurnAllocationEvent], *, owner: str,
+                                 batch: int, now_ms: int, month: str
+                                 ) -> dict[str, TurnProjectChange] | None:
+        """Applies allocation events in order, atomically, if `owner` holds the meter lease at
+        `now_ms`; None (nothing written) otherwise.
+
+        `batch` numbers the owner's batches, increasing: a batch whose number is not above the
+        last one applied for this lease holder changes nothing (and answers no change), so a
+        batch retried after an unknown outcome (a store timeout) counts once.
+
+        Per allocation it keeps whether it lives and the bytes counted for it; per project and
+        per user id, the live allocations, the bytes relayed in `month` and the last activity
+        (`now_ms`). Idempotent where coturn's text allows: STARTED, ALIVE and ENDED change
+        nothing the second time, and RELAYED_TOTAL counts only what the allocation's RELAYED
+        events did not (so a total seen twice, or after every report, adds nothing). RELAYED is
+        a delta: the lease and the batch number are what make it count once. Events of a
+        project that does not exist are dropped. Returns what the batch did to each project
+        it touched.
+        """
+        ...
+
+    async def sweep_turn_allocations(self, *, owner: str, seen_before_ms: int, now_ms: int,
+                                     limit: int
+                                     ) -> tuple[int, dict[str, TurnProjectChange]] | None:
+        """Ends up to `limit` live allocations last seen (STARTED, ALIVE, RELAYED) before
+        `seen_before_ms`, as ENDED would, if `owner` holds the meter lease; None otherwise.
+
+        After a resynchronisation has marked every allocation coturn still lists as ALIVE,
+        this ends the ones whose end the meter missed (coturn restarted, or the stream was
+        down when they ended). Returns how many it ended (fewer than `limit`: none is left)
+        and what it did to each project it touched.
+        """
+        ...
+
+    async def turn_usage(self, *, project_id: str, month: str,
+                         user_id: str | None = None) -> TurnUsageFigures:
+        """A project's TURN figures for `month` (its live allocations are those of now), or
+        one of its user ids' when `user_id` is given."""
+        ...
+
 
 PURGE_BATCH = 500
 """Caller keys a deletion removes per step (one SQLite transaction, one Redis script): a
@@ -306,6 +424,7 @@ def month_of(now_ms: int) -> str:
 
 __all__: Sequence[str] = (
     "PURGE_BATCH", "Admission", "AdmitOutcome", "ProviderKeyRecord", "SessionAdmission",
-    "SessionOutcome", "Store", "TurnSecretRecord", "api_key_cursor", "month_of",
+    "SessionOutcome", "Store", "TurnAllocationEvent", "TurnEventKind", "TurnMeterState",
+    "TurnProjectChange", "TurnSecretRecord", "TurnUsageFigures", "api_key_cursor", "month_of",
     "parse_api_key_cursor",
 )

@@ -91,7 +91,11 @@ from icegate_server.store.base import (
     ProviderKeyRecord,
     SessionAdmission,
     SessionOutcome,
+    TurnAllocationEvent,
+    TurnMeterState,
+    TurnProjectChange,
     TurnSecretRecord,
+    TurnUsageFigures,
     api_key_cursor,
     parse_api_key_cursor,
 )
@@ -278,10 +282,13 @@ local prefix, id = ARGV[1], ARGV[2]
 local existed = redis.call('DEL', prefix .. 'project:' .. id)
 redis.call('ZREM', prefix .. 'projects', id)
 redis.call('UNLINK', prefix .. 'rl:' .. id, prefix .. 'leases:' .. id, prefix .. 'pkey:' .. id,
-           prefix .. 'pending:' .. id)
+           prefix .. 'pending:' .. id, prefix .. 'turn-live:' .. id,
+           prefix .. 'turn-user-live:' .. id, prefix .. 'turn-last:' .. id)
 redis.call('SREM', prefix .. 'pkey-projects', id)
 for _, month in ipairs(redis.call('SMEMBERS', prefix .. 'quota-months:' .. id)) do
-  redis.call('DEL', prefix .. 'quota:' .. id .. ':' .. month)
+  redis.call('UNLINK', prefix .. 'quota:' .. id .. ':' .. month,
+             prefix .. 'turn-bytes:' .. id .. ':' .. month,
+             prefix .. 'turn-users:' .. id .. ':' .. month)
 end
 redis.call('DEL', prefix .. 'quota-months:' .. id)
 return existed
@@ -412,6 +419,166 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   end
 end
 return out
+"""
+
+# -- TURN usage (see turn/coturn_stats.py). Keys, besides those above:
+#   icegate:turn-meter               hash    owner, expires, connected, changed, last_event,
+#                                            batch (the owner's last batch applied)
+#   icegate:turn-alloc:<allocation>  hash    p (project), u (user id), live ('1'/'0'), c (bytes
+#                                            counted); PEXPIRE `TURN_TOMBSTONE_MS` once ended
+#   icegate:turn-seen                zset    live allocations by when last seen (the sweep)
+#   icegate:turn-live:<p>            set     the project's live allocations (SCARD: the count)
+#   icegate:turn-user-live:<p>       hash    user id -> live allocations (fields at 0 removed)
+#   icegate:turn-bytes:<p>:<YYYY-MM> string  bytes relayed that month; EXPIRE 62 days
+#   icegate:turn-users:<p>:<YYYY-MM> hash    b:<user> bytes, t:<user> last activity ms
+#   icegate:turn-last:<p>            string  the project's last activity, ms
+# The months with figures join icegate:quota-months:<p>, so delete_project finds them.
+
+# KEYS: meter hash. ARGV: owner, now_ms, lease expiry ms (0: give up), connected ('1'/'0'),
+# changed_ms, last_event_ms. -> the state in force {owner, expires, connected, changed, last}.
+_CLAIM_TURN_METER = """
+local current = redis.call('HMGET', KEYS[1], 'owner', 'expires', 'connected', 'changed',
+                           'last_event')
+local now = tonumber(ARGV[2])
+if current[1] and current[1] ~= ARGV[1] and tonumber(current[2]) > now then return current end
+if ARGV[3] == '0' and current[1] ~= ARGV[1] then return current end
+if current[1] ~= ARGV[1] then redis.call('HDEL', KEYS[1], 'batch') end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'expires', ARGV[3], 'connected', ARGV[4],
+           'changed', ARGV[5], 'last_event', ARGV[6])
+return {ARGV[1], ARGV[3], ARGV[4], ARGV[5], ARGV[6]}
+"""
+
+# The allocation bookkeeping both scripts below share. `p` is the project, `u` the user id.
+_TURN_ALLOCATIONS = """
+local prefix, owner, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local holder = redis.call('HMGET', prefix .. 'turn-meter', 'owner', 'expires')
+if holder[1] ~= owner or tonumber(holder[2] or '0') <= now then return false end
+local seen = prefix .. 'turn-seen'
+local changes, order = {}, {}
+local function touched(p)
+  if not changes[p] then changes[p] = 0; order[#order + 1] = p end
+end
+local function start(key, allocation, p, u)
+  redis.call('HSET', key, 'p', p, 'u', u, 'live', '1', 'c', '0')
+  redis.call('PERSIST', key)
+  redis.call('SADD', prefix .. 'turn-live:' .. p, allocation)
+  redis.call('HINCRBY', prefix .. 'turn-user-live:' .. p, u, 1)
+  redis.call('ZADD', seen, now, allocation)
+  touched(p)
+end
+local function finish(key, allocation, p, u)
+  redis.call('HSET', key, 'live', '0')
+  redis.call('PEXPIRE', key, ARGV[6])
+  redis.call('SREM', prefix .. 'turn-live:' .. p, allocation)
+  if redis.call('HINCRBY', prefix .. 'turn-user-live:' .. p, u, -1) <= 0 then
+    redis.call('HDEL', prefix .. 'turn-user-live:' .. p, u)
+  end
+  redis.call('ZREM', seen, allocation)
+  touched(p)
+end
+local function result()
+  local out = {}
+  for _, p in ipairs(order) do
+    out[#out + 1] = p
+    out[#out + 1] = redis.call('SCARD', prefix .. 'turn-live:' .. p)
+    out[#out + 1] = changes[p]
+  end
+  return out
+end
+"""
+
+# ARGV: prefix, owner, now_ms, month, figures TTL seconds, tombstone ms, batch number, then
+# five per event: kind, allocation, project, user id, bytes. -> false (not the meter's
+# owner), or {project, live allocations, bytes counted, ...} for each project touched ({} for
+# a batch applied already).
+_RECORD_TURN_EVENTS = _TURN_ALLOCATIONS + """
+local month, ttl = ARGV[4], ARGV[5]
+local meter = prefix .. 'turn-meter'
+if tonumber(ARGV[7]) <= tonumber(redis.call('HGET', meter, 'batch') or '0') then return {} end
+redis.call('HSET', meter, 'batch', ARGV[7])
+local exists = {}
+local function relayed(p, u, bytes)
+  if bytes <= 0 then return end
+  local total = prefix .. 'turn-bytes:' .. p .. ':' .. month
+  redis.call('INCRBY', total, bytes)
+  redis.call('EXPIRE', total, ttl)
+  redis.call('HINCRBY', prefix .. 'turn-users:' .. p .. ':' .. month, 'b:' .. u, bytes)
+  redis.call('SADD', prefix .. 'quota-months:' .. p, month)
+  redis.call('EXPIRE', prefix .. 'quota-months:' .. p, ttl)
+  changes[p] = changes[p] + bytes
+end
+for i = 8, #ARGV, 5 do
+  local kind, allocation, p, u = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local bytes = tonumber(ARGV[i + 4])
+  if exists[p] == nil then
+    exists[p] = redis.call('EXISTS', prefix .. 'project:' .. p) == 1
+  end
+  if exists[p] then
+    touched(p)
+    local key = prefix .. 'turn-alloc:' .. allocation
+    local record = redis.call('HMGET', key, 'live', 'c', 'p', 'u')
+    local live, known = record[1] == '1', record[1] ~= false
+    if known then p, u = record[3], record[4]; touched(p) end
+    if kind == 'ended' then
+      if live then finish(key, allocation, p, u) end
+    elseif kind == 'relayed_total' then
+      local counted = tonumber(record[2] or '0')
+      if bytes > counted then
+        relayed(p, u, bytes - counted)
+        redis.call('HSET', key, 'c', bytes)
+      end
+      if not known then
+        -- Its end without its start: remember the total, so a second one adds nothing.
+        redis.call('HSET', key, 'p', p, 'u', u, 'live', '0', 'c', bytes)
+        redis.call('PEXPIRE', key, ARGV[6])
+      end
+    else
+      -- started, alive, relayed. An ended allocation only starts again as a new one (ids
+      -- start again when coturn does); an alive or relayed report of it is stale.
+      if not live and (not known or kind == 'started') then start(key, allocation, p, u)
+      elseif live then redis.call('ZADD', seen, now, allocation) end
+      if kind == 'relayed' then
+        relayed(p, u, bytes)
+        redis.call('HINCRBY', key, 'c', bytes)
+      end
+    end
+    local users = prefix .. 'turn-users:' .. p .. ':' .. month
+    redis.call('HSET', users, 't:' .. u, ARGV[3])
+    redis.call('EXPIRE', users, ttl)
+    redis.call('SET', prefix .. 'turn-last:' .. p, ARGV[3])
+  end
+end
+return result()
+"""
+
+# ARGV: prefix, owner, now_ms, seen-before ms, limit, tombstone ms. -> false (not the owner),
+# or {ended count, project, live allocations, 0, ...}.
+_SWEEP_TURN_ALLOCATIONS = _TURN_ALLOCATIONS + """
+local stale = redis.call('ZRANGEBYSCORE', seen, '-inf', '(' .. ARGV[4], 'LIMIT', 0,
+                         tonumber(ARGV[5]))
+for _, allocation in ipairs(stale) do
+  local key = prefix .. 'turn-alloc:' .. allocation
+  local record = redis.call('HMGET', key, 'p', 'u')
+  if record[1] then finish(key, allocation, record[1], record[2])
+  else redis.call('ZREM', seen, allocation) end
+end
+local out = result()
+table.insert(out, 1, #stale)
+return out
+"""
+
+# ARGV: prefix, project, month, user id ('' for the project). -> {live, bytes, last ms}.
+_TURN_USAGE = """
+local prefix, p, month, u = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if u == '' then
+  return {redis.call('SCARD', prefix .. 'turn-live:' .. p),
+          redis.call('GET', prefix .. 'turn-bytes:' .. p .. ':' .. month) or '0',
+          redis.call('GET', prefix .. 'turn-last:' .. p) or '0'}
+end
+local figures = redis.call('HMGET', prefix .. 'turn-users:' .. p .. ':' .. month,
+                           'b:' .. u, 't:' .. u)
+return {redis.call('HGET', prefix .. 'turn-user-live:' .. p, u) or '0', figures[1] or '0',
+        figures[2] or '0'}
 """
 
 
@@ -555,6 +722,10 @@ class RedisStore:
         self._list_all_provider_keys = register(_LIST_ALL_PROVIDER_KEYS)
         self._rotate_turn_secret = register(_ROTATE_TURN_RING)
         self._purge_turn_secrets = register(_PURGE_TURN_SECRETS)
+        self._claim_turn_meter = register(_CLAIM_TURN_METER)
+        self._record_turn_events = register(_RECORD_TURN_EVENTS)
+        self._sweep_turn_allocations = register(_SWEEP_TURN_ALLOCATIONS)
+        self._turn_usage = register(_TURN_USAGE)
         self._scripts = (
             self._admit, self._begin_session, self._cancel_session, self._confirm_session,
             self._renew_session,
@@ -563,6 +734,8 @@ class RedisStore:
             self._create_api_key, self._revoke_api_key,
             self._list_api_keys, self._put_provider_key, self._delete_provider_key,
             self._list_all_provider_keys, self._rotate_turn_secret, self._purge_turn_secrets,
+            self._claim_turn_meter, self._record_turn_events, self._sweep_turn_allocations,
+            self._turn_usage,
         )
 
     @classmethod
@@ -947,6 +1120,62 @@ class RedisStore:
         return int(await self._call(self._purge_turn_secrets, [_TURN_RING], [now_ms]))
 
 
+    # -- TURN usage ----------------------------------------------------------------------------
+
+    async def claim_turn_meter(self, state: TurnMeterState, *, now_ms: int) -> TurnMeterState:
+        reply = await self._call(
+            self._claim_turn_meter, [_TURN_METER],
+            [state.owner, now_ms, state.lease_expires_ms, "1" if state.connected else "0",
+             state.changed_ms, state.last_event_ms])
+        return _meter_state(reply)
+
+    async def turn_meter_state(self) -> TurnMeterState:
+        with self._unavailable_on_error():
+            reply = await self._redis.hmget(_TURN_METER, "owner", "expires", "connected",
+                                            "changed", "last_event")
+        return _meter_state(reply)
+
+    async def record_turn_events(self, events: Sequence[TurnAllocationEvent], *, owner: str,
+                                 batch: int, now_ms: int, month: str
+                                 ) -> dict[str, TurnProjectChange] | None:
+        args: list[str | int] = [PREFIX, owner, now_ms, month, QUOTA_TTL_SECONDS,
+                                 TURN_TOMBSTONE_MS, batch]
+        for event in events:
+            args += [event.kind.value, event.allocation, event.project_id, event.user_id,
+                     event.relayed_bytes]
+        reply = await self._call(self._record_turn_events, [], args)
+        return None if reply is None else _project_changes(reply)
+
+    async def sweep_turn_allocations(self, *, owner: str, seen_before_ms: int, now_ms: int,
+                                     limit: int
+                                     ) -> tuple[int, dict[str, TurnProjectChange]] | None:
+        reply = await self._call(self._sweep_turn_allocations, [],
+                                 [PREFIX, owner, now_ms, seen_before_ms, limit,
+                                  TURN_TOMBSTONE_MS])
+        return None if reply is None else (int(reply[0]), _project_changes(reply[1:]))
+
+    async def turn_usage(self, *, project_id: str, month: str,
+                         user_id: str | None = None) -> TurnUsageFigures:
+        live, relayed, last = await self._call(self._turn_usage, [],
+                                               [PREFIX, project_id, month, user_id or ""])
+        return TurnUsageFigures(int(live), int(relayed), int(last))
+
+
 _TURN_RING = f"{PREFIX}turn-secrets"
+_TURN_METER = f"{PREFIX}turn-meter"
+TURN_TOMBSTONE_MS = 3600 * 1000
+"""How long an ended allocation's record stays, for the totals coturn sends after its end."""
+
+
+def _meter_state(reply: Sequence[Any]) -> TurnMeterState:
+    owner, expires, connected, changed, last = reply
+    return TurnMeterState(owner=owner or "", lease_expires_ms=int(expires or 0),
+                          connected=connected == "1", changed_ms=int(changed or 0),
+                          last_event_ms=int(last or 0))
+
+
+def _project_changes(flat: Sequence[Any]) -> dict[str, TurnProjectChange]:
+    return {project: TurnProjectChange(int(live), int(relayed))
+            for project, live, relayed in zip(flat[0::3], flat[1::3], flat[2::3], strict=True)}
 
 __all__ = ["PREFIX", "RedisStore"]

@@ -41,7 +41,7 @@ import functools
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,13 +57,18 @@ from icegate_server.store.base import (
     ProviderKeyRecord,
     SessionAdmission,
     SessionOutcome,
+    TurnAllocationEvent,
+    TurnEventKind,
+    TurnMeterState,
+    TurnProjectChange,
     TurnSecretRecord,
+    TurnUsageFigures,
     parse_api_key_cursor,
 )
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 BUSY_TIMEOUT_MS = 1000
 CHECKPOINT_SECONDS = 1.0
 _SCHEMA = """
@@ -127,6 +132,38 @@ CREATE TABLE IF NOT EXISTS turn_secrets (
     sealed       BLOB NOT NULL,           -- sealed by the vault, never in clear
     created_ms   INTEGER NOT NULL,
     retire_at_ms INTEGER NOT NULL         -- 0 for the signer
+);
+-- TURN usage metered from coturn (turn/coturn_stats.py): who meters, each allocation, and
+-- per project (user_id '') and per user id each month's relayed bytes and last activity.
+CREATE TABLE IF NOT EXISTS turn_meter (
+    id            INTEGER PRIMARY KEY CHECK (id = 1),
+    owner         TEXT NOT NULL,
+    expires_ms    INTEGER NOT NULL,
+    connected     INTEGER NOT NULL,
+    changed_ms    INTEGER NOT NULL,
+    last_event_ms INTEGER NOT NULL,
+    batch         INTEGER NOT NULL DEFAULT 0  -- the owner's last batch applied
+);
+CREATE TABLE IF NOT EXISTS turn_allocations (
+    allocation TEXT PRIMARY KEY,          -- coturn's id and the username
+    project_id TEXT NOT NULL,
+    user_id    TEXT NOT NULL,
+    live       INTEGER NOT NULL,
+    counted    INTEGER NOT NULL,          -- bytes counted for it so far
+    seen_ms    INTEGER NOT NULL,          -- last event while live (the sweep's order)
+    ended_ms   INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS turn_allocations_live
+    ON turn_allocations(project_id, user_id) WHERE live = 1;
+CREATE INDEX IF NOT EXISTS turn_allocations_seen ON turn_allocations(seen_ms) WHERE live = 1;
+CREATE INDEX IF NOT EXISTS turn_allocations_ended ON turn_allocations(ended_ms) WHERE live = 0;
+CREATE TABLE IF NOT EXISTS turn_usage (
+    project_id    TEXT NOT NULL,
+    month         TEXT NOT NULL,          -- YYYY-MM, UTC
+    user_id       TEXT NOT NULL,          -- '' for the project's own figures
+    relayed_bytes INTEGER NOT NULL,
+    last_ms       INTEGER NOT NULL,
+    PRIMARY KEY (project_id, month, user_id)
 );
 CREATE TABLE IF NOT EXISTS provider_keys (
     project_id     TEXT NOT NULL,
@@ -348,7 +385,7 @@ class SqliteStore:
                 deleted = db.execute("DELETE FROM projects WHERE project_id = ?",
                                      (project_id,)).rowcount == 1
                 for table in ("rate_limits", "session_quota", "leases", "lease_counts",
-                              "provider_keys"):
+                              "provider_keys", "turn_allocations", "turn_usage"):
                     db.execute(f"DELETE FROM {table} WHERE project_id = ?",  # noqa: S608
                                (project_id,))
             return deleted
@@ -635,6 +672,86 @@ class SqliteStore:
             "DELETE FROM turn_secrets WHERE retire_at_ms > 0 AND retire_at_ms <= ?",
             (now_ms,)).rowcount)
 
+    # -- TURN usage ------------------------------------------------------------------------------
+
+    async def claim_turn_meter(self, state: TurnMeterState, *, now_ms: int) -> TurnMeterState:
+        def work(db: sqlite3.Connection) -> TurnMeterState:
+            with _write_transaction(db):
+                current = _read_meter(db)
+                if current.owner not in ("", state.owner) and current.lease_expires_ms > now_ms:
+                    return current
+                if state.lease_expires_ms == 0 and current.owner != state.owner:
+                    return current
+                db.execute(
+                    "INSERT INTO turn_meter(id, owner, expires_ms, connected, changed_ms, "
+                    "last_event_ms) VALUES (1, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                    "batch = CASE WHEN owner = excluded.owner THEN batch ELSE 0 END, "
+                    "owner = excluded.owner, expires_ms = excluded.expires_ms, "
+                    "connected = excluded.connected, changed_ms = excluded.changed_ms, "
+                    "last_event_ms = excluded.last_event_ms",
+                    (state.owner, state.lease_expires_ms, int(state.connected),
+                     state.changed_ms, state.last_event_ms))
+                return state
+
+        return await self._run(work)
+
+    async def turn_meter_state(self) -> TurnMeterState:
+        return await self._run(_read_meter)
+
+    async def record_turn_events(self, events: Sequence[TurnAllocationEvent], *, owner: str,
+                                 batch: int, now_ms: int, month: str
+                                 ) -> dict[str, TurnProjectChange] | None:
+        def work(db: sqlite3.Connection) -> dict[str, TurnProjectChange] | None:
+            with _write_transaction(db):
+                if not _holds_meter(db, owner, now_ms):
+                    return None
+                if db.execute("UPDATE turn_meter SET batch = ? WHERE id = 1 AND batch < ?",
+                              (batch, batch)).rowcount == 0:
+                    return {}  # applied already
+                turn = _TurnBook(db, now_ms, month)
+                for event in events:
+                    turn.apply(event)
+                _purge_ended_allocations(db, now_ms)
+                return turn.changes()
+
+        return await self._run(work)
+
+    async def sweep_turn_allocations(self, *, owner: str, seen_before_ms: int, now_ms: int,
+                                     limit: int
+                                     ) -> tuple[int, dict[str, TurnProjectChange]] | None:
+        def work(db: sqlite3.Connection) -> tuple[int, dict[str, TurnProjectChange]] | None:
+            with _write_transaction(db):
+                if not _holds_meter(db, owner, now_ms):
+                    return None
+                stale = db.execute(
+                    "SELECT allocation, project_id FROM turn_allocations "
+                    "WHERE live = 1 AND seen_ms < ? ORDER BY seen_ms LIMIT ?",
+                    (seen_before_ms, limit)).fetchall()
+                turn = _TurnBook(db, now_ms, "")
+                for allocation, project_id in stale:
+                    turn.finish(allocation, project_id)
+                return len(stale), turn.changes()
+
+        return await self._run(work)
+
+    async def turn_usage(self, *, project_id: str, month: str,
+                         user_id: str | None = None) -> TurnUsageFigures:
+        def work(db: sqlite3.Connection) -> TurnUsageFigures:
+            live_query = ("SELECT count(*) FROM turn_allocations "
+                          "WHERE project_id = :p AND live = 1")
+            if user_id is not None:
+                live_query += " AND user_id = :u"
+            live, relayed, last = db.execute(
+                f"SELECT ({live_query}), "  # noqa: S608
+                "(SELECT relayed_bytes FROM turn_usage "
+                " WHERE project_id = :p AND month = :m AND user_id = :u), "
+                "(SELECT last_ms FROM turn_usage "
+                " WHERE project_id = :p AND month = :m AND user_id = :u)",
+                {"p": project_id, "m": month, "u": user_id or ""}).fetchone()
+            return TurnUsageFigures(live, relayed or 0, last or 0)
+
+        return await self._run(work)
+
 
 def _finished(work: Callable[[sqlite3.Connection], T], db: sqlite3.Connection) -> T:
     """Runs `work`, and never leaves a statement running on the shared connection.
@@ -647,6 +764,114 @@ def _finished(work: Callable[[sqlite3.Connection], T], db: sqlite3.Connection) -
         result.fetchall()
         result.close()
     return result
+
+
+TURN_TOMBSTONE_MS = 3600 * 1000
+"""How long an ended allocation's row stays, for the totals coturn sends after its end."""
+
+
+def _read_meter(db: sqlite3.Connection) -> TurnMeterState:
+    row = db.execute("SELECT owner, expires_ms, connected, changed_ms, last_event_ms "
+                     "FROM turn_meter WHERE id = 1").fetchone()
+    if row is None:
+        return TurnMeterState()
+    owner, expires_ms, connected, changed_ms, last_event_ms = row
+    return TurnMeterState(owner, expires_ms, bool(connected), changed_ms, last_event_ms)
+
+
+def _holds_meter(db: sqlite3.Connection, owner: str, now_ms: int) -> bool:
+    meter = _read_meter(db)
+    return meter.owner == owner and meter.lease_expires_ms > now_ms
+
+
+def _purge_ended_allocations(db: sqlite3.Connection, now_ms: int) -> None:
+    db.execute("DELETE FROM turn_allocations WHERE rowid IN (SELECT rowid FROM "
+               "turn_allocations WHERE live = 0 AND ended_ms < ? LIMIT 500)",
+               (now_ms - TURN_TOMBSTONE_MS,))
+
+
+class _TurnBook:
+    """The allocation bookkeeping of one transaction (`Store.record_turn_events`); the same
+    rules as the Redis store's `_RECORD_TURN_EVENTS` script."""
+
+    def __init__(self, db: sqlite3.Connection, now_ms: int, month: str) -> None:
+        self._db = db
+        self._now_ms = now_ms
+        self._month = month
+        self._bytes: dict[str, int] = {}
+        self._exists: dict[str, bool] = {}
+
+    def apply(self, event: TurnAllocationEvent) -> None:
+        db, project_id = self._db, event.project_id
+        exists = self._exists.get(project_id)
+        if exists is None:
+            exists = self._exists[project_id] = db.execute(
+                "SELECT 1 FROM projects WHERE project_id = ?", (project_id,)).fetchone() is not None
+        if not exists:
+            return
+        self._bytes.setdefault(project_id, 0)
+        row = db.execute("SELECT live, counted, user_id FROM turn_allocations "
+                         "WHERE allocation = ?", (event.allocation,)).fetchone()
+        live, counted, user_id = ((bool(row[0]), row[1], row[2]) if row
+                                  else (False, 0, event.user_id))
+        kind = event.kind
+        if kind is TurnEventKind.ENDED:
+            if live:
+                self.finish(event.allocation, project_id)
+        elif kind is TurnEventKind.RELAYED_TOTAL:
+            if event.relayed_bytes > counted:
+                self._relayed(project_id, user_id, event.relayed_bytes - counted)
+            # Its end without its start: remember the total, so a second one adds nothing.
+            db.execute(
+                "INSERT INTO turn_allocations(allocation, project_id, user_id, live, counted, "
+                "seen_ms, ended_ms) VALUES (?, ?, ?, 0, ?, ?, ?) ON CONFLICT(allocation) "
+                "DO UPDATE SET counted = max(counted, excluded.counted)",
+                (event.allocation, project_id, user_id, event.relayed_bytes, self._now_ms,
+                 self._now_ms))
+        else:
+            # An ended allocation only starts again as a new one (ids start again when coturn
+            # does); an alive or relayed report of it is stale.
+            if not live and (row is None or kind is TurnEventKind.STARTED):
+                db.execute(
+                    "INSERT INTO turn_allocations(allocation, project_id, user_id, live, "
+                    "counted, seen_ms) VALUES (?, ?, ?, 1, 0, ?) ON CONFLICT(allocation) DO "
+                    "UPDATE SET live = 1, counted = 0, seen_ms = excluded.seen_ms, ended_ms = 0",
+                    (event.allocation, project_id, user_id, self._now_ms))
+            elif live:
+                db.execute("UPDATE turn_allocations SET seen_ms = ? WHERE allocation = ?",
+                           (self._now_ms, event.allocation))
+            if kind is TurnEventKind.RELAYED:
+                self._relayed(project_id, user_id, event.relayed_bytes)
+                db.execute("UPDATE turn_allocations SET counted = counted + ? "
+                           "WHERE allocation = ?", (event.relayed_bytes, event.allocation))
+        for user in ("", user_id):
+            db.execute(
+                "INSERT INTO turn_usage(project_id, month, user_id, relayed_bytes, last_ms) "
+                "VALUES (?, ?, ?, 0, ?) ON CONFLICT(project_id, month, user_id) "
+                "DO UPDATE SET last_ms = excluded.last_ms",
+                (project_id, self._month, user, self._now_ms))
+
+    def finish(self, allocation: str, project_id: str) -> None:
+        self._db.execute("UPDATE turn_allocations SET live = 0, ended_ms = ? "
+                         "WHERE allocation = ?", (self._now_ms, allocation))
+        self._bytes.setdefault(project_id, 0)
+
+    def _relayed(self, project_id: str, user_id: str, relayed_bytes: int) -> None:
+        if relayed_bytes <= 0:
+            return
+        for user in ("", user_id):
+            self._db.execute(
+                "INSERT INTO turn_usage(project_id, month, user_id, relayed_bytes, last_ms) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(project_id, month, user_id) "
+                "DO UPDATE SET relayed_bytes = relayed_bytes + excluded.relayed_bytes",
+                (project_id, self._month, user, relayed_bytes, self._now_ms))
+        self._bytes[project_id] += relayed_bytes
+
+    def changes(self) -> dict[str, TurnProjectChange]:
+        return {project_id: TurnProjectChange(self._db.execute(
+            "SELECT count(*) FROM turn_allocations WHERE project_id = ? AND live = 1",
+            (project_id,)).fetchone()[0], relayed)
+            for project_id, relayed in self._bytes.items()}
 
 
 def _purge_keys(db: sqlite3.Connection, project_id: str) -> int:
