@@ -55,6 +55,7 @@ from icegate_server.sessions.realtime import RealtimeSessions
 from icegate_server.sessions.vault import Vault, load_master_keys
 from icegate_server.settings import Settings, parse_listen_address
 from icegate_server.store import Store, open_store
+from icegate_server.turn.coturn_cli import CoturnCli
 from icegate_server.turn.coturn_stats import (
     COTURN_STATS_HEALTH,
     CoturnStatsMeter,
@@ -239,6 +240,8 @@ async def create_server(
         methods.add(admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
                     AdminServicer(admin, provider_keys, turn_secrets), guard)
         health_servicer = health.aio.HealthServicer()
+        coturn_cli = (CoturnCli(settings.coturn_cli, settings.coturn_cli_password)
+                      if settings.coturn_cli else None)
         meter = None
         if settings.coturn_statsdb:
             async def metering_health(metering: Metering) -> None:
@@ -248,7 +251,7 @@ async def create_server(
                     else health_pb2.HealthCheckResponse.NOT_SERVING))
 
             meter = CoturnStatsMeter(settings.coturn_statsdb, store, clock, metrics,
-                                     on_change=metering_health,
+                                     on_change=metering_health, cli=coturn_cli,
                                      resync_seconds=settings.coturn_stats_resync)
         methods.add(usage_pb2.DESCRIPTOR.services_by_name["UsageService"],
                     UsageServicer(UsageReporter(store, clock, meter.metering if meter else None)),

@@ -4,8 +4,9 @@
 coturn publishes allocation events and keeps their status keys) and its telnet CLI on a free
 loopback port with a password (coturn's `no-cli` line dropped). `RelayingClient` runs
 `turnutils_uclient` in the background, relaying for as long as a test needs an allocation
-alive. `coturn_cli_sessions` asks coturn's CLI which sessions it holds, independently of
-icegate's own CLI client, so a test can check what icegate did.
+alive. `coturn_cli_sessions` asks coturn's CLI which sessions it holds, and `StatsTotals` adds up
+the totals coturn publishes, both independently of icegate's own code, so a test can check
+what icegate did.
 """
 
 from __future__ import annotations
@@ -13,11 +14,20 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
+import redis
+
+import icegate
 from harness.coturn import Coturn
+from harness.icegate_server import TEST_ADMIN_KEY, TEST_TURN_SECRET
 from harness.ports import LOOPBACK, free_tcp_port
+from harness.pytest_plugin import require_binaries
+from harness.redis_server import RedisServer
 
 CLI_PASSWORD = "cli-test-password-1"
 
@@ -83,6 +93,39 @@ class RelayingClient:
         self.stop()
 
 
+class StatsTotals:
+    """Adds up coturn's own relay-side totals (`total_traffic/peer`, rcvb + sentb) of the
+    allocations that ended, per username, as coturn publishes them: what icegate must count."""
+
+    def __init__(self, url: str) -> None:
+        self._client = redis.Redis.from_url(url, decode_responses=True,
+                                            encoding_errors="replace")
+        self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        self._pubsub.psubscribe(**{"turn/realm/*/user/*/allocation/*": self._handle})
+        self._lock = threading.Lock()
+        self._totals: dict[str, int] = {}
+        self._thread = self._pubsub.run_in_thread(sleep_time=0.01, daemon=True)
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        channel, data = message["channel"], message["data"]
+        if not channel.startswith("turn/realm/icegate.test/user/") \
+                or not channel.endswith("/total_traffic/peer"):
+            return
+        username = channel.split("/user/", 1)[1].rsplit("/allocation/", 1)[0]
+        counters = dict(part.strip().split("=") for part in data.split(","))
+        with self._lock:
+            self._totals[username] = (self._totals.get(username, 0) + int(counters["rcvb"])
+                                      + int(counters["sentb"]))
+
+    def total(self, username: str) -> int:
+        with self._lock:
+            return self._totals.get(username, 0)
+
+    def close(self) -> None:
+        self._thread.stop()
+        self._client.close()
+
+
 _SESSION_LINE = re.compile(r"\s*\d+\) id=(\d+), user <(.*)>:")
 
 
@@ -123,5 +166,63 @@ def wait_for(condition: Any, *, timeout: float = 15.0, interval: float = 0.05,
         time.sleep(interval)
 
 
-__all__ = ["CLI_PASSWORD", "ObservedCoturn", "RelayingClient", "coturn_cli_sessions",
-           "wait_for"]
+__all__ = ["CLI_PASSWORD", "ObservedCoturn", "RelayingClient", "StatsTotals",
+           "coturn_cli_sessions", "coturn_totals", "issue_credential", "live_on_coturn",
+           "metering_live", "observed_coturn", "stats_redis", "turn_usage", "wait_for"]
+
+
+# -- fixtures (import them by name into a test module) ---------------------------------------
+
+
+@pytest.fixture
+def stats_redis() -> Iterator[RedisServer]:
+    """A fresh Redis for coturn's stats, apart from icegate's store; append-only, as the docs
+    advise, so coturn's status keys survive `kill()` and `start()`."""
+    require_binaries("redis-server")
+    with RedisServer(appendonly=True) as server:
+        yield server
+
+
+@pytest.fixture
+def observed_coturn(stats_redis: RedisServer) -> Iterator[ObservedCoturn]:
+    """A coturn with the test TURN secret, publishing to `stats_redis`, its CLI on."""
+    require_binaries("turnserver", "turnutils_uclient")
+    with ObservedCoturn([TEST_TURN_SECRET], statsdb_port=stats_redis.port) as server:
+        yield server
+
+
+@pytest.fixture
+def coturn_totals(stats_redis: RedisServer) -> Iterator[StatsTotals]:
+    """coturn's own relay-side totals, read off `stats_redis` as the test runs."""
+    totals = StatsTotals(stats_redis.url)
+    yield totals
+    totals.close()
+
+
+# -- what a test asks icegate and coturn ------------------------------------------------------
+
+
+def turn_usage(target: str, project_id: str, user_id: str = "") -> Any:
+    """GetUsage's `turn` figures of a project (and of one of its users), as an admin."""
+    with icegate.Client(target, TEST_ADMIN_KEY) as client:
+        return client.get_usage(project_id, turn_user_id=user_id).turn
+
+
+def issue_credential(target: str, project_id: str, user_id: str) -> tuple[str, str]:
+    """(username, password) of a fresh TURN credential icegate issues."""
+    with icegate.Client(target, TEST_ADMIN_KEY) as client:
+        issued = client.issue_turn_credentials(user_id, project_id=project_id)
+    return issued.username, issued.password
+
+
+def live_on_coturn(coturn: ObservedCoturn, username: str) -> int:
+    """How many sessions coturn's CLI lists for `username` now."""
+    return sum(1 for _, listed in coturn_cli_sessions(coturn) if listed == username)
+
+
+def metering_live(target: str, project_id: str) -> None:
+    """Waits until icegate says it meters coturn's stream."""
+    from icegate.v1 import usage_pb2
+
+    wait_for(lambda: turn_usage(target, project_id).metering == usage_pb2.TURN_METERING_LIVE,
+             message="metering live")

@@ -158,7 +158,9 @@ class TurnUsage(_message.Message):
     """How metering stands; the figures are only as fresh as it."""
     @_builtins.property
     def last_activity_time(self) -> _timestamp_pb2.Timestamp:
-        """When coturn last reported activity of the project's allocations; unset when never."""
+        """When coturn last reported activity of the project's allocations this month; unset when
+        none did.
+        """
 
     @_builtins.property
     def metering_since(self) -> _timestamp_pb2.Timestamp:
@@ -208,7 +210,7 @@ class TurnUserUsage(_message.Message):
     """Bytes relayed to and from peers for it this UTC calendar month."""
     @_builtins.property
     def last_activity_time(self) -> _timestamp_pb2.Timestamp:
-        """When coturn last reported activity of its allocations; unset when never."""
+        """When coturn last reported activity of its allocations this month; unset when none did."""
 
     def __init__(
         self,

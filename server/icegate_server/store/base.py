@@ -357,9 +357,9 @@ class Store(Protocol):
         batch retried after an unknown outcome (a store timeout) counts once.
 
         Per allocation it keeps whether it lives and the bytes counted for it; per project and
-        per user id, the live allocations, the bytes relayed in `month` and the last activity
-        (`now_ms`). Idempotent where coturn's text allows: STARTED, ALIVE and ENDED change
-        nothing the second time, and RELAYED_TOTAL counts only what the allocation's RELAYED
+        per user id, the live allocations, and the bytes relayed and the last activity
+        (`now_ms`) in `month`. Idempotent where coturn's text allows: STARTED, ALIVE and ENDED
+        change nothing the second time, and RELAYED_TOTAL counts only what the allocation's RELAYED
         events did not (so a total seen twice, or after every report, adds nothing). RELAYED is
         a delta: the lease and the batch number are what make it count once. Events of a
         project that does not exist are dropped. Returns what the batch did to each project
@@ -375,8 +375,10 @@ class Store(Protocol):
 
         After a resynchronisation has marked every allocation coturn still lists as ALIVE,
         this ends the ones whose end the meter missed (coturn restarted, or the stream was
-        down when they ended). Returns how many it ended (fewer than `limit`: none is left)
-        and what it did to each project it touched.
+        down when they ended). An allocation ended by a sweep lives again if an ALIVE or
+        RELAYED event of it comes later (its status key had been lost with a stats Redis that
+        restarted empty), unlike one whose ENDED was recorded. Returns how many it ended
+        (fewer than `limit`: none is left) and what it did to each project it touched.
         """
         ...
 

@@ -283,7 +283,7 @@ local existed = redis.call('DEL', prefix .. 'project:' .. id)
 redis.call('ZREM', prefix .. 'projects', id)
 redis.call('UNLINK', prefix .. 'rl:' .. id, prefix .. 'leases:' .. id, prefix .. 'pkey:' .. id,
            prefix .. 'pending:' .. id, prefix .. 'turn-live:' .. id,
-           prefix .. 'turn-user-live:' .. id, prefix .. 'turn-last:' .. id)
+           prefix .. 'turn-user-live:' .. id)
 redis.call('SREM', prefix .. 'pkey-projects', id)
 for _, month in ipairs(redis.call('SMEMBERS', prefix .. 'quota-months:' .. id)) do
   redis.call('UNLINK', prefix .. 'quota:' .. id .. ':' .. month,
@@ -425,13 +425,14 @@ return out
 #   icegate:turn-meter               hash    owner, expires, connected, changed, last_event,
 #                                            batch (the owner's last batch applied)
 #   icegate:turn-alloc:<allocation>  hash    p (project), u (user id), live ('1'/'0'), c (bytes
-#                                            counted); PEXPIRE `TURN_TOMBSTONE_MS` once ended
+#                                            counted), swept ('1': ended by a sweep, not by
+#                                            coturn); PEXPIRE `TURN_TOMBSTONE_MS` once ended
 #   icegate:turn-seen                zset    live allocations by when last seen (the sweep)
 #   icegate:turn-live:<p>            set     the project's live allocations (SCARD: the count)
 #   icegate:turn-user-live:<p>       hash    user id -> live allocations (fields at 0 removed)
 #   icegate:turn-bytes:<p>:<YYYY-MM> string  bytes relayed that month; EXPIRE 62 days
-#   icegate:turn-users:<p>:<YYYY-MM> hash    b:<user> bytes, t:<user> last activity ms
-#   icegate:turn-last:<p>            string  the project's last activity, ms
+#   icegate:turn-users:<p>:<YYYY-MM> hash    b:<user> bytes, t:<user> last activity ms that
+#                                            month, t: the project's; EXPIRE 62 days
 # The months with figures join icegate:quota-months:<p>, so delete_project finds them.
 
 # KEYS: meter hash. ARGV: owner, now_ms, lease expiry ms (0: give up), connected ('1'/'0'),
@@ -458,16 +459,17 @@ local changes, order = {}, {}
 local function touched(p)
   if not changes[p] then changes[p] = 0; order[#order + 1] = p end
 end
-local function start(key, allocation, p, u)
-  redis.call('HSET', key, 'p', p, 'u', u, 'live', '1', 'c', '0')
+local function start(key, allocation, p, u, fresh)
+  redis.call('HSET', key, 'p', p, 'u', u, 'live', '1', 'swept', '0')
+  if fresh then redis.call('HSET', key, 'c', '0') end
   redis.call('PERSIST', key)
   redis.call('SADD', prefix .. 'turn-live:' .. p, allocation)
   redis.call('HINCRBY', prefix .. 'turn-user-live:' .. p, u, 1)
   redis.call('ZADD', seen, now, allocation)
   touched(p)
 end
-local function finish(key, allocation, p, u)
-  redis.call('HSET', key, 'live', '0')
+local function finish(key, allocation, p, u, swept)
+  redis.call('HSET', key, 'live', '0', 'swept', swept)
   redis.call('PEXPIRE', key, ARGV[6])
   redis.call('SREM', prefix .. 'turn-live:' .. p, allocation)
   if redis.call('HINCRBY', prefix .. 'turn-user-live:' .. p, u, -1) <= 0 then
@@ -516,11 +518,11 @@ for i = 8, #ARGV, 5 do
   if exists[p] then
     touched(p)
     local key = prefix .. 'turn-alloc:' .. allocation
-    local record = redis.call('HMGET', key, 'live', 'c', 'p', 'u')
+    local record = redis.call('HMGET', key, 'live', 'c', 'p', 'u', 'swept')
     local live, known = record[1] == '1', record[1] ~= false
     if known then p, u = record[3], record[4]; touched(p) end
     if kind == 'ended' then
-      if live then finish(key, allocation, p, u) end
+      if live then finish(key, allocation, p, u, '0') end
     elseif kind == 'relayed_total' then
       local counted = tonumber(record[2] or '0')
       if bytes > counted then
@@ -533,9 +535,11 @@ for i = 8, #ARGV, 5 do
         redis.call('PEXPIRE', key, ARGV[6])
       end
     else
-      -- started, alive, relayed. An ended allocation only starts again as a new one (ids
-      -- start again when coturn does); an alive or relayed report of it is stale.
-      if not live and (not known or kind == 'started') then start(key, allocation, p, u)
+      -- started, alive, relayed. An allocation coturn said it ended only starts again as a
+      -- new one (ids start again when coturn does): an alive or relayed report of it is
+      -- stale. One a sweep ended (coturn no longer listed it) lives again when reported.
+      if not live and (not known or kind == 'started' or record[5] == '1') then
+        start(key, allocation, p, u, kind == 'started' or not known)
       elseif live then redis.call('ZADD', seen, now, allocation) end
       if kind == 'relayed' then
         relayed(p, u, bytes)
@@ -543,9 +547,8 @@ for i = 8, #ARGV, 5 do
       end
     end
     local users = prefix .. 'turn-users:' .. p .. ':' .. month
-    redis.call('HSET', users, 't:' .. u, ARGV[3])
+    redis.call('HSET', users, 't:' .. u, ARGV[3], 't:', ARGV[3])
     redis.call('EXPIRE', users, ttl)
-    redis.call('SET', prefix .. 'turn-last:' .. p, ARGV[3])
   end
 end
 return result()
@@ -559,7 +562,7 @@ local stale = redis.call('ZRANGEBYSCORE', seen, '-inf', '(' .. ARGV[4], 'LIMIT',
 for _, allocation in ipairs(stale) do
   local key = prefix .. 'turn-alloc:' .. allocation
   local record = redis.call('HMGET', key, 'p', 'u')
-  if record[1] then finish(key, allocation, record[1], record[2])
+  if record[1] then finish(key, allocation, record[1], record[2], '1')
   else redis.call('ZREM', seen, allocation) end
 end
 local out = result()
@@ -573,7 +576,7 @@ local prefix, p, month, u = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if u == '' then
   return {redis.call('SCARD', prefix .. 'turn-live:' .. p),
           redis.call('GET', prefix .. 'turn-bytes:' .. p .. ':' .. month) or '0',
-          redis.call('GET', prefix .. 'turn-last:' .. p) or '0'}
+          redis.call('HGET', prefix .. 'turn-users:' .. p .. ':' .. month, 't:') or '0'}
 end
 local figures = redis.call('HMGET', prefix .. 'turn-users:' .. p .. ':' .. month,
                            'b:' .. u, 't:' .. u)

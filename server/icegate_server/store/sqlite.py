@@ -151,7 +151,8 @@ CREATE TABLE IF NOT EXISTS turn_allocations (
     live       INTEGER NOT NULL,
     counted    INTEGER NOT NULL,          -- bytes counted for it so far
     seen_ms    INTEGER NOT NULL,          -- last event while live (the sweep's order)
-    ended_ms   INTEGER NOT NULL DEFAULT 0
+    ended_ms   INTEGER NOT NULL DEFAULT 0,
+    swept      INTEGER NOT NULL DEFAULT 0 -- 1: ended by a sweep (coturn no longer listed it)
 );
 CREATE INDEX IF NOT EXISTS turn_allocations_live
     ON turn_allocations(project_id, user_id) WHERE live = 1;
@@ -729,7 +730,7 @@ class SqliteStore:
                     (seen_before_ms, limit)).fetchall()
                 turn = _TurnBook(db, now_ms, "")
                 for allocation, project_id in stale:
-                    turn.finish(allocation, project_id)
+                    turn.finish(allocation, project_id, swept=True)
                 return len(stale), turn.changes()
 
         return await self._run(work)
@@ -810,14 +811,14 @@ class _TurnBook:
         if not exists:
             return
         self._bytes.setdefault(project_id, 0)
-        row = db.execute("SELECT live, counted, user_id FROM turn_allocations "
+        row = db.execute("SELECT live, counted, user_id, swept FROM turn_allocations "
                          "WHERE allocation = ?", (event.allocation,)).fetchone()
-        live, counted, user_id = ((bool(row[0]), row[1], row[2]) if row
-                                  else (False, 0, event.user_id))
+        live, counted, user_id, swept = ((bool(row[0]), row[1], row[2], bool(row[3])) if row
+                                         else (False, 0, event.user_id, False))
         kind = event.kind
         if kind is TurnEventKind.ENDED:
             if live:
-                self.finish(event.allocation, project_id)
+                self.finish(event.allocation, project_id, swept=False)
         elif kind is TurnEventKind.RELAYED_TOTAL:
             if event.relayed_bytes > counted:
                 self._relayed(project_id, user_id, event.relayed_bytes - counted)
@@ -829,14 +830,17 @@ class _TurnBook:
                 (event.allocation, project_id, user_id, event.relayed_bytes, self._now_ms,
                  self._now_ms))
         else:
-            # An ended allocation only starts again as a new one (ids start again when coturn
-            # does); an alive or relayed report of it is stale.
-            if not live and (row is None or kind is TurnEventKind.STARTED):
+            # An allocation coturn said it ended only starts again as a new one (ids start
+            # again when coturn does): an alive or relayed report of it is stale. One a sweep
+            # ended (coturn no longer listed it) lives again when reported.
+            if not live and (row is None or kind is TurnEventKind.STARTED or swept):
+                fresh = row is None or kind is TurnEventKind.STARTED
                 db.execute(
                     "INSERT INTO turn_allocations(allocation, project_id, user_id, live, "
                     "counted, seen_ms) VALUES (?, ?, ?, 1, 0, ?) ON CONFLICT(allocation) DO "
-                    "UPDATE SET live = 1, counted = 0, seen_ms = excluded.seen_ms, ended_ms = 0",
-                    (event.allocation, project_id, user_id, self._now_ms))
+                    "UPDATE SET live = 1, seen_ms = excluded.seen_ms, ended_ms = 0, swept = 0, "
+                    "counted = CASE WHEN ? THEN 0 ELSE counted END",
+                    (event.allocation, project_id, user_id, self._now_ms, fresh))
             elif live:
                 db.execute("UPDATE turn_allocations SET seen_ms = ? WHERE allocation = ?",
                            (self._now_ms, event.allocation))
@@ -851,9 +855,9 @@ class _TurnBook:
                 "DO UPDATE SET last_ms = excluded.last_ms",
                 (project_id, self._month, user, self._now_ms))
 
-    def finish(self, allocation: str, project_id: str) -> None:
-        self._db.execute("UPDATE turn_allocations SET live = 0, ended_ms = ? "
-                         "WHERE allocation = ?", (self._now_ms, allocation))
+    def finish(self, allocation: str, project_id: str, *, swept: bool) -> None:
+        self._db.execute("UPDATE turn_allocations SET live = 0, ended_ms = ?, swept = ? "
+                         "WHERE allocation = ?", (self._now_ms, swept, allocation))
         self._bytes.setdefault(project_id, 0)
 
     def _relayed(self, project_id: str, user_id: str, relayed_bytes: int) -> None:

@@ -18,9 +18,13 @@ Counting once:
   when every delta was counted: `total_traffic` missing does not lose the deltas, and a
   delta missing is made good by the total.
 - On every (re)subscription, and every `RESYNC_SECONDS`, the holder reads which allocations
-  coturn lists as alive (the status keys it keeps, which it clears when it starts), marks
-  them alive, and ends those it thought alive that coturn no longer lists: ends missed while
-  the stream was down, or when coturn restarted, are caught up within that time.
+  coturn holds, marks them alive, and ends those it thought alive that coturn no longer
+  holds: ends missed while the stream was down, or when coturn restarted, are caught up
+  within that time. Where coturn's admin CLI is configured (`ICEGATE_COTURN_CLI`) its session
+  listing is the authority. Otherwise the status keys coturn keeps in the stats Redis stand
+  in for it: coturn clears them when it starts, but the deletions it sends while that Redis
+  is down are lost, so a key left idle (not rewritten by a refresh) longer than coturn's
+  longest allocation lifetime (`MAX_STATUS_IDLE_SECONDS`) is taken for a dead allocation.
 
 What cannot be recovered: the bytes of an allocation that ended while no replica was
 subscribed, when its totals were missed too. icegate reports how metering stands
@@ -39,7 +43,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +61,7 @@ from icegate_server.store.base import (
     TurnMeterState,
     month_of,
 )
+from icegate_server.turn.coturn_cli import CoturnCli, CoturnCliError
 from icegate_server.turn.coturn_events import (
     STATS_CHANNEL_PATTERNS,
     STATUS_KEY_PATTERN,
@@ -76,6 +81,9 @@ LEASE_SECONDS = 5.0
 RESYNC_SECONDS = 30.0
 BATCH_EVENTS = 500
 """Events written in one store call at most."""
+MAX_STATUS_IDLE_SECONDS = 3600
+"""coturn's default `max-allocate-lifetime`: an allocation alive is refreshed (its status key
+rewritten) at least this often."""
 STATS_TIMEOUT_SECONDS = 5.0
 """How long a connection to the stats Redis, or one command on it, may take."""
 _FIRST_RETRY_SECONDS = 0.2
@@ -143,13 +151,14 @@ class CoturnStatsMeter:
     """
 
     def __init__(self, url: str, store: Store, clock: Clock, metrics: IcegateMetrics, *,
-                 owner: str | None = None,
+                 owner: str | None = None, cli: CoturnCli | None = None,
                  on_change: Callable[[Metering], object] = lambda metering: None,
                  heartbeat_seconds: float = HEARTBEAT_SECONDS,
                  lease_seconds: float = LEASE_SECONDS,
                  resync_seconds: float = RESYNC_SECONDS,
                  batch_events: int = BATCH_EVENTS) -> None:
         self._url = url
+        self._cli = cli
         self._store = store
         self._clock = clock
         self._metrics = metrics
@@ -343,45 +352,104 @@ class CoturnStatsMeter:
             await self._write(events)
             self._last_event_ms = self._now_ms()
 
-    async def _write(self, events: Sequence[TurnAllocationEvent]) -> None:
-        """Writes one batch, retrying it (under the same number) while the store is down."""
+    async def _write(self, events: Sequence[TurnAllocationEvent], *,
+                     from_stream: bool = True) -> None:
+        """Writes one batch, retrying it (under the same number) while the store is down.
+
+        Events `from_stream` of projects that do not exist are counted as unattributed."""
         batch = next(self._batches)
         delay = _FIRST_RETRY_SECONDS
+        retried = False
         while True:
             now_ms = self._now_ms()
             try:
                 changes = await self._store.record_turn_events(
                     events, owner=self.owner, batch=batch, now_ms=now_ms, month=month_of(now_ms))
             except StoreUnavailableError:
+                retried = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _MAX_RETRY_SECONDS)
                 continue
             if changes is None:
                 raise _LeaseLost
             self._metrics.turn_project_changes(changes)
+            if from_stream and not retried:  # (a retried batch may answer "applied already")
+                # The store drops the events of projects that do not exist: not icegate's.
+                for event in events:
+                    if event.project_id not in changes:
+                        self._metrics.coturn_unattributed(
+                            event.relayed_bytes if event.kind is TurnEventKind.RELAYED else 0)
             return
 
     async def _resync(self, client: aioredis.Redis) -> None:
-        """Marks alive what coturn lists as alive, then ends what it no longer lists."""
+        """Marks alive what coturn holds, then ends what it no longer holds."""
         started_ms = self._now_ms()
         alive: list[TurnAllocationEvent] = []
-        async for key in client.scan_iter(match=STATUS_KEY_PATTERN, count=1000):
-            parsed = parse_status_key(str(key))
-            username = parse_turn_username(parsed[1]) if parsed is not None else None
-            if parsed is None or username is None:
+        complete = True
+        async for allocation, username, listing_complete in self._snapshot(client):
+            complete = complete and listing_complete
+            parsed = parse_turn_username(username)
+            if parsed is None:
                 continue
-            alive.append(TurnAllocationEvent(TurnEventKind.ALIVE, parsed[0],
-                                             username.project_id, username.user_id))
+            alive.append(TurnAllocationEvent(TurnEventKind.ALIVE, allocation,
+                                             parsed.project_id, parsed.user_id))
             if len(alive) >= self._batch_events:
-                await self._write(alive)
+                await self._write(alive, from_stream=False)
                 alive = []
         if alive:
-            await self._write(alive)
+            await self._write(alive, from_stream=False)
+        if not complete:
+            log.warning("coturn's CLI listed only part of its sessions (raise its "
+                        "cli-max-output-sessions): ends are not caught up")
+            return
         ended = await self._sweep(started_ms)
         if ended:
             self._metrics.coturn_missed_ends(ended)
-            log.warning("coturn no longer lists %d allocation(s) whose end icegate did not see "
+            log.warning("coturn no longer holds %d allocation(s) whose end icegate did not see "
                         "(coturn restarted, or the stream was down): ended now", ended)
+
+    async def _snapshot(self, client: aioredis.Redis
+                        ) -> AsyncIterator[tuple[str, str, bool]]:
+        """(allocation, username, complete) of every allocation coturn holds: from its CLI
+        when configured and reachable, else from the status keys it keeps."""
+        if self._cli is not None:
+            try:
+                listing = await self._cli.sessions()
+            except CoturnCliError as error:
+                log.warning("resynchronising from the stats Redis: %s", Safe(str(error)))
+            else:
+                for session in listing.sessions:
+                    yield f"{session.session_id} {session.username}", session.username, \
+                        listing.complete
+                return
+        keys: list[str] = []
+        async for key in client.scan_iter(match=STATUS_KEY_PATTERN, count=1000):
+            keys.append(str(key))
+            if len(keys) >= self._batch_events:
+                for found in await self._fresh_status_keys(client, keys):
+                    yield found
+                keys = []
+        for found in await self._fresh_status_keys(client, keys):
+            yield found
+
+    async def _fresh_status_keys(self, client: aioredis.Redis, keys: Sequence[str]
+                                 ) -> list[tuple[str, str, bool]]:
+        """The allocations of status keys rewritten within `MAX_STATUS_IDLE_SECONDS`."""
+        if not keys:
+            return []
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.object("idletime", key)
+        idle = await pipe.execute(raise_on_error=False)
+        found = []
+        for key, seconds in zip(keys, idle, strict=True):
+            parsed = parse_status_key(key)
+            # An error (an LFU eviction policy has no idle time) counts as fresh.
+            if parsed is None or (isinstance(seconds, int)
+                                  and seconds > MAX_STATUS_IDLE_SECONDS):
+                continue
+            found.append((parsed[0], parsed[1], True))
+        return found
 
     async def _sweep(self, seen_before_ms: int) -> int:
         ended = 0
