@@ -4,6 +4,7 @@ backend (a fresh SQLite file, a fresh real redis-server), with frozen time."""
 from __future__ import annotations
 
 from pytest import fixture
+from test_store_contract import MONTH, NOW, Backend, backend  # noqa: F401 (the fixture)
 
 from icegate_server.projects.records import Project
 from icegate_server.store.base import (
@@ -14,7 +15,6 @@ from icegate_server.store.base import (
     TurnProjectChange,
     TurnUsageFigures,
 )
-from test_store_contract import MONTH, NOW, Backend, backend  # noqa: F401 (the fixture)
 
 LEASE_MS = 5000
 STARTED, ALIVE, RELAYED, ENDED, TOTAL = (
