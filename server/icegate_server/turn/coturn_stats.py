@@ -177,6 +177,11 @@ class CoturnStatsMeter:
         self._metering = Metering(MeteringStatus.INTERRUPTED, self._changed_ms)
         self._leading = False
 
+    @property
+    def leading(self) -> bool:
+        """Whether this replica holds the meter lease (and meters)."""
+        return self._leading
+
     def metering(self) -> Metering:
         """How metering stood at the last heartbeat."""
         return self._metering
