@@ -31,7 +31,7 @@ pytestmark = pytest.mark.redis
 
 @pytest.fixture
 def replicas(server_factory: ServerFactory, redis_server: RedisServer,
-             stats_redis: RedisServer, tmp_path) -> list[RunningServer]:  # noqa: F811, ANN001
+             stats_redis: RedisServer, tmp_path) -> list[RunningServer]:  # noqa: F811
     servers = [server_factory(SystemClock(), data_dir=tmp_path / name, store=redis_server.url,
                               coturn_statsdb=stats_redis.url, coturn_stats_resync=1.0)
                for name in ("one", "two")]
