@@ -334,7 +334,9 @@ class Settings:
         "", "host:port of coturn's admin CLI (cli-ip, cli-port): icegate ends allocations "
         "through it (default empty: off)", check=_unless_empty(parse_listen_address))
     coturn_cli_password: str = setting(
-        "", "coturn's cli-password", secret=True)
+        "", "coturn's cli-password (at least 8 characters, no spaces)", secret=True,
+        check=_unless_empty(_require(lambda password: len(password) >= 8 and " " not in password,
+                                     "must be at least 8 characters, without spaces")))
     turn_rotate_interval: int = setting(
         0, "rotate the TURN secret automatically every this many seconds (0: off)",
         check=_unless_empty(_require(lambda seconds: 60 <= seconds <= 365 * 86400,

@@ -96,14 +96,18 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_TURN_CREDENTIALS_REVOKED: _ErrorReason.ValueType  # 20
     """PERMISSION_DENIED: TURN credentials for this user or session were revoked
-    (AdminService.RevokeTurnCredentials) and are refused until `revoked_until`, when every
-    credential issued before the revocation has expired.
+    (AdminService.RevokeTurnCredentials) and are refused until metadata `revoked_until`, when
+    every credential issued before the revocation has expired.
     """
     ERROR_REASON_COTURN_CLI_UNAVAILABLE: _ErrorReason.ValueType  # 21
-    """UNAVAILABLE when coturn's admin CLI cannot be reached or refuses icegate's password
-    (safe to retry); FAILED_PRECONDITION when icegate has no CLI configured
-    (ICEGATE_COTURN_CLI). Allocations could not be ended; a revocation's refusal of new
-    credentials is in force all the same.
+    """UNAVAILABLE: coturn's admin CLI cannot be reached, refuses icegate's password, or answers
+    what coturn does not write; its allocations could not (all) be ended. A revocation's
+    refusal of new credentials is in force all the same; safe to retry.
+    """
+    ERROR_REASON_COTURN_CLI_NOT_CONFIGURED: _ErrorReason.ValueType  # 22
+    """FAILED_PRECONDITION: ending allocations needs coturn's admin CLI, and icegate has none
+    configured (ICEGATE_COTURN_CLI). A revocation's refusal of new credentials is in force
+    all the same.
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
@@ -190,13 +194,17 @@ QuotaFailure, and Help with the upgrade link when the project has one; metadata 
 """
 ERROR_REASON_TURN_CREDENTIALS_REVOKED: ErrorReason.ValueType  # 20
 """PERMISSION_DENIED: TURN credentials for this user or session were revoked
-(AdminService.RevokeTurnCredentials) and are refused until `revoked_until`, when every
-credential issued before the revocation has expired.
+(AdminService.RevokeTurnCredentials) and are refused until metadata `revoked_until`, when
+every credential issued before the revocation has expired.
 """
 ERROR_REASON_COTURN_CLI_UNAVAILABLE: ErrorReason.ValueType  # 21
-"""UNAVAILABLE when coturn's admin CLI cannot be reached or refuses icegate's password
-(safe to retry); FAILED_PRECONDITION when icegate has no CLI configured
-(ICEGATE_COTURN_CLI). Allocations could not be ended; a revocation's refusal of new
-credentials is in force all the same.
+"""UNAVAILABLE: coturn's admin CLI cannot be reached, refuses icegate's password, or answers
+what coturn does not write; its allocations could not (all) be ended. A revocation's
+refusal of new credentials is in force all the same; safe to retry.
+"""
+ERROR_REASON_COTURN_CLI_NOT_CONFIGURED: ErrorReason.ValueType  # 22
+"""FAILED_PRECONDITION: ending allocations needs coturn's admin CLI, and icegate has none
+configured (ICEGATE_COTURN_CLI). A revocation's refusal of new credentials is in force
+all the same.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -44,6 +44,16 @@ from icegate_server.status import INTERNAL_REASON, INTERNAL_STATUS, lookup, to_g
 
 REQUEST_ID_HEADER = "x-request-id"
 
+TURN_ISSUING_METHODS = frozenset({
+    "/icegate.v1.CredentialService/IssueTurnCredentials",
+    "/icegate.v1.CredentialService/GetIceServers",
+    "/icegate.v1.SessionService/CreateSession",
+})
+"""Methods that sign TURN credentials: their admission checks the project's TURN limits and
+whether the request's `user_id` is revoked (`turn.limits`)."""
+MAX_TURN_SUBJECT = 256
+"""A `user_id` longer than this is never a subject (the call then fails its own check)."""
+
 SERVICE_POLICIES = {
     "/icegate.v1.AdminService/": MethodPolicy.ADMIN,
     "/icegate.v1.UsageService/": MethodPolicy.PROJECT_UNCOUNTED,
@@ -164,6 +174,7 @@ class CallGuard:
         access = self._access
         metrics = self._metrics
         observe = metrics.rpc(method).observe
+        issues_turn = method in TURN_ISSUING_METHODS
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
@@ -175,13 +186,16 @@ class CallGuard:
                 if request is UNDECODABLE:
                     raise MalformedRequestError("the request body is not a valid message")
                 project_id = getattr(request, "project_id", "")
+                subject = _turn_subject(request) if issues_turn else None
                 # A bearer key, when present, wins; a verified client certificate stands in
                 # for a missing one (mutual TLS with ICEGATE_TLS_CLIENT_PROJECTS).
                 if access.admits_identities and not has_authorization(metadata):
                     call = await access.admit_identity(
-                        peer_identities(context.auth_context()), policy, project_id)
+                        peer_identities(context.auth_context()), policy, project_id,
+                        turn_subject=subject)
                 else:
-                    call = await access.admit(bearer_key(metadata), policy, project_id)
+                    call = await access.admit(bearer_key(metadata), policy, project_id,
+                                              turn_subject=subject)
                 _current_call.set(call)
                 return await behavior(request, context)
             except IcegateError as error:
@@ -229,6 +243,13 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
             return UNDECODABLE
 
     return parse
+
+
+def _turn_subject(request: Any) -> str:
+    # The user id TURN credentials are asked for ("" for a session that takes its own id);
+    # validated later by the issuer, bounded here before it reaches the store.
+    user_id = getattr(request, "user_id", "")
+    return user_id if isinstance(user_id, str) and len(user_id) <= MAX_TURN_SUBJECT else ""
 
 
 def _project_of(call: CallContext | None, request: Any) -> str:

@@ -13,7 +13,8 @@ Series (all prefixed `icegate_`):
                                                       status code name (OK, INVALID_ARGUMENT...)
     icegate_rpc_duration_seconds{method}              histogram, 0.5 ms to 10 s buckets
     icegate_limit_refusals_total{reason}              RATE_LIMITED, QUOTA_EXCEEDED,
-                                                      CONCURRENT_LIMIT
+                                                      CONCURRENT_LIMIT, TURN_ALLOCATION_LIMIT,
+                                                      TURN_BYTE_QUOTA_EXCEEDED
     icegate_upstream_calls_total{provider, outcome}   one logical provider call (its retries
                                                       included): ok, auth_failed, rejected,
                                                       quota, unavailable, timeout, cancelled, error
@@ -99,6 +100,8 @@ LIMIT_REASONS = tuple(wire_reason(reason) for reason in (
     ErrorReason.ERROR_REASON_RATE_LIMITED,
     ErrorReason.ERROR_REASON_QUOTA_EXCEEDED,
     ErrorReason.ERROR_REASON_CONCURRENT_LIMIT,
+    ErrorReason.ERROR_REASON_TURN_ALLOCATION_LIMIT,
+    ErrorReason.ERROR_REASON_TURN_BYTE_QUOTA_EXCEEDED,
 ))
 """The ErrorInfo reasons `icegate_limit_refusals_total` counts, as they are on the wire."""
 
@@ -325,12 +328,12 @@ class InstrumentedStore:
                         _counting(operation, getattr(store, operation), metrics))
 
     async def admit(self, *, digest: bytes | None, project_id: str, now_ms: int,
-                    count: bool) -> Admission:
+                    count: bool, turn_subject: str | None = None) -> Admission:
         # Every call's: spelled out, because the generic wrapper's *args/**kwargs packing
         # costs each call about a microsecond, as much as the rest of the wrapping.
         try:
             return await self._admit(digest=digest, project_id=project_id, now_ms=now_ms,
-                                     count=count)
+                                     count=count, turn_subject=turn_subject)
         except Exception:
             self._metrics.store_error("admit")
             raise

@@ -9,9 +9,11 @@ be reached raises `StoreUnavailableError`; every other failure is one of the out
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import re
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -32,6 +34,17 @@ class AdmitOutcome(enum.Enum):
     RATE_LIMITED = "rate_limited"
 
 
+class TurnAdmission(NamedTuple):
+    """What an admission that issues TURN credentials read of the project's TURN state."""
+
+    live_allocations: int
+    """The project's live allocations (as metered from coturn)."""
+    relayed_bytes: int
+    """The bytes the project relayed in the month of the call."""
+    revoked_until_ms: int
+    """Until when the TURN subject named is revoked (0: it is not)."""
+
+
 class Admission(NamedTuple):
     """The answer of `Store.admit`: who called, for which project, and the rate position."""
 
@@ -42,6 +55,8 @@ class Admission(NamedTuple):
     """The project acted on (set for ADMITTED and RATE_LIMITED)."""
     tat_ms: int | None = None
     """The project's GCRA theoretical arrival time after this call (see `access.rate_limit`)."""
+    turn: TurnAdmission | None = None
+    """The project's TURN state, for an ADMITTED call that named a `turn_subject`."""
 
 
 class SessionOutcome(enum.Enum):
@@ -221,7 +236,7 @@ class Store(Protocol):
     # -- the hot path: one round trip per call -----------------------------------------------
 
     async def admit(self, *, digest: bytes | None, project_id: str, now_ms: int,
-                    count: bool) -> Admission:
+                    count: bool, turn_subject: str | None = None) -> Admission:
         """Authenticates, authorises and rate-limits one call, atomically.
 
         Args:
@@ -233,6 +248,11 @@ class Store(Protocol):
             count: Whether the call counts against the project's rate limit (the project's
                 own `rate_limit_requests` per `rate_limit_window_seconds`, GCRA as in
                 `icegate_server.access.rate_limit`).
+            turn_subject: For a call that issues TURN credentials, the user (or session) id
+                they are for ("" when not known yet): an ADMITTED answer then carries the
+                project's TURN state (`TurnAdmission`: live allocations, the month's relayed
+                bytes, and until when the subject is revoked), read in the same step. The
+                caller decides what it allows; None reads nothing of it.
 
         A key bound to project A naming project B gets FORBIDDEN and counts nothing. An admin
         key may name any project. RATE_LIMITED leaves the TAT unchanged.
@@ -382,6 +402,13 @@ class Store(Protocol):
         """
         ...
 
+    async def revoke_turn_subject(self, *, project_id: str, subject: str, until_ms: int,
+                                  now_ms: int) -> int:
+        """Revokes a project's TURN subject (a user or session id) until `until_ms` (a later
+        revocation in force is kept); returns the time it is revoked until. Admissions
+        naming it carry that time (`TurnAdmission.revoked_until_ms`) on every replica."""
+        ...
+
     async def turn_usage(self, *, project_id: str, month: str,
                          user_id: str | None = None) -> TurnUsageFigures:
         """A project's TURN figures for `month` (its live allocations are those of now), or
@@ -419,14 +446,18 @@ def parse_api_key_cursor(cursor: str) -> tuple[float, str] | None:
 
 def month_of(now_ms: int) -> str:
     """The UTC calendar month of a time, `YYYY-MM`: the unit of the monthly session quota."""
-    import time
+    return _month_of_hour(now_ms // 3_600_000)
 
-    return time.strftime("%Y-%m", time.gmtime(now_ms // 1000))
+
+@functools.lru_cache(maxsize=64)
+def _month_of_hour(hour: int) -> str:
+    # Months begin on a UTC hour: the admission of every TURN call needs its month.
+    return time.strftime("%Y-%m", time.gmtime(hour * 3600))
 
 
 __all__: Sequence[str] = (
     "PURGE_BATCH", "Admission", "AdmitOutcome", "ProviderKeyRecord", "SessionAdmission",
-    "SessionOutcome", "Store", "TurnAllocationEvent", "TurnEventKind", "TurnMeterState",
-    "TurnProjectChange", "TurnSecretRecord", "TurnUsageFigures", "api_key_cursor", "month_of",
-    "parse_api_key_cursor",
+    "SessionOutcome", "Store", "TurnAdmission", "TurnAllocationEvent", "TurnEventKind",
+    "TurnMeterState", "TurnProjectChange", "TurnSecretRecord", "TurnUsageFigures",
+    "api_key_cursor", "month_of", "parse_api_key_cursor",
 )

@@ -91,12 +91,14 @@ from icegate_server.store.base import (
     ProviderKeyRecord,
     SessionAdmission,
     SessionOutcome,
+    TurnAdmission,
     TurnAllocationEvent,
     TurnMeterState,
     TurnProjectChange,
     TurnSecretRecord,
     TurnUsageFigures,
     api_key_cursor,
+    month_of,
     parse_api_key_cursor,
 )
 
@@ -117,10 +119,18 @@ if server_ms > tonumber(ARGV[1]) then return {clock, 'late'} end
 """
 
 # ARGV: deadline, prefix, digest hex ('' for a static admin), project id, now_ms, count
-# ('1'/'0'), default project id. Returns {clock, outcome, key hash fields | false,
-# project JSON | false, TAT | false}.
+# ('1'/'0'), default project id, TURN ('1' for a call issuing TURN credentials, else ''),
+# TURN subject, month. Returns {clock, outcome, key hash fields | false, project JSON | false,
+# TAT | false}, and for an admitted TURN call {..., live allocations, the month's relayed
+# bytes, revoked until ms}.
 _ADMIT = _FENCE + """
 local prefix, digest, project_id = ARGV[2], ARGV[3], ARGV[4]
+local function turn_state()
+  if ARGV[8] ~= '1' then return end
+  return redis.call('SCARD', prefix .. 'turn-live:' .. project_id),
+         redis.call('GET', prefix .. 'turn-bytes:' .. project_id .. ':' .. ARGV[10]) or '0',
+         redis.call('HGET', prefix .. 'turn-revoked:' .. project_id, ARGV[9]) or '0'
+end
 local now = tonumber(ARGV[5])
 local key = false
 if digest ~= '' then
@@ -142,7 +152,7 @@ local project_json = redis.call('GET', prefix .. 'project:' .. project_id)
 if not project_json then return {clock, 'no_project', key} end
 local rate_key = prefix .. 'rl:' .. project_id
 local stored = redis.call('GET', rate_key)
-if ARGV[6] ~= '1' then return {clock, 'admitted', key, project_json, stored} end
+if ARGV[6] ~= '1' then return {clock, 'admitted', key, project_json, stored, turn_state()} end
 
 -- limits.gcra_admit, in integer milliseconds (all values are far below 2^53).
 local project = cjson.decode(project_json)
@@ -157,7 +167,7 @@ local candidate = base + interval
 if candidate - now > window then return {clock, 'rate_limited', key, project_json, stored} end
 local new_tat = string.format('%.0f', candidate)
 redis.call('SET', rate_key, new_tat, 'PX', string.format('%.0f', window + interval))
-return {clock, 'admitted', key, project_json, new_tat}
+return {clock, 'admitted', key, project_json, new_tat, turn_state()}
 """
 
 # KEYS: leases, month counter, pending, provider keys. ARGV: deadline, session id, now_ms,
@@ -283,7 +293,7 @@ local existed = redis.call('DEL', prefix .. 'project:' .. id)
 redis.call('ZREM', prefix .. 'projects', id)
 redis.call('UNLINK', prefix .. 'rl:' .. id, prefix .. 'leases:' .. id, prefix .. 'pkey:' .. id,
            prefix .. 'pending:' .. id, prefix .. 'turn-live:' .. id,
-           prefix .. 'turn-user-live:' .. id)
+           prefix .. 'turn-user-live:' .. id, prefix .. 'turn-revoked:' .. id)
 redis.call('SREM', prefix .. 'pkey-projects', id)
 for _, month in ipairs(redis.call('SMEMBERS', prefix .. 'quota-months:' .. id)) do
   redis.call('UNLINK', prefix .. 'quota:' .. id .. ':' .. month,
@@ -433,6 +443,8 @@ return out
 #   icegate:turn-bytes:<p>:<YYYY-MM> string  bytes relayed that month; EXPIRE 62 days
 #   icegate:turn-users:<p>:<YYYY-MM> hash    b:<user> bytes, t:<user> last activity ms that
 #                                            month, t: the project's; EXPIRE 62 days
+#   icegate:turn-revoked:<p>         hash    subject (user or session id) -> revoked until ms;
+#                                            expires with its last revocation
 # The months with figures join icegate:quota-months:<p>, so delete_project finds them.
 
 # KEYS: meter hash. ARGV: owner, now_ms, lease expiry ms (0: give up), connected ('1'/'0'),
@@ -568,6 +580,21 @@ end
 local out = result()
 table.insert(out, 1, #stale)
 return out
+"""
+
+# KEYS: the project's revocations hash. ARGV: subject, until ms, now ms. -> the until in force.
+# The hash lives until its last revocation lapses.
+_REVOKE_TURN_SUBJECT = """
+local revoked = tonumber(ARGV[2])
+local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if current > revoked then revoked = current end
+redis.call('HSET', KEYS[1], ARGV[1], string.format('%.0f', revoked))
+local wanted = revoked - tonumber(ARGV[3])
+local ttl = redis.call('PTTL', KEYS[1])
+if wanted > 0 and (ttl < 0 or ttl < wanted) then
+  redis.call('PEXPIRE', KEYS[1], string.format('%.0f', wanted))
+end
+return string.format('%.0f', revoked)
 """
 
 # ARGV: prefix, project, month, user id ('' for the project). -> {live, bytes, last ms}.
@@ -729,6 +756,7 @@ class RedisStore:
         self._record_turn_events = register(_RECORD_TURN_EVENTS)
         self._sweep_turn_allocations = register(_SWEEP_TURN_ALLOCATIONS)
         self._turn_usage = register(_TURN_USAGE)
+        self._revoke_turn_subject = register(_REVOKE_TURN_SUBJECT)
         self._scripts = (
             self._admit, self._begin_session, self._cancel_session, self._confirm_session,
             self._renew_session,
@@ -738,7 +766,7 @@ class RedisStore:
             self._list_api_keys, self._put_provider_key, self._delete_provider_key,
             self._list_all_provider_keys, self._rotate_turn_secret, self._purge_turn_secrets,
             self._claim_turn_meter, self._record_turn_events, self._sweep_turn_allocations,
-            self._turn_usage,
+            self._turn_usage, self._revoke_turn_subject,
         )
 
     @classmethod
@@ -922,22 +950,26 @@ class RedisStore:
     # -- the hot path -----------------------------------------------------------------------
 
     async def admit(self, *, digest: bytes | None, project_id: str, now_ms: int,
-                    count: bool) -> Admission:
+                    count: bool, turn_subject: str | None = None) -> Admission:
         args: list[str | int] = [PREFIX, digest.hex() if digest is not None else "",
                                  project_id, now_ms, "1" if count else "0", DEFAULT_PROJECT_ID]
+        if turn_subject is not None:
+            args += ["1", turn_subject, month_of(now_ms)]
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
         self._admits_waiting.append((args, future))
         if len(self._admits_waiting) == 1 and self._admit_batch is None:
             loop.call_soon(self._send_waiting_admits)
         reply = await future
-        reply += [None] * (4 - len(reply))
-        outcome, key_fields, project_json, tat = reply
+        reply += [None] * (7 - len(reply))
+        outcome, key_fields, project_json, tat, live, relayed, revoked = reply
         return Admission(
             outcome=AdmitOutcome(outcome),
             key=_key_from_fields(key_fields) if key_fields else None,
             project=_project_from_json(project_json) if project_json else None,
             tat_ms=int(tat) if tat is not None else None,
+            turn=(TurnAdmission(int(live), int(relayed), int(revoked)) if live is not None
+                  else None),
         )
 
     def _send_waiting_admits(self) -> None:
@@ -1156,6 +1188,13 @@ class RedisStore:
                                  [PREFIX, owner, now_ms, seen_before_ms, limit,
                                   TURN_TOMBSTONE_MS])
         return None if reply is None else (int(reply[0]), _project_changes(reply[1:]))
+
+    async def revoke_turn_subject(self, *, project_id: str, subject: str, until_ms: int,
+                                  now_ms: int) -> int:
+        until = await self._call(self._revoke_turn_subject,
+                                 [f"{PREFIX}turn-revoked:{project_id}"],
+                                 [subject, until_ms, now_ms])
+        return int(until)
 
     async def turn_usage(self, *, project_id: str, month: str,
                          user_id: str | None = None) -> TurnUsageFigures:

@@ -57,12 +57,14 @@ from icegate_server.store.base import (
     ProviderKeyRecord,
     SessionAdmission,
     SessionOutcome,
+    TurnAdmission,
     TurnAllocationEvent,
     TurnEventKind,
     TurnMeterState,
     TurnProjectChange,
     TurnSecretRecord,
     TurnUsageFigures,
+    month_of,
     parse_api_key_cursor,
 )
 
@@ -166,6 +168,12 @@ CREATE TABLE IF NOT EXISTS turn_usage (
     last_ms       INTEGER NOT NULL,
     PRIMARY KEY (project_id, month, user_id)
 );
+CREATE TABLE IF NOT EXISTS turn_revocations (
+    project_id TEXT NOT NULL,
+    subject    TEXT NOT NULL,             -- a user or session id
+    until_ms   INTEGER NOT NULL,          -- new TURN credentials refused until then
+    PRIMARY KEY (project_id, subject)
+);
 CREATE TABLE IF NOT EXISTS provider_keys (
     project_id     TEXT NOT NULL,
     provider       TEXT NOT NULL,
@@ -247,6 +255,13 @@ class SqliteStore:
         self._projects: dict[str, Project] = {}
         self._positions: dict[str, int | None] = {}
         self._unwritten: set[str] = set()
+        # TURN state for admissions: (month, live allocations, bytes that month) by project,
+        # kept up to date by this store's own metering writes; and every revocation in force
+        # (few: they lapse when the credentials they cover have expired), loaded at open.
+        self._turn: dict[str, tuple[str, int, int]] = {}
+        self._revoked: dict[tuple[str, str], int] = dict(
+            ((project_id, subject), until_ms) for project_id, subject, until_ms in
+            connection.execute("SELECT project_id, subject, until_ms FROM turn_revocations"))
         self._checkpoints = asyncio.get_running_loop().create_task(self._checkpoint_forever())
 
     @classmethod
@@ -386,7 +401,8 @@ class SqliteStore:
                 deleted = db.execute("DELETE FROM projects WHERE project_id = ?",
                                      (project_id,)).rowcount == 1
                 for table in ("rate_limits", "session_quota", "leases", "lease_counts",
-                              "provider_keys", "turn_allocations", "turn_usage"):
+                              "provider_keys", "turn_allocations", "turn_usage",
+                              "turn_revocations"):
                     db.execute(f"DELETE FROM {table} WHERE project_id = ?",  # noqa: S608
                                (project_id,))
             return deleted
@@ -409,6 +425,9 @@ class SqliteStore:
         self._projects.pop(project_id, None)
         self._positions.pop(project_id, None)
         self._unwritten.discard(project_id)
+        self._turn.pop(project_id, None)
+        for revoked in [key for key in self._revoked if key[0] == project_id]:
+            del self._revoked[revoked]
 
     # -- caller keys ---------------------------------------------------------------------------
 
@@ -452,18 +471,21 @@ class SqliteStore:
     # -- the hot path --------------------------------------------------------------------------
 
     async def admit(self, *, digest: bytes | None, project_id: str, now_ms: int,
-                    count: bool) -> Admission:
+                    count: bool, turn_subject: str | None = None) -> Admission:
         try:
-            return self._admit_from_memory(digest, project_id, now_ms, count)
+            return self._admit_from_memory(digest, project_id, now_ms, count, turn_subject)
         except sqlite3.OperationalError:
             # Locked by the thread connection's write (or a transient I/O error): the reads
             # move to the thread, which may wait for it, or report it, so the loop never does;
             # the decision stays on the loop.
-            read = await self._run(lambda db: _read_for_admit(db, digest, project_id))
-            return self._admit_from_memory(digest, project_id, now_ms, count, read)
+            month = month_of(now_ms)
+            read = await self._run(lambda db: _read_for_admit(db, digest, project_id, month))
+            return self._admit_from_memory(digest, project_id, now_ms, count, turn_subject,
+                                           read)
 
     def _admit_from_memory(self, digest: bytes | None, project_id: str, now_ms: int,
-                           count: bool, read: _AdmitReads | None = None) -> Admission:
+                           count: bool, turn_subject: str | None,
+                           read: _AdmitReads | None = None) -> Admission:
         # The admission rule on the owner's memory; only a first sight of a key, project or
         # position reads the file: on the loop's never-waiting connection, or, when that
         # found the file locked, `read` brings what the thread read for this call.
@@ -496,15 +518,25 @@ class SqliteStore:
         else:
             tat = positions[project_id] = (
                 read.position if read else _read_position(self._hot, project_id))
+        turn = None
+        if turn_subject is not None:
+            month = month_of(now_ms)
+            state = self._turn.get(project_id)
+            if state is None or state[0] != month:
+                live, relayed = (read.turn if read and read.turn is not None
+                                 else _read_turn_state(self._hot, project_id, month))
+                state = self._turn[project_id] = (month, live, relayed)
+            revoked = self._revoked.get((project_id, turn_subject), 0)
+            turn = TurnAdmission(state[1], state[2], revoked)
         if not count:
-            return Admission(AdmitOutcome.ADMITTED, key, project, tat)
+            return Admission(AdmitOutcome.ADMITTED, key, project, tat, turn)
         admitted = gcra_admit(tat, now_ms, _policy(project.rate_limit_requests,
                                                    project.rate_limit_window_seconds))
         if admitted is None:
             return Admission(AdmitOutcome.RATE_LIMITED, key, project, tat)
         positions[project_id] = admitted
         self._unwritten.add(project_id)
-        return Admission(AdmitOutcome.ADMITTED, key, project, admitted)
+        return Admission(AdmitOutcome.ADMITTED, key, project, admitted, turn)
 
     async def rate_position(self, project_id: str) -> int | None:
         if project_id in self._positions:
@@ -715,7 +747,22 @@ class SqliteStore:
                 _purge_ended_allocations(db, now_ms)
                 return turn.changes()
 
-        return await self._run(work)
+        changes = await self._run(work)
+        if changes:
+            self._remember_turn(changes, month)
+        return changes
+
+    def _remember_turn(self, changes: dict[str, TurnProjectChange], month: str) -> None:
+        """Brings the admissions' TURN state up to date with a metering write."""
+        for project_id, change in changes.items():
+            state = self._turn.get(project_id)
+            if state is None:
+                continue
+            if month and state[0] != month:
+                del self._turn[project_id]
+            else:
+                self._turn[project_id] = (state[0], change.live_allocations,
+                                          state[2] + change.relayed_bytes)
 
     async def sweep_turn_allocations(self, *, owner: str, seen_before_ms: int, now_ms: int,
                                      limit: int
@@ -733,7 +780,28 @@ class SqliteStore:
                     turn.finish(allocation, project_id, swept=True)
                 return len(stale), turn.changes()
 
-        return await self._run(work)
+        swept = await self._run(work)
+        if swept is not None:
+            self._remember_turn(swept[1], "")
+        return swept
+
+    async def revoke_turn_subject(self, *, project_id: str, subject: str, until_ms: int,
+                                  now_ms: int) -> int:
+        def work(db: sqlite3.Connection) -> int:
+            with _write_transaction(db):
+                db.execute("DELETE FROM turn_revocations WHERE until_ms <= ?", (now_ms,))
+                (until,) = db.execute(
+                    "INSERT INTO turn_revocations(project_id, subject, until_ms) "
+                    "SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM projects WHERE project_id = ?) "
+                    "ON CONFLICT(project_id, subject) DO UPDATE SET "
+                    "until_ms = max(until_ms, excluded.until_ms) RETURNING until_ms",
+                    (project_id, subject, until_ms, project_id)).fetchone() or (until_ms,)
+                return int(until)
+
+        until = await self._run(work)
+        self._revoked = {key: value for key, value in self._revoked.items() if value > now_ms}
+        self._revoked[(project_id, subject)] = until
+        return until
 
     async def turn_usage(self, *, project_id: str, month: str,
                          user_id: str | None = None) -> TurnUsageFigures:
@@ -903,14 +971,27 @@ class _AdmitReads(NamedTuple):
     key: ApiKey | None
     project: Project | None
     position: int | None
+    turn: tuple[int, int] | None = None
+    """The project's (live allocations, bytes relayed in the month of the call)."""
 
 
 def _read_for_admit(db: sqlite3.Connection, digest: bytes | None,
-                    project_id: str) -> _AdmitReads:
+                    project_id: str, month: str) -> _AdmitReads:
     key = _read_key(db, digest) if digest is not None else None
     acts_on = _project_for_key(key, project_id) if key is not None else project_id
     project_id = (acts_on if isinstance(acts_on, str) else project_id) or DEFAULT_PROJECT_ID
-    return _AdmitReads(key, _read_project(db, project_id), _read_position(db, project_id))
+    return _AdmitReads(key, _read_project(db, project_id), _read_position(db, project_id),
+                       _read_turn_state(db, project_id, month))
+
+
+def _read_turn_state(db: sqlite3.Connection, project_id: str, month: str) -> tuple[int, int]:
+    """A project's live allocations and the bytes it relayed in `month`."""
+    live, relayed = db.execute(
+        "SELECT (SELECT count(*) FROM turn_allocations WHERE project_id = :p AND live = 1), "
+        "(SELECT relayed_bytes FROM turn_usage "
+        " WHERE project_id = :p AND month = :m AND user_id = '')",
+        {"p": project_id, "m": month}).fetchone()
+    return live, relayed or 0
 
 
 def _read_key(db: sqlite3.Connection, digest: bytes) -> ApiKey | None:
