@@ -320,6 +320,17 @@ class AsyncClient:
                                admin_pb2.ListTurnSecretsRequest(), timeout,
                                metadata)).turn_secrets)
 
+    async def revoke_turn_credentials(
+        self, project_id: str, *, user_id: str = "", session_id: str = "",
+        timeout: float | None = None, metadata: Metadata = (),
+    ) -> admin_pb2.RevokeTurnCredentialsResponse:
+        """Revokes one end user's (or one session's) TURN credentials: new ones are refused
+        until those issued before have expired, and its allocations on coturn are ended now
+        (`allocations_ended`). Name exactly one of `user_id` and `session_id`. Safe to retry."""
+        return await self._call(self._admin.RevokeTurnCredentials,  # type: ignore[no-any-return]
+                          requests.revoke_turn_credentials(project_id, user_id, session_id),
+                          timeout, metadata)
+
     async def health(self, service: str = "", *, timeout: float | None = None,
                metadata: Metadata = ()) -> str:
         """The serving status of the server (or of one service): e.g. "SERVING"."""

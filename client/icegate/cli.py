@@ -174,6 +174,15 @@ def _add_admin_commands(admin: argparse.ArgumentParser) -> None:
                              "until you restart it on one; refused without this flag")
     turn_secret.add_parser("list", help="the secrets in force, by id")
 
+    turn = groups.add_parser("turn", help="what TURN credentials opened on coturn").\
+        add_subparsers(dest="admin_command", required=True)
+    revoke = turn.add_parser("revoke", help="revoke a user's or a session's TURN credentials: "
+                             "end its allocations now, refuse new ones (prints JSON)")
+    revoke.add_argument("--project", required=True)
+    whose = revoke.add_mutually_exclusive_group(required=True)
+    whose.add_argument("--user", default="", help="the end user's id")
+    whose.add_argument("--session", default="", help="a realtime session's id")
+
 
 _PROJECT_FIELD_NAMES = ("display_name", "rate_limit_requests", "rate_limit_window",
                         "turn_ttl_default", "turn_ttl_max", "plan", "upgrade_url",
@@ -222,6 +231,9 @@ def _run_admin(args: argparse.Namespace, client: Client) -> Any:
     if command == ("turn-secret", "rotate"):
         return [_as_dict(s) for s in client.rotate_turn_secret(
             coturn_restart_planned=args.coturn_restart_planned)]
+    if command == ("turn", "revoke"):
+        return _as_dict(client.revoke_turn_credentials(args.project, user_id=args.user,
+                                                       session_id=args.session))
     if command == ("turn-secret", "list"):
         return [_as_dict(s) for s in client.list_turn_secrets()]
     raise AssertionError(command)

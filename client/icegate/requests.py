@@ -117,3 +117,14 @@ def session_options(*, model: str = "", voice: str = "", instructions: str = "",
     if token_ttl is not None:
         message.token_ttl.CopyFrom(duration(token_ttl))
     return message
+
+
+def revoke_turn_credentials(project_id: str, user_id: str, session_id: str
+                            ) -> admin_pb2.RevokeTurnCredentialsRequest:
+    """The request naming one subject (the server refuses none or both with INVALID_ARGUMENT;
+    the message's oneof would keep only the last one set)."""
+    if bool(user_id) == bool(session_id):
+        raise ValueError("name exactly one of user_id and session_id")
+    if user_id:
+        return admin_pb2.RevokeTurnCredentialsRequest(project_id=project_id, user_id=user_id)
+    return admin_pb2.RevokeTurnCredentialsRequest(project_id=project_id, session_id=session_id)

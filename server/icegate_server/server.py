@@ -68,6 +68,7 @@ from icegate_server.turn.coturn_userdb import (
     CoturnSqliteSecrets,
 )
 from icegate_server.turn.credentials import TurnCredentialIssuer, TurnSecretKeyring
+from icegate_server.turn.revocation import SessionTurnSweeper, TurnRevocation
 from icegate_server.turn.rotation import TurnSecretRotation
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,8 @@ class IcegateServer:
     """Realtime sessions, whose give-backs in flight are finished or stopped at `stop`."""
     coturn_meter: CoturnStatsMeter | None = None
     """Meters TURN usage from coturn's stats stream (`ICEGATE_COTURN_STATSDB`), or None."""
+    session_turn: SessionTurnSweeper | None = None
+    """Ends ended sessions' TURN allocations (with `ICEGATE_COTURN_CLI`), or None."""
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -118,6 +121,8 @@ class IcegateServer:
         if self.coturn_meter is not None:
             await self.health.set(COTURN_STATS_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING)
             self.coturn_meter.start()
+        if self.session_turn is not None:
+            self._background.append(asyncio.create_task(self.session_turn.run()))
 
     async def stop(self, grace: float | None = None) -> None:
         """Reports NOT_SERVING, lets in-flight calls finish within `grace`, then releases all."""
@@ -237,11 +242,12 @@ async def create_server(
                     CredentialServicer(issuer, settings.stun_uris), guard)
         methods.add(sessions_pb2.DESCRIPTOR.services_by_name["SessionService"],
                     SessionServicer(sessions), guard)
-        methods.add(admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
-                    AdminServicer(admin, provider_keys, turn_secrets), guard)
-        health_servicer = health.aio.HealthServicer()
         coturn_cli = (CoturnCli(settings.coturn_cli, settings.coturn_cli_password)
                       if settings.coturn_cli else None)
+        revocation = TurnRevocation(store, clock, coturn_cli, max_ttl_seconds=settings.turn_ttl_max)
+        methods.add(admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
+                    AdminServicer(admin, provider_keys, turn_secrets, revocation), guard)
+        health_servicer = health.aio.HealthServicer()
         meter = None
         if settings.coturn_statsdb:
             async def metering_health(metering: Metering) -> None:
@@ -278,13 +284,15 @@ async def create_server(
                 raise OSError(f"cannot serve metrics on {settings.metrics_listen} "
                               f"(ICEGATE_METRICS_LISTEN): {error.strerror}") from None
             lease_gauge = ActiveLeaseGauge(store, clock, metrics)
+        session_turn = (SessionTurnSweeper(store, clock, revocation) if coturn_cli else None)
     except BaseException:
         # Nothing starts half-built: release what was opened before the failure.
         await http.aclose()
         await store.close()
         raise
     return IcegateServer(server, health_servicer, store, settings, http, turn_secrets, metrics,
-                         endpoint, lease_gauge, sessions=sessions, coturn_meter=meter), port
+                         endpoint, lease_gauge, sessions=sessions, coturn_meter=meter,
+                         session_turn=session_turn), port
 
 
 def _freeze_startup_objects() -> None:

@@ -957,3 +957,67 @@ class ListTurnSecretsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListTurnSecretsResponse: _TypeAlias = ListTurnSecretsResponse  # noqa: Y015
+
+@_typing.final
+class RevokeTurnCredentialsRequest(_message.Message):
+    """RevokeTurnCredentialsRequest names whose TURN credentials to revoke."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.str
+    """The project. Required."""
+    user_id: _builtins.str
+    """An end user's id, as TURN credentials were issued for it (the same rules as
+    IssueTurnCredentialsRequest.user_id).
+    """
+    session_id: _builtins.str
+    """A realtime session's id (CreateSessionResponse.session_id): the credential its ICE
+    servers carried, whether it was issued for the session's `user_id` or its own id.
+    """
+    def __init__(
+        self,
+        *,
+        project_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "subject", b"subject", "user_id", b"user_id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project_id", b"project_id", "session_id", b"session_id", "subject", b"subject", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_subject: _TypeAlias = _typing.Literal["user_id", "session_id"]  # noqa: Y015
+    _WhichOneofArgType_subject: _TypeAlias = _typing.Literal["subject", b"subject"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_subject) -> _WhichOneofReturnType_subject | None: ...
+
+Global___RevokeTurnCredentialsRequest: _TypeAlias = RevokeTurnCredentialsRequest  # noqa: Y015
+
+@_typing.final
+class RevokeTurnCredentialsResponse(_message.Message):
+    """RevokeTurnCredentialsResponse says what the revocation did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALLOCATIONS_ENDED_FIELD_NUMBER: _builtins.int
+    REVOKED_UNTIL_FIELD_NUMBER: _builtins.int
+    allocations_ended: _builtins.int
+    """Allocations coturn held for the user or session and no longer holds."""
+    @_builtins.property
+    def revoked_until(self) -> _timestamp_pb2.Timestamp:
+        """Until when new TURN credentials for it are refused."""
+
+    def __init__(
+        self,
+        *,
+        allocations_ended: _builtins.int = ...,
+        revoked_until: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["revoked_until", b"revoked_until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations_ended", b"allocations_ended", "revoked_until", b"revoked_until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeTurnCredentialsResponse: _TypeAlias = RevokeTurnCredentialsResponse  # noqa: Y015

@@ -110,6 +110,11 @@ class AdminServiceStub:
                 request_serializer=icegate_dot_v1_dot_admin__pb2.ListTurnSecretsRequest.SerializeToString,
                 response_deserializer=icegate_dot_v1_dot_admin__pb2.ListTurnSecretsResponse.FromString,
                 _registered_method=True)
+        self.RevokeTurnCredentials = channel.unary_unary(
+                '/icegate.v1.AdminService/RevokeTurnCredentials',
+                request_serializer=icegate_dot_v1_dot_admin__pb2.RevokeTurnCredentialsRequest.SerializeToString,
+                response_deserializer=icegate_dot_v1_dot_admin__pb2.RevokeTurnCredentialsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -237,6 +242,23 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeTurnCredentials(self, request, context):
+        """Revokes the TURN credentials of one end user (or one realtime session) of a project:
+        new TURN credentials for it (IssueTurnCredentials, GetIceServers, CreateSession naming
+        it) are refused with PERMISSION_DENIED, reason TURN_CREDENTIALS_REVOKED, on every replica
+        until every credential issued before has expired (ICEGATE_TURN_TTL_MAX from now), and its
+        allocations live on coturn are ended now, through coturn's admin CLI. A credential
+        issued and not yet used cannot be unsigned: until it expires it can still open an
+        allocation, which a later revocation (or EndSession) ends again. Errors: NOT_FOUND for
+        an unknown project, INVALID_ARGUMENT unless exactly one of `user_id` and `session_id` is
+        set and well formed, UNAVAILABLE (COTURN_CLI_UNAVAILABLE) when coturn's CLI cannot be
+        used and FAILED_PRECONDITION (COTURN_CLI_NOT_CONFIGURED) when none is configured: in
+        both cases the refusal of new credentials is in force. Safe to retry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -309,6 +331,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListTurnSecrets,
                     request_deserializer=icegate_dot_v1_dot_admin__pb2.ListTurnSecretsRequest.FromString,
                     response_serializer=icegate_dot_v1_dot_admin__pb2.ListTurnSecretsResponse.SerializeToString,
+            ),
+            'RevokeTurnCredentials': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeTurnCredentials,
+                    request_deserializer=icegate_dot_v1_dot_admin__pb2.RevokeTurnCredentialsRequest.FromString,
+                    response_serializer=icegate_dot_v1_dot_admin__pb2.RevokeTurnCredentialsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -695,6 +722,33 @@ class AdminService:
             '/icegate.v1.AdminService/ListTurnSecrets',
             icegate_dot_v1_dot_admin__pb2.ListTurnSecretsRequest.SerializeToString,
             icegate_dot_v1_dot_admin__pb2.ListTurnSecretsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeTurnCredentials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/icegate.v1.AdminService/RevokeTurnCredentials',
+            icegate_dot_v1_dot_admin__pb2.RevokeTurnCredentialsRequest.SerializeToString,
+            icegate_dot_v1_dot_admin__pb2.RevokeTurnCredentialsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -91,6 +91,19 @@ class AdminServiceStub:
     """
     ListTurnSecrets: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListTurnSecretsRequest, _admin_pb2.ListTurnSecretsResponse]
     """Lists the TURN secrets in force by id, the signer first. Never returns a secret."""
+    RevokeTurnCredentials: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeTurnCredentialsRequest, _admin_pb2.RevokeTurnCredentialsResponse]
+    """Revokes the TURN credentials of one end user (or one realtime session) of a project:
+    new TURN credentials for it (IssueTurnCredentials, GetIceServers, CreateSession naming
+    it) are refused with PERMISSION_DENIED, reason TURN_CREDENTIALS_REVOKED, on every replica
+    until every credential issued before has expired (ICEGATE_TURN_TTL_MAX from now), and its
+    allocations live on coturn are ended now, through coturn's admin CLI. A credential
+    issued and not yet used cannot be unsigned: until it expires it can still open an
+    allocation, which a later revocation (or EndSession) ends again. Errors: NOT_FOUND for
+    an unknown project, INVALID_ARGUMENT unless exactly one of `user_id` and `session_id` is
+    set and well formed, UNAVAILABLE (COTURN_CLI_UNAVAILABLE) when coturn's CLI cannot be
+    used and FAILED_PRECONDITION (COTURN_CLI_NOT_CONFIGURED) when none is configured: in
+    both cases the refusal of new credentials is in force. Safe to retry.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -155,6 +168,19 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """
     ListTurnSecrets: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListTurnSecretsRequest, _admin_pb2.ListTurnSecretsResponse]  # type: ignore[assignment]
     """Lists the TURN secrets in force by id, the signer first. Never returns a secret."""
+    RevokeTurnCredentials: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeTurnCredentialsRequest, _admin_pb2.RevokeTurnCredentialsResponse]  # type: ignore[assignment]
+    """Revokes the TURN credentials of one end user (or one realtime session) of a project:
+    new TURN credentials for it (IssueTurnCredentials, GetIceServers, CreateSession naming
+    it) are refused with PERMISSION_DENIED, reason TURN_CREDENTIALS_REVOKED, on every replica
+    until every credential issued before has expired (ICEGATE_TURN_TTL_MAX from now), and its
+    allocations live on coturn are ended now, through coturn's admin CLI. A credential
+    issued and not yet used cannot be unsigned: until it expires it can still open an
+    allocation, which a later revocation (or EndSession) ends again. Errors: NOT_FOUND for
+    an unknown project, INVALID_ARGUMENT unless exactly one of `user_id` and `session_id` is
+    set and well formed, UNAVAILABLE (COTURN_CLI_UNAVAILABLE) when coturn's CLI cannot be
+    used and FAILED_PRECONDITION (COTURN_CLI_NOT_CONFIGURED) when none is configured: in
+    both cases the refusal of new credentials is in force. Safe to retry.
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService manages projects and the caller keys bound to them. Only admin keys (static
@@ -300,5 +326,24 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListTurnSecretsResponse, _abc.Awaitable[_admin_pb2.ListTurnSecretsResponse]]:
         """Lists the TURN secrets in force by id, the signer first. Never returns a secret."""
+
+    @_abc_1.abstractmethod
+    def RevokeTurnCredentials(
+        self,
+        request: _admin_pb2.RevokeTurnCredentialsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RevokeTurnCredentialsResponse, _abc.Awaitable[_admin_pb2.RevokeTurnCredentialsResponse]]:
+        """Revokes the TURN credentials of one end user (or one realtime session) of a project:
+        new TURN credentials for it (IssueTurnCredentials, GetIceServers, CreateSession naming
+        it) are refused with PERMISSION_DENIED, reason TURN_CREDENTIALS_REVOKED, on every replica
+        until every credential issued before has expired (ICEGATE_TURN_TTL_MAX from now), and its
+        allocations live on coturn are ended now, through coturn's admin CLI. A credential
+        issued and not yet used cannot be unsigned: until it expires it can still open an
+        allocation, which a later revocation (or EndSession) ends again. Errors: NOT_FOUND for
+        an unknown project, INVALID_ARGUMENT unless exactly one of `user_id` and `session_id` is
+        set and well formed, UNAVAILABLE (COTURN_CLI_UNAVAILABLE) when coturn's CLI cannot be
+        used and FAILED_PRECONDITION (COTURN_CLI_NOT_CONFIGURED) when none is configured: in
+        both cases the refusal of new credentials is in force. Safe to retry.
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

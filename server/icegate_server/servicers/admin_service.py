@@ -13,6 +13,7 @@ from icegate_server.projects.admin import ProjectAdmin
 from icegate_server.projects.records import ApiKey, Project
 from icegate_server.sessions.provider_keys import ProviderKeys
 from icegate_server.store.base import ProviderKeyRecord
+from icegate_server.turn.revocation import TurnRevocation
 from icegate_server.turn.rotation import RingEntry, TurnSecretRotation
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -115,10 +116,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     """Projects, caller keys and provider keys, for admin keys only (the call guard checks)."""
 
     def __init__(self, admin: ProjectAdmin, provider_keys: ProviderKeys,
-                 turn_secrets: TurnSecretRotation) -> None:
+                 turn_secrets: TurnSecretRotation, revocation: TurnRevocation) -> None:
         self._admin = admin
         self._provider_keys = provider_keys
         self._turn_secrets = turn_secrets
+        self._revocation = revocation
 
     async def CreateProject(self, request: admin_pb2.CreateProjectRequest,
                             context: Context) -> admin_pb2.CreateProjectResponse:
@@ -204,3 +206,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         await self._turn_secrets.refresh()
         return admin_pb2.ListTurnSecretsResponse(
             turn_secrets=turn_secrets_to_proto(self._turn_secrets.entries))
+
+    async def RevokeTurnCredentials(
+        self, request: admin_pb2.RevokeTurnCredentialsRequest, context: Context
+    ) -> admin_pb2.RevokeTurnCredentialsResponse:
+        revocation = await self._revocation.revoke(
+            request.project_id, user_id=request.user_id, session_id=request.session_id)
+        response = admin_pb2.RevokeTurnCredentialsResponse(
+            allocations_ended=revocation.allocations_ended)
+        response.revoked_until.FromMilliseconds(revocation.revoked_until_ms)
+        return response

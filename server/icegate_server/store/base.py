@@ -267,7 +267,7 @@ class Store(Protocol):
 
     async def begin_session(self, *, project_id: str, session_id: str, month: str,
                             now_ms: int, pending_ms: int, quota: int, max_concurrent: int,
-                            provider: str) -> SessionAdmission:
+                            provider: str, turn_username: str = "") -> SessionAdmission:
         """Atomically: read the project's sealed `provider` key, expire stale leases, check
         concurrency then quota, and take a *pending* lease: all a CreateSession needs before
         it calls the provider, in one round trip.
@@ -279,6 +279,12 @@ class Store(Protocol):
         `confirm_session`), so a start that never completes frees its slot by itself within
         `pending_ms` and leaves no unit behind. Without a key the outcome is
         NO_PROVIDER_KEY, checked first. Otherwise nothing changes.
+
+        A session started with a `turn_username` (the TURN credential its ICE servers carry)
+        keeps it until its allocations are due to end: when its lease expires or it is ended
+        (`take_ended_session_turn`); `confirm_session` and `renew_session` move that time with
+        the lease, `end_session` makes it now, `cancel_session` forgets it (the caller never
+        got the credential). `session_turn_username` reads it meanwhile.
         """
         ...
 
@@ -407,6 +413,16 @@ class Store(Protocol):
         """Revokes a project's TURN subject (a user or session id) until `until_ms` (a later
         revocation in force is kept); returns the time it is revoked until. Admissions
         naming it carry that time (`TurnAdmission.revoked_until_ms`) on every replica."""
+        ...
+
+    async def session_turn_username(self, *, project_id: str, session_id: str) -> str | None:
+        """The TURN username a session's credential was issued for, while it is kept."""
+        ...
+
+    async def take_ended_session_turn(self, *, now_ms: int,
+                                      limit: int) -> list[tuple[str, str, str]]:
+        """Takes (removes, so one replica gets each) up to `limit` sessions whose TURN
+        allocations are due to end at `now_ms`: (project id, session id, TURN username)."""
         ...
 
     async def turn_usage(self, *, project_id: str, month: str,

@@ -170,8 +170,9 @@ redis.call('SET', rate_key, new_tat, 'PX', string.format('%.0f', window + interv
 return {clock, 'admitted', key, project_json, new_tat, turn_state()}
 """
 
-# KEYS: leases, month counter, pending, provider keys. ARGV: deadline, session id, now_ms,
-# pending_ms, quota, max_concurrent, provider.
+# KEYS: leases, month counter, pending, provider keys, session TURN dues, session TURN
+# usernames. ARGV: deadline, session id, now_ms, pending_ms, quota, max_concurrent, provider,
+# TURN username, the session's member in the TURN keys ('' when none).
 # -> {clock, outcome, active, held, provider key JSON (when started)}.
 _BEGIN_SESSION = _FENCE + """
 local provider_key = redis.call('HGET', KEYS[4], ARGV[7])
@@ -188,11 +189,16 @@ if held >= tonumber(ARGV[5]) then return {clock, 'quota_exceeded', active, held}
 local expiry = string.format('%.0f', tonumber(ARGV[3]) + tonumber(ARGV[4]))
 redis.call('ZADD', KEYS[1], expiry, ARGV[2])
 redis.call('ZADD', KEYS[3], expiry, ARGV[2])
+if ARGV[9] and ARGV[9] ~= '' then
+  redis.call('ZADD', KEYS[5], expiry, ARGV[9])
+  redis.call('HSET', KEYS[6], ARGV[9], ARGV[8])
+end
 return {clock, 'started', active + 1, held + 1, provider_key}
 """
 
-# KEYS: leases, month counter, months set, pending. ARGV: deadline, session id, month,
-# now_ms, lease_ms, counter TTL seconds. -> {clock, 'confirmed' | 'lapsed'}.
+# KEYS: leases, month counter, months set, pending, session TURN dues. ARGV: deadline, session
+# id, month, now_ms, lease_ms, counter TTL seconds, the session's TURN member.
+# -> {clock, 'confirmed' | 'lapsed'}.
 _CONFIRM_SESSION = _FENCE + """
 local pending = redis.call('ZSCORE', KEYS[4], ARGV[2])
 if not pending then
@@ -206,6 +212,10 @@ if tonumber(pending) <= tonumber(ARGV[4]) then
   return {clock, 'lapsed'}
 end
 redis.call('ZADD', KEYS[1], string.format('%.0f', tonumber(ARGV[4]) + tonumber(ARGV[5])), ARGV[2])
+if KEYS[5] then
+  redis.call('ZADD', KEYS[5], 'XX', string.format('%.0f', tonumber(ARGV[4]) + tonumber(ARGV[5])),
+             ARGV[7])
+end
 redis.call('INCR', KEYS[2])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
 redis.call('SADD', KEYS[3], ARGV[3])
@@ -213,9 +223,14 @@ redis.call('EXPIRE', KEYS[3], ARGV[6])
 return {clock, 'confirmed'}
 """
 
-# KEYS: leases, month counter, pending. ARGV: deadline, session id. A pending lease is
-# dropped; a confirmed one (live or expired) is dropped and uncounted.
+# KEYS: leases, month counter, pending, session TURN dues, session TURN usernames. ARGV:
+# deadline, session id, the session's TURN member. A pending lease is dropped; a confirmed one
+# (live or expired) is dropped and uncounted; its TURN credential was never handed out.
 _CANCEL_SESSION = _FENCE + """
+if KEYS[5] then
+  redis.call('ZREM', KEYS[4], ARGV[3])
+  redis.call('HDEL', KEYS[5], ARGV[3])
+end
 local was_pending = redis.call('ZREM', KEYS[3], ARGV[2]) == 1
 if redis.call('ZREM', KEYS[1], ARGV[2]) == 1 and not was_pending then
   if tonumber(redis.call('GET', KEYS[2]) or '0') > 0 then redis.call('DECR', KEYS[2]) end
@@ -223,19 +238,23 @@ end
 return {clock, 'done'}
 """
 
-# KEYS: leases. ARGV: now_ms, new expiry, session id.
+# KEYS: leases, session TURN dues. ARGV: now_ms, new expiry, session id, the session's TURN
+# member.
 _RENEW_SESSION = """
 local expiry = redis.call('ZSCORE', KEYS[1], ARGV[3])
 if not expiry or tonumber(expiry) <= tonumber(ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[3])
+if KEYS[2] then redis.call('ZADD', KEYS[2], 'XX', ARGV[2], ARGV[4]) end
 return 1
 """
 
-# KEYS: leases. ARGV: now_ms, session id. 1 if a live lease was released.
+# KEYS: leases, session TURN dues. ARGV: now_ms, session id, the session's TURN member. 1 if a
+# live lease was released; its TURN allocations are due to end now.
 _END_SESSION = """
 local expiry = redis.call('ZSCORE', KEYS[1], ARGV[2])
 if not expiry then return 0 end
 redis.call('ZREM', KEYS[1], ARGV[2])
+if KEYS[2] then redis.call('ZADD', KEYS[2], 'XX', ARGV[1], ARGV[3]) end
 if tonumber(expiry) > tonumber(ARGV[1]) then return 1 end
 return 0
 """
@@ -445,6 +464,11 @@ return out
 #                                            month, t: the project's; EXPIRE 62 days
 #   icegate:turn-revoked:<p>         hash    subject (user or session id) -> revoked until ms;
 #                                            expires with its last revocation
+#   icegate:session-turn-due         zset    <p>/<session id> of sessions whose TURN
+#                                            credential was handed out, by when their
+#                                            allocations are to end (the lease's expiry; now
+#                                            once ended)
+#   icegate:session-turn-names       hash    <p>/<session id> -> that credential's username
 # The months with figures join icegate:quota-months:<p>, so delete_project finds them.
 
 # KEYS: meter hash. ARGV: owner, now_ms, lease expiry ms (0: give up), connected ('1'/'0'),
@@ -595,6 +619,20 @@ if wanted > 0 and (ttl < 0 or ttl < wanted) then
   redis.call('PEXPIRE', KEYS[1], string.format('%.0f', wanted))
 end
 return string.format('%.0f', revoked)
+"""
+
+# KEYS: session TURN dues, session TURN usernames. ARGV: now_ms, limit. Takes (removes) the
+# sessions due: {member, username, ...}.
+_TAKE_ENDED_SESSION_TURN = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {}
+for _, member in ipairs(due) do
+  out[#out + 1] = member
+  out[#out + 1] = redis.call('HGET', KEYS[2], member) or ''
+  redis.call('HDEL', KEYS[2], member)
+end
+if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
+return out
 """
 
 # ARGV: prefix, project, month, user id ('' for the project). -> {live, bytes, last ms}.
@@ -757,6 +795,7 @@ class RedisStore:
         self._sweep_turn_allocations = register(_SWEEP_TURN_ALLOCATIONS)
         self._turn_usage = register(_TURN_USAGE)
         self._revoke_turn_subject = register(_REVOKE_TURN_SUBJECT)
+        self._take_ended_session_turn = register(_TAKE_ENDED_SESSION_TURN)
         self._scripts = (
             self._admit, self._begin_session, self._cancel_session, self._confirm_session,
             self._renew_session,
@@ -766,7 +805,7 @@ class RedisStore:
             self._list_api_keys, self._put_provider_key, self._delete_provider_key,
             self._list_all_provider_keys, self._rotate_turn_secret, self._purge_turn_secrets,
             self._claim_turn_meter, self._record_turn_events, self._sweep_turn_allocations,
-            self._turn_usage, self._revoke_turn_subject,
+            self._turn_usage, self._revoke_turn_subject, self._take_ended_session_turn,
         )
 
     @classmethod
@@ -1053,12 +1092,13 @@ class RedisStore:
 
     async def begin_session(self, *, project_id: str, session_id: str, month: str,
                             now_ms: int, pending_ms: int, quota: int, max_concurrent: int,
-                            provider: str) -> SessionAdmission:
+                            provider: str, turn_username: str = "") -> SessionAdmission:
         outcome, active, held, *key = await self._fenced(
             self._begin_session,
             [_leases_key(project_id), _quota_key(project_id, month), _pending_key(project_id),
-             _pkey_key(project_id)],
-            [session_id, now_ms, pending_ms, quota, max_concurrent, provider])
+             _pkey_key(project_id), _SESSION_TURN_DUE, _SESSION_TURN_NAMES],
+            [session_id, now_ms, pending_ms, quota, max_concurrent, provider, turn_username,
+             _session_turn_member(project_id, session_id) if turn_username else ""])
         record = _provider_from_json(project_id, provider, _text(key[0])) if key else None
         return SessionAdmission(SessionOutcome(outcome), int(active), int(held), record)
 
@@ -1067,26 +1107,31 @@ class RedisStore:
         [outcome] = await self._fenced(
             self._confirm_session,
             [_leases_key(project_id), _quota_key(project_id, month),
-             f"{PREFIX}quota-months:{project_id}", _pending_key(project_id)],
-            [session_id, month, now_ms, lease_ms, QUOTA_TTL_SECONDS])
+             f"{PREFIX}quota-months:{project_id}", _pending_key(project_id), _SESSION_TURN_DUE],
+            [session_id, month, now_ms, lease_ms, QUOTA_TTL_SECONDS,
+             _session_turn_member(project_id, session_id)])
         return bool(outcome == "confirmed")
 
     async def renew_session(self, *, project_id: str, session_id: str, now_ms: int,
                             lease_ms: int) -> bool:
-        renewed = await self._call(self._renew_session, [_leases_key(project_id)],
-                                   [now_ms, now_ms + lease_ms, session_id])
+        renewed = await self._call(self._renew_session,
+                                   [_leases_key(project_id), _SESSION_TURN_DUE],
+                                   [now_ms, now_ms + lease_ms, session_id,
+                                    _session_turn_member(project_id, session_id)])
         return bool(renewed)
 
     async def end_session(self, *, project_id: str, session_id: str, now_ms: int) -> bool:
-        ended = await self._call(self._end_session, [_leases_key(project_id)],
-                                 [now_ms, session_id])
+        ended = await self._call(self._end_session,
+                                 [_leases_key(project_id), _SESSION_TURN_DUE],
+                                 [now_ms, session_id,
+                                  _session_turn_member(project_id, session_id)])
         return bool(ended)
 
     async def cancel_session(self, *, project_id: str, session_id: str, month: str) -> None:
         await self._fenced(self._cancel_session,
                            [_leases_key(project_id), _quota_key(project_id, month),
-                            _pending_key(project_id)],
-                           [session_id])
+                            _pending_key(project_id), _SESSION_TURN_DUE, _SESSION_TURN_NAMES],
+                           [session_id, _session_turn_member(project_id, session_id)])
 
     async def session_counts(self, *, project_id: str, month: str,
                              now_ms: int) -> tuple[int, int]:
@@ -1196,6 +1241,23 @@ class RedisStore:
                                  [subject, until_ms, now_ms])
         return int(until)
 
+    async def session_turn_username(self, *, project_id: str, session_id: str) -> str | None:
+        with self._unavailable_on_error():
+            username = await self._redis.hget(_SESSION_TURN_NAMES,
+                                              _session_turn_member(project_id, session_id))
+        return _text(username) if username else None
+
+    async def take_ended_session_turn(self, *, now_ms: int,
+                                      limit: int) -> list[tuple[str, str, str]]:
+        flat = await self._call(self._take_ended_session_turn,
+                                [_SESSION_TURN_DUE, _SESSION_TURN_NAMES], [now_ms, limit])
+        taken = []
+        for member, username in zip(flat[0::2], flat[1::2], strict=True):
+            project_id, _, session_id = member.partition("/")
+            if username:
+                taken.append((project_id, session_id, username))
+        return taken
+
     async def turn_usage(self, *, project_id: str, month: str,
                          user_id: str | None = None) -> TurnUsageFigures:
         live, relayed, last = await self._call(self._turn_usage, [],
@@ -1205,6 +1267,12 @@ class RedisStore:
 
 _TURN_RING = f"{PREFIX}turn-secrets"
 _TURN_METER = f"{PREFIX}turn-meter"
+_SESSION_TURN_DUE = f"{PREFIX}session-turn-due"
+_SESSION_TURN_NAMES = f"{PREFIX}session-turn-names"
+
+
+def _session_turn_member(project_id: str, session_id: str) -> str:
+    return f"{project_id}/{session_id}"
 TURN_TOMBSTONE_MS = 3600 * 1000
 """How long an ended allocation's record stays, for the totals coturn sends after its end."""
 

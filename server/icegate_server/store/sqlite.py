@@ -168,6 +168,14 @@ CREATE TABLE IF NOT EXISTS turn_usage (
     last_ms       INTEGER NOT NULL,
     PRIMARY KEY (project_id, month, user_id)
 );
+CREATE TABLE IF NOT EXISTS session_turn (
+    project_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    username   TEXT NOT NULL,             -- the TURN credential its ICE servers carried
+    due_ms     INTEGER NOT NULL,          -- when its allocations are to end (the lease's end)
+    PRIMARY KEY (project_id, session_id)
+);
+CREATE INDEX IF NOT EXISTS session_turn_due ON session_turn(due_ms);
 CREATE TABLE IF NOT EXISTS turn_revocations (
     project_id TEXT NOT NULL,
     subject    TEXT NOT NULL,             -- a user or session id
@@ -402,7 +410,7 @@ class SqliteStore:
                                      (project_id,)).rowcount == 1
                 for table in ("rate_limits", "session_quota", "leases", "lease_counts",
                               "provider_keys", "turn_allocations", "turn_usage",
-                              "turn_revocations"):
+                              "turn_revocations", "session_turn"):
                     db.execute(f"DELETE FROM {table} WHERE project_id = ?",  # noqa: S608
                                (project_id,))
             return deleted
@@ -547,7 +555,7 @@ class SqliteStore:
 
     async def begin_session(self, *, project_id: str, session_id: str, month: str,
                             now_ms: int, pending_ms: int, quota: int, max_concurrent: int,
-                            provider: str) -> SessionAdmission:
+                            provider: str, turn_username: str = "") -> SessionAdmission:
         def work(db: sqlite3.Connection) -> SessionAdmission:
             with _write_transaction(db):
                 # Every read in one statement: the key and the session figures.
@@ -576,6 +584,12 @@ class SqliteStore:
                     "VALUES (?, ?, ?, 1) ON CONFLICT(project_id, session_id) "
                     "DO UPDATE SET expires_ms = excluded.expires_ms, pending = 1",
                     (project_id, session_id, now_ms + pending_ms))
+                if turn_username:
+                    db.execute(
+                        "INSERT INTO session_turn(project_id, session_id, username, due_ms) "
+                        "VALUES (?, ?, ?, ?) ON CONFLICT(project_id, session_id) DO UPDATE SET "
+                        "username = excluded.username, due_ms = excluded.due_ms",
+                        (project_id, session_id, turn_username, now_ms + pending_ms))
                 return SessionAdmission(SessionOutcome.STARTED, active + 1, held + 1,
                                         ProviderKeyRecord(*key_row))
 
@@ -600,6 +614,9 @@ class SqliteStore:
                 db.execute("UPDATE leases SET pending = 0, expires_ms = ? "
                            "WHERE project_id = ? AND session_id = ?",
                            (now_ms + lease_ms, project_id, session_id))
+                db.execute("UPDATE session_turn SET due_ms = ? "
+                           "WHERE project_id = ? AND session_id = ?",
+                           (now_ms + lease_ms, project_id, session_id))
                 db.execute(
                     "INSERT INTO session_quota(project_id, month, used) VALUES (?, ?, 1) "
                     "ON CONFLICT(project_id, month) DO UPDATE SET used = used + 1",
@@ -610,15 +627,32 @@ class SqliteStore:
 
     async def renew_session(self, *, project_id: str, session_id: str, now_ms: int,
                             lease_ms: int) -> bool:
-        return await self._run_on_loop(lambda db: db.execute(
-            "UPDATE leases SET expires_ms = ? "
-            "WHERE project_id = ? AND session_id = ? AND expires_ms > ?",
-            (now_ms + lease_ms, project_id, session_id, now_ms)).rowcount == 1)
+        def work(db: sqlite3.Connection) -> bool:
+            with _write_transaction(db):
+                renewed = db.execute(
+                    "UPDATE leases SET expires_ms = ? "
+                    "WHERE project_id = ? AND session_id = ? AND expires_ms > ?",
+                    (now_ms + lease_ms, project_id, session_id, now_ms)).rowcount == 1
+                if renewed:
+                    db.execute("UPDATE session_turn SET due_ms = ? "
+                               "WHERE project_id = ? AND session_id = ?",
+                               (now_ms + lease_ms, project_id, session_id))
+                return renewed
+
+        return await self._run_on_loop(work)
 
     async def end_session(self, *, project_id: str, session_id: str, now_ms: int) -> bool:
-        return await self._run_on_loop(lambda db: db.execute(
-            "DELETE FROM leases WHERE project_id = ? AND session_id = ? AND expires_ms > ?",
-            (project_id, session_id, now_ms)).rowcount == 1)
+        def work(db: sqlite3.Connection) -> bool:
+            with _write_transaction(db):
+                ended = db.execute(
+                    "DELETE FROM leases WHERE project_id = ? AND session_id = ? "
+                    "AND expires_ms > ?", (project_id, session_id, now_ms)).rowcount == 1
+                db.execute("UPDATE session_turn SET due_ms = min(due_ms, ?) "
+                           "WHERE project_id = ? AND session_id = ?",
+                           (now_ms, project_id, session_id))
+                return ended
+
+        return await self._run_on_loop(work)
 
     async def cancel_session(self, *, project_id: str, session_id: str, month: str) -> None:
         def work(db: sqlite3.Connection) -> None:
@@ -627,6 +661,8 @@ class SqliteStore:
                 released = db.execute(
                     "DELETE FROM leases WHERE project_id = ? AND session_id = ? "
                     "RETURNING pending", (project_id, session_id)).fetchall()
+                db.execute("DELETE FROM session_turn WHERE project_id = ? AND session_id = ?",
+                           (project_id, session_id))
                 if released and not released[0][0]:
                     db.execute("UPDATE session_quota SET used = max(used - 1, 0) "
                                "WHERE project_id = ? AND month = ?", (project_id, month))
@@ -802,6 +838,22 @@ class SqliteStore:
         self._revoked = {key: value for key, value in self._revoked.items() if value > now_ms}
         self._revoked[(project_id, subject)] = until
         return until
+
+    async def session_turn_username(self, *, project_id: str, session_id: str) -> str | None:
+        row = await self._run(lambda db: db.execute(
+            "SELECT username FROM session_turn WHERE project_id = ? AND session_id = ?",
+            (project_id, session_id)).fetchone())
+        return row[0] if row else None
+
+    async def take_ended_session_turn(self, *, now_ms: int,
+                                      limit: int) -> list[tuple[str, str, str]]:
+        def work(db: sqlite3.Connection) -> list[tuple[str, str, str]]:
+            return [(row[0], row[1], row[2]) for row in db.execute(
+                "DELETE FROM session_turn WHERE rowid IN (SELECT rowid FROM session_turn "
+                "WHERE due_ms <= ? ORDER BY due_ms LIMIT ?) "
+                "RETURNING project_id, session_id, username", (now_ms, limit)).fetchall()]
+
+        return await self._run(work)
 
     async def turn_usage(self, *, project_id: str, month: str,
                          user_id: str | None = None) -> TurnUsageFigures:
