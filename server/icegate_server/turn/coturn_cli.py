@@ -91,9 +91,11 @@ class CoturnCli:
 
         Raises:
             CoturnCliError: The CLI could not be used.
+            ValueError: `contains` is not printable (it would break the command line).
         """
+        listing_command = _listing_command(contains)
         async with self._session() as command:
-            return _parse_listing(await command(_listing_command(contains)))
+            return _parse_listing(await command(listing_command))
 
     async def end_sessions(self, matches: Callable[[str], bool], contains: str = "") -> int:
         """Cancels every session whose username `matches`, among those containing
@@ -103,8 +105,9 @@ class CoturnCli:
             CoturnCliError: The CLI could not be used (some sessions may have ended).
         """
         ended: set[str] = set()
+        listing_command = _listing_command(contains)
         async with self._session() as command:
-            listed = _parse_listing(await command(_listing_command(contains)))
+            listed = _parse_listing(await command(listing_command))
             for _ in range(CANCEL_ROUNDS):
                 targets = [s.session_id for s in listed.sessions if matches(s.username)]
                 if not targets:
@@ -112,7 +115,7 @@ class CoturnCli:
                 for session_id in targets:
                     await command(f"cs {session_id}")
                 await asyncio.sleep(CANCEL_SETTLE_SECONDS)
-                after = _parse_listing(await command(_listing_command(contains)))
+                after = _parse_listing(await command(listing_command))
                 still = {s.session_id for s in after.sessions}
                 ended.update(session_id for session_id in targets if session_id not in still)
                 listed = after
