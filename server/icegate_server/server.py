@@ -175,6 +175,24 @@ def coturn_sinks(settings: Settings) -> list[CoturnSecretSink]:
     return sinks
 
 
+def coturn_meter(settings: Settings, store: Store, clock: Clock, metrics: IcegateMetrics,
+                 cli: CoturnCli | None, health_servicer: health.aio.HealthServicer
+                 ) -> CoturnStatsMeter | None:
+    """The meter of coturn's stats stream (`ICEGATE_COTURN_STATSDB`), reporting how it stands
+    in the health service `COTURN_STATS_HEALTH`; None when no stream is configured."""
+    if not settings.coturn_statsdb:
+        return None
+
+    async def metering_health(metering: Metering) -> None:
+        await health_servicer.set(COTURN_STATS_HEALTH, (
+            health_pb2.HealthCheckResponse.SERVING if metering.status is MeteringStatus.LIVE
+            else health_pb2.HealthCheckResponse.NOT_SERVING))
+
+    return CoturnStatsMeter(settings.coturn_statsdb, store, clock, metrics,
+                            on_change=metering_health, cli=cli,
+                            resync_seconds=settings.coturn_stats_resync)
+
+
 async def create_server(
     settings: Settings, *, clock: Clock | None = None,
     http_transport: httpx.AsyncBaseTransport | None = None,
@@ -244,21 +262,12 @@ async def create_server(
                     SessionServicer(sessions), guard)
         coturn_cli = (CoturnCli(settings.coturn_cli, settings.coturn_cli_password)
                       if settings.coturn_cli else None)
-        revocation = TurnRevocation(store, clock, coturn_cli, max_ttl_seconds=settings.turn_ttl_max)
+        revocation = TurnRevocation(store, clock, coturn_cli,
+                                    max_ttl_seconds=settings.turn_ttl_max)
         methods.add(admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
                     AdminServicer(admin, provider_keys, turn_secrets, revocation), guard)
         health_servicer = health.aio.HealthServicer()
-        meter = None
-        if settings.coturn_statsdb:
-            async def metering_health(metering: Metering) -> None:
-                await health_servicer.set(COTURN_STATS_HEALTH, (
-                    health_pb2.HealthCheckResponse.SERVING
-                    if metering.status is MeteringStatus.LIVE
-                    else health_pb2.HealthCheckResponse.NOT_SERVING))
-
-            meter = CoturnStatsMeter(settings.coturn_statsdb, store, clock, metrics,
-                                     on_change=metering_health, cli=coturn_cli,
-                                     resync_seconds=settings.coturn_stats_resync)
+        meter = coturn_meter(settings, store, clock, metrics, coturn_cli, health_servicer)
         methods.add(usage_pb2.DESCRIPTOR.services_by_name["UsageService"],
                     UsageServicer(UsageReporter(store, clock, meter.metering if meter else None)),
                     guard)
