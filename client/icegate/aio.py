@@ -331,6 +331,17 @@ class AsyncClient:
                           requests.revoke_turn_credentials(project_id, user_id, session_id),
                           timeout, metadata)
 
+    async def restore_turn_credentials(
+        self, project_id: str, *, user_id: str = "", session_id: str = "",
+        timeout: float | None = None, metadata: Metadata = (),
+    ) -> bool:
+        """Lifts a revocation: new TURN credentials for the user (or session) are issued
+        again. Returns whether one was in force. Safe to retry."""
+        return bool((await self._call(
+            self._admin.RestoreTurnCredentials,
+            requests.restore_turn_credentials(project_id, user_id, session_id), timeout,
+            metadata)).was_revoked)
+
     async def health(self, service: str = "", *, timeout: float | None = None,
                metadata: Metadata = ()) -> str:
         """The serving status of the server (or of one service): e.g. "SERVING"."""

@@ -178,10 +178,13 @@ def _add_admin_commands(admin: argparse.ArgumentParser) -> None:
         add_subparsers(dest="admin_command", required=True)
     revoke = turn.add_parser("revoke", help="revoke a user's or a session's TURN credentials: "
                              "end its allocations now, refuse new ones (prints JSON)")
-    revoke.add_argument("--project", required=True)
-    whose = revoke.add_mutually_exclusive_group(required=True)
-    whose.add_argument("--user", default="", help="the end user's id")
-    whose.add_argument("--session", default="", help="a realtime session's id")
+    restore = turn.add_parser("restore", help="lift a revocation: new TURN credentials for "
+                              "the user or session are issued again (prints JSON)")
+    for command in (revoke, restore):
+        command.add_argument("--project", required=True)
+        whose = command.add_mutually_exclusive_group(required=True)
+        whose.add_argument("--user", default="", help="the end user's id")
+        whose.add_argument("--session", default="", help="a realtime session's id")
 
 
 _PROJECT_FIELD_NAMES = ("display_name", "rate_limit_requests", "rate_limit_window",
@@ -234,6 +237,9 @@ def _run_admin(args: argparse.Namespace, client: Client) -> Any:
     if command == ("turn", "revoke"):
         return _as_dict(client.revoke_turn_credentials(args.project, user_id=args.user,
                                                        session_id=args.session))
+    if command == ("turn", "restore"):
+        return {"was_revoked": client.restore_turn_credentials(
+            args.project, user_id=args.user, session_id=args.session)}
     if command == ("turn-secret", "list"):
         return [_as_dict(s) for s in client.list_turn_secrets()]
     raise AssertionError(command)

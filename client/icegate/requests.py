@@ -121,10 +121,20 @@ def session_options(*, model: str = "", voice: str = "", instructions: str = "",
 
 def revoke_turn_credentials(project_id: str, user_id: str, session_id: str
                             ) -> admin_pb2.RevokeTurnCredentialsRequest:
-    """The request naming one subject (the server refuses none or both with INVALID_ARGUMENT;
-    the message's oneof would keep only the last one set)."""
+    """The request naming one subject (the server refuses none with INVALID_ARGUMENT; the
+    message's oneof would keep only the last one set, so both are refused here)."""
+    return admin_pb2.RevokeTurnCredentialsRequest(
+        project_id=project_id, **_turn_subject(user_id, session_id))
+
+
+def restore_turn_credentials(project_id: str, user_id: str, session_id: str
+                             ) -> admin_pb2.RestoreTurnCredentialsRequest:
+    """As `revoke_turn_credentials`, to lift the revocation."""
+    return admin_pb2.RestoreTurnCredentialsRequest(
+        project_id=project_id, **_turn_subject(user_id, session_id))
+
+
+def _turn_subject(user_id: str, session_id: str) -> dict[str, str]:
     if bool(user_id) == bool(session_id):
         raise ValueError("name exactly one of user_id and session_id")
-    if user_id:
-        return admin_pb2.RevokeTurnCredentialsRequest(project_id=project_id, user_id=user_id)
-    return admin_pb2.RevokeTurnCredentialsRequest(project_id=project_id, session_id=session_id)
+    return {"user_id": user_id} if user_id else {"session_id": session_id}

@@ -111,6 +111,21 @@ def test_revoke_cuts_a_relaying_user_and_refuses_it_fresh_credentials(
         assert abs(again.revoked_until.seconds - until) <= 1
 
 
+def test_a_revocation_can_be_lifted(server: RunningServer,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    with icegate.Client(server.target, TEST_ADMIN_KEY) as client:
+        assert client.revoke_turn_credentials(PROJECT, user_id="erin").allocations_ended == 0
+        with pytest.raises(icegate.TurnCredentialsRevokedError):
+            client.issue_turn_credentials("erin", project_id=PROJECT)
+    code = icegate_cli(["--target", server.target, "admin", "turn", "restore",
+                        "--project", PROJECT, "--user", "erin"])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out) == {"was_revoked": True}
+    with icegate.Client(server.target, TEST_ADMIN_KEY) as client:
+        client.issue_turn_credentials("erin", project_id=PROJECT)
+        assert client.restore_turn_credentials(PROJECT, user_id="erin") is False
+
+
 def test_ending_a_session_ends_its_allocations_and_no_other(
         server: RunningServer, observed_coturn: ObservedCoturn) -> None:  # noqa: F811
     with icegate.Client(server.target, TEST_ADMIN_KEY) as client:

@@ -1021,3 +1021,57 @@ class RevokeTurnCredentialsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeTurnCredentialsResponse: _TypeAlias = RevokeTurnCredentialsResponse  # noqa: Y015
+
+@_typing.final
+class RestoreTurnCredentialsRequest(_message.Message):
+    """RestoreTurnCredentialsRequest names whose revocation to lift."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.str
+    """The project. Required."""
+    user_id: _builtins.str
+    """An end user's id."""
+    session_id: _builtins.str
+    """A realtime session's id."""
+    def __init__(
+        self,
+        *,
+        project_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "subject", b"subject", "user_id", b"user_id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project_id", b"project_id", "session_id", b"session_id", "subject", b"subject", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_subject: _TypeAlias = _typing.Literal["user_id", "session_id"]  # noqa: Y015
+    _WhichOneofArgType_subject: _TypeAlias = _typing.Literal["subject", b"subject"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_subject) -> _WhichOneofReturnType_subject | None: ...
+
+Global___RestoreTurnCredentialsRequest: _TypeAlias = RestoreTurnCredentialsRequest  # noqa: Y015
+
+@_typing.final
+class RestoreTurnCredentialsResponse(_message.Message):
+    """RestoreTurnCredentialsResponse says whether a revocation was lifted."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WAS_REVOKED_FIELD_NUMBER: _builtins.int
+    was_revoked: _builtins.bool
+    """Whether the user or session was revoked (and no longer is)."""
+    def __init__(
+        self,
+        *,
+        was_revoked: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["was_revoked", b"was_revoked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoreTurnCredentialsResponse: _TypeAlias = RestoreTurnCredentialsResponse  # noqa: Y015

@@ -115,6 +115,11 @@ class AdminServiceStub:
                 request_serializer=icegate_dot_v1_dot_admin__pb2.RevokeTurnCredentialsRequest.SerializeToString,
                 response_deserializer=icegate_dot_v1_dot_admin__pb2.RevokeTurnCredentialsResponse.FromString,
                 _registered_method=True)
+        self.RestoreTurnCredentials = channel.unary_unary(
+                '/icegate.v1.AdminService/RestoreTurnCredentials',
+                request_serializer=icegate_dot_v1_dot_admin__pb2.RestoreTurnCredentialsRequest.SerializeToString,
+                response_deserializer=icegate_dot_v1_dot_admin__pb2.RestoreTurnCredentialsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -259,6 +264,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RestoreTurnCredentials(self, request, context):
+        """Lifts a revocation of RevokeTurnCredentials: new TURN credentials for the user or session
+        are issued again (allocations it ended stay ended). Errors as RevokeTurnCredentials'
+        INVALID_ARGUMENT and NOT_FOUND; lifting what is not revoked changes nothing. Safe to retry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -336,6 +350,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RevokeTurnCredentials,
                     request_deserializer=icegate_dot_v1_dot_admin__pb2.RevokeTurnCredentialsRequest.FromString,
                     response_serializer=icegate_dot_v1_dot_admin__pb2.RevokeTurnCredentialsResponse.SerializeToString,
+            ),
+            'RestoreTurnCredentials': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreTurnCredentials,
+                    request_deserializer=icegate_dot_v1_dot_admin__pb2.RestoreTurnCredentialsRequest.FromString,
+                    response_serializer=icegate_dot_v1_dot_admin__pb2.RestoreTurnCredentialsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -749,6 +768,33 @@ class AdminService:
             '/icegate.v1.AdminService/RevokeTurnCredentials',
             icegate_dot_v1_dot_admin__pb2.RevokeTurnCredentialsRequest.SerializeToString,
             icegate_dot_v1_dot_admin__pb2.RevokeTurnCredentialsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreTurnCredentials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/icegate.v1.AdminService/RestoreTurnCredentials',
+            icegate_dot_v1_dot_admin__pb2.RestoreTurnCredentialsRequest.SerializeToString,
+            icegate_dot_v1_dot_admin__pb2.RestoreTurnCredentialsResponse.FromString,
             options,
             channel_credentials,
             insecure,

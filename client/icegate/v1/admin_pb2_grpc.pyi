@@ -104,6 +104,11 @@ class AdminServiceStub:
     used and FAILED_PRECONDITION (COTURN_CLI_NOT_CONFIGURED) when none is configured: in
     both cases the refusal of new credentials is in force. Safe to retry.
     """
+    RestoreTurnCredentials: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RestoreTurnCredentialsRequest, _admin_pb2.RestoreTurnCredentialsResponse]
+    """Lifts a revocation of RevokeTurnCredentials: new TURN credentials for the user or session
+    are issued again (allocations it ended stay ended). Errors as RevokeTurnCredentials'
+    INVALID_ARGUMENT and NOT_FOUND; lifting what is not revoked changes nothing. Safe to retry.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -180,6 +185,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
     set and well formed, UNAVAILABLE (COTURN_CLI_UNAVAILABLE) when coturn's CLI cannot be
     used and FAILED_PRECONDITION (COTURN_CLI_NOT_CONFIGURED) when none is configured: in
     both cases the refusal of new credentials is in force. Safe to retry.
+    """
+    RestoreTurnCredentials: _aio.UnaryUnaryMultiCallable[_admin_pb2.RestoreTurnCredentialsRequest, _admin_pb2.RestoreTurnCredentialsResponse]  # type: ignore[assignment]
+    """Lifts a revocation of RevokeTurnCredentials: new TURN credentials for the user or session
+    are issued again (allocations it ended stay ended). Errors as RevokeTurnCredentials'
+    INVALID_ARGUMENT and NOT_FOUND; lifting what is not revoked changes nothing. Safe to retry.
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -344,6 +354,17 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         set and well formed, UNAVAILABLE (COTURN_CLI_UNAVAILABLE) when coturn's CLI cannot be
         used and FAILED_PRECONDITION (COTURN_CLI_NOT_CONFIGURED) when none is configured: in
         both cases the refusal of new credentials is in force. Safe to retry.
+        """
+
+    @_abc_1.abstractmethod
+    def RestoreTurnCredentials(
+        self,
+        request: _admin_pb2.RestoreTurnCredentialsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RestoreTurnCredentialsResponse, _abc.Awaitable[_admin_pb2.RestoreTurnCredentialsResponse]]:
+        """Lifts a revocation of RevokeTurnCredentials: new TURN credentials for the user or session
+        are issued again (allocations it ended stay ended). Errors as RevokeTurnCredentials'
+        INVALID_ARGUMENT and NOT_FOUND; lifting what is not revoked changes nothing. Safe to retry.
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

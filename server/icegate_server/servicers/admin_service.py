@@ -216,3 +216,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             allocations_ended=revocation.allocations_ended)
         response.revoked_until.FromMilliseconds(revocation.revoked_until_ms)
         return response
+
+    async def RestoreTurnCredentials(
+        self, request: admin_pb2.RestoreTurnCredentialsRequest, context: Context
+    ) -> admin_pb2.RestoreTurnCredentialsResponse:
+        was_revoked = await self._revocation.restore(
+            request.project_id, user_id=request.user_id, session_id=request.session_id)
+        return admin_pb2.RestoreTurnCredentialsResponse(was_revoked=was_revoked)

@@ -415,6 +415,10 @@ class Store(Protocol):
         naming it carry that time (`TurnAdmission.revoked_until_ms`) on every replica."""
         ...
 
+    async def lift_turn_subject(self, *, project_id: str, subject: str, now_ms: int) -> bool:
+        """Lifts a subject's revocation; whether one was in force at `now_ms`."""
+        ...
+
     async def session_turn_username(self, *, project_id: str, session_id: str) -> str | None:
         """The TURN username a session's credential was issued for, while it is kept."""
         ...

@@ -621,6 +621,15 @@ end
 return string.format('%.0f', revoked)
 """
 
+# KEYS: the project's revocations hash. ARGV: subject, now ms. 1 if a revocation in force was
+# lifted.
+_LIFT_TURN_SUBJECT = """
+local revoked = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+redis.call('HDEL', KEYS[1], ARGV[1])
+if revoked > tonumber(ARGV[2]) then return 1 end
+return 0
+"""
+
 # KEYS: session TURN dues, session TURN usernames. ARGV: now_ms, limit. Takes (removes) the
 # sessions due: {member, username, ...}.
 _TAKE_ENDED_SESSION_TURN = """
@@ -796,6 +805,7 @@ class RedisStore:
         self._turn_usage = register(_TURN_USAGE)
         self._revoke_turn_subject = register(_REVOKE_TURN_SUBJECT)
         self._take_ended_session_turn = register(_TAKE_ENDED_SESSION_TURN)
+        self._lift_turn_subject = register(_LIFT_TURN_SUBJECT)
         self._scripts = (
             self._admit, self._begin_session, self._cancel_session, self._confirm_session,
             self._renew_session,
@@ -806,6 +816,7 @@ class RedisStore:
             self._list_all_provider_keys, self._rotate_turn_secret, self._purge_turn_secrets,
             self._claim_turn_meter, self._record_turn_events, self._sweep_turn_allocations,
             self._turn_usage, self._revoke_turn_subject, self._take_ended_session_turn,
+            self._lift_turn_subject,
         )
 
     @classmethod
@@ -1240,6 +1251,11 @@ class RedisStore:
                                  [f"{PREFIX}turn-revoked:{project_id}"],
                                  [subject, until_ms, now_ms])
         return int(until)
+
+    async def lift_turn_subject(self, *, project_id: str, subject: str, now_ms: int) -> bool:
+        lifted = await self._call(self._lift_turn_subject,
+                                  [f"{PREFIX}turn-revoked:{project_id}"], [subject, now_ms])
+        return bool(lifted)
 
     async def session_turn_username(self, *, project_id: str, session_id: str) -> str | None:
         with self._unavailable_on_error():

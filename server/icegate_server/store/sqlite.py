@@ -839,6 +839,13 @@ class SqliteStore:
         self._revoked[(project_id, subject)] = until
         return until
 
+    async def lift_turn_subject(self, *, project_id: str, subject: str, now_ms: int) -> bool:
+        lifted = await self._run(lambda db: db.execute(
+            "DELETE FROM turn_revocations WHERE project_id = ? AND subject = ? "
+            "RETURNING until_ms", (project_id, subject)).fetchall())
+        self._revoked.pop((project_id, subject), None)
+        return bool(lifted) and lifted[0][0] > now_ms
+
     async def session_turn_username(self, *, project_id: str, session_id: str) -> str | None:
         row = await self._run(lambda db: db.execute(
             "SELECT username FROM session_turn WHERE project_id = ? AND session_id = ?",

@@ -88,16 +88,7 @@ class TurnRevocation:
                 ended (the revocation is stored all the same).
             StoreUnavailableError: The store cannot be reached (nothing was revoked).
         """
-        validate_project_id(project_id)
-        if bool(user_id) == bool(session_id):
-            raise InvalidFieldError("user_id", "name exactly one of user_id and session_id")
-        if user_id:
-            validate_user_id(user_id)
-        elif not SESSION_ID_PATTERN.fullmatch(session_id):
-            raise InvalidFieldError("session_id", "must be a session id from CreateSession")
-        if await self._store.get_project(project_id) is None:
-            raise NotFoundError(f"project {project_id!r} does not exist")
-        subject = user_id or session_id
+        subject = await self._subject(project_id, user_id, session_id)
         now_ms = int(self._clock.now() * 1000)
         revoked_until = await self._store.revoke_turn_subject(
             project_id=project_id, subject=subject, until_ms=now_ms + self._max_ttl_ms,
@@ -117,6 +108,30 @@ class TurnRevocation:
         log.info("TURN credentials of a %s of project %s revoked: %d allocation(s) ended",
                  Safe("user" if user_id else "session"), Safe(project_id), ended)
         return Revocation(ended, revoked_until)
+
+    async def restore(self, project_id: str, *, user_id: str = "",
+                      session_id: str = "") -> bool:
+        """Lifts a user's (or session's) revocation; whether one was in force.
+
+        Raises:
+            InvalidFieldError, NotFoundError, StoreUnavailableError: As `revoke`.
+        """
+        subject = await self._subject(project_id, user_id, session_id)
+        return await self._store.lift_turn_subject(
+            project_id=project_id, subject=subject, now_ms=int(self._clock.now() * 1000))
+
+    async def _subject(self, project_id: str, user_id: str, session_id: str) -> str:
+        """The subject a request names, checked, in a project that exists."""
+        validate_project_id(project_id)
+        if bool(user_id) == bool(session_id):
+            raise InvalidFieldError("user_id", "name exactly one of user_id and session_id")
+        if user_id:
+            validate_user_id(user_id)
+        elif not SESSION_ID_PATTERN.fullmatch(session_id):
+            raise InvalidFieldError("session_id", "must be a session id from CreateSession")
+        if await self._store.get_project(project_id) is None:
+            raise NotFoundError(f"project {project_id!r} does not exist")
+        return user_id or session_id
 
     async def end_allocations(self, project_id: str, matches: Callable[[str], bool]) -> int:
         """Ends the project's allocations whose username `matches`; how many coturn ended.
