@@ -11,6 +11,7 @@ from types import TracebackType
 
 from harness.ports import LOOPBACK
 
+FAKE_CLI_PASSWORD = "fake-cli-password-1"  # noqa: S105 (a test's own password)
 GREETING = b"TURN Server\r\nCoturn-4.6.1 'Gorst'\r\n\r\nType '?' for help\r\nEnter password: \r\n"
 
 
@@ -42,7 +43,7 @@ class _Server(socketserver.ThreadingTCPServer):
 class FakeCoturnCli:
     """The stand-in, listening until `stop()` (or the end of a `with` block)."""
 
-    def __init__(self, password: str = "fake-cli-password-1") -> None:
+    def __init__(self, password: str = FAKE_CLI_PASSWORD) -> None:
         self.password = password
         self._server = _Server((LOOPBACK, 0), _Handler)
         self._server.password = password
