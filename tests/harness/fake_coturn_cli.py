@@ -11,7 +11,7 @@ from types import TracebackType
 
 from harness.ports import LOOPBACK
 
-FAKE_CLI_PASSWORD = "fake-cli-password-1"  # noqa: S105 (a test's own password)
+FAKE_CLI_PASSWORD = "fake-cli-password-1"
 GREETING = b"TURN Server\r\nCoturn-4.6.1 'Gorst'\r\n\r\nType '?' for help\r\nEnter password: \r\n"
 
 
