@@ -101,7 +101,8 @@ class IcegateServer:
     coturn_meter: CoturnStatsMeter | None = None
     """Meters TURN usage from coturn's stats stream (`ICEGATE_COTURN_STATSDB`), or None."""
     session_turn: SessionTurnSweeper | None = None
-    """Ends ended sessions' TURN allocations (with `ICEGATE_COTURN_CLI`), or None."""
+    """Ends ended sessions' TURN allocations (with `ICEGATE_COTURN_CLI`; without, forgets
+    them)."""
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -293,7 +294,7 @@ async def create_server(
                 raise OSError(f"cannot serve metrics on {settings.metrics_listen} "
                               f"(ICEGATE_METRICS_LISTEN): {error.strerror}") from None
             lease_gauge = ActiveLeaseGauge(store, clock, metrics)
-        session_turn = (SessionTurnSweeper(store, clock, revocation) if coturn_cli else None)
+        session_turn = SessionTurnSweeper(store, clock, revocation)
     except BaseException:
         # Nothing starts half-built: release what was opened before the failure.
         await http.aclose()

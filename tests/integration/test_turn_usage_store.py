@@ -222,3 +222,89 @@ def test_an_allocation_swept_by_mistake_lives_again_when_reported(with_project: 
         assert (figures.live_allocations, figures.relayed_bytes) == (0, 150)
 
     with_project.run(scenario)
+
+
+def test_a_sessions_turn_username_is_taken_once_its_allocations_are_due(
+        with_project: Backend) -> None:
+    from icegate_server.store.base import ProviderKeyRecord, SessionOutcome
+
+    async def begin(store: Store, session_id: str, username: str) -> None:
+        started = await store.begin_session(
+            project_id="acme", session_id=session_id, month=MONTH, now_ms=NOW,
+            pending_ms=1000, quota=100, max_concurrent=100, provider="openai",
+            turn_username=username)
+        assert started.outcome is SessionOutcome.STARTED
+
+    async def scenario(store: Store) -> None:
+        await store.put_provider_key(ProviderKeyRecord("acme", "openai", b"sealed", "1234", NOW))
+        for name in ("ses_ended", "ses_expires", "ses_renewed", "ses_cancelled"):
+            await begin(store, name, f"1:acme/{name}")
+            assert await store.confirm_session(project_id="acme", session_id=name,
+                                               month=MONTH, now_ms=NOW, lease_ms=10_000)
+        await begin(store, "ses_never", "")  # no TURN credential: nothing kept
+        assert await store.session_turn_username(project_id="acme",
+                                                 session_id="ses_ended") == "1:acme/ses_ended"
+        assert await store.session_turn_username(project_id="acme",
+                                                 session_id="ses_never") is None
+        await store.cancel_session(project_id="acme", session_id="ses_cancelled", month=MONTH)
+        assert await store.renew_session(project_id="acme", session_id="ses_renewed",
+                                         now_ms=NOW + 5000, lease_ms=10_000)
+        assert await store.end_session(project_id="acme", session_id="ses_ended",
+                                       now_ms=NOW + 100)
+        # Ended: due at once; the others when their leases run out (renewed: later).
+        assert await store.take_ended_session_turn(now_ms=NOW + 200, limit=10) == [
+            ("acme", "ses_ended", "1:acme/ses_ended")]
+        assert await store.take_ended_session_turn(now_ms=NOW + 200, limit=10) == []
+        assert await store.take_ended_session_turn(now_ms=NOW + 10_000, limit=10) == [
+            ("acme", "ses_expires", "1:acme/ses_expires")]
+        assert await store.take_ended_session_turn(now_ms=NOW + 15_000, limit=10) == [
+            ("acme", "ses_renewed", "1:acme/ses_renewed")]
+        assert await store.take_ended_session_turn(now_ms=NOW + 10**9, limit=10) == []
+
+    with_project.run(scenario)
+
+
+def test_revocations_hold_until_their_time_and_can_be_lifted(with_project: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        until = await store.revoke_turn_subject(project_id="acme", subject="alice",
+                                                until_ms=NOW + 5000, now_ms=NOW)
+        assert until == NOW + 5000
+        # A shorter revocation does not shorten the one in force.
+        assert await store.revoke_turn_subject(project_id="acme", subject="alice",
+                                               until_ms=NOW + 10, now_ms=NOW) == NOW + 5000
+        admitted = await store.admit(digest=None, project_id="acme", now_ms=NOW, count=True,
+                                     turn_subject="alice")
+        assert admitted.turn is not None and admitted.turn.revoked_until_ms == NOW + 5000
+        other = await store.admit(digest=None, project_id="acme", now_ms=NOW, count=True,
+                                  turn_subject="bob")
+        assert other.turn is not None and other.turn.revoked_until_ms == 0
+        plain = await store.admit(digest=None, project_id="acme", now_ms=NOW, count=True)
+        assert plain.turn is None
+        assert await store.lift_turn_subject(project_id="acme", subject="alice", now_ms=NOW)
+        assert not await store.lift_turn_subject(project_id="acme", subject="alice", now_ms=NOW)
+        lifted = await store.admit(digest=None, project_id="acme", now_ms=NOW, count=True,
+                                   turn_subject="alice")
+        assert lifted.turn is not None and lifted.turn.revoked_until_ms == 0
+
+    with_project.run(scenario)
+
+
+def test_admissions_read_the_turn_state_metering_wrote(with_project: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        await lead(store)
+        first = await store.admit(digest=None, project_id="acme", now_ms=NOW, count=True,
+                                  turn_subject="")
+        assert first.turn is not None and (first.turn.live_allocations,
+                                           first.turn.relayed_bytes) == (0, 0)
+        await Recorder(store)(event(STARTED), event(RELAYED, relayed=700))
+        after = await store.admit(digest=None, project_id="acme", now_ms=NOW, count=True,
+                                  turn_subject="")
+        assert after.turn is not None and (after.turn.live_allocations,
+                                           after.turn.relayed_bytes) == (1, 700)
+        # Next month the bytes start again; the live allocations do not.
+        later = await store.admit(digest=None, project_id="acme",
+                                  now_ms=NOW + 40 * 86400 * 1000, count=True, turn_subject="")
+        assert later.turn is not None and (later.turn.live_allocations,
+                                           later.turn.relayed_bytes) == (1, 0)
+
+    with_project.run(scenario)

@@ -76,6 +76,11 @@ class TurnRevocation:
         self._cli = cli
         self._max_ttl_ms = max_ttl_seconds * 1000
 
+    @property
+    def can_end(self) -> bool:
+        """Whether allocations can be ended (coturn's CLI is configured)."""
+        return self._cli is not None
+
     async def revoke(self, project_id: str, *, user_id: str = "",
                      session_id: str = "") -> Revocation:
         """Revokes one user's (or one session's) TURN credentials in a project.
@@ -154,9 +159,10 @@ class TurnRevocation:
 class SessionTurnSweeper:
     """Ends the TURN allocations of realtime sessions that ended or whose lease expired.
 
-    Every replica with coturn's CLI runs one; each session is taken from the store by one of
-    them (`Store.take_ended_session_turn`). A session whose allocations could not be ended
-    (coturn's CLI down) is logged, not retried: its credential expires by itself.
+    Every replica runs one; each session is taken from the store by one of them
+    (`Store.take_ended_session_turn`), so the store keeps no ended session. Without coturn's
+    CLI nothing can be ended and sessions are only taken. A session whose allocations could
+    not be ended (coturn's CLI down) is logged, not retried: its credential expires by itself.
     """
 
     def __init__(self, store: Store, clock: Clock, revocation: TurnRevocation, *,
@@ -171,6 +177,8 @@ class SessionTurnSweeper:
         taken = await self._store.take_ended_session_turn(
             now_ms=int(self._clock.now() * 1000), limit=SWEEP_BATCH)
         ended = 0
+        if not self._revocation.can_end:
+            return 0
         for project_id, session_id, username in taken:
             try:
                 ended += await self._revocation.end_allocations(project_id,
