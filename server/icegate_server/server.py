@@ -177,10 +177,11 @@ def coturn_sinks(settings: Settings) -> list[CoturnSecretSink]:
 
 
 def coturn_meter(settings: Settings, store: Store, clock: Clock, metrics: IcegateMetrics,
-                 cli: CoturnCli | None, health_servicer: health.aio.HealthServicer
-                 ) -> CoturnStatsMeter | None:
+                 revocation: TurnRevocation, cli: CoturnCli | None,
+                 health_servicer: health.aio.HealthServicer) -> CoturnStatsMeter | None:
     """The meter of coturn's stats stream (`ICEGATE_COTURN_STATSDB`), reporting how it stands
-    in the health service `COTURN_STATS_HEALTH`; None when no stream is configured."""
+    in the health service `COTURN_STATS_HEALTH`, and ending allocations of revoked
+    credentials through the CLI; None when no stream is configured."""
     if not settings.coturn_statsdb:
         return None
 
@@ -191,6 +192,7 @@ def coturn_meter(settings: Settings, store: Store, clock: Clock, metrics: Icegat
 
     return CoturnStatsMeter(settings.coturn_statsdb, store, clock, metrics,
                             on_change=metering_health, cli=cli,
+                            end_revoked=revocation.end_username if cli else None,
                             resync_seconds=settings.coturn_stats_resync)
 
 
@@ -268,7 +270,8 @@ async def create_server(
         methods.add(admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
                     AdminServicer(admin, provider_keys, turn_secrets, revocation), guard)
         health_servicer = health.aio.HealthServicer()
-        meter = coturn_meter(settings, store, clock, metrics, coturn_cli, health_servicer)
+        meter = coturn_meter(settings, store, clock, metrics, revocation, coturn_cli,
+                             health_servicer)
         methods.add(usage_pb2.DESCRIPTOR.services_by_name["UsageService"],
                     UsageServicer(UsageReporter(store, clock, meter.metering if meter else None)),
                     guard)

@@ -104,6 +104,7 @@ class StatsTotals:
         self._pubsub.psubscribe(**{"turn/realm/*/user/*/allocation/*": self._handle})
         self._lock = threading.Lock()
         self._totals: dict[str, int] = {}
+        self._ended: dict[str, int] = {}
         self._thread = self._pubsub.run_in_thread(sleep_time=0.01, daemon=True)
 
     def _handle(self, message: dict[str, Any]) -> None:
@@ -116,6 +117,12 @@ class StatsTotals:
         with self._lock:
             self._totals[username] = (self._totals.get(username, 0) + int(counters["rcvb"])
                                       + int(counters["sentb"]))
+            self._ended[username] = self._ended.get(username, 0) + 1
+
+    def ended(self, username: str) -> int:
+        """How many allocations of `username` coturn reported ended (with their totals)."""
+        with self._lock:
+            return self._ended.get(username, 0)
 
     def total(self, username: str) -> int:
         with self._lock:

@@ -19,7 +19,9 @@ from fake_upstreams import FakeUpstream, OpenAIEmulation
 from harness.coturn_observed import (  # noqa: F401 (fixtures)
     ObservedCoturn,
     RelayingClient,
+    StatsTotals,
     coturn_cli_sessions,
+    coturn_totals,
     issue_credential,
     live_on_coturn,
     observed_coturn,
@@ -109,6 +111,25 @@ def test_revoke_cuts_a_relaying_user_and_refuses_it_fresh_credentials(
         again = client.revoke_turn_credentials(PROJECT, user_id="alice")
         assert again.allocations_ended == 0
         assert abs(again.revoked_until.seconds - until) <= 1
+
+
+def test_a_credential_issued_before_the_revocation_is_cut_when_used(
+        server: RunningServer, observed_coturn: ObservedCoturn,  # noqa: F811
+        coturn_totals: StatsTotals) -> None:  # noqa: F811
+    # Issued, not yet used: it cannot be unsigned, and coturn accepts it until it expires...
+    username, password = issue_credential(server.target, PROJECT, "frank")
+    with icegate.Client(server.target, TEST_ADMIN_KEY) as client:
+        wait_for(lambda: client.get_usage(PROJECT).turn.metering
+                 == icegate.v1.usage_pb2.TURN_METERING_LIVE, message="metering live")
+        assert client.revoke_turn_credentials(PROJECT, user_id="frank").allocations_ended == 0
+    # ...but the allocations it opens are ended as soon as coturn reports them.
+    with RelayingClient(observed_coturn, username, password, seconds=60) as relaying:
+        # coturn reports them ended while the client still means to relay for a minute.
+        wait_for(lambda: coturn_totals.ended(username) >= 2,
+                 message="the revoked credential's allocations ended")
+        assert relaying.process.poll() is None
+        wait_for(lambda: live_on_coturn(observed_coturn, username) == 0,
+                 message="none left on coturn")
 
 
 def test_a_revocation_can_be_lifted(server: RunningServer,

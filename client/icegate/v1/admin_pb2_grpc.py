@@ -253,8 +253,9 @@ class AdminServiceServicer:
         it) are refused with PERMISSION_DENIED, reason TURN_CREDENTIALS_REVOKED, on every replica
         until every credential issued before has expired (ICEGATE_TURN_TTL_MAX from now), and its
         allocations live on coturn are ended now, through coturn's admin CLI. A credential
-        issued and not yet used cannot be unsigned: until it expires it can still open an
-        allocation, which a later revocation (or EndSession) ends again. Errors: NOT_FOUND for
+        issued and not yet used cannot be unsigned: coturn accepts it until it expires; where
+        icegate meters coturn's stats stream, the allocations it opens are ended as soon as
+        coturn reports them (about a second), else a later revocation ends them. Errors: NOT_FOUND for
         an unknown project, INVALID_ARGUMENT unless exactly one of `user_id` and `session_id` is
         set and well formed, UNAVAILABLE (COTURN_CLI_UNAVAILABLE) when coturn's CLI cannot be
         used and FAILED_PRECONDITION (COTURN_CLI_NOT_CONFIGURED) when none is configured: in

@@ -415,6 +415,11 @@ class Store(Protocol):
         naming it carry that time (`TurnAdmission.revoked_until_ms`) on every replica."""
         ...
 
+    async def revoked_turn_subjects(self, *, project_id: str, subjects: Sequence[str],
+                                    now_ms: int) -> set[str]:
+        """Which of a project's `subjects` are revoked at `now_ms`."""
+        ...
+
     async def lift_turn_subject(self, *, project_id: str, subject: str, now_ms: int) -> bool:
         """Lifts a subject's revocation; whether one was in force at `now_ms`."""
         ...

@@ -1252,6 +1252,15 @@ class RedisStore:
                                  [subject, until_ms, now_ms])
         return int(until)
 
+    async def revoked_turn_subjects(self, *, project_id: str, subjects: Sequence[str],
+                                    now_ms: int) -> set[str]:
+        if not subjects:
+            return set()
+        with self._unavailable_on_error():
+            until = await self._redis.hmget(f"{PREFIX}turn-revoked:{project_id}", list(subjects))
+        return {subject for subject, value in zip(subjects, until, strict=True)
+                if value is not None and int(value) > now_ms}
+
     async def lift_turn_subject(self, *, project_id: str, subject: str, now_ms: int) -> bool:
         lifted = await self._call(self._lift_turn_subject,
                                   [f"{PREFIX}turn-revoked:{project_id}"], [subject, now_ms])

@@ -839,6 +839,13 @@ class SqliteStore:
         self._revoked[(project_id, subject)] = until
         return until
 
+    async def revoked_turn_subjects(self, *, project_id: str, subjects: Sequence[str],
+                                    now_ms: int) -> set[str]:
+        # The owner holds every revocation in force in memory (loaded at open, written
+        # through by `revoke_turn_subject`).
+        return {subject for subject in subjects
+                if self._revoked.get((project_id, subject), 0) > now_ms}
+
     async def lift_turn_subject(self, *, project_id: str, subject: str, now_ms: int) -> bool:
         lifted = await self._run(lambda db: db.execute(
             "DELETE FROM turn_revocations WHERE project_id = ? AND subject = ? "

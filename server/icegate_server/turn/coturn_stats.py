@@ -43,7 +43,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,10 +148,14 @@ class CoturnStatsMeter:
         url: The stats Redis (`redis://...`, `rediss://...`, `unix://...`).
         on_change: Called (and awaited, if it returns an awaitable) with the new `Metering`
             whenever the status changes: the server sets its health service from it.
+        end_revoked: Awaited with (project id, username) for an allocation that starts under
+            a revoked user or session id (a credential issued before the revocation): the
+            server ends it through coturn's CLI. None: such allocations are only counted.
     """
 
     def __init__(self, url: str, store: Store, clock: Clock, metrics: IcegateMetrics, *,
                  owner: str | None = None, cli: CoturnCli | None = None,
+                 end_revoked: Callable[[str, str], Awaitable[object]] | None = None,
                  on_change: Callable[[Metering], object] = lambda metering: None,
                  heartbeat_seconds: float = HEARTBEAT_SECONDS,
                  lease_seconds: float = LEASE_SECONDS,
@@ -159,6 +163,8 @@ class CoturnStatsMeter:
                  batch_events: int = BATCH_EVENTS) -> None:
         self._url = url
         self._cli = cli
+        self._end_revoked = end_revoked
+        self._ending: set[asyncio.Task[None]] = set()
         self._store = store
         self._clock = clock
         self._metrics = metrics
@@ -199,8 +205,10 @@ class CoturnStatsMeter:
         for task in (self._heartbeat, self._consumer):
             if task is not None:
                 task.cancel()
+        for task in self._ending:
+            task.cancel()
         await asyncio.gather(*(t for t in (self._heartbeat, self._consumer) if t is not None),
-                             return_exceptions=True)
+                             *self._ending, return_exceptions=True)
         self._heartbeat = self._consumer = None
         if self._leading:
             self._leading = False
@@ -336,6 +344,7 @@ class CoturnStatsMeter:
 
     async def _apply(self, messages: Sequence[tuple[str, str]]) -> None:
         events: list[TurnAllocationEvent] = []
+        started: dict[str, dict[str, list[str]]] = {}
         metrics = self._metrics
         for channel, data in messages:
             event = parse_event(channel, data)
@@ -353,9 +362,40 @@ class CoturnStatsMeter:
             if kind is not None:
                 events.append(TurnAllocationEvent(kind, event.allocation, username.project_id,
                                                   username.user_id, event.relayed_bytes))
+            if kind is TurnEventKind.STARTED:
+                started.setdefault(username.project_id, {}).setdefault(
+                    username.user_id, []).append(event.username)
         if events:
             await self._write(events)
             self._last_event_ms = self._now_ms()
+        if started and self._end_revoked is not None:
+            await self._end_revoked_starts(started)
+
+    async def _end_revoked_starts(self, started: dict[str, dict[str, list[str]]]) -> None:
+        """Ends allocations just started under revoked subjects (in the background: metering
+        never waits on coturn's CLI)."""
+        assert self._end_revoked is not None
+        now_ms = self._now_ms()
+        for project_id, by_user in started.items():
+            try:
+                revoked = await self._store.revoked_turn_subjects(
+                    project_id=project_id, subjects=list(by_user), now_ms=now_ms)
+            except StoreUnavailableError:
+                continue
+            for user_id in revoked:
+                for username in set(by_user[user_id]):
+                    task = asyncio.get_running_loop().create_task(
+                        self._end_one(project_id, username))
+                    self._ending.add(task)
+                    task.add_done_callback(self._ending.discard)
+
+    async def _end_one(self, project_id: str, username: str) -> None:
+        assert self._end_revoked is not None
+        try:
+            await self._end_revoked(project_id, username)
+        except Exception as error:  # the CLI's errors, whatever they are: logged
+            log.warning("an allocation of a revoked credential of project %s not ended: %s",
+                        Safe(project_id), Safe(type(error).__name__))
 
     async def _write(self, events: Sequence[TurnAllocationEvent], *,
                      from_stream: bool = True) -> None:

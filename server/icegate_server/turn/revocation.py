@@ -12,8 +12,10 @@ id, or the session id, a credential was issued for) does two things:
 - it ends the subject's allocations live on coturn now, through coturn's admin CLI (`cs` on
   each session `psp` lists for it).
 
-A credential issued before and not yet used can still open an allocation until it expires
-(the window is its TTL: keep TTLs short); revoking again ends that one too.
+A credential issued before and not yet used can still open an allocation until it expires:
+where coturn's stats stream is metered, such an allocation is ended as soon as coturn reports
+it (`turn.coturn_stats` calls `end_username`), a second or so; without metering, until the
+credential expires (keep TTLs short), and revoking again ends it.
 
 A realtime session's credential carries its user id (or its own id when it has none), and
 the store keeps that username with the session (`Store.begin_session`). When the session is
@@ -137,6 +139,15 @@ class TurnRevocation:
         if await self._store.get_project(project_id) is None:
             raise NotFoundError(f"project {project_id!r} does not exist")
         return user_id or session_id
+
+    async def end_username(self, project_id: str, username: str) -> int:
+        """Ends the allocations of exactly `username` (a credential of a revoked subject that
+        was used after the revocation)."""
+        ended = await self.end_allocations(project_id, username.__eq__)
+        if ended:
+            log.info("%d allocation(s) of a revoked TURN credential of project %s ended",
+                     ended, Safe(project_id))
+        return ended
 
     async def end_allocations(self, project_id: str, matches: Callable[[str], bool]) -> int:
         """Ends the project's allocations whose username `matches`; how many coturn ended.
