@@ -222,7 +222,10 @@ class CoturnStatsMeter:
 
     async def _beat_forever(self) -> None:
         while True:
-            await self.beat()
+            try:
+                await self.beat()
+            except Exception as error:  # a bug must not stop metering for good
+                log.warning("coturn meter heartbeat failed (%s)", Safe(type(error).__name__))
             await asyncio.sleep(self._heartbeat_seconds)
 
     async def beat(self) -> None:
@@ -298,6 +301,11 @@ class CoturnStatsMeter:
                 else:
                     delay = min(delay * 2, _MAX_RETRY_SECONDS)
                 self._set_connected(False)
+            except Exception as error:  # a bug: logged, and the stream taken up again
+                log.warning("coturn stats stream failed (%s); reconnecting",
+                            Safe(type(error).__name__))
+                self._set_connected(False)
+                delay = _MAX_RETRY_SECONDS
             finally:
                 with contextlib.suppress(Exception):
                     await client.aclose()
