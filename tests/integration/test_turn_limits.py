@@ -104,6 +104,7 @@ def test_byte_quota_refuses_credentials_once_the_month_relayed_it(
                "--upgrade-url", "https://icegate.example.test/upgrade")
     username, password = issue_credential(metered.target, LIMITED, "alice")
     assert observed_coturn.allocate(username, password).ok
+    wait_for(lambda: coturn_totals.ended(username) >= 2, message="coturn's totals")
     used = wait_for(lambda: (u := turn_usage(metered.target, LIMITED).relayed_bytes_this_month)
                     == coturn_totals.total(username) > 0 and u, message="metered")
     assert used >= 500  # one short relay moves more than the quota
