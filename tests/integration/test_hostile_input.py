@@ -350,7 +350,9 @@ def test_the_strategy_reaches_every_field(method: descriptor.MethodDescriptor):
     field added to a proto is fuzzed at once)."""
     missing = set(field_paths(method.input_type))
 
-    @settings(max_examples=100, deadline=None, database=None,
+    # 200: Project's sixteen fields, each left unset by some examples, missed one now and then
+    # in 100 (project.update_time.nanos, once in a full run).
+    @settings(max_examples=200, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(STRATEGIES.message(method.input_type))
     def collect(request: Any) -> None:
