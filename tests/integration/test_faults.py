@@ -62,7 +62,8 @@ def test_sqlite_disk_full_is_unavailable_then_recovers(tmp_path):
                 icegate.Client(server.target, TEST_ADMIN_KEY) as admin:
             admin.issue_turn_credentials("u")
             filler = disk / "filler"
-            with filler.open("wb") as handle, contextlib.suppress(OSError):
+            # Unbuffered: what did not fit is refused by write, not left for close to flush.
+            with filler.open("wb", buffering=0) as handle, contextlib.suppress(OSError):
                 while True:
                     handle.write(b"\0" * 65536)
             with pytest.raises(icegate.UnavailableError) as caught:

@@ -14,6 +14,7 @@ import hiredis
 import pytest
 import redis.exceptions
 
+from icegate_server.store.base import month_of
 from icegate_server.store.redis import _admit_args, _admit_argv
 from icegate_server.store.redis_admission import AdmissionConnection
 
@@ -254,17 +255,21 @@ def test_close_waits_for_the_batch_on_the_wire_then_refuses_new_calls() -> None:
     assert disconnected
 
 
-@pytest.mark.parametrize(("digest", "project_id", "now_ms", "count"), [
-    (hashlib.sha256(b"key").digest(), "", 1_700_000_000_000, True),
-    (None, "alpha", 0, False),
-    (None, "", 5, True),
-    (None, "proj-\u00e9\u4e2d", 123, False),  # lengths in bytes, not characters
+@pytest.mark.parametrize(("digest", "project_id", "now_ms", "count", "turn_subject"), [
+    (hashlib.sha256(b"key").digest(), "", 1_700_000_000_000, True, "alice"),
+    (None, "alpha", 0, False, None),
+    (None, "", 5, True, ""),
+    (None, "proj-\u00e9\u4e2d", 123, False, "\u00e9l\u00e8ve"),  # lengths in bytes
 ])
 def test_hand_packed_admit_arguments_are_what_hiredis_packs(
-        digest: bytes | None, project_id: str, now_ms: int, count: bool) -> None:
-    packed = hiredis.pack_command(tuple(_admit_args(digest, project_id, now_ms, count)))
+        digest: bytes | None, project_id: str, now_ms: int, count: bool,
+        turn_subject: str | None) -> None:
+    month = month_of(now_ms) if turn_subject is not None else ""
+    args = (digest, project_id, now_ms, count, turn_subject, month)
+    packed = hiredis.pack_command(tuple(_admit_args(*args)))
     arguments = packed[packed.index(b"\n") + 1:]  # without the "*<n>" header
-    assert _admit_argv(digest, project_id, now_ms, count) == arguments
+    assert _admit_argv(*args) == arguments
     # Remembered per caller: a second call differs only in now_ms.
-    later = hiredis.pack_command(tuple(_admit_args(digest, project_id, now_ms + 1, count)))
-    assert _admit_argv(digest, project_id, now_ms + 1, count) == later[later.index(b"\n") + 1:]
+    later_args = (digest, project_id, now_ms + 1, count, turn_subject, month)
+    later = hiredis.pack_command(tuple(_admit_args(*later_args)))
+    assert _admit_argv(*later_args) == later[later.index(b"\n") + 1:]
