@@ -301,3 +301,33 @@ def test_the_webhook_port_must_be_its_own():
     with pytest.raises(ConfigError, match="ICEGATE_WEBHOOK_LISTEN"):
         load_settings([], {"ICEGATE_WEBHOOK_LISTEN": "127.0.0.1:50051",
                            "ICEGATE_LISTEN": "127.0.0.1:50051"})
+
+
+def test_a_project_without_an_openai_key_fails_the_delivery_and_keeps_nothing(
+        server, admin, sender, emulation, openai):
+    admin.delete_provider_key("default", "openai")
+    assert sender.ring(emulation.ring()).status == 502
+    assert openai.requests == []
+    assert counts(admin) == (0, 0)
+
+
+@pytest.mark.redis
+def test_a_store_that_stalls_fails_the_delivery_and_the_next_one_is_served(
+        server_factory, redis_server, openai, emulation, secret):
+    server = server_factory(FrozenClock(float(int(time.time()))), store=redis_server.url,
+                            openai_base_url=openai.base_url, webhook_listen="127.0.0.1:0")
+    with icegate.Client(server.target, TEST_ADMIN_KEY) as client:
+        client.set_provider_key("default", "openai", OPENAI_KEY)
+        client.set_provider_key("default", "openai_webhook", secret)
+        assert server.server.webhook_port is not None
+        sender = WebhookSender(server.server.webhook_port, secret)
+        redis_server.pause()
+        try:
+            assert sender.ring(emulation.ring()).status == 502
+        finally:
+            redis_server.resume()
+        assert openai.requests == []
+        call_id = emulation.ring()
+        assert sender.ring(call_id).status == 200
+        assert [c for c, _ in emulation.accepted] == [call_id]
+        assert counts(client) == (1, 1)

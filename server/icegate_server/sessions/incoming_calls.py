@@ -39,6 +39,7 @@ from icegate_server.errors import (
     InvalidFieldError,
     QuotaExceededError,
     SessionPolicyError,
+    StoreUnavailableError,
     UpstreamError,
     UpstreamNotConfiguredError,
 )
@@ -126,6 +127,13 @@ class IncomingCalls:
 
     async def receive(self, headers: Mapping[str, str], body: bytes) -> Delivery:
         """Decides one delivery: `headers` with lower-case names, `body` the raw bytes."""
+        try:
+            return await self._receive(headers, body)
+        except StoreUnavailableError:
+            return self._refused(DeliveryOutcome.FAILED, "", "",
+                                 "store unavailable before the call was decided")
+
+    async def _receive(self, headers: Mapping[str, str], body: bytes) -> Delivery:
         delivery_id = headers.get("webhook-id", "")
         timestamp = headers.get("webhook-timestamp", "")
         signature = headers.get("webhook-signature", "")
