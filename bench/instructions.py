@@ -13,6 +13,11 @@ call, with start-up, warm-up and shutdown cancelled out. Two targets run at a ti
 per core: with more than the machine's cores, an event-driven server that is descheduled
 batches less and counts more (icegate counted 584k instead of 516k with three side by side).
 
+One thing does move from run to run: grpc's threads. Valgrind runs one thread at a time,
+and a grpc thread that spins on an absl mutex another thread holds counts its whole spin
+(an unnamed function in cygrpc, 0-32k instructions per call in a run, on any target): compare
+targets over a few runs, not one (issue 16's Redis/SQLite ratio read 1.02-1.08 over six).
+
 icegate runs on its embedded SQLite store and, when `redis-server` is installed, on a Redis
 store: a throw-away redis-server (no persistence) on a free port, one per run. Only the
 icegate process is under callgrind, so the count is icegate's CPU per call, not Redis's.

@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
 
     usage = commands.add_parser("usage", help="print a project's usage and limits")
     usage.add_argument("--project", default="", help="project id (default: the key's)")
+    usage.add_argument("--turn-user", default="",
+                       help="also the TURN usage of this user id (or session id)")
 
     _add_session_commands(commands.add_parser("session", help="realtime AI sessions"))
     _add_admin_commands(commands.add_parser("admin", help="manage projects and keys "
@@ -209,6 +211,12 @@ def _add_project_fields(command: argparse.ArgumentParser) -> None:
                          help="sessions per calendar month (default 1000)")
     command.add_argument("--max-concurrent", dest="max_concurrent_sessions", type=int,
                          help="sessions held at once (default 5)")
+    command.add_argument("--max-allocations", dest="max_allocations", type=int,
+                         help="live TURN allocations at which new credentials are refused "
+                              "(default 0: no limit)")
+    command.add_argument("--byte-quota", dest="byte_quota", type=int,
+                         help="TURN bytes relayed per calendar month at which new credentials "
+                              "are refused (default 0: none)")
 
 
 def _add_admin_commands(admin: argparse.ArgumentParser) -> None:
@@ -274,10 +282,23 @@ def _add_admin_commands(admin: argparse.ArgumentParser) -> None:
                              "until you restart it on one; refused without this flag")
     turn_secret.add_parser("list", help="the secrets in force, by id")
 
+    turn = groups.add_parser("turn", help="what TURN credentials opened on coturn").\
+        add_subparsers(dest="admin_command", required=True)
+    revoke = turn.add_parser("revoke", help="revoke a user's or a session's TURN credentials: "
+                             "end its allocations now, refuse new ones (prints JSON)")
+    restore = turn.add_parser("restore", help="lift a revocation: new TURN credentials for "
+                              "the user or session are issued again (prints JSON)")
+    for command in (revoke, restore):
+        command.add_argument("--project", required=True)
+        whose = command.add_mutually_exclusive_group(required=True)
+        whose.add_argument("--user", default="", help="the end user's id")
+        whose.add_argument("--session", default="", help="a realtime session's id")
+
 
 _PROJECT_FIELD_NAMES = ("display_name", "rate_limit_requests", "rate_limit_window",
                         "turn_ttl_default", "turn_ttl_max", "plan", "upgrade_url",
-                        "monthly_session_quota", "max_concurrent_sessions")
+                        "monthly_session_quota", "max_concurrent_sessions", "max_allocations",
+                        "byte_quota")
 
 
 def _as_dict(message: Message) -> dict[str, Any]:
@@ -323,6 +344,12 @@ def _run_admin(args: argparse.Namespace, client: Client) -> Any:
     if command == ("turn-secret", "rotate"):
         return [_as_dict(s) for s in client.rotate_turn_secret(
             coturn_restart_planned=args.coturn_restart_planned)]
+    if command == ("turn", "revoke"):
+        return _as_dict(client.revoke_turn_credentials(args.project, user_id=args.user,
+                                                       session_id=args.session))
+    if command == ("turn", "restore"):
+        return {"was_revoked": client.restore_turn_credentials(
+            args.project, user_id=args.user, session_id=args.session)}
     if command == ("turn-secret", "list"):
         return [_as_dict(s) for s in client.list_turn_secrets()]
     raise AssertionError(command)
@@ -361,7 +388,7 @@ def _run(args: argparse.Namespace, client: Client) -> Any:
     if args.command == "health":
         return client.health(args.service)
     if args.command == "usage":
-        return _as_dict(client.get_usage(args.project))
+        return _as_dict(client.get_usage(args.project, turn_user_id=args.turn_user))
     if args.command == "admin":
         return _run_admin(args, client)
     if args.command == "session":

@@ -149,11 +149,15 @@ class Client:
                           requests.get_ice_servers(user_id, ttl, project_id),
                           timeout, metadata)
 
-    def get_usage(self, project_id: str = "", *, timeout: float | None = None,
+    def get_usage(self, project_id: str = "", *, turn_user_id: str = "",
+                  timeout: float | None = None,
                   metadata: Metadata = ()) -> usage_pb2.GetUsageResponse:
-        """The project's rate-limit position, session counts and limits (not rate limited)."""
+        """The project's rate-limit position, session counts, TURN usage and limits (not rate
+        limited); with `turn_user_id`, that end user's TURN usage too."""
         return self._call(self._usage.GetUsage,  # type: ignore[no-any-return]
-                          usage_pb2.GetUsageRequest(project_id=project_id), timeout, metadata)
+                          usage_pb2.GetUsageRequest(project_id=project_id,
+                                                    turn_user_id=turn_user_id),
+                          timeout, metadata)
 
     # -- administration (admin keys only) ----------------------------------------------------
 
@@ -393,6 +397,28 @@ class Client:
         return list(self._call(self._admin.ListTurnSecrets,
                                admin_pb2.ListTurnSecretsRequest(), timeout,
                                metadata).turn_secrets)
+
+    def revoke_turn_credentials(
+        self, project_id: str, *, user_id: str = "", session_id: str = "",
+        timeout: float | None = None, metadata: Metadata = (),
+    ) -> admin_pb2.RevokeTurnCredentialsResponse:
+        """Revokes one end user's (or one session's) TURN credentials: new ones are refused
+        until those issued before have expired, and its allocations on coturn are ended now
+        (`allocations_ended`). Name exactly one of `user_id` and `session_id`. Safe to retry."""
+        return self._call(self._admin.RevokeTurnCredentials,  # type: ignore[no-any-return]
+                          requests.revoke_turn_credentials(project_id, user_id, session_id),
+                          timeout, metadata)
+
+    def restore_turn_credentials(
+        self, project_id: str, *, user_id: str = "", session_id: str = "",
+        timeout: float | None = None, metadata: Metadata = (),
+    ) -> bool:
+        """Lifts a revocation: new TURN credentials for the user (or session) are issued
+        again. Returns whether one was in force. Safe to retry."""
+        return bool((self._call(
+            self._admin.RestoreTurnCredentials,
+            requests.restore_turn_credentials(project_id, user_id, session_id), timeout,
+            metadata)).was_revoked)
 
     def health(self, service: str = "", *, timeout: float | None = None,
                metadata: Metadata = ()) -> str:

@@ -37,6 +37,17 @@ CURRENT: Final = "current"
 MAX: Final = "max"
 """The most live sessions the project may hold."""
 
+# TURN_ALLOCATION_LIMIT: CURRENT and MAX (live allocations). TURN_BYTE_QUOTA_EXCEEDED: PLAN,
+# UPGRADE_URL, RESETS_AT and
+BYTES_USED: Final = "bytes_used"
+"""The bytes the project's TURN allocations relayed this month."""
+BYTE_QUOTA: Final = "byte_quota"
+"""The project's monthly TURN byte quota."""
+
+# TURN_CREDENTIALS_REVOKED
+REVOKED_UNTIL: Final = "revoked_until"
+"""Until when the user's or session's TURN credentials are refused."""
+
 # UPSTREAM_*
 PROVIDER: Final = "provider"
 """The provider's short name (`openai`, `gemini`, ...)."""

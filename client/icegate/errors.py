@@ -5,6 +5,7 @@
     ├── PermissionDeniedError        PERMISSION_DENIED
     │   ├── ProjectForbiddenError        PROJECT_FORBIDDEN
     │   └── SessionPolicyError           SESSION_POLICY (.field)
+    │   └── TurnCredentialsRevokedError  TURN_CREDENTIALS_REVOKED (.revoked_until)
     ├── InvalidArgumentError         INVALID_ARGUMENT (INVALID_FIELD; .field_violations)
     ├── NotFoundError                NOT_FOUND
     ├── AlreadyExistsError           ALREADY_EXISTS
@@ -12,14 +13,19 @@
     │   ├── RateLimitedError             RATE_LIMITED (.reset_at, .retry_after, .limit)
     │   ├── QuotaExceededError           QUOTA_EXCEEDED (.usage, .upgrade_url, .plan)
     │   ├── ConcurrentLimitError         CONCURRENT_LIMIT (.current, .max_sessions)
+    │   ├── TurnAllocationLimitError     TURN_ALLOCATION_LIMIT (.current, .max_allocations)
+    │   ├── TurnByteQuotaExceededError   TURN_BYTE_QUOTA_EXCEEDED (.bytes_used, .byte_quota,
+    │   │                                    .upgrade_url, .resets_at)
     │   └── UpstreamQuotaError           UPSTREAM_QUOTA_EXCEEDED
     ├── FailedPreconditionError      FAILED_PRECONDITION
     │   ├── UpstreamNotConfiguredError   UPSTREAM_NOT_CONFIGURED
     │   ├── UpstreamAuthFailedError      UPSTREAM_AUTH_FAILED (.provider, .upstream_request_id)
     │   ├── UpstreamRejectedError        UPSTREAM_REJECTED
-    │   └── CoturnOutOfStepError         COTURN_OUT_OF_STEP (a rotation coturn would not follow)
+    │   ├── CoturnOutOfStepError         COTURN_OUT_OF_STEP (a rotation coturn would not follow)
+    │   └── CoturnCliNotConfiguredError  COTURN_CLI_NOT_CONFIGURED
     ├── UnavailableError             UNAVAILABLE (safe to retry)
-    │   └── UpstreamUnavailableError     UPSTREAM_UNAVAILABLE
+    │   ├── UpstreamUnavailableError     UPSTREAM_UNAVAILABLE
+    │   └── CoturnCliUnavailableError    COTURN_CLI_UNAVAILABLE
     ├── DeadlineExceededError        DEADLINE_EXCEEDED
     │   └── UpstreamTimeoutError         UPSTREAM_UNAVAILABLE within the deadline
     ├── CancelledError               CANCELLED
@@ -115,6 +121,15 @@ class SessionPolicyError(PermissionDeniedError):
         return self.metadata.get(error_metadata.FIELD, "")
 
 
+class TurnCredentialsRevokedError(PermissionDeniedError):
+    """TURN credentials for this user or session were revoked; refused until `revoked_until`."""
+
+    @property
+    def revoked_until(self) -> datetime | None:
+        value = self.metadata.get(error_metadata.REVOKED_UNTIL)
+        return datetime.fromisoformat(value) if value else None
+
+
 class InvalidArgumentError(IcegateError):
     """A request field is invalid; `field_violations` says which and why."""
 
@@ -202,6 +217,43 @@ class ConcurrentLimitError(ResourceExhaustedError):
         return int(self.metadata.get(error_metadata.MAX, 0))
 
 
+class TurnAllocationLimitError(ResourceExhaustedError):
+    """The project holds as many live TURN allocations as it may; wait for some to end."""
+
+    @property
+    def current(self) -> int:
+        return int(self.metadata.get(error_metadata.CURRENT, 0))
+
+    @property
+    def max_allocations(self) -> int:
+        return int(self.metadata.get(error_metadata.MAX, 0))
+
+
+class TurnByteQuotaExceededError(ResourceExhaustedError):
+    """The project's TURN allocations relayed every byte its plan includes this month."""
+
+    @property
+    def bytes_used(self) -> int:
+        return int(self.metadata.get(error_metadata.BYTES_USED, 0))
+
+    @property
+    def byte_quota(self) -> int:
+        return int(self.metadata.get(error_metadata.BYTE_QUOTA, 0))
+
+    @property
+    def plan(self) -> str:
+        return self.metadata.get(error_metadata.PLAN, "")
+
+    @property
+    def upgrade_url(self) -> str:
+        return self.metadata.get(error_metadata.UPGRADE_URL, "")
+
+    @property
+    def resets_at(self) -> datetime | None:
+        value = self.metadata.get(error_metadata.RESETS_AT)
+        return datetime.fromisoformat(value) if value else None
+
+
 class _UpstreamDetails:
     """What the server says about a failed upstream provider call."""
 
@@ -244,12 +296,20 @@ class CoturnOutOfStepError(FailedPreconditionError):
     """A TURN secret rotation refused: icegate keeps no coturn database coturn would follow."""
 
 
+class CoturnCliNotConfiguredError(FailedPreconditionError):
+    """Ending TURN allocations needs coturn's admin CLI, which the server has not configured."""
+
+
 class UnavailableError(IcegateError):
     """The server or something it depends on is unavailable; safe to retry with backoff."""
 
     @property
     def retry_after(self) -> timedelta | None:
         return _retry_delay(self.details)
+
+
+class CoturnCliUnavailableError(UnavailableError):
+    """coturn's admin CLI could not be used to end allocations; safe to retry."""
 
 
 class UpstreamUnavailableError(_UpstreamDetails, UnavailableError):
@@ -291,6 +351,11 @@ _BY_REASON: dict[ErrorReason.ValueType, type[IcegateError]] = {
     ErrorReason.ERROR_REASON_UPSTREAM_QUOTA_EXCEEDED: UpstreamQuotaError,
     ErrorReason.ERROR_REASON_UPSTREAM_UNAVAILABLE: UpstreamUnavailableError,
     ErrorReason.ERROR_REASON_INTERNAL: InternalError,
+    ErrorReason.ERROR_REASON_TURN_ALLOCATION_LIMIT: TurnAllocationLimitError,
+    ErrorReason.ERROR_REASON_TURN_BYTE_QUOTA_EXCEEDED: TurnByteQuotaExceededError,
+    ErrorReason.ERROR_REASON_TURN_CREDENTIALS_REVOKED: TurnCredentialsRevokedError,
+    ErrorReason.ERROR_REASON_COTURN_CLI_UNAVAILABLE: CoturnCliUnavailableError,
+    ErrorReason.ERROR_REASON_COTURN_CLI_NOT_CONFIGURED: CoturnCliNotConfiguredError,
 }
 """The class for each reason icegate sends; an empty or unknown reason falls back on the code."""
 

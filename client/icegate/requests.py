@@ -42,6 +42,7 @@ _DURATION_FIELDS = frozenset({"rate_limit_window", "turn_ttl_default", "turn_ttl
 PROJECT_FIELDS = frozenset({
     "display_name", "rate_limit_requests", "rate_limit_window", "turn_ttl_default",
     "turn_ttl_max", "plan", "upgrade_url", "monthly_session_quota", "max_concurrent_sessions",
+    "max_allocations", "byte_quota",
 })
 """The Project fields a caller sets at creation or changes with `update_project`."""
 
@@ -219,3 +220,24 @@ def session_policy(policy: SessionPolicyLike) -> admin_pb2.SessionPolicy:
         return json_format.ParseDict(dict(policy), admin_pb2.SessionPolicy())
     except json_format.ParseError as error:
         raise ValueError(f"not a session policy: {error}") from None
+
+
+def revoke_turn_credentials(project_id: str, user_id: str, session_id: str
+                            ) -> admin_pb2.RevokeTurnCredentialsRequest:
+    """The request naming one subject (the server refuses none with INVALID_ARGUMENT; the
+    message's oneof would keep only the last one set, so both are refused here)."""
+    return admin_pb2.RevokeTurnCredentialsRequest(
+        project_id=project_id, **_turn_subject(user_id, session_id))
+
+
+def restore_turn_credentials(project_id: str, user_id: str, session_id: str
+                             ) -> admin_pb2.RestoreTurnCredentialsRequest:
+    """As `revoke_turn_credentials`, to lift the revocation."""
+    return admin_pb2.RestoreTurnCredentialsRequest(
+        project_id=project_id, **_turn_subject(user_id, session_id))
+
+
+def _turn_subject(user_id: str, session_id: str) -> dict[str, str]:
+    if bool(user_id) == bool(session_id):
+        raise ValueError("name exactly one of user_id and session_id")
+    return {"user_id": user_id} if user_id else {"session_id": session_id}

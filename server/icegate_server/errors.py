@@ -15,9 +15,14 @@ they never contain a secret, a key or a token.
     ├── RateLimitedError             RESOURCE_EXHAUSTED   RATE_LIMITED
     ├── QuotaExceededError           RESOURCE_EXHAUSTED   QUOTA_EXCEEDED
     ├── ConcurrentLimitError         RESOURCE_EXHAUSTED   CONCURRENT_LIMIT
+    ├── TurnAllocationLimitError     RESOURCE_EXHAUSTED   TURN_ALLOCATION_LIMIT
+    ├── TurnByteQuotaExceededError   RESOURCE_EXHAUSTED   TURN_BYTE_QUOTA_EXCEEDED
+    ├── TurnCredentialsRevokedError  PERMISSION_DENIED    TURN_CREDENTIALS_REVOKED
     ├── StoreUnavailableError        UNAVAILABLE          STORE_UNAVAILABLE
     ├── CoturnOutOfStepError         FAILED_PRECONDITION  COTURN_OUT_OF_STEP
     ├── SessionPolicyError           PERMISSION_DENIED    SESSION_POLICY
+    ├── CoturnCliUnavailableError    UNAVAILABLE          COTURN_CLI_UNAVAILABLE
+    ├── CoturnCliNotConfiguredError  FAILED_PRECONDITION  COTURN_CLI_NOT_CONFIGURED
     └── UpstreamError
         ├── UpstreamNotConfiguredError   FAILED_PRECONDITION  UPSTREAM_NOT_CONFIGURED
         ├── UpstreamAuthFailedError      FAILED_PRECONDITION  UPSTREAM_AUTH_FAILED
@@ -116,6 +121,38 @@ class ConcurrentLimitError(IcegateError):
         self.maximum = maximum
 
 
+class TurnAllocationLimitError(IcegateError):
+    """The project holds as many live TURN allocations as its `max_allocations` allows."""
+
+    def __init__(self, *, current: int, maximum: int) -> None:
+        super().__init__(f"TURN allocation limit reached ({current} of {maximum} live)")
+        self.current = current
+        self.maximum = maximum
+
+
+class TurnByteQuotaExceededError(IcegateError):
+    """The project's TURN allocations relayed its monthly byte quota."""
+
+    def __init__(self, *, plan: str, used: int, quota: int, upgrade_url: str,
+                 resets_at: datetime) -> None:
+        super().__init__(f"monthly TURN byte quota of {quota} bytes used up ({used} relayed) "
+                         f"on plan {plan!r}")
+        self.plan = plan
+        self.used = used
+        self.quota = quota
+        self.upgrade_url = upgrade_url
+        self.resets_at = resets_at
+
+
+class TurnCredentialsRevokedError(IcegateError):
+    """TURN credentials for this user or session were revoked, until `revoked_until`."""
+
+    def __init__(self, *, subject: str, revoked_until: datetime) -> None:
+        super().__init__(f"TURN credentials for {subject!r} are revoked until "
+                         f"{revoked_until.isoformat()}")
+        self.revoked_until = revoked_until
+
+
 class StoreUnavailableError(IcegateError):
     """The state store (SQLite file or Redis) cannot be reached or written."""
 
@@ -130,6 +167,14 @@ class SessionPolicyError(IcegateError):
     def __init__(self, field: str, description: str) -> None:
         super().__init__(f"{field}: {description} (the project's session policy)")
         self.field = field
+
+
+class CoturnCliUnavailableError(IcegateError):
+    """coturn's admin CLI could not be used to end allocations (unreachable, refused)."""
+
+
+class CoturnCliNotConfiguredError(IcegateError):
+    """Ending allocations needs coturn's admin CLI, and none is configured."""
 
 
 class UpstreamError(IcegateError):

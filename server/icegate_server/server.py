@@ -62,12 +62,20 @@ from icegate_server.sessions.vault import Vault, load_master_keys
 from icegate_server.settings import Settings, parse_listen_address
 from icegate_server.store import Store, open_store
 from icegate_server.transports.grpc_methods import MethodTable
+from icegate_server.turn.coturn_cli import CoturnCli
+from icegate_server.turn.coturn_stats import (
+    COTURN_STATS_HEALTH,
+    CoturnStatsMeter,
+    Metering,
+    MeteringStatus,
+)
 from icegate_server.turn.coturn_userdb import (
     CoturnRedisSecrets,
     CoturnSecretSink,
     CoturnSqliteSecrets,
 )
 from icegate_server.turn.credentials import TurnCredentialIssuer, TurnSecretKeyring
+from icegate_server.turn.revocation import SessionTurnSweeper, TurnRevocation
 from icegate_server.turn.rotation import TurnSecretRotation
 
 if TYPE_CHECKING:  # imported when ICEGATE_HTTP_LISTEN is set (create_server)
@@ -104,6 +112,11 @@ class IcegateServer:
     """Connect and gRPC-Web over HTTP (`ICEGATE_HTTP_LISTEN`), None when off."""
     webhook_listener: HttpListener | None = None
     """OpenAI's incoming-call webhook (`ICEGATE_WEBHOOK_LISTEN`), None when off."""
+    coturn_meter: CoturnStatsMeter | None = None
+    """Meters TURN usage from coturn's stats stream (`ICEGATE_COTURN_STATSDB`), or None."""
+    session_turn: SessionTurnSweeper | None = None
+    """Ends ended sessions' TURN allocations (with `ICEGATE_COTURN_CLI`; without, forgets
+    them)."""
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -123,12 +136,14 @@ class IcegateServer:
         return None if self.webhook_listener is None else self.webhook_listener.port
 
     async def start(self) -> None:
-        """Starts serving (both transports) and reports SERVING."""
-        await self.grpc_server.start()
+        """Starts serving (every listener) and reports SERVING."""
+        # The HTTP listeners first: once the gRPC port accepts (what supervisors and tests
+        # wait for), the others do too.
         if self.http_listener is not None:
             await self.http_listener.start()
         if self.webhook_listener is not None:
             await self.webhook_listener.start()
+        await self.grpc_server.start()
         self.turn_secrets.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -136,6 +151,11 @@ class IcegateServer:
             self._background.append(asyncio.create_task(self.lease_gauge.run()))
         if self.sessions is not None:
             self._background.append(asyncio.create_task(self.sessions.run_reaper()))
+        if self.coturn_meter is not None:
+            await self.health.set(COTURN_STATS_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.coturn_meter.start()
+        if self.session_turn is not None:
+            self._background.append(asyncio.create_task(self.session_turn.run()))
 
     async def stop(self, grace: float | None = None) -> None:
         """Reports NOT_SERVING, lets in-flight calls finish within `grace`, then releases all."""
@@ -151,6 +171,8 @@ class IcegateServer:
             stopping.append(self.webhook_listener.stop(grace))
         await asyncio.gather(*stopping)
         await self.turn_secrets.stop()
+        if self.coturn_meter is not None:
+            await self.coturn_meter.stop()
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -190,6 +212,26 @@ def coturn_sinks(settings: Settings) -> list[CoturnSecretSink]:
     if settings.coturn_sqlite:
         sinks.append(CoturnSqliteSecrets(settings.coturn_sqlite, settings.turn_realm))
     return sinks
+
+
+def coturn_meter(settings: Settings, store: Store, clock: Clock, metrics: IcegateMetrics,
+                 revocation: TurnRevocation, cli: CoturnCli | None,
+                 health_servicer: health.aio.HealthServicer) -> CoturnStatsMeter | None:
+    """The meter of coturn's stats stream (`ICEGATE_COTURN_STATSDB`), reporting how it stands
+    in the health service `COTURN_STATS_HEALTH`, and ending allocations of revoked
+    credentials through the CLI; None when no stream is configured."""
+    if not settings.coturn_statsdb:
+        return None
+
+    async def metering_health(metering: Metering) -> None:
+        await health_servicer.set(COTURN_STATS_HEALTH, (
+            health_pb2.HealthCheckResponse.SERVING if metering.status is MeteringStatus.LIVE
+            else health_pb2.HealthCheckResponse.NOT_SERVING))
+
+    return CoturnStatsMeter(settings.coturn_statsdb, store, clock, metrics,
+                            on_change=metering_health, cli=cli,
+                            end_revoked=revocation.end_username if cli else None,
+                            resync_seconds=settings.coturn_stats_resync)
 
 
 async def create_server(
@@ -256,7 +298,13 @@ async def create_server(
                                     upstream_seconds=settings.upstream_connect_timeout
                                     + settings.upstream_read_timeout)
         guard = CallGuard(access, metrics)
+        coturn_cli = (CoturnCli(settings.coturn_cli, settings.coturn_cli_password)
+                      if settings.coturn_cli else None)
+        revocation = TurnRevocation(store, clock, coturn_cli,
+                                    max_ttl_seconds=settings.turn_ttl_max)
         health_servicer = health.aio.HealthServicer()
+        meter = coturn_meter(settings, store, clock, metrics, revocation, coturn_cli,
+                             health_servicer)
         # Every service on both transports: the guarded ones, then health (open). Reflection
         # (a bidirectional stream) is gRPC's only.
         served = (
@@ -266,9 +314,10 @@ async def create_server(
              SessionServicer(sessions), guard),
             (admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
              AdminServicer(admin, provider_keys, turn_secrets,
-                           SessionPolicies(store, providers, clock)), guard),
+                           SessionPolicies(store, providers, clock), revocation), guard),
             (usage_pb2.DESCRIPTOR.services_by_name["UsageService"],
-             UsageServicer(UsageReporter(store, clock)), guard),
+             UsageServicer(UsageReporter(store, clock, meter.metering if meter else None)),
+             guard),
             (health_pb2.DESCRIPTOR.services_by_name["Health"], health_servicer, None),
         )
         methods = MethodTable()
@@ -314,14 +363,16 @@ async def create_server(
                 raise OSError(f"cannot serve metrics on {settings.metrics_listen} "
                               f"(ICEGATE_METRICS_LISTEN): {error.strerror}") from None
             lease_gauge = ActiveLeaseGauge(store, clock, metrics)
+        session_turn = SessionTurnSweeper(store, clock, revocation)
     except BaseException:
         # Nothing starts half-built: release what was opened before the failure.
         await http.aclose()
         await store.close()
         raise
     return IcegateServer(server, health_servicer, store, settings, http, turn_secrets, metrics,
-                         endpoint, lease_gauge, sessions=sessions,
-                         http_listener=http_listener, webhook_listener=webhook_listener), port
+                         endpoint, lease_gauge, sessions=sessions, coturn_meter=meter,
+                         session_turn=session_turn, http_listener=http_listener,
+                         webhook_listener=webhook_listener), port
 
 
 def _freeze_startup_objects() -> None:

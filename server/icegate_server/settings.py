@@ -324,6 +324,24 @@ class Settings:
         "", "path of coturn's SQLite userdb: icegate keeps the realm's secrets there",
         check=_unless_empty(_require(lambda path: Path(path).parent.is_dir(),
                                      "must be a file in an existing directory")))
+    coturn_statsdb: str = setting(
+        "", "redis:// URL of the Redis coturn's redis-statsdb publishes to: icegate meters "
+        "TURN usage from it (default empty: off)",
+        secret=True, check=_unless_empty(_require(
+            COTURN_REDIS_PATTERN.fullmatch,
+            "must be a redis:// URL of printable ASCII without spaces")))
+    coturn_stats_resync: float = setting(
+        30.0, "seconds between checks of which allocations coturn still lists (30): ends "
+        "missed while the stats stream was down, or by a coturn restart, are caught up then",
+        check=_require(lambda seconds: math.isfinite(seconds) and 0.1 <= seconds <= 3600,
+                       "must be between 0.1 and 3600 seconds"))
+    coturn_cli: str = setting(
+        "", "host:port of coturn's admin CLI (cli-ip, cli-port): icegate ends allocations "
+        "through it (default empty: off)", check=_unless_empty(parse_listen_address))
+    coturn_cli_password: str = setting(
+        "", "coturn's cli-password (at least 8 characters, no spaces)", secret=True,
+        check=_unless_empty(_require(lambda password: len(password) >= 8 and " " not in password,
+                                     "must be at least 8 characters, without spaces")))
     turn_rotate_interval: int = setting(
         0, "rotate the TURN secret automatically every this many seconds (0: off)",
         check=_unless_empty(_require(lambda seconds: 60 <= seconds <= 365 * 86400,
@@ -586,6 +604,11 @@ def _check_together(settings: Settings) -> None:
     if bool(settings.coturn_tls_cert) != bool(settings.coturn_tls_key):
         fail("coturn_tls_key" if settings.coturn_tls_cert else "coturn_tls_cert",
              "ICEGATE_COTURN_TLS_CERT and ICEGATE_COTURN_TLS_KEY must be set together")
+    if settings.coturn_cli and not settings.coturn_cli_password:
+        fail("coturn_cli_password", "is required with ICEGATE_COTURN_CLI (coturn refuses a "
+             "CLI without a password on any address but loopback, and so does icegate)")
+    if settings.coturn_cli_password and not settings.coturn_cli:
+        fail("coturn_cli", "is required with ICEGATE_COTURN_CLI_PASSWORD")
     if settings.metrics_listen == settings.listen and not settings.listen.endswith(":0"):
         fail("metrics_listen", "must differ from ICEGATE_LISTEN")
     if bool(settings.tls_cert) != bool(settings.tls_key):

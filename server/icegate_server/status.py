@@ -44,8 +44,19 @@ ERROR_TABLE: dict[type[errors.IcegateError], tuple[grpc.StatusCode, ErrorReason.
         (grpc.StatusCode.RESOURCE_EXHAUSTED, ErrorReason.ERROR_REASON_QUOTA_EXCEEDED),
     errors.ConcurrentLimitError:
         (grpc.StatusCode.RESOURCE_EXHAUSTED, ErrorReason.ERROR_REASON_CONCURRENT_LIMIT),
+    errors.TurnAllocationLimitError:
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, ErrorReason.ERROR_REASON_TURN_ALLOCATION_LIMIT),
+    errors.TurnByteQuotaExceededError:
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, ErrorReason.ERROR_REASON_TURN_BYTE_QUOTA_EXCEEDED),
+    errors.TurnCredentialsRevokedError:
+        (grpc.StatusCode.PERMISSION_DENIED, ErrorReason.ERROR_REASON_TURN_CREDENTIALS_REVOKED),
     errors.StoreUnavailableError:
         (grpc.StatusCode.UNAVAILABLE, ErrorReason.ERROR_REASON_STORE_UNAVAILABLE),
+    errors.CoturnCliUnavailableError:
+        (grpc.StatusCode.UNAVAILABLE, ErrorReason.ERROR_REASON_COTURN_CLI_UNAVAILABLE),
+    errors.CoturnCliNotConfiguredError:
+        (grpc.StatusCode.FAILED_PRECONDITION,
+         ErrorReason.ERROR_REASON_COTURN_CLI_NOT_CONFIGURED),
     errors.CoturnOutOfStepError:
         (grpc.StatusCode.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_COTURN_OUT_OF_STEP),
     errors.SessionPolicyError:
@@ -91,6 +102,18 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return duration_pb2.Duration(seconds=whole)
 
 
+def _quota_failure(description: str) -> any_pb2.Any:
+    return _pack(error_details_pb2.QuotaFailure(violations=[
+        error_details_pb2.QuotaFailure.Violation(subject="project", description=description)
+    ]))
+
+
+def _upgrade_help(url: str) -> any_pb2.Any:
+    return _pack(error_details_pb2.Help(links=[
+        error_details_pb2.Help.Link(description="Upgrade plan", url=url)
+    ]))
+
+
 def to_rpc_status(error: errors.IcegateError) -> status_pb2.Status:
     """The google.rpc.Status for `error`: code, message, ErrorInfo and the details that apply."""
     code, reason = lookup(error)
@@ -120,14 +143,9 @@ def to_rpc_status(error: errors.IcegateError) -> status_pb2.Status:
             error_metadata.UPGRADE_URL: error.upgrade_url,
             error_metadata.RESETS_AT: error.resets_at.isoformat(),
         })
-        details.append(_pack(error_details_pb2.QuotaFailure(violations=[
-            error_details_pb2.QuotaFailure.Violation(
-                subject="project", description=error.message)
-        ])))
+        details.append(_quota_failure(error.message))
         if error.upgrade_url:
-            details.append(_pack(error_details_pb2.Help(links=[
-                error_details_pb2.Help.Link(description="Upgrade plan", url=error.upgrade_url)
-            ])))
+            details.append(_upgrade_help(error.upgrade_url))
     elif isinstance(error, errors.ConcurrentLimitError):
         metadata.update({
             error_metadata.CURRENT: str(error.current),
@@ -135,6 +153,25 @@ def to_rpc_status(error: errors.IcegateError) -> status_pb2.Status:
         })
     elif isinstance(error, errors.SessionPolicyError):
         metadata[error_metadata.FIELD] = error.field
+    elif isinstance(error, errors.TurnAllocationLimitError):
+        metadata.update({
+            error_metadata.CURRENT: str(error.current),
+            error_metadata.MAX: str(error.maximum),
+        })
+        details.append(_quota_failure(error.message))
+    elif isinstance(error, errors.TurnByteQuotaExceededError):
+        metadata.update({
+            error_metadata.PLAN: error.plan,
+            error_metadata.BYTES_USED: str(error.used),
+            error_metadata.BYTE_QUOTA: str(error.quota),
+            error_metadata.UPGRADE_URL: error.upgrade_url,
+            error_metadata.RESETS_AT: error.resets_at.isoformat(),
+        })
+        details.append(_quota_failure(error.message))
+        if error.upgrade_url:
+            details.append(_upgrade_help(error.upgrade_url))
+    elif isinstance(error, errors.TurnCredentialsRevokedError):
+        metadata[error_metadata.REVOKED_UNTIL] = error.revoked_until.isoformat()
     elif isinstance(error, errors.UpstreamError):
         metadata.update({
             error_metadata.PROVIDER: error.provider,

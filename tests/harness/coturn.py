@@ -231,6 +231,7 @@ class Coturn:
             redis_userdb=redis_userdb,
             sqlite_userdb=self.sqlite_userdb,
         )
+        config = self._adjust_config(config)
         config_path = self.directory / "turnserver.conf"
         config_path.write_text(config)
         self._log = (self.directory / "turnserver.log").open("wb")
@@ -241,6 +242,10 @@ class Coturn:
             # Its own process group, so a Ctrl-C aimed at pytest does not hit coturn first.
             start_new_session=True,
         )
+
+    def _adjust_config(self, config: str) -> str:
+        """The rendered config as this coturn runs it (subclasses add lines)."""
+        return config
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + self.startup_timeout

@@ -19,13 +19,10 @@ import pytest
 import yaml
 
 from icegate_server.cli import _parser as server_parser
-from icegate_server.settings import SETTINGS, ConfigError, Settings, env_name, load_settings
+from icegate_server.settings import ConfigError, Settings, env_name, load_settings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-# TURN usage and revocation (issue 17) declare these three settings; the deploy files wire them
-# already. Once both are merged they are fields of Settings and this set adds nothing.
-DECLARED_WITH_USAGE = {"coturn_statsdb", "coturn_cli", "coturn_cli_password"}
-SETTING_NAMES = {f.name for f in dataclasses.fields(Settings)} | DECLARED_WITH_USAGE
+SETTING_NAMES = {f.name for f in dataclasses.fields(Settings)}
 CLIENT_VARIABLES = {"ICEGATE_TLS_CA", "ICEGATE_TLS_SERVER_NAME"}
 """Read by the `icegate` command (the container's health check), not by the server."""
 PLACEHOLDER_SECRETS = {
@@ -389,11 +386,10 @@ def test_compose_renders_coturn_reading_the_secrets_from_that_redis(tmp_path, mo
     assert "cert=/etc/icegate-coturn/tls/fullchain.pem" in lines
     assert "allow-loopback-peers" not in lines
     assert "denied-peer-ip=127.0.0.0-127.255.255.255" in lines
-    if "coturn_cli" in SETTINGS:  # declared with revocation (see DECLARED_WITH_USAGE)
-        assert "cli-ip=127.0.0.1" in lines and "cli-port=5766" in lines
-        assert f"cli-password={COMPOSE_VARIABLES['COTURN_CLI_PASSWORD']}" in lines
-        assert (f'redis-statsdb="ip=127.0.0.1 dbname=2 port=6380 password={password} '
-                'connect_timeout=30"') in lines
+    assert "cli-ip=127.0.0.1" in lines and "cli-port=5766" in lines
+    assert f"cli-password={COMPOSE_VARIABLES['COTURN_CLI_PASSWORD']}" in lines
+    assert (f'redis-statsdb="ip=127.0.0.1 dbname=2 port=6380 password={password} '
+            'connect_timeout=30"') in lines
 
 
 @pytest.mark.parametrize("service", ["icegate", "coturn-config"])

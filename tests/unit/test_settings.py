@@ -194,6 +194,14 @@ BAD_ENV_VALUES = [
     ("coturn_user_quota", "-1"),
     ("coturn_total_quota", "many"),
     ("coturn_max_bps", "1000000000001"),
+    ("coturn_statsdb", "http://not-redis"),
+    ("coturn_statsdb", "redis://host/0 with space"),
+    ("coturn_stats_resync", "0"),
+    ("coturn_stats_resync", "nan"),
+    ("coturn_cli", "127.0.0.1"),
+    ("coturn_cli", "127.0.0.1:5766\nx"),
+    ("coturn_cli_password", "short"),
+    ("coturn_cli_password", "with a space"),
     ("workers", "0"),
     ("workers", "65"),
     ("workers", "two"),
@@ -389,6 +397,9 @@ EXAMPLES = {
     "coturn_sqlite": str(Path(__file__).parent / "turndb"),
     "coturn_tls_cert": "/etc/icegate-coturn/tls/fullchain.pem",
     "coturn_tls_key": "/etc/icegate-coturn/tls/privkey.pem",
+    "coturn_statsdb": "redis://:password@127.0.0.1:6379/2",
+    "coturn_cli": "127.0.0.1:5766",
+    "coturn_cli_password": "cli-password-0123",
     "openai_base_url": "https://api.openai.test",
     "azure_base_url": "https://resource.openai.azure.test",
     "orga_base_url": "https://api.orga.test",
@@ -470,5 +481,5 @@ def test_secret_settings_never_appear_when_settings_are_shown_or_logged(name, ca
 
 
 def test_the_secret_settings_are_the_secrets_and_urls_with_passwords():
-    assert {"turn_secrets", "api_keys", "master_key", "store", "coturn_redis"} == (
-        SECRET_SETTINGS)
+    assert {"turn_secrets", "api_keys", "master_key", "store", "coturn_redis", "coturn_statsdb",
+            "coturn_cli_password"} == SECRET_SETTINGS

@@ -55,6 +55,13 @@ def sample(cls: type[errors.IcegateError]) -> errors.IcegateError:
                    upgrade_url="https://icegate.example.test/upgrade", resets_at=RESET_AT)
     if issubclass(cls, errors.ConcurrentLimitError):
         return cls(current=5, maximum=5)
+    if issubclass(cls, errors.TurnAllocationLimitError):
+        return cls(current=40, maximum=40)
+    if issubclass(cls, errors.TurnByteQuotaExceededError):
+        return cls(plan="starter", used=10**9 + 5, quota=10**9,
+                   upgrade_url="https://icegate.example.test/upgrade", resets_at=RESET_AT)
+    if issubclass(cls, errors.TurnCredentialsRevokedError):
+        return cls(subject="alice", revoked_until=RESET_AT)
     if issubclass(cls, errors.UpstreamError):
         return cls("the provider did not mint a token", provider="openai", upstream_status=503,
                    upstream_request_id="req_123", retry_after_seconds=7.0)
@@ -82,6 +89,11 @@ CLIENT_CLASS: dict[type[errors.IcegateError], type[client_errors.IcegateError]] 
     errors.UpstreamQuotaError: client_errors.UpstreamQuotaError,
     errors.UpstreamUnavailableError: client_errors.UpstreamUnavailableError,
     errors.UpstreamTimeoutError: client_errors.UpstreamTimeoutError,
+    errors.TurnAllocationLimitError: client_errors.TurnAllocationLimitError,
+    errors.TurnByteQuotaExceededError: client_errors.TurnByteQuotaExceededError,
+    errors.TurnCredentialsRevokedError: client_errors.TurnCredentialsRevokedError,
+    errors.CoturnCliUnavailableError: client_errors.CoturnCliUnavailableError,
+    errors.CoturnCliNotConfiguredError: client_errors.CoturnCliNotConfiguredError,
 }
 
 CONCRETE = concrete_error_classes()
@@ -279,6 +291,8 @@ PUBLISHED_REASONS = {
     "ALREADY_EXISTS", "RATE_LIMITED", "QUOTA_EXCEEDED", "CONCURRENT_LIMIT", "STORE_UNAVAILABLE",
     "COTURN_OUT_OF_STEP", "UPSTREAM_NOT_CONFIGURED", "UPSTREAM_AUTH_FAILED", "UPSTREAM_REJECTED",
     "UPSTREAM_QUOTA_EXCEEDED", "UPSTREAM_UNAVAILABLE", "INTERNAL", "SESSION_POLICY",
+    "TURN_ALLOCATION_LIMIT", "TURN_BYTE_QUOTA_EXCEEDED", "TURN_CREDENTIALS_REVOKED",
+    "COTURN_CLI_UNAVAILABLE", "COTURN_CLI_NOT_CONFIGURED",
 }
 
 
@@ -338,8 +352,10 @@ def test_an_unknown_reason_falls_back_on_the_code():
 
 def test_limit_refusal_labels_are_the_reasons_of_the_project_limits():
     # icegate_limit_refusals_total{reason}: the label values dashboards already query.
-    assert LIMIT_REASONS == ("RATE_LIMITED", "QUOTA_EXCEEDED", "CONCURRENT_LIMIT")
-    limits = (errors.RateLimitedError, errors.QuotaExceededError, errors.ConcurrentLimitError)
+    assert LIMIT_REASONS == ("RATE_LIMITED", "QUOTA_EXCEEDED", "CONCURRENT_LIMIT",
+                             "TURN_ALLOCATION_LIMIT", "TURN_BYTE_QUOTA_EXCEEDED")
+    limits = (errors.RateLimitedError, errors.QuotaExceededError, errors.ConcurrentLimitError,
+              errors.TurnAllocationLimitError, errors.TurnByteQuotaExceededError)
     assert {status.lookup(sample(cls))[1] for cls in limits} == set(LIMIT_REASONS)
 
 
@@ -354,7 +370,8 @@ METADATA_KEYS = {value for name, value in vars(error_metadata).items()
 PUBLISHED_METADATA_KEYS = {
     "limit", "window_seconds", "reset_at", "plan", "sessions_included", "sessions_used",
     "sessions_remaining", "upgrade_url", "resets_at", "current", "max", "provider",
-    "upstream_status", "upstream_request_id", "field",
+    "upstream_status", "upstream_request_id", "field", "bytes_used", "byte_quota",
+    "revoked_until",
 }
 
 

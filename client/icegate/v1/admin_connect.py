@@ -21,7 +21,7 @@ from connectrpc.protocol import ProtocolType
 from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DEFAULT_READ_MAX_BYTES, Endpoint, EndpointSync
 from pyqwest import Client, SyncClient
 
-from .admin_pb2 import CreateApiKeyRequest, CreateApiKeyResponse, CreateProjectRequest, CreateProjectResponse, DeleteProjectRequest, DeleteProjectResponse, DeleteProviderKeyRequest, DeleteProviderKeyResponse, DeleteSessionPolicyRequest, DeleteSessionPolicyResponse, GetProjectRequest, GetProjectResponse, GetSessionPolicyRequest, GetSessionPolicyResponse, ListApiKeysRequest, ListApiKeysResponse, ListProjectsRequest, ListProjectsResponse, ListProviderKeysRequest, ListProviderKeysResponse, ListTurnSecretsRequest, ListTurnSecretsResponse, ResealProviderKeysRequest, ResealProviderKeysResponse, RevokeApiKeyRequest, RevokeApiKeyResponse, RotateTurnSecretRequest, RotateTurnSecretResponse, SetProviderKeyRequest, SetProviderKeyResponse, SetSessionPolicyRequest, SetSessionPolicyResponse, UpdateProjectRequest, UpdateProjectResponse
+from .admin_pb2 import CreateApiKeyRequest, CreateApiKeyResponse, CreateProjectRequest, CreateProjectResponse, DeleteProjectRequest, DeleteProjectResponse, DeleteProviderKeyRequest, DeleteProviderKeyResponse, DeleteSessionPolicyRequest, DeleteSessionPolicyResponse, GetProjectRequest, GetProjectResponse, GetSessionPolicyRequest, GetSessionPolicyResponse, ListApiKeysRequest, ListApiKeysResponse, ListProjectsRequest, ListProjectsResponse, ListProviderKeysRequest, ListProviderKeysResponse, ListTurnSecretsRequest, ListTurnSecretsResponse, ResealProviderKeysRequest, ResealProviderKeysResponse, RestoreTurnCredentialsRequest, RestoreTurnCredentialsResponse, RevokeApiKeyRequest, RevokeApiKeyResponse, RevokeTurnCredentialsRequest, RevokeTurnCredentialsResponse, RotateTurnSecretRequest, RotateTurnSecretResponse, SetProviderKeyRequest, SetProviderKeyResponse, SetSessionPolicyRequest, SetSessionPolicyResponse, UpdateProjectRequest, UpdateProjectResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Iterable, Mapping
@@ -169,6 +169,31 @@ class AdminService(Protocol):
         """
         Deletes a project's session policy for a provider. NOT_FOUND when it has none. Safe to
         retry (a retry answers NOT_FOUND).
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def revoke_turn_credentials(self, request: RevokeTurnCredentialsRequest, ctx: RequestContext[RevokeTurnCredentialsRequest, RevokeTurnCredentialsResponse], /) -> RevokeTurnCredentialsResponse:
+        """
+        Revokes the TURN credentials of one end user (or one realtime session) of a project:
+        new TURN credentials for it (IssueTurnCredentials, GetIceServers, CreateSession naming
+        it) are refused with PERMISSION_DENIED, reason TURN_CREDENTIALS_REVOKED, on every replica
+        until every credential issued before has expired (ICEGATE_TURN_TTL_MAX from now), and its
+        allocations live on coturn are ended now, through coturn's admin CLI. A credential
+        issued and not yet used cannot be unsigned: coturn accepts it until it expires; where
+        icegate meters coturn's stats stream, the allocations it opens are ended as soon as
+        coturn reports them (about a second), else a later revocation ends them. Errors: NOT_FOUND for
+        an unknown project, INVALID_ARGUMENT unless exactly one of `user_id` and `session_id` is
+        set and well formed, UNAVAILABLE (COTURN_CLI_UNAVAILABLE) when coturn's CLI cannot be
+        used and FAILED_PRECONDITION (COTURN_CLI_NOT_CONFIGURED) when none is configured: in
+        both cases the refusal of new credentials is in force. Safe to retry.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def restore_turn_credentials(self, request: RestoreTurnCredentialsRequest, ctx: RequestContext[RestoreTurnCredentialsRequest, RestoreTurnCredentialsResponse], /) -> RestoreTurnCredentialsResponse:
+        """
+        Lifts a revocation of RevokeTurnCredentials: new TURN credentials for the user or session
+        are issued again (allocations it ended stay ended). Errors as RevokeTurnCredentials'
+        INVALID_ARGUMENT and NOT_FOUND; lifting what is not revoked changes nothing. Safe to retry.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -372,6 +397,28 @@ class AdminServiceASGIApplication(ConnectASGIApplication[AdminService]):
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.delete_session_policy,
+                ),
+                "/icegate.v1.AdminService/RevokeTurnCredentials": Endpoint.unary(
+                    method=MethodInfo(
+                        name="RevokeTurnCredentials",
+                        service_name="icegate.v1.AdminService",
+                        input=RevokeTurnCredentialsRequest,
+                        output=RevokeTurnCredentialsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.revoke_turn_credentials,
+                ),
+                "/icegate.v1.AdminService/RestoreTurnCredentials": Endpoint.unary(
+                    method=MethodInfo(
+                        name="RestoreTurnCredentials",
+                        service_name="icegate.v1.AdminService",
+                        input=RestoreTurnCredentialsRequest,
+                        output=RestoreTurnCredentialsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.restore_turn_credentials,
                 ),
             },
             interceptors=interceptors,
@@ -834,6 +881,65 @@ class AdminServiceClient(ConnectClient):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    async def revoke_turn_credentials(
+        self,
+        request: RevokeTurnCredentialsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> RevokeTurnCredentialsResponse:
+        """
+        Revokes the TURN credentials of one end user (or one realtime session) of a project:
+        new TURN credentials for it (IssueTurnCredentials, GetIceServers, CreateSession naming
+        it) are refused with PERMISSION_DENIED, reason TURN_CREDENTIALS_REVOKED, on every replica
+        until every credential issued before has expired (ICEGATE_TURN_TTL_MAX from now), and its
+        allocations live on coturn are ended now, through coturn's admin CLI. A credential
+        issued and not yet used cannot be unsigned: coturn accepts it until it expires; where
+        icegate meters coturn's stats stream, the allocations it opens are ended as soon as
+        coturn reports them (about a second), else a later revocation ends them. Errors: NOT_FOUND for
+        an unknown project, INVALID_ARGUMENT unless exactly one of `user_id` and `session_id` is
+        set and well formed, UNAVAILABLE (COTURN_CLI_UNAVAILABLE) when coturn's CLI cannot be
+        used and FAILED_PRECONDITION (COTURN_CLI_NOT_CONFIGURED) when none is configured: in
+        both cases the refusal of new credentials is in force. Safe to retry.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="RevokeTurnCredentials",
+                service_name="icegate.v1.AdminService",
+                input=RevokeTurnCredentialsRequest,
+                output=RevokeTurnCredentialsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def restore_turn_credentials(
+        self,
+        request: RestoreTurnCredentialsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> RestoreTurnCredentialsResponse:
+        """
+        Lifts a revocation of RevokeTurnCredentials: new TURN credentials for the user or session
+        are issued again (allocations it ended stay ended). Errors as RevokeTurnCredentials'
+        INVALID_ARGUMENT and NOT_FOUND; lifting what is not revoked changes nothing. Safe to retry.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="RestoreTurnCredentials",
+                service_name="icegate.v1.AdminService",
+                input=RestoreTurnCredentialsRequest,
+                output=RestoreTurnCredentialsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
 
 class AdminServiceSync(Protocol):
     """
@@ -967,6 +1073,31 @@ class AdminServiceSync(Protocol):
         """
         Deletes a project's session policy for a provider. NOT_FOUND when it has none. Safe to
         retry (a retry answers NOT_FOUND).
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def revoke_turn_credentials(self, request: RevokeTurnCredentialsRequest, ctx: RequestContext[RevokeTurnCredentialsRequest, RevokeTurnCredentialsResponse], /) -> RevokeTurnCredentialsResponse:
+        """
+        Revokes the TURN credentials of one end user (or one realtime session) of a project:
+        new TURN credentials for it (IssueTurnCredentials, GetIceServers, CreateSession naming
+        it) are refused with PERMISSION_DENIED, reason TURN_CREDENTIALS_REVOKED, on every replica
+        until every credential issued before has expired (ICEGATE_TURN_TTL_MAX from now), and its
+        allocations live on coturn are ended now, through coturn's admin CLI. A credential
+        issued and not yet used cannot be unsigned: coturn accepts it until it expires; where
+        icegate meters coturn's stats stream, the allocations it opens are ended as soon as
+        coturn reports them (about a second), else a later revocation ends them. Errors: NOT_FOUND for
+        an unknown project, INVALID_ARGUMENT unless exactly one of `user_id` and `session_id` is
+        set and well formed, UNAVAILABLE (COTURN_CLI_UNAVAILABLE) when coturn's CLI cannot be
+        used and FAILED_PRECONDITION (COTURN_CLI_NOT_CONFIGURED) when none is configured: in
+        both cases the refusal of new credentials is in force. Safe to retry.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def restore_turn_credentials(self, request: RestoreTurnCredentialsRequest, ctx: RequestContext[RestoreTurnCredentialsRequest, RestoreTurnCredentialsResponse], /) -> RestoreTurnCredentialsResponse:
+        """
+        Lifts a revocation of RevokeTurnCredentials: new TURN credentials for the user or session
+        are issued again (allocations it ended stay ended). Errors as RevokeTurnCredentials'
+        INVALID_ARGUMENT and NOT_FOUND; lifting what is not revoked changes nothing. Safe to retry.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -1168,6 +1299,28 @@ class AdminServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.delete_session_policy,
+                ),
+                "/icegate.v1.AdminService/RevokeTurnCredentials": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="RevokeTurnCredentials",
+                        service_name="icegate.v1.AdminService",
+                        input=RevokeTurnCredentialsRequest,
+                        output=RevokeTurnCredentialsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.revoke_turn_credentials,
+                ),
+                "/icegate.v1.AdminService/RestoreTurnCredentials": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="RestoreTurnCredentials",
+                        service_name="icegate.v1.AdminService",
+                        input=RestoreTurnCredentialsRequest,
+                        output=RestoreTurnCredentialsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.restore_turn_credentials,
                 ),
             },
             interceptors=interceptors,
@@ -1624,6 +1777,65 @@ class AdminServiceClientSync(ConnectClientSync):
                 service_name="icegate.v1.AdminService",
                 input=DeleteSessionPolicyRequest,
                 output=DeleteSessionPolicyResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def revoke_turn_credentials(
+        self,
+        request: RevokeTurnCredentialsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> RevokeTurnCredentialsResponse:
+        """
+        Revokes the TURN credentials of one end user (or one realtime session) of a project:
+        new TURN credentials for it (IssueTurnCredentials, GetIceServers, CreateSession naming
+        it) are refused with PERMISSION_DENIED, reason TURN_CREDENTIALS_REVOKED, on every replica
+        until every credential issued before has expired (ICEGATE_TURN_TTL_MAX from now), and its
+        allocations live on coturn are ended now, through coturn's admin CLI. A credential
+        issued and not yet used cannot be unsigned: coturn accepts it until it expires; where
+        icegate meters coturn's stats stream, the allocations it opens are ended as soon as
+        coturn reports them (about a second), else a later revocation ends them. Errors: NOT_FOUND for
+        an unknown project, INVALID_ARGUMENT unless exactly one of `user_id` and `session_id` is
+        set and well formed, UNAVAILABLE (COTURN_CLI_UNAVAILABLE) when coturn's CLI cannot be
+        used and FAILED_PRECONDITION (COTURN_CLI_NOT_CONFIGURED) when none is configured: in
+        both cases the refusal of new credentials is in force. Safe to retry.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="RevokeTurnCredentials",
+                service_name="icegate.v1.AdminService",
+                input=RevokeTurnCredentialsRequest,
+                output=RevokeTurnCredentialsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def restore_turn_credentials(
+        self,
+        request: RestoreTurnCredentialsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> RestoreTurnCredentialsResponse:
+        """
+        Lifts a revocation of RevokeTurnCredentials: new TURN credentials for the user or session
+        are issued again (allocations it ended stay ended). Errors as RevokeTurnCredentials'
+        INVALID_ARGUMENT and NOT_FOUND; lifting what is not revoked changes nothing. Safe to retry.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="RestoreTurnCredentials",
+                service_name="icegate.v1.AdminService",
+                input=RestoreTurnCredentialsRequest,
+                output=RestoreTurnCredentialsResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
             ),

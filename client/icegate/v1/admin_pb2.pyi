@@ -65,6 +65,8 @@ class Project(_message.Message):
     MAX_CONCURRENT_SESSIONS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    MAX_ALLOCATIONS_FIELD_NUMBER: _builtins.int
+    BYTE_QUOTA_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
     """The project's id: 1 to 63 characters, a lower-case letter then lower-case letters,
     digits and `-`. Chosen at creation; it appears in TURN usernames as `<expiry>:<id>/<user>`.
@@ -83,6 +85,20 @@ class Project(_message.Message):
     """Realtime sessions the project may create per UTC calendar month. Default 1000; 0 blocks."""
     max_concurrent_sessions: _builtins.int
     """Realtime sessions the project may hold at once. Default 5; 0 blocks."""
+    max_allocations: _builtins.int
+    """The most TURN allocations the project may hold live on coturn: at or above it, new TURN
+    credentials (IssueTurnCredentials, GetIceServers, CreateSession) are refused with
+    RESOURCE_EXHAUSTED, reason TURN_ALLOCATION_LIMIT. Counted from coturn's stats stream, so
+    it holds only while metering is live, and credentials issued but not yet used do not
+    count: pair it with coturn's own `total-quota`. Default 0: no limit; 0 to 100000000.
+    """
+    byte_quota: _builtins.int
+    """Bytes the project's TURN allocations may relay per UTC calendar month (to and from
+    peers, both directions): once reached, new TURN credentials are refused with
+    RESOURCE_EXHAUSTED, reason TURN_BYTE_QUOTA_EXCEEDED (allocations already open keep
+    relaying until their credentials expire or are revoked). Default 0: no quota;
+    0 to 2^62.
+    """
     @_builtins.property
     def rate_limit_window(self) -> _duration_pb2.Duration:
         """The window of the rate limit. Default 15 minutes; 1 second to 31 days, whole seconds."""
@@ -118,10 +134,12 @@ class Project(_message.Message):
         max_concurrent_sessions: _builtins.int | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        max_allocations: _builtins.int = ...,
+        byte_quota: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_concurrent_sessions", b"_max_concurrent_sessions", "_monthly_session_quota", b"_monthly_session_quota", "_rate_limit_requests", b"_rate_limit_requests", "create_time", b"create_time", "max_concurrent_sessions", b"max_concurrent_sessions", "monthly_session_quota", b"monthly_session_quota", "rate_limit_requests", b"rate_limit_requests", "rate_limit_window", b"rate_limit_window", "turn_ttl_default", b"turn_ttl_default", "turn_ttl_max", b"turn_ttl_max", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_concurrent_sessions", b"_max_concurrent_sessions", "_monthly_session_quota", b"_monthly_session_quota", "_rate_limit_requests", b"_rate_limit_requests", "create_time", b"create_time", "display_name", b"display_name", "max_concurrent_sessions", b"max_concurrent_sessions", "monthly_session_quota", b"monthly_session_quota", "plan", b"plan", "project_id", b"project_id", "rate_limit_requests", b"rate_limit_requests", "rate_limit_window", b"rate_limit_window", "turn_ttl_default", b"turn_ttl_default", "turn_ttl_max", b"turn_ttl_max", "update_time", b"update_time", "upgrade_url", b"upgrade_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_concurrent_sessions", b"_max_concurrent_sessions", "_monthly_session_quota", b"_monthly_session_quota", "_rate_limit_requests", b"_rate_limit_requests", "byte_quota", b"byte_quota", "create_time", b"create_time", "display_name", b"display_name", "max_allocations", b"max_allocations", "max_concurrent_sessions", b"max_concurrent_sessions", "monthly_session_quota", b"monthly_session_quota", "plan", b"plan", "project_id", b"project_id", "rate_limit_requests", b"rate_limit_requests", "rate_limit_window", b"rate_limit_window", "turn_ttl_default", b"turn_ttl_default", "turn_ttl_max", b"turn_ttl_max", "update_time", b"update_time", "upgrade_url", b"upgrade_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_concurrent_sessions: _TypeAlias = _typing.Literal["max_concurrent_sessions"]  # noqa: Y015
     _WhichOneofArgType__max_concurrent_sessions: _TypeAlias = _typing.Literal["_max_concurrent_sessions", b"_max_concurrent_sessions"]  # noqa: Y015
@@ -1228,3 +1246,121 @@ class DeleteSessionPolicyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteSessionPolicyResponse: _TypeAlias = DeleteSessionPolicyResponse  # noqa: Y015
+
+@_typing.final
+class RevokeTurnCredentialsRequest(_message.Message):
+    """RevokeTurnCredentialsRequest names whose TURN credentials to revoke."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.str
+    """The project. Required."""
+    user_id: _builtins.str
+    """An end user's id, as TURN credentials were issued for it (the same rules as
+    IssueTurnCredentialsRequest.user_id).
+    """
+    session_id: _builtins.str
+    """A realtime session's id (CreateSessionResponse.session_id): the credential its ICE
+    servers carried, whether it was issued for the session's `user_id` or its own id.
+    """
+    def __init__(
+        self,
+        *,
+        project_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "subject", b"subject", "user_id", b"user_id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project_id", b"project_id", "session_id", b"session_id", "subject", b"subject", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_subject: _TypeAlias = _typing.Literal["user_id", "session_id"]  # noqa: Y015
+    _WhichOneofArgType_subject: _TypeAlias = _typing.Literal["subject", b"subject"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_subject) -> _WhichOneofReturnType_subject | None: ...
+
+Global___RevokeTurnCredentialsRequest: _TypeAlias = RevokeTurnCredentialsRequest  # noqa: Y015
+
+@_typing.final
+class RevokeTurnCredentialsResponse(_message.Message):
+    """RevokeTurnCredentialsResponse says what the revocation did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALLOCATIONS_ENDED_FIELD_NUMBER: _builtins.int
+    REVOKED_UNTIL_FIELD_NUMBER: _builtins.int
+    allocations_ended: _builtins.int
+    """Allocations coturn held for the user or session and no longer holds."""
+    @_builtins.property
+    def revoked_until(self) -> _timestamp_pb2.Timestamp:
+        """Until when new TURN credentials for it are refused."""
+
+    def __init__(
+        self,
+        *,
+        allocations_ended: _builtins.int = ...,
+        revoked_until: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["revoked_until", b"revoked_until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations_ended", b"allocations_ended", "revoked_until", b"revoked_until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeTurnCredentialsResponse: _TypeAlias = RevokeTurnCredentialsResponse  # noqa: Y015
+
+@_typing.final
+class RestoreTurnCredentialsRequest(_message.Message):
+    """RestoreTurnCredentialsRequest names whose revocation to lift."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.str
+    """The project. Required."""
+    user_id: _builtins.str
+    """An end user's id."""
+    session_id: _builtins.str
+    """A realtime session's id."""
+    def __init__(
+        self,
+        *,
+        project_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "subject", b"subject", "user_id", b"user_id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project_id", b"project_id", "session_id", b"session_id", "subject", b"subject", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_subject: _TypeAlias = _typing.Literal["user_id", "session_id"]  # noqa: Y015
+    _WhichOneofArgType_subject: _TypeAlias = _typing.Literal["subject", b"subject"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_subject) -> _WhichOneofReturnType_subject | None: ...
+
+Global___RestoreTurnCredentialsRequest: _TypeAlias = RestoreTurnCredentialsRequest  # noqa: Y015
+
+@_typing.final
+class RestoreTurnCredentialsResponse(_message.Message):
+    """RestoreTurnCredentialsResponse says whether a revocation was lifted."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WAS_REVOKED_FIELD_NUMBER: _builtins.int
+    was_revoked: _builtins.bool
+    """Whether the user or session was revoked (and no longer is)."""
+    def __init__(
+        self,
+        *,
+        was_revoked: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["was_revoked", b"was_revoked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoreTurnCredentialsResponse: _TypeAlias = RestoreTurnCredentialsResponse  # noqa: Y015

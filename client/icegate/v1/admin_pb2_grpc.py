@@ -125,6 +125,16 @@ class AdminServiceStub:
                 request_serializer=icegate_dot_v1_dot_admin__pb2.DeleteSessionPolicyRequest.SerializeToString,
                 response_deserializer=icegate_dot_v1_dot_admin__pb2.DeleteSessionPolicyResponse.FromString,
                 _registered_method=True)
+        self.RevokeTurnCredentials = channel.unary_unary(
+                '/icegate.v1.AdminService/RevokeTurnCredentials',
+                request_serializer=icegate_dot_v1_dot_admin__pb2.RevokeTurnCredentialsRequest.SerializeToString,
+                response_deserializer=icegate_dot_v1_dot_admin__pb2.RevokeTurnCredentialsResponse.FromString,
+                _registered_method=True)
+        self.RestoreTurnCredentials = channel.unary_unary(
+                '/icegate.v1.AdminService/RestoreTurnCredentials',
+                request_serializer=icegate_dot_v1_dot_admin__pb2.RestoreTurnCredentialsRequest.SerializeToString,
+                response_deserializer=icegate_dot_v1_dot_admin__pb2.RestoreTurnCredentialsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -279,6 +289,33 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeTurnCredentials(self, request, context):
+        """Revokes the TURN credentials of one end user (or one realtime session) of a project:
+        new TURN credentials for it (IssueTurnCredentials, GetIceServers, CreateSession naming
+        it) are refused with PERMISSION_DENIED, reason TURN_CREDENTIALS_REVOKED, on every replica
+        until every credential issued before has expired (ICEGATE_TURN_TTL_MAX from now), and its
+        allocations live on coturn are ended now, through coturn's admin CLI. A credential
+        issued and not yet used cannot be unsigned: coturn accepts it until it expires; where
+        icegate meters coturn's stats stream, the allocations it opens are ended as soon as
+        coturn reports them (about a second), else a later revocation ends them. Errors: NOT_FOUND for
+        an unknown project, INVALID_ARGUMENT unless exactly one of `user_id` and `session_id` is
+        set and well formed, UNAVAILABLE (COTURN_CLI_UNAVAILABLE) when coturn's CLI cannot be
+        used and FAILED_PRECONDITION (COTURN_CLI_NOT_CONFIGURED) when none is configured: in
+        both cases the refusal of new credentials is in force. Safe to retry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreTurnCredentials(self, request, context):
+        """Lifts a revocation of RevokeTurnCredentials: new TURN credentials for the user or session
+        are issued again (allocations it ended stay ended). Errors as RevokeTurnCredentials'
+        INVALID_ARGUMENT and NOT_FOUND; lifting what is not revoked changes nothing. Safe to retry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -366,6 +403,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.DeleteSessionPolicy,
                     request_deserializer=icegate_dot_v1_dot_admin__pb2.DeleteSessionPolicyRequest.FromString,
                     response_serializer=icegate_dot_v1_dot_admin__pb2.DeleteSessionPolicyResponse.SerializeToString,
+            ),
+            'RevokeTurnCredentials': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeTurnCredentials,
+                    request_deserializer=icegate_dot_v1_dot_admin__pb2.RevokeTurnCredentialsRequest.FromString,
+                    response_serializer=icegate_dot_v1_dot_admin__pb2.RevokeTurnCredentialsResponse.SerializeToString,
+            ),
+            'RestoreTurnCredentials': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreTurnCredentials,
+                    request_deserializer=icegate_dot_v1_dot_admin__pb2.RestoreTurnCredentialsRequest.FromString,
+                    response_serializer=icegate_dot_v1_dot_admin__pb2.RestoreTurnCredentialsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -833,6 +880,60 @@ class AdminService:
             '/icegate.v1.AdminService/DeleteSessionPolicy',
             icegate_dot_v1_dot_admin__pb2.DeleteSessionPolicyRequest.SerializeToString,
             icegate_dot_v1_dot_admin__pb2.DeleteSessionPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeTurnCredentials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/icegate.v1.AdminService/RevokeTurnCredentials',
+            icegate_dot_v1_dot_admin__pb2.RevokeTurnCredentialsRequest.SerializeToString,
+            icegate_dot_v1_dot_admin__pb2.RevokeTurnCredentialsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreTurnCredentials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/icegate.v1.AdminService/RestoreTurnCredentials',
+            icegate_dot_v1_dot_admin__pb2.RestoreTurnCredentialsRequest.SerializeToString,
+            icegate_dot_v1_dot_admin__pb2.RestoreTurnCredentialsResponse.FromString,
             options,
             channel_credentials,
             insecure,

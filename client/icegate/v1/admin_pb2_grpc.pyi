@@ -106,6 +106,25 @@ class AdminServiceStub:
     """Deletes a project's session policy for a provider. NOT_FOUND when it has none. Safe to
     retry (a retry answers NOT_FOUND).
     """
+    RevokeTurnCredentials: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeTurnCredentialsRequest, _admin_pb2.RevokeTurnCredentialsResponse]
+    """Revokes the TURN credentials of one end user (or one realtime session) of a project:
+    new TURN credentials for it (IssueTurnCredentials, GetIceServers, CreateSession naming
+    it) are refused with PERMISSION_DENIED, reason TURN_CREDENTIALS_REVOKED, on every replica
+    until every credential issued before has expired (ICEGATE_TURN_TTL_MAX from now), and its
+    allocations live on coturn are ended now, through coturn's admin CLI. A credential
+    issued and not yet used cannot be unsigned: coturn accepts it until it expires; where
+    icegate meters coturn's stats stream, the allocations it opens are ended as soon as
+    coturn reports them (about a second), else a later revocation ends them. Errors: NOT_FOUND for
+    an unknown project, INVALID_ARGUMENT unless exactly one of `user_id` and `session_id` is
+    set and well formed, UNAVAILABLE (COTURN_CLI_UNAVAILABLE) when coturn's CLI cannot be
+    used and FAILED_PRECONDITION (COTURN_CLI_NOT_CONFIGURED) when none is configured: in
+    both cases the refusal of new credentials is in force. Safe to retry.
+    """
+    RestoreTurnCredentials: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RestoreTurnCredentialsRequest, _admin_pb2.RestoreTurnCredentialsResponse]
+    """Lifts a revocation of RevokeTurnCredentials: new TURN credentials for the user or session
+    are issued again (allocations it ended stay ended). Errors as RevokeTurnCredentials'
+    INVALID_ARGUMENT and NOT_FOUND; lifting what is not revoked changes nothing. Safe to retry.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -184,6 +203,25 @@ class AdminServiceAsyncStub(AdminServiceStub):
     DeleteSessionPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeleteSessionPolicyRequest, _admin_pb2.DeleteSessionPolicyResponse]  # type: ignore[assignment]
     """Deletes a project's session policy for a provider. NOT_FOUND when it has none. Safe to
     retry (a retry answers NOT_FOUND).
+    """
+    RevokeTurnCredentials: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeTurnCredentialsRequest, _admin_pb2.RevokeTurnCredentialsResponse]  # type: ignore[assignment]
+    """Revokes the TURN credentials of one end user (or one realtime session) of a project:
+    new TURN credentials for it (IssueTurnCredentials, GetIceServers, CreateSession naming
+    it) are refused with PERMISSION_DENIED, reason TURN_CREDENTIALS_REVOKED, on every replica
+    until every credential issued before has expired (ICEGATE_TURN_TTL_MAX from now), and its
+    allocations live on coturn are ended now, through coturn's admin CLI. A credential
+    issued and not yet used cannot be unsigned: coturn accepts it until it expires; where
+    icegate meters coturn's stats stream, the allocations it opens are ended as soon as
+    coturn reports them (about a second), else a later revocation ends them. Errors: NOT_FOUND for
+    an unknown project, INVALID_ARGUMENT unless exactly one of `user_id` and `session_id` is
+    set and well formed, UNAVAILABLE (COTURN_CLI_UNAVAILABLE) when coturn's CLI cannot be
+    used and FAILED_PRECONDITION (COTURN_CLI_NOT_CONFIGURED) when none is configured: in
+    both cases the refusal of new credentials is in force. Safe to retry.
+    """
+    RestoreTurnCredentials: _aio.UnaryUnaryMultiCallable[_admin_pb2.RestoreTurnCredentialsRequest, _admin_pb2.RestoreTurnCredentialsResponse]  # type: ignore[assignment]
+    """Lifts a revocation of RevokeTurnCredentials: new TURN credentials for the user or session
+    are issued again (allocations it ended stay ended). Errors as RevokeTurnCredentials'
+    INVALID_ARGUMENT and NOT_FOUND; lifting what is not revoked changes nothing. Safe to retry.
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -362,6 +400,37 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.DeleteSessionPolicyResponse, _abc.Awaitable[_admin_pb2.DeleteSessionPolicyResponse]]:
         """Deletes a project's session policy for a provider. NOT_FOUND when it has none. Safe to
         retry (a retry answers NOT_FOUND).
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeTurnCredentials(
+        self,
+        request: _admin_pb2.RevokeTurnCredentialsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RevokeTurnCredentialsResponse, _abc.Awaitable[_admin_pb2.RevokeTurnCredentialsResponse]]:
+        """Revokes the TURN credentials of one end user (or one realtime session) of a project:
+        new TURN credentials for it (IssueTurnCredentials, GetIceServers, CreateSession naming
+        it) are refused with PERMISSION_DENIED, reason TURN_CREDENTIALS_REVOKED, on every replica
+        until every credential issued before has expired (ICEGATE_TURN_TTL_MAX from now), and its
+        allocations live on coturn are ended now, through coturn's admin CLI. A credential
+        issued and not yet used cannot be unsigned: coturn accepts it until it expires; where
+        icegate meters coturn's stats stream, the allocations it opens are ended as soon as
+        coturn reports them (about a second), else a later revocation ends them. Errors: NOT_FOUND for
+        an unknown project, INVALID_ARGUMENT unless exactly one of `user_id` and `session_id` is
+        set and well formed, UNAVAILABLE (COTURN_CLI_UNAVAILABLE) when coturn's CLI cannot be
+        used and FAILED_PRECONDITION (COTURN_CLI_NOT_CONFIGURED) when none is configured: in
+        both cases the refusal of new credentials is in force. Safe to retry.
+        """
+
+    @_abc_1.abstractmethod
+    def RestoreTurnCredentials(
+        self,
+        request: _admin_pb2.RestoreTurnCredentialsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RestoreTurnCredentialsResponse, _abc.Awaitable[_admin_pb2.RestoreTurnCredentialsResponse]]:
+        """Lifts a revocation of RevokeTurnCredentials: new TURN credentials for the user or session
+        are issued again (allocations it ended stay ended). Errors as RevokeTurnCredentials'
+        INVALID_ARGUMENT and NOT_FOUND; lifting what is not revoked changes nothing. Safe to retry.
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

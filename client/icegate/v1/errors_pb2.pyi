@@ -90,6 +90,31 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     lifetime above its cap...); metadata `field` names the SessionOptions field. Retrying the
     same request fails the same way; the project's administrator changes the policy.
     """
+    ERROR_REASON_TURN_ALLOCATION_LIMIT: _ErrorReason.ValueType  # 19
+    """RESOURCE_EXHAUSTED: the project holds as many live TURN allocations as its
+    `max_allocations` allows; no new TURN credential until some end. QuotaFailure; metadata
+    `current` and `max`.
+    """
+    ERROR_REASON_TURN_BYTE_QUOTA_EXCEEDED: _ErrorReason.ValueType  # 20
+    """RESOURCE_EXHAUSTED: the project's TURN allocations relayed its monthly `byte_quota`.
+    QuotaFailure, and Help with the upgrade link when the project has one; metadata `plan`,
+    `bytes_used`, `byte_quota`, `upgrade_url`, `resets_at`.
+    """
+    ERROR_REASON_TURN_CREDENTIALS_REVOKED: _ErrorReason.ValueType  # 21
+    """PERMISSION_DENIED: TURN credentials for this user or session were revoked
+    (AdminService.RevokeTurnCredentials) and are refused until metadata `revoked_until`, when
+    every credential issued before the revocation has expired.
+    """
+    ERROR_REASON_COTURN_CLI_UNAVAILABLE: _ErrorReason.ValueType  # 22
+    """UNAVAILABLE: coturn's admin CLI cannot be reached, refuses icegate's password, or answers
+    what coturn does not write; its allocations could not (all) be ended. A revocation's
+    refusal of new credentials is in force all the same; safe to retry.
+    """
+    ERROR_REASON_COTURN_CLI_NOT_CONFIGURED: _ErrorReason.ValueType  # 23
+    """FAILED_PRECONDITION: ending allocations needs coturn's admin CLI, and icegate has none
+    configured (ICEGATE_COTURN_CLI). A revocation's refusal of new credentials is in force
+    all the same.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is why icegate refused or failed a call (AIP-193). Every error icegate answers
@@ -168,5 +193,30 @@ ERROR_REASON_SESSION_POLICY: ErrorReason.ValueType  # 18
 the provider (a model or voice it does not allow, an option callers may not set, a token
 lifetime above its cap...); metadata `field` names the SessionOptions field. Retrying the
 same request fails the same way; the project's administrator changes the policy.
+"""
+ERROR_REASON_TURN_ALLOCATION_LIMIT: ErrorReason.ValueType  # 19
+"""RESOURCE_EXHAUSTED: the project holds as many live TURN allocations as its
+`max_allocations` allows; no new TURN credential until some end. QuotaFailure; metadata
+`current` and `max`.
+"""
+ERROR_REASON_TURN_BYTE_QUOTA_EXCEEDED: ErrorReason.ValueType  # 20
+"""RESOURCE_EXHAUSTED: the project's TURN allocations relayed its monthly `byte_quota`.
+QuotaFailure, and Help with the upgrade link when the project has one; metadata `plan`,
+`bytes_used`, `byte_quota`, `upgrade_url`, `resets_at`.
+"""
+ERROR_REASON_TURN_CREDENTIALS_REVOKED: ErrorReason.ValueType  # 21
+"""PERMISSION_DENIED: TURN credentials for this user or session were revoked
+(AdminService.RevokeTurnCredentials) and are refused until metadata `revoked_until`, when
+every credential issued before the revocation has expired.
+"""
+ERROR_REASON_COTURN_CLI_UNAVAILABLE: ErrorReason.ValueType  # 22
+"""UNAVAILABLE: coturn's admin CLI cannot be reached, refuses icegate's password, or answers
+what coturn does not write; its allocations could not (all) be ended. A revocation's
+refusal of new credentials is in force all the same; safe to retry.
+"""
+ERROR_REASON_COTURN_CLI_NOT_CONFIGURED: ErrorReason.ValueType  # 23
+"""FAILED_PRECONDITION: ending allocations needs coturn's admin CLI, and icegate has none
+configured (ICEGATE_COTURN_CLI). A revocation's refusal of new credentials is in force
+all the same.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -47,7 +47,8 @@ class UsageService(Protocol):
     """
     async def get_usage(self, request: GetUsageRequest, ctx: RequestContext[GetUsageRequest, GetUsageResponse], /) -> GetUsageResponse:
         """
-        Returns the project's rate-limit position, session counts and the limits in force.
+        Returns the project's rate-limit position, session counts, TURN usage and the limits in
+        force.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -129,7 +130,8 @@ class UsageServiceClient(ConnectClient):
         timeout_ms: int | None = None,
     ) -> GetUsageResponse:
         """
-        Returns the project's rate-limit position, session counts and the limits in force.
+        Returns the project's rate-limit position, session counts, TURN usage and the limits in
+        force.
         """
         return await self.execute_unary(
             request=request,
@@ -155,7 +157,8 @@ class UsageServiceSync(Protocol):
     """
     def get_usage(self, request: GetUsageRequest, ctx: RequestContext[GetUsageRequest, GetUsageResponse], /) -> GetUsageResponse:
         """
-        Returns the project's rate-limit position, session counts and the limits in force.
+        Returns the project's rate-limit position, session counts, TURN usage and the limits in
+        force.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -235,7 +238,8 @@ class UsageServiceClientSync(ConnectClientSync):
         timeout_ms: int | None = None,
     ) -> GetUsageResponse:
         """
-        Returns the project's rate-limit position, session counts and the limits in force.
+        Returns the project's rate-limit position, session counts, TURN usage and the limits in
+        force.
         """
         return self.execute_unary(
             request=request,

@@ -26,21 +26,27 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16icegate/v1/usage.proto\x12\nicegate.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"%\n\x0fGetUsageRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\"\xa5\x01\n\x10GetUsageResponse\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12.\n\nrate_limit\x18\x02 \x01(\x0b\x32\x1a.icegate.v1.RateLimitUsage\x12*\n\x08sessions\x18\x03 \x01(\x0b\x32\x18.icegate.v1.SessionUsage\x12\x0c\n\x04plan\x18\x04 \x01(\t\x12\x13\n\x0bupgrade_url\x18\x05 \x01(\t\"\x9b\x01\n\x0eRateLimitUsage\x12\r\n\x05limit\x18\x01 \x01(\x05\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04used\x18\x03 \x01(\x05\x12\x11\n\tremaining\x18\x04 \x01(\x05\x12.\n\nreset_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xba\x01\n\x0cSessionUsage\x12\x15\n\rmonthly_quota\x18\x01 \x01(\x05\x12\x17\n\x0fused_this_month\x18\x02 \x01(\x05\x12\x1c\n\x14remaining_this_month\x18\x03 \x01(\x05\x12\x34\n\x10quota_reset_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0emax_concurrent\x18\x05 \x01(\x05\x12\x0e\n\x06\x61\x63tive\x18\x06 \x01(\x05\x32U\n\x0cUsageService\x12\x45\n\x08GetUsage\x12\x1b.icegate.v1.GetUsageRequest\x1a\x1c.icegate.v1.GetUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16icegate/v1/usage.proto\x12\nicegate.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\";\n\x0fGetUsageRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x14\n\x0cturn_user_id\x18\x02 \x01(\t\"\xca\x01\n\x10GetUsageResponse\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12.\n\nrate_limit\x18\x02 \x01(\x0b\x32\x1a.icegate.v1.RateLimitUsage\x12*\n\x08sessions\x18\x03 \x01(\x0b\x32\x18.icegate.v1.SessionUsage\x12\x0c\n\x04plan\x18\x04 \x01(\t\x12\x13\n\x0bupgrade_url\x18\x05 \x01(\t\x12#\n\x04turn\x18\x06 \x01(\x0b\x32\x15.icegate.v1.TurnUsage\"\xb5\x02\n\tTurnUsage\x12\x18\n\x10live_allocations\x18\x01 \x01(\x03\x12 \n\x18relayed_bytes_this_month\x18\x02 \x01(\x03\x12\x12\n\nbyte_quota\x18\x03 \x01(\x03\x12\x17\n\x0fmax_allocations\x18\x04 \x01(\x05\x12\x36\n\x12last_activity_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x08metering\x18\x06 \x01(\x0e\x32\x18.icegate.v1.TurnMetering\x12\x32\n\x0emetering_since\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x04user\x18\x08 \x01(\x0b\x32\x19.icegate.v1.TurnUserUsage\"\x94\x01\n\rTurnUserUsage\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x18\n\x10live_allocations\x18\x02 \x01(\x03\x12 \n\x18relayed_bytes_this_month\x18\x03 \x01(\x03\x12\x36\n\x12last_activity_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9b\x01\n\x0eRateLimitUsage\x12\r\n\x05limit\x18\x01 \x01(\x05\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04used\x18\x03 \x01(\x05\x12\x11\n\tremaining\x18\x04 \x01(\x05\x12.\n\nreset_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xba\x01\n\x0cSessionUsage\x12\x15\n\rmonthly_quota\x18\x01 \x01(\x05\x12\x17\n\x0fused_this_month\x18\x02 \x01(\x05\x12\x1c\n\x14remaining_this_month\x18\x03 \x01(\x05\x12\x34\n\x10quota_reset_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0emax_concurrent\x18\x05 \x01(\x05\x12\x0e\n\x06\x61\x63tive\x18\x06 \x01(\x05*{\n\x0cTurnMetering\x12\x1d\n\x19TURN_METERING_UNSPECIFIED\x10\x00\x12\x15\n\x11TURN_METERING_OFF\x10\x01\x12\x16\n\x12TURN_METERING_LIVE\x10\x02\x12\x1d\n\x19TURN_METERING_INTERRUPTED\x10\x03\x32U\n\x0cUsageService\x12\x45\n\x08GetUsage\x12\x1b.icegate.v1.GetUsageRequest\x1a\x1c.icegate.v1.GetUsageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'icegate.v1.usage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_TURNMETERING']._serialized_start=1179
+  _globals['_TURNMETERING']._serialized_end=1302
   _globals['_GETUSAGEREQUEST']._serialized_start=103
-  _globals['_GETUSAGEREQUEST']._serialized_end=140
-  _globals['_GETUSAGERESPONSE']._serialized_start=143
-  _globals['_GETUSAGERESPONSE']._serialized_end=308
-  _globals['_RATELIMITUSAGE']._serialized_start=311
-  _globals['_RATELIMITUSAGE']._serialized_end=466
-  _globals['_SESSIONUSAGE']._serialized_start=469
-  _globals['_SESSIONUSAGE']._serialized_end=655
-  _globals['_USAGESERVICE']._serialized_start=657
-  _globals['_USAGESERVICE']._serialized_end=742
+  _globals['_GETUSAGEREQUEST']._serialized_end=162
+  _globals['_GETUSAGERESPONSE']._serialized_start=165
+  _globals['_GETUSAGERESPONSE']._serialized_end=367
+  _globals['_TURNUSAGE']._serialized_start=370
+  _globals['_TURNUSAGE']._serialized_end=679
+  _globals['_TURNUSERUSAGE']._serialized_start=682
+  _globals['_TURNUSERUSAGE']._serialized_end=830
+  _globals['_RATELIMITUSAGE']._serialized_start=833
+  _globals['_RATELIMITUSAGE']._serialized_end=988
+  _globals['_SESSIONUSAGE']._serialized_start=991
+  _globals['_SESSIONUSAGE']._serialized_end=1177
+  _globals['_USAGESERVICE']._serialized_start=1304
+  _globals['_USAGESERVICE']._serialized_end=1389
 # @@protoc_insertion_point(module_scope)

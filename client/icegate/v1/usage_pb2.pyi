@@ -7,6 +7,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,6 +19,40 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _TurnMetering:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TurnMeteringEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TurnMetering.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TURN_METERING_UNSPECIFIED: _TurnMetering.ValueType  # 0
+    """Not sent."""
+    TURN_METERING_OFF: _TurnMetering.ValueType  # 1
+    """No stats stream is configured (ICEGATE_COTURN_STATSDB): the TURN figures stay at zero."""
+    TURN_METERING_LIVE: _TurnMetering.ValueType  # 2
+    """A replica is subscribed to coturn's stats stream and counting."""
+    TURN_METERING_INTERRUPTED: _TurnMetering.ValueType  # 3
+    """Nobody is counting now (the stats Redis is unreachable, or no replica meters): figures
+    lag behind until it resumes, by itself; allocation starts and ends are caught up then,
+    and bytes of allocations still alive or ending after it resumes are counted.
+    """
+
+class TurnMetering(_TurnMetering, metaclass=_TurnMeteringEnumTypeWrapper):
+    """TurnMetering is how icegate's metering of coturn's stats stream stands."""
+
+TURN_METERING_UNSPECIFIED: TurnMetering.ValueType  # 0
+"""Not sent."""
+TURN_METERING_OFF: TurnMetering.ValueType  # 1
+"""No stats stream is configured (ICEGATE_COTURN_STATSDB): the TURN figures stay at zero."""
+TURN_METERING_LIVE: TurnMetering.ValueType  # 2
+"""A replica is subscribed to coturn's stats stream and counting."""
+TURN_METERING_INTERRUPTED: TurnMetering.ValueType  # 3
+"""Nobody is counting now (the stats Redis is unreachable, or no replica meters): figures
+lag behind until it resumes, by itself; allocation starts and ends are caught up then,
+and bytes of allocations still alive or ending after it resumes are counted.
+"""
+Global___TurnMetering: _TypeAlias = TurnMetering  # noqa: Y015
+
 @_typing.final
 class GetUsageRequest(_message.Message):
     """GetUsageRequest names the project."""
@@ -25,16 +60,23 @@ class GetUsageRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PROJECT_ID_FIELD_NUMBER: _builtins.int
+    TURN_USER_ID_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
     """The project; empty means the project of the caller's key (admin keys: "default")."""
+    turn_user_id: _builtins.str
+    """Also report the TURN usage of one end user of the project: the user id its credentials
+    were issued for (for a session created without one, the session id). Same rules as
+    IssueTurnCredentialsRequest.user_id; empty reports the project alone.
+    """
     def __init__(
         self,
         *,
         project_id: _builtins.str = ...,
+        turn_user_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["project_id", b"project_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project_id", b"project_id", "turn_user_id", b"turn_user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -51,6 +93,7 @@ class GetUsageResponse(_message.Message):
     SESSIONS_FIELD_NUMBER: _builtins.int
     PLAN_FIELD_NUMBER: _builtins.int
     UPGRADE_URL_FIELD_NUMBER: _builtins.int
+    TURN_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
     """The project reported on."""
     plan: _builtins.str
@@ -65,6 +108,10 @@ class GetUsageResponse(_message.Message):
     def sessions(self) -> Global___SessionUsage:
         """The monthly session quota and the concurrent-session limit."""
 
+    @_builtins.property
+    def turn(self) -> Global___TurnUsage:
+        """The project's TURN usage as metered from coturn, and its TURN limits."""
+
     def __init__(
         self,
         *,
@@ -73,14 +120,113 @@ class GetUsageResponse(_message.Message):
         sessions: Global___SessionUsage | None = ...,
         plan: _builtins.str = ...,
         upgrade_url: _builtins.str = ...,
+        turn: Global___TurnUsage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["rate_limit", b"rate_limit", "sessions", b"sessions"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rate_limit", b"rate_limit", "sessions", b"sessions", "turn", b"turn"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan", "project_id", b"project_id", "rate_limit", b"rate_limit", "sessions", b"sessions", "upgrade_url", b"upgrade_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan", "project_id", b"project_id", "rate_limit", b"rate_limit", "sessions", b"sessions", "turn", b"turn", "upgrade_url", b"upgrade_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetUsageResponse: _TypeAlias = GetUsageResponse  # noqa: Y015
+
+@_typing.final
+class TurnUsage(_message.Message):
+    """TurnUsage is what a project's (or one end user's) TURN credentials opened on coturn."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIVE_ALLOCATIONS_FIELD_NUMBER: _builtins.int
+    RELAYED_BYTES_THIS_MONTH_FIELD_NUMBER: _builtins.int
+    BYTE_QUOTA_FIELD_NUMBER: _builtins.int
+    MAX_ALLOCATIONS_FIELD_NUMBER: _builtins.int
+    LAST_ACTIVITY_TIME_FIELD_NUMBER: _builtins.int
+    METERING_FIELD_NUMBER: _builtins.int
+    METERING_SINCE_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    live_allocations: _builtins.int
+    """Allocations live on coturn now under the project's credentials."""
+    relayed_bytes_this_month: _builtins.int
+    """Bytes relayed to and from peers (both directions) this UTC calendar month."""
+    byte_quota: _builtins.int
+    """The project's monthly relayed-byte quota; 0 means none."""
+    max_allocations: _builtins.int
+    """The most live allocations the project may hold before new credentials are refused; 0
+    means no limit.
+    """
+    metering: Global___TurnMetering.ValueType
+    """How metering stands; the figures are only as fresh as it."""
+    @_builtins.property
+    def last_activity_time(self) -> _timestamp_pb2.Timestamp:
+        """When coturn last reported activity of the project's allocations this month; unset when
+        none did.
+        """
+
+    @_builtins.property
+    def metering_since(self) -> _timestamp_pb2.Timestamp:
+        """When `metering` last changed; unset when unknown."""
+
+    @_builtins.property
+    def user(self) -> Global___TurnUserUsage:
+        """The same figures for the end user named by GetUsageRequest.turn_user_id; unset when
+        none was named.
+        """
+
+    def __init__(
+        self,
+        *,
+        live_allocations: _builtins.int = ...,
+        relayed_bytes_this_month: _builtins.int = ...,
+        byte_quota: _builtins.int = ...,
+        max_allocations: _builtins.int = ...,
+        last_activity_time: _timestamp_pb2.Timestamp | None = ...,
+        metering: Global___TurnMetering.ValueType = ...,
+        metering_since: _timestamp_pb2.Timestamp | None = ...,
+        user: Global___TurnUserUsage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_activity_time", b"last_activity_time", "metering_since", b"metering_since", "user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["byte_quota", b"byte_quota", "last_activity_time", b"last_activity_time", "live_allocations", b"live_allocations", "max_allocations", b"max_allocations", "metering", b"metering", "metering_since", b"metering_since", "relayed_bytes_this_month", b"relayed_bytes_this_month", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TurnUsage: _TypeAlias = TurnUsage  # noqa: Y015
+
+@_typing.final
+class TurnUserUsage(_message.Message):
+    """TurnUserUsage is one end user's share of a project's TURN usage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    LIVE_ALLOCATIONS_FIELD_NUMBER: _builtins.int
+    RELAYED_BYTES_THIS_MONTH_FIELD_NUMBER: _builtins.int
+    LAST_ACTIVITY_TIME_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The user id (or session id) reported on."""
+    live_allocations: _builtins.int
+    """Its allocations live on coturn now."""
+    relayed_bytes_this_month: _builtins.int
+    """Bytes relayed to and from peers for it this UTC calendar month."""
+    @_builtins.property
+    def last_activity_time(self) -> _timestamp_pb2.Timestamp:
+        """When coturn last reported activity of its allocations this month; unset when none did."""
+
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        live_allocations: _builtins.int = ...,
+        relayed_bytes_this_month: _builtins.int = ...,
+        last_activity_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_activity_time", b"last_activity_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_activity_time", b"last_activity_time", "live_allocations", b"live_allocations", "relayed_bytes_this_month", b"relayed_bytes_this_month", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TurnUserUsage: _TypeAlias = TurnUserUsage  # noqa: Y015
 
 @_typing.final
 class RateLimitUsage(_message.Message):

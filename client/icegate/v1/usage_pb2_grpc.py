@@ -55,7 +55,8 @@ class UsageServiceServicer:
     """
 
     def GetUsage(self, request, context):
-        """Returns the project's rate-limit position, session counts and the limits in force.
+        """Returns the project's rate-limit position, session counts, TURN usage and the limits in
+        force.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -39,7 +39,9 @@ class UsageServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> UsageServiceAsyncStub: ...
     GetUsage: _grpc.UnaryUnaryMultiCallable[_usage_pb2.GetUsageRequest, _usage_pb2.GetUsageResponse]
-    """Returns the project's rate-limit position, session counts and the limits in force."""
+    """Returns the project's rate-limit position, session counts, TURN usage and the limits in
+    force.
+    """
 
 @_typing.type_check_only
 class UsageServiceAsyncStub(UsageServiceStub):
@@ -52,7 +54,9 @@ class UsageServiceAsyncStub(UsageServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetUsage: _aio.UnaryUnaryMultiCallable[_usage_pb2.GetUsageRequest, _usage_pb2.GetUsageResponse]  # type: ignore[assignment]
-    """Returns the project's rate-limit position, session counts and the limits in force."""
+    """Returns the project's rate-limit position, session counts, TURN usage and the limits in
+    force.
+    """
 
 class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
     """UsageService reports how much of its limits a project has used. Calls need a key for the
@@ -68,6 +72,8 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _usage_pb2.GetUsageRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_usage_pb2.GetUsageResponse, _abc.Awaitable[_usage_pb2.GetUsageResponse]]:
-        """Returns the project's rate-limit position, session counts and the limits in force."""
+        """Returns the project's rate-limit position, session counts, TURN usage and the limits in
+        force.
+        """
 
 def add_UsageServiceServicer_to_server(servicer: UsageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -34,6 +34,7 @@ from icegate_server.errors import (
 from icegate_server.projects.records import PROJECT_ID_PATTERN, Project, validate_project_id
 from icegate_server.store import Store
 from icegate_server.store.base import Admission, AdmitOutcome
+from icegate_server.turn.limits import check_turn_limits
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,13 @@ class AccessControl:
         """Whether any certificate identity may stand for a caller key."""
         return bool(self._identity_projects)
 
-    async def admit(self, key: str, policy: MethodPolicy, project_id: str) -> CallContext:
+    async def admit(self, key: str, policy: MethodPolicy, project_id: str, *,
+                    turn_subject: str | None = None) -> CallContext:
         """Admits one call, or raises the domain error that says why not.
+
+        `turn_subject` is given for a call that issues TURN credentials: the user (or
+        session) id they are for; the project's TURN limits and the subject's revocation
+        are then checked in the same store round trip (`turn.limits`).
 
         Raises:
             InvalidApiKeyError: Unknown or revoked key.
@@ -96,6 +102,8 @@ class AccessControl:
                 for an admin method.
             NotFoundError: The project does not exist.
             RateLimitedError: The project used its requests for now.
+            TurnCredentialsRevokedError, TurnAllocationLimitError,
+                TurnByteQuotaExceededError: A TURN call over the project's TURN limits.
             StoreUnavailableError: The store cannot be reached (and fail-open did not apply).
             InvalidFieldError: `project_id` cannot be a project id (checked first: it is
                 never looked up, nor echoed back in full).
@@ -116,17 +124,18 @@ class AccessControl:
 
         admission = await self._admit_in_store(
             None if static_caller is not None else digest, project_id, policy,
-            remembered_as=digest)
+            remembered_as=digest, turn_subject=turn_subject)
         if isinstance(admission, CallContext):
             return admission
         caller = static_caller or self._caller_of(admission)
-        context = self._decide(admission, caller, project_id)
+        context = self._decide(admission, caller, project_id, turn_subject)
         if self._fail_open:
             self._remember(digest, project_id, context)
         return context
 
     async def admit_identity(self, identities: Sequence[str], policy: MethodPolicy,
-                             project_id: str) -> CallContext:
+                             project_id: str, *,
+                             turn_subject: str | None = None) -> CallContext:
         """Admits a call that has no key by its verified client certificate's typed names.
 
         `identities` are `<type>:<name>` as `tls.peer_identities` gives them. The names found
@@ -170,23 +179,27 @@ class AccessControl:
                                         f"on project {project_id!r}")
         # digest=None admits as an authenticated admin would: the project check is above.
         admission = await self._admit_in_store(None, project_id or caller.project_id, policy,
-                                               remembered_as=identity, asked_for=project_id)
+                                               remembered_as=identity, asked_for=project_id,
+                                               turn_subject=turn_subject)
         if isinstance(admission, CallContext):
             return admission
-        context = self._decide(admission, caller, project_id or caller.project_id)
+        context = self._decide(admission, caller, project_id or caller.project_id,
+                               turn_subject)
         if self._fail_open:
             self._remember(identity, project_id, context)
         return context
 
     async def _admit_in_store(self, digest: bytes | None, project_id: str,
                               policy: MethodPolicy, *, remembered_as: bytes | str,
-                              asked_for: str | None = None) -> Admission | CallContext:
+                              asked_for: str | None = None,
+                              turn_subject: str | None = None) -> Admission | CallContext:
         """`Store.admit`, or, when the store is unavailable and fail-open allows it, the call
         context remembered for `remembered_as` (a key digest or a certificate name)."""
         try:
             return await self._store.admit(digest=digest, project_id=project_id,
                                            now_ms=self._now_ms(),
-                                           count=policy is MethodPolicy.PROJECT)
+                                           count=policy is MethodPolicy.PROJECT,
+                                           turn_subject=turn_subject)
         except StoreUnavailableError:
             remembered = self._remembered(
                 remembered_as, project_id if asked_for is None else asked_for)
@@ -205,7 +218,8 @@ class AccessControl:
             raise InvalidApiKeyError("unknown or revoked API key")
         return Caller(key_id=key.key_id, is_admin=key.admin, project_id=key.project_id)
 
-    def _decide(self, admission: Admission, caller: Caller, project_id: str) -> CallContext:
+    def _decide(self, admission: Admission, caller: Caller, project_id: str,
+                turn_subject: str | None = None) -> CallContext:
         outcome = admission.outcome
         if outcome is AdmitOutcome.FORBIDDEN:
             raise ProjectForbiddenError("this key may not act on the named project")
@@ -223,6 +237,9 @@ class AccessControl:
                 limit=policy.limit, window_seconds=project.rate_limit_window_seconds,
                 reset_at=utc_datetime((now_ms + usage.retry_after_ms) / 1000),
                 retry_after_seconds=usage.retry_after_ms / 1000)
+        if turn_subject is not None and admission.turn is not None:
+            check_turn_limits(project, admission.turn, subject=turn_subject,
+                              now_ms=self._now_ms())
         return CallContext(caller, project)
 
     def _remember(self, digest: bytes | str, project_id: str, context: CallContext) -> None:

@@ -48,6 +48,17 @@ from icegate_server.status import INTERNAL_REASON, INTERNAL_RPC_STATUS, lookup, 
 
 REQUEST_ID_HEADER = "x-request-id"
 
+TURN_ISSUING_METHODS = frozenset({
+    "/icegate.v1.CredentialService/IssueTurnCredentials",
+    "/icegate.v1.CredentialService/GetIceServers",
+    "/icegate.v1.SessionService/CreateSession",
+    "/icegate.v1.SessionService/CreateCall",
+})
+"""Methods that sign TURN credentials: their admission checks the project's TURN limits and
+whether the request's `user_id` is revoked (`turn.limits`)."""
+MAX_TURN_SUBJECT = 256
+"""A `user_id` longer than this is never a subject (the call then fails its own check)."""
+
 SERVICE_POLICIES = {
     "/icegate.v1.AdminService/": MethodPolicy.ADMIN,
     "/icegate.v1.UsageService/": MethodPolicy.PROJECT_UNCOUNTED,
@@ -125,11 +136,12 @@ def refusal(error: Exception) -> Refusal:
 class GuardedMethod:
     """One guarded method: what admits its calls and what observes them."""
 
-    __slots__ = ("_access", "_metrics", "_observe", "name", "policy")
+    __slots__ = ("_access", "_issues_turn", "_metrics", "_observe", "name", "policy")
 
     def __init__(self, name: str, access: AccessControl, metrics: IcegateMetrics) -> None:
         self.name = name
         self.policy = method_policy(name)
+        self._issues_turn = name in TURN_ISSUING_METHODS
         self._access = access
         self._metrics = metrics
         # The histogram child is resolved now, so every served method shows from the start.
@@ -152,12 +164,15 @@ class GuardedMethod:
             raise MalformedRequestError("the request body is not a valid message")
         access = self._access
         project_id = getattr(request, "project_id", "")
+        subject = _turn_subject(request) if self._issues_turn else None
         # A bearer key, when present, wins; a verified client certificate stands in for a
         # missing one (mutual TLS with ICEGATE_TLS_CLIENT_PROJECTS).
         if access.admits_identities and not has_authorization(metadata):
-            call = await access.admit_identity(identities(), self.policy, project_id)
+            call = await access.admit_identity(identities(), self.policy, project_id,
+                                               turn_subject=subject)
         else:
-            call = await access.admit(bearer_key(metadata), self.policy, project_id)
+            call = await access.admit(bearer_key(metadata), self.policy, project_id,
+                                      turn_subject=subject)
         _current_call.set(call)
         return call
 
@@ -188,6 +203,13 @@ class CallGuard:
         if guarded is None:
             guarded = self._methods[name] = GuardedMethod(name, self._access, self._metrics)
         return guarded
+
+
+def _turn_subject(request: Any) -> str:
+    # The user id TURN credentials are asked for ("" for a session that takes its own id);
+    # validated later by the issuer, bounded here before it reaches the store.
+    user_id = getattr(request, "user_id", "")
+    return user_id if isinstance(user_id, str) and len(user_id) <= MAX_TURN_SUBJECT else ""
 
 
 def _project_of(call: CallContext | None, request: Any) -> str:

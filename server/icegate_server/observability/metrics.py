@@ -13,7 +13,8 @@ Series (all prefixed `icegate_`):
                                                       status code name (OK, INVALID_ARGUMENT...)
     icegate_rpc_duration_seconds{method}              histogram, 0.5 ms to 10 s buckets
     icegate_limit_refusals_total{reason}              RATE_LIMITED, QUOTA_EXCEEDED,
-                                                      CONCURRENT_LIMIT
+                                                      CONCURRENT_LIMIT, TURN_ALLOCATION_LIMIT,
+                                                      TURN_BYTE_QUOTA_EXCEEDED
     icegate_upstream_calls_total{provider, outcome}   one logical provider call (its retries
                                                       included): ok, auth_failed, rejected,
                                                       quota, unavailable, timeout, cancelled, error
@@ -30,13 +31,34 @@ Series (all prefixed `icegate_`):
 
 and prometheus_client's own `process_*` series (CPU seconds, resident and virtual memory,
 open and maximum file descriptors, start time) and `python_info`, for this process.
+    icegate_turn_relayed_bytes_total{project}         bytes relayed to and from peers, metered
+                                                      from coturn's stats stream
+    icegate_turn_live_allocations{project}            gauge: the project's live allocations
+    icegate_turn_unattributed_events_total            coturn events of usernames icegate does
+    icegate_turn_unattributed_bytes_total             not sign (and their relayed bytes)
+    icegate_coturn_stats_events_total{kind}           stats messages read, by kind (status_new,
+                                                      ..., traffic_peer, malformed)
+    icegate_coturn_stats_up                           gauge: 1 while the stats stream is
+                                                      metered (by any replica), else 0
+    icegate_coturn_stats_interruptions_total          times this replica lost the stream
+    icegate_coturn_stats_missed_ends_total            allocations ended by a resynchronisation
+                                                      (their end was missed: coturn restarted,
+                                                      or the stream was down)
 
 Cardinality: every label takes its values from a closed set fixed by the code: the methods the
 server registered (an unknown method is answered UNIMPLEMENTED by gRPC before the call guard
-counts it), status code names, reasons, provider kinds, outcomes, Store method names. No label
-ever holds a project id, user id, key, key id or token: projects are created at run time, so
-per-project figures belong to the usage reports (`UsageService`), not to series that grow with
-every project. That is also why `icegate_turn_credentials_issued_total` has no label.
+counts it), status code names, reasons, provider kinds, outcomes, Store method names, event
+kinds. The one exception is the `project` label of the two `icegate_turn_*` series metered
+from coturn, which operators bill by: one series per project that used TURN (projects are
+made by admins; a deleted project's series goes when the metering replica changes or
+restarts). No label ever holds a user id, key, key id or token (coturn's own docs warn
+against per-user labels), which is also why `icegate_turn_credentials_issued_total` has none.
+
+The TURN series are written by the replica that meters coturn's stream (the meter lease,
+`turn.coturn_stats`): `icegate_turn_relayed_bytes_total` adds up with `sum` over replicas
+(each byte is counted by one), and `icegate_turn_live_allocations` is exported by the
+metering replica alone (another drops its series when it loses the lease).
+`icegate_coturn_stats_up` is the same on every replica: aggregate it with `max`.
 
 `icegate_active_leases` counts the session leases live in the store at the last refresh (every
 `ActiveLeaseGauge.interval` seconds), over all projects. It is read from the store rather than
@@ -82,7 +104,8 @@ from icegate_server.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from icegate_server.store.base import Admission, Store, month_of
+from icegate_server.store.base import Admission, Store, TurnProjectChange, month_of
+from icegate_server.turn.coturn_events import EVENT_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +120,8 @@ LIMIT_REASONS = tuple(wire_reason(reason) for reason in (
     ErrorReason.ERROR_REASON_RATE_LIMITED,
     ErrorReason.ERROR_REASON_QUOTA_EXCEEDED,
     ErrorReason.ERROR_REASON_CONCURRENT_LIMIT,
+    ErrorReason.ERROR_REASON_TURN_ALLOCATION_LIMIT,
+    ErrorReason.ERROR_REASON_TURN_BYTE_QUOTA_EXCEEDED,
 ))
 """The ErrorInfo reasons `icegate_limit_refusals_total` counts, as they are on the wire."""
 
@@ -209,6 +234,37 @@ class IcegateMetrics:
         self._coturn_sync_failures = Counter(
             "icegate_coturn_sync_failures",
             "Writes of the TURN secrets into coturn's userdb that failed.", registry=registry)
+        self._turn_relayed = Counter(
+            "icegate_turn_relayed_bytes",
+            "Bytes relayed to and from peers, metered from coturn's stats, by project.",
+            ("project",), registry=registry)
+        self._turn_live = Gauge(
+            "icegate_turn_live_allocations",
+            "Live TURN allocations by project (exported by the metering replica).",
+            ("project",), registry=registry)
+        self._turn_projects: set[str] = set()
+        self._unattributed_events = Counter(
+            "icegate_turn_unattributed_events",
+            "coturn events of usernames icegate does not sign (never attributed).",
+            registry=registry)
+        self._unattributed_bytes = Counter(
+            "icegate_turn_unattributed_bytes",
+            "Relayed bytes of usernames icegate does not sign (never attributed).",
+            registry=registry)
+        events = Counter("icegate_coturn_stats_events", "coturn stats messages read, by kind.",
+                         ("kind",), registry=registry)
+        self._coturn_events = {kind: events.labels(kind) for kind in (*EVENT_KINDS, "malformed")}
+        self._metering_up = Gauge(
+            "icegate_coturn_stats_up",
+            "1 while coturn's stats stream is metered (by any replica), else 0.",
+            registry=registry)
+        self._stream_interruptions = Counter(
+            "icegate_coturn_stats_interruptions",
+            "Times this replica lost coturn's stats stream.", registry=registry)
+        self._missed_ends = Counter(
+            "icegate_coturn_stats_missed_ends",
+            "Allocations a resynchronisation ended, their end not seen on the stream.",
+            registry=registry)
 
     def rpc(self, method: str) -> MethodMetrics:
         """The recorder of one method; the call guard asks once per method, then keeps it."""
@@ -255,6 +311,43 @@ class IcegateMetrics:
     def coturn_sync_failed(self) -> None:
         self._coturn_sync_failures.inc()
 
+    # -- TURN usage metered from coturn (turn.coturn_stats) ----------------------------------
+
+    def coturn_event(self, kind: str) -> None:
+        """Counts one stats message of `kind` (an `EventKind` value, or `malformed`)."""
+        counter = self._coturn_events.get(kind)
+        if counter is not None:
+            counter.inc()
+
+    def coturn_unattributed(self, relayed_bytes: int) -> None:
+        self._unattributed_events.inc()
+        if relayed_bytes > 0:
+            self._unattributed_bytes.inc(relayed_bytes)
+
+    def turn_project_changes(self, changes: dict[str, TurnProjectChange]) -> None:
+        """Records what a metered batch did to each project."""
+        for project_id, change in changes.items():
+            if change.relayed_bytes > 0:
+                self._turn_relayed.labels(project_id).inc(change.relayed_bytes)
+            self._turn_live.labels(project_id).set(change.live_allocations)
+            self._turn_projects.add(project_id)
+
+    def clear_turn_projects(self) -> None:
+        """Drops the live-allocation series (this replica no longer meters)."""
+        for project_id in self._turn_projects:
+            with contextlib.suppress(KeyError):
+                self._turn_live.remove(project_id)
+        self._turn_projects.clear()
+
+    def set_metering_up(self, up: bool) -> None:
+        self._metering_up.set(1 if up else 0)
+
+    def coturn_stream_interrupted(self) -> None:
+        self._stream_interruptions.inc()
+
+    def coturn_missed_ends(self, count: int) -> None:
+        self._missed_ends.inc(count)
+
 
 def build_info() -> dict[str, str]:
     """The `icegate_build_info` labels: versions of icegate, Python and grpcio."""
@@ -288,12 +381,12 @@ class InstrumentedStore:
                         _counting(operation, getattr(store, operation), metrics))
 
     async def admit(self, *, digest: bytes | None, project_id: str, now_ms: int,
-                    count: bool) -> Admission:
+                    count: bool, turn_subject: str | None = None) -> Admission:
         # Every call's: spelled out, because the generic wrapper's *args/**kwargs packing
         # costs each call about a microsecond, as much as the rest of the wrapping.
         try:
             return await self._admit(digest=digest, project_id=project_id, now_ms=now_ms,
-                                     count=count)
+                                     count=count, turn_subject=turn_subject)
         except Exception:
             self._metrics.store_error("admit")
             raise

@@ -27,6 +27,8 @@ URL_PATTERN = re.compile(r"https?://[\x21-\x7e]+")
 MAX_DISPLAY_NAME = 200
 MAX_URL = 2048
 KEY_PREFIX = "igk_"
+MAX_ALLOCATIONS = 100_000_000
+MAX_BYTE_QUOTA = 2**62
 
 
 @dataclass(frozen=True)
@@ -45,12 +47,16 @@ class Project:
     max_concurrent_sessions: int = 5
     create_time: float = 0.0
     update_time: float = 0.0
+    max_allocations: int = 0
+    """Live TURN allocations at which new TURN credentials are refused; 0: no limit."""
+    byte_quota: int = 0
+    """TURN bytes relayed per month at which new TURN credentials are refused; 0: none."""
 
 
 UPDATABLE_PROJECT_FIELDS = frozenset({
     "display_name", "rate_limit_requests", "rate_limit_window_seconds",
     "turn_ttl_default_seconds", "turn_ttl_max_seconds", "plan", "upgrade_url",
-    "monthly_session_quota", "max_concurrent_sessions",
+    "monthly_session_quota", "max_concurrent_sessions", "max_allocations", "byte_quota",
 })
 
 
@@ -108,6 +114,11 @@ def validate_project(project: Project, *, turn_ttl_min: int, turn_ttl_max: int) 
         raise InvalidFieldError("monthly_session_quota", "must be between 0 and 1000000000")
     if not 0 <= project.max_concurrent_sessions <= 1_000_000:
         raise InvalidFieldError("max_concurrent_sessions", "must be between 0 and 1000000")
+    if not 0 <= project.max_allocations <= MAX_ALLOCATIONS:
+        raise InvalidFieldError("max_allocations",
+                                f"must be between 0 (no limit) and {MAX_ALLOCATIONS}")
+    if not 0 <= project.byte_quota <= MAX_BYTE_QUOTA:
+        raise InvalidFieldError("byte_quota", f"must be between 0 (none) and {MAX_BYTE_QUOTA}")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from icegate_server.servicers.session_service import json_of_struct
 from icegate_server.sessions.policy import SessionPolicies, SessionPolicy, StoredPolicy
 from icegate_server.sessions.provider_keys import ProviderKeys
 from icegate_server.store.base import ProviderKeyRecord
+from icegate_server.turn.revocation import TurnRevocation
 from icegate_server.turn.rotation import RingEntry, TurnSecretRotation
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -25,7 +26,8 @@ _DURATION_FIELDS = {
     "turn_ttl_max": "turn_ttl_max_seconds",
 }
 _PLAIN_FIELDS = ("display_name", "plan", "upgrade_url", "rate_limit_requests",
-                 "monthly_session_quota", "max_concurrent_sessions")
+                 "monthly_session_quota", "max_concurrent_sessions", "max_allocations",
+                 "byte_quota")
 _OPTIONAL_INT_FIELDS = {"rate_limit_requests", "monthly_session_quota", "max_concurrent_sessions"}
 SETTABLE_FIELDS = frozenset(_PLAIN_FIELDS) | frozenset(_DURATION_FIELDS)
 
@@ -54,6 +56,8 @@ def project_to_proto(project: Project) -> admin_pb2.Project:
         upgrade_url=project.upgrade_url,
         monthly_session_quota=project.monthly_session_quota,
         max_concurrent_sessions=project.max_concurrent_sessions,
+        max_allocations=project.max_allocations,
+        byte_quota=project.byte_quota,
         create_time=_timestamp(project.create_time),
         update_time=_timestamp(project.update_time),
     )
@@ -169,11 +173,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     """Projects, caller keys and provider keys, for admin keys only (the call guard checks)."""
 
     def __init__(self, admin: ProjectAdmin, provider_keys: ProviderKeys,
-                 turn_secrets: TurnSecretRotation, policies: SessionPolicies) -> None:
+                 turn_secrets: TurnSecretRotation, policies: SessionPolicies,
+                 revocation: TurnRevocation) -> None:
         self._admin = admin
         self._provider_keys = provider_keys
         self._turn_secrets = turn_secrets
         self._policies = policies
+        self._revocation = revocation
 
     async def CreateProject(self, request: admin_pb2.CreateProjectRequest,
                             context: Context) -> admin_pb2.CreateProjectResponse:
@@ -275,3 +281,20 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                                   context: Context) -> admin_pb2.DeleteSessionPolicyResponse:
         await self._policies.delete(request.project_id, request.provider)
         return admin_pb2.DeleteSessionPolicyResponse()
+
+    async def RevokeTurnCredentials(
+        self, request: admin_pb2.RevokeTurnCredentialsRequest, context: Context
+    ) -> admin_pb2.RevokeTurnCredentialsResponse:
+        revocation = await self._revocation.revoke(
+            request.project_id, user_id=request.user_id, session_id=request.session_id)
+        response = admin_pb2.RevokeTurnCredentialsResponse(
+            allocations_ended=revocation.allocations_ended)
+        response.revoked_until.FromMilliseconds(revocation.revoked_until_ms)
+        return response
+
+    async def RestoreTurnCredentials(
+        self, request: admin_pb2.RestoreTurnCredentialsRequest, context: Context
+    ) -> admin_pb2.RestoreTurnCredentialsResponse:
+        was_revoked = await self._revocation.restore(
+            request.project_id, user_id=request.user_id, session_id=request.session_id)
+        return admin_pb2.RestoreTurnCredentialsResponse(was_revoked=was_revoked)

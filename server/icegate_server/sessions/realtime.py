@@ -312,7 +312,8 @@ class RealtimeSessions:
             project_id=project.project_id, session_id=session_id, month=month, now_ms=now_ms,
             pending_ms=int((bound + PENDING_MARGIN_SECONDS) * 1000),
             quota=project.monthly_session_quota,
-            max_concurrent=project.max_concurrent_sessions, provider=key_family(kind)))
+            max_concurrent=project.max_concurrent_sessions, provider=key_family(kind),
+            turn_username=credential.username))
         try:
             admission = await asyncio.shield(beginning)
         except BaseException:

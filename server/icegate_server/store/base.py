@@ -9,9 +9,11 @@ be reached raises `StoreUnavailableError`; every other failure is one of the out
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import re
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -32,6 +34,17 @@ class AdmitOutcome(enum.Enum):
     RATE_LIMITED = "rate_limited"
 
 
+class TurnAdmission(NamedTuple):
+    """What an admission that issues TURN credentials read of the project's TURN state."""
+
+    live_allocations: int
+    """The project's live allocations (as metered from coturn)."""
+    relayed_bytes: int
+    """The bytes the project relayed in the month of the call."""
+    revoked_until_ms: int
+    """Until when the TURN subject named is revoked (0: it is not)."""
+
+
 class Admission(NamedTuple):
     """The answer of `Store.admit`: who called, for which project, and the rate position."""
 
@@ -42,6 +55,8 @@ class Admission(NamedTuple):
     """The project acted on (set for ADMITTED and RATE_LIMITED)."""
     tat_ms: int | None = None
     """The project's GCRA theoretical arrival time after this call (see `access.rate_limit`)."""
+    turn: TurnAdmission | None = None
+    """The project's TURN state, for an ADMITTED call that named a `turn_subject`."""
 
 
 class SessionOutcome(enum.Enum):
@@ -73,6 +88,68 @@ class SessionAdmission:
     sessions_this_month: int
     provider_key: ProviderKeyRecord | None = None
     """The sealed key the session will mint with (read in the same step; None when absent)."""
+
+
+class TurnEventKind(enum.Enum):
+    """What an allocation event tells the store (see `Store.record_turn_events`)."""
+
+    STARTED = "started"
+    """A new allocation (coturn's `new`): live, nothing relayed yet."""
+    ALIVE = "alive"
+    """The allocation lives (refreshed, or found alive by a resynchronisation)."""
+    RELAYED = "relayed"
+    """`relayed_bytes` relayed since the previous report (coturn's relay-side `traffic`)."""
+    ENDED = "ended"
+    """The allocation is gone (coturn's `deleted`)."""
+    RELAYED_TOTAL = "relayed_total"
+    """`relayed_bytes` relayed over the allocation's whole life (coturn's relay-side
+    `total_traffic`, sent once at deletion): what the reports did not bring is counted now."""
+
+
+@dataclass(frozen=True)
+class TurnAllocationEvent:
+    """One allocation event attributed to a project and a user (or session) id."""
+
+    kind: TurnEventKind
+    allocation: str
+    """The allocation's identity: coturn's id and the username (`coturn_events`)."""
+    project_id: str
+    user_id: str
+    relayed_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class TurnMeterState:
+    """Who meters coturn's stats stream, and how the stream stands (see `turn.coturn_stats`).
+
+    One replica at a time holds the meter lease (`owner`, until `lease_expires_ms`); it alone
+    writes allocation events. `connected` says whether its subscription is up, since
+    `changed_ms`; `last_event_ms` is when it last counted an event.
+    """
+
+    owner: str = ""
+    lease_expires_ms: int = 0
+    connected: bool = False
+    changed_ms: int = 0
+    last_event_ms: int = 0
+
+
+class TurnProjectChange(NamedTuple):
+    """What a batch of allocation events did to one project."""
+
+    live_allocations: int
+    """The project's live allocations after the batch."""
+    relayed_bytes: int
+    """The bytes the batch counted for the project."""
+
+
+@dataclass(frozen=True)
+class TurnUsageFigures:
+    """A project's (or one of its users') TURN usage in one month, as metered from coturn."""
+
+    live_allocations: int = 0
+    relayed_bytes: int = 0
+    last_activity_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -185,7 +262,7 @@ class Store(Protocol):
     # -- the hot path: one round trip per call -----------------------------------------------
 
     async def admit(self, *, digest: bytes | None, project_id: str, now_ms: int,
-                    count: bool) -> Admission:
+                    count: bool, turn_subject: str | None = None) -> Admission:
         """Authenticates, authorises and rate-limits one call, atomically.
 
         Args:
@@ -197,6 +274,11 @@ class Store(Protocol):
             count: Whether the call counts against the project's rate limit (the project's
                 own `rate_limit_requests` per `rate_limit_window_seconds`, GCRA as in
                 `icegate_server.access.rate_limit`).
+            turn_subject: For a call that issues TURN credentials, the user (or session) id
+                they are for ("" when not known yet): an ADMITTED answer then carries the
+                project's TURN state (`TurnAdmission`: live allocations, the month's relayed
+                bytes, and until when the subject is revoked), read in the same step. The
+                caller decides what it allows; None reads nothing of it.
 
         A key bound to project A naming project B gets FORBIDDEN and counts nothing. An admin
         key may name any project. RATE_LIMITED leaves the TAT unchanged.
@@ -211,7 +293,7 @@ class Store(Protocol):
 
     async def begin_session(self, *, project_id: str, session_id: str, month: str,
                             now_ms: int, pending_ms: int, quota: int, max_concurrent: int,
-                            provider: str) -> SessionAdmission:
+                            provider: str, turn_username: str = "") -> SessionAdmission:
         """Atomically: read the project's sealed `provider` key, expire stale leases, check
         concurrency then quota, and take a *pending* lease: all a CreateSession needs before
         it calls the provider, in one round trip.
@@ -223,6 +305,12 @@ class Store(Protocol):
         `confirm_session`), so a start that never completes frees its slot by itself within
         `pending_ms` and leaves no unit behind. Without a key the outcome is
         NO_PROVIDER_KEY, checked first. Otherwise nothing changes.
+
+        A session started with a `turn_username` (the TURN credential its ICE servers carry)
+        keeps it until its allocations are due to end: when its lease expires or it is ended
+        (`take_ended_session_turn`); `confirm_session` and `renew_session` move that time with
+        the lease, `end_session` makes it now, `cancel_session` forgets it (the caller never
+        got the credential). `session_turn_username` reads it meanwhile.
         """
         ...
 
@@ -338,6 +426,90 @@ class Store(Protocol):
         """Deletes the secrets whose retirement time has come; returns how many."""
         ...
 
+    # -- TURN usage, metered from coturn's stats stream (see `turn.coturn_stats`) ---------------
+
+    async def claim_turn_meter(self, state: TurnMeterState, *, now_ms: int) -> TurnMeterState:
+        """Takes or renews the meter lease for `state.owner` and records its stream state,
+        unless another owner holds a lease still running at `now_ms`.
+
+        Returns the state in force afterwards: `state` itself when the lease is ours, else
+        the holder's (so every replica can tell how metering stands). An owner whose
+        `lease_expires_ms` is 0 gives the lease up (if it holds it).
+        """
+        ...
+
+    async def turn_meter_state(self) -> TurnMeterState:
+        """The meter state last recorded (a lease past its expiry included)."""
+        ...
+
+    async def record_turn_events(self, events: Sequence[TurnAllocationEvent], *, owner: str,
+                                 batch: int, now_ms: int, month: str
+                                 ) -> dict[str, TurnProjectChange] | None:
+        """Applies allocation events in order, atomically, if `owner` holds the meter lease at
+        `now_ms`; None (nothing written) otherwise.
+
+        `batch` numbers the owner's batches, increasing: a batch whose number is not above the
+        last one applied for this lease holder changes nothing (and answers no change), so a
+        batch retried after an unknown outcome (a store timeout) counts once.
+
+        Per allocation it keeps whether it lives and the bytes counted for it; per project and
+        per user id, the live allocations, and the bytes relayed and the last activity
+        (`now_ms`) in `month`. Idempotent where coturn's text allows: STARTED, ALIVE and ENDED
+        change nothing the second time, and RELAYED_TOTAL counts only what the allocation's RELAYED
+        events did not (so a total seen twice, or after every report, adds nothing). RELAYED is
+        a delta: the lease and the batch number are what make it count once. Events of a
+        project that does not exist are dropped. Returns what the batch did to each project
+        it touched.
+        """
+        ...
+
+    async def sweep_turn_allocations(self, *, owner: str, seen_before_ms: int, now_ms: int,
+                                     limit: int
+                                     ) -> tuple[int, dict[str, TurnProjectChange]] | None:
+        """Ends up to `limit` live allocations last seen (STARTED, ALIVE, RELAYED) before
+        `seen_before_ms`, as ENDED would, if `owner` holds the meter lease; None otherwise.
+
+        After a resynchronisation has marked every allocation coturn still lists as ALIVE,
+        this ends the ones whose end the meter missed (coturn restarted, or the stream was
+        down when they ended). An allocation ended by a sweep lives again if an ALIVE or
+        RELAYED event of it comes later (its status key had been lost with a stats Redis that
+        restarted empty), unlike one whose ENDED was recorded. Returns how many it ended
+        (fewer than `limit`: none is left) and what it did to each project it touched.
+        """
+        ...
+
+    async def revoke_turn_subject(self, *, project_id: str, subject: str, until_ms: int,
+                                  now_ms: int) -> int:
+        """Revokes a project's TURN subject (a user or session id) until `until_ms` (a later
+        revocation in force is kept); returns the time it is revoked until. Admissions
+        naming it carry that time (`TurnAdmission.revoked_until_ms`) on every replica."""
+        ...
+
+    async def revoked_turn_subjects(self, *, project_id: str, subjects: Sequence[str],
+                                    now_ms: int) -> set[str]:
+        """Which of a project's `subjects` are revoked at `now_ms`."""
+        ...
+
+    async def lift_turn_subject(self, *, project_id: str, subject: str, now_ms: int) -> bool:
+        """Lifts a subject's revocation; whether one was in force at `now_ms`."""
+        ...
+
+    async def session_turn_username(self, *, project_id: str, session_id: str) -> str | None:
+        """The TURN username a session's credential was issued for, while it is kept."""
+        ...
+
+    async def take_ended_session_turn(self, *, now_ms: int,
+                                      limit: int) -> list[tuple[str, str, str]]:
+        """Takes (removes, so one replica gets each) up to `limit` sessions whose TURN
+        allocations are due to end at `now_ms`: (project id, session id, TURN username)."""
+        ...
+
+    async def turn_usage(self, *, project_id: str, month: str,
+                         user_id: str | None = None) -> TurnUsageFigures:
+        """A project's TURN figures for `month` (its live allocations are those of now), or
+        one of its user ids' when `user_id` is given."""
+        ...
+
 
 PURGE_BATCH = 500
 """Caller keys a deletion removes per step (one SQLite transaction, one Redis script): a
@@ -369,13 +541,19 @@ def parse_api_key_cursor(cursor: str) -> tuple[float, str] | None:
 
 def month_of(now_ms: int) -> str:
     """The UTC calendar month of a time, `YYYY-MM`: the unit of the monthly session quota."""
-    import time
+    return _month_of_hour(now_ms // 3_600_000)
 
-    return time.strftime("%Y-%m", time.gmtime(now_ms // 1000))
+
+@functools.lru_cache(maxsize=64)
+def _month_of_hour(hour: int) -> str:
+    # Months begin on a UTC hour: the admission of every TURN call needs its month.
+    return time.strftime("%Y-%m", time.gmtime(hour * 3600))
 
 
 __all__: Sequence[str] = (
     "PURGE_BATCH", "Admission", "AdmitOutcome", "ProviderKeyRecord", "SessionAdmission",
-    "SessionOutcome", "SessionPolicyRecord", "SessionRecord", "Store", "TurnSecretRecord",
+    "SessionOutcome", "SessionPolicyRecord", "SessionRecord", "Store", "TurnAdmission",
+    "TurnAllocationEvent", "TurnEventKind", "TurnMeterState", "TurnProjectChange",
+    "TurnSecretRecord", "TurnUsageFigures",
     "api_key_cursor", "month_of", "parse_api_key_cursor",
 )

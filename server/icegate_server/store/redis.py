@@ -44,26 +44,31 @@ Failing fast. The client has explicit socket and connect timeouts (`timeout`, 0.
 default) and redis-py's retries are switched off: a call that times out may already have
 run on the server, and blindly re-sending a counting script would count twice. A restarted
 Redis needs no retry anyway: the pool checks a pooled connection for EOF before using it
-and reconnects (RESP2 keeps that check on). Every connection-level failure becomes
-`StoreUnavailableError`.
+and reconnects (RESP2 keeps that check on), and the admissions' connection (below) hears
+Redis close it as it happens and opens a new one for the next batch. Every
+connection-level failure becomes `StoreUnavailableError`.
 
 A paused (or very slow) Redis brings one more hazard: a script the client gave up on sits
 in the server's socket buffer and runs when Redis wakes up, counting a call whose caller was
 told "unavailable". The counting scripts (`admit`, `begin_session`, `confirm_session`,
 `cancel_session`) are therefore fenced: the caller sends a deadline, half the timeout ahead,
 expressed on the server's clock (the offset between the clocks is measured from `TIME` at
-open and from every reply), and a script that starts after it changes nothing and answers
-"late". A late answer is certain to have changed nothing, so that call alone is retried
-once at once. The fence uses the real wall clock; the limits themselves use the injected `now_ms`.
+open and from the replies: every reply through redis-py, the first of each batch of
+admissions), and a script that starts after it changes nothing and answers "late". A late
+answer is certain to have changed nothing, so that call alone is retried once at once. The
+fence uses the real wall clock; the limits themselves use the injected `now_ms`.
 
-Batching. Every credential call runs `admit`. One batch of admissions is in flight at a
-time; the admissions that arrive while it is are sent together as the next one, a pipeline
-on a connection of their own (one write, then the replies read in order), so batches grow
-with the load by themselves and a lone call goes out at once. redis-py
-spends far more per command on the pool and the socket than Redis spends on the script
-(about 180 us of client CPU for a lone EVALSHA here, 40-50 us each in a pipeline of 10-50).
-Each script in the batch is still atomic on its own and fenced by the same deadline; a late
-one is retried alone, as above.
+Admissions. Every credential call runs `admit`, and only it bypasses redis-py: its EVALSHA
+goes out on a connection of its own (`redis_admission.AdmissionConnection`: redis-py opens
+it, an asyncio protocol writes packed bytes and reads replies with hiredis). One batch of
+admissions is on the wire at a time; the admissions that arrive while it is go out together
+as the next one (one write, the replies read in order), so batches grow with the load by
+themselves and a lone call goes out on the next turn of the loop. The replies stay bytes:
+each caller's key record and project are rebuilt only when what Redis sent differs from
+last time. Each script in the batch is still atomic on its own and fenced by the batch's
+deadline; a batch not answered within `timeout` fails, its connection is dropped, and
+nothing is re-sent; a late answer or an error reply (NOSCRIPT after a restart or a SCRIPT
+FLUSH) sends that call alone through redis-py, which loads the script again.
 """
 
 from __future__ import annotations
@@ -79,7 +84,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.retry import Retry
@@ -97,10 +101,17 @@ from icegate_server.store.base import (
     SessionOutcome,
     SessionPolicyRecord,
     SessionRecord,
+    TurnAdmission,
+    TurnAllocationEvent,
+    TurnMeterState,
+    TurnProjectChange,
     TurnSecretRecord,
+    TurnUsageFigures,
     api_key_cursor,
+    month_of,
     parse_api_key_cursor,
 )
+from icegate_server.store.redis_admission import AdmissionConnection
 
 PREFIX = "icegate:"
 MAX_CONNECTIONS = 512
@@ -119,10 +130,18 @@ if server_ms > tonumber(ARGV[1]) then return {clock, 'late'} end
 """
 
 # ARGV: deadline, prefix, digest hex ('' for a static admin), project id, now_ms, count
-# ('1'/'0'), default project id. Returns {clock, outcome, key hash fields | false,
-# project JSON | false, TAT | false}.
+# ('1'/'0'), default project id, TURN ('1' for a call issuing TURN credentials, else ''),
+# TURN subject, month. Returns {clock, outcome, key hash fields | false, project JSON | false,
+# TAT | false}, and for an admitted TURN call {..., live allocations, the month's relayed
+# bytes, revoked until ms}.
 _ADMIT = _FENCE + """
 local prefix, digest, project_id = ARGV[2], ARGV[3], ARGV[4]
+local function turn_state()
+  if ARGV[8] ~= '1' then return end
+  return redis.call('SCARD', prefix .. 'turn-live:' .. project_id),
+         redis.call('GET', prefix .. 'turn-bytes:' .. project_id .. ':' .. ARGV[10]) or '0',
+         redis.call('HGET', prefix .. 'turn-revoked:' .. project_id, ARGV[9]) or '0'
+end
 local now = tonumber(ARGV[5])
 local key = false
 if digest ~= '' then
@@ -144,7 +163,7 @@ local project_json = redis.call('GET', prefix .. 'project:' .. project_id)
 if not project_json then return {clock, 'no_project', key} end
 local rate_key = prefix .. 'rl:' .. project_id
 local stored = redis.call('GET', rate_key)
-if ARGV[6] ~= '1' then return {clock, 'admitted', key, project_json, stored} end
+if ARGV[6] ~= '1' then return {clock, 'admitted', key, project_json, stored, turn_state()} end
 
 -- limits.gcra_admit, in integer milliseconds (all values are far below 2^53).
 local project = cjson.decode(project_json)
@@ -159,11 +178,12 @@ local candidate = base + interval
 if candidate - now > window then return {clock, 'rate_limited', key, project_json, stored} end
 local new_tat = string.format('%.0f', candidate)
 redis.call('SET', rate_key, new_tat, 'PX', string.format('%.0f', window + interval))
-return {clock, 'admitted', key, project_json, new_tat}
+return {clock, 'admitted', key, project_json, new_tat, turn_state()}
 """
 
-# KEYS: leases, month counter, pending, provider keys. ARGV: deadline, session id, now_ms,
-# pending_ms, quota, max_concurrent, provider.
+# KEYS: leases, month counter, pending, provider keys, session TURN dues, session TURN
+# usernames. ARGV: deadline, session id, now_ms, pending_ms, quota, max_concurrent, provider,
+# TURN username, the session's member in the TURN keys ('' when none).
 # -> {clock, outcome, active, held, provider key JSON (when started)}.
 _BEGIN_SESSION = _FENCE + """
 local provider_key = redis.call('HGET', KEYS[4], ARGV[7])
@@ -180,11 +200,16 @@ if held >= tonumber(ARGV[5]) then return {clock, 'quota_exceeded', active, held}
 local expiry = string.format('%.0f', tonumber(ARGV[3]) + tonumber(ARGV[4]))
 redis.call('ZADD', KEYS[1], expiry, ARGV[2])
 redis.call('ZADD', KEYS[3], expiry, ARGV[2])
+if ARGV[9] and ARGV[9] ~= '' then
+  redis.call('ZADD', KEYS[5], expiry, ARGV[9])
+  redis.call('HSET', KEYS[6], ARGV[9], ARGV[8])
+end
 return {clock, 'started', active + 1, held + 1, provider_key}
 """
 
-# KEYS: leases, month counter, months set, pending. ARGV: deadline, session id, month,
-# now_ms, lease_ms, counter TTL seconds. -> {clock, 'confirmed' | 'lapsed'}.
+# KEYS: leases, month counter, months set, pending, session TURN dues. ARGV: deadline, session
+# id, month, now_ms, lease_ms, counter TTL seconds, the session's TURN member.
+# -> {clock, 'confirmed' | 'lapsed'}.
 _CONFIRM_SESSION = _FENCE + """
 local pending = redis.call('ZSCORE', KEYS[4], ARGV[2])
 if not pending then
@@ -198,6 +223,10 @@ if tonumber(pending) <= tonumber(ARGV[4]) then
   return {clock, 'lapsed'}
 end
 redis.call('ZADD', KEYS[1], string.format('%.0f', tonumber(ARGV[4]) + tonumber(ARGV[5])), ARGV[2])
+if KEYS[5] then
+  redis.call('ZADD', KEYS[5], 'XX', string.format('%.0f', tonumber(ARGV[4]) + tonumber(ARGV[5])),
+             ARGV[7])
+end
 redis.call('INCR', KEYS[2])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
 redis.call('SADD', KEYS[3], ARGV[3])
@@ -205,9 +234,14 @@ redis.call('EXPIRE', KEYS[3], ARGV[6])
 return {clock, 'confirmed'}
 """
 
-# KEYS: leases, month counter, pending. ARGV: deadline, session id. A pending lease is
-# dropped; a confirmed one (live or expired) is dropped and uncounted.
+# KEYS: leases, month counter, pending, session TURN dues, session TURN usernames. ARGV:
+# deadline, session id, the session's TURN member. A pending lease is dropped; a confirmed one
+# (live or expired) is dropped and uncounted; its TURN credential was never handed out.
 _CANCEL_SESSION = _FENCE + """
+if KEYS[5] then
+  redis.call('ZREM', KEYS[4], ARGV[3])
+  redis.call('HDEL', KEYS[5], ARGV[3])
+end
 local was_pending = redis.call('ZREM', KEYS[3], ARGV[2]) == 1
 if redis.call('ZREM', KEYS[1], ARGV[2]) == 1 and not was_pending then
   if tonumber(redis.call('GET', KEYS[2]) or '0') > 0 then redis.call('DECR', KEYS[2]) end
@@ -215,19 +249,23 @@ end
 return {clock, 'done'}
 """
 
-# KEYS: leases. ARGV: now_ms, new expiry, session id.
+# KEYS: leases, session TURN dues. ARGV: now_ms, new expiry, session id, the session's TURN
+# member.
 _RENEW_SESSION = """
 local expiry = redis.call('ZSCORE', KEYS[1], ARGV[3])
 if not expiry or tonumber(expiry) <= tonumber(ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[3])
+if KEYS[2] then redis.call('ZADD', KEYS[2], 'XX', ARGV[2], ARGV[4]) end
 return 1
 """
 
-# KEYS: leases. ARGV: now_ms, session id. 1 if a live lease was released.
+# KEYS: leases, session TURN dues. ARGV: now_ms, session id, the session's TURN member. 1 if a
+# live lease was released; its TURN allocations are due to end now.
 _END_SESSION = """
 local expiry = redis.call('ZSCORE', KEYS[1], ARGV[2])
 if not expiry then return 0 end
 redis.call('ZREM', KEYS[1], ARGV[2])
+if KEYS[2] then redis.call('ZADD', KEYS[2], 'XX', ARGV[1], ARGV[3]) end
 if tonumber(expiry) > tonumber(ARGV[1]) then return 1 end
 return 0
 """
@@ -285,10 +323,13 @@ local existed = redis.call('DEL', prefix .. 'project:' .. id)
 redis.call('ZREM', prefix .. 'projects', id)
 redis.call('UNLINK', prefix .. 'rl:' .. id, prefix .. 'leases:' .. id, prefix .. 'pkey:' .. id,
            prefix .. 'pending:' .. id, prefix .. 'policy:' .. id, prefix .. 'srec:' .. id,
-           prefix .. 'srec-ends:' .. id)
+           prefix .. 'srec-ends:' .. id, prefix .. 'turn-live:' .. id,
+           prefix .. 'turn-user-live:' .. id, prefix .. 'turn-revoked:' .. id)
 redis.call('SREM', prefix .. 'pkey-projects', id)
 for _, month in ipairs(redis.call('SMEMBERS', prefix .. 'quota-months:' .. id)) do
-  redis.call('DEL', prefix .. 'quota:' .. id .. ':' .. month)
+  redis.call('UNLINK', prefix .. 'quota:' .. id .. ':' .. month,
+             prefix .. 'turn-bytes:' .. id .. ':' .. month,
+             prefix .. 'turn-users:' .. id .. ':' .. month)
 end
 redis.call('DEL', prefix .. 'quota-months:' .. id)
 return existed
@@ -484,6 +525,214 @@ end
 return out
 """
 
+# -- TURN usage (see turn/coturn_stats.py). Keys, besides those above:
+#   icegate:turn-meter               hash    owner, expires, connected, changed, last_event,
+#                                            batch (the owner's last batch applied)
+#   icegate:turn-alloc:<allocation>  hash    p (project), u (user id), live ('1'/'0'), c (bytes
+#                                            counted), swept ('1': ended by a sweep, not by
+#                                            coturn); PEXPIRE `TURN_TOMBSTONE_MS` once ended
+#   icegate:turn-seen                zset    live allocations by when last seen (the sweep)
+#   icegate:turn-live:<p>            set     the project's live allocations (SCARD: the count)
+#   icegate:turn-user-live:<p>       hash    user id -> live allocations (fields at 0 removed)
+#   icegate:turn-bytes:<p>:<YYYY-MM> string  bytes relayed that month; EXPIRE 62 days
+#   icegate:turn-users:<p>:<YYYY-MM> hash    b:<user> bytes, t:<user> last activity ms that
+#                                            month, t: the project's; EXPIRE 62 days
+#   icegate:turn-revoked:<p>         hash    subject (user or session id) -> revoked until ms;
+#                                            expires with its last revocation
+#   icegate:session-turn-due         zset    <p>/<session id> of sessions whose TURN
+#                                            credential was handed out, by when their
+#                                            allocations are to end (the lease's expiry; now
+#                                            once ended)
+#   icegate:session-turn-names       hash    <p>/<session id> -> that credential's username
+# The months with figures join icegate:quota-months:<p>, so delete_project finds them.
+
+# KEYS: meter hash. ARGV: owner, now_ms, lease expiry ms (0: give up), connected ('1'/'0'),
+# changed_ms, last_event_ms. -> the state in force {owner, expires, connected, changed, last}.
+_CLAIM_TURN_METER = """
+local current = redis.call('HMGET', KEYS[1], 'owner', 'expires', 'connected', 'changed',
+                           'last_event')
+local now = tonumber(ARGV[2])
+if current[1] and current[1] ~= ARGV[1] and tonumber(current[2]) > now then return current end
+if ARGV[3] == '0' and current[1] ~= ARGV[1] then return current end
+if current[1] ~= ARGV[1] then redis.call('HDEL', KEYS[1], 'batch') end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'expires', ARGV[3], 'connected', ARGV[4],
+           'changed', ARGV[5], 'last_event', ARGV[6])
+return {ARGV[1], ARGV[3], ARGV[4], ARGV[5], ARGV[6]}
+"""
+
+# The allocation bookkeeping both scripts below share. `p` is the project, `u` the user id.
+_TURN_ALLOCATIONS = """
+local prefix, owner, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local holder = redis.call('HMGET', prefix .. 'turn-meter', 'owner', 'expires')
+if holder[1] ~= owner or tonumber(holder[2] or '0') <= now then return false end
+local seen = prefix .. 'turn-seen'
+local changes, order = {}, {}
+local function touched(p)
+  if not changes[p] then changes[p] = 0; order[#order + 1] = p end
+end
+local function start(key, allocation, p, u, fresh)
+  redis.call('HSET', key, 'p', p, 'u', u, 'live', '1', 'swept', '0')
+  if fresh then redis.call('HSET', key, 'c', '0') end
+  redis.call('PERSIST', key)
+  redis.call('SADD', prefix .. 'turn-live:' .. p, allocation)
+  redis.call('HINCRBY', prefix .. 'turn-user-live:' .. p, u, 1)
+  redis.call('ZADD', seen, now, allocation)
+  touched(p)
+end
+local function finish(key, allocation, p, u, swept)
+  redis.call('HSET', key, 'live', '0', 'swept', swept)
+  redis.call('PEXPIRE', key, ARGV[6])
+  redis.call('SREM', prefix .. 'turn-live:' .. p, allocation)
+  if redis.call('HINCRBY', prefix .. 'turn-user-live:' .. p, u, -1) <= 0 then
+    redis.call('HDEL', prefix .. 'turn-user-live:' .. p, u)
+  end
+  redis.call('ZREM', seen, allocation)
+  touched(p)
+end
+local function result()
+  local out = {}
+  for _, p in ipairs(order) do
+    out[#out + 1] = p
+    out[#out + 1] = redis.call('SCARD', prefix .. 'turn-live:' .. p)
+    out[#out + 1] = changes[p]
+  end
+  return out
+end
+"""
+
+# ARGV: prefix, owner, now_ms, month, figures TTL seconds, tombstone ms, batch number, then
+# five per event: kind, allocation, project, user id, bytes. -> false (not the meter's
+# owner), or {project, live allocations, bytes counted, ...} for each project touched ({} for
+# a batch applied already).
+_RECORD_TURN_EVENTS = _TURN_ALLOCATIONS + """
+local month, ttl = ARGV[4], ARGV[5]
+local meter = prefix .. 'turn-meter'
+if tonumber(ARGV[7]) <= tonumber(redis.call('HGET', meter, 'batch') or '0') then return {} end
+redis.call('HSET', meter, 'batch', ARGV[7])
+local exists = {}
+local function relayed(p, u, bytes)
+  if bytes <= 0 then return end
+  local total = prefix .. 'turn-bytes:' .. p .. ':' .. month
+  redis.call('INCRBY', total, bytes)
+  redis.call('EXPIRE', total, ttl)
+  redis.call('HINCRBY', prefix .. 'turn-users:' .. p .. ':' .. month, 'b:' .. u, bytes)
+  redis.call('SADD', prefix .. 'quota-months:' .. p, month)
+  redis.call('EXPIRE', prefix .. 'quota-months:' .. p, ttl)
+  changes[p] = changes[p] + bytes
+end
+for i = 8, #ARGV, 5 do
+  local kind, allocation, p, u = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local bytes = tonumber(ARGV[i + 4])
+  if exists[p] == nil then
+    exists[p] = redis.call('EXISTS', prefix .. 'project:' .. p) == 1
+  end
+  if exists[p] then
+    touched(p)
+    local key = prefix .. 'turn-alloc:' .. allocation
+    local record = redis.call('HMGET', key, 'live', 'c', 'p', 'u', 'swept')
+    local live, known = record[1] == '1', record[1] ~= false
+    if known then p, u = record[3], record[4]; touched(p) end
+    if kind == 'ended' then
+      if live then finish(key, allocation, p, u, '0') end
+    elseif kind == 'relayed_total' then
+      local counted = tonumber(record[2] or '0')
+      if bytes > counted then
+        relayed(p, u, bytes - counted)
+        redis.call('HSET', key, 'c', bytes)
+      end
+      if not known then
+        -- Its end without its start: remember the total, so a second one adds nothing.
+        redis.call('HSET', key, 'p', p, 'u', u, 'live', '0', 'c', bytes)
+        redis.call('PEXPIRE', key, ARGV[6])
+      end
+    else
+      -- started, alive, relayed. An allocation coturn said it ended only starts again as a
+      -- new one (ids start again when coturn does): an alive or relayed report of it is
+      -- stale. One a sweep ended (coturn no longer listed it) lives again when reported.
+      if not live and (not known or kind == 'started' or record[5] == '1') then
+        start(key, allocation, p, u, kind == 'started' or not known)
+      elseif live then redis.call('ZADD', seen, now, allocation) end
+      if kind == 'relayed' then
+        relayed(p, u, bytes)
+        redis.call('HINCRBY', key, 'c', bytes)
+      end
+    end
+    local users = prefix .. 'turn-users:' .. p .. ':' .. month
+    redis.call('HSET', users, 't:' .. u, ARGV[3], 't:', ARGV[3])
+    redis.call('EXPIRE', users, ttl)
+  end
+end
+return result()
+"""
+
+# ARGV: prefix, owner, now_ms, seen-before ms, limit, tombstone ms. -> false (not the owner),
+# or {ended count, project, live allocations, 0, ...}.
+_SWEEP_TURN_ALLOCATIONS = _TURN_ALLOCATIONS + """
+local stale = redis.call('ZRANGEBYSCORE', seen, '-inf', '(' .. ARGV[4], 'LIMIT', 0,
+                         tonumber(ARGV[5]))
+for _, allocation in ipairs(stale) do
+  local key = prefix .. 'turn-alloc:' .. allocation
+  local record = redis.call('HMGET', key, 'p', 'u')
+  if record[1] then finish(key, allocation, record[1], record[2], '1')
+  else redis.call('ZREM', seen, allocation) end
+end
+local out = result()
+table.insert(out, 1, #stale)
+return out
+"""
+
+# KEYS: the project's revocations hash. ARGV: subject, until ms, now ms. -> the until in force.
+# The hash lives until its last revocation lapses.
+_REVOKE_TURN_SUBJECT = """
+local revoked = tonumber(ARGV[2])
+local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if current > revoked then revoked = current end
+redis.call('HSET', KEYS[1], ARGV[1], string.format('%.0f', revoked))
+local wanted = revoked - tonumber(ARGV[3])
+local ttl = redis.call('PTTL', KEYS[1])
+if wanted > 0 and (ttl < 0 or ttl < wanted) then
+  redis.call('PEXPIRE', KEYS[1], string.format('%.0f', wanted))
+end
+return string.format('%.0f', revoked)
+"""
+
+# KEYS: the project's revocations hash. ARGV: subject, now ms. 1 if a revocation in force was
+# lifted.
+_LIFT_TURN_SUBJECT = """
+local revoked = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+redis.call('HDEL', KEYS[1], ARGV[1])
+if revoked > tonumber(ARGV[2]) then return 1 end
+return 0
+"""
+
+# KEYS: session TURN dues, session TURN usernames. ARGV: now_ms, limit. Takes (removes) the
+# sessions due: {member, username, ...}.
+_TAKE_ENDED_SESSION_TURN = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {}
+for _, member in ipairs(due) do
+  out[#out + 1] = member
+  out[#out + 1] = redis.call('HGET', KEYS[2], member) or ''
+  redis.call('HDEL', KEYS[2], member)
+end
+if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
+return out
+"""
+
+# ARGV: prefix, project, month, user id ('' for the project). -> {live, bytes, last ms}.
+_TURN_USAGE = """
+local prefix, p, month, u = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if u == '' then
+  return {redis.call('SCARD', prefix .. 'turn-live:' .. p),
+          redis.call('GET', prefix .. 'turn-bytes:' .. p .. ':' .. month) or '0',
+          redis.call('HGET', prefix .. 'turn-users:' .. p .. ':' .. month, 't:') or '0'}
+end
+local figures = redis.call('HMGET', prefix .. 'turn-users:' .. p .. ':' .. month,
+                           'b:' .. u, 't:' .. u)
+return {redis.call('HGET', prefix .. 'turn-user-live:' .. p, u) or '0', figures[1] or '0',
+        figures[2] or '0'}
+"""
+
 
 def _project_key(project_id: str) -> str:
     return f"{PREFIX}project:{project_id}"
@@ -569,11 +818,11 @@ def _provider_from_json(project_id: str, provider: str, text: str) -> ProviderKe
 
 
 def _text(value: bytes | str) -> str:
-    # The client decodes replies (decode_responses=True); this only narrows the type.
+    # redis-py decodes replies (decode_responses=True); the admissions' connection does not.
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _settle(future: asyncio.Future[list[Any]], outcome: list[Any] | BaseException) -> None:
+def _settle(future: asyncio.Future[Any], outcome: Any) -> None:
     if future.done():  # its caller was cancelled
         return
     if isinstance(outcome, BaseException):
@@ -584,6 +833,67 @@ def _settle(future: asyncio.Future[list[Any]], outcome: list[Any] | BaseExceptio
 
 def _wall_ms() -> float:
     return time.time() * 1000
+
+
+# ConnectionError covers BusyLoadingError (still loading its data set) and
+# AuthenticationError; ReadOnlyError means we talk to a replica after a failover.
+_CONNECTION_ERRORS = (
+    redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError, redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError, redis.exceptions.OutOfMemoryError, OSError, TimeoutError)
+"""The failures that make the store unavailable (`StoreUnavailableError`) to a caller."""
+
+_ADMIT_OUTCOMES: dict[bytes | str, AdmitOutcome] = {
+    **{outcome.value: outcome for outcome in AdmitOutcome},
+    **{outcome.value.encode(): outcome for outcome in AdmitOutcome}}
+"""`_ADMIT`'s outcome, as redis-py (str) or the admissions' connection (bytes) brings it."""
+_new_admission = tuple.__new__
+_Admitted = tuple[list[bytes] | None, bytes, ApiKey | None, Project]
+"""An admission's key fields and project JSON as Redis sent them, and what they stand for."""
+_ADMIT_CACHE_SIZE = 16384
+"""Callers whose packed arguments and last admission are remembered, at most (past it, each
+memory starts afresh)."""
+
+_AdmitCall = tuple[bytes, "asyncio.Future[Admission]",
+                   tuple[bytes | None, str, int, bool, str | None, str]]
+"""One admission waiting for its reply: `_admit_argv`, its caller's future, and what
+`_admit_args` takes (for the retry through redis-py)."""
+
+
+def _admit_args(digest: bytes | None, project_id: str, now_ms: int, count: bool,
+                turn_subject: str | None, month: str) -> list[str | int]:
+    """`_ADMIT`'s ARGV after the deadline (always as many: the TURN ones "0", "", "" for a
+    call that signs no TURN credential)."""
+    return [PREFIX, digest.hex() if digest is not None else "", project_id, now_ms,
+            "1" if count else "0", DEFAULT_PROJECT_ID,
+            "0" if turn_subject is None else "1", turn_subject or "", month]
+
+
+_ADMIT_ARGC = len(_admit_args(None, "", 0, False, None, ""))
+_ADMIT_NOW = 3
+"""Where `now_ms` is in `_admit_args`: the one argument that changes from call to call."""
+_admit_argv_parts: dict[tuple[bytes | None, str, bool, str | None, str], tuple[str, str]] = {}
+
+
+def _admit_argv(digest: bytes | None, project_id: str, now_ms: int, count: bool,
+                turn_subject: str | None, month: str) -> bytes:
+    """`_admit_args` as RESP bulk strings, what follows the deadline in the EVALSHA.
+
+    Packed by hand around `now_ms`, what comes before and after it remembered for each
+    caller: hiredis.pack_command spends ~15k instructions on the whole EVALSHA (a sprintf
+    per argument), this ~3k (callgrind, issue 16).
+    """
+    memory = (digest, project_id, count, turn_subject, month)
+    parts = _admit_argv_parts.get(memory)
+    if parts is None:
+        bulks = [f"${len(str(arg).encode())}\r\n{arg}\r\n"
+                 for arg in _admit_args(digest, project_id, 0, count, turn_subject, month)]
+        parts = "".join(bulks[:_ADMIT_NOW]), "".join(bulks[_ADMIT_NOW + 1:])
+        if len(_admit_argv_parts) >= _ADMIT_CACHE_SIZE:
+            _admit_argv_parts.clear()
+        _admit_argv_parts[memory] = parts
+    now = str(now_ms)
+    return f"{parts[0]}${len(now)}\r\n{now}\r\n{parts[1]}".encode()
 
 
 class RedisStore:
@@ -597,15 +907,22 @@ class RedisStore:
         self._fence_ms = timeout * 1000 / 2
         self._clock_offset_ms = 0.0
         """Redis's wall clock minus ours, in ms (see the fence in the module docstring)."""
-        # Admissions waiting for the batch in flight to come back, and that batch.
-        self._admits_waiting: list[tuple[list[str | int], asyncio.Future[list[Any]]]] = []
-        self._admit_batch: asyncio.Task[None] | None = None
-        # The batches' own connection (one batch is in flight at a time), outside the pool:
-        # a pool take and give-back per batch cost more than the batch's write and read.
-        self._admit_connection: aioredis.Connection = \
-            client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        # The admissions' own connection (redis_admission.py), batches of `_ADMIT` calls.
+        self._admissions: AdmissionConnection[_AdmitCall] = AdmissionConnection(
+            self._connect_admissions, timeout=timeout, pack=self._pack_admits,
+            answer=self._answer_admit, fail=self._fail_admit)
+        self._admits_sent_ms = 0.0
+        """When the batch of admissions on the wire was packed (our wall clock); 0 once its
+        first reply set the clock offset."""
+        self._admitted: dict[bytes | str, _Admitted] = {}
+        """By caller (key digest, or the project named), what its last admission brought."""
+        self._admit_retries: set[asyncio.Task[None]] = set()
         register = client.register_script
         self._admit = register(_ADMIT)
+        sha = self._admit.sha
+        self._admit_head = (f"*{4 + _ADMIT_ARGC}\r\n$7\r\nEVALSHA\r\n${len(sha)}\r\n{sha}\r\n"
+                            f"$1\r\n0\r\n").encode()
+        """An admission's EVALSHA up to its deadline (numkeys 0)."""
         self._begin_session = register(_BEGIN_SESSION)
         self._cancel_session = register(_CANCEL_SESSION)
         self._confirm_session = register(_CONFIRM_SESSION)
@@ -629,6 +946,13 @@ class RedisStore:
         self._put_session_record = register(_PUT_SESSION_RECORD)
         self._take_session_record = register(_TAKE_SESSION_RECORD)
         self._take_ended_calls = register(_TAKE_ENDED_CALLS)
+        self._claim_turn_meter = register(_CLAIM_TURN_METER)
+        self._record_turn_events = register(_RECORD_TURN_EVENTS)
+        self._sweep_turn_allocations = register(_SWEEP_TURN_ALLOCATIONS)
+        self._turn_usage = register(_TURN_USAGE)
+        self._revoke_turn_subject = register(_REVOKE_TURN_SUBJECT)
+        self._take_ended_session_turn = register(_TAKE_ENDED_SESSION_TURN)
+        self._lift_turn_subject = register(_LIFT_TURN_SUBJECT)
         self._scripts = (
             self._admit, self._begin_session, self._cancel_session, self._confirm_session,
             self._renew_session,
@@ -639,6 +963,9 @@ class RedisStore:
             self._list_all_provider_keys, self._rotate_turn_secret, self._purge_turn_secrets,
             self._put_session_policy, self._put_session_record, self._take_session_record,
             self._take_ended_calls,
+            self._claim_turn_meter, self._record_turn_events, self._sweep_turn_allocations,
+            self._turn_usage, self._revoke_turn_subject, self._take_ended_session_turn,
+            self._lift_turn_subject,
         )
 
     @classmethod
@@ -694,16 +1021,18 @@ class RedisStore:
     def _unavailable_on_error(self) -> Iterator[None]:
         try:
             yield
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                redis.exceptions.ReadOnlyError, redis.exceptions.TryAgainError,
-                redis.exceptions.ClusterDownError, redis.exceptions.OutOfMemoryError,
-                OSError, TimeoutError) as error:
-            # ConnectionError covers BusyLoadingError (still loading its data set) and
-            # AuthenticationError; ReadOnlyError means we talk to a replica after a failover.
-            reason = f"{type(error).__name__}: {error}".splitlines()[0][:200]
-            for secret in self._secrets:
-                reason = reason.replace(secret, "***")
-            raise StoreUnavailableError(f"Redis store unavailable: {reason}") from None
+        except _CONNECTION_ERRORS as error:
+            raise self._unavailable(error) from None
+
+    def _unavailable(self, error: BaseException) -> BaseException:
+        """What a caller sees of `error`: a connection-level failure (`_CONNECTION_ERRORS`)
+        becomes `StoreUnavailableError`, with the URL's password scrubbed; others stay."""
+        if not isinstance(error, _CONNECTION_ERRORS):
+            return error
+        reason = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+        for secret in self._secrets:
+            reason = reason.replace(secret, "***")
+        return StoreUnavailableError(f"Redis store unavailable: {reason}")
 
     async def _call(self, script: AsyncScript, keys: Sequence[str],
                     args: Sequence[str | int]) -> Any:
@@ -750,9 +1079,8 @@ class RedisStore:
             await self._redis.ping()
 
     async def close(self) -> None:
-        if self._admit_batch is not None:
-            await asyncio.gather(self._admit_batch, return_exceptions=True)
-        await self._admit_connection.disconnect()
+        await self._admissions.close()
+        await asyncio.gather(*self._admit_retries, return_exceptions=True)
         await self._redis.aclose()
 
     # -- projects ---------------------------------------------------------------------------
@@ -822,95 +1150,109 @@ class RedisStore:
     # -- the hot path -----------------------------------------------------------------------
 
     async def admit(self, *, digest: bytes | None, project_id: str, now_ms: int,
-                    count: bool) -> Admission:
-        args: list[str | int] = [PREFIX, digest.hex() if digest is not None else "",
-                                 project_id, now_ms, "1" if count else "0", DEFAULT_PROJECT_ID]
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[Any]] = loop.create_future()
-        self._admits_waiting.append((args, future))
-        if len(self._admits_waiting) == 1 and self._admit_batch is None:
-            loop.call_soon(self._send_waiting_admits)
-        reply = await future
-        reply += [None] * (4 - len(reply))
-        outcome, key_fields, project_json, tat = reply
-        return Admission(
-            outcome=AdmitOutcome(outcome),
-            key=_key_from_fields(key_fields) if key_fields else None,
-            project=_project_from_json(project_json) if project_json else None,
-            tat_ms=int(tat) if tat is not None else None,
-        )
+                    count: bool, turn_subject: str | None = None) -> Admission:
+        month = month_of(now_ms) if turn_subject is not None else ""
+        future: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
+        self._admissions.submit((
+            _admit_argv(digest, project_id, now_ms, count, turn_subject, month), future,
+            (digest, project_id, now_ms, count, turn_subject, month)))
+        return await future
 
-    def _send_waiting_admits(self) -> None:
-        # One batch in flight at a time: what arrives meanwhile waits for its answer and
-        # goes out next, all together, so batches grow with the load by themselves.
-        if self._admit_batch is not None or not self._admits_waiting:
+    async def _connect_admissions(self) -> aioredis.connection.AbstractConnection:
+        # A connection of the pool's kind (TCP, TLS or Unix; AUTH, SELECT, timeouts) that
+        # the pool does not hand out: the admissions keep it to themselves.
+        connection: aioredis.connection.AbstractConnection = \
+            self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        await connection.connect()  # type: ignore[no-untyped-call]
+        return connection
+
+    def _pack_admits(self, batch: list[_AdmitCall]) -> bytes:
+        # One deadline for the batch, computed as it is written (see the fence above).
+        sent = self._admits_sent_ms = _wall_ms()
+        deadline = str(int(sent + self._clock_offset_ms + self._fence_ms))
+        head = self._admit_head + f"${len(deadline)}\r\n{deadline}\r\n".encode()
+        if len(batch) == 1:
+            return head + batch[0][0]
+        return head + head.join([call[0] for call in batch])
+
+    def _answer_admit(self, call: _AdmitCall, reply: Any) -> None:
+        # `reply` comes undecoded (bytes): decoding its ~20 strings cost 6k instructions of
+        # a 17k parse, more than comparing them with the caller's last ones below.
+        future = call[1]
+        if type(reply) is not list or reply[1] == b"late":
+            # Late (it changed nothing), or an error reply (NOSCRIPT: a restarted or flushed
+            # Redis forgot the script): alone, through redis-py, which re-checks the clock
+            # and loads the script again.
+            task = asyncio.get_running_loop().create_task(
+                self._admit_alone(_admit_args(*call[2]), future))
+            self._admit_retries.add(task)
+            task.add_done_callback(self._admit_retries.discard)
             return
-        batch, self._admits_waiting = self._admits_waiting, []
-        self._admit_batch = asyncio.get_running_loop().create_task(self._send_admits(batch))
-        self._admit_batch.add_done_callback(self._admit_batch_done)
-
-    def _admit_batch_done(self, _task: asyncio.Task[None]) -> None:
-        self._admit_batch = None
-        self._send_waiting_admits()
-
-    async def _send_admits(
-            self, batch: list[tuple[list[str | int], asyncio.Future[list[Any]]]]) -> None:
+        sent = self._admits_sent_ms
+        if sent:  # the batch's first reply: Redis's clock, once a batch (see _learn_clock)
+            self._admits_sent_ms = 0.0
+            received = _wall_ms()
+            if received - sent < self._fence_ms:
+                self._clock_offset_ms = int(reply[0]) - (sent + received) / 2
+        if future.done():  # its caller was cancelled
+            return
+        size = len(reply)
+        if size == 5 or size == 8:  # admitted or rate limited, with a key or not
+            _, outcome, fields, project_json, tat = reply[:5]
+            # What this caller's admissions brought back last time, compared in full.
+            caller = call[2][0] or call[2][1]  # its key's digest, or the project it names
+            seen = self._admitted.get(caller)
+            if seen is None or seen[0] != fields or seen[1] != project_json:
+                seen = self._remember_admitted(caller, fields, project_json)
+            # Admission(...) without its Python-level __new__ (a namedtuple's is one).
+            future.set_result(_new_admission(Admission, (
+                _ADMIT_OUTCOMES[outcome], seen[2], seen[3], int(tat) if tat is not None else None,
+                TurnAdmission(int(reply[5]), int(reply[6]), int(reply[7])) if size == 8
+                else None)))
+            return
         try:
-            await self._send_admit_batch(batch)
-        finally:
-            # Cancelled with the batch in flight (the store is closing): no caller waits on.
-            for _, future in batch:
-                _settle(future, StoreUnavailableError("Redis store unavailable: closing"))
+            admission = self._admission(reply)
+        except Exception as error:  # a reply of another shape: that caller's error alone
+            future.set_exception(error)
+        else:
+            future.set_result(admission)
 
-    async def _send_admit_batch(
-            self, batch: list[tuple[list[str | int], asyncio.Future[list[Any]]]]) -> None:
-        sent = _wall_ms()
-        deadline = int(sent + self._clock_offset_ms + self._fence_ms)
-        connection = self._admit_connection
+    def _remember_admitted(self, caller: bytes | str, fields: list[bytes] | None,
+                           project_json: bytes) -> _Admitted:
+        seen = (fields, project_json,
+                _key_from_fields([_text(f) for f in fields]) if fields else None,
+                _project_from_json(_text(project_json)))
+        if len(self._admitted) >= _ADMIT_CACHE_SIZE:
+            self._admitted.clear()
+        self._admitted[caller] = seen
+        return seen
+
+    async def _admit_alone(self, args: list[str | int],
+                           future: asyncio.Future[Admission]) -> None:
         try:
-            with self._unavailable_on_error():
-                try:
-                    # As the pool does for its own: (re)connected, and nothing left unread
-                    # (a restarted Redis closes it; the check finds that, and reconnects).
-                    await self._redis.connection_pool.ensure_connection(connection)
-                    # hiredis packs the str and int arguments in C. redis-py's own
-                    # pack_commands encodes each one in Python first: 11 % of icegate's
-                    # instructions per call on Redis (bench/instructions.py: 828k with
-                    # it, 739k without; SQLite 557k).
-                    sha = self._admit.sha
-                    await connection.send_packed_command(b"".join(
-                        # (hiredis's stub types the tuple as one element long.)
-                        [hiredis.pack_command(("EVALSHA", sha, 0, deadline, *args))  # type: ignore[arg-type]
-                         for args, _ in batch]))
-                    replies: list[Any] = []
-                    for _ in batch:
-                        try:
-                            replies.append(await connection.read_response())
-                        except redis.exceptions.ResponseError as error:  # NOSCRIPT, say
-                            replies.append(error)
-                except BaseException:
-                    # Mid-batch the stream's position is unknown: start the next one afresh.
-                    await connection.disconnect(nowait=True)
-                    raise
+            reply = await self._fenced(self._admit, [], args)
+            _settle(future, self._admission([None, *reply]))
         except Exception as error:
-            for _, future in batch:
-                _settle(future, error)
-            return
-        received = _wall_ms()
-        retry = []
-        for (args, future), reply in zip(batch, replies, strict=True):
-            if isinstance(reply, BaseException) or reply[1] == "late":
-                # Late (changed nothing), or the script is gone (a restarted Redis): alone,
-                # through the path that re-checks the clock and reloads the script.
-                retry.append((args, future))
-                continue
-            self._learn_clock(reply, sent, received, late=False)
-            _settle(future, list(reply[1:]))
-        for args, future in retry:
-            try:
-                _settle(future, await self._fenced(self._admit, [], args))
-            except Exception as error:
-                _settle(future, error)
+            _settle(future, error)
+
+    def _fail_admit(self, call: _AdmitCall, error: BaseException) -> None:
+        if not isinstance(error, Exception):  # cancelled: the store is closing
+            error = StoreUnavailableError("Redis store unavailable: closing")
+        _settle(call[1], self._unavailable(error))
+
+    def _admission(self, reply: list[Any]) -> Admission:
+        """The `_ADMIT` reply {clock, outcome, key fields, project JSON, TAT, and for a call
+        that signs TURN credentials live allocations, relayed bytes, revoked until}, its tail
+        possibly missing, in bytes (the admissions' connection) or str (redis-py's)."""
+        if len(reply) < 8:
+            reply += [None] * (8 - len(reply))
+        _, outcome, fields, project_json, tat, live, relayed, revoked = reply
+        return Admission(_ADMIT_OUTCOMES[outcome],
+                         _key_from_fields([_text(f) for f in fields]) if fields else None,
+                         _project_from_json(_text(project_json)) if project_json else None,
+                         int(tat) if tat is not None else None,
+                         TurnAdmission(int(live), int(relayed), int(revoked))
+                         if live is not None else None)
 
     async def rate_position(self, project_id: str) -> int | None:
         with self._unavailable_on_error():
@@ -921,12 +1263,13 @@ class RedisStore:
 
     async def begin_session(self, *, project_id: str, session_id: str, month: str,
                             now_ms: int, pending_ms: int, quota: int, max_concurrent: int,
-                            provider: str) -> SessionAdmission:
+                            provider: str, turn_username: str = "") -> SessionAdmission:
         outcome, active, held, *key = await self._fenced(
             self._begin_session,
             [_leases_key(project_id), _quota_key(project_id, month), _pending_key(project_id),
-             _pkey_key(project_id)],
-            [session_id, now_ms, pending_ms, quota, max_concurrent, provider])
+             _pkey_key(project_id), _SESSION_TURN_DUE, _SESSION_TURN_NAMES],
+            [session_id, now_ms, pending_ms, quota, max_concurrent, provider, turn_username,
+             _session_turn_member(project_id, session_id) if turn_username else ""])
         record = _provider_from_json(project_id, provider, _text(key[0])) if key else None
         return SessionAdmission(SessionOutcome(outcome), int(active), int(held), record)
 
@@ -935,26 +1278,31 @@ class RedisStore:
         [outcome] = await self._fenced(
             self._confirm_session,
             [_leases_key(project_id), _quota_key(project_id, month),
-             f"{PREFIX}quota-months:{project_id}", _pending_key(project_id)],
-            [session_id, month, now_ms, lease_ms, QUOTA_TTL_SECONDS])
+             f"{PREFIX}quota-months:{project_id}", _pending_key(project_id), _SESSION_TURN_DUE],
+            [session_id, month, now_ms, lease_ms, QUOTA_TTL_SECONDS,
+             _session_turn_member(project_id, session_id)])
         return bool(outcome == "confirmed")
 
     async def renew_session(self, *, project_id: str, session_id: str, now_ms: int,
                             lease_ms: int) -> bool:
-        renewed = await self._call(self._renew_session, [_leases_key(project_id)],
-                                   [now_ms, now_ms + lease_ms, session_id])
+        renewed = await self._call(self._renew_session,
+                                   [_leases_key(project_id), _SESSION_TURN_DUE],
+                                   [now_ms, now_ms + lease_ms, session_id,
+                                    _session_turn_member(project_id, session_id)])
         return bool(renewed)
 
     async def end_session(self, *, project_id: str, session_id: str, now_ms: int) -> bool:
-        ended = await self._call(self._end_session, [_leases_key(project_id)],
-                                 [now_ms, session_id])
+        ended = await self._call(self._end_session,
+                                 [_leases_key(project_id), _SESSION_TURN_DUE],
+                                 [now_ms, session_id,
+                                  _session_turn_member(project_id, session_id)])
         return bool(ended)
 
     async def cancel_session(self, *, project_id: str, session_id: str, month: str) -> None:
         await self._fenced(self._cancel_session,
                            [_leases_key(project_id), _quota_key(project_id, month),
-                            _pending_key(project_id)],
-                           [session_id])
+                            _pending_key(project_id), _SESSION_TURN_DUE, _SESSION_TURN_NAMES],
+                           [session_id, _session_turn_member(project_id, session_id)])
 
     async def session_counts(self, *, project_id: str, month: str,
                              now_ms: int) -> tuple[int, int]:
@@ -1082,6 +1430,85 @@ class RedisStore:
         return int(await self._call(self._purge_turn_secrets, [_TURN_RING], [now_ms]))
 
 
+    # -- TURN usage ----------------------------------------------------------------------------
+
+    async def claim_turn_meter(self, state: TurnMeterState, *, now_ms: int) -> TurnMeterState:
+        reply = await self._call(
+            self._claim_turn_meter, [_TURN_METER],
+            [state.owner, now_ms, state.lease_expires_ms, "1" if state.connected else "0",
+             state.changed_ms, state.last_event_ms])
+        return _meter_state(reply)
+
+    async def turn_meter_state(self) -> TurnMeterState:
+        with self._unavailable_on_error():
+            reply = await self._redis.hmget(_TURN_METER, "owner", "expires", "connected",
+                                            "changed", "last_event")
+        return _meter_state(reply)
+
+    async def record_turn_events(self, events: Sequence[TurnAllocationEvent], *, owner: str,
+                                 batch: int, now_ms: int, month: str
+                                 ) -> dict[str, TurnProjectChange] | None:
+        args: list[str | int] = [PREFIX, owner, now_ms, month, QUOTA_TTL_SECONDS,
+                                 TURN_TOMBSTONE_MS, batch]
+        for event in events:
+            args += [event.kind.value, event.allocation, event.project_id, event.user_id,
+                     event.relayed_bytes]
+        reply = await self._call(self._record_turn_events, [], args)
+        return None if reply is None else _project_changes(reply)
+
+    async def sweep_turn_allocations(self, *, owner: str, seen_before_ms: int, now_ms: int,
+                                     limit: int
+                                     ) -> tuple[int, dict[str, TurnProjectChange]] | None:
+        reply = await self._call(self._sweep_turn_allocations, [],
+                                 [PREFIX, owner, now_ms, seen_before_ms, limit,
+                                  TURN_TOMBSTONE_MS])
+        return None if reply is None else (int(reply[0]), _project_changes(reply[1:]))
+
+    async def revoke_turn_subject(self, *, project_id: str, subject: str, until_ms: int,
+                                  now_ms: int) -> int:
+        until = await self._call(self._revoke_turn_subject,
+                                 [f"{PREFIX}turn-revoked:{project_id}"],
+                                 [subject, until_ms, now_ms])
+        return int(until)
+
+    async def revoked_turn_subjects(self, *, project_id: str, subjects: Sequence[str],
+                                    now_ms: int) -> set[str]:
+        if not subjects:
+            return set()
+        with self._unavailable_on_error():
+            until = await self._redis.hmget(f"{PREFIX}turn-revoked:{project_id}", list(subjects))
+        return {subject for subject, value in zip(subjects, until, strict=True)
+                if value is not None and int(value) > now_ms}
+
+    async def lift_turn_subject(self, *, project_id: str, subject: str, now_ms: int) -> bool:
+        lifted = await self._call(self._lift_turn_subject,
+                                  [f"{PREFIX}turn-revoked:{project_id}"], [subject, now_ms])
+        return bool(lifted)
+
+    async def session_turn_username(self, *, project_id: str, session_id: str) -> str | None:
+        with self._unavailable_on_error():
+            username = await self._redis.hget(_SESSION_TURN_NAMES,
+                                              _session_turn_member(project_id, session_id))
+        return _text(username) if username else None
+
+    async def take_ended_session_turn(self, *, now_ms: int,
+                                      limit: int) -> list[tuple[str, str, str]]:
+        flat = await self._call(self._take_ended_session_turn,
+                                [_SESSION_TURN_DUE, _SESSION_TURN_NAMES], [now_ms, limit])
+        taken = []
+        for member, username in zip(flat[0::2], flat[1::2], strict=True):
+            project_id, _, session_id = member.partition("/")
+            if username:
+                taken.append((project_id, session_id, username))
+        return taken
+
+    async def turn_usage(self, *, project_id: str, month: str,
+                         user_id: str | None = None) -> TurnUsageFigures:
+        live, relayed, last = await self._call(self._turn_usage, [],
+                                               [PREFIX, project_id, month, user_id or ""])
+        return TurnUsageFigures(int(live), int(relayed), int(last))
+
+
 _TURN_RING = f"{PREFIX}turn-secrets"
 _CALL_SESSIONS = f"{PREFIX}call-sessions"
 
@@ -1090,5 +1517,28 @@ def _session_record(project_id: str, session_id: str, text: str) -> SessionRecor
     data = json.loads(text)
     return SessionRecord(project_id, session_id, str(data["provider"]), int(data["ends_ms"]),
                          str(data.get("call_id", "")))
+
+
+_TURN_METER = f"{PREFIX}turn-meter"
+_SESSION_TURN_DUE = f"{PREFIX}session-turn-due"
+_SESSION_TURN_NAMES = f"{PREFIX}session-turn-names"
+
+
+def _session_turn_member(project_id: str, session_id: str) -> str:
+    return f"{project_id}/{session_id}"
+TURN_TOMBSTONE_MS = 3600 * 1000
+"""How long an ended allocation's record stays, for the totals coturn sends after its end."""
+
+
+def _meter_state(reply: Sequence[Any]) -> TurnMeterState:
+    owner, expires, connected, changed, last = reply
+    return TurnMeterState(owner=owner or "", lease_expires_ms=int(expires or 0),
+                          connected=connected == "1", changed_ms=int(changed or 0),
+                          last_event_ms=int(last or 0))
+
+
+def _project_changes(flat: Sequence[Any]) -> dict[str, TurnProjectChange]:
+    return {project: TurnProjectChange(int(live), int(relayed))
+            for project, live, relayed in zip(flat[0::3], flat[1::3], flat[2::3], strict=True)}
 
 __all__ = ["PREFIX", "RedisStore"]

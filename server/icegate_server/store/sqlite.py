@@ -41,7 +41,7 @@ import functools
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,13 +59,20 @@ from icegate_server.store.base import (
     SessionOutcome,
     SessionPolicyRecord,
     SessionRecord,
+    TurnAdmission,
+    TurnAllocationEvent,
+    TurnEventKind,
+    TurnMeterState,
+    TurnProjectChange,
     TurnSecretRecord,
+    TurnUsageFigures,
+    month_of,
     parse_api_key_cursor,
 )
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 BUSY_TIMEOUT_MS = 1000
 CHECKPOINT_SECONDS = 1.0
 _SCHEMA = """
@@ -129,6 +136,53 @@ CREATE TABLE IF NOT EXISTS turn_secrets (
     sealed       BLOB NOT NULL,           -- sealed by the vault, never in clear
     created_ms   INTEGER NOT NULL,
     retire_at_ms INTEGER NOT NULL         -- 0 for the signer
+);
+-- TURN usage metered from coturn (turn/coturn_stats.py): who meters, each allocation, and
+-- per project (user_id '') and per user id each month's relayed bytes and last activity.
+CREATE TABLE IF NOT EXISTS turn_meter (
+    id            INTEGER PRIMARY KEY CHECK (id = 1),
+    owner         TEXT NOT NULL,
+    expires_ms    INTEGER NOT NULL,
+    connected     INTEGER NOT NULL,
+    changed_ms    INTEGER NOT NULL,
+    last_event_ms INTEGER NOT NULL,
+    batch         INTEGER NOT NULL DEFAULT 0  -- the owner's last batch applied
+);
+CREATE TABLE IF NOT EXISTS turn_allocations (
+    allocation TEXT PRIMARY KEY,          -- coturn's id and the username
+    project_id TEXT NOT NULL,
+    user_id    TEXT NOT NULL,
+    live       INTEGER NOT NULL,
+    counted    INTEGER NOT NULL,          -- bytes counted for it so far
+    seen_ms    INTEGER NOT NULL,          -- last event while live (the sweep's order)
+    ended_ms   INTEGER NOT NULL DEFAULT 0,
+    swept      INTEGER NOT NULL DEFAULT 0 -- 1: ended by a sweep (coturn no longer listed it)
+);
+CREATE INDEX IF NOT EXISTS turn_allocations_live
+    ON turn_allocations(project_id, user_id) WHERE live = 1;
+CREATE INDEX IF NOT EXISTS turn_allocations_seen ON turn_allocations(seen_ms) WHERE live = 1;
+CREATE INDEX IF NOT EXISTS turn_allocations_ended ON turn_allocations(ended_ms) WHERE live = 0;
+CREATE TABLE IF NOT EXISTS turn_usage (
+    project_id    TEXT NOT NULL,
+    month         TEXT NOT NULL,          -- YYYY-MM, UTC
+    user_id       TEXT NOT NULL,          -- '' for the project's own figures
+    relayed_bytes INTEGER NOT NULL,
+    last_ms       INTEGER NOT NULL,
+    PRIMARY KEY (project_id, month, user_id)
+);
+CREATE TABLE IF NOT EXISTS session_turn (
+    project_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    username   TEXT NOT NULL,             -- the TURN credential its ICE servers carried
+    due_ms     INTEGER NOT NULL,          -- when its allocations are to end (the lease's end)
+    PRIMARY KEY (project_id, session_id)
+);
+CREATE INDEX IF NOT EXISTS session_turn_due ON session_turn(due_ms);
+CREATE TABLE IF NOT EXISTS turn_revocations (
+    project_id TEXT NOT NULL,
+    subject    TEXT NOT NULL,             -- a user or session id
+    until_ms   INTEGER NOT NULL,          -- new TURN credentials refused until then
+    PRIMARY KEY (project_id, subject)
 );
 CREATE TABLE IF NOT EXISTS provider_keys (
     project_id     TEXT NOT NULL,
@@ -234,6 +288,13 @@ class SqliteStore:
         self._projects: dict[str, Project] = {}
         self._positions: dict[str, int | None] = {}
         self._unwritten: set[str] = set()
+        # TURN state for admissions: (month, live allocations, bytes that month) by project,
+        # kept up to date by this store's own metering writes; and every revocation in force
+        # (few: they lapse when the credentials they cover have expired), loaded at open.
+        self._turn: dict[str, tuple[str, int, int]] = {}
+        self._revoked: dict[tuple[str, str], int] = dict(
+            ((project_id, subject), until_ms) for project_id, subject, until_ms in
+            connection.execute("SELECT project_id, subject, until_ms FROM turn_revocations"))
         self._checkpoints = asyncio.get_running_loop().create_task(self._checkpoint_forever())
 
     @classmethod
@@ -374,7 +435,8 @@ class SqliteStore:
                                      (project_id,)).rowcount == 1
                 for table in ("rate_limits", "session_quota", "leases", "lease_counts",
                               "provider_keys", "session_policies", "session_records",
-                              "webhook_deliveries"):
+                              "turn_allocations", "turn_usage", "turn_revocations",
+                              "session_turn", "webhook_deliveries"):
                     db.execute(f"DELETE FROM {table} WHERE project_id = ?",  # noqa: S608
                                (project_id,))
             return deleted
@@ -397,6 +459,9 @@ class SqliteStore:
         self._projects.pop(project_id, None)
         self._positions.pop(project_id, None)
         self._unwritten.discard(project_id)
+        self._turn.pop(project_id, None)
+        for revoked in [key for key in self._revoked if key[0] == project_id]:
+            del self._revoked[revoked]
 
     # -- caller keys ---------------------------------------------------------------------------
 
@@ -440,18 +505,21 @@ class SqliteStore:
     # -- the hot path --------------------------------------------------------------------------
 
     async def admit(self, *, digest: bytes | None, project_id: str, now_ms: int,
-                    count: bool) -> Admission:
+                    count: bool, turn_subject: str | None = None) -> Admission:
         try:
-            return self._admit_from_memory(digest, project_id, now_ms, count)
+            return self._admit_from_memory(digest, project_id, now_ms, count, turn_subject)
         except sqlite3.OperationalError:
             # Locked by the thread connection's write (or a transient I/O error): the reads
             # move to the thread, which may wait for it, or report it, so the loop never does;
             # the decision stays on the loop.
-            read = await self._run(lambda db: _read_for_admit(db, digest, project_id))
-            return self._admit_from_memory(digest, project_id, now_ms, count, read)
+            month = month_of(now_ms)
+            read = await self._run(lambda db: _read_for_admit(db, digest, project_id, month))
+            return self._admit_from_memory(digest, project_id, now_ms, count, turn_subject,
+                                           read)
 
     def _admit_from_memory(self, digest: bytes | None, project_id: str, now_ms: int,
-                           count: bool, read: _AdmitReads | None = None) -> Admission:
+                           count: bool, turn_subject: str | None,
+                           read: _AdmitReads | None = None) -> Admission:
         # The admission rule on the owner's memory; only a first sight of a key, project or
         # position reads the file: on the loop's never-waiting connection, or, when that
         # found the file locked, `read` brings what the thread read for this call.
@@ -484,15 +552,25 @@ class SqliteStore:
         else:
             tat = positions[project_id] = (
                 read.position if read else _read_position(self._hot, project_id))
+        turn = None
+        if turn_subject is not None:
+            month = month_of(now_ms)
+            state = self._turn.get(project_id)
+            if state is None or state[0] != month:
+                live, relayed = (read.turn if read and read.turn is not None
+                                 else _read_turn_state(self._hot, project_id, month))
+                state = self._turn[project_id] = (month, live, relayed)
+            revoked = self._revoked.get((project_id, turn_subject), 0)
+            turn = TurnAdmission(state[1], state[2], revoked)
         if not count:
-            return Admission(AdmitOutcome.ADMITTED, key, project, tat)
+            return Admission(AdmitOutcome.ADMITTED, key, project, tat, turn)
         admitted = gcra_admit(tat, now_ms, _policy(project.rate_limit_requests,
                                                    project.rate_limit_window_seconds))
         if admitted is None:
             return Admission(AdmitOutcome.RATE_LIMITED, key, project, tat)
         positions[project_id] = admitted
         self._unwritten.add(project_id)
-        return Admission(AdmitOutcome.ADMITTED, key, project, admitted)
+        return Admission(AdmitOutcome.ADMITTED, key, project, admitted, turn)
 
     async def rate_position(self, project_id: str) -> int | None:
         if project_id in self._positions:
@@ -503,7 +581,7 @@ class SqliteStore:
 
     async def begin_session(self, *, project_id: str, session_id: str, month: str,
                             now_ms: int, pending_ms: int, quota: int, max_concurrent: int,
-                            provider: str) -> SessionAdmission:
+                            provider: str, turn_username: str = "") -> SessionAdmission:
         def work(db: sqlite3.Connection) -> SessionAdmission:
             with _write_transaction(db):
                 # Every read in one statement: the key and the session figures.
@@ -532,6 +610,12 @@ class SqliteStore:
                     "VALUES (?, ?, ?, 1) ON CONFLICT(project_id, session_id) "
                     "DO UPDATE SET expires_ms = excluded.expires_ms, pending = 1",
                     (project_id, session_id, now_ms + pending_ms))
+                if turn_username:
+                    db.execute(
+                        "INSERT INTO session_turn(project_id, session_id, username, due_ms) "
+                        "VALUES (?, ?, ?, ?) ON CONFLICT(project_id, session_id) DO UPDATE SET "
+                        "username = excluded.username, due_ms = excluded.due_ms",
+                        (project_id, session_id, turn_username, now_ms + pending_ms))
                 return SessionAdmission(SessionOutcome.STARTED, active + 1, held + 1,
                                         ProviderKeyRecord(*key_row))
 
@@ -556,6 +640,9 @@ class SqliteStore:
                 db.execute("UPDATE leases SET pending = 0, expires_ms = ? "
                            "WHERE project_id = ? AND session_id = ?",
                            (now_ms + lease_ms, project_id, session_id))
+                db.execute("UPDATE session_turn SET due_ms = ? "
+                           "WHERE project_id = ? AND session_id = ?",
+                           (now_ms + lease_ms, project_id, session_id))
                 db.execute(
                     "INSERT INTO session_quota(project_id, month, used) VALUES (?, ?, 1) "
                     "ON CONFLICT(project_id, month) DO UPDATE SET used = used + 1",
@@ -566,15 +653,32 @@ class SqliteStore:
 
     async def renew_session(self, *, project_id: str, session_id: str, now_ms: int,
                             lease_ms: int) -> bool:
-        return await self._run_on_loop(lambda db: db.execute(
-            "UPDATE leases SET expires_ms = ? "
-            "WHERE project_id = ? AND session_id = ? AND expires_ms > ?",
-            (now_ms + lease_ms, project_id, session_id, now_ms)).rowcount == 1)
+        def work(db: sqlite3.Connection) -> bool:
+            with _write_transaction(db):
+                renewed = db.execute(
+                    "UPDATE leases SET expires_ms = ? "
+                    "WHERE project_id = ? AND session_id = ? AND expires_ms > ?",
+                    (now_ms + lease_ms, project_id, session_id, now_ms)).rowcount == 1
+                if renewed:
+                    db.execute("UPDATE session_turn SET due_ms = ? "
+                               "WHERE project_id = ? AND session_id = ?",
+                               (now_ms + lease_ms, project_id, session_id))
+                return renewed
+
+        return await self._run_on_loop(work)
 
     async def end_session(self, *, project_id: str, session_id: str, now_ms: int) -> bool:
-        return await self._run_on_loop(lambda db: db.execute(
-            "DELETE FROM leases WHERE project_id = ? AND session_id = ? AND expires_ms > ?",
-            (project_id, session_id, now_ms)).rowcount == 1)
+        def work(db: sqlite3.Connection) -> bool:
+            with _write_transaction(db):
+                ended = db.execute(
+                    "DELETE FROM leases WHERE project_id = ? AND session_id = ? "
+                    "AND expires_ms > ?", (project_id, session_id, now_ms)).rowcount == 1
+                db.execute("UPDATE session_turn SET due_ms = min(due_ms, ?) "
+                           "WHERE project_id = ? AND session_id = ?",
+                           (now_ms, project_id, session_id))
+                return ended
+
+        return await self._run_on_loop(work)
 
     async def cancel_session(self, *, project_id: str, session_id: str, month: str) -> None:
         def work(db: sqlite3.Connection) -> None:
@@ -583,6 +687,8 @@ class SqliteStore:
                 released = db.execute(
                     "DELETE FROM leases WHERE project_id = ? AND session_id = ? "
                     "RETURNING pending", (project_id, session_id)).fetchall()
+                db.execute("DELETE FROM session_turn WHERE project_id = ? AND session_id = ?",
+                           (project_id, session_id))
                 if released and not released[0][0]:
                     db.execute("UPDATE session_quota SET used = max(used - 1, 0) "
                                "WHERE project_id = ? AND month = ?", (project_id, month))
@@ -742,6 +848,152 @@ class SqliteStore:
             "DELETE FROM turn_secrets WHERE retire_at_ms > 0 AND retire_at_ms <= ?",
             (now_ms,)).rowcount)
 
+    # -- TURN usage ------------------------------------------------------------------------------
+
+    async def claim_turn_meter(self, state: TurnMeterState, *, now_ms: int) -> TurnMeterState:
+        def work(db: sqlite3.Connection) -> TurnMeterState:
+            with _write_transaction(db):
+                current = _read_meter(db)
+                if current.owner not in ("", state.owner) and current.lease_expires_ms > now_ms:
+                    return current
+                if state.lease_expires_ms == 0 and current.owner != state.owner:
+                    return current
+                db.execute(
+                    "INSERT INTO turn_meter(id, owner, expires_ms, connected, changed_ms, "
+                    "last_event_ms) VALUES (1, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                    "batch = CASE WHEN owner = excluded.owner THEN batch ELSE 0 END, "
+                    "owner = excluded.owner, expires_ms = excluded.expires_ms, "
+                    "connected = excluded.connected, changed_ms = excluded.changed_ms, "
+                    "last_event_ms = excluded.last_event_ms",
+                    (state.owner, state.lease_expires_ms, int(state.connected),
+                     state.changed_ms, state.last_event_ms))
+                return state
+
+        return await self._run(work)
+
+    async def turn_meter_state(self) -> TurnMeterState:
+        return await self._run(_read_meter)
+
+    async def record_turn_events(self, events: Sequence[TurnAllocationEvent], *, owner: str,
+                                 batch: int, now_ms: int, month: str
+                                 ) -> dict[str, TurnProjectChange] | None:
+        def work(db: sqlite3.Connection) -> dict[str, TurnProjectChange] | None:
+            with _write_transaction(db):
+                if not _holds_meter(db, owner, now_ms):
+                    return None
+                if db.execute("UPDATE turn_meter SET batch = ? WHERE id = 1 AND batch < ?",
+                              (batch, batch)).rowcount == 0:
+                    return {}  # applied already
+                turn = _TurnBook(db, now_ms, month)
+                for event in events:
+                    turn.apply(event)
+                _purge_ended_allocations(db, now_ms)
+                return turn.changes()
+
+        changes = await self._run(work)
+        if changes:
+            self._remember_turn(changes, month)
+        return changes
+
+    def _remember_turn(self, changes: dict[str, TurnProjectChange], month: str) -> None:
+        """Brings the admissions' TURN state up to date with a metering write."""
+        for project_id, change in changes.items():
+            state = self._turn.get(project_id)
+            if state is None:
+                continue
+            if month and state[0] != month:
+                del self._turn[project_id]
+            else:
+                self._turn[project_id] = (state[0], change.live_allocations,
+                                          state[2] + change.relayed_bytes)
+
+    async def sweep_turn_allocations(self, *, owner: str, seen_before_ms: int, now_ms: int,
+                                     limit: int
+                                     ) -> tuple[int, dict[str, TurnProjectChange]] | None:
+        def work(db: sqlite3.Connection) -> tuple[int, dict[str, TurnProjectChange]] | None:
+            with _write_transaction(db):
+                if not _holds_meter(db, owner, now_ms):
+                    return None
+                stale = db.execute(
+                    "SELECT allocation, project_id FROM turn_allocations "
+                    "WHERE live = 1 AND seen_ms < ? ORDER BY seen_ms LIMIT ?",
+                    (seen_before_ms, limit)).fetchall()
+                turn = _TurnBook(db, now_ms, "")
+                for allocation, project_id in stale:
+                    turn.finish(allocation, project_id, swept=True)
+                return len(stale), turn.changes()
+
+        swept = await self._run(work)
+        if swept is not None:
+            self._remember_turn(swept[1], "")
+        return swept
+
+    async def revoke_turn_subject(self, *, project_id: str, subject: str, until_ms: int,
+                                  now_ms: int) -> int:
+        def work(db: sqlite3.Connection) -> int:
+            with _write_transaction(db):
+                db.execute("DELETE FROM turn_revocations WHERE until_ms <= ?", (now_ms,))
+                (until,) = db.execute(
+                    "INSERT INTO turn_revocations(project_id, subject, until_ms) "
+                    "SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM projects WHERE project_id = ?) "
+                    "ON CONFLICT(project_id, subject) DO UPDATE SET "
+                    "until_ms = max(until_ms, excluded.until_ms) RETURNING until_ms",
+                    (project_id, subject, until_ms, project_id)).fetchone() or (until_ms,)
+                return int(until)
+
+        until = await self._run(work)
+        self._revoked = {key: value for key, value in self._revoked.items() if value > now_ms}
+        self._revoked[(project_id, subject)] = until
+        return until
+
+    async def revoked_turn_subjects(self, *, project_id: str, subjects: Sequence[str],
+                                    now_ms: int) -> set[str]:
+        # The owner holds every revocation in force in memory (loaded at open, written
+        # through by `revoke_turn_subject`).
+        return {subject for subject in subjects
+                if self._revoked.get((project_id, subject), 0) > now_ms}
+
+    async def lift_turn_subject(self, *, project_id: str, subject: str, now_ms: int) -> bool:
+        lifted = await self._run(lambda db: db.execute(
+            "DELETE FROM turn_revocations WHERE project_id = ? AND subject = ? "
+            "RETURNING until_ms", (project_id, subject)).fetchall())
+        self._revoked.pop((project_id, subject), None)
+        return bool(lifted) and lifted[0][0] > now_ms
+
+    async def session_turn_username(self, *, project_id: str, session_id: str) -> str | None:
+        row = await self._run(lambda db: db.execute(
+            "SELECT username FROM session_turn WHERE project_id = ? AND session_id = ?",
+            (project_id, session_id)).fetchone())
+        return row[0] if row else None
+
+    async def take_ended_session_turn(self, *, now_ms: int,
+                                      limit: int) -> list[tuple[str, str, str]]:
+        def work(db: sqlite3.Connection) -> list[tuple[str, str, str]]:
+            return [(row[0], row[1], row[2]) for row in db.execute(
+                "DELETE FROM session_turn WHERE rowid IN (SELECT rowid FROM session_turn "
+                "WHERE due_ms <= ? ORDER BY due_ms LIMIT ?) "
+                "RETURNING project_id, session_id, username", (now_ms, limit)).fetchall()]
+
+        return await self._run(work)
+
+    async def turn_usage(self, *, project_id: str, month: str,
+                         user_id: str | None = None) -> TurnUsageFigures:
+        def work(db: sqlite3.Connection) -> TurnUsageFigures:
+            live_query = ("SELECT count(*) FROM turn_allocations "
+                          "WHERE project_id = :p AND live = 1")
+            if user_id is not None:
+                live_query += " AND user_id = :u"
+            live, relayed, last = db.execute(
+                f"SELECT ({live_query}), "  # noqa: S608
+                "(SELECT relayed_bytes FROM turn_usage "
+                " WHERE project_id = :p AND month = :m AND user_id = :u), "
+                "(SELECT last_ms FROM turn_usage "
+                " WHERE project_id = :p AND month = :m AND user_id = :u)",
+                {"p": project_id, "m": month, "u": user_id or ""}).fetchone()
+            return TurnUsageFigures(live, relayed or 0, last or 0)
+
+        return await self._run(work)
+
 
 def _finished(work: Callable[[sqlite3.Connection], T], db: sqlite3.Connection) -> T:
     """Runs `work`, and never leaves a statement running on the shared connection.
@@ -754,6 +1006,117 @@ def _finished(work: Callable[[sqlite3.Connection], T], db: sqlite3.Connection) -
         result.fetchall()
         result.close()
     return result
+
+
+TURN_TOMBSTONE_MS = 3600 * 1000
+"""How long an ended allocation's row stays, for the totals coturn sends after its end."""
+
+
+def _read_meter(db: sqlite3.Connection) -> TurnMeterState:
+    row = db.execute("SELECT owner, expires_ms, connected, changed_ms, last_event_ms "
+                     "FROM turn_meter WHERE id = 1").fetchone()
+    if row is None:
+        return TurnMeterState()
+    owner, expires_ms, connected, changed_ms, last_event_ms = row
+    return TurnMeterState(owner, expires_ms, bool(connected), changed_ms, last_event_ms)
+
+
+def _holds_meter(db: sqlite3.Connection, owner: str, now_ms: int) -> bool:
+    meter = _read_meter(db)
+    return meter.owner == owner and meter.lease_expires_ms > now_ms
+
+
+def _purge_ended_allocations(db: sqlite3.Connection, now_ms: int) -> None:
+    db.execute("DELETE FROM turn_allocations WHERE rowid IN (SELECT rowid FROM "
+               "turn_allocations WHERE live = 0 AND ended_ms < ? LIMIT 500)",
+               (now_ms - TURN_TOMBSTONE_MS,))
+
+
+class _TurnBook:
+    """The allocation bookkeeping of one transaction (`Store.record_turn_events`); the same
+    rules as the Redis store's `_RECORD_TURN_EVENTS` script."""
+
+    def __init__(self, db: sqlite3.Connection, now_ms: int, month: str) -> None:
+        self._db = db
+        self._now_ms = now_ms
+        self._month = month
+        self._bytes: dict[str, int] = {}
+        self._exists: dict[str, bool] = {}
+
+    def apply(self, event: TurnAllocationEvent) -> None:
+        db, project_id = self._db, event.project_id
+        exists = self._exists.get(project_id)
+        if exists is None:
+            exists = self._exists[project_id] = db.execute(
+                "SELECT 1 FROM projects WHERE project_id = ?", (project_id,)).fetchone() is not None
+        if not exists:
+            return
+        self._bytes.setdefault(project_id, 0)
+        row = db.execute("SELECT live, counted, user_id, swept FROM turn_allocations "
+                         "WHERE allocation = ?", (event.allocation,)).fetchone()
+        live, counted, user_id, swept = ((bool(row[0]), row[1], row[2], bool(row[3])) if row
+                                         else (False, 0, event.user_id, False))
+        kind = event.kind
+        if kind is TurnEventKind.ENDED:
+            if live:
+                self.finish(event.allocation, project_id, swept=False)
+        elif kind is TurnEventKind.RELAYED_TOTAL:
+            if event.relayed_bytes > counted:
+                self._relayed(project_id, user_id, event.relayed_bytes - counted)
+            # Its end without its start: remember the total, so a second one adds nothing.
+            db.execute(
+                "INSERT INTO turn_allocations(allocation, project_id, user_id, live, counted, "
+                "seen_ms, ended_ms) VALUES (?, ?, ?, 0, ?, ?, ?) ON CONFLICT(allocation) "
+                "DO UPDATE SET counted = max(counted, excluded.counted)",
+                (event.allocation, project_id, user_id, event.relayed_bytes, self._now_ms,
+                 self._now_ms))
+        else:
+            # An allocation coturn said it ended only starts again as a new one (ids start
+            # again when coturn does): an alive or relayed report of it is stale. One a sweep
+            # ended (coturn no longer listed it) lives again when reported.
+            if not live and (row is None or kind is TurnEventKind.STARTED or swept):
+                fresh = row is None or kind is TurnEventKind.STARTED
+                db.execute(
+                    "INSERT INTO turn_allocations(allocation, project_id, user_id, live, "
+                    "counted, seen_ms) VALUES (?, ?, ?, 1, 0, ?) ON CONFLICT(allocation) DO "
+                    "UPDATE SET live = 1, seen_ms = excluded.seen_ms, ended_ms = 0, swept = 0, "
+                    "counted = CASE WHEN ? THEN 0 ELSE counted END",
+                    (event.allocation, project_id, user_id, self._now_ms, fresh))
+            elif live:
+                db.execute("UPDATE turn_allocations SET seen_ms = ? WHERE allocation = ?",
+                           (self._now_ms, event.allocation))
+            if kind is TurnEventKind.RELAYED:
+                self._relayed(project_id, user_id, event.relayed_bytes)
+                db.execute("UPDATE turn_allocations SET counted = counted + ? "
+                           "WHERE allocation = ?", (event.relayed_bytes, event.allocation))
+        for user in ("", user_id):
+            db.execute(
+                "INSERT INTO turn_usage(project_id, month, user_id, relayed_bytes, last_ms) "
+                "VALUES (?, ?, ?, 0, ?) ON CONFLICT(project_id, month, user_id) "
+                "DO UPDATE SET last_ms = excluded.last_ms",
+                (project_id, self._month, user, self._now_ms))
+
+    def finish(self, allocation: str, project_id: str, *, swept: bool) -> None:
+        self._db.execute("UPDATE turn_allocations SET live = 0, ended_ms = ?, swept = ? "
+                         "WHERE allocation = ?", (self._now_ms, swept, allocation))
+        self._bytes.setdefault(project_id, 0)
+
+    def _relayed(self, project_id: str, user_id: str, relayed_bytes: int) -> None:
+        if relayed_bytes <= 0:
+            return
+        for user in ("", user_id):
+            self._db.execute(
+                "INSERT INTO turn_usage(project_id, month, user_id, relayed_bytes, last_ms) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(project_id, month, user_id) "
+                "DO UPDATE SET relayed_bytes = relayed_bytes + excluded.relayed_bytes",
+                (project_id, self._month, user, relayed_bytes, self._now_ms))
+        self._bytes[project_id] += relayed_bytes
+
+    def changes(self) -> dict[str, TurnProjectChange]:
+        return {project_id: TurnProjectChange(self._db.execute(
+            "SELECT count(*) FROM turn_allocations WHERE project_id = ? AND live = 1",
+            (project_id,)).fetchone()[0], relayed)
+            for project_id, relayed in self._bytes.items()}
 
 
 def _purge_keys(db: sqlite3.Connection, project_id: str) -> int:
@@ -781,14 +1144,27 @@ class _AdmitReads(NamedTuple):
     key: ApiKey | None
     project: Project | None
     position: int | None
+    turn: tuple[int, int] | None = None
+    """The project's (live allocations, bytes relayed in the month of the call)."""
 
 
 def _read_for_admit(db: sqlite3.Connection, digest: bytes | None,
-                    project_id: str) -> _AdmitReads:
+                    project_id: str, month: str) -> _AdmitReads:
     key = _read_key(db, digest) if digest is not None else None
     acts_on = _project_for_key(key, project_id) if key is not None else project_id
     project_id = (acts_on if isinstance(acts_on, str) else project_id) or DEFAULT_PROJECT_ID
-    return _AdmitReads(key, _read_project(db, project_id), _read_position(db, project_id))
+    return _AdmitReads(key, _read_project(db, project_id), _read_position(db, project_id),
+                       _read_turn_state(db, project_id, month))
+
+
+def _read_turn_state(db: sqlite3.Connection, project_id: str, month: str) -> tuple[int, int]:
+    """A project's live allocations and the bytes it relayed in `month`."""
+    live, relayed = db.execute(
+        "SELECT (SELECT count(*) FROM turn_allocations WHERE project_id = :p AND live = 1), "
+        "(SELECT relayed_bytes FROM turn_usage "
+        " WHERE project_id = :p AND month = :m AND user_id = '')",
+        {"p": project_id, "m": month}).fetchone()
+    return live, relayed or 0
 
 
 def _read_key(db: sqlite3.Connection, digest: bytes) -> ApiKey | None:

@@ -214,10 +214,7 @@ def _tls_lines(settings: Settings) -> tuple[str, list[str]]:
 
 
 def _admin_cli_lines(settings: Settings) -> str:
-    # ICEGATE_COTURN_CLI and ICEGATE_COTURN_CLI_PASSWORD are declared with revocation (the
-    # feature that uses coturn's CLI); read by name so this renders without them too.
-    address = str(getattr(settings, "coturn_cli", "") or "")
-    password = str(getattr(settings, "coturn_cli_password", "") or "")
+    address, password = settings.coturn_cli, settings.coturn_cli_password
     if not address:
         return "no-cli"
     try:
@@ -238,8 +235,7 @@ def _admin_cli_lines(settings: Settings) -> str:
 
 
 def _statistics_line(settings: Settings) -> str:
-    # ICEGATE_COTURN_STATSDB is declared with TURN usage (the feature that reads it).
-    url = str(getattr(settings, "coturn_statsdb", "") or "")
+    url = settings.coturn_statsdb
     if not url:
         return "# redis-statsdb: off (ICEGATE_COTURN_STATSDB is not set)"
     return f'redis-statsdb="{redis_connection_line(url)}"'

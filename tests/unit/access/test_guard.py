@@ -70,7 +70,8 @@ class StandInAccess:
     def __init__(self) -> None:
         self.asked: list[tuple[str, MethodPolicy, str]] = []
 
-    async def admit(self, key: str, policy: MethodPolicy, project_id: str) -> CallContext:
+    async def admit(self, key: str, policy: MethodPolicy, project_id: str, *,
+                    turn_subject: str | None = None) -> CallContext:
         self.asked.append((key, policy, project_id))
         if key == GOOD_KEY:
             return ACME
