@@ -243,7 +243,9 @@ def _add_admin_commands(admin: argparse.ArgumentParser) -> None:
                             ("delete", "delete the policy")):
         command = set_policy if name == "set" else policy.add_parser(name, help=help_text)
         command.add_argument("--project", required=True)
-        command.add_argument("--provider", required=True, help="openai, azure, orga, gemini")
+        command.add_argument("--provider", required=True,
+                             help="openai, azure, orga, gemini; openai_webhook for the "
+                             "webhook secret of incoming calls")
 
     key = groups.add_parser("key", help="caller keys").add_subparsers(
         dest="admin_command", required=True)
@@ -265,7 +267,9 @@ def _add_admin_commands(admin: argparse.ArgumentParser) -> None:
     for command in (set_key, list_provider, delete_key):
         command.add_argument("--project", required=True)
     for command in (set_key, delete_key):
-        command.add_argument("--provider", required=True, help="openai, azure, orga, gemini")
+        command.add_argument("--provider", required=True,
+                             help="openai, azure, orga, gemini; openai_webhook for the "
+                             "webhook secret of incoming calls")
     provider_key.add_parser("reseal", help="re-seal every key under the current master key")
 
     turn_secret = groups.add_parser("turn-secret", help="the TURN shared secrets").\

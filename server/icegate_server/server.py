@@ -48,6 +48,7 @@ from icegate_server.servicers.admin_service import AdminServicer
 from icegate_server.servicers.credential_service import CredentialServicer
 from icegate_server.servicers.session_service import SessionServicer
 from icegate_server.servicers.usage_service import UsageServicer
+from icegate_server.sessions.incoming_calls import IncomingCalls
 from icegate_server.sessions.policy import SessionPolicies
 from icegate_server.sessions.provider_keys import ProviderKeys
 from icegate_server.sessions.providers import (
@@ -109,6 +110,8 @@ class IcegateServer:
     """Realtime sessions, whose give-backs in flight are finished or stopped at `stop`."""
     http_listener: HttpListener | None = None
     """Connect and gRPC-Web over HTTP (`ICEGATE_HTTP_LISTEN`), None when off."""
+    webhook_listener: HttpListener | None = None
+    """OpenAI's incoming-call webhook (`ICEGATE_WEBHOOK_LISTEN`), None when off."""
     coturn_meter: CoturnStatsMeter | None = None
     """Meters TURN usage from coturn's stats stream (`ICEGATE_COTURN_STATSDB`), or None."""
     session_turn: SessionTurnSweeper | None = None
@@ -127,11 +130,20 @@ class IcegateServer:
         """The port Connect is served on, None when off."""
         return None if self.http_listener is None else self.http_listener.port
 
+    @property
+    def webhook_port(self) -> int | None:
+        """The port the incoming-call webhook is taken on, None when off."""
+        return None if self.webhook_listener is None else self.webhook_listener.port
+
     async def start(self) -> None:
-        """Starts serving (both transports) and reports SERVING."""
-        await self.grpc_server.start()
+        """Starts serving (every listener) and reports SERVING."""
+        # The HTTP listeners first: once the gRPC port accepts (what supervisors and tests
+        # wait for), the others do too.
         if self.http_listener is not None:
             await self.http_listener.start()
+        if self.webhook_listener is not None:
+            await self.webhook_listener.start()
+        await self.grpc_server.start()
         self.turn_secrets.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -155,6 +167,8 @@ class IcegateServer:
         stopping = [self.grpc_server.stop(grace)]
         if self.http_listener is not None:
             stopping.append(self.http_listener.stop(grace))
+        if self.webhook_listener is not None:
+            stopping.append(self.webhook_listener.stop(grace))
         await asyncio.gather(*stopping)
         await self.turn_secrets.stop()
         if self.coturn_meter is not None:
@@ -327,14 +341,25 @@ async def create_server(
             # settings refuse ICEGATE_HTTP_LISTEN, and gRPC serves alone).
             from icegate_server.transports.http_listener import connect_listener
             http_listener = connect_listener(served, settings)
+        webhook_listener = None
+        if settings.webhook_listen:
+            from icegate_server.transports.webhook_listener import webhook_listener as listener
+            try:
+                webhook_listener = listener(IncomingCalls(
+                    store, vault, provider_keys, sessions, providers, clock), settings)
+            except OSError:
+                if http_listener is not None:
+                    await http_listener.stop(0)
+                raise
         endpoint, lease_gauge = None, None
         if settings.metrics_listen:
             host, metrics_port = parse_listen_address(settings.metrics_listen)
             try:
                 endpoint = serve_metrics(metrics.registry, host, metrics_port, metrics_limits)
             except OSError as error:
-                if http_listener is not None:
-                    await http_listener.stop(0)
+                for opened in (http_listener, webhook_listener):
+                    if opened is not None:
+                        await opened.stop(0)
                 raise OSError(f"cannot serve metrics on {settings.metrics_listen} "
                               f"(ICEGATE_METRICS_LISTEN): {error.strerror}") from None
             lease_gauge = ActiveLeaseGauge(store, clock, metrics)
@@ -346,7 +371,8 @@ async def create_server(
         raise
     return IcegateServer(server, health_servicer, store, settings, http, turn_secrets, metrics,
                          endpoint, lease_gauge, sessions=sessions, coturn_meter=meter,
-                         session_turn=session_turn, http_listener=http_listener), port
+                         session_turn=session_turn, http_listener=http_listener,
+                         webhook_listener=webhook_listener), port
 
 
 def _freeze_startup_objects() -> None:
@@ -384,6 +410,10 @@ async def serve(settings: Settings, *,
             log.warning("serving HTTP on %s without TLS: keys and credentials cross the "
                         "network in clear; set ICEGATE_TLS_CERT and ICEGATE_TLS_KEY",
                         Safe(http_host))
+    if server.webhook_listener is not None:
+        log.info("OpenAI incoming-call webhook on %s://%s:%d/webhooks/openai",
+                 Safe(server.webhook_listener.scheme),
+                 Safe(settings.webhook_listen.rpartition(":")[0]), server.webhook_listener.port)
     if server.metrics_port is not None:
         log.info("Prometheus metrics on http://%s:%d/metrics",
                  Safe(settings.metrics_listen.rpartition(":")[0]), server.metrics_port)

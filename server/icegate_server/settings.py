@@ -399,6 +399,10 @@ class Settings:
         "the connection or the previous answer (10)",
         check=_require(lambda seconds: 0 < seconds <= 300,
                        "must be more than 0 and at most 300 seconds"))
+    webhook_listen: str = setting(
+        "", "host:port taking OpenAI's realtime.call.incoming webhook (POST /webhooks/openai, "
+        "Standard Webhooks signatures, one secret per project: provider openai_webhook), "
+        "e.g. 0.0.0.0:8443 (default empty: off)", check=_unless_empty(parse_listen_address))
     workers: int = setting(
         1, "server processes sharing the ports with SO_REUSEPORT (default 1)",
         check=_require(lambda count: 1 <= count <= MAX_WORKERS,
@@ -566,6 +570,18 @@ def _check_together(settings: Settings) -> None:
     if settings.http_listen and not settings.http_listen.endswith(":0") \
             and settings.http_listen in (settings.listen, settings.metrics_listen):
         fail("http_listen", "must differ from ICEGATE_LISTEN and ICEGATE_METRICS_LISTEN")
+    if settings.webhook_listen:
+        port = parse_listen_address(settings.webhook_listen)[1]
+        if settings.workers > 1 and port == 0:
+            fail("workers", "more than one worker needs a fixed port in ICEGATE_WEBHOOK_LISTEN, "
+                 "not 0")
+        if importlib.util.find_spec("connectrpc") is None:
+            fail("webhook_listen", "the webhook listener needs Python 3.11 or newer with the "
+                 "connectrpc package (pip install 'icegate[server]' there)")
+        if port != 0 and settings.webhook_listen in (settings.listen, settings.metrics_listen,
+                                                     settings.http_listen):
+            fail("webhook_listen", "must differ from ICEGATE_LISTEN, ICEGATE_METRICS_LISTEN "
+                 "and ICEGATE_HTTP_LISTEN")
     if settings.turn_ttl_max < settings.turn_ttl_min:
         fail("turn_ttl_max", f"must be at least ICEGATE_TURN_TTL_MIN ({settings.turn_ttl_min})")
     if not settings.turn_ttl_min <= settings.turn_ttl_default <= settings.turn_ttl_max:

@@ -168,6 +168,35 @@ class OpenAIEmulation:
         self.hung_up: list[str] = []
         self.sidebands_opened: list[str] = []
         self.sideband_updates: list[dict[str, Any]] = []
+        self.ringing: set[str] = set()
+        """Incoming calls (`ring`) waiting for an accept or a reject."""
+        self.accepted: list[tuple[str, dict[str, Any]]] = []
+        """(call id, session) of each accepted incoming call."""
+        self.rejected: list[tuple[str, int]] = []
+        """(call id, SIP status) of each rejected incoming call."""
+
+    def ring(self) -> str:
+        """A SIP call ringing the project: its id, to accept or reject once."""
+        call_id = f"rtc_sip{next(_ids)}"
+        self.ringing.add(call_id)
+        return call_id
+
+    def _answer_incoming(self, call_id: str, verb: str, body: Any,
+                         request_id: str) -> CannedResponse:
+        if call_id not in self.ringing:
+            return openai_error(404, f"Call {call_id} not found.")
+        if verb == "accept":
+            problem = check_ga_session(body)
+            if problem:
+                return openai_error(400, problem)
+            self.accepted.append((call_id, body))
+        else:
+            status = (body or {}).get("status_code", 603)
+            if not isinstance(status, int) or not 400 <= status <= 699:
+                return openai_error(400, "Invalid value for 'status_code'.")
+            self.rejected.append((call_id, status))
+        self.ringing.discard(call_id)
+        return CannedResponse(200, {}, headers={"x-request-id": request_id})
 
     def __call__(self, request: RecordedRequest) -> CannedResponse:
         if request.headers.get("authorization") != f"Bearer {self.api_key}":
@@ -183,11 +212,15 @@ class OpenAIEmulation:
                              request.json["expires_after"]["seconds"], request_id)
         if request.method == "POST" and request.path == "/v1/realtime/calls":
             return answer_call(request, self.peers, request_id, "/v1/realtime/calls")
+        incoming = re.fullmatch(r"/v1/realtime/calls/([A-Za-z0-9_-]+)/(accept|reject)",
+                                request.path)
+        if request.method == "POST" and incoming:
+            return self._answer_incoming(incoming[1], incoming[2], request.json, request_id)
         hangup = re.fullmatch(r"/v1/realtime/calls/([A-Za-z0-9_-]+)/hangup", request.path)
         if request.method == "POST" and hangup:
             call_id = hangup[1]
             known = self.peers.hang_up(call_id) if self.peers is not None else \
-                call_id.startswith("rtc_canned")
+                call_id.startswith(("rtc_canned", "rtc_sip"))
             if not known:
                 return openai_error(404, f"Call {call_id} not found.")
             self.hung_up.append(call_id)

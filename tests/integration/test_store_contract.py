@@ -1271,3 +1271,19 @@ def test_the_records_of_calls_whose_lease_is_gone_are_taken_once(backend: Backen
     assert [r.call_id for r in first] == ["rtc_ended", "rtc_expiring"]
     assert again == []
     assert sorted(r.call_id for r in later) == ["rtc_ending", "rtc_live"]
+
+
+def test_a_webhook_delivery_is_claimed_once_until_forgotten(backend: Backend) -> None:
+    async def scenario(store: Store) -> list[bool]:
+        first = await store.claim_webhook_delivery("alpha", "wh_1", now_ms=NOW,
+                                                   until_ms=NOW + 600_000)
+        replay = await store.claim_webhook_delivery("alpha", "wh_1", now_ms=NOW + 1000,
+                                                    until_ms=NOW + 601_000)
+        other_project = await store.claim_webhook_delivery("beta", "wh_1", now_ms=NOW,
+                                                           until_ms=NOW + 600_000)
+        together = await asyncio.gather(*(
+            store.claim_webhook_delivery("alpha", "wh_2", now_ms=NOW, until_ms=NOW + 600_000)
+            for _ in range(4)))
+        return [first, replay, other_project, sum(together) == 1]
+
+    assert backend.run(scenario) == [True, False, True, True]

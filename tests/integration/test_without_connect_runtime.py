@@ -103,7 +103,7 @@ def test_the_server_refuses_the_http_listener_without_the_connect_runtime(tmp_pa
 def test_the_server_serves_grpc_without_the_connect_runtime(tmp_path: Path):
     server = ServerProcess(tmp_path / "server")
     server.env.update(hiding_connect(tmp_path / "hide"))
-    with server.start(), icegate.Client(server.target, TEST_ADMIN_KEY) as client:
+    with server, icegate.Client(server.target, TEST_ADMIN_KEY) as client:
         credential = client.issue_turn_credentials("alice", ttl=600)
     assert credential.username.endswith(":default/alice")
     assert "connectrpc" not in server.read_log()

@@ -146,7 +146,12 @@ def test_the_workers_share_the_http_listener_too(tmp_path, redis_server):
                       http_listen=f"127.0.0.1:{http_port}").start()
     try:
         workers = wait_for_listening_workers(server, 2)
-        assert set(owners(workers, socket_inodes(http_port, _LISTEN))) == workers
+        # Each worker listens on the HTTP port too, once its server has started (the gRPC
+        # port above may be seen listening earlier).
+        deadline = time.monotonic() + 20
+        while set(owners(workers, socket_inodes(http_port, _LISTEN))) != workers:
+            assert time.monotonic() < deadline, server.read_log()
+            time.sleep(0.05)
         # Each client has its own connection pool, so each its own connection.
         clients = [icegate.Client(f"http://127.0.0.1:{http_port}", TEST_ADMIN_KEY)
                    for _ in range(16)]

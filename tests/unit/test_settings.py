@@ -164,6 +164,9 @@ BAD_ENV_VALUES = [
     ("http_listen", "8080"),
     ("http_listen", "127.0.0.1:http"),
     ("http_listen", "127.0.0.1:50051"),  # the gRPC listen address (the default)
+    ("webhook_listen", "8443"),
+    ("webhook_listen", "127.0.0.1:https"),
+    ("webhook_listen", "127.0.0.1:50051"),  # the gRPC listen address (the default)
     ("http_read_timeout", "0"),
     ("http_read_timeout", "301"),
     ("http_read_timeout", "slow"),
@@ -403,6 +406,7 @@ EXAMPLES = {
     "gemini_base_url": "https://gemini.test",
     "metrics_listen": "127.0.0.1:9464",
     "http_listen": "127.0.0.1:8080",
+    "webhook_listen": "0.0.0.0:8443",
     "tls_cert": "/etc/icegate/cert.pem",
     "tls_key": "/etc/icegate/key.pem",
     "tls_client_ca": "/etc/icegate/ca.pem",

@@ -2,10 +2,17 @@
 
 The GA and older dialects of a provider share one key (`openai` serves `openai_beta`,
 `azure` serves `azure_legacy`), stored under the provider's family name.
+
+A project's OpenAI webhook secret (`whsec_...`, which signs the `realtime.call.incoming`
+deliveries of `sessions.incoming_calls`) is kept the same way under `openai_webhook`: set,
+listed (last 4), deleted and re-sealed with the provider keys, gone with its project.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from dataclasses import dataclass
 
 from icegate_server.clock import Clock
@@ -15,7 +22,11 @@ from icegate_server.sessions.vault import Vault, VaultError, last4
 from icegate_server.store import Store
 from icegate_server.store.base import ProviderKeyRecord
 
-KEY_FAMILIES = ("azure", "gemini", "openai", "orga")
+WEBHOOK_SECRET_FAMILY = "openai_webhook"  # noqa: S105 (a name, not a secret)
+"""Where a project's OpenAI webhook secret is kept, beside its provider keys."""
+KEY_FAMILIES = ("azure", "gemini", "openai", "orga", WEBHOOK_SECRET_FAMILY)
+WEBHOOK_SECRET_PATTERN = re.compile(r"whsec_[A-Za-z0-9+/]{22,512}={0,2}")
+"""A Standard Webhooks secret as OpenAI shows it: `whsec_` and base64 (16 bytes or more)."""
 MIN_KEY_LENGTH = 8
 MAX_KEY_LENGTH = 4096
 
@@ -40,6 +51,19 @@ def missing_key_error(project_id: str, kind: ProviderKind) -> UpstreamNotConfigu
         provider=kind.value)
 
 
+def check_webhook_secret(secret: str) -> None:
+    """Refuses what is not a `whsec_` secret of at least 16 bytes (it never appears in the
+    error)."""
+    try:
+        fits = bool(WEBHOOK_SECRET_PATTERN.fullmatch(secret)) and \
+            len(base64.b64decode(secret.removeprefix("whsec_"), validate=True)) >= 16
+    except (binascii.Error, ValueError):
+        fits = False
+    if not fits:
+        raise InvalidFieldError("api_key", "an openai_webhook secret must be whsec_ and the "
+                                "base64 of 16 bytes or more, as OpenAI shows it")
+
+
 @dataclass(frozen=True)
 class ResealReport:
     resealed: int
@@ -58,6 +82,8 @@ class ProviderKeys:
     async def set(self, project_id: str, provider: str, api_key: str) -> ProviderKeyRecord:
         """Seals and stores `api_key` (which is never logged nor returned)."""
         validate_family(provider)
+        if provider == WEBHOOK_SECRET_FAMILY:
+            check_webhook_secret(api_key)
         if not MIN_KEY_LENGTH <= len(api_key) <= MAX_KEY_LENGTH or not api_key.isprintable() \
                 or api_key != api_key.strip():
             raise InvalidFieldError(

@@ -222,6 +222,40 @@ class RealtimeSessions:
         async def call(api_key: str, held: SessionOptions, left: float) -> CreatedCall:
             return await calling.create_call(api_key, held, sdp_offer, timeout=left)
 
+        started = await self._start(project, kind, provider, options, user_id=user_id,
+                                    turn_ttl=turn_ttl, timeout=timeout, upstream=call,
+                                    call_id_of=lambda created: created.call_id,
+                                    on_started=self._enforcer(project, provider))
+        return CreatedCallSession(started.session_id, started.result, started.ice_servers,
+                                  started.create_time, started.lease_expires_at)
+
+    async def accept_incoming_call(self, project: Project, call_id: str, *,
+                                   timeout: float | None) -> CreatedCallSession:
+        """Accepts an OpenAI call that rang icegate's webhook (`sessions.incoming_calls`) with
+        the project's policy session, under a session slot and a quota unit as CreateSession
+        takes them; the call is hung up when its session ends. Raises why not, nothing kept:
+        `ConcurrentLimitError`, `QuotaExceededError` (the caller rejects the call then).
+        """
+        kind = ProviderKind.OPENAI
+        provider = self._provider(kind, SessionOptions())
+        if not isinstance(provider, OpenAIProvider):
+            raise UpstreamNotConfiguredError("provider openai is not enabled",
+                                             provider=kind.value)
+        openai = provider
+
+        async def accept(api_key: str, held: SessionOptions, left: float) -> CreatedCall:
+            return await openai.accept_call(api_key, call_id, held, timeout=left)
+
+        started = await self._start(project, kind, provider, SessionOptions(), user_id="",
+                                    turn_ttl=None, timeout=timeout, upstream=accept,
+                                    call_id_of=lambda created: created.call_id,
+                                    on_started=self._enforcer(project, provider))
+        return CreatedCallSession(started.session_id, started.result, started.ice_servers,
+                                  started.create_time, started.lease_expires_at)
+
+    def _enforcer(self, project: Project, provider: Provider) -> OnStarted[CreatedCall]:
+        """What opens a started call's sideband when its policy enforces (OpenAI only)."""
+
         def enforce(created: CreatedCall, api_key: str, held: SessionOptions,
                     policy: SessionPolicy | None, session_id: str) -> None:
             if policy is None or not policy.enforcement or not created.call_id or \
@@ -238,12 +272,7 @@ class RealtimeSessions:
             self._sidebands.watch(session_id, created.call_id, url, headers, locked,
                                   restore=policy.enforcement == "restore", hang_up=hang_up)
 
-        started = await self._start(project, kind, provider, options, user_id=user_id,
-                                    turn_ttl=turn_ttl, timeout=timeout, upstream=call,
-                                    call_id_of=lambda created: created.call_id,
-                                    on_started=enforce)
-        return CreatedCallSession(started.session_id, started.result, started.ice_servers,
-                                  started.create_time, started.lease_expires_at)
+        return enforce
 
     @staticmethod
     def _calling(kind: ProviderKind, provider: Provider) -> CallingProvider:

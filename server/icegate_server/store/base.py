@@ -397,6 +397,15 @@ class Store(Protocol):
         up. Each record is returned once, to one caller."""
         ...
 
+    # -- webhook deliveries -------------------------------------------------------------------
+
+    async def claim_webhook_delivery(self, project_id: str, delivery_id: str, *, now_ms: int,
+                                     until_ms: int) -> bool:
+        """Remembers the delivery `delivery_id` of the project until `until_ms`; True when it
+        was not remembered already (its first arrival), False for a replay. Of the callers
+        claiming the same delivery at once, exactly one gets True."""
+        ...
+
     # -- the TURN secret ring ------------------------------------------------------------------
 
     async def list_turn_secrets(self) -> list[TurnSecretRecord]:

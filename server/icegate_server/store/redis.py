@@ -1380,6 +1380,13 @@ class RedisStore:
                           f"{PREFIX}srec-ends:{record.project_id}", _CALL_SESSIONS],
                          [record.session_id, text, record.ends_ms, now_ms, member])
 
+    async def claim_webhook_delivery(self, project_id: str, delivery_id: str, *, now_ms: int,
+                                     until_ms: int) -> bool:
+        # SET NX: one command, atomic; the key expires by itself (and with it, the claim).
+        with self._unavailable_on_error():
+            return bool(await self._redis.set(f"{PREFIX}whdelivery:{project_id}:{delivery_id}",
+                                              "1", nx=True, px=max(until_ms - now_ms, 1)))
+
     async def get_session_record(self, project_id: str, session_id: str) -> SessionRecord | None:
         with self._unavailable_on_error():
             text = await self._redis.hget(f"{PREFIX}srec:{project_id}", session_id)

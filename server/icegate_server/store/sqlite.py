@@ -207,6 +207,12 @@ CREATE TABLE IF NOT EXISTS session_records (
     call_id    TEXT NOT NULL,                -- the provider's call, '' for none
     PRIMARY KEY (project_id, session_id)
 );
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    project_id  TEXT NOT NULL,
+    delivery_id TEXT NOT NULL,              -- the sender's webhook-id
+    until_ms    INTEGER NOT NULL,           -- forgotten after (a replay is stale by then)
+    PRIMARY KEY (project_id, delivery_id)
+);
 CREATE INDEX IF NOT EXISTS session_records_by_end ON session_records(project_id, ends_ms)
     WHERE ends_ms > 0;
 """
@@ -430,7 +436,7 @@ class SqliteStore:
                 for table in ("rate_limits", "session_quota", "leases", "lease_counts",
                               "provider_keys", "session_policies", "session_records",
                               "turn_allocations", "turn_usage", "turn_revocations",
-                              "session_turn"):
+                              "session_turn", "webhook_deliveries"):
                     db.execute(f"DELETE FROM {table} WHERE project_id = ?",  # noqa: S608
                                (project_id,))
             return deleted
@@ -795,6 +801,21 @@ class SqliteStore:
             "RETURNING project_id, session_id, provider, ends_ms, call_id",
             {"now": now_ms, "limit": limit}).fetchall())
         return [SessionRecord(*row) for row in rows]
+
+    # -- webhook deliveries ---------------------------------------------------------------
+
+    async def claim_webhook_delivery(self, project_id: str, delivery_id: str, *, now_ms: int,
+                                     until_ms: int) -> bool:
+        def work(db: sqlite3.Connection) -> bool:
+            with _write_transaction(db):
+                db.execute("DELETE FROM webhook_deliveries WHERE project_id = ? AND "
+                           "until_ms <= ?", (project_id, now_ms))
+                return bool(db.execute(
+                    "INSERT INTO webhook_deliveries(project_id, delivery_id, until_ms) "
+                    "VALUES (?, ?, ?) ON CONFLICT(project_id, delivery_id) DO NOTHING",
+                    (project_id, delivery_id, until_ms)).rowcount == 1)
+
+        return await self._run(work)
 
     # -- the TURN secret ring --------------------------------------------------------------
 

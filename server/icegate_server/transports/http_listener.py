@@ -170,7 +170,8 @@ class HttpTls:
         return context
 
 
-def bind_http_socket(listen: str, *, reuse_port: bool) -> socket.socket:
+def bind_http_socket(listen: str, *, reuse_port: bool,
+                     setting: str = "ICEGATE_HTTP_LISTEN") -> socket.socket:
     """A listening-ready TCP socket bound to `listen` (host:port; port 0 picks one).
 
     Raises:
@@ -183,7 +184,7 @@ def bind_http_socket(listen: str, *, reuse_port: bool) -> socket.socket:
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         sock = socket.socket(family, kind, proto)
     except OSError as error:
-        raise OSError(f"cannot listen on {listen} (ICEGATE_HTTP_LISTEN): "
+        raise OSError(f"cannot listen on {listen} ({setting}): "
                       f"{error.strerror}") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -195,14 +196,15 @@ def bind_http_socket(listen: str, *, reuse_port: bool) -> socket.socket:
         sock.close()
         problem = ("address in use" if error.errno == errno.EADDRINUSE
                    else error.strerror or "not available")
-        raise OSError(f"cannot listen on {listen} (ICEGATE_HTTP_LISTEN): {problem}") from None
+        raise OSError(f"cannot listen on {listen} ({setting}): {problem}") from None
     return sock
 
 
 class HttpListener:
-    """`ConnectApplication` served by uvicorn on a bound socket, until `stop`."""
+    """An ASGI application (`ConnectApplication`, or the webhook listener's) served by
+    uvicorn on a bound socket, until `stop`."""
 
-    def __init__(self, app: ConnectApplication, sock: socket.socket, *,
+    def __init__(self, app: Any, sock: socket.socket, *,
                  read_timeout: float, tls: HttpTls | None = None) -> None:
         self._socket = sock
         self.port: int = sock.getsockname()[1]

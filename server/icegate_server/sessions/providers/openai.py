@@ -261,6 +261,33 @@ class OpenAIProvider(_OpenAIBase):
             json_answer=False, deadline=self._http.deadline(timeout), secrets=(api_key,))
         return parse_call(answer, model)
 
+    async def accept_call(self, api_key: str, call_id: str, options: SessionOptions, *,
+                          timeout: float | None) -> CreatedCall:
+        """Accepts an incoming call (the `realtime.call.incoming` webhook) with the session of
+        `options`: `POST /v1/realtime/calls/{call_id}/accept`, the GA session as the body.
+        The answer carries no SDP (the caller's side negotiated it): `sdp_answer` is ""."""
+        self.validate(options)
+        check_api_key(api_key, self.kind)
+        model = options.model or DEFAULT_GA_MODEL
+        auth = {"Authorization": f"Bearer {api_key}", **self._extra_headers}
+        answer = await self._http.call(
+            "POST", f"{self._calls_url}/{checked_call_id(call_id)}/accept", headers=auth,
+            json_body=ga_session(options, model), json_answer=False,
+            deadline=self._http.deadline(timeout), secrets=(api_key,))
+        return CreatedCall(sdp_answer="", call_id=call_id, model=model,
+                           upstream_request_id=answer.request_id)
+
+    async def reject_call(self, api_key: str, call_id: str, *, sip_status: int,
+                          timeout: float | None) -> None:
+        """Declines an incoming call: `POST /v1/realtime/calls/{call_id}/reject` with
+        `{"status_code": sip_status}` (e.g. 486 Busy Here)."""
+        check_api_key(api_key, self.kind)
+        auth = {"Authorization": f"Bearer {api_key}", **self._extra_headers}
+        await self._http.call(
+            "POST", f"{self._calls_url}/{checked_call_id(call_id)}/reject", headers=auth,
+            json_body={"status_code": sip_status}, json_answer=False,
+            deadline=self._http.deadline(timeout), secrets=(api_key,))
+
     def sideband(self, api_key: str, call_id: str) -> tuple[str, dict[str, str]]:
         """The URL and headers of a call's sideband WebSocket (`?call_id=`), with the key."""
         check_api_key(api_key, self.kind)
