@@ -1,3 +1,4 @@
-"""Fixtures for every test live in the harness (tests/harness/pytest_plugin.py)."""
+"""Fixtures for every test live in the harness (tests/harness/pytest_plugin.py; the metered
+coturn's in tests/harness/coturn_observed.py)."""
 
-pytest_plugins = ["harness.pytest_plugin"]
+pytest_plugins = ["harness.pytest_plugin", "harness.coturn_observed"]

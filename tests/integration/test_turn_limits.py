@@ -12,16 +12,13 @@ import pytest
 from google.rpc import error_details_pb2
 
 import icegate
-from harness.coturn_observed import (  # noqa: F401 (fixtures)
+from harness.coturn_observed import (
     ObservedCoturn,
     RelayingClient,
     StatsTotals,
-    coturn_totals,
     issue_credential,
     live_on_coturn,
     metering_live,
-    observed_coturn,
-    stats_redis,
     turn_usage,
     wait_for,
 )
@@ -35,7 +32,7 @@ LIMITED, OTHER = "limited", "other"
 
 @pytest.fixture
 def metered(server_factory: ServerFactory, store_url: str,
-            stats_redis: RedisServer) -> RunningServer:  # noqa: F811
+            stats_redis: RedisServer) -> RunningServer:
     server = server_factory(SystemClock(), store=store_url, coturn_statsdb=stats_redis.url)
     with icegate.Client(server.target, TEST_ADMIN_KEY) as admin:
         admin.create_project(OTHER)
@@ -65,7 +62,7 @@ def _refusal(server: RunningServer, project_id: str, user: str) -> icegate.Icega
 
 
 def test_max_allocations_refuses_credentials_while_the_project_is_at_it(
-        metered: RunningServer, observed_coturn: ObservedCoturn,  # noqa: F811
+        metered: RunningServer, observed_coturn: ObservedCoturn,
         capsys: pytest.CaptureFixture[str]) -> None:
     created = _admin_cli(metered, capsys, "create", LIMITED, "--max-allocations", "2")
     assert created["max_allocations"] == 2
@@ -98,8 +95,8 @@ def test_max_allocations_refuses_credentials_while_the_project_is_at_it(
 
 
 def test_byte_quota_refuses_credentials_once_the_month_relayed_it(
-        metered: RunningServer, observed_coturn: ObservedCoturn,  # noqa: F811
-        coturn_totals: StatsTotals, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+        metered: RunningServer, observed_coturn: ObservedCoturn,
+        coturn_totals: StatsTotals, capsys: pytest.CaptureFixture[str]) -> None:
     _admin_cli(metered, capsys, "create", LIMITED, "--byte-quota", "500",
                "--upgrade-url", "https://icegate.example.test/upgrade")
     username, password = issue_credential(metered.target, LIMITED, "alice")

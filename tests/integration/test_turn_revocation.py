@@ -16,16 +16,13 @@ import pytest
 
 import icegate
 from fake_upstreams import FakeUpstream, OpenAIEmulation
-from harness.coturn_observed import (  # noqa: F401 (fixtures)
+from harness.coturn_observed import (
     ObservedCoturn,
     RelayingClient,
     StatsTotals,
     coturn_cli_sessions,
-    coturn_totals,
     issue_credential,
     live_on_coturn,
-    observed_coturn,
-    stats_redis,
     turn_usage,
     wait_for,
 )
@@ -46,8 +43,8 @@ def openai() -> Iterator[FakeUpstream]:
 
 
 @pytest.fixture
-def server(server_factory: ServerFactory, store_url: str, stats_redis: RedisServer,  # noqa: F811
-           observed_coturn: ObservedCoturn, openai: FakeUpstream,  # noqa: F811
+def server(server_factory: ServerFactory, store_url: str, stats_redis: RedisServer,
+           observed_coturn: ObservedCoturn, openai: FakeUpstream,
            monkeypatch: pytest.MonkeyPatch) -> RunningServer:
     monkeypatch.setenv("ICEGATE_API_KEY", TEST_ADMIN_KEY)
     server = server_factory(SystemClock(), store=store_url, coturn_statsdb=stats_redis.url,
@@ -77,7 +74,7 @@ def _relaying(coturn: ObservedCoturn, username: str, password: str) -> tuple[Rel
 
 
 def test_revoke_cuts_a_relaying_user_and_refuses_it_fresh_credentials(
-        server: RunningServer, observed_coturn: ObservedCoturn,  # noqa: F811
+        server: RunningServer, observed_coturn: ObservedCoturn,
         capsys: pytest.CaptureFixture[str]) -> None:
     alice, alice_live = _relaying(observed_coturn, *issue_credential(server.target, PROJECT,
                                                                      "alice"))
@@ -114,8 +111,8 @@ def test_revoke_cuts_a_relaying_user_and_refuses_it_fresh_credentials(
 
 
 def test_a_credential_issued_before_the_revocation_is_cut_when_used(
-        server: RunningServer, observed_coturn: ObservedCoturn,  # noqa: F811
-        coturn_totals: StatsTotals) -> None:  # noqa: F811
+        server: RunningServer, observed_coturn: ObservedCoturn,
+        coturn_totals: StatsTotals) -> None:
     # Issued, not yet used: it cannot be unsigned, and coturn accepts it until it expires...
     username, password = issue_credential(server.target, PROJECT, "frank")
     with icegate.Client(server.target, TEST_ADMIN_KEY) as client:
@@ -148,7 +145,7 @@ def test_a_revocation_can_be_lifted(server: RunningServer,
 
 
 def test_ending_a_session_ends_its_allocations_and_no_other(
-        server: RunningServer, observed_coturn: ObservedCoturn) -> None:  # noqa: F811
+        server: RunningServer, observed_coturn: ObservedCoturn) -> None:
     with icegate.Client(server.target, TEST_ADMIN_KEY) as client:
         # Two sessions of one user: credentials of different lifetimes, so their usernames
         # differ even when issued in the same second.
@@ -175,7 +172,7 @@ def test_ending_a_session_ends_its_allocations_and_no_other(
 
 
 def test_revoking_a_session_ends_its_allocations(
-        server: RunningServer, observed_coturn: ObservedCoturn,  # noqa: F811
+        server: RunningServer, observed_coturn: ObservedCoturn,
         capsys: pytest.CaptureFixture[str]) -> None:
     with icegate.Client(server.target, TEST_ADMIN_KEY) as client:
         with_user = client.create_session("openai", project_id=PROJECT, user_id="dave")

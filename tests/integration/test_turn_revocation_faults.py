@@ -9,13 +9,11 @@ from __future__ import annotations
 import pytest
 
 import icegate
-from harness.coturn_observed import (  # noqa: F401 (fixtures)
+from harness.coturn_observed import (
     ObservedCoturn,
     RelayingClient,
     issue_credential,
     live_on_coturn,
-    observed_coturn,
-    stats_redis,
     wait_for,
 )
 from harness.icegate_server import TEST_ADMIN_KEY, RunningServer, ServerFactory
@@ -60,7 +58,7 @@ def test_a_cli_nobody_listens_on_is_unavailable(server_factory: ServerFactory,
 
 def test_a_wrong_cli_password_is_unavailable_and_never_echoed(
         server_factory: ServerFactory, store_url: str,
-        observed_coturn: ObservedCoturn) -> None:  # noqa: F811
+        observed_coturn: ObservedCoturn) -> None:
     wrong = "wrong-cli-password-42"
     server = _server(server_factory, store_url, coturn_cli=observed_coturn.cli_address,
                      coturn_cli_password=wrong)

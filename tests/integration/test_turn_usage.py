@@ -11,16 +11,13 @@ from __future__ import annotations
 import pytest
 
 import icegate
-from harness.coturn_observed import (  # noqa: F401 (fixtures)
+from harness.coturn_observed import (
     ObservedCoturn,
     RelayingClient,
     StatsTotals,
-    coturn_totals,
     issue_credential,
     live_on_coturn,
     metering_live,
-    observed_coturn,
-    stats_redis,
     turn_usage,
     wait_for,
 )
@@ -36,7 +33,7 @@ PROJECT = "acme"
 
 @pytest.fixture
 def metered(server_factory: ServerFactory, store_url: str,
-            stats_redis: RedisServer) -> RunningServer:  # noqa: F811
+            stats_redis: RedisServer) -> RunningServer:
     server = server_factory(SystemClock(), store=store_url, coturn_statsdb=stats_redis.url)
     with icegate.Client(server.target, TEST_ADMIN_KEY) as admin:
         admin.create_project(PROJECT)
@@ -45,8 +42,8 @@ def metered(server_factory: ServerFactory, store_url: str,
 
 
 def test_usage_reports_what_coturn_relayed(
-        metered: RunningServer, observed_coturn: ObservedCoturn,  # noqa: F811
-        coturn_totals: StatsTotals) -> None:  # noqa: F811
+        metered: RunningServer, observed_coturn: ObservedCoturn,
+        coturn_totals: StatsTotals) -> None:
     username, password = issue_credential(metered.target, PROJECT, "alice")
     with RelayingClient(observed_coturn, username, password, seconds=3.0) as client:
         # The client relays between allocations of its own: icegate counts what coturn lists.
@@ -69,8 +66,8 @@ def test_usage_reports_what_coturn_relayed(
 
 
 def test_usernames_icegate_did_not_sign_are_counted_apart(
-        metered: RunningServer, observed_coturn: ObservedCoturn,  # noqa: F811
-        coturn_totals: StatsTotals) -> None:  # noqa: F811
+        metered: RunningServer, observed_coturn: ObservedCoturn,
+        coturn_totals: StatsTotals) -> None:
     expiry = int(SystemClock().now()) + 600
     # Valid for coturn (signed with its secret), but not names icegate issues: no project,
     # a project that does not exist, user ids icegate would refuse (the separator; too long).
@@ -89,7 +86,7 @@ def test_usernames_icegate_did_not_sign_are_counted_apart(
 
 
 def test_health_and_metrics_say_metering_is_live(
-        metered: RunningServer, observed_coturn: ObservedCoturn) -> None:  # noqa: F811
+        metered: RunningServer, observed_coturn: ObservedCoturn) -> None:
     with icegate.Client(metered.target, TEST_ADMIN_KEY) as client:
         assert client.health(COTURN_STATS_HEALTH) == "SERVING"
         assert client.health() == "SERVING"

@@ -8,16 +8,13 @@ import pytest
 import redis
 
 import icegate
-from harness.coturn_observed import (  # noqa: F401 (fixtures)
+from harness.coturn_observed import (
     ObservedCoturn,
     RelayingClient,
     StatsTotals,
-    coturn_totals,
     issue_credential,
     live_on_coturn,
     metering_live,
-    observed_coturn,
-    stats_redis,
     turn_usage,
     wait_for,
 )
@@ -31,8 +28,8 @@ PROJECT = "acme"
 
 
 @pytest.fixture
-def metered(server_factory: ServerFactory, store_url: str, stats_redis: RedisServer,  # noqa: F811
-            observed_coturn: ObservedCoturn) -> RunningServer:  # noqa: F811
+def metered(server_factory: ServerFactory, store_url: str, stats_redis: RedisServer,
+            observed_coturn: ObservedCoturn) -> RunningServer:
     # Resynchronised every half second, so the tests see ends caught up without waiting; from
     # coturn's CLI, the authority on what it holds.
     server = server_factory(SystemClock(), store=store_url, coturn_statsdb=stats_redis.url,
@@ -50,8 +47,8 @@ def _health(server: RunningServer) -> str:
 
 
 def test_a_stats_redis_outage_is_reported_and_metering_resumes(
-        metered: RunningServer, observed_coturn: ObservedCoturn,  # noqa: F811
-        stats_redis: RedisServer) -> None:  # noqa: F811
+        metered: RunningServer, observed_coturn: ObservedCoturn,
+        stats_redis: RedisServer) -> None:
     sample = metered.server.metrics.registry.get_sample_value
     stats_redis.kill()
     wait_for(lambda: turn_usage(metered.target, PROJECT).metering
@@ -78,8 +75,8 @@ def test_a_stats_redis_outage_is_reported_and_metering_resumes(
 
 
 def test_allocations_that_end_while_the_stream_is_down_are_ended_after(
-        metered: RunningServer, observed_coturn: ObservedCoturn,  # noqa: F811
-        stats_redis: RedisServer) -> None:  # noqa: F811
+        metered: RunningServer, observed_coturn: ObservedCoturn,
+        stats_redis: RedisServer) -> None:
     username, password = issue_credential(metered.target, PROJECT, "carol")
     with RelayingClient(observed_coturn, username, password, seconds=4) as client:
         live = wait_for(lambda: (n := live_on_coturn(observed_coturn, username)) >= 2 and n,
@@ -100,7 +97,7 @@ def test_allocations_that_end_while_the_stream_is_down_are_ended_after(
 
 
 def test_a_coturn_restart_ends_its_allocations(
-        metered: RunningServer, observed_coturn: ObservedCoturn) -> None:  # noqa: F811
+        metered: RunningServer, observed_coturn: ObservedCoturn) -> None:
     username, password = issue_credential(metered.target, PROJECT, "dave")
     with RelayingClient(observed_coturn, username, password, seconds=60):
         live = wait_for(lambda: (n := live_on_coturn(observed_coturn, username)) >= 2 and n,
@@ -115,8 +112,8 @@ def test_a_coturn_restart_ends_its_allocations(
 
 
 def test_garbage_on_the_stats_channels_is_counted_and_ignored(
-        metered: RunningServer, observed_coturn: ObservedCoturn,  # noqa: F811
-        stats_redis: RedisServer, coturn_totals: StatsTotals) -> None:  # noqa: F811
+        metered: RunningServer, observed_coturn: ObservedCoturn,
+        stats_redis: RedisServer, coturn_totals: StatsTotals) -> None:
     sample = metered.server.metrics.registry.get_sample_value
 
     def malformed() -> float:

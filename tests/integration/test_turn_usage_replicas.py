@@ -7,16 +7,13 @@ from __future__ import annotations
 import pytest
 
 import icegate
-from harness.coturn_observed import (  # noqa: F401 (fixtures)
+from harness.coturn_observed import (
     ObservedCoturn,
     RelayingClient,
     StatsTotals,
-    coturn_totals,
     issue_credential,
     live_on_coturn,
     metering_live,
-    observed_coturn,
-    stats_redis,
     turn_usage,
     wait_for,
 )
@@ -31,7 +28,7 @@ pytestmark = pytest.mark.redis
 
 @pytest.fixture
 def replicas(server_factory: ServerFactory, redis_server: RedisServer,
-             stats_redis: RedisServer, tmp_path) -> list[RunningServer]:  # noqa: F811
+             stats_redis: RedisServer, tmp_path) -> list[RunningServer]:
     servers = [server_factory(SystemClock(), data_dir=tmp_path / name, store=redis_server.url,
                               coturn_statsdb=stats_redis.url, coturn_stats_resync=1.0)
                for name in ("one", "two")]
@@ -55,8 +52,8 @@ def _relayed_metric(server: RunningServer) -> float:
 
 
 def test_each_event_is_counted_once(replicas: list[RunningServer],
-                                    observed_coturn: ObservedCoturn,  # noqa: F811
-                                    coturn_totals: StatsTotals) -> None:  # noqa: F811
+                                    observed_coturn: ObservedCoturn,
+                                    coturn_totals: StatsTotals) -> None:
     username, password = issue_credential(replicas[0].target, PROJECT, "alice")
     with RelayingClient(observed_coturn, username, password, seconds=6) as client:
         client.process.wait(timeout=60)
@@ -72,8 +69,8 @@ def test_each_event_is_counted_once(replicas: list[RunningServer],
 
 
 def test_the_other_replica_takes_over_and_nothing_is_lost_or_doubled(
-        replicas: list[RunningServer], observed_coturn: ObservedCoturn,  # noqa: F811
-        coturn_totals: StatsTotals) -> None:  # noqa: F811
+        replicas: list[RunningServer], observed_coturn: ObservedCoturn,
+        coturn_totals: StatsTotals) -> None:
     username, password = issue_credential(replicas[0].target, PROJECT, "bob")
     leader = _leader(replicas)
     follower = next(s for s in replicas if s is not leader)

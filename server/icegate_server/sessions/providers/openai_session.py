@@ -117,9 +117,9 @@ def check_max_output_tokens(value: int | None) -> None:
     check_range("max_output_tokens", value, 1, MAX_OUTPUT_TOKENS)
 
 
-def validate_ga_session(options: SessionOptions, provider: ProviderKind) -> None:
-    """Checks the GA session fields beyond model, voice, instructions, speed and modalities."""
-    check_choice("type", options.session_type, SESSION_TYPES)
+def _check_shared_fields(options: SessionOptions) -> None:
+    # What the GA and the beta session both take: audio formats, turn detection,
+    # transcription, noise reduction, tool choice, output tokens.
     check_choice("input_audio_format", options.input_audio_format, AUDIO_FORMATS)
     check_choice("output_audio_format", options.output_audio_format, AUDIO_FORMATS)
     check_turn_detection(options.turn_detection)
@@ -127,6 +127,12 @@ def validate_ga_session(options: SessionOptions, provider: ProviderKind) -> None
     check_choice("noise_reduction", options.noise_reduction, NOISE_REDUCTION)
     check_tool_choice(options)
     check_max_output_tokens(options.max_output_tokens)
+
+
+def validate_ga_session(options: SessionOptions, provider: ProviderKind) -> None:
+    """Checks the GA session fields beyond model, voice, instructions, speed and modalities."""
+    check_choice("type", options.session_type, SESSION_TYPES)
+    _check_shared_fields(options)
     if options.tracing is not None:
         _printable("tracing.workflow_name", options.tracing.workflow_name, MAX_TRACE_TEXT)
         _printable("tracing.group_id", options.tracing.group_id, MAX_TRACE_TEXT)
@@ -246,13 +252,7 @@ def validate_beta_session(options: SessionOptions, provider: ProviderKind) -> No
         if value not in (None, ""):
             raise InvalidFieldError(name, f"is a GA session field, not taken by "
                                     f"{provider.value} (the beta API)")
-    check_choice("input_audio_format", options.input_audio_format, AUDIO_FORMATS)
-    check_choice("output_audio_format", options.output_audio_format, AUDIO_FORMATS)
-    check_turn_detection(options.turn_detection)
-    check_transcription(options.input_transcription)
-    check_choice("noise_reduction", options.noise_reduction, NOISE_REDUCTION)
-    check_tool_choice(options)
-    check_max_output_tokens(options.max_output_tokens)
+    _check_shared_fields(options)
 
 
 def beta_session_fields(options: SessionOptions) -> JsonObject:
