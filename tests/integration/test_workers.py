@@ -255,7 +255,7 @@ def test_a_worker_dying_stops_the_others_and_the_supervisor_exits_nonzero(worker
     assert workers.process is not None
     first, second = sorted(wait_for_listening_workers(workers, 2))
     os.kill(first, signal.SIGKILL)
-    assert workers.process.wait(10) != 0
+    assert workers.process.wait(30) != 0
     assert not Path(f"/proc/{second}").exists()
     assert "exited with code -9; stopping the others" in workers.read_log()
 
