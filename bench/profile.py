@@ -1,7 +1,7 @@
 """`make profile`: a py-spy flamegraph of icegate under h2load load.
 
     .venv/bin/python bench/profile.py [--method issue|ice|session] [--store sqlite|redis]
-                                      [--seconds 10]
+                                      [--transport grpc|connect] [--seconds 10]
 
 Starts icegate (on SQLite, or on a redis-server of its own) on a free loopback port with the
 benchmark project, loads it with the same h2load closed loop as `make bench` (-c 32 -m 8),
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import scenario
 import targets
-from loadgen import grpc_endpoint, run_h2load
+from loadgen import connect_endpoint, grpc_endpoint, run_h2load
 
 RAW = Path(__file__).resolve().parent / "results" / "raw"
 METHODS = {"issue": scenario.ISSUE, "ice": scenario.ICE, "session": scenario.CREATE_SESSION}
@@ -80,6 +80,8 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", choices=sorted(METHODS), default="issue")
     parser.add_argument("--store", choices=("sqlite", "redis"), default="sqlite")
+    parser.add_argument("--transport", choices=("grpc", "connect"), default="grpc",
+                        help="load over gRPC, or over Connect (binary protobuf, HTTP/1.1)")
     parser.add_argument("--seconds", type=int, default=10)
     args = parser.parse_args()
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -99,13 +101,17 @@ def main() -> int:
             project = targets.prepare_project(server.port, with_openai_key=fake is not None)
             targets.check_call(server.port, project.api_key, METHODS[args.method])
             body = {"issue": "issue", "ice": "ice", "session": "session"}[args.method]
-            endpoint = grpc_endpoint(server.port, METHODS[args.method], bodies[body],
-                                     project.api_key)
+            if args.transport == "connect":
+                endpoint = connect_endpoint(server.http_port, METHODS[args.method],
+                                            bodies[f"{body}-proto"], project.api_key)
+            else:
+                endpoint = grpc_endpoint(server.port, METHODS[args.method], bodies[body],
+                                         project.api_key)
             load = threading.Thread(target=run_h2load, args=(endpoint,), kwargs={
                 "clients": 32, "streams": 8, "duration": args.seconds + 4}, daemon=True)
             load.start()
             time.sleep(2)  # let the load reach its steady state first
-            name = f"profile-{args.method}-{args.store}-{stamp}"
+            name = f"profile-{args.method}-{args.store}-{args.transport}-{stamp}"
             svg, collapsed = RAW / f"{name}.svg", RAW / f"{name}.txt"
             record(server.pid, args.seconds, svg, "flamegraph")
             load.join(timeout=60)

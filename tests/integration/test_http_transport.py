@@ -17,6 +17,7 @@ import pytest
 import icegate
 from harness.icegate_server import TEST_ADMIN_KEY, RunningServer, ServerFactory
 from harness.server_process import ServerProcess, free_port
+from icegate.v1 import credentials_pb2
 
 ISSUE = "/icegate.v1.CredentialService/IssueTurnCredentials"
 RPC_LOGGER = "icegate_server.rpc"
@@ -178,3 +179,63 @@ def test_the_http_listener_serves_a_real_process_and_stops_on_sigterm(tmp_path):
             assert client.get_ice_servers("alice").ice_servers[1].username
     finally:
         assert process.stop() == 0
+
+
+def _request(user: str, extra: bytes = b"") -> bytes:
+    body = credentials_pb2.IssueTurnCredentialsRequest(user_id=user).SerializeToString()
+    return (b"POST " + ISSUE.encode() + b" HTTP/1.1\r\nHost: icegate\r\n"
+            b"content-type: application/proto\r\n"
+            b"authorization: Bearer " + TEST_ADMIN_KEY.encode() + b"\r\n" + extra +
+            b"content-length: %d\r\n\r\n" % len(body)) + body
+
+
+def _read_responses(sock: socket.socket, count: int) -> list[tuple[bytes, bytes]]:
+    """`count` HTTP/1.1 responses (status line, body) read off `sock`, framed by their
+    content-length."""
+    buffered, answers = b"", []
+    while len(answers) < count:
+        head_end = buffered.find(b"\r\n\r\n")
+        if head_end >= 0:
+            head = buffered[:head_end].decode("latin-1").split("\r\n")
+            length = next(int(line.split(":", 1)[1]) for line in head
+                          if line.lower().startswith("content-length:"))
+            end = head_end + 4 + length
+            if len(buffered) >= end:
+                answers.append((head[0].encode(), buffered[head_end + 4:end]))
+                buffered = buffered[end:]
+                continue
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {len(answers)} of {count} answers"
+        buffered += chunk
+    return answers
+
+
+def test_pipelined_calls_on_one_connection_are_answered_in_order(server):
+    users = [f"piped-{n}" for n in range(5)]
+    with socket.create_connection(("127.0.0.1", server.server.http_port), timeout=10) as sock:
+        sock.sendall(b"".join(_request(user) for user in users))
+        answers = _read_responses(sock, len(users))
+    for user, (status, body) in zip(users, answers, strict=True):
+        assert status == b"HTTP/1.1 200 OK"
+        issued = credentials_pb2.IssueTurnCredentialsResponse.FromString(body)
+        assert issued.username.endswith(f":default/{user}")
+
+
+def test_a_client_that_waits_for_100_continue_gets_it_and_its_answer(server):
+    # curl sends `Expect: 100-continue` before a body over 1 KiB and waits for the interim
+    # answer before sending the body.
+    request = _request("patient", b"expect: 100-continue\r\n")
+    head, body = request.split(b"\r\n\r\n", 1)
+    with socket.create_connection(("127.0.0.1", server.server.http_port), timeout=10) as sock:
+        sock.sendall(head + b"\r\n\r\n")
+        interim = b""
+        while not interim.endswith(b"\r\n\r\n"):
+            chunk = sock.recv(1)
+            assert chunk, "closed before the interim answer"
+            interim += chunk
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        [(status, answer)] = _read_responses(sock, 1)
+    assert status == b"HTTP/1.1 200 OK"
+    assert credentials_pb2.IssueTurnCredentialsResponse.FromString(answer).username.endswith(
+        ":default/patient")

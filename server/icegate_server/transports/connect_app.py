@@ -311,7 +311,7 @@ async def _serve_binary_unary(endpoint: Any, timeout_ms: int | None, read_max_by
     except ConnectError as refused:
         error = refused
     else:
-        headers = [(b"content-type", _PROTO)]
+        headers = [(b"content-type", _PROTO), (b"content-length", b"%d" % len(answer))]
         if context is not None:
             headers.extend((name.encode("latin-1"), value.encode("latin-1"))
                            for name, value in context.response_headers.allitems())
@@ -319,13 +319,14 @@ async def _serve_binary_unary(endpoint: Any, timeout_ms: int | None, read_max_by
         await send({"type": "http.response.body", "body": answer})
         return
     wire = ConnectWireError.from_exception(error)
-    headers = [(b"content-type", b"application/json")]
+    body = wire.to_json_bytes()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     if context is not None:
         headers.extend((name.encode("latin-1"), value.encode("latin-1"))
                        for name, value in context.response_headers.allitems())
     await send({"type": "http.response.start", "status": wire.to_http_status().code,
                 "headers": headers})
-    await send({"type": "http.response.body", "body": wire.to_json_bytes()})
+    await send({"type": "http.response.body", "body": body})
 
 
 class _DisconnectWatch:
