@@ -304,3 +304,12 @@ def test_every_metric_the_dashboard_and_the_rules_name_is_exported(scrapes):
             "icegate_coturn_stats_up"} <= named
     missing = sorted(named - exported)
     assert not missing, f"named but not exported by icegate: {missing}"
+
+
+def test_without_tls_the_certificate_alerts_have_nothing_to_fire_on():
+    """No ICEGATE_TLS_CERT: the expiry series is NaN, which no comparison in the rules matches."""
+    from icegate_server.observability.metrics import IcegateMetrics
+
+    value = IcegateMetrics().registry.get_sample_value(
+        "icegate_tls_certificate_expiry_timestamp_seconds")
+    assert value is not None and value != value
