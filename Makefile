@@ -9,7 +9,7 @@ BENCH_STAMP := $(VENV)/.installed-bench
 PROTOS := $(wildcard protos/icegate/v1/*.proto)
 GENERATED_DIR := client/icegate/v1
 
-.PHONY: all venv proto proto-check run test lint coturn bench profile soak clean
+.PHONY: all venv proto proto-check run test lint buf contract-release coturn bench profile soak clean
 
 all: test
 
@@ -20,6 +20,31 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# buf (`make lint`, tests/integration/test_contract_hygiene.py) comes from npm's @bufbuild/buf,
+# pinned in tools/buf/package-lock.json; Debian has no buf. Node and npm are Debian packages.
+BUF_DIR := tools/buf
+BUF := $(BUF_DIR)/node_modules/.bin/buf
+BUF_STAMP := $(BUF_DIR)/node_modules/.installed
+
+$(BUF_STAMP): $(BUF_DIR)/package.json $(BUF_DIR)/package-lock.json
+	scripts/install-system-packages
+	cd $(BUF_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	touch $(BUF_STAMP)
+
+buf: $(BUF_STAMP)
+
+# The contract as last released, for `buf breaking`: a committed buf image per release
+# (protos/released/vX.Y.Z.binpb), the newest by version order. Tag-independent on purpose: a
+# CI clone may be shallow or carry no tags, and the image is what was released whatever
+# happens to the tags. At a release, `make contract-release` writes the image of the version in
+# pyproject.toml; commit it with the release.
+RELEASED_CONTRACT = $(shell ls protos/released/v*.binpb 2>/dev/null | sort -V | tail -n 1)
+VERSION = $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
+
+contract-release: $(BUF_STAMP)
+	$(BUF) build --exclude-source-info -o protos/released/v$(VERSION).binpb
+	@echo "wrote protos/released/v$(VERSION).binpb: commit it with the release"
 
 $(BENCH_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -67,13 +92,15 @@ run: proto
 	ICEGATE_HTTP_LISTEN="$${ICEGATE_HTTP_LISTEN-$(DEV_HTTP_LISTEN)}" $(DEV_SETTINGS) $(BIN)/icegate-server $(ARGS)
 
 # Uses the committed stubs; a test fails when they differ from what `make proto` generates.
-test: $(STAMP)
+test: $(STAMP) $(BUF_STAMP)
 	scripts/install-system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: $(STAMP)
+lint: $(STAMP) $(BUF_STAMP)
 	$(BIN)/ruff check client server tests examples
 	$(BIN)/mypy
+	$(BUF) lint
+	$(BUF) breaking --against $(RELEASED_CONTRACT)
 
 # Starts a local coturn with the same secrets, realm and userdb as `make run`'s server, on
 # loopback only (so it may relay between loopback peers, for trying calls on this machine).

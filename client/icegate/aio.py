@@ -60,6 +60,10 @@ class AsyncClient:
         wait_for_ready: Let calls wait (within their deadline) for the server to become
             reachable instead of failing UNAVAILABLE at once: for callers that start before
             icegate, or ride out its restarts.
+        load_balancing: gRPC's balancing over the addresses `target` resolves to:
+            "round_robin" spreads calls over every one (give a headless Kubernetes
+            Service's name, `dns:///icegate-headless.<namespace>.svc:50051`, to balance per
+            call over its pods); "pick_first" (gRPC's default, when omitted) uses one.
         channel: A gRPC channel to call over instead of one the client opens to `target`
             (for custom options or tests); the client closes it on `close()`.
 
@@ -70,10 +74,11 @@ class AsyncClient:
     def __init__(self, target: str | None = None, api_key: str | None = None, *,
                  default_timeout: float = DEFAULT_TIMEOUT, debug: bool = False,
                  tls: TlsConfig | None = None, wait_for_ready: bool = False,
+                 load_balancing: str | None = None,
                  channel: grpc.aio.Channel | None = None) -> None:
         self._connection = connection = Connection.resolve(
             target, api_key, default_timeout=default_timeout, debug=debug, tls=tls,
-            wait_for_ready=wait_for_ready)
+            wait_for_ready=wait_for_ready, load_balancing=load_balancing)
         self._http: HTTPTransport | None = None
         if is_http_target(connection.target):
             if channel is not None:

@@ -110,6 +110,14 @@ CHANNEL_OPTIONS: tuple[tuple[str, object], ...] = (
 )
 
 
+LOAD_BALANCING_POLICIES = ("pick_first", "round_robin")
+"""gRPC's load-balancing policies a client may name (`load_balancing=`). pick_first, gRPC's
+default, keeps one connection to the first address the target resolves to; round_robin
+connects to every address and spreads calls over them, which is how a client balances over
+the pods behind a headless Kubernetes Service (`dns:///icegate-headless.ns.svc:50051`): a
+gRPC connection is long-lived, so a balancer in front of it would pin it to one pod."""
+
+
 class ConfigurationError(ValueError):
     """The client was given no usable target, API key or TLS files."""
 
@@ -204,18 +212,31 @@ class Connection:
     debug: bool = False
     tls: TlsConfig | None = None
     wait_for_ready: bool = False
+    load_balancing: str | None = None
 
     @classmethod
     def resolve(cls, target: str | None, api_key: str | None, *,
                 default_timeout: float = DEFAULT_TIMEOUT, debug: bool = False,
-                tls: TlsConfig | None = None, wait_for_ready: bool = False) -> Connection:
+                tls: TlsConfig | None = None, wait_for_ready: bool = False,
+                load_balancing: str | None = None) -> Connection:
         """Fills what the caller left out from `ICEGATE_TARGET`, `ICEGATE_API_KEY` and
         `ICEGATE_TLS_*`.
 
         A missing key is reported at the first call that needs one (health checks do not);
         with a client certificate, calls carry no key unless one is given or set.
+
+        Raises:
+            ConfigurationError: `load_balancing` is not one of `LOAD_BALANCING_POLICIES`, or
+                is given with an http(s) target (Connect has no gRPC balancing).
         """
         target = target or os.environ.get("ICEGATE_TARGET") or DEFAULT_TARGET
+        if load_balancing is not None:
+            if load_balancing not in LOAD_BALANCING_POLICIES:
+                raise ConfigurationError("load_balancing must be one of "
+                                         + ", ".join(LOAD_BALANCING_POLICIES))
+            if is_http_target(target):
+                raise ConfigurationError("load_balancing= is for gRPC targets, not an "
+                                         "http(s) URL")
         tls = tls if tls is not None else TlsConfig.from_env()
         api_key = api_key or os.environ.get("ICEGATE_API_KEY") or None
         if api_key is None and not (tls and tls.has_client_certificate):
@@ -223,7 +244,8 @@ class Connection:
             # a deliberate identity, so it is not overridden by a key found lying around.
             api_key = _dev_api_key()
         return cls(target=target, api_key=api_key, default_timeout=default_timeout,
-                   debug=debug, tls=tls, wait_for_ready=wait_for_ready)
+                   debug=debug, tls=tls, wait_for_ready=wait_for_ready,
+                   load_balancing=load_balancing)
 
     @property
     def call_options(self) -> dict[str, bool]:
@@ -237,7 +259,10 @@ class Connection:
         return self.tls.channel_credentials() if self.tls is not None else None
 
     def channel_options(self) -> tuple[tuple[str, object], ...]:
-        return CHANNEL_OPTIONS + (self.tls.channel_options() if self.tls is not None else ())
+        balancing = (() if self.load_balancing is None
+                     else (("grpc.lb_policy_name", self.load_balancing),))
+        return (CHANNEL_OPTIONS + balancing
+                + (self.tls.channel_options() if self.tls is not None else ()))
 
     def call_metadata(self, extra: Metadata) -> tuple[tuple[str, str], ...]:
         """The metadata of one call: the caller's, plus the bearer key if there is one.

@@ -30,7 +30,7 @@ from icegate.v1 import (
 )
 from icegate_server.access.control import AccessControl
 from icegate_server.access.guard import MAX_REQUEST_BYTES, CallGuard
-from icegate_server.access.tls import is_loopback_host, server_credentials
+from icegate_server.access.tls import certificate_expiry, is_loopback_host, server_credentials
 from icegate_server.clock import Clock, SystemClock
 from icegate_server.errors import IcegateError
 from icegate_server.observability.logs import Safe
@@ -328,6 +328,8 @@ async def create_server(
                         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)))
         server.add_generic_rpc_handlers((methods,))
         tls = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        if settings.tls_cert:
+            metrics.set_tls_certificate_expiry(certificate_expiry(settings.tls_cert))
         try:
             port = (server.add_secure_port(settings.listen, tls) if tls is not None
                     else server.add_insecure_port(settings.listen))

@@ -98,6 +98,13 @@ def server_credentials(cert: str, key: str, client_ca: str) -> grpc.ServerCreden
         root_certificates=root, require_client_auth=root is not None)
 
 
+def certificate_expiry(cert: str) -> float:
+    """When the first certificate of the PEM chain at `cert` expires, in Unix seconds (its
+    notAfter); the file was checked by `check_tls_files` at start."""
+    certificate = x509.load_pem_x509_certificate(Path(cert).read_bytes())
+    return certificate.not_valid_after_utc.timestamp()
+
+
 def peer_identities(auth_context: Mapping[str, Iterable[bytes]]) -> list[str]:
     """The verified client certificate's typed names, from `auth_context()`.
 

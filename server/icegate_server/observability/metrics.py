@@ -28,6 +28,9 @@ Series (all prefixed `icegate_`):
                                                       whose age icegate cannot know)
     icegate_coturn_sync_failures_total                writes of the TURN secrets into coturn's
                                                       userdb that failed (retried every second)
+    icegate_tls_certificate_expiry_timestamp_seconds  when the certificate icegate serves TLS
+                                                      with (ICEGATE_TLS_CERT, read at start)
+                                                      expires, Unix seconds; NaN without TLS
 
 and prometheus_client's own `process_*` series (CPU seconds, resident and virtual memory,
 open and maximum file descriptors, start time) and `python_info`, for this process.
@@ -231,6 +234,11 @@ class IcegateMetrics:
             "Age of the secret signing TURN credentials; NaN when it comes from "
             "ICEGATE_TURN_SECRETS (its age is unknown).", registry=registry)
         self._signing_secret_age.set(math.nan)
+        self._tls_certificate_expiry = Gauge(
+            "icegate_tls_certificate_expiry_timestamp_seconds",
+            "When the certificate served with ICEGATE_TLS_CERT expires (Unix seconds); NaN "
+            "without TLS.", registry=registry)
+        self._tls_certificate_expiry.set(math.nan)
         self._coturn_sync_failures = Counter(
             "icegate_coturn_sync_failures",
             "Writes of the TURN secrets into coturn's userdb that failed.", registry=registry)
@@ -307,6 +315,9 @@ class IcegateMetrics:
     def watch_signing_secret_age(self, age_seconds: Callable[[], float]) -> None:
         """Reads the signing secret's age from `age_seconds` at every scrape."""
         self._signing_secret_age.set_function(age_seconds)
+
+    def set_tls_certificate_expiry(self, timestamp: float) -> None:
+        self._tls_certificate_expiry.set(timestamp)
 
     def coturn_sync_failed(self) -> None:
         self._coturn_sync_failures.inc()
