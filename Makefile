@@ -63,7 +63,7 @@ proto-node: $(STAMP) $(NODE_STAMP)
 	  $(PROTOS) google/rpc/error_details.proto
 
 $(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
-	scripts/install-system-packages
+	command -v npm >/dev/null 2>&1 || scripts/install-system-packages
 	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
 	touch $(NODE_STAMP)
 

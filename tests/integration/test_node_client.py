@@ -24,6 +24,7 @@ import pytest
 import icegate.errors
 from fake_upstreams import FakeUpstream, OpenAIEmulation
 from harness.icegate_server import TEST_ADMIN_KEY, TEST_TURN_SECRET, RunningServer, ServerFactory
+from harness.pki import TestCA
 from harness.pytest_plugin import require_binaries
 from icegate import error_metadata
 from icegate.error_reasons import wire_reason
@@ -58,6 +59,30 @@ def server(module_server_factory: ServerFactory, openai: FakeUpstream) -> Runnin
                                  session_lease_seconds=600)
 
 
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """PEM files: the CA, a server certificate for 127.0.0.1, a client certificate the mutual-TLS
+    server maps to the project `default`, and one with the same name from a stranger CA."""
+    directory = tmp_path_factory.mktemp("node-pki")
+    ca, stranger = TestCA(directory), TestCA(directory, "stranger CA")
+    server = ca.issue_server()
+    client = ca.issue("node", "node.internal", dns=("node.internal",))
+    impostor = stranger.issue("impostor", "node.internal", dns=("node.internal",))
+    return {"CA": ca.cert, "SERVER_CERT": server.cert, "SERVER_KEY": server.key,
+            "CERT": client.cert, "KEY": client.key,
+            "STRANGER_CERT": impostor.cert, "STRANGER_KEY": impostor.key}
+
+
+@pytest.fixture(scope="module")
+def mtls_server(module_server_factory: ServerFactory, pki: dict[str, str],
+                tmp_path_factory: pytest.TempPathFactory) -> RunningServer:
+    """A second server, on both transports with mutual TLS (its own data directory)."""
+    return module_server_factory(
+        FrozenClock(NOW), data_dir=tmp_path_factory.mktemp("node-mtls"),
+        tls_cert=pki["SERVER_CERT"], tls_key=pki["SERVER_KEY"], tls_client_ca=pki["CA"],
+        tls_client_projects=(("dns:node.internal", "default"),))
+
+
 def _lineage(cls: type) -> list[str]:
     """The class and its IcegateError ancestors, nearest first (mixins left out)."""
     return [c.__name__ for c in cls.__mro__ if issubclass(c, icegate.errors.IcegateError)]
@@ -79,7 +104,8 @@ def _python_client_contract() -> dict[str, object]:
 
 
 @pytest.mark.timeout(400)
-def test_the_node_client_passes_its_suite_over_grpc_and_connect(server: RunningServer):
+def test_the_node_client_passes_its_suite_over_grpc_and_connect(
+        server: RunningServer, mtls_server: RunningServer, pki: dict[str, str]):
     _require_node()
     build = subprocess.run([str(NODE_DIR / "node_modules" / ".bin" / "tsc"), "-p", "tsconfig.json"],
                            cwd=NODE_DIR, capture_output=True, text=True, timeout=300)
@@ -95,8 +121,12 @@ def test_the_node_client_passes_its_suite_over_grpc_and_connect(server: RunningS
         "ICEGATE_TEST_TURN_URIS": ",".join(server.settings.turn_uris),
         "ICEGATE_TEST_STUN_URIS": ",".join(server.settings.stun_uris),
         "ICEGATE_TEST_PYTHON_CLIENT": json.dumps(_python_client_contract()),
+        "ICEGATE_TEST_MTLS_GRPC_TARGET": mtls_server.grpc_target,
+        "ICEGATE_TEST_MTLS_HTTP_URL": mtls_server.http_url,
+        **{f"ICEGATE_TEST_TLS_{name}": path for name, path in pki.items()},
     }
-    for name in ("ICEGATE_TARGET", "ICEGATE_API_KEY"):
+    for name in ("ICEGATE_TARGET", "ICEGATE_API_KEY", "ICEGATE_TLS_CA", "ICEGATE_TLS_CERT",
+                 "ICEGATE_TLS_KEY"):
         env.pop(name, None)
     run = subprocess.run(["node", "--test-reporter=tap", "dist/test/all.test.js"], cwd=NODE_DIR,
                          env=env, capture_output=True, text=True, timeout=300)

@@ -9,6 +9,7 @@ import { create } from "@bufbuild/protobuf";
 import { type Duration, DurationSchema } from "@bufbuild/protobuf/wkt";
 import { type CallOptions, type Client, Code, ConnectError, createClient, type Interceptor, type Transport } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
+import { readFileSync } from "node:fs";
 import * as http from "node:http";
 import * as https from "node:https";
 import {
@@ -46,14 +47,31 @@ export class ConfigurationError extends Error {
   override name = "ConfigurationError";
 }
 
+/**
+ * TLS towards icegate: the CA to trust and, for mutual TLS, the client certificate (PEM contents).
+ * When a client gives none, `ICEGATE_TLS_CA` / `ICEGATE_TLS_CERT` / `ICEGATE_TLS_KEY` name PEM files.
+ */
+export interface TlsOptions {
+  /** PEM CAs that signed the server's certificate; the system's roots when omitted. */
+  ca?: string | Buffer;
+  /** PEM client certificate chain (mutual TLS), with `key`. A server that maps it to a project needs no API key. */
+  cert?: string | Buffer;
+  /** PEM private key of `cert` (unencrypted). */
+  key?: string | Buffer;
+  /** The name to check the server's certificate against, when it differs from the target's host. */
+  serverName?: string;
+}
+
 export interface IcegateClientOptions {
   /**
    * `host:port` of icegate's gRPC port, or the `http://` / `https://` URL of its HTTP listener
    * (ICEGATE_HTTP_LISTEN) to call over Connect; `ICEGATE_TARGET` or 127.0.0.1:50051 when omitted.
    */
   target?: string;
-  /** The caller key; `ICEGATE_API_KEY` when omitted. */
+  /** The caller key; `ICEGATE_API_KEY` when omitted (optional with a client certificate the server maps). */
   apiKey?: string;
+  /** Call over TLS (a gRPC target) or with these TLS settings (an https:// target). */
+  tls?: TlsOptions;
   /** Milliseconds a call may take when it names no `timeoutMs` (10 s by default). */
   defaultTimeoutMs?: number;
 }
@@ -92,6 +110,38 @@ const API_KEY = /^[\x21-\x7e]{1,512}$/;
 /** The first 100 characters of a target, for an error message (targets are not secrets). */
 function shown(value: string): string {
   return JSON.stringify(value.slice(0, 100));
+}
+
+function readPem(what: string, path: string | undefined): Buffer | undefined {
+  if (!path) return undefined;
+  try {
+    return readFileSync(path);
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code ?? "unreadable";
+    throw new ConfigurationError(`TLS: cannot read the ${what} file ${shown(path)}: ${code}`);
+  }
+}
+
+/** The given TLS options, else the files `ICEGATE_TLS_CA` / `_CERT` / `_KEY` name; undefined for none. */
+function resolveTls(tls: TlsOptions | undefined): TlsOptions | undefined {
+  const resolved = tls ?? {
+    ca: readPem("CA", process.env.ICEGATE_TLS_CA),
+    cert: readPem("certificate", process.env.ICEGATE_TLS_CERT),
+    key: readPem("key", process.env.ICEGATE_TLS_KEY),
+  };
+  if (!resolved.ca && !resolved.cert && !resolved.key && !resolved.serverName) return undefined;
+  if (Boolean(resolved.cert) !== Boolean(resolved.key)) {
+    throw new ConfigurationError("TLS: a client certificate and its key go together (cert and key, ICEGATE_TLS_CERT and ICEGATE_TLS_KEY)");
+  }
+  return resolved;
+}
+
+function tlsSocketOptions(tls: TlsOptions): https.AgentOptions {
+  return {
+    ...(tls.ca ? { ca: tls.ca } : {}),
+    ...(tls.cert ? { cert: tls.cert, key: tls.key } : {}),
+    ...(tls.serverName ? { servername: tls.serverName } : {}),
+  };
 }
 
 /** Whether `target` selects Connect (an http:// or https:// URL) rather than gRPC. */
@@ -187,8 +237,11 @@ export class IcegateClient {
   constructor(options: IcegateClientOptions = {}) {
     const target = options.target || process.env.ICEGATE_TARGET || DEFAULT_TARGET;
     const apiKey = options.apiKey || process.env.ICEGATE_API_KEY || "";
-    if (!apiKey) throw new ConfigurationError("no API key: pass apiKey or set ICEGATE_API_KEY");
-    if (!API_KEY.test(apiKey)) {
+    const tls = resolveTls(options.tls);
+    if (!apiKey && !tls?.cert) {
+      throw new ConfigurationError("no API key: pass apiKey or set ICEGATE_API_KEY (or present a client certificate the server maps)");
+    }
+    if (apiKey && !API_KEY.test(apiKey)) {
       throw new ConfigurationError("the API key must be 1 to 512 printable ASCII characters without spaces");
     }
     this.#defaultTimeoutMs = options.defaultTimeoutMs ?? DEFAULT_TIMEOUT_MS;
@@ -198,7 +251,7 @@ export class IcegateClient {
       request.header.set("authorization", `Bearer ${apiKey}`);
       return next(request);
     };
-    const interceptors = [retryUnavailable, authorize];
+    const interceptors = apiKey ? [retryUnavailable, authorize] : [retryUnavailable];
     let transport: Transport;
     if (isHttpTarget(target)) {
       let url: URL;
@@ -210,8 +263,12 @@ export class IcegateClient {
       if (url.username || url.password || url.search || url.hash) {
         throw new ConfigurationError(`target ${shown(url.origin)}: give the URL without credentials, query or fragment`);
       }
+      if (tls && url.protocol !== "https:") throw new ConfigurationError("TLS settings need an https:// target");
       // Our own keep-alive agent, so that close() ends its idle connections.
-      const agent = url.protocol === "https:" ? new https.Agent({ keepAlive: true }) : new http.Agent({ keepAlive: true });
+      const agent =
+        url.protocol === "https:"
+          ? new https.Agent({ keepAlive: true, ...(tls ? tlsSocketOptions(tls) : {}) })
+          : new http.Agent({ keepAlive: true });
       transport = createConnectTransport({
         baseUrl: url.href.replace(/\/$/, ""),
         httpVersion: "1.1",
@@ -225,9 +282,13 @@ export class IcegateClient {
       if (!HOST_PORT.test(target)) {
         throw new ConfigurationError(`target ${shown(target)} is neither host:port (gRPC) nor an http(s):// URL (Connect)`);
       }
-      const baseUrl = `http://${target}`;
+      const baseUrl = `${tls ? "https" : "http"}://${target}`;
       // Keepalive as the Python client's channel: a silently dropped connection is found within ~70 s.
-      const sessionManager = new Http2SessionManager(baseUrl, { pingIntervalMs: 60_000, pingTimeoutMs: 10_000 });
+      const sessionManager = new Http2SessionManager(
+        baseUrl,
+        { pingIntervalMs: 60_000, pingTimeoutMs: 10_000 },
+        tls ? tlsSocketOptions(tls) : undefined,
+      );
       transport = createGrpcTransport({ baseUrl, sessionManager, interceptors });
       this.protocol = "grpc";
       this.#close = () => sessionManager.abort();

@@ -17,6 +17,7 @@ export {
   type ProjectFields,
   type ProviderName,
   type SessionOptionsInit,
+  type TlsOptions,
   type TypedClient,
 } from "./client.js";
 export * from "./errors.js";

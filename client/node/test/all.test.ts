@@ -3,3 +3,4 @@ import "./errors.test.js";
 import "./transport.test.js";
 import "./client.test.js";
 import "./example.test.js";
+import "./tls.test.js";

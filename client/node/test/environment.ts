@@ -27,6 +27,17 @@ export const env = {
   turnUris: required("ICEGATE_TEST_TURN_URIS").split(","),
   stunUris: required("ICEGATE_TEST_STUN_URIS").split(","),
   python: JSON.parse(required("ICEGATE_TEST_PYTHON_CLIENT")) as PythonClientContract,
+  /** A second server with mutual TLS on both transports; client certificate node.internal acts for `default`. */
+  mtls: {
+    grpcTarget: required("ICEGATE_TEST_MTLS_GRPC_TARGET"),
+    httpUrl: required("ICEGATE_TEST_MTLS_HTTP_URL"),
+    /** PEM file paths. */
+    ca: required("ICEGATE_TEST_TLS_CA"),
+    cert: required("ICEGATE_TEST_TLS_CERT"),
+    key: required("ICEGATE_TEST_TLS_KEY"),
+    strangerCert: required("ICEGATE_TEST_TLS_STRANGER_CERT"),
+    strangerKey: required("ICEGATE_TEST_TLS_STRANGER_KEY"),
+  },
 };
 
 /** Both transports, as a caller chooses them: a gRPC host:port, or the Connect URL. */
