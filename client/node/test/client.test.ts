@@ -214,6 +214,25 @@ for (const transport of TRANSPORTS) {
       assert.ok(minted.ephemeralToken!.value.startsWith("ek_"));
     });
 
+    test("createCall relays the browser's SDP offer and answers the provider's SDP, under a session", async () => {
+      const project = `call-${t}`;
+      await admin.createProject(project);
+      await admin.setProviderKey(project, "openai", env.openaiKey);
+      const offer =
+        "v=0\r\no=- 4611731400430051336 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n" +
+        "a=group:BUNDLE 0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n" +
+        "c=IN IP4 0.0.0.0\r\na=mid:0\r\na=sctp-port:5000\r\n";
+      const call = await admin.createCall(offer, "openai", { projectId: project, userId: "lena", options: { voice: "marin" } });
+      assert.ok(call.sdpAnswer.startsWith("v=0"), call.sdpAnswer);
+      assert.ok(call.callId.startsWith("rtc_"), call.callId);
+      assert.ok(call.sessionId.startsWith("ses_"));
+      assert.equal(rtcIceServers(call.iceServers)[1]!.username, `${env.now + 3600}:${project}/lena`);
+      assert.equal((await admin.getUsage({ projectId: project })).sessions?.active, 1);
+      await admin.endSession(call.sessionId, { projectId: project });
+      const notSdp = await refusal(admin.createCall("hello", "openai", { projectId: project }), InvalidArgumentError);
+      assert.deepEqual(notSdp.fieldViolations.map((v) => v.field), ["sdp_offer"]);
+    });
+
     test("upstream errors: no provider key, a key the provider refuses", async () => {
       await admin.createProject(`nokey-${t}`);
       const missing = await refusal(admin.createSession("openai", { projectId: `nokey-${t}` }), UpstreamNotConfiguredError);
