@@ -52,7 +52,11 @@ proto: $(STAMP)
 
 # The Node client's messages and service descriptors (protoc-gen-es, pinned in
 # client/node/package.json) from the same protos, plus google.rpc's error details, which
-# its typed errors decode (from googleapis-common-protos in the venv).
+# its typed errors decode (from googleapis-common-protos in the venv), and gRPC's health
+# service, from the descriptor grpcio-health-checking registers (it ships no .proto file).
+export NODE_HEALTH_DESCRIPTOR := import sys; from google.protobuf import descriptor_pb2; \
+  from grpc_health.v1 import health_pb2; files = descriptor_pb2.FileDescriptorSet(); \
+  health_pb2.DESCRIPTOR.CopyToProto(files.file.add()); sys.stdout.buffer.write(files.SerializeToString())
 proto-node: $(STAMP) $(NODE_STAMP)
 	rm -rf $(NODE_GENERATED_DIR)
 	mkdir -p $(NODE_GENERATED_DIR)
@@ -61,6 +65,11 @@ proto-node: $(STAMP) $(NODE_STAMP)
 	  --plugin=protoc-gen-es=$(NODE_DIR)/node_modules/.bin/protoc-gen-es \
 	  --es_out=$(NODE_GENERATED_DIR) --es_opt=target=ts,import_extension=js \
 	  $(PROTOS) google/rpc/error_details.proto
+	$(BIN)/python -c "$$NODE_HEALTH_DESCRIPTOR" > $(NODE_DIR)/node_modules/.grpc-health.binpb
+	$(BIN)/python -m grpc_tools.protoc --descriptor_set_in=$(NODE_DIR)/node_modules/.grpc-health.binpb \
+	  --plugin=protoc-gen-es=$(NODE_DIR)/node_modules/.bin/protoc-gen-es \
+	  --es_out=$(NODE_GENERATED_DIR) --es_opt=target=ts,import_extension=js \
+	  grpc_health/v1/health.proto
 
 $(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
 	command -v npm >/dev/null 2>&1 || scripts/install-system-packages

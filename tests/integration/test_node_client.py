@@ -20,6 +20,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.descriptor_pb2 import FileDescriptorSet
+from grpc_health.v1 import health_pb2
 
 import icegate.errors
 from fake_upstreams import FakeUpstream, OpenAIEmulation
@@ -135,8 +137,8 @@ def test_the_node_client_passes_its_suite_over_grpc_and_connect(
     passed = re.search(r"^# pass (\d+)$", output, re.MULTILINE)
     failed = re.search(r"^# fail (\d+)$", output, re.MULTILINE)
     assert passed and failed, f"no summary in the Node output:\n{output[-5000:]}"
-    # All ran and passed (46 cases when written): a suite that silently ran nothing fails here.
-    assert int(failed.group(1)) == 0 and int(passed.group(1)) >= 46, output[-20000:]
+    # All ran and passed (48 cases when written): a suite that silently ran nothing fails here.
+    assert int(failed.group(1)) == 0 and int(passed.group(1)) >= 48, output[-20000:]
     for secret in (TEST_ADMIN_KEY, OPENAI_KEY, TEST_TURN_SECRET):
         assert secret not in output  # what the suite printed: no key, whatever failed
 
@@ -155,6 +157,17 @@ def test_the_committed_typescript_is_what_make_proto_generates(tmp_path: Path):
          f"--es_out={tmp_path}", "--es_opt=target=ts,import_extension=js",
          *protos, "google/rpc/error_details.proto"],
         check=True, capture_output=True, cwd=ROOT / "protos",
+    )
+    health = FileDescriptorSet()
+    health_pb2.DESCRIPTOR.CopyToProto(health.file.add())
+    (tmp_path / "health.binpb").write_bytes(health.SerializeToString())
+    subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc",
+         f"--descriptor_set_in={tmp_path / 'health.binpb'}",
+         f"--plugin=protoc-gen-es={NODE_DIR / 'node_modules' / '.bin' / 'protoc-gen-es'}",
+         f"--es_out={tmp_path}", "--es_opt=target=ts,import_extension=js",
+         health_pb2.DESCRIPTOR.name],
+        check=True, capture_output=True, cwd=tmp_path,
     )
     generated = NODE_DIR / "src" / "gen"
     fresh = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*.ts")}

@@ -36,6 +36,7 @@ import {
   SessionService,
 } from "./gen/icegate/v1/sessions_pb.js";
 import { type GetUsageResponse, UsageService } from "./gen/icegate/v1/usage_pb.js";
+import { Health, HealthCheckResponse_ServingStatus } from "./gen/grpc_health/v1/health_pb.js";
 import { toIcegateError } from "./errors.js";
 
 export const DEFAULT_TARGET = "127.0.0.1:50051";
@@ -101,7 +102,7 @@ export const RETRY_POLICY = { maxAttempts: 3, initialBackoffMs: 100, maxBackoffM
  * The services whose calls are retried on UNAVAILABLE: they change nothing a retry would double
  * (a session or an admin change is never retried), as in the Python client's service config.
  */
-export const RETRYING_SERVICES: readonly string[] = [CredentialService.typeName, UsageService.typeName];
+export const RETRYING_SERVICES: readonly string[] = [CredentialService.typeName, UsageService.typeName, Health.typeName];
 
 const HOST_PORT = /^(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?):[0-9]{1,5}$/;
 const HTTP_URL = /^https?:\/\//i;
@@ -230,6 +231,7 @@ export class IcegateClient {
   readonly sessions: TypedClient<typeof SessionService>;
   readonly usage: TypedClient<typeof UsageService>;
   readonly admin: TypedClient<typeof AdminService>;
+  readonly healthService: TypedClient<typeof Health>;
 
   readonly #defaultTimeoutMs: number;
   readonly #close: () => void;
@@ -248,7 +250,8 @@ export class IcegateClient {
     if (!(this.#defaultTimeoutMs > 0)) throw new ConfigurationError("defaultTimeoutMs must be above 0");
 
     const authorize: Interceptor = (next) => (request) => {
-      request.header.set("authorization", `Bearer ${apiKey}`);
+      // Health checks carry no key (load balancers and probes make them without one).
+      if (request.service.typeName !== Health.typeName) request.header.set("authorization", `Bearer ${apiKey}`);
       return next(request);
     };
     const interceptors = apiKey ? [retryUnavailable, authorize] : [retryUnavailable];
@@ -298,6 +301,7 @@ export class IcegateClient {
     this.sessions = typedClient(SessionService, transport);
     this.usage = typedClient(UsageService, transport);
     this.admin = typedClient(AdminService, transport);
+    this.healthService = typedClient(Health, transport);
   }
 
   /** Ends the connection; calls in flight fail. */
@@ -314,6 +318,12 @@ export class IcegateClient {
     if (options.signal) call.signal = options.signal;
     if (options.headers) call.headers = options.headers;
     return call;
+  }
+
+  /** The serving status of the server (or of one service), e.g. `"SERVING"`; sends no key. */
+  async health(service = "", options: CallOptionsLike = {}): Promise<string> {
+    const response = await this.healthService.check({ service }, this.#call(options));
+    return HealthCheckResponse_ServingStatus[response.status] ?? "UNKNOWN";
   }
 
   /** Issues a TURN credential for `userId` (lifetime `ttlSeconds`, else the project's default). */

@@ -108,6 +108,13 @@ for (const transport of TRANSPORTS) {
       ]);
     });
 
+    test("health answers SERVING without a key; an unknown service is NotFound", async () => {
+      assert.equal(await admin.health(), "SERVING");
+      // This client's key is unknown: health calls do not send it.
+      assert.equal(await client(`igk_unknown_${"y".repeat(30)}`).health("", { timeoutMs: 5000 }), "SERVING");
+      await refusal(admin.health("icegate.v1.NoSuchService"), NotFoundError);
+    });
+
     test("an unknown key is an AuthenticationError; so is a revoked one", async () => {
       const stranger = client(`igk_unknown_${"x".repeat(30)}`);
       const error = await refusal(stranger.issueTurnCredentials("alice"), AuthenticationError);
