@@ -8,8 +8,13 @@ STAMP  := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 PROTOS := $(wildcard protos/icegate/v1/*.proto)
 GENERATED_DIR := client/icegate/v1
+# The Node client (client/node/): its npm packages (pinned by package-lock.json) and its
+# generated TypeScript. Only the Node tests and `make proto`'s TypeScript part need Node.
+NODE_DIR := client/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
+NODE_GENERATED_DIR := $(NODE_DIR)/src/gen
 
-.PHONY: all venv proto proto-check run test lint buf contract-release coturn bench profile soak clean
+.PHONY: all venv proto proto-node proto-check run test lint buf contract-release coturn bench profile soak clean
 
 all: test
 
@@ -66,13 +71,43 @@ proto: $(STAMP)
 	  --mypy_out=client --mypy_grpc_out=client \
 	  --connectrpc_out=client --connectrpc_opt=protobuf=google \
 	  $(PROTOS)
+	@if command -v npm >/dev/null 2>&1; then $(MAKE) --no-print-directory proto-node; \
+	elif [ "$${CI-}" = true ]; then echo "make proto: npm not found (CI=true): run scripts/install-system-packages"; exit 1; \
+	else echo "make proto: npm not found, $(NODE_GENERATED_DIR) left as it is (scripts/install-system-packages installs Node)"; fi
 
-# Regenerates the committed stubs and fails if they differ from what is committed.
+# The Node client's messages and service descriptors (protoc-gen-es, pinned in
+# client/node/package.json) from the same protos, plus google.rpc's error details, which
+# its typed errors decode (from googleapis-common-protos in the venv), and gRPC's health
+# service, from the descriptor grpcio-health-checking registers (it ships no .proto file).
+export NODE_HEALTH_DESCRIPTOR := import sys; from google.protobuf import descriptor_pb2; \
+  from grpc_health.v1 import health_pb2; files = descriptor_pb2.FileDescriptorSet(); \
+  health_pb2.DESCRIPTOR.CopyToProto(files.file.add()); sys.stdout.buffer.write(files.SerializeToString())
+proto-node: $(STAMP) $(NODE_STAMP)
+	rm -rf $(NODE_GENERATED_DIR)
+	mkdir -p $(NODE_GENERATED_DIR)
+	$(BIN)/python -m grpc_tools.protoc -I protos \
+	  -I "$$($(BIN)/python -c 'import google.rpc, os; print(os.path.dirname(os.path.dirname(list(google.rpc.__path__)[0])))')" \
+	  --plugin=protoc-gen-es=$(NODE_DIR)/node_modules/.bin/protoc-gen-es \
+	  --es_out=$(NODE_GENERATED_DIR) --es_opt=target=ts,import_extension=js \
+	  $(PROTOS) google/rpc/error_details.proto
+	$(BIN)/python -c "$$NODE_HEALTH_DESCRIPTOR" > $(NODE_DIR)/node_modules/.grpc-health.binpb
+	$(BIN)/python -m grpc_tools.protoc --descriptor_set_in=$(NODE_DIR)/node_modules/.grpc-health.binpb \
+	  --plugin=protoc-gen-es=$(NODE_DIR)/node_modules/.bin/protoc-gen-es \
+	  --es_out=$(NODE_GENERATED_DIR) --es_opt=target=ts,import_extension=js \
+	  grpc_health/v1/health.proto
+
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	command -v npm >/dev/null 2>&1 || scripts/install-system-packages
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
+
+# Regenerates the committed stubs (Python, and TypeScript where npm is) and fails if they
+# differ from what is committed. Without npm (outside CI) the TypeScript is not checked.
 proto-check: proto
-	@git diff --exit-code --stat -- $(GENERATED_DIR) || \
-	  { echo "generated code is stale: run 'make proto' and commit $(GENERATED_DIR)"; exit 1; }
-	@test -z "$$(git status --porcelain -- $(GENERATED_DIR))" || \
-	  { echo "generated code is not committed: run 'make proto' and commit $(GENERATED_DIR)"; exit 1; }
+	@git diff --exit-code --stat -- $(GENERATED_DIR) $(NODE_GENERATED_DIR) || \
+	  { echo "generated code is stale: run 'make proto' and commit $(GENERATED_DIR) $(NODE_GENERATED_DIR)"; exit 1; }
+	@test -z "$$(git status --porcelain -- $(GENERATED_DIR) $(NODE_GENERATED_DIR))" || \
+	  { echo "generated code is not committed: run 'make proto' and commit $(GENERATED_DIR) $(NODE_GENERATED_DIR)"; exit 1; }
 
 # The dev set-up keeps coturn's SQLite userdb in step: `make run` writes the TURN secrets in
 # force into $(DEV_DIR)/coturn/turndb (ICEGATE_COTURN_SQLITE), the coturn of `make coturn` reads
@@ -87,12 +122,12 @@ DEV_SETTINGS = ICEGATE_DATA_DIR=$${ICEGATE_DATA_DIR-$(DEV_DIR)} \
 # set it empty to serve gRPC only; on Python 3.10, which Connect's runtime does not support,
 # gRPC only).
 DEV_HTTP_LISTEN = $(shell $(BIN)/python -c 'import sys; print("127.0.0.1:8080" if sys.version_info >= (3, 11) else "")')
-run: proto
+run: $(STAMP)
 	mkdir -p $(DEV_DIR)/coturn
 	ICEGATE_HTTP_LISTEN="$${ICEGATE_HTTP_LISTEN-$(DEV_HTTP_LISTEN)}" $(DEV_SETTINGS) $(BIN)/icegate-server $(ARGS)
 
 # Uses the committed stubs; a test fails when they differ from what `make proto` generates.
-test: $(STAMP) $(BUF_STAMP)
+test: $(STAMP) $(BUF_STAMP) $(NODE_STAMP)
 	scripts/install-system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -127,6 +162,7 @@ profile: $(BENCH_STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist
+	rm -rf $(NODE_DIR)/node_modules $(NODE_DIR)/dist
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # A bounded soak run (10 min, SQLite, 200 RPC/s by default) that fails on leaks and unexpected
