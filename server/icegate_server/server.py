@@ -394,6 +394,12 @@ async def serve(settings: Settings, *,
     A worker under `icegate-server --workers N` stops on SIGTERM only: its supervisor
     forwards SIGINT as SIGTERM, and the terminal's SIGINT must not reach it twice.
     """
+    # The stop signals have their handlers before anything listens: the HTTP listener serves
+    # while the gRPC port is still starting, and a SIGTERM then must stop it gracefully too.
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in stop_signals:
+        loop.add_signal_handler(sig, stop_requested.set)
     server, port = await create_server(settings)
     await server.start()
     host = settings.listen.rpartition(":")[0]
@@ -420,10 +426,6 @@ async def serve(settings: Settings, *,
         log.info("Prometheus metrics on http://%s:%d/metrics",
                  Safe(settings.metrics_listen.rpartition(":")[0]), server.metrics_port)
 
-    loop = asyncio.get_running_loop()
-    stop_requested = asyncio.Event()
-    for sig in stop_signals:
-        loop.add_signal_handler(sig, stop_requested.set)
     # After the stop signals have their handlers: a signal during the collection (tens of
     # ms) must still stop the server gracefully.
     _freeze_startup_objects()

@@ -45,6 +45,10 @@ def server_settings(data_dir: Path, **overrides: Any) -> Settings:
         dev_secrets=False,
         shutdown_grace=2.0,
         http_listen="127.0.0.1:0",
+        # Not the 0.1 s default: under the whole suite's load on two cores a Redis reply can
+        # take longer, and a call that timed out may have counted (tests of store timeouts
+        # set their own).
+        store_timeout=1.0,
     )
     return dataclasses.replace(base, **overrides)
 
