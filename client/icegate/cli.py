@@ -1,11 +1,12 @@
 """`icegate`: the client's command line, for people and scripts.
 
 Talks to `ICEGATE_TARGET` (host:port for gRPC, or an http:// or https:// URL for Connect) with
-`ICEGATE_API_KEY`, over TLS when given a CA (`--ca-file`, `ICEGATE_TLS_CA`), a client
-certificate (`--cert`/`--key`), an https:// URL, or the name to check the server's certificate
-against (`--server-name`, `ICEGATE_TLS_SERVER_NAME`; gRPC only). Results go to
-standard output as JSON; errors to standard error as one line, with exit status 1 (2 for usage
-errors).
+`ICEGATE_API_KEY` (when unset: the `make run` dev server started in this directory, on
+whatever port it listens, with its dev key; else 127.0.0.1:50051), over TLS when given a CA
+(`--ca-file`, `ICEGATE_TLS_CA`), a client certificate (`--cert`/`--key`), an https:// URL,
+or the name to check the server's certificate against (`--server-name`,
+`ICEGATE_TLS_SERVER_NAME`; gRPC only). Results go to standard output as JSON; errors to
+standard error as one line, with exit status 1 (2 for usage errors).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from icegate.ice import rtc_ice_servers
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="icegate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", help="host:port of icegate's gRPC port, or the http(s):// "
-                        "URL of its HTTP listener for Connect (ICEGATE_TARGET)")
+                        "URL of its HTTP listener for Connect (ICEGATE_TARGET; else the dev "
+                        "server started in this directory, else 127.0.0.1:50051)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call (10)")
     parser.add_argument("--debug", action="store_true", help="log each call (no secrets)")
     parser.add_argument("--ca-file", help="call over TLS, trusting this PEM CA bundle "
