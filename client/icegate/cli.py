@@ -12,6 +12,7 @@ standard error as one line, with exit status 1 (2 for usage errors).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -20,13 +21,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import json_format
+from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 
+from icegate.browser import browser_call, browser_session
 from icegate.client import Client
 from icegate.connection import ConfigurationError, TlsConfig
 from icegate.errors import IcegateError
-from icegate.ice import rtc_ice_servers
+from icegate.ice import iso_timestamp, rtc_ice_servers
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -173,12 +175,7 @@ def _run_session(args: argparse.Namespace, client: Client) -> Any:
             email=args.email, instruction_variables=_variables(args.variables),
             **_ga_session_options(args))
         answer = _as_dict(created)
-        # What a browser takes, in the shape the seeds' frontends expect.
-        answer["browser"] = {
-            "ephemeralToken": created.ephemeral_token.value,
-            "iceServers": rtc_ice_servers([*created.ice_servers,
-                                           *created.provider_ice_servers]),
-        }
+        answer["browser"] = browser_session(created)  # what a backend hands its browser
         return answer
     if args.session_command == "call":
         offer = sys.stdin.read() if args.sdp_file == "-" else \
@@ -188,8 +185,7 @@ def _run_session(args: argparse.Namespace, client: Client) -> Any:
             model=args.model, voice=args.voice,
             instruction_variables=_variables(args.variables))
         result = _as_dict(started)
-        result["browser"] = {"sdp": started.sdp_answer,
-                             "iceServers": rtc_ice_servers(started.ice_servers)}
+        result["browser"] = browser_call(started)
         return result
     if args.session_command == "keepalive":
         return _as_dict(client.keep_alive_session(args.session_id, project_id=args.project))
@@ -303,7 +299,27 @@ _PROJECT_FIELD_NAMES = ("display_name", "rate_limit_requests", "rate_limit_windo
                         "byte_quota")
 
 
+def _to_the_millisecond(message: Message) -> None:
+    """Cuts every Timestamp in `message` to the millisecond, so JSON shows `08:04:55.299Z`,
+    not `08:04:55.299000064Z` (a clock's nanoseconds no reader needs)."""
+    if isinstance(message, timestamp_pb2.Timestamp):
+        message.nanos -= message.nanos % 1_000_000
+        return
+    for field, value in message.ListFields():
+        if field.message_type is None:
+            continue
+        if field.message_type.GetOptions().map_entry:
+            values = value.values() if field.message_type.fields_by_name["value"].message_type \
+                else ()
+        else:
+            values = value if field.is_repeated else (value,)
+        for item in values:
+            _to_the_millisecond(item)
+
+
 def _as_dict(message: Message) -> dict[str, Any]:
+    message = copy.deepcopy(message)
+    _to_the_millisecond(message)
     return json_format.MessageToDict(message, preserving_proto_field_name=True,
                                      always_print_fields_with_no_presence=True)
 
@@ -381,7 +397,7 @@ def _run(args: argparse.Namespace, client: Client) -> Any:
             "username": credential.username,
             "password": credential.password,
             "ttl": credential.ttl.seconds,
-            "expires_at": credential.expire_time.ToDatetime().isoformat() + "Z",
+            "expires_at": iso_timestamp(credential.expire_time),
             "uris": list(credential.uris),
         }
     if args.command == "ice-servers":
@@ -414,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(result, str):
         print(result)
     else:
-        json.dump(result, sys.stdout, indent=2)
+        json.dump(result, sys.stdout, indent=2, ensure_ascii=False)  # "…1234", not "\u2026"
         sys.stdout.write("\n")
     return 0
 
