@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
                         "server started in this directory, else 127.0.0.1:50051)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call (10)")
     parser.add_argument("--debug", action="store_true", help="log each call (no secrets)")
+    parser.add_argument("--field", metavar="PATH",
+                        help="print only this field of the answer, e.g. session_id or "
+                        "api_key.key_id (text as is, anything else as JSON): for scripts")
     parser.add_argument("--ca-file", help="call over TLS, trusting this PEM CA bundle "
                         "(ICEGATE_TLS_CA)")
     parser.add_argument("--cert", help="PEM client certificate for mutual TLS, with --key "
@@ -414,6 +417,22 @@ def _run(args: argparse.Namespace, client: Client) -> Any:
     raise AssertionError(args.command)
 
 
+def _field(answer: Any, path: str) -> Any:
+    """The value at a dotted path (`api_key.key_id`; a number indexes a list).
+
+    Raises:
+        LookupError: The answer has no such field.
+    """
+    for name in path.split("."):
+        if isinstance(answer, dict):
+            answer = answer[name]
+        elif isinstance(answer, list) and name.isdigit():
+            answer = answer[int(name)]
+        else:
+            raise LookupError(name)
+    return answer
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -427,6 +446,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (IcegateError, ConfigurationError, ValueError, OSError) as error:
         print(f"icegate: {error}", file=sys.stderr)
         return 1
+    if args.field:
+        try:
+            result = _field(result, args.field)
+        except LookupError:
+            print(f"icegate: no field {args.field[:128]!r} in the answer", file=sys.stderr)
+            return 1
     if isinstance(result, str):
         print(result)
     else:
