@@ -52,3 +52,34 @@ def test_timestamps_print_to_the_millisecond(server: RunningServer,
     usage = run(server, capsys, monkeypatch, "usage", "--project", "acme")
     times = re.findall(r'"(\d{4}-\d\d-\d\dT[^"]*)"', usage)
     assert times and all(re.fullmatch(r"[-\dT:]+(\.\d{3})?Z", value) for value in times), times
+
+
+def test_field_prints_one_value_for_scripts(server: RunningServer,
+                                            capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    key_id = run(server, capsys, monkeypatch, "--field", "api_key.key_id", "admin", "key",
+                 "create", "--project", "default", "--name", "script").strip()
+    assert re.fullmatch(r"[0-9a-f]{12}", key_id)
+    listed = run(server, capsys, monkeypatch, "--field", "0", "admin", "key", "list",
+                 "--project", "default")
+    assert json.loads(listed)["key_id"] == key_id  # not text: printed as JSON
+
+
+@pytest.mark.parametrize("path", ["nope", "api_key.key_id.deeper", "api_key.9", "-1"])
+def test_a_missing_field_is_one_clear_line(server: RunningServer,
+                                           capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    monkeypatch.setenv("ICEGATE_API_KEY", TEST_ADMIN_KEY)
+    assert cli.main(["--target", server.target, "--field", path, "admin", "key", "create",
+                     "--project", "default"]) == 1
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", f"icegate: no field {path!r} in the answer\n")
+
+
+def test_an_error_names_its_code_once(server: RunningServer, capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ICEGATE_API_KEY", TEST_ADMIN_KEY)
+    assert cli.main(["--target", server.target, "session", "end", "ses_gone"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("icegate: NOT_FOUND: ")
+    assert "NOT_FOUND NOT_FOUND" not in err
