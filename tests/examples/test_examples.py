@@ -363,3 +363,18 @@ def test_fastapi_call_without_an_offer_is_refused_before_icegate(fastapi: Exampl
                                                                  openai: FakeUpstream) -> None:
     assert fastapi.post("/api/realtime-call", {"voice": "marin"}).status == 422
     assert not openai.requests
+
+
+def test_fastapi_module_app_reads_the_environment(server: RunningServer, app_key: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # `uvicorn examples.fastapi_app:app` (and a page mounted on it) with ICEGATE_TARGET and
+    # ICEGATE_API_KEY set, as the examples' README says.
+    from fastapi.testclient import TestClient
+
+    monkeypatch.setenv("ICEGATE_TARGET", server.target)
+    monkeypatch.setenv("ICEGATE_API_KEY", app_key)
+    with TestClient(load_example("fastapi_app").app) as client:
+        answer = client.post(SESSION, json={"voice": "echo"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["voice"] == "echo"
+    assert app_key not in answer.text
