@@ -147,8 +147,9 @@ coturn: $(STAMP)
 	turnserver -c $(DEV_DIR)/turnserver.conf
 
 # icegate (over gRPC and over Connect) against a bare grpc.aio server, a bare Connect server and
-# FastAPI, with h2load: about 25-30 minutes
-# (BENCH_QUICK=1: about 2). Writes bench/results/ and prints the summary; see
+# FastAPI, with h2load: about 25-30 minutes (BENCH_QUICK=1: about 8, 4 of one short run of
+# each measure, what does not fit left out with a note, then the callgrind section;
+# BENCH_INSTRUCTIONS=0 leaves that out). Writes bench/results/ and prints the summary; see
 # docs/PERFORMANCE.md. `timeout` is the hard bound; the script stops its servers on SIGTERM.
 bench: $(BENCH_STAMP)
 	@command -v h2load >/dev/null || { echo "make bench needs h2load: apt-get install nghttp2-client"; exit 1; }

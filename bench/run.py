@@ -1,7 +1,7 @@
 """`make bench`: icegate against a bare grpc.aio server and a FastAPI endpoint, on this machine.
 
     .venv/bin/python bench/run.py            # full: 3 runs of each measure, about 18-20 min
-    BENCH_QUICK=1 .venv/bin/python bench/run.py   # 1 run of shorter measures, about 2 min
+    BENCH_QUICK=1 .venv/bin/python bench/run.py   # 1 run of shorter measures, about 8 min
 
 Sections (see docs/PERFORMANCE.md for the method):
   compare   capacity (closed loop) and latency at a fixed rate of IssueTurnCredentials and

@@ -7,7 +7,13 @@ import dataclasses
 import json
 import stat
 
-from icegate_server.dev_secrets import DEV_SECRETS_FILE, apply_dev_secrets, load_or_create
+from icegate_server.dev_secrets import (
+    DEV_SECRETS_FILE,
+    apply_dev_secrets,
+    dialable,
+    load_or_create,
+    record_listening,
+)
 from icegate_server.sessions.vault import load_master_keys
 from icegate_server.settings import Settings
 
@@ -125,3 +131,20 @@ def test_other_settings_survive_the_fill(tmp_path):
     changed = {f.name for f in dataclasses.fields(Settings)
                if getattr(applied, f.name) != getattr(settings, f.name)}
     assert changed == {"turn_secrets", "api_keys", "master_key"}
+
+
+def test_recording_where_it_listens_keeps_the_secrets_private(tmp_path):
+    stored, path, _ = load_or_create(tmp_path / ".icegate")
+    record_listening(path, "127.0.0.1:50123", "http://127.0.0.1:8123")
+    record_listening(path, "127.0.0.1:50124", None)  # a restart without the HTTP listener
+
+    after = json.loads(path.read_text(encoding="utf-8"))
+    assert after == {**stored, "grpc_target": "127.0.0.1:50124"}  # no stale http_url
+    assert mode(path) == 0o600
+    assert not list(path.parent.glob("*.tmp"))
+
+
+def test_a_wildcard_listen_address_is_dialed_on_loopback():
+    hosts = ("0.0.0.0", "", "[::]", "127.0.0.2", "[::1]", "box")  # noqa: S104 - no binding
+    assert [dialable(host) for host in hosts] \
+        == ["127.0.0.1", "127.0.0.1", "[::1]", "127.0.0.2", "[::1]", "box"]
