@@ -1,12 +1,19 @@
 """icegate: the typed Python client for the icegate service (sync and asyncio).
 
-    from icegate import Client
-    with Client() as icegate:                 # ICEGATE_TARGET / ICEGATE_API_KEY
-        servers = icegate.get_ice_servers("alice", ttl=600)
-        ice_servers = rtc_ice_servers(servers.ice_servers)   # JSON for the browser
+    import icegate
+    with icegate.Client() as client:          # ICEGATE_TARGET / ICEGATE_API_KEY
+        session = icegate.browser_session(client.create_session(voice="echo"))  # JSON
+    # in a web handler: except icegate.IcegateError as error: icegate.http_error(error)
 """
 
 from icegate.aio import AsyncClient
+from icegate.browser import (
+    HttpAnswer,
+    browser_call,
+    browser_options,
+    browser_session,
+    http_error,
+)
 from icegate.client import Client
 from icegate.connection import ConfigurationError, TlsConfig
 from icegate.errors import (
@@ -60,6 +67,7 @@ __all__ = [
     "ErrorReason",
     "FailedPreconditionError",
     "FieldViolation",
+    "HttpAnswer",
     "IcegateError",
     "InternalError",
     "InvalidArgumentError",
@@ -82,5 +90,9 @@ __all__ = [
     "UpstreamRejectedError",
     "UpstreamTimeoutError",
     "UpstreamUnavailableError",
+    "browser_call",
+    "browser_options",
+    "browser_session",
+    "http_error",
     "rtc_ice_servers",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -11,7 +10,7 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from icegate import requests
+from icegate import call_log, requests
 from icegate.connection import (
     DEFAULT_TIMEOUT,
     ConfigurationError,
@@ -38,7 +37,6 @@ if TYPE_CHECKING:
     from pyqwest import HTTPTransport
     from typing_extensions import Unpack
 
-log = logging.getLogger("icegate")
 
 Response = TypeVar("Response")
 
@@ -52,7 +50,8 @@ class AsyncClient:
             deadlines and retries); `ICEGATE_TARGET` or 127.0.0.1:50051 when omitted.
         api_key: The caller key; `ICEGATE_API_KEY` (or the `make run` dev key) when omitted.
         default_timeout: Seconds a call may take when it names no `timeout`.
-        debug: Log every call (method, duration, outcome; never a key or a credential).
+        debug: Log every call to the console (method, target, status, duration; never a key
+            or a credential): on stderr unless logging is configured (`icegate.call_log`).
         tls: Call over TLS: the CA to trust and, for mutual TLS, the client certificate
             (which, when the server maps it to a project, makes `api_key` optional). When
             omitted, `ICEGATE_TLS_CA` / `ICEGATE_TLS_CERT` / `ICEGATE_TLS_KEY`; with none
@@ -74,6 +73,8 @@ class AsyncClient:
         self._connection = connection = Connection.resolve(
             target, api_key, default_timeout=default_timeout, debug=debug, tls=tls,
             wait_for_ready=wait_for_ready)
+        if debug:
+            call_log.enable()
         self._http: HTTPTransport | None = None
         if is_http_target(connection.target):
             if channel is not None:
@@ -125,12 +126,10 @@ class AsyncClient:
             # Over Connect the stub raises the typed error itself; gRPC's is converted here.
             typed = error if isinstance(error, IcegateError) else from_rpc_error(error)
             if connection.debug:
-                log.debug("icegate %s failed in %.1f ms: %s", type(request).__name__,
-                          (time.perf_counter() - started) * 1e3, typed)
+                call_log.record(request, connection.target, started, typed)
             raise typed from None
         if connection.debug:
-            log.debug("icegate %s ok in %.1f ms", type(request).__name__,
-                      (time.perf_counter() - started) * 1e3)
+            call_log.record(request, connection.target, started, None)
         return response
 
     async def issue_turn_credentials(

@@ -398,10 +398,6 @@ def _run(args: argparse.Namespace, client: Client) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.debug:
-        import logging
-
-        logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
     try:
         tls = TlsConfig.from_env(args.ca_file, args.cert, args.key)
         server_name = args.server_name or os.environ.get("ICEGATE_TLS_SERVER_NAME")

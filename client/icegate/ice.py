@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime, timezone
 from typing import Any
+
+from google.protobuf import timestamp_pb2
 
 from icegate.v1 import credentials_pb2
 
@@ -21,3 +24,11 @@ def rtc_ice_servers(servers: Iterable[credentials_pb2.IceServer]) -> list[dict[s
             entry["credential"] = server.credential
         result.append(entry)
     return result
+
+
+def iso_timestamp(value: timestamp_pb2.Timestamp | datetime) -> str:
+    """ISO 8601 in UTC to the millisecond, as browsers and people read it:
+    `2026-01-02T08:04:55.299Z` (never `.299000064Z`)."""
+    moment = (value.ToDatetime(tzinfo=timezone.utc)
+              if isinstance(value, timestamp_pb2.Timestamp) else value.astimezone(timezone.utc))
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

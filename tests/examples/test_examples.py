@@ -118,7 +118,8 @@ def django_app(target: str, api_key: str) -> Iterator[Post]:
     module = load_example("django_app")  # configures Django once per process
     from django.test import Client
 
-    module.use_icegate(target, api_key)
+    module.client.close()
+    module.client = icegate.Client(target, api_key)  # what ICEGATE_TARGET/_API_KEY would give
     client = Client(SERVER_NAME="localhost", raise_request_exception=True)
 
     def post(path: str, body: Any, headers: dict[str, str]) -> tuple[int, bytes, Any]:
@@ -317,3 +318,48 @@ def test_icegate_down_is_503(make_app: Callable[..., ExampleApp]) -> None:
     answer = app.create()
     assert answer.status == 503
     assert answer.body == {"error": "temporarily_unavailable"}
+
+
+OFFER = ("v=0\r\no=- 4611731400430051336 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
+         "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=sendrecv\r\n")
+
+
+@pytest.fixture
+def fastapi(server: RunningServer, app_key: str) -> Iterator[ExampleApp]:
+    with fastapi_app(server.target, app_key) as post:
+        yield ExampleApp(post, [OPENAI_KEY, TEST_ADMIN_KEY, app_key])
+
+
+def test_fastapi_call_answers_the_offer_without_a_token(fastapi: ExampleApp,
+                                                        openai: FakeUpstream) -> None:
+    answer = fastapi.post("/api/realtime-call", {"sdp": OFFER, "voice": "marin"},
+                          {"X-User-Id": "alice"})
+
+    assert answer.status == 200, answer.body
+    assert set(answer.body) == {"sessionId", "callId", "answer", "iceServers", "model"}
+    assert answer.body["answer"]["type"] == "answer"
+    assert answer.body["answer"]["sdp"].startswith("v=0")
+    assert answer.body["callId"].startswith("rtc_")
+    assert any(s["urls"][0].startswith("turn") and s["credential"]
+               for s in answer.body["iceServers"])
+    sent = openai.requests_to("/v1/realtime/calls")[-1]
+    assert OFFER.encode() in sent.body and b'"marin"' in sent.body
+    assert not openai.requests_to("/v1/realtime/client_secrets")  # no token was minted
+    assert fastapi.end(answer.body["sessionId"]).status == 200
+
+
+@pytest.mark.parametrize("body", [{"sdp": "hello"}, {"sdp": OFFER, "voice": "not-a-voice"}])
+def test_fastapi_call_with_a_bad_offer_or_voice_is_400(fastapi: ExampleApp,
+                                                       openai: FakeUpstream,
+                                                       body: dict[str, str]) -> None:
+    answer = fastapi.post("/api/realtime-call", body)
+    assert answer.status == 400
+    assert answer.body["error"] == "invalid_argument"
+    assert [f["field"] for f in answer.body["fields"]] in (["sdp_offer"], ["voice"])
+    assert not openai.requests_to("/v1/realtime/calls")
+
+
+def test_fastapi_call_without_an_offer_is_refused_before_icegate(fastapi: ExampleApp,
+                                                                 openai: FakeUpstream) -> None:
+    assert fastapi.post("/api/realtime-call", {"voice": "marin"}).status == 422
+    assert not openai.requests
