@@ -7,7 +7,8 @@ proxy in front of api.openai.com. It answers what icegate asks of OpenAI:
 - `POST /v1/realtime/calls` (multipart `sdp` + `session`, as CreateCall sends them): a real
   WebRTC peer (aiortc) answers the browser's offer; on the browser's `oai-events` data channel
   it sends `session.created`, then a short scripted response (`response.created`, transcript
-  deltas, `response.done`), and answers `session.update` and `response.create`.
+  deltas, `response.done`), and answers `session.update` and `response.create`. Its "voice",
+  on the call's audio track, is a soft tone while it speaks and silence otherwise.
 - `POST /v1/realtime/calls/{call_id}/hangup` (EndSession): closes that peer.
 - `POST /v1/realtime/client_secrets` (CreateSession): a fake ephemeral token.
 
@@ -25,16 +26,19 @@ import contextlib
 import email.policy
 import itertools
 import json
+import math
 import os
 import secrets
 import time
+from array import array
 from collections.abc import AsyncIterator
 from email.parser import BytesParser
 from typing import Any
 
 import aioice.ice
 import uvicorn
-from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+from aiortc import MediaStreamTrack, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+from av import AudioFrame
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -51,6 +55,38 @@ def _loopback_only(use_ipv4: bool, use_ipv6: bool) -> list[str]:
 # aioice offers every address of the machine except loopback; the demo's coturn relays to
 # loopback only (its deny list covers the private and documentation ranges).
 aioice.ice.get_host_addresses = _loopback_only
+
+
+SAMPLE_RATE = 48_000
+FRAME_SAMPLES = 960  # 20 ms, Opus's usual frame
+TONE = array("h", (int(3000 * math.sin(2 * math.pi * 400 * n / SAMPLE_RATE))
+                   for n in range(FRAME_SAMPLES))).tobytes()  # 400 Hz: 8 whole periods a frame
+SILENCE = bytes(2 * FRAME_SAMPLES)
+
+
+class Voice(MediaStreamTrack):
+    """The provider's audio, paced in real time: the tone while `speaking`, else silence."""
+
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.speaking = False
+        self._samples = 0
+        self._started: float | None = None
+
+    async def recv(self) -> AudioFrame:
+        if self._started is None:
+            self._started = time.monotonic()
+        delay = self._started + self._samples / SAMPLE_RATE - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        frame = AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
+        frame.sample_rate = SAMPLE_RATE
+        frame.pts = self._samples
+        frame.planes[0].update(TONE if self.speaking else SILENCE)
+        self._samples += FRAME_SAMPLES
+        return frame
 
 
 def openai_error(status: int, message: str, code: str | None = None) -> JSONResponse:
@@ -86,6 +122,7 @@ class Call:
         self.call_id = call_id
         self.session = session
         self.connection = RTCPeerConnection()
+        self.voice = Voice()
         self.channel: RTCDataChannel | None = None
         self.responses: set[asyncio.Task[None]] = set()
 
@@ -104,10 +141,14 @@ class Call:
         response_id = f"resp_demo{next(_ids)}"
         self.send(event("response.created", response={"id": response_id,
                                                         "status": "in_progress"}))
-        for word in text.split(" "):
-            await asyncio.sleep(0.15)
-            self.send(event("response.output_audio_transcript.delta",
-                            response_id=response_id, delta=word + " "))
+        self.voice.speaking = True
+        try:
+            for word in text.split(" "):
+                await asyncio.sleep(0.15)
+                self.send(event("response.output_audio_transcript.delta",
+                                response_id=response_id, delta=word + " "))
+        finally:
+            self.voice.speaking = False
         self.send(event("response.done", response={"id": response_id, "status": "completed"}))
 
     def on_message(self, message: str | bytes) -> None:
@@ -168,6 +209,8 @@ class FakeRealtime:
         try:
             await call.connection.setRemoteDescription(
                 RTCSessionDescription(parts["sdp"], "offer"))
+            if any(t.kind == "audio" for t in call.connection.getTransceivers()):
+                call.connection.addTrack(call.voice)  # answers the offer's audio section
             await call.connection.setLocalDescription(await call.connection.createAnswer())
         except ValueError:
             await self._close(call.call_id)

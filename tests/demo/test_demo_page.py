@@ -114,10 +114,12 @@ def start_demo(data_root: Path, **ports: int) -> RunningDemo:
             f"--turn-port {ports['turn']} --provider-port {ports['provider']}")
     if "relay_min" in ports:
         args += f" --relay-ports {ports['relay_min']}-{ports['relay_max']}"
+    # As from a shell: not as a sub-make of `make test` (whose jobserver is not passed on).
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     process = subprocess.Popen(
         ["make", "--no-print-directory", "-s", "demo", f"DEV_DIR={data_root}", f"ARGS={args}"],
-        cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True)
+        cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True)
     demo = RunningDemo(process, data_root / "demo", ports)
     threading.Thread(target=demo.read_output, daemon=True).start()
     return demo
@@ -214,6 +216,8 @@ def test_start_connects_through_coturn_and_shows_the_providers_events(
     assert events[0] == "session.created"
     assert "response.output_audio_transcript.delta" in events
     assert text_of(browser, "transcript").startswith("Hello from the demo provider.")
+    # The provider's audio track reached the browser, relayed like the data channel.
+    wait_until(browser, "the provider's audio", lambda: int(value_of(browser, "audio") or 0) > 0)
     assert session_id.startswith("ses_")
     with demo.admin() as admin:
         assert admin.get_usage("default").sessions.active == 1

@@ -7,6 +7,7 @@ const USER = { "X-User-Id": "demo-user" };  // stands in for the backend's own s
 let pc = null;
 let channel = null;
 let sessionId = "";
+let statsTimer = null;
 
 function show(id, text, data) {
   $(id).textContent = text;
@@ -60,6 +61,17 @@ async function candidateInUse(connection) {
   return pair ? stats.get(pair.localCandidateId) || null : null;
 }
 
+async function showAudio(connection) {
+  // What arrived on the provider's audio track (through coturn, like everything else).
+  const stats = await connection.getStats();
+  stats.forEach((report) => {
+    if (report.type === "inbound-rtp" && report.kind === "audio") {
+      show("audio", `${report.packetsReceived} packets, ${report.bytesReceived} bytes`,
+           String(report.packetsReceived));
+    }
+  });
+}
+
 function received(event) {
   const item = document.createElement("li");
   item.dataset.type = event.type || "";
@@ -68,10 +80,11 @@ function received(event) {
     item.textContent += ` ${event.session.id || ""} ${event.session.model || ""}`;
   }
   if (event.type === "response.output_audio_transcript.delta") {
+    item.textContent += ` ${JSON.stringify(event.delta || "")}`;
     $("transcript").textContent += event.delta || "";
   }
   $("events").append(item);
-  item.scrollIntoView({ block: "nearest" });
+  $("events").scrollTop = $("events").scrollHeight;
 }
 
 async function start() {
@@ -79,6 +92,7 @@ async function start() {
   show("error", "");
   show("session-state", "starting");
   $("events").replaceChildren();
+  show("audio", "none", "0");
   $("transcript").textContent = "";
   try {
     const { iceServers } = await post("/api/ice-servers");
@@ -86,6 +100,9 @@ async function start() {
     pc.addEventListener("connectionstatechange", async () => {
       show("connection-state", pc.connectionState, pc.connectionState);
       if (pc.connectionState === "connected") {
+        const connection = pc;
+        clearInterval(statsTimer);
+        statsTimer = setInterval(() => showAudio(connection).catch(() => {}), 500);
         const local = await candidateInUse(pc);
         if (local) {
           show("candidate-type", `${local.candidateType} (${local.relayProtocol || local.protocol}, ${local.address}:${local.port})`,
@@ -96,6 +113,9 @@ async function start() {
     channel = pc.createDataChannel("oai-events");
     channel.addEventListener("message", (message) => {
       try { received(JSON.parse(message.data)); } catch { received({ type: "(not JSON)" }); }
+    });
+    pc.addEventListener("track", (event) => {
+      $("voice").srcObject = event.streams[0] || new MediaStream([event.track]);
     });
     pc.addTransceiver("audio", { direction: "recvonly" });
     await pc.setLocalDescription(await pc.createOffer());
@@ -117,6 +137,7 @@ async function start() {
 
 async function stop() {
   $("stop").disabled = true;
+  clearInterval(statsTimer);
   if (channel) channel.close();
   if (pc) {
     pc.close();
