@@ -102,6 +102,7 @@ class Child:
     process: subprocess.Popen[bytes]
     log_path: Path
     log: IO[bytes] = field(repr=False)
+    ready: Callable[[], bool] = field(repr=False)
 
     def tail(self, lines: int = 15) -> str:
         self.log.flush()
@@ -138,6 +139,7 @@ class Demo:
 
     def start(self, name: str, command: Sequence[str], env: dict[str, str],
               ready: Callable[[], bool]) -> Child:
+        """Starts a process; `wait_ready` waits until `ready()` says it serves."""
         self.logs.mkdir(parents=True, exist_ok=True)
         log_path = self.logs / f"{name}.log"
         log = log_path.open("wb")
@@ -145,18 +147,28 @@ class Demo:
             list(command), cwd=REPO, env={**self.base_env, **env}, stdin=subprocess.DEVNULL,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=_die_with_parent)
-        child = Child(name, process, log_path, log)
+        child = Child(name, process, log_path, log, ready)
         self.children.append(child)
-        deadline = time.monotonic() + START_TIMEOUT
-        while not ready():
-            if process.poll() is not None:
-                raise DemoError(f"{name} exited at start (code {process.returncode}); "
-                                f"its log, {log_path}:\n{child.tail()}")
-            if time.monotonic() > deadline:
-                raise DemoError(f"{name} not ready after {START_TIMEOUT:.0f} s; its log, "
-                                f"{log_path}:\n{child.tail()}")
-            time.sleep(0.1)
         return child
+
+    def wait_ready(self, *children: Child) -> None:
+        """Waits for the children (started side by side) to serve; DemoError if one exits
+        or takes longer than START_TIMEOUT."""
+        deadline = time.monotonic() + START_TIMEOUT
+        waiting = list(children)
+        while waiting:
+            for child in list(waiting):
+                if child.ready():
+                    waiting.remove(child)
+                elif child.process.poll() is not None:
+                    raise DemoError(f"{child.name} exited at start (code "
+                                    f"{child.process.returncode}); its log, {child.log_path}:"
+                                    f"\n{child.tail()}")
+            if waiting and time.monotonic() > deadline:
+                child = waiting[0]
+                raise DemoError(f"{child.name} not ready after {START_TIMEOUT:.0f} s; its log, "
+                                f"{child.log_path}:\n{child.tail()}")
+            time.sleep(0.1)
 
     def stop(self) -> None:
         while self.children:
@@ -214,21 +226,27 @@ def run(args: argparse.Namespace, demo: Demo) -> None:
         "ICEGATE_LOG_FORMAT": "text",
     }
 
-    demo.start("provider", [sys.executable, str(HERE / "fake_provider.py"),
-                            "--listen", f"127.0.0.1:{provider_port}"],
-               {"DEMO_PROVIDER_KEY": FAKE_PROVIDER_KEY}, listening("127.0.0.1", provider_port))
-    demo.start("icegate", [str(BIN / "icegate-server")], server_env,
-               listening("127.0.0.1", grpc_port))
+    # Side by side where nothing waits on the other: the fake and the server; then coturn
+    # (which reads the userdb the server writes at start) and the web app (on a key the
+    # server makes).
+    demo.wait_ready(
+        demo.start("provider", [sys.executable, str(HERE / "fake_provider.py"),
+                                "--listen", f"127.0.0.1:{provider_port}"],
+                   {"DEMO_PROVIDER_KEY": FAKE_PROVIDER_KEY},
+                   listening("127.0.0.1", provider_port)),
+        demo.start("icegate", [str(BIN / "icegate-server")], server_env,
+                   listening("127.0.0.1", grpc_port)))
     rendering = ["--coturn-min-port", str(args.relay_ports[0]),
                  "--coturn-max-port", str(args.relay_ports[1])] if args.relay_ports else []
-    demo.start("coturn", ["make", "--no-print-directory", "coturn", f"DEV_DIR={data_dir}",
-                          f"ARGS={' '.join(rendering)}"],
-               server_env, listening("127.0.0.1", turn_port))
+    coturn = demo.start("coturn", ["make", "--no-print-directory", "coturn",
+                                   f"DEV_DIR={data_dir}", f"ARGS={' '.join(rendering)}"],
+                        server_env, listening("127.0.0.1", turn_port))
     with (data_dir / "dev-secrets.json").open(encoding="utf-8") as secrets_file:
         admin_key = json.load(secrets_file)["api_key"]
     web_env = {"ICEGATE_TARGET": target, "ICEGATE_API_KEY": caller_key(target, admin_key)}
-    demo.start("web", [sys.executable, str(HERE / "web.py"), "--listen",
-                       f"{web_host}:{web_port}"], web_env, listening(web_host, web_port))
+    web = demo.start("web", [sys.executable, str(HERE / "web.py"), "--listen",
+                             f"{web_host}:{web_port}"], web_env, listening(web_host, web_port))
+    demo.wait_ready(coturn, web)
 
     shown_host = f"[{web_host}]" if ":" in web_host else web_host
     print(f"""

@@ -98,14 +98,14 @@ def port_answers(port: int) -> bool:
         return False
 
 
-def processes_naming(text: str) -> list[str]:
-    """Command lines of live processes that mention `text` (the demo's data directory)."""
-    found = []
+def processes_naming(text: str) -> dict[int, str]:
+    """The live processes whose command line mentions `text`: pid -> command line."""
+    found = {}
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         with contextlib.suppress(OSError):
             command = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
             if text in command and "pytest" not in command:
-                found.append(command)
+                found[int(cmdline.parent.name)] = command
     return found
 
 
@@ -288,6 +288,27 @@ def test_a_busy_port_stops_make_demo_with_one_clear_line_and_nothing_left(
     assert not any(port_answers(port) for port in ports.values())
 
 
+def test_a_part_that_dies_stops_the_whole_demo(tmp_path: Path) -> None:
+    require_binaries("make", "turnserver")
+    ports = {"web": free_tcp_port(), "grpc": free_tcp_port(), "turn": free_tcp_udp_port(),
+             "provider": free_tcp_port()}
+    demo = start_demo(tmp_path, **ports)
+    try:
+        assert demo.ready.wait(START_TIMEOUT) and demo.process.poll() is None, \
+            "".join(demo.output)
+        (provider,) = [pid for pid, command in processes_naming(
+            f"fake_provider.py --listen 127.0.0.1:{ports['provider']}").items()]
+        os.kill(provider, signal.SIGKILL)
+        assert demo.process.wait(30) != 0
+    finally:
+        if demo.process.poll() is None:
+            demo.ctrl_c()
+    assert demo.finished.wait(10)
+    assert "icegate demo: provider stopped" in "".join(demo.output)
+    assert not any(port_answers(port) for port in ports.values())
+    assert processes_naming(str(demo.data_dir)) == {}
+
+
 def test_ctrl_c_stops_everything_make_demo_started(demo: RunningDemo) -> None:
     """Last in the module: it ends the module's demo."""
     demo.ctrl_c()
@@ -296,4 +317,4 @@ def test_ctrl_c_stops_everything_make_demo_started(demo: RunningDemo) -> None:
     for name, port in demo.ports.items():
         if not name.startswith("relay"):
             assert not port_answers(port), f"{name} still listens on {port} after Ctrl-C"
-    assert processes_naming(str(demo.data_dir)) == []
+    assert processes_naming(str(demo.data_dir)) == {}
