@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,6 +240,23 @@ def test_stop_ends_the_session_on_the_server(demo: RunningDemo, browser: Any) ->
     with demo.admin() as admin:
         with pytest.raises(icegate.NotFoundError):
             admin.keep_alive_session(session_id, project_id="default")
+        assert admin.get_usage("default").sessions.active == 0
+
+
+def test_leaving_the_page_ends_its_session(demo: RunningDemo, browser: Any) -> None:
+    session_id = start_call(demo, browser)
+    assert value_of(browser, "connection-state") == "connected"
+    browser.get("about:blank")
+    with demo.admin() as admin:
+        ended = False
+        for _ in range(100):  # the page's beacon is sent as it goes; wait for icegate
+            try:
+                admin.keep_alive_session(session_id, project_id="default")
+            except icegate.NotFoundError:
+                ended = True
+                break
+            time.sleep(0.1)
+        assert ended, "the session outlived its page"
         assert admin.get_usage("default").sessions.active == 0
 
 
