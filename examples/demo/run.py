@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import signal
@@ -41,6 +42,8 @@ PROJECT = "default"
 FAKE_PROVIDER_KEY = "sk-demo-fake-provider-key-not-a-real-one"
 """The key the fake accepts, set as the project's OpenAI key: it opens nothing anywhere else."""
 CALLER_KEY_NAME = "demo-web"
+STORE_FILES = "icegate.sqlite3*"
+"""The dev server's SQLite store in its data directory, with its -wal, -shm and lock files."""
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
@@ -133,9 +136,23 @@ class Demo:
         self.data_dir = data_dir
         self.logs = data_dir / "logs"
         self.children: list[Child] = []
+        self.lock: IO[bytes] | None = None
         # Nothing of the caller's ICEGATE_* settings reaches the demo's processes: the demo
         # sets its own, and a stray ICEGATE_STORE or ICEGATE_TARGET would point elsewhere.
         self.base_env = {k: v for k, v in os.environ.items() if not k.startswith("ICEGATE_")}
+
+    def own(self, data_dir: Path) -> None:
+        """Holds the data directory for this run (an flock, let go when the launcher exits).
+
+        Raises:
+            DemoError: Another demo runs on it.
+        """
+        self.lock = (data_dir / "demo.lock").open("wb")
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise DemoError(f"another make demo runs with {data_dir}; stop it first, or "
+                            "pass another --data-dir") from None
 
     def start(self, name: str, command: Sequence[str], env: dict[str, str],
               ready: Callable[[], bool]) -> Child:
@@ -213,6 +230,12 @@ def run(args: argparse.Namespace, demo: Demo) -> None:
                        (provider_port, "the fake provider (--provider-port)")):
         ensure_free("127.0.0.1", port, what)
     (data_dir / "coturn").mkdir(parents=True, exist_ok=True)
+    demo.own(data_dir)
+    # A fresh store for every run: a session left open when the last demo stopped (its lease
+    # lasts an hour) must not count against this one's concurrency limit. The dev secrets
+    # stay, so coturn's userdb and the TURN secret do not change between runs.
+    for leftover in data_dir.glob(STORE_FILES):
+        leftover.unlink()
     target = f"127.0.0.1:{grpc_port}"
     # `make run`'s settings (Makefile: DEV_SETTINGS), the demo's ports and fake provider.
     server_env = {

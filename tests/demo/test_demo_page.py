@@ -130,7 +130,12 @@ def start_demo(data_root: Path, **ports: int) -> RunningDemo:
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDemo]:
     require_binaries("make", "turnserver", "chromium", "chromedriver")
     relay = reserve_relay_range()
-    running = start_demo(tmp_path_factory.mktemp("make-demo"), web=free_tcp_port(),
+    data_root = tmp_path_factory.mktemp("make-demo")
+    # A store left by an earlier run (here one no server could open): every run starts afresh,
+    # so nothing of the last one (an hour-long lease of a session left open) counts in this one.
+    (data_root / "demo").mkdir()
+    (data_root / "demo" / "icegate.sqlite3").write_bytes(b"an earlier run's store " * 100)
+    running = start_demo(data_root, web=free_tcp_port(),
                          grpc=free_tcp_port(), turn=free_tcp_udp_port(),
                          provider=free_tcp_port(), relay_min=relay.min_port,
                          relay_max=relay.max_port)
@@ -258,6 +263,21 @@ def test_leaving_the_page_ends_its_session(demo: RunningDemo, browser: Any) -> N
             time.sleep(0.1)
         assert ended, "the session outlived its page"
         assert admin.get_usage("default").sessions.active == 0
+
+
+def test_a_second_demo_on_the_same_data_dir_is_refused_and_the_first_goes_on(
+        demo: RunningDemo) -> None:
+    ports = {"web": free_tcp_port(), "grpc": free_tcp_port(), "turn": free_tcp_udp_port(),
+             "provider": free_tcp_port()}
+    second = start_demo(demo.data_dir.parent, **ports)
+    assert second.process.wait(60) != 0
+    assert second.finished.wait(10)
+    assert f"another make demo runs with {demo.data_dir}" in "".join(second.output)
+    assert not any(port_answers(port) for port in ports.values())
+    assert port_answers(demo.ports["web"])
+    with demo.admin() as admin:  # the first one's store was left alone
+        keys = admin.list_provider_keys("default")
+        assert [key.provider for key in keys] == ["openai"]
 
 
 def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
