@@ -31,7 +31,4 @@ def create_app(target: str | None = None, api_key: str | None = None) -> Flask:
         client.end_session(session_id, timeout=5)
         return {"sessionId": session_id, "ended": True}
 
-    return app
-
-
-app = create_app()
+    return app  # `flask --app examples/flask_app.py run` finds this factory by its name

@@ -1,16 +1,18 @@
 """`icegate`: the client's command line, for people and scripts.
 
 Talks to `ICEGATE_TARGET` (host:port for gRPC, or an http:// or https:// URL for Connect) with
-`ICEGATE_API_KEY`, over TLS when given a CA (`--ca-file`, `ICEGATE_TLS_CA`), a client
-certificate (`--cert`/`--key`), an https:// URL, or the name to check the server's certificate
-against (`--server-name`, `ICEGATE_TLS_SERVER_NAME`; gRPC only). Results go to
-standard output as JSON; errors to standard error as one line, with exit status 1 (2 for usage
-errors).
+`ICEGATE_API_KEY` (when unset: the `make run` dev server started in this directory, on
+whatever port it listens, with its dev key; else 127.0.0.1:50051), over TLS when given a CA
+(`--ca-file`, `ICEGATE_TLS_CA`), a client certificate (`--cert`/`--key`), an https:// URL,
+or the name to check the server's certificate against (`--server-name`,
+`ICEGATE_TLS_SERVER_NAME`; gRPC only). Results go to standard output as JSON; errors to
+standard error as one line, with exit status 1 (2 for usage errors).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -19,21 +21,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import json_format
+from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 
+from icegate.browser import browser_call, browser_session
 from icegate.client import Client
 from icegate.connection import ConfigurationError, TlsConfig
 from icegate.errors import IcegateError
-from icegate.ice import rtc_ice_servers
+from icegate.ice import iso_timestamp, rtc_ice_servers
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="icegate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", help="host:port of icegate's gRPC port, or the http(s):// "
-                        "URL of its HTTP listener for Connect (ICEGATE_TARGET)")
+                        "URL of its HTTP listener for Connect (ICEGATE_TARGET; else the dev "
+                        "server started in this directory, else 127.0.0.1:50051)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call (10)")
     parser.add_argument("--debug", action="store_true", help="log each call (no secrets)")
+    parser.add_argument("--field", metavar="PATH",
+                        help="print only this field of the answer, e.g. session_id or "
+                        "api_key.key_id (text as is, anything else as JSON): for scripts")
     parser.add_argument("--ca-file", help="call over TLS, trusting this PEM CA bundle "
                         "(ICEGATE_TLS_CA)")
     parser.add_argument("--cert", help="PEM client certificate for mutual TLS, with --key "
@@ -171,12 +178,7 @@ def _run_session(args: argparse.Namespace, client: Client) -> Any:
             email=args.email, instruction_variables=_variables(args.variables),
             **_ga_session_options(args))
         answer = _as_dict(created)
-        # What a browser takes, in the shape the seeds' frontends expect.
-        answer["browser"] = {
-            "ephemeralToken": created.ephemeral_token.value,
-            "iceServers": rtc_ice_servers([*created.ice_servers,
-                                           *created.provider_ice_servers]),
-        }
+        answer["browser"] = browser_session(created)  # what a backend hands its browser
         return answer
     if args.session_command == "call":
         offer = sys.stdin.read() if args.sdp_file == "-" else \
@@ -186,8 +188,7 @@ def _run_session(args: argparse.Namespace, client: Client) -> Any:
             model=args.model, voice=args.voice,
             instruction_variables=_variables(args.variables))
         result = _as_dict(started)
-        result["browser"] = {"sdp": started.sdp_answer,
-                             "iceServers": rtc_ice_servers(started.ice_servers)}
+        result["browser"] = browser_call(started)
         return result
     if args.session_command == "keepalive":
         return _as_dict(client.keep_alive_session(args.session_id, project_id=args.project))
@@ -301,7 +302,27 @@ _PROJECT_FIELD_NAMES = ("display_name", "rate_limit_requests", "rate_limit_windo
                         "byte_quota")
 
 
+def _to_the_millisecond(message: Message) -> None:
+    """Cuts every Timestamp in `message` to the millisecond, so JSON shows `08:04:55.299Z`,
+    not `08:04:55.299000064Z` (a clock's nanoseconds no reader needs)."""
+    if isinstance(message, timestamp_pb2.Timestamp):
+        message.nanos -= message.nanos % 1_000_000
+        return
+    for field, value in message.ListFields():
+        if field.message_type is None:
+            continue
+        if field.message_type.GetOptions().map_entry:
+            values = value.values() if field.message_type.fields_by_name["value"].message_type \
+                else ()
+        else:
+            values = value if field.is_repeated else (value,)
+        for item in values:
+            _to_the_millisecond(item)
+
+
 def _as_dict(message: Message) -> dict[str, Any]:
+    message = copy.deepcopy(message)
+    _to_the_millisecond(message)
     return json_format.MessageToDict(message, preserving_proto_field_name=True,
                                      always_print_fields_with_no_presence=True)
 
@@ -379,7 +400,7 @@ def _run(args: argparse.Namespace, client: Client) -> Any:
             "username": credential.username,
             "password": credential.password,
             "ttl": credential.ttl.seconds,
-            "expires_at": credential.expire_time.ToDatetime().isoformat() + "Z",
+            "expires_at": iso_timestamp(credential.expire_time),
             "uris": list(credential.uris),
         }
     if args.command == "ice-servers":
@@ -396,6 +417,22 @@ def _run(args: argparse.Namespace, client: Client) -> Any:
     raise AssertionError(args.command)
 
 
+def _field(answer: Any, path: str) -> Any:
+    """The value at a dotted path (`api_key.key_id`; a number indexes a list).
+
+    Raises:
+        LookupError: The answer has no such field.
+    """
+    for name in path.split("."):
+        if isinstance(answer, dict):
+            answer = answer[name]
+        elif isinstance(answer, list) and name.isdigit():
+            answer = answer[int(name)]
+        else:
+            raise LookupError(name)
+    return answer
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -409,10 +446,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (IcegateError, ConfigurationError, ValueError, OSError) as error:
         print(f"icegate: {error}", file=sys.stderr)
         return 1
+    if args.field:
+        try:
+            result = _field(result, args.field)
+        except LookupError:
+            print(f"icegate: no field {args.field[:128]!r} in the answer", file=sys.stderr)
+            return 1
     if isinstance(result, str):
         print(result)
     else:
-        json.dump(result, sys.stdout, indent=2)
+        json.dump(result, sys.stdout, indent=2, ensure_ascii=False)  # "…1234", not "\u2026"
         sys.stdout.write("\n")
     return 0
 

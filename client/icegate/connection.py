@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,14 +185,24 @@ def read_pem(what: str, path: str | None) -> bytes | None:
                                  f"{error.strerror}") from None
 
 
-def _dev_api_key() -> str | None:
-    # `make run` keeps a dev key in .icegate/: callers in that directory need no set-up.
+_DEV_TARGET = re.compile(r"[A-Za-z0-9.\-]{1,253}:[0-9]{1,5}|\[[0-9A-Fa-f:.]{2,45}\]:[0-9]{1,5}")
+"""A `grpc_target` the dev server recorded: host:port, or [IPv6]:port."""
+
+
+def _dev_setting(name: str) -> str | None:
+    # `make run` keeps a dev key in .icegate/, and the address it listens on: callers in
+    # that directory need no set-up, whatever port the dev server took.
     try:
         with DEV_SECRETS_PATH.open(encoding="utf-8") as handle:
-            value = json.load(handle).get("api_key")
-    except (OSError, ValueError):
+            value = json.load(handle).get(name)
+    except (OSError, ValueError, AttributeError):
         return None
     return value if isinstance(value, str) else None
+
+
+def _dev_target() -> str | None:
+    value = _dev_setting("grpc_target")
+    return value if value is not None and _DEV_TARGET.fullmatch(value) else None
 
 
 @dataclass(frozen=True)
@@ -210,18 +221,19 @@ class Connection:
                 default_timeout: float = DEFAULT_TIMEOUT, debug: bool = False,
                 tls: TlsConfig | None = None, wait_for_ready: bool = False) -> Connection:
         """Fills what the caller left out from `ICEGATE_TARGET`, `ICEGATE_API_KEY` and
-        `ICEGATE_TLS_*`.
+        `ICEGATE_TLS_*`, else from the `make run` dev server's `.icegate/dev-secrets.json`
+        in the working directory (its key, and where it listens), else 127.0.0.1:50051.
 
         A missing key is reported at the first call that needs one (health checks do not);
         with a client certificate, calls carry no key unless one is given or set.
         """
-        target = target or os.environ.get("ICEGATE_TARGET") or DEFAULT_TARGET
+        target = target or os.environ.get("ICEGATE_TARGET") or _dev_target() or DEFAULT_TARGET
         tls = tls if tls is not None else TlsConfig.from_env()
         api_key = api_key or os.environ.get("ICEGATE_API_KEY") or None
         if api_key is None and not (tls and tls.has_client_certificate):
             # The `make run` dev key, for callers in its directory; a client certificate is
             # a deliberate identity, so it is not overridden by a key found lying around.
-            api_key = _dev_api_key()
+            api_key = _dev_setting("api_key")
         return cls(target=target, api_key=api_key, default_timeout=default_timeout,
                    debug=debug, tls=tls, wait_for_ready=wait_for_ready)
 

@@ -97,7 +97,8 @@ class IcegateError(Exception):
         return reason_from_wire(self.reason)
 
     def __str__(self) -> str:
-        reason = f" {self.reason}" if self.reason else ""
+        # NOT_FOUND NOT_FOUND says nothing twice: the reason only where it adds to the code.
+        reason = f" {self.reason}" if self.reason and self.reason != self.code.name else ""
         return f"{self.code.name}{reason}: {self.message}"
 
 

@@ -27,8 +27,10 @@ def rtc_ice_servers(servers: Iterable[credentials_pb2.IceServer]) -> list[dict[s
 
 
 def iso_timestamp(value: timestamp_pb2.Timestamp | datetime) -> str:
-    """ISO 8601 in UTC to the millisecond, as browsers and people read it:
-    `2026-01-02T08:04:55.299Z` (never `.299000064Z`)."""
+    """ISO 8601 in UTC to the millisecond, as browsers and people read it, in protobuf JSON's
+    style: `2026-01-02T08:04:55.299Z` (never `.299000064Z`), `2026-01-02T08:04:55Z` for a
+    whole second."""
     moment = (value.ToDatetime(tzinfo=timezone.utc)
               if isinstance(value, timestamp_pb2.Timestamp) else value.astimezone(timezone.utc))
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    spec = "seconds" if moment.microsecond < 1000 else "milliseconds"
+    return moment.isoformat(timespec=spec).replace("+00:00", "Z")

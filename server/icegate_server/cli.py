@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from icegate_server.dev_secrets import apply_dev_secrets
+from icegate_server.dev_secrets import apply_dev_secrets, dialable, record_listening
 from icegate_server.errors import IcegateError
 from icegate_server.observability.logs import Safe, configure_logging, stop_logging
-from icegate_server.server import run_server
+from icegate_server.server import IcegateServer, run_server
 from icegate_server.settings import (
     SETTINGS,
     ConfigError,
@@ -56,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve_settings(args: argparse.Namespace) -> Settings:
+def _resolve_settings(args: argparse.Namespace) -> tuple[Settings, Path | None]:
     # Only settings: the rendering options (`--coturn-listening-ip`...) are not settings,
     # while `--coturn-redis` and `--coturn-sqlite` are.
     flags = {key: value for key, value in vars(args).items() if key in SETTINGS or key == "config"}
@@ -74,23 +75,41 @@ def _resolve_settings(args: argparse.Namespace) -> Settings:
             "the icegate command run from this directory picks the dev key up by itself; "
             "other callers: export ICEGATE_API_KEY=\"$(python3 -c 'import json; "
             "print(json.load(open(\"%s\"))[\"api_key\"])')\"", dev_file)
-    return settings
+    return settings, dev_file
+
+
+def _recorder(settings: Settings, dev_file: Path) -> Callable[[IcegateServer, int], None]:
+    """Records in the dev secrets file where the server listens, once it does."""
+
+    def record(server: IcegateServer, port: int) -> None:
+        listener = server.http_listener
+        http_url = None if listener is None else (
+            f"{listener.scheme}://{dialable(settings.http_listen.rpartition(':')[0])}:"
+            f"{listener.port}")
+        try:
+            record_listening(dev_file, f"{dialable(settings.listen.rpartition(':')[0])}:{port}",
+                             http_url)
+        except (OSError, ValueError) as error:  # the server runs on; only discovery suffers
+            log.warning("could not record the listening address in %s: %s", dev_file,
+                        Safe(type(error).__name__))
+
+    return record
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         try:
-            settings = _resolve_settings(args)
+            settings, dev_file = _resolve_settings(args)
         except ConfigError as error:
             print(f"icegate-server: {error}", file=sys.stderr)
             return 2
-        return _run(args, settings)
+        return _run(args, settings, dev_file)
     finally:
         stop_logging()  # writes out what is still queued
 
 
-def _run(args: argparse.Namespace, settings: Settings) -> int:
+def _run(args: argparse.Namespace, settings: Settings, dev_file: Path | None) -> int:
     if args.command == "coturn-config":
         from icegate_server.turn.coturn_config import (
             CoturnConfigError,
@@ -118,7 +137,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         except (OSError, IcegateError) as error:
             print(f"icegate-server: {error}", file=sys.stderr)
             return 1
-    return run_server(settings)
+    return run_server(settings, on_listening=None if dev_file is None
+                      else _recorder(settings, dev_file))
 
 
 if __name__ == "__main__":  # pragma: no cover

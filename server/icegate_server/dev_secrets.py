@@ -2,6 +2,8 @@
 
 They let `make run` work on a fresh clone with nothing configured. They are used only for
 settings left empty, and the server says so at start; production sets every secret itself.
+The file also records where the dev server last listened (`grpc_target`, `http_url`), so
+the `icegate` command and clients started in the same directory find it on any port.
 """
 
 from __future__ import annotations
@@ -43,15 +45,40 @@ def load_or_create(data_dir: Path) -> tuple[dict[str, str], Path, bool]:
     missing = {name: value for name, value in _generate().items() if name not in stored}
     if missing:
         stored.update(missing)
-        # O_EXCL on a temporary name, then rename: the file is never readable by others,
-        # not even for an instant, and a crash never leaves half a file.
-        tmp = path.with_suffix(".tmp")
-        tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(stored, handle, indent=2)
-        tmp.replace(path)
+        _write(path, stored)
     return stored, path, bool(missing)
+
+
+def _write(path: Path, stored: dict[str, str]) -> None:
+    # O_EXCL on a temporary name, then rename: the file is never readable by others, not
+    # even for an instant, and a crash never leaves half a file.
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(stored, handle, indent=2)
+    tmp.replace(path)
+
+
+def dialable(listen_host: str) -> str:
+    """The host a local client dials for a listen host: loopback for a wildcard address."""
+    if listen_host in ("", "0.0.0.0"):  # noqa: S104 - recognising the wildcard, not binding
+        return "127.0.0.1"
+    if listen_host in ("[::]", "::"):
+        return "[::1]"
+    return listen_host
+
+
+def record_listening(path: Path, grpc_target: str, http_url: str | None) -> None:
+    """Writes where the dev server listens into its dev secrets file (`grpc_target`, and
+    `http_url` when the HTTP listener is on; a stale `http_url` is removed)."""
+    with path.open(encoding="utf-8") as handle:
+        stored: dict[str, str] = json.load(handle)
+    stored["grpc_target"] = grpc_target
+    stored.pop("http_url", None)
+    if http_url is not None:
+        stored["http_url"] = http_url
+    _write(path, stored)
 
 
 def apply_dev_secrets(settings: Settings) -> tuple[Settings, Path | None, bool]:

@@ -13,6 +13,7 @@ import gc
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -386,8 +387,11 @@ def _freeze_startup_objects() -> None:
 
 async def serve(settings: Settings, *,
                 stop_signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
-                ) -> None:
+                on_listening: Callable[[IcegateServer, int], None] | None = None) -> None:
     """Runs the server until one of `stop_signals` arrives, then shuts down gracefully.
+
+    `on_listening(server, port)` is called once every listener is bound (the dev secrets
+    file records where, for the `icegate` command: `dev_secrets.record_listening`).
 
     A worker under `icegate-server --workers N` stops on SIGTERM only: its supervisor
     forwards SIGINT as SIGTERM, and the terminal's SIGINT must not reach it twice.
@@ -417,6 +421,8 @@ async def serve(settings: Settings, *,
     if server.metrics_port is not None:
         log.info("Prometheus metrics on http://%s:%d/metrics",
                  Safe(settings.metrics_listen.rpartition(":")[0]), server.metrics_port)
+    if on_listening is not None:
+        on_listening(server, port)
 
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
@@ -432,7 +438,8 @@ async def serve(settings: Settings, *,
 
 
 def run_server(settings: Settings, *,
-               stop_signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)) -> int:
+               stop_signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
+               on_listening: Callable[[IcegateServer, int], None] | None = None) -> int:
     """Serves in this process, on uvloop where available, until one of `stop_signals`."""
     try:
         import uvloop
@@ -441,7 +448,7 @@ def run_server(settings: Settings, *,
     else:
         runner = uvloop.run
     try:
-        runner(serve(settings, stop_signals=stop_signals))
+        runner(serve(settings, stop_signals=stop_signals, on_listening=on_listening))
     except (OSError, IcegateError) as error:
         print(f"icegate-server: {error}", file=sys.stderr)
         return 1

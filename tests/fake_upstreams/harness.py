@@ -94,7 +94,7 @@ CASES = (
     ),
     ProviderCase(
         ProviderKind.ORGA, "orga_base_url", SECRETS_PATH,
-        SessionOptions(model="orga-1", voice="alice"),
+        SessionOptions(model="orga-1", voice="alice", email="dev@example.test"),
         lambda: OrgaEmulation(API_KEY),
         lambda status, message, headers: _with_headers(orga_error(status, message), headers),
     ),

@@ -154,7 +154,7 @@ def test_the_cli_starts_a_call_from_an_sdp_file(server, admin, tmp_path):
                           timeout=30)
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout)
-    assert answer["browser"]["sdp"].startswith("v=0")
+    assert answer["browser"]["answer"]["sdp"].startswith("v=0")
     assert answer["call_id"].startswith("rtc_")
 
 

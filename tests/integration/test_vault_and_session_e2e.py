@@ -117,7 +117,13 @@ def test_orga_session_returns_its_ice_servers_beside_icegates(tmp_path):
             RunningServer(server_settings(tmp_path, orga_base_url=orga.base_url)) as server, \
             icegate.Client(server.target, TEST_ADMIN_KEY) as admin:
         admin.set_provider_key("default", "orga", orga_key)
+        with pytest.raises(icegate.InvalidArgumentError) as caught:
+            admin.create_session("orga")  # Orga would answer 401 as if the key were wrong
         created = admin.create_session("orga", email="dev@example.test")
+        used = admin.get_usage("default").sessions.used_this_month
+    assert [v.field for v in caught.value.field_violations] == ["email"]
+    assert used == 1, "the refused call gave its quota unit back"
+    assert len(orga.requests_to("/v1/realtime/client-secrets")) == 1
     assert created.ephemeral_token.value
     assert created.provider_ice_servers, "Orga's own ICE servers come back"
     assert [s.urls[0].split(":")[0] for s in created.ice_servers] == ["stun", "turn"]

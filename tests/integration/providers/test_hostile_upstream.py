@@ -37,7 +37,7 @@ OPTIONS: dict[str, dict[str, str]] = {
     "openai_beta": {"model": "gpt-4o-realtime-preview", "voice": "marin"},
     "azure": {"model": "my-realtime", "voice": "marin"},
     "azure_legacy": {"model": "my-realtime", "voice": "marin"},
-    "orga": {"model": "orga-1", "voice": "alice"},
+    "orga": {"model": "orga-1", "voice": "alice", "email": "dev@example.test"},
     "gemini": {"model": "gemini-live-2.5-flash-preview", "voice": "Puck"},
 }
 PROVIDERS = tuple(OPTIONS)

@@ -10,7 +10,7 @@ import pytest
 from fake_upstreams import CannedResponse, FakeUpstream, RecordedRequest
 from fake_upstreams.harness import API_KEY, AZURE_DEPLOYMENT, CASES_BY_KIND, ProviderCase, mint
 from fake_upstreams.orga import ICE_PATH, SECRETS_PATH
-from icegate_server.errors import UpstreamUnavailableError
+from icegate_server.errors import InvalidFieldError, UpstreamUnavailableError
 from icegate_server.sessions.providers import IceServer, ProviderKind, SessionOptions
 
 RICH = SessionOptions(
@@ -151,10 +151,21 @@ def test_orga_fetches_secret_then_ice_config(fake_for: tuple[ProviderCase, FakeU
 
 
 @pytest.mark.parametrize("fake_for", [ProviderKind.ORGA], indirect=True)
-def test_orga_without_email_sends_no_query(fake_for: tuple[ProviderCase, FakeUpstream]) -> None:
+def test_orga_without_email_is_refused_naming_the_field_before_any_request(
+        fake_for: tuple[ProviderCase, FakeUpstream]) -> None:
+    # Orga answers 401 "Invalid API key or email" without one: the key is not to blame.
     case, fake = fake_for
-    mint(case, fake.base_url, SessionOptions())
-    assert fake.requests[0].query == {}
+    with pytest.raises(InvalidFieldError) as caught:
+        mint(case, fake.base_url, SessionOptions())
+    assert caught.value.violations[0].field == "email"
+    assert not fake.requests
+
+
+@pytest.mark.parametrize("fake_for", [ProviderKind.ORGA], indirect=True)
+def test_orga_sends_the_email(fake_for: tuple[ProviderCase, FakeUpstream]) -> None:
+    case, fake = fake_for
+    mint(case, fake.base_url, SessionOptions(email="dev@example.test"))
+    assert fake.requests[0].query == {"email": ["dev@example.test"]}
 
 
 @pytest.mark.parametrize("fake_for", [ProviderKind.ORGA], indirect=True)
@@ -164,7 +175,7 @@ def test_orga_reads_expiry_from_a_jwt_token(fake_for: tuple[ProviderCase, FakeUp
     jwt = "eyJhbGciOiJub25lIn0.eyJleHAiOiAxOTAwMDAwMDAwfQ.sig"
     fake.enqueue(CannedResponse(200, {"ephemeral_token": jwt}),
                  CannedResponse(200, {"iceServers": []}))
-    token = mint(case, fake.base_url, SessionOptions())
+    token = mint(case, fake.base_url, SessionOptions(email="dev@example.test"))
     assert (token.value, token.expires_at, token.ice_servers) == (jwt, 1_900_000_000.0, ())
 
 
@@ -175,7 +186,7 @@ def test_orga_refusing_its_own_token_is_unavailable(
     case, fake = fake_for
     fake.enqueue(CannedResponse(200, {"ephemeral_token": "eph"}), case.error(401, "no", {}))
     with pytest.raises(UpstreamUnavailableError) as caught:
-        mint(case, fake.base_url, SessionOptions())
+        mint(case, fake.base_url, SessionOptions(email="dev@example.test"))
     assert caught.value.upstream_status == 401
 
 
@@ -185,7 +196,7 @@ def test_orga_malformed_ice_servers(fake_for: tuple[ProviderCase, FakeUpstream])
     fake.enqueue(CannedResponse(200, {"ephemeral_token": "eph"}),
                  CannedResponse(200, {"iceServers": [{"username": "no urls"}]}))
     with pytest.raises(UpstreamUnavailableError, match="malformed answer"):
-        mint(case, fake.base_url, SessionOptions())
+        mint(case, fake.base_url, SessionOptions(email="dev@example.test"))
 
 
 @pytest.mark.parametrize("fake_for", [ProviderKind.GEMINI], indirect=True)

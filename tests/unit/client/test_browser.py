@@ -318,3 +318,8 @@ def test_browser_options_refuse_what_is_not_a_json_object_of_strings(body: Any,
 ])
 def test_timestamps_read_to_the_millisecond_in_utc(value: Any) -> None:
     assert iso_timestamp(value) == "2025-12-06T08:04:55.299Z"
+
+
+def test_a_whole_second_reads_without_a_fraction() -> None:
+    assert iso_timestamp(timestamp_pb2.Timestamp(seconds=1_765_008_295, nanos=999_999)) == \
+        "2025-12-06T08:04:55Z"

@@ -79,13 +79,21 @@ class OrgaProvider:
     async def mint(
         self, api_key: str, options: SessionOptions, *, timeout: float | None
     ) -> MintedToken:
-        """See `Provider.mint`; the result carries Orga's ICE servers."""
+        """See `Provider.mint`; the result carries Orga's ICE servers.
+
+        Raises:
+            InvalidFieldError: No `email`: Orga mints no token without the end user's (or
+                developer's) e-mail address, and answers 401 as if the key were wrong.
+        """
         self.validate(options)
+        if not options.email:  # here, not in validate: a policy is checked without one
+            raise InvalidFieldError("email", "is required by orga (the end user's e-mail "
+                                    "address, sent with the token request)")
         check_api_key(api_key, self.kind)
         deadline = self._http.deadline(timeout)
         secret = await self._http.call(
             "POST", self._secrets_url, headers={"Authorization": f"Bearer {api_key}"},
-            params={"email": options.email} if options.email else None,
+            params={"email": options.email},
             deadline=deadline, secrets=(api_key,),
         )
         token = secret.require_text(UpstreamField.TOKEN, "ephemeral_token")
