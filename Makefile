@@ -14,7 +14,7 @@ NODE_DIR := client/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 NODE_GENERATED_DIR := $(NODE_DIR)/src/gen
 
-.PHONY: all venv proto proto-node proto-check run test lint buf contract-release coturn bench profile soak clean
+.PHONY: all venv proto proto-node proto-check run test lint buf contract-release coturn demo bench profile soak clean
 
 all: test
 
@@ -145,6 +145,15 @@ coturn: $(STAMP)
 	$(DEV_SETTINGS) $(BIN)/icegate-server coturn-config --coturn-allow-loopback-peers \
 	  --output $(DEV_DIR)/turnserver.conf $(ARGS)
 	turnserver -c $(DEV_DIR)/turnserver.conf
+
+# A realtime call in your browser, on this machine only: the dev server, a coturn in step with it
+# (`make coturn`), a local fake OpenAI answering with a real WebRTC peer (a development aid in
+# examples/demo/, never part of the server) and the FastAPI example serving the demo page; prints
+# the page's URL. Its own data directory, $(DEV_DIR)/demo: the fake's provider key never replaces
+# a real one. Ctrl-C stops everything. ARGS="--web 127.0.0.1:9000 ..." (see --help).
+demo: $(STAMP)
+	scripts/install-system-packages
+	$(BIN)/python examples/demo/run.py --data-dir $(DEV_DIR)/demo $(ARGS)
 
 # icegate (over gRPC and over Connect) against a bare grpc.aio server, a bare Connect server and
 # FastAPI, with h2load: about 25-30 minutes (BENCH_QUICK=1: about 8, 4 of one short run of
