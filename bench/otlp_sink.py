@@ -23,7 +23,7 @@ class OtlpSink(trace_service_pb2_grpc.TraceServiceServicer):
         self.port = self._server.add_insecure_port("127.0.0.1:0")
         self._server.start()
 
-    def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 (the proto's name)
+    def Export(self, request: Any, context: Any) -> Any:
         received = sum(len(scope.spans) for resource in request.resource_spans
                        for scope in resource.scope_spans)
         with self._lock:

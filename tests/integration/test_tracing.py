@@ -24,7 +24,13 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, StatusCode, format_span_id, format_trace_id
+from opentelemetry.trace import (
+    SpanKind,
+    StatusCode,
+    format_span_id,
+    format_trace_id,
+    set_span_in_context,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 import icegate
@@ -111,8 +117,6 @@ def _traced_call_metadata() -> tuple[object, list[tuple[str, str]]]:
     """A caller's span and the metadata that carries its context (W3C traceparent)."""
     span = CALLER.start_span("caller")
     carrier: dict[str, str] = {}
-    from opentelemetry.trace import set_span_in_context
-
     TraceContextTextMapPropagator().inject(carrier, set_span_in_context(span))
     span.end()
     return span, list(carrier.items())
@@ -166,7 +170,7 @@ def test_a_malformed_traceparent_is_ignored_not_an_error(client, exporter, trace
     (span,) = _server_spans(exporter, ISSUE)
     assert span.parent is None
     assert span.context.trace_id != 0
-    assert "4bf92f3577b34da6a3ce929d0e0e4736" != format_trace_id(span.context.trace_id)
+    assert format_trace_id(span.context.trace_id) != "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
 def test_a_refused_call_carries_its_reason_and_is_not_an_error_of_the_server(
@@ -237,9 +241,9 @@ def test_no_span_holds_a_key_token_secret_or_credential(client, target, exporter
         turn = caller.issue_turn_credentials("alice")
         session = caller.create_session("openai", user_id="bob")
     client.set_provider_key("default", "openai", OPENAI_KEY)
-    with pytest.raises(icegate.AuthenticationError):
-        with icegate.Client(target, "igk_wrong_" + "x" * 30) as stranger:
-            stranger.issue_turn_credentials("alice")
+    with pytest.raises(icegate.AuthenticationError), \
+            icegate.Client(target, "igk_wrong_" + "x" * 30) as stranger:
+        stranger.issue_turn_credentials("alice")
 
     spans = exporter.get_finished_spans()
     assert len(spans) >= 8
@@ -303,7 +307,7 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
         self._thread.start()
         self.port = self._run(self._start())
 
-    def _run(self, coroutine):  # type: ignore[no-untyped-def]
+    def _run(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(30)
 
     async def _start(self) -> int:
@@ -313,7 +317,7 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
         await self._server.start()
         return port
 
-    async def Export(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+    async def Export(self, request, context):
         with self._lock:
             self.requests.append(request)
         return trace_service_pb2.ExportTraceServiceResponse()
