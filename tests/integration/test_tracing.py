@@ -383,3 +383,26 @@ def test_a_real_server_exports_its_spans_to_an_otlp_receiver(tmp_path: Path):
     for secret in (TEST_ADMIN_KEY, TEST_TURN_SECRET, TEST_MASTER_KEY,
                    *(password for _, password in callers.values())):
         assert secret.encode() not in exported
+
+
+def test_a_collector_that_is_down_fails_no_call_and_its_key_stays_out_of_the_log(
+        tmp_path: Path):
+    http_port = free_port()
+    process = ServerProcess(tmp_path, http_listen=f"127.0.0.1:{http_port}")
+    process.env = {k: v for k, v in process.env.items() if not k.startswith("OTEL_")}
+    process.env.update({
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",  # nothing listens
+        "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer collector-key-0123456789",
+        "OTEL_EXPORTER_OTLP_TIMEOUT": "1",  # seconds: how long the stop waits for it
+        "OTEL_BSP_SCHEDULE_DELAY": "50",  # milliseconds: export while the server runs
+    })
+    with process:  # starts it
+        for target in (process.target, f"http://127.0.0.1:{http_port}"):
+            with icegate.Client(target, TEST_ADMIN_KEY) as client:
+                for _ in range(3):
+                    assert client.issue_turn_credentials("dave").username
+        assert process.stop() == 0
+    log = process.read_log()
+    assert "opentelemetry.exporter" in log  # the failed export was logged...
+    assert "collector-key-0123456789" not in log  # ...without the collector's key
