@@ -23,11 +23,16 @@ store: a throw-away redis-server (no persistence) on a free port, one per run. O
 icegate process is under callgrind, so the count is icegate's CPU per call, not Redis's.
 
     .venv/bin/python bench/instructions.py icegate-sqlite icegate-redis   # some targets only
+
+What tracing costs: `icegate-sqlite-traced` is icegate SQLite with OpenTelemetry on, every
+call sampled (or as `OTEL_TRACES_SAMPLER`/`_ARG` of this process say), its spans exported over
+OTLP/gRPC to a receiver in this process (`otlp_sink.py`); `icegate-sqlite` is it off.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import sys
@@ -48,9 +53,12 @@ TARGETS = {"bare": "bare grpc.aio", "fastapi": "FastAPI (uvicorn, HTTP/1.1)",
            "bare-connect": "bare Connect (connectrpc, uvicorn)",
            "icegate-sqlite": "icegate SQLite", "icegate-redis": "icegate Redis",
            "icegate-sqlite-connect": "icegate SQLite Connect",
-           "icegate-redis-connect": "icegate Redis Connect"}
+           "icegate-redis-connect": "icegate Redis Connect",
+           "icegate-sqlite-traced": "icegate SQLite, tracing on"}
 """The targets; `-connect` ones are the same icegate loaded over Connect (binary protobuf,
-HTTP/1.1) instead of gRPC."""
+HTTP/1.1) instead of gRPC; `-traced` is icegate SQLite with OpenTelemetry tracing on (every
+call sampled, spans batched over OTLP/gRPC to `otlp_sink.py`), against `icegate-sqlite` with
+it off (the default)."""
 _TOTAL = re.compile(r"^(?:summary|totals):\s+(\d+)", re.M)
 
 
@@ -62,6 +70,7 @@ def _instructions(target: str, calls: int, work: Path) -> int:
     port = free_port()
     bodies = scenario.write_bodies(work / "bodies")
     redis: ManagedProcess | None = None
+    sink: Any = None
     if target == "bare":
         argv = [sys.executable, str(targets.BENCH_DIR / "bare_grpc_server.py"), "--port",
                 str(port)]
@@ -92,6 +101,16 @@ def _instructions(target: str, calls: int, work: Path) -> int:
             port = free_port()
         http_port = free_port() if connect else None
         env = targets.icegate_env(port, data, store_url, http_port=http_port)
+        # Tracing only where asked for; the sampler may be chosen for the traced target
+        # (OTEL_TRACES_SAMPLER=traceidratio OTEL_TRACES_SAMPLER_ARG=0.1: a tenth sampled).
+        env = {name: value for name, value in env.items() if not name.startswith("OTEL_")
+               or (target.endswith("-traced") and name.startswith("OTEL_TRACES_SAMPLER"))}
+        if target.endswith("-traced"):
+            from otlp_sink import OtlpSink
+
+            sink = OtlpSink()
+            env.update({"OTEL_TRACES_EXPORTER": "otlp",
+                        "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint})
         # Under callgrind a call runs ~50x slower: the 0.1 s default would fail some calls
         # UNAVAILABLE, and a failed call costs less than an answered one.
         env["ICEGATE_STORE_TIMEOUT"] = "5"
@@ -106,6 +125,8 @@ def _instructions(target: str, calls: int, work: Path) -> int:
                 server.stop(timeout=120)
             if redis is not None:
                 redis.stop()
+            if sink is not None:
+                sink.stop()
             raise
         endpoint = (connect_endpoint(http_port, scenario.ISSUE, bodies["issue-proto"], key)
                     if http_port is not None
@@ -118,6 +139,11 @@ def _instructions(target: str, calls: int, work: Path) -> int:
         server.stop(timeout=120)
         if redis is not None:
             redis.stop()
+        if sink is not None:
+            sink.stop()
+            # Every call's server span and its store.admit span reached the collector.
+            if sink.spans < 2 * calls and "OTEL_TRACES_SAMPLER" not in os.environ:
+                raise RuntimeError(f"{target}: the collector received {sink.spans} spans")
     match = _TOTAL.search(out.read_text(errors="replace"))
     if match is None:
         raise _NoTotal(f"{target}: callgrind wrote no total to {out}")
@@ -172,6 +198,9 @@ def measure(work: Path, chosen: Sequence[str] | None = None) -> dict[str, Any]:
     if sqlite and redis:
         # The Redis path's cost against the embedded one's (issue 16: at most 1.1).
         results["redis_over_sqlite"] = redis / sqlite
+    traced = counts.get(TARGETS["icegate-sqlite-traced"])
+    if sqlite and traced:
+        results["traced_over_untraced"] = traced / sqlite
     connect = counts.get(TARGETS["icegate-sqlite-connect"])
     if connect and fastapi:
         results["connect_vs_fastapi"] = fastapi / connect

@@ -16,6 +16,7 @@ from pathlib import Path
 from icegate_server.dev_secrets import apply_dev_secrets, dialable, record_listening
 from icegate_server.errors import IcegateError
 from icegate_server.observability.logs import Safe, configure_logging, stop_logging
+from icegate_server.observability.tracing import check_tracing_environment
 from icegate_server.server import IcegateServer, run_server
 from icegate_server.settings import (
     SETTINGS,
@@ -63,6 +64,7 @@ def _resolve_settings(args: argparse.Namespace) -> tuple[Settings, Path | None]:
     flags = {key: value for key, value in vars(args).items() if key in SETTINGS or key == "config"}
     settings = load_settings(flags)
     refuse_sqlite_workers(settings)
+    check_tracing_environment()  # OTEL_*: once, before any worker starts
     # From here on every line goes through the sanitising formatter (observability.logs).
     configure_logging(settings.log_format, settings.log_level)
     settings, dev_file, created = apply_dev_secrets(settings)

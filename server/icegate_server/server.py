@@ -43,6 +43,7 @@ from icegate_server.observability.metrics import (
     instrument_store,
     serve_metrics,
 )
+from icegate_server.observability.tracing import tracing_from_environment
 from icegate_server.projects.admin import ProjectAdmin, ProjectDefaults
 from icegate_server.projects.usage import UsageReporter
 from icegate_server.servicers.admin_service import AdminServicer
@@ -60,7 +61,7 @@ from icegate_server.sessions.providers import (
 )
 from icegate_server.sessions.realtime import RealtimeSessions
 from icegate_server.sessions.vault import Vault, load_master_keys
-from icegate_server.settings import Settings, parse_listen_address
+from icegate_server.settings import ConfigError, Settings, parse_listen_address
 from icegate_server.store import Store, open_store
 from icegate_server.transports.grpc_methods import MethodTable
 from icegate_server.turn.coturn_cli import CoturnCli
@@ -80,6 +81,7 @@ from icegate_server.turn.revocation import SessionTurnSweeper, TurnRevocation
 from icegate_server.turn.rotation import TurnSecretRotation
 
 if TYPE_CHECKING:  # imported when ICEGATE_HTTP_LISTEN is set (create_server)
+    from icegate_server.observability.spans import Tracing  # only when tracing is on
     from icegate_server.transports.http_listener import HttpListener
 
 log = logging.getLogger(__name__)
@@ -239,10 +241,13 @@ async def create_server(
     settings: Settings, *, clock: Clock | None = None,
     http_transport: httpx.AsyncBaseTransport | None = None,
     metrics_limits: MetricsServerLimits | None = None,
+    tracing: Tracing | None = None,
 ) -> tuple[IcegateServer, int]:
     """Builds the server and binds its port (0 picks a free one); call `start()` next.
 
     `metrics_limits` bounds the metrics port (default: `MetricsServerLimits()`'s constants).
+    `tracing` (None: off) traces every guarded call, its store calls and its upstream
+    requests; the traced parts are chosen here, once (`observability/tracing.py`).
 
     Returns:
         The server and the port it is bound to.
@@ -253,8 +258,12 @@ async def create_server(
                                    settings.master_key_file or None))
     store = instrument_store(
         await open_store(settings.store_url, timeout=settings.store_timeout), metrics)
+    if tracing is not None:
+        store = tracing.traced_store(store, settings.store_url)
     http = make_http_client(settings.upstream_connect_timeout, settings.upstream_read_timeout,
                             transport=http_transport)
+    if tracing is not None:
+        tracing.instrument_http(http)
     try:
         keyring = TurnSecretKeyring(settings.turn_secrets)
         issuer = TurnCredentialIssuer(keyring, clock, settings.turn_uris,
@@ -298,7 +307,7 @@ async def create_server(
                                     clock, lease_seconds=settings.session_lease_seconds,
                                     upstream_seconds=settings.upstream_connect_timeout
                                     + settings.upstream_read_timeout)
-        guard = CallGuard(access, metrics)
+        guard = CallGuard(access, metrics, tracing)
         coturn_cli = (CoturnCli(settings.coturn_cli, settings.coturn_cli_password)
                       if settings.coturn_cli else None)
         revocation = TurnRevocation(store, clock, coturn_cli,
@@ -398,13 +407,25 @@ async def serve(settings: Settings, *,
     A worker under `icegate-server --workers N` stops on SIGTERM only: its supervisor
     forwards SIGINT as SIGTERM, and the terminal's SIGINT must not reach it twice.
     """
+    tracing = tracing_from_environment()
+    try:
+        await _serve(settings, tracing, stop_signals, on_listening)
+    finally:
+        if tracing is not None:
+            # Exports the spans still batched (bounded by the exporter's own timeout).
+            await asyncio.get_running_loop().run_in_executor(None, tracing.shutdown)
+
+
+async def _serve(settings: Settings, tracing: Tracing | None,
+                 stop_signals: tuple[signal.Signals, ...],
+                 on_listening: Callable[[IcegateServer, int], None] | None) -> None:
     # The stop signals have their handlers before anything listens: the HTTP listener serves
     # while the gRPC port is still starting, and a SIGTERM then must stop it gracefully too.
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for sig in stop_signals:
         loop.add_signal_handler(sig, stop_requested.set)
-    server, port = await create_server(settings)
+    server, port = await create_server(settings, tracing=tracing)
     await server.start()
     host = settings.listen.rpartition(":")[0]
     transport = ("mutual TLS" if settings.tls_client_ca else "TLS" if settings.tls_cert
@@ -429,6 +450,8 @@ async def serve(settings: Settings, *,
     if server.metrics_port is not None:
         log.info("Prometheus metrics on http://%s:%d/metrics",
                  Safe(settings.metrics_listen.rpartition(":")[0]), server.metrics_port)
+    if tracing is not None:
+        log.info("OpenTelemetry tracing on (OTEL_TRACES_EXPORTER)")
     if on_listening is not None:
         on_listening(server, port)
 
@@ -453,7 +476,7 @@ def run_server(settings: Settings, *,
         runner = uvloop.run
     try:
         runner(serve(settings, stop_signals=stop_signals, on_listening=on_listening))
-    except (OSError, IcegateError) as error:
+    except (OSError, IcegateError, ConfigError) as error:
         print(f"icegate-server: {error}", file=sys.stderr)
         return 1
     return 0

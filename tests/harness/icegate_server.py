@@ -19,11 +19,14 @@ import dataclasses
 import threading
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from icegate_server.clock import Clock, FrozenClock
 from icegate_server.server import IcegateServer, create_server
 from icegate_server.settings import Settings
+
+if TYPE_CHECKING:
+    from icegate_server.observability.spans import Tracing
 
 T = TypeVar("T")
 
@@ -57,7 +60,7 @@ class RunningServer:
     """An icegate server running on a background event loop until `stop()`."""
 
     def __init__(self, settings: Settings, clock: Clock | None = None, *,
-                 transport: str = "grpc") -> None:
+                 transport: str = "grpc", tracing: Tracing | None = None) -> None:
         self.settings = settings
         self.transport = transport
         self.clock = clock or FrozenClock()
@@ -66,7 +69,8 @@ class RunningServer:
                                         daemon=True)
         self._thread.start()
         self.server: IcegateServer
-        self.server, self.port = self.run(create_server(settings, clock=self.clock))
+        self.server, self.port = self.run(create_server(settings, clock=self.clock,
+                                                        tracing=tracing))
         self.run(self.server.start())
 
     @property
@@ -121,9 +125,9 @@ class ServerFactory:
         self._running = contextlib.ExitStack()
 
     def __call__(self, clock: Clock | None = None, *, data_dir: Path | None = None,
-                 **overrides: Any) -> RunningServer:
+                 tracing: Tracing | None = None, **overrides: Any) -> RunningServer:
         server = RunningServer(server_settings(data_dir or self.data_dir, **overrides), clock,
-                               transport=self.transport)
+                               transport=self.transport, tracing=tracing)
         self._running.callback(server.stop)  # a no-op for a server already stopped
         return server
 

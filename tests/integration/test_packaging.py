@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import zipfile
@@ -36,5 +37,12 @@ def test_the_wheel_carries_generated_code_and_keeps_server_dependencies_optional
                              "grpcio-health-checking", "connectrpc"}
     assert any("cryptography" in r and "extra == 'server'" in r for r in requirements)
     assert any("uvicorn" in r and "extra == 'server'" in r for r in requirements)
+    # Tracing is its own extra (docs/OPERATIONS.md, "Tracing"): the server runs without it.
+    telemetry = [r for r in requirements if r.startswith("opentelemetry")]
+    assert {re.split(r"[<>=!~;\s]", r)[0] for r in telemetry} == {
+        "opentelemetry-api", "opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-grpc",
+        "opentelemetry-instrumentation-httpx"}
+    assert all("extra == 'tracing'" in r or "extra == 'dev'" in r for r in telemetry)
+    assert sum("extra == 'tracing'" in r for r in telemetry) == 4
     assert "icegate = icegate.cli:main" in entry_points
     assert "icegate-server = icegate_server.__main__:main" in entry_points

@@ -20,6 +20,10 @@ series, and gives the adapters three steps:
 - `GuardedMethod.observe`: one `icegate_rpcs_total` count, one latency observation and one
   log line (`icegate_server.observability.logs`) per call.
 
+With tracing on (`observability/tracing.py`), each method is a `TracedMethod` instead, whose
+`admit` starts the call's server span and whose `observe` ends it; with tracing off the
+guard is exactly the untraced one, chosen once per method, so no call pays for tracing.
+
 The request id (the caller's `x-request-id` if valid, else a fresh one) goes back on success
 and on error, in the transport's own place (a gRPC trailer, a Connect response header), and
 is the one in the log line. Open methods (health, reflection) are served unguarded: neither
@@ -33,7 +37,7 @@ import itertools
 import os
 import time
 from collections.abc import Callable, Collection, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import grpc
 from google.rpc import status_pb2
@@ -75,6 +79,28 @@ UNDECODABLE = object()
 Metadata = Collection[tuple[str, Any]]
 """A call's metadata as (lower-case name, value) pairs: gRPC metadata, or HTTP headers (read
 more than once)."""
+
+GRPC_TRANSPORT = "grpc"
+CONNECT_TRANSPORT = "connect_rpc"
+"""The transports a guarded method is served on, spelled as OpenTelemetry's `rpc.system`."""
+
+
+class RpcSpans(Protocol):
+    """The server spans of one guarded method on one transport (`observability/spans.py`)."""
+
+    def start(self, metadata: Metadata) -> None:
+        """Starts the span of the call being admitted and makes it current."""
+
+    def end(self, code: grpc.StatusCode, reason: str, request_id: str,
+            project_id: str) -> None:
+        """Ends the current call's span with its outcome."""
+
+
+class CallTracing(Protocol):
+    """What the guard needs of tracing when it is on (`observability.spans.Tracing`)."""
+
+    def rpc_spans(self, method: str, transport: str) -> RpcSpans:
+        """The server spans of `method` (full name) served on `transport`."""
 
 _current_call: contextvars.ContextVar[CallContext] = contextvars.ContextVar("icegate_call")
 
@@ -189,19 +215,56 @@ class GuardedMethod:
             call.caller.key_id if call is not None else "", reason), bug)
 
 
-class CallGuard:
-    """Makes the `GuardedMethod` of each method a transport serves."""
+class TracedMethod(GuardedMethod):
+    """A guarded method whose every call runs in a server span (tracing on)."""
 
-    def __init__(self, access: AccessControl, metrics: IcegateMetrics | None = None) -> None:
+    __slots__ = ("_spans",)
+
+    def __init__(self, name: str, access: AccessControl, metrics: IcegateMetrics,
+                 spans: RpcSpans) -> None:
+        super().__init__(name, access, metrics)
+        self._spans = spans
+
+    async def admit(self, request: Any, metadata: Metadata,
+                    identities: Callable[[], Sequence[str]]) -> CallContext:
+        # First, so that the admission's store round trip is the span's child.
+        self._spans.start(metadata)
+        return await super().admit(request, metadata, identities)
+
+    def observe(self, code: grpc.StatusCode, reason: str, started: float, request_id: str,
+                peer: str, call: CallContext | None, request: Any,
+                bug: Exception | None = None) -> None:
+        try:
+            super().observe(code, reason, started, request_id, peer, call, request, bug)
+        finally:
+            self._spans.end(code, reason, request_id, _project_of(call, request))
+
+
+class CallGuard:
+    """Makes the `GuardedMethod` of each method a transport serves.
+
+    Args:
+        tracing: Tracing when it is on: each method is then a `TracedMethod`.
+    """
+
+    def __init__(self, access: AccessControl, metrics: IcegateMetrics | None = None,
+                 tracing: CallTracing | None = None) -> None:
         self._access = access
         self._metrics = metrics if metrics is not None else IcegateMetrics()
-        self._methods: dict[str, GuardedMethod] = {}
+        self._tracing = tracing
+        self._methods: dict[tuple[str, str], GuardedMethod] = {}
 
-    def method(self, name: str) -> GuardedMethod:
-        """The guarded method of the full name `name` (one per name, shared by transports)."""
-        guarded = self._methods.get(name)
+    def method(self, name: str, transport: str = GRPC_TRANSPORT) -> GuardedMethod:
+        """The guarded method of the full name `name` served on `transport` (one per name
+        and transport; they share the method's metric series)."""
+        guarded = self._methods.get((name, transport))
         if guarded is None:
-            guarded = self._methods[name] = GuardedMethod(name, self._access, self._metrics)
+            if self._tracing is None:
+                guarded = GuardedMethod(name, self._access, self._metrics)
+            else:
+                guarded = TracedMethod(name, self._access, self._metrics,
+                                       self._tracing.rpc_spans(name, transport))
+            self._methods[name, transport] = guarded
         return guarded
 
 

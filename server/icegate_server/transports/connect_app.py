@@ -52,6 +52,7 @@ from protobuf.wkt import Any as AnyDetail
 
 from icegate_server.access.control import CallContext
 from icegate_server.access.guard import (
+    CONNECT_TRANSPORT,
     MAX_REQUEST_BYTES,
     REQUEST_ID_HEADER,
     UNDECODABLE,
@@ -206,7 +207,7 @@ class ConnectApplication(ConnectASGIApplication[None]):
                 idempotency_level=IdempotencyLevel.UNKNOWN, stream_type=StreamType.UNARY)
             behavior = getattr(servicer, method.name)
             function = (_open(behavior) if guard is None
-                        else _guarded(guard.method(path), behavior))
+                        else _guarded(guard.method(path, CONNECT_TRANSPORT), behavior))
             self._table[path] = Endpoint.unary(method=info, function=function)
 
 
