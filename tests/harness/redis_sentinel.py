@@ -33,13 +33,22 @@ MASTER_NAME = "icegate"
 QUORUM = 2
 
 
-def command(port: int, *args: str | int, timeout: float = 2.0) -> RespValue:
-    """One command to the Redis or sentinel on `port`, over a fresh connection."""
-    parts = [str(a).encode() for a in args]
-    request = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+def command(port: int, *args: str | int, password: str | None = None,
+            timeout: float = 2.0) -> RespValue:
+    """One command to the Redis or sentinel on `port`, over a fresh connection (after AUTH
+    with `password` when given)."""
+    commands = [("AUTH", password), args] if password else [args]
+    request = b""
+    for words in commands:
+        parts = [str(a).encode() for a in words]
+        request += b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p)
+                                                       for p in parts)
     with socket.create_connection((LOOPBACK, port), timeout=timeout) as sock:
         sock.sendall(request)
-        return _read_reply(sock.makefile("rb"))
+        reader = sock.makefile("rb")
+        if password:
+            _read_reply(reader)
+        return _read_reply(reader)
 
 
 def _fields(reply: RespValue) -> dict[str, str]:
@@ -54,8 +63,9 @@ class SentinelProcess:
 
     def __init__(self, port: int, myid: str, primary_port: int, *, down_after_ms: int,
                  failover_timeout_ms: int, known: Sequence[str] = (),
-                 binary: str = "redis-sentinel") -> None:
+                 password: str | None = None, binary: str = "redis-sentinel") -> None:
         self.port = port
+        self.password = password
         self.directory = Path(tempfile.mkdtemp(prefix="icegate-sentinel-"))
         # Sentinel rewrites its configuration file as it learns (replicas, peers, epochs).
         config = self.directory / "sentinel.conf"
@@ -74,6 +84,8 @@ class SentinelProcess:
             # The peers and the replica, known from the start: found by themselves, they
             # take Sentinel's hello period (2 s) to appear.
             *known,
+            # Clients must AUTH; the sentinels use the same password with each other.
+            *([f"requirepass {password}"] if password else []),
             "",
         ]))
         self._log: IO[bytes] = (self.directory / "sentinel.log").open("ab")
@@ -82,7 +94,7 @@ class SentinelProcess:
                                          cwd=self.directory)
 
     def command(self, *args: str | int) -> RespValue:
-        return command(self.port, *args)
+        return command(self.port, *args, password=self.password)
 
     def master(self) -> dict[str, str]:
         """What this sentinel knows of the master (`SENTINEL MASTER`)."""
@@ -121,11 +133,18 @@ class SentinelGroup:
         failover_timeout_ms: Sentinel's failover-timeout (also the pause between two
             failovers of the same master).
         startup_timeout: Seconds `start()` may take.
+        user: A (username, password) Redis user the servers accept besides the open default
+            user (which the harness and replication use), for a URL that authenticates.
+        sentinel_password: The sentinels' `requirepass`.
     """
 
     def __init__(self, *, sentinels: int = 3, down_after_ms: int = 400,
-                 failover_timeout_ms: int = 2000, startup_timeout: float = 20.0) -> None:
+                 failover_timeout_ms: int = 2000, startup_timeout: float = 20.0,
+                 user: tuple[str, str] | None = None,
+                 sentinel_password: str | None = None) -> None:
         self.sentinel_count = sentinels
+        self.user = user
+        self.sentinel_password = sentinel_password
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
         self.startup_timeout = startup_timeout
@@ -143,6 +162,9 @@ class SentinelGroup:
                 # A full sync at once, not after the default 5 s wait for more replicas
                 # (either may be the master after a failover).
                 server.command("CONFIG", "SET", "repl-diskless-sync-delay", "0")
+                if self.user is not None:
+                    server.command("ACL", "SETUSER", self.user[0], "on", f">{self.user[1]}",
+                                   "~*", "&*", "+@all")
             replica.command("REPLICAOF", primary.host, primary.port)
             self._wait("the replica to sync", lambda: self._link_up(replica))
             peers = [(free_tcp_port(), secrets.token_hex(20))
@@ -153,7 +175,8 @@ class SentinelGroup:
                            for p, i in peers if p != port)]
                 self.sentinels.append(SentinelProcess(
                     port, myid, primary.port, down_after_ms=self.down_after_ms,
-                    failover_timeout_ms=self.failover_timeout_ms, known=known))
+                    failover_timeout_ms=self.failover_timeout_ms, known=known,
+                    password=self.sentinel_password))
             self._wait("every sentinel to know the replica and its peers", self._settled)
         except BaseException:
             self.stop()
@@ -227,11 +250,22 @@ class SentinelGroup:
         self._wait(f"a failover away from port {away_from.port}", moved, timeout)
         return self.master
 
-    def wait_until_replica(self, server: RedisServer, timeout: float = 30.0) -> None:
-        """Waits until `server` (a former master) follows the master, in sync."""
-        self._wait(f"port {server.port} to follow the master",
-                   lambda: self._link_up(server), timeout)
-        self._wait("the sentinels to list the replica again", self._settled, timeout)
+    def cut_off_replica(self) -> None:
+        """Breaks the replica's link to the master and keeps it broken (each reconnection
+        fails at AUTH), as a partition between them would: the master goes on acknowledging
+        writes the replica never gets. `kill_master` ends it."""
+        replica = self.replica
+        replica.command("CONFIG", "SET", "masterauth", "a-password-the-master-refuses")
+        replica.command("CLIENT", "KILL", "TYPE", "master")
+        self._wait("the replica's link to go down", lambda: not self._link_up(replica))
+
+    def kill_master(self) -> RedisServer:
+        """SIGKILLs the master (what it had not sent its replica is lost); the replica may
+        then reconnect to whichever master the sentinels pick. Returns the killed server."""
+        master, replica = self.master, self.replica
+        master.kill()
+        replica.command("CONFIG", "SET", "masterauth", "")
+        return master
 
     def stop(self) -> None:
         for sentinel in self.sentinels:

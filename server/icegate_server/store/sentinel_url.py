@@ -79,7 +79,7 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
     tls = url.startswith("rediss+sentinel://")
     if not url.startswith(SENTINEL_SCHEMES):
         raise ValueError("must start with redis+sentinel:// or rediss+sentinel://")
-    if not url.isprintable() or " " in url or "#" in url:
+    if not (url.isascii() and url.isprintable()) or " " in url or "#" in url:
         raise ValueError("must be printable ASCII without spaces or #")
     rest = url.split("://", 1)[1]
     rest, _, query = rest.partition("?")
