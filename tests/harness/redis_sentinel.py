@@ -184,17 +184,28 @@ class SentinelGroup:
         return self
 
     def _link_up(self, replica: RedisServer) -> bool:
+        """Whether `replica` is in sync with the master, as the master sees it: after a full
+        sync the master streams writes only once the replica is online (diskless sync)."""
         info = replica.command("INFO", "replication")
-        return isinstance(info, bytes) and b"master_link_status:up" in info
+        if not (isinstance(info, bytes) and b"master_link_status:up" in info):
+            return False
+        master = next(server for server in self.servers if server is not replica)
+        info = master.command("INFO", "replication")
+        return isinstance(info, bytes) and f"port={replica.port},state=online".encode() in info
 
     def _settled(self) -> bool:
+        """Whether every sentinel has spoken to the replica (it could promote it) and to
+        its peers (they can vote)."""
         for sentinel in self.sentinels:
-            try:
-                state = sentinel.master()
-            except (OSError, RedisReplyError, ConnectionError):
+            replicas = sentinel.command("SENTINEL", "REPLICAS", MASTER_NAME)
+            peers = sentinel.command("SENTINEL", "SENTINELS", MASTER_NAME)
+            assert isinstance(replicas, list) and isinstance(peers, list)
+            if len(replicas) < len(self.servers) - 1 or len(peers) < self.sentinel_count - 1:
                 return False
-            if (int(state["num-slaves"]) < len(self.servers) - 1
-                    or int(state["num-other-sentinels"]) < self.sentinel_count - 1):
+            for replica in map(_fields, replicas):
+                if replica["flags"] != "slave" or replica.get("master-link-status") != "ok":
+                    return False
+            if any(_fields(peer)["flags"] != "sentinel" for peer in peers):
                 return False
         return True
 
