@@ -268,7 +268,9 @@ class SentinelGroup:
         replica = self.replica
         replica.command("CONFIG", "SET", "masterauth", "a-password-the-master-refuses")
         replica.command("CLIENT", "KILL", "TYPE", "master")
-        self._wait("the replica's link to go down", lambda: not self._link_up(replica))
+        master = self.master
+        self._wait("the replica's link to go down", lambda: f"port={replica.port},".encode()
+                   not in master.command("INFO", "replication"))  # type: ignore[operator]
 
     def kill_master(self) -> RedisServer:
         """SIGKILLs the master (what it had not sent its replica is lost); the replica may

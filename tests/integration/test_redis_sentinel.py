@@ -204,6 +204,41 @@ def test_what_a_failover_keeps_is_what_the_replica_had_received(group: SentinelG
         assert (ended_is_back, new_is_live) == (False, True)
 
 
+@redis
+def test_min_replicas_to_write_refuses_unavailable_what_the_replica_would_not_get(
+        group: SentinelGroup) -> None:
+    """The master configured to accept writes only while a replica is connected and
+    acknowledged within 1 s: once the replica is cut off, writes fail UNAVAILABLE instead of
+    being acknowledged and then lost in a failover."""
+    group.master.command("CONFIG", "SET", "min-replicas-to-write", "1")
+    group.master.command("CONFIG", "SET", "min-replicas-max-lag", "1")
+
+    async def scenario() -> tuple[str, tuple[int, int, int]]:
+        store = await RedisStore.open(group.url, timeout=0.5)
+        try:
+            await store.create_project(Project("alpha", rate_limit_requests=1000,
+                                               rate_limit_window_seconds=3600))
+            await store.put_provider_key(ProviderKeyRecord("alpha", "openai", b"k", "abcd", 1))
+            await write_burst(store, 0, 10)
+            await asyncio.to_thread(group.cut_off_replica)
+            with pytest.raises(StoreUnavailableError) as refused:
+                await write_burst(store, 10, 1)
+            killed = group.kill_master()
+            await asyncio.to_thread(group.wait_for_failover, killed)
+            for _ in range(100):
+                try:
+                    return refused.value.message, await held(store)
+                except StoreUnavailableError:
+                    await asyncio.sleep(0.05)
+            return refused.value.message, await held(store)
+        finally:
+            await store.close()
+
+    refusal, kept = asyncio.run(scenario())
+    assert refusal.startswith("Redis store unavailable: ResponseError: NOREPLICAS")
+    assert kept == (10, 10, 10)  # everything acknowledged, nothing more
+
+
 # -- authentication ------------------------------------------------------------------------
 
 

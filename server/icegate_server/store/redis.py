@@ -845,6 +845,15 @@ _CONNECTION_ERRORS = (
     redis.exceptions.ClusterDownError, redis.exceptions.OutOfMemoryError, OSError, TimeoutError)
 """The failures that make the store unavailable (`StoreUnavailableError`) to a caller."""
 
+
+def _refused_for_replicas(error: BaseException) -> bool:
+    """Whether `error` is a master's NOREPLICAS: with `min-replicas-to-write` set (see
+    docs/RELIABILITY.md, "Redis Sentinel"), it refuses writes while too few replicas are in
+    sync; a caller should retry, as when the store is down."""
+    return (isinstance(error, redis.exceptions.ResponseError)
+            and str(error).startswith("NOREPLICAS"))
+
+
 _ADMIT_OUTCOMES: dict[bytes | str, AdmitOutcome] = {
     **{outcome.value: outcome for outcome in AdmitOutcome},
     **{outcome.value.encode(): outcome for outcome in AdmitOutcome}}
@@ -1071,11 +1080,15 @@ class RedisStore:
             yield
         except _CONNECTION_ERRORS as error:
             raise self._unavailable(error) from None
+        except redis.exceptions.ResponseError as error:
+            if not _refused_for_replicas(error):
+                raise
+            raise self._unavailable(error) from None
 
     def _unavailable(self, error: BaseException) -> BaseException:
         """What a caller sees of `error`: a connection-level failure (`_CONNECTION_ERRORS`)
         becomes `StoreUnavailableError`, with the URL's password scrubbed; others stay."""
-        if not isinstance(error, _CONNECTION_ERRORS):
+        if not (isinstance(error, _CONNECTION_ERRORS) or _refused_for_replicas(error)):
             return error
         text = str(error)
         if isinstance(error, MasterNotFoundError):
