@@ -328,7 +328,7 @@ def test_a_sentinel_url_is_parsed_into_its_parts() -> None:
     ("redis+sentinel://h1:65536/icegate", "sentinel 1: the port must be"),
     ("redis+sentinel://h1:26379,h2:port/icegate", "sentinel 2: the port must be"),
     ("redis+sentinel://h1:+1/icegate", "sentinel 1: the port must be"),
-    ("redis+sentinel://h1:２６３７９/icegate", "printable ASCII"),
+    ("redis+sentinel://h1:\uff12\uff16\uff13\uff17\uff19/icegate", "printable ASCII"),  # fullwidth
     ("redis+sentinel://h_1!:26379/icegate", "sentinel 1: the host must be"),
     ("redis+sentinel://[::1:26379/icegate", "sentinel 1: the host must be"),
     # An unencoded / in a password: the parts move, and the message still names no password.
