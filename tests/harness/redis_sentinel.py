@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -58,13 +59,27 @@ def _fields(reply: RespValue) -> dict[str, str]:
     return dict(zip(items[::2], items[1::2], strict=True))
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """A TLS port and the PEM files of the process that listens on it."""
+
+    port: int
+    cert: str
+    key: str
+    ca: str
+
+
 class SentinelProcess:
     """One `redis-sentinel` watching the master `MASTER_NAME`."""
 
     def __init__(self, port: int, myid: str, primary_port: int, *, down_after_ms: int,
                  failover_timeout_ms: int, known: Sequence[str] = (),
-                 password: str | None = None, binary: str = "redis-sentinel") -> None:
+                 password: str | None = None, tls: TlsFiles | None = None,
+                 binary: str = "redis-sentinel") -> None:
         self.port = port
+        """The plain port the harness asks on."""
+        self.public_port = tls.port if tls else port
+        """The port clients and the other sentinels use (TLS with `tls`)."""
         self.password = password
         self.directory = Path(tempfile.mkdtemp(prefix="icegate-sentinel-"))
         # Sentinel rewrites its configuration file as it learns (replicas, peers, epochs).
@@ -86,6 +101,10 @@ class SentinelProcess:
             *known,
             # Clients must AUTH; the sentinels use the same password with each other.
             *([f"requirepass {password}"] if password else []),
+            # TLS to clients, and from this sentinel to the servers and the other sentinels.
+            *([f"tls-port {tls.port}", f"tls-cert-file {tls.cert}", f"tls-key-file {tls.key}",
+               f"tls-ca-cert-file {tls.ca}", "tls-auth-clients no", "tls-replication yes"]
+              if tls else []),
             "",
         ]))
         self._log: IO[bytes] = (self.directory / "sentinel.log").open("ab")
@@ -136,13 +155,20 @@ class SentinelGroup:
         user: A (username, password) Redis user the servers accept besides the open default
             user (which the harness and replication use), for a URL that authenticates.
         sentinel_password: The sentinels' `requirepass`.
+        tls: (CA, certificate, key) PEM files: every server and sentinel also listens with
+            TLS, replicates and talks to its peers over it, and `url` is `rediss+sentinel`
+            (the harness itself keeps to the plain ports).
     """
 
     def __init__(self, *, sentinels: int = 3, down_after_ms: int = 400,
                  failover_timeout_ms: int = 2000, startup_timeout: float = 20.0,
                  user: tuple[str, str] | None = None,
-                 sentinel_password: str | None = None) -> None:
+                 sentinel_password: str | None = None,
+                 tls: tuple[str, str, str] | None = None) -> None:
         self.sentinel_count = sentinels
+        self.tls = tls
+        self._public_ports: dict[int, int] = {}
+        """Each server's port, by the port its clients use (its TLS one with `tls`)."""
         self.user = user
         self.sentinel_password = sentinel_password
         self.down_after_ms = down_after_ms
@@ -162,26 +188,44 @@ class SentinelGroup:
                 # A full sync at once, not after the default 5 s wait for more replicas
                 # (either may be the master after a failover).
                 server.command("CONFIG", "SET", "repl-diskless-sync-delay", "0")
+                self._public_ports[server.port] = server.port
+                if self.tls is not None:
+                    files = self._tls_files()
+                    server.command("CONFIG", "SET", "tls-cert-file", files.cert,
+                                   "tls-key-file", files.key, "tls-ca-cert-file", files.ca,
+                                   "tls-auth-clients", "no", "tls-replication", "yes",
+                                   "tls-port", files.port)
+                    self._public_ports[server.port] = files.port
                 if self.user is not None:
                     server.command("ACL", "SETUSER", self.user[0], "on", f">{self.user[1]}",
                                    "~*", "&*", "+@all")
-            replica.command("REPLICAOF", primary.host, primary.port)
+            replica.command("REPLICAOF", primary.host, self.public_port(primary))
             self._wait("the replica to sync", lambda: self._link_up(replica))
-            peers = [(free_tcp_port(), secrets.token_hex(20))
-                     for _ in range(self.sentinel_count)]
-            for port, myid in peers:
-                known = [f"sentinel known-replica {MASTER_NAME} {LOOPBACK} {replica.port}",
-                         *(f"sentinel known-sentinel {MASTER_NAME} {LOOPBACK} {p} {i}"
-                           for p, i in peers if p != port)]
+            peers = [(free_tcp_port(), self._tls_files() if self.tls else None,
+                      secrets.token_hex(20)) for _ in range(self.sentinel_count)]
+            for port, tls, myid in peers:
+                known = [f"sentinel known-replica {MASTER_NAME} {LOOPBACK} "
+                         f"{self.public_port(replica)}",
+                         *(f"sentinel known-sentinel {MASTER_NAME} {LOOPBACK} "
+                           f"{t.port if t else p} {i}" for p, t, i in peers if p != port)]
                 self.sentinels.append(SentinelProcess(
-                    port, myid, primary.port, down_after_ms=self.down_after_ms,
+                    port, myid, self.public_port(primary), down_after_ms=self.down_after_ms,
                     failover_timeout_ms=self.failover_timeout_ms, known=known,
-                    password=self.sentinel_password))
+                    password=self.sentinel_password, tls=tls))
             self._wait("every sentinel to know the replica and its peers", self._settled)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _tls_files(self) -> TlsFiles:
+        assert self.tls is not None
+        ca, cert, key = self.tls
+        return TlsFiles(free_tcp_port(), cert, key, ca)
+
+    def public_port(self, server: RedisServer) -> int:
+        """The port the replica, the sentinels and icegate reach `server` on."""
+        return self._public_ports[server.port]
 
     def _link_up(self, replica: RedisServer) -> bool:
         """Whether `replica` is in sync with the master, as the master sees it: after a full
@@ -191,7 +235,8 @@ class SentinelGroup:
             return False
         master = next(server for server in self.servers if server is not replica)
         info = master.command("INFO", "replication")
-        return isinstance(info, bytes) and f"port={replica.port},state=online".encode() in info
+        online = f"port={self.public_port(replica)},state=online".encode()
+        return isinstance(info, bytes) and online in info
 
     def _settled(self) -> bool:
         """Whether every sentinel has spoken to the replica (it could promote it) and to
@@ -225,7 +270,9 @@ class SentinelGroup:
     @property
     def url(self) -> str:
         """`redis+sentinel://` with every sentinel, naming the master."""
-        hosts = ",".join(f"{LOOPBACK}:{sentinel.port}" for sentinel in self.sentinels)
+        hosts = ",".join(f"{LOOPBACK}:{sentinel.public_port}" for sentinel in self.sentinels)
+        if self.tls is not None:
+            return f"rediss+sentinel://{hosts}/{MASTER_NAME}?ssl_ca_certs={self.tls[0]}"
         return f"redis+sentinel://{hosts}/{MASTER_NAME}"
 
     def master_port(self) -> int | None:
@@ -240,20 +287,20 @@ class SentinelGroup:
     def master(self) -> RedisServer:
         """The server the sentinels name as the master now."""
         port = self.master_port()
-        return next(server for server in self.servers if server.port == port)
+        return next(server for server in self.servers if self.public_port(server) == port)
 
     @property
     def replica(self) -> RedisServer:
         """The server that is not the master now."""
         port = self.master_port()
-        return next(server for server in self.servers if server.port != port)
+        return next(server for server in self.servers if self.public_port(server) != port)
 
     def wait_for_failover(self, away_from: RedisServer, timeout: float = 30.0) -> RedisServer:
         """Waits until every sentinel names another server than `away_from` as the master
         and that server says it is one; returns it."""
         def moved() -> bool:
             ports = {sentinel.master_port() for sentinel in self.sentinels}
-            if len(ports) != 1 or away_from.port in ports or None in ports:
+            if len(ports) != 1 or self.public_port(away_from) in ports or None in ports:
                 return False
             info = self.master.command("INFO", "replication", timeout=0.5)
             return isinstance(info, bytes) and b"role:master" in info
@@ -269,7 +316,8 @@ class SentinelGroup:
         replica.command("CONFIG", "SET", "masterauth", "a-password-the-master-refuses")
         replica.command("CLIENT", "KILL", "TYPE", "master")
         master = self.master
-        self._wait("the replica's link to go down", lambda: f"port={replica.port},".encode()
+        self._wait("the replica's link to go down",
+                   lambda: f"port={self.public_port(replica)},".encode()
                    not in master.command("INFO", "replication"))  # type: ignore[operator]
 
     def kill_master(self) -> RedisServer:
@@ -287,6 +335,7 @@ class SentinelGroup:
             server.stop()
         self.sentinels.clear()
         self.servers.clear()
+        self._public_ports.clear()
 
     def __enter__(self) -> SentinelGroup:
         return self.start()

@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 
 import icegate
 from harness.icegate_server import TEST_ADMIN_KEY, ServerFactory
+from harness.pki import TestCA
 from harness.pytest_plugin import require_binaries
 from harness.redis_sentinel import MASTER_NAME, SentinelGroup
 from icegate_server.errors import StoreUnavailableError
@@ -297,6 +299,44 @@ def test_a_master_name_the_sentinels_do_not_know_is_unavailable(group: SentinelG
         open_and_close(group.url.replace(f"/{MASTER_NAME}", "/unknown-master"))
     assert caught.value.message == ("Redis store unavailable: MasterNotFoundError: "
                                     "No master found for 'unknown-master'")
+
+
+# -- TLS -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_group(tmp_path: Path) -> Iterator[tuple[SentinelGroup, TestCA]]:
+    """A group whose servers and sentinels speak TLS (certificates of a test CA)."""
+    require_binaries("redis-server", "redis-sentinel")
+    ca = TestCA(tmp_path / "pki")
+    server = ca.issue_server()
+    with SentinelGroup(tls=(ca.cert, server.cert, server.key)) as started:
+        yield started, ca
+
+
+@redis
+def test_rediss_sentinel_reaches_the_master_and_the_sentinels_over_tls(
+        tls_group: tuple[SentinelGroup, TestCA], tmp_path: Path) -> None:
+    group, _ = tls_group
+    assert group.url.startswith("rediss+sentinel://")
+
+    async def scenario() -> tuple[int, int, int]:
+        store = await RedisStore.open(group.url, timeout=0.5)
+        try:
+            await store.create_project(Project("alpha", rate_limit_requests=1000,
+                                               rate_limit_window_seconds=3600))
+            await store.put_provider_key(ProviderKeyRecord("alpha", "openai", b"k", "abcd", 1))
+            await write_burst(store, 0, 5)  # admissions: the hiredis protocol over TLS
+            return await held(store)
+        finally:
+            await store.close()
+
+    assert asyncio.run(scenario()) == (5, 5, 5)
+    # A CA that did not sign the servers' certificates: refused, UNAVAILABLE.
+    other_ca = TestCA(tmp_path / "other", name="another CA")
+    with pytest.raises(StoreUnavailableError) as caught:
+        open_and_close(group.url.replace(group.tls[0] if group.tls else "", other_ca.cert))
+    assert "certificate verify failed" in caught.value.message
 
 
 # -- the URL, checked at start -------------------------------------------------------------

@@ -846,6 +846,17 @@ _CONNECTION_ERRORS = (
 """The failures that make the store unavailable (`StoreUnavailableError`) to a caller."""
 
 
+def _sentinel_errors(text: str) -> str:
+    """MasterNotFoundError's text without the sentinel clients' reprs redis-py puts in it
+    (`No master found for 'name' : <repr> - error, <repr> - error`): the name, then each
+    sentinel's error (unreachable, refused AUTH, certificate not verified)."""
+    head, _, tail = text.partition(" : ")
+    errors = [chunk.rpartition(")> - ")[2].rstrip(", ")
+              for chunk in tail.split("<redis.asyncio.client.Redis(")[1:]]
+    errors = list(dict.fromkeys(error for error in errors if error))
+    return f"{head} ({'; '.join(errors)})" if errors else head
+
+
 def _refused_for_replicas(error: BaseException) -> bool:
     """Whether `error` is a master's NOREPLICAS: with `min-replicas-to-write` set (see
     docs/RELIABILITY.md, "Redis Sentinel"), it refuses writes while too few replicas are in
@@ -1092,8 +1103,7 @@ class RedisStore:
             return error
         text = str(error)
         if isinstance(error, MasterNotFoundError):
-            # Its tail is each sentinel client's repr and error: the first part says it all.
-            text = text.split(" : ", 1)[0]
+            text = _sentinel_errors(text)
         reason = f"{type(error).__name__}: {text}".splitlines()[0][:200]
         for secret in self._secrets:
             reason = reason.replace(secret, "***")
