@@ -46,7 +46,14 @@ run on the server, and blindly re-sending a counting script would count twice. A
 Redis needs no retry anyway: the pool checks a pooled connection for EOF before using it
 and reconnects (RESP2 keeps that check on), and the admissions' connection (below) hears
 Redis close it as it happens and opens a new one for the next batch. Every
-connection-level failure becomes `StoreUnavailableError`.
+connection-level failure becomes `StoreUnavailableError`, and so does a master's NOREPLICAS
+(`min-replicas-to-write`: too few replicas in sync to accept a write).
+
+Sentinel. With `redis+sentinel://` the client is redis-py's Sentinel `master_for`: every
+connection it opens, the admissions' included, first asks the sentinels for the master's
+address, so what a failover drops reconnects to the new master by itself; meanwhile calls
+fail `StoreUnavailableError` (docs/RELIABILITY.md, "Redis Sentinel", has what a failover
+costs and what it can lose).
 
 A paused (or very slow) Redis brings one more hazard: a script the client gave up on sits
 in the server's socket buffer and runs when Redis wakes up, counting a call whose caller was
@@ -1064,14 +1071,14 @@ class RedisStore:
         if is_sentinel_url(url):
             sentinel_url = parse_sentinel_url(url)
             client = _sentinel_master(sentinel_url, timeout, options)
-            secrets: list[str] = list(sentinel_url.secrets)
+            passwords: list[str] = list(sentinel_url.secrets)
         else:
             client = aioredis.Redis.from_pool(
                 aioredis.BlockingConnectionPool.from_url(url, **options))
             parts = urlsplit(url)
-            secrets = [parts.password or "", *parse_qs(parts.query).get("password", [])]
+            passwords = [parts.password or "", *parse_qs(parts.query).get("password", [])]
         store = cls(client, timeout=timeout,
-                    secrets=[*secrets, *(unquote(p) for p in secrets)])
+                    secrets=[*passwords, *(unquote(p) for p in passwords)])
         try:
             with store._unavailable_on_error():
                 for script in store._scripts:
