@@ -927,8 +927,8 @@ def _admit_argv(digest: bytes | None, project_id: str, now_ms: int, count: bool,
 
 class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
     """redis-py's Sentinel pool (every new connection asks the sentinels for the master's
-    address; a connection to a demoted master is dropped) that waits for a free connection
-    like the standalone store's `BlockingConnectionPool`."""
+    address; one that meets a demoted master's READONLY is dropped) that waits for a free
+    connection like the standalone store's `BlockingConnectionPool`."""
 
 
 def _sentinel_master(url: SentinelUrl, timeout: float,
