@@ -244,9 +244,10 @@ def test_min_replicas_to_write_refuses_unavailable_what_the_replica_would_not_ge
 # -- authentication ------------------------------------------------------------------------
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def auth_group() -> Iterator[SentinelGroup]:
-    """A group whose master knows the user `icegate` and whose sentinels need a password."""
+    """A group whose master knows the user `icegate` and whose sentinels need a password
+    (shared: these tests only connect)."""
     require_binaries("redis-server", "redis-sentinel")
     with SentinelGroup(user=("icegate", PASSWORD),
                        sentinel_password=SENTINEL_PASSWORD) as started:
