@@ -43,7 +43,7 @@ redis = pytest.mark.redis
 
 @pytest.fixture
 def group() -> Iterator[SentinelGroup]:
-    """A fresh primary, replica and three sentinels (about 0.2 s to start)."""
+    """A fresh primary, replica and three sentinels (0.2-1.4 s to start and settle)."""
     require_binaries("redis-server", "redis-sentinel")
     with SentinelGroup() as started:
         yield started
