@@ -31,6 +31,7 @@ import httpx
 
 from icegate_server.access.tls import ADMIN_IDENTITY, check_tls_files, parse_client_projects
 from icegate_server.projects.records import MAX_URL, PROJECT_ID_PATTERN, URL_PATTERN
+from icegate_server.store.sentinel_url import SENTINEL_SCHEMES, is_sentinel_url, parse_sentinel_url
 
 T = TypeVar("T")
 
@@ -71,7 +72,7 @@ def setting(default: T, help: str, *, check: Callable[[Any], object] | None = No
 
 
 DEFAULT_DATA_DIR = Path(".icegate")
-STORE_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://")
+STORE_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://", *SENTINEL_SCHEMES)
 MAX_WORKERS = 64
 MAX_SETTING_TEXT = 4096
 """The longest text any setting (or any item of a list setting) may hold."""
@@ -193,6 +194,14 @@ def _unless_empty(check: Callable[[Any], object]) -> Callable[[Any], None]:
     return optional
 
 
+def _check_store_url(url: str) -> None:
+    if not (url.startswith(STORE_SCHEMES) and url.isprintable()):
+        raise ValueError("must start with sqlite:///, redis:// or redis+sentinel:// and hold "
+                         "no control character")
+    if is_sentinel_url(url):
+        parse_sentinel_url(url)  # its ValueError names the part that is wrong
+
+
 def _each_matching(pattern: re.Pattern[str], shape: str) -> Callable[[tuple[str, ...]], None]:
     def check(values: tuple[str, ...]) -> None:
         for value in values:
@@ -263,11 +272,10 @@ class Settings:
         DEFAULT_DATA_DIR,
         "directory for the SQLite store and generated dev secrets (default .icegate)")
     store: str = setting(
-        "", "sqlite:///path (default under --data-dir) or redis://host:port/db",
+        "", "sqlite:///path (default under --data-dir), redis://host:port/db or "
+        "redis+sentinel://host:port[,host:port...]/master-name[/db]",
         # A redis:// URL may carry a password.
-        secret=True, check=_unless_empty(_require(
-            lambda url: url.startswith(STORE_SCHEMES) and url.isprintable(),
-            "must start with sqlite:/// or redis:// and hold no control character")))
+        secret=True, check=_unless_empty(_check_store_url))
     turn_secrets: tuple[str, ...] = setting(
         (), "comma-separated TURN shared secrets; the first signs, all stay valid",
         secret=True, check=_check_turn_secrets)

@@ -8,7 +8,7 @@ from icegate_server.store.base import Store
 
 async def open_store(url: str, *, timeout: float = 0.1) -> Store:
     """Opens the store `url` names: `sqlite:///path` (owned by this process) or `redis://...`
-    (shared by every worker and replica).
+    (`redis+sentinel://...` for a Sentinel-managed one: shared by every worker and replica).
 
     Args:
         url: The store URL.
@@ -18,7 +18,8 @@ async def open_store(url: str, *, timeout: float = 0.1) -> Store:
         from icegate_server.store.sqlite import SqliteStore
 
         return await SqliteStore.open(url.removeprefix("sqlite:///"))
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://",
+                       "rediss+sentinel://")):
         from icegate_server.store.redis import RedisStore
 
         return await RedisStore.open(url, timeout=timeout)

@@ -46,7 +46,14 @@ run on the server, and blindly re-sending a counting script would count twice. A
 Redis needs no retry anyway: the pool checks a pooled connection for EOF before using it
 and reconnects (RESP2 keeps that check on), and the admissions' connection (below) hears
 Redis close it as it happens and opens a new one for the next batch. Every
-connection-level failure becomes `StoreUnavailableError`.
+connection-level failure becomes `StoreUnavailableError`, and so does a master's NOREPLICAS
+(`min-replicas-to-write`: too few replicas in sync to accept a write).
+
+Sentinel. With `redis+sentinel://` the client is redis-py's Sentinel `master_for`: every
+connection it opens, the admissions' included, first asks the sentinels for the master's
+address, so what a failover drops reconnects to the new master by itself; meanwhile calls
+fail `StoreUnavailableError` (docs/RELIABILITY.md, "Redis Sentinel", has what a failover
+costs and what it can lose).
 
 A paused (or very slow) Redis brings one more hazard: a script the client gave up on sits
 in the server's socket buffer and runs when Redis wakes up, counting a call whose caller was
@@ -87,6 +94,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
@@ -112,6 +120,7 @@ from icegate_server.store.base import (
     parse_api_key_cursor,
 )
 from icegate_server.store.redis_admission import AdmissionConnection
+from icegate_server.store.sentinel_url import SentinelUrl, is_sentinel_url, parse_sentinel_url
 
 PREFIX = "icegate:"
 MAX_CONNECTIONS = 512
@@ -843,6 +852,26 @@ _CONNECTION_ERRORS = (
     redis.exceptions.ClusterDownError, redis.exceptions.OutOfMemoryError, OSError, TimeoutError)
 """The failures that make the store unavailable (`StoreUnavailableError`) to a caller."""
 
+
+def _sentinel_errors(text: str) -> str:
+    """MasterNotFoundError's text without the sentinel clients' reprs redis-py puts in it
+    (`No master found for 'name' : <repr> - error, <repr> - error`): the name, then each
+    sentinel's error (unreachable, refused AUTH, certificate not verified)."""
+    head, _, tail = text.partition(" : ")
+    errors = [chunk.rpartition(")> - ")[2].rstrip(", ")
+              for chunk in tail.split("<redis.asyncio.client.Redis(")[1:]]
+    errors = list(dict.fromkeys(error for error in errors if error))
+    return f"{head} ({'; '.join(errors)})" if errors else head
+
+
+def _refused_for_replicas(error: BaseException) -> bool:
+    """Whether `error` is a master's NOREPLICAS: with `min-replicas-to-write` set (see
+    docs/RELIABILITY.md, "Redis Sentinel"), it refuses writes while too few replicas are in
+    sync; a caller should retry, as when the store is down."""
+    return (isinstance(error, redis.exceptions.ResponseError)
+            and str(error).startswith("NOREPLICAS"))
+
+
 _ADMIT_OUTCOMES: dict[bytes | str, AdmitOutcome] = {
     **{outcome.value: outcome for outcome in AdmitOutcome},
     **{outcome.value.encode(): outcome for outcome in AdmitOutcome}}
@@ -894,6 +923,44 @@ def _admit_argv(digest: bytes | None, project_id: str, now_ms: int, count: bool,
         _admit_argv_parts[memory] = parts
     now = str(now_ms)
     return f"{parts[0]}${len(now)}\r\n{now}\r\n{parts[1]}".encode()
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """redis-py's Sentinel pool (every new connection asks the sentinels for the master's
+    address; one that meets a demoted master's READONLY is dropped) that waits for a free
+    connection like the standalone store's `BlockingConnectionPool`."""
+
+
+def _sentinel_master(url: SentinelUrl, timeout: float,
+                     options: dict[str, Any]) -> aioredis.Redis:
+    """A client of the master `url` names, through redis-py's Sentinel.
+
+    Every connection it opens, the admissions' own included (`make_connection()` then
+    `connect()`), first asks the sentinels which address is the master now, so a connection
+    lost in a failover comes back on the new master by itself.
+    """
+    tls: dict[str, Any] = {"ssl": True, **dict(url.tls_files)} if url.tls else {}
+    sentinels = Sentinel(
+        url.sentinels,
+        # The sentinels' own connections: the store's timeouts, their own AUTH, no retry
+        # (discovery moves on to the next sentinel), TLS when the master has it.
+        sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout,
+                         "username": url.sentinel_username,
+                         "password": url.sentinel_password,
+                         "retry": Retry(NoBackoff(), 0), "protocol": 2, **tls},
+    )
+    client: aioredis.Redis = sentinels.master_for(
+        url.master_name, connection_pool_class=_BlockingSentinelPool,
+        db=url.db, username=url.username, password=url.password, **tls, **options)
+    return client
+
+
+async def _close_client(client: aioredis.Redis) -> None:
+    """Closes `client` and, for a Sentinel-managed one, its connections to the sentinels."""
+    await client.aclose()
+    pool = client.connection_pool
+    if isinstance(pool, SentinelConnectionPool):
+        await pool.sentinel_manager.aclose()
 
 
 class RedisStore:
@@ -973,18 +1040,20 @@ class RedisStore:
         """Connects to the Redis at `url` and loads the scripts.
 
         Args:
-            url: `redis://[[user]:password@]host:port/db`, `rediss://...` or
-                `unix:///path/to/socket?db=0`.
+            url: `redis://[[user]:password@]host:port/db`, `rediss://...`,
+                `unix:///path/to/socket?db=0`, or a Sentinel-managed master:
+                `redis+sentinel://[[user]:password@]host:port[,host:port...]/master-name[/db]`
+                (`rediss+sentinel://` over TLS; sentinel_url.py has its options).
             timeout: Seconds any one Redis operation (connect, send, read) may take before
                 the call fails with `StoreUnavailableError`.
 
         Raises:
             StoreUnavailableError: Redis cannot be reached now.
+            ValueError: A Sentinel URL is malformed.
         """
         # A blocking pool: more concurrent calls than connections wait for one (up to the
         # store timeout) instead of failing at once with "Too many connections".
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
+        options: dict[str, Any] = dict(
             max_connections=MAX_CONNECTIONS,
             timeout=timeout,
             socket_timeout=timeout,
@@ -999,9 +1068,15 @@ class RedisStore:
             # call after a Redis restart would fail on a dead connection.
             protocol=2,
         )
-        client = aioredis.Redis.from_pool(pool)
-        parts = urlsplit(url)
-        passwords = [parts.password or "", *parse_qs(parts.query).get("password", [])]
+        if is_sentinel_url(url):
+            sentinel_url = parse_sentinel_url(url)
+            client = _sentinel_master(sentinel_url, timeout, options)
+            passwords: list[str] = list(sentinel_url.secrets)
+        else:
+            client = aioredis.Redis.from_pool(
+                aioredis.BlockingConnectionPool.from_url(url, **options))
+            parts = urlsplit(url)
+            passwords = [parts.password or "", *parse_qs(parts.query).get("password", [])]
         store = cls(client, timeout=timeout,
                     secrets=[*passwords, *(unquote(p) for p in passwords)])
         try:
@@ -1013,7 +1088,7 @@ class RedisStore:
                 store._clock_offset_ms = seconds * 1000 + micros / 1000 - (sent + _wall_ms()) / 2
             await store._move_key_listings()
         except BaseException:
-            await client.aclose()
+            await _close_client(client)
             raise
         return store
 
@@ -1023,13 +1098,20 @@ class RedisStore:
             yield
         except _CONNECTION_ERRORS as error:
             raise self._unavailable(error) from None
+        except redis.exceptions.ResponseError as error:
+            if not _refused_for_replicas(error):
+                raise
+            raise self._unavailable(error) from None
 
     def _unavailable(self, error: BaseException) -> BaseException:
         """What a caller sees of `error`: a connection-level failure (`_CONNECTION_ERRORS`)
         becomes `StoreUnavailableError`, with the URL's password scrubbed; others stay."""
-        if not isinstance(error, _CONNECTION_ERRORS):
+        if not (isinstance(error, _CONNECTION_ERRORS) or _refused_for_replicas(error)):
             return error
-        reason = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+        text = str(error)
+        if isinstance(error, MasterNotFoundError):
+            text = _sentinel_errors(text)
+        reason = f"{type(error).__name__}: {text}".splitlines()[0][:200]
         for secret in self._secrets:
             reason = reason.replace(secret, "***")
         return StoreUnavailableError(f"Redis store unavailable: {reason}")
@@ -1081,7 +1163,7 @@ class RedisStore:
     async def close(self) -> None:
         await self._admissions.close()
         await asyncio.gather(*self._admit_retries, return_exceptions=True)
-        await self._redis.aclose()
+        await _close_client(self._redis)
 
     # -- projects ---------------------------------------------------------------------------
 

@@ -18,7 +18,9 @@ the one that armed it). Per reply: hiredis's `gets()` and the store's `answer`.
 
 The connection is opened by redis-py (`connection_pool.make_connection()`, `connect()`):
 TCP, TLS or a Unix socket, AUTH, SELECT and CLIENT SETNAME under the pool's connect and
-socket timeouts, as for every other command. Its transport is then handed to this module's
+socket timeouts, as for every other command; under Sentinel (`redis+sentinel://`),
+`connect()` first asks the sentinels for the master's address, so each connection opened
+after a failure is on the current master. Its transport is then handed to this module's
 protocol; redis-py's connection object keeps only the socket, to close it.
 
 What the store's callers see, on every way a batch can end:
