@@ -225,8 +225,9 @@ class ConnectApplication(ConnectASGIApplication[None]):
 # Measured (`bench/instructions.py icegate-sqlite-connect fastapi`, IssueTurnCredentials,
 # 2026-12-06): 562k instructions a call through connectrpc's `_handle_request` (its Headers,
 # deadline scope, metadata interceptors, compression negotiation, disconnect watch, response
-# assembly), 435k here (-23 %, far past the 5 % rule); the FastAPI endpoint 582k. It is what
-# brings Connect with every feature on to 1.3 x FastAPI.
+# assembly), 435k here (-23 %, far past the 5 % rule); the FastAPI endpoint 582k. With one
+# write per answer (http_listener._CoalescedWrites), Connect with every feature on measured
+# 1.46-1.52 x FastAPI in paired rounds (docs/PERFORMANCE.md, last section).
 
 _NOT_PLAIN = object()
 """`binary_unary_timeout`'s answer for a request connectrpc's application must serve."""
