@@ -36,6 +36,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -320,6 +321,14 @@ class Coturn:
             raise RuntimeError("turnserver is not running")
         return allocate(self.host, self.port, username, password, timeout=timeout,
                         client_binary=self.client_binary)
+
+    def allocate_each(self, credentials: Sequence[tuple[str, str]], *,
+                      timeout: float = 10.0) -> list[AllocationResult]:
+        """`allocate` for each (username, password), all at once (each client runs for
+        seconds; a refused one longer), the results in the same order."""
+        with ThreadPoolExecutor(max(len(credentials), 1)) as pool:
+            return list(pool.map(lambda pair: self.allocate(*pair, timeout=timeout),
+                                 credentials))
 
 
 def allocate(host: str, port: int, username: str, password: str, *, timeout: float = 10.0,

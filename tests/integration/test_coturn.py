@@ -71,10 +71,10 @@ def test_rotation_keeps_old_and_new_credentials_valid(tmp_path, coturn_factory):
         new_credential = issue(server, "alice")
 
     assert new_credential[1] != old_credential[1]
-    assert coturn.allocate(*old_credential).ok
-    assert coturn.allocate(*new_credential).ok
+    assert [result.ok for result in coturn.allocate_each([old_credential, new_credential])] \
+        == [True, True]
 
     # Once the old secret is retired from coturn, only the new credentials allocate.
     coturn.restart(secrets=[NEW_SECRET])
-    assert not coturn.allocate(*old_credential).ok
-    assert coturn.allocate(*new_credential).ok
+    assert [result.ok for result in coturn.allocate_each([old_credential, new_credential])] \
+        == [False, True]

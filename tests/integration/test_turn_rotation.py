@@ -59,8 +59,8 @@ def test_rotation_and_retirement_without_restarting_coturn(tmp_path, redis_serve
         assert TEST_TURN_SECRET.encode() not in b"".join(
             s.SerializeToString() for s in after_second)
 
-        for signed in (static_signed, first_ring_signed, second_ring_signed):
-            result = coturn.allocate(*signed)
+        for result in coturn.allocate_each([static_signed, first_ring_signed,
+                                            second_ring_signed]):
             assert result.ok, result.output
 
         # Past the longest TTL the retired secret leaves icegate and coturn.
@@ -69,8 +69,9 @@ def test_rotation_and_retirement_without_restarting_coturn(tmp_path, redis_serve
         assert [s.secret_id for s in in_force] == [after_second[0].secret_id,
                                                    after_second[2].secret_id]
         assert len(coturn_secrets(redis_server)) == 2
-        assert not coturn.allocate(*first_ring_signed).ok
-        assert coturn.allocate(*second_ring_signed).ok
+        retired, kept = coturn.allocate_each([first_ring_signed, second_ring_signed])
+        assert not retired.ok
+        assert kept.ok, kept.output
 
 
 def test_every_replica_signs_with_the_new_secret(tmp_path, redis_server):

@@ -8,6 +8,8 @@ totals it publishes when each allocation ends (`StatsTotals`, read by the test i
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 import icegate
@@ -73,8 +75,12 @@ def test_usernames_icegate_did_not_sign_are_counted_apart(
     # a project that does not exist, user ids icegate would refuse (the separator; too long).
     foreign = [f"{expiry}:{PROJECT}", f"{expiry}:nosuch/alice", f"{expiry}:{PROJECT}/a:b",
                f"{expiry}:{PROJECT}/{'x' * 257}"]
-    for username in foreign:
-        result = observed_coturn.allocate(username, turn_password(TEST_TURN_SECRET, username))
+    # All at once: each allocation runs its client for seconds.
+    with ThreadPoolExecutor(len(foreign)) as pool:
+        results = list(pool.map(
+            lambda username: observed_coturn.allocate(
+                username, turn_password(TEST_TURN_SECRET, username)), foreign))
+    for result in results:
         assert result.ok, result.output
     wait_for(lambda: all(coturn_totals.total(u) > 0 for u in foreign),
              message="coturn reporting their traffic")
