@@ -34,11 +34,10 @@ def test_issued_credentials_allocate(tmp_path, coturn_factory):
         username, password = issue(server, "alice")
         with icegate.Client(server.target, TEST_ADMIN_KEY) as client:
             servers = client.get_ice_servers("alice")
-    result = coturn.allocate(username, password)
-    assert result.ok, result.output
     turn = servers.ice_servers[-1]
     assert list(turn.urls) == [coturn.turn_uri]
-    assert coturn.allocate(turn.username, turn.credential).ok
+    for result in coturn.allocate_each([(username, password), (turn.username, turn.credential)]):
+        assert result.ok, result.output
 
 
 def test_unknown_secret_tampered_and_expired_are_refused(tmp_path, coturn_factory):
