@@ -9,9 +9,10 @@ errors, UNAVAILABLE answers, the stats stream down). `promtool test rules` then 
 scrapes as the input series of two scenarios, healthy and faulty: every series is one the
 server exported, with its own labels; counters rise per minute by what they rose between two
 scrapes, gauges hold their scraped value (the certificate's expiry as the time it had left,
-since promtool's clock starts at 0). The one series whose movement is not real is
-QUOTA_EXCEEDED's (exported at 0; making it rise needs a session against a provider): the
-faulty scenario raises it by one a minute to show the quota alert fires on it.
+since promtool's clock starts at 0). The two series whose movement is not real are
+QUOTA_EXCEEDED's and icegate_sessions_near_quota_total (exported at 0; making them rise needs
+sessions against a provider, which tests/integration/test_observability.py does): the faulty
+scenario raises them by one a minute to show the quota alerts fire on them.
 
 promtool is Debian's prometheus package (scripts/install-system-packages).
 """
@@ -215,11 +216,15 @@ def test_the_alerts_fire_on_a_faulty_icegate_and_stay_quiet_on_a_healthy_one(scr
                                                                            tmp_path):
     start, healthy, faulty = scrapes["start"], scrapes["healthy"], scrapes["faulty"]
     quota = ("icegate_limit_refusals_total", (("reason", "QUOTA_EXCEEDED"),))
+    near_quota = ("icegate_sessions_near_quota_total", ())
     assert quota in faulty.values  # exported by the real server, at 0
+    assert near_quota in faulty.values  # likewise
     quiet = {"IcegateHighErrorRate": [], "IcegateStoreUnavailable": [],
+             "IcegateProjectNearSessionQuota": [],
              "IcegateProjectQuotaExhausted": [], "IcegateCoturnStatsStreamStopped": []}
     firing = {"IcegateHighErrorRate": [alert("critical")],
               "IcegateStoreUnavailable": [alert("critical")],
+              "IcegateProjectNearSessionQuota": [alert("warning")],
               "IcegateProjectQuotaExhausted": [alert("warning", reason="QUOTA_EXCEEDED")],
               "IcegateCoturnStatsStreamStopped": [alert("critical")]}
     assert set(quiet) | set(CERTIFICATE_ALERTS) == set(rule_names())
@@ -228,7 +233,7 @@ def test_the_alerts_fire_on_a_faulty_icegate_and_stay_quiet_on_a_healthy_one(scr
          "input_series": input_series(start, healthy),
          "alert_rule_test": alert_tests({**quiet, **CERTIFICATE_ALERTS})},
         {"name": "faulty", "interval": "1m",
-         "input_series": input_series(healthy, faulty, rising={quota: 1}),
+         "input_series": input_series(healthy, faulty, rising={quota: 1, near_quota: 1}),
          "alert_rule_test": alert_tests({**firing, **CERTIFICATE_ALERTS})},
     ]
     test_file = tmp_path / "icegate-alerts.test.yaml"

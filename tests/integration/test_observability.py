@@ -209,6 +209,23 @@ def test_active_lease_gauge_follows_the_store(server, openai):
     assert value(scrape(server), "icegate_active_leases") == 0
 
 
+def test_sessions_started_near_the_quota_are_counted(server, openai):
+    # A quota of 10: the 9th and 10th sessions of the month start at 90 % and more of it, the
+    # 11th is refused (QUOTA_EXCEEDED) and counts as no start.
+    with icegate.Client(server.target, TEST_ADMIN_KEY) as admin:
+        admin.create_project("acme", monthly_session_quota=10, max_concurrent_sessions=20)
+        admin.set_provider_key("acme", "openai", OPENAI_KEY)
+        counted = []
+        for _ in range(10):
+            admin.create_session("openai", project_id="acme")
+            counted.append(value(scrape(server), "icegate_sessions_near_quota_total"))
+        with pytest.raises(icegate.QuotaExceededError):
+            admin.create_session("openai", project_id="acme")
+        after_refusal = value(scrape(server), "icegate_sessions_near_quota_total")
+    assert counted == [0] * 8 + [1, 2]
+    assert after_refusal == 2
+
+
 def test_two_servers_in_one_process_keep_separate_figures(server, server_factory, tmp_path):
     with server_factory(data_dir=tmp_path / "other", metrics_listen="127.0.0.1:0") as other, \
             icegate.Client(server.target, TEST_ADMIN_KEY) as client:

@@ -20,6 +20,8 @@ Series (all prefixed `icegate_`):
                                                       quota, unavailable, timeout, cancelled, error
     icegate_upstream_duration_seconds{provider}       histogram, 10 ms to 60 s buckets
     icegate_active_leases                             gauge: session leases live in the store
+    icegate_sessions_near_quota_total                 sessions started by a project then at 90 %
+                                                      or more of its monthly session quota
     icegate_turn_credentials_issued_total             TURN credentials signed
     icegate_store_errors_total{operation}             store calls that raised, by Store method
     icegate_build_info{version, python, grpc}         1: what this process runs
@@ -107,7 +109,14 @@ from icegate_server.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from icegate_server.store.base import Admission, Store, TurnProjectChange, month_of
+from icegate_server.store.base import (
+    Admission,
+    SessionAdmission,
+    SessionOutcome,
+    Store,
+    TurnProjectChange,
+    month_of,
+)
 from icegate_server.turn.coturn_events import EVENT_KINDS
 
 log = logging.getLogger(__name__)
@@ -115,6 +124,10 @@ log = logging.getLogger(__name__)
 RPC_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                        1.0, 2.5, 5.0, 10.0)
 """Seconds: a cached admission answers in well under a millisecond, a session in seconds."""
+
+NEAR_QUOTA = 0.9
+"""The share of its monthly session quota past which a project's session starts count in
+`icegate_sessions_near_quota_total` (what the quota alert of deploy/observability/ watches)."""
 
 UPSTREAM_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Seconds: provider token APIs answer in 100 ms to a few seconds; retries add up to ~30 s."""
@@ -216,6 +229,11 @@ class IcegateMetrics:
             ("provider",), buckets=UPSTREAM_LATENCY_BUCKETS, registry=registry)
         self._upstream_children: dict[tuple[str, str], Any] = {}
         self._upstream_latency_children: dict[str, Any] = {}
+        self._sessions_near_quota = Counter(
+            "icegate_sessions_near_quota",
+            "Sessions started by a project that had then used at least "
+            f"{NEAR_QUOTA:.0%} of its monthly session quota (this one included).",
+            registry=registry)
         self._active_leases = Gauge(
             "icegate_active_leases",
             "Session leases live in the store (all projects, all replicas) at the last refresh.",
@@ -309,6 +327,11 @@ class IcegateMetrics:
         if counter is not None:
             counter.inc()
 
+    def session_started(self, sessions_this_month: int, quota: int) -> None:
+        """A session start the store admitted, with the month's count after it."""
+        if quota > 0 and sessions_this_month >= NEAR_QUOTA * quota:
+            self._sessions_near_quota.inc()
+
     def set_active_leases(self, count: int) -> None:
         self._active_leases.set(count)
 
@@ -386,8 +409,9 @@ class InstrumentedStore:
         self.wrapped = store
         self._metrics = metrics
         self._admit = store.admit
+        self._begin_session = _counting("begin_session", store.begin_session, metrics)
         for operation in STORE_OPERATIONS:
-            if operation != "admit":
+            if operation not in ("admit", "begin_session"):
                 setattr(self, operation,
                         _counting(operation, getattr(store, operation), metrics))
 
@@ -401,6 +425,15 @@ class InstrumentedStore:
         except Exception:
             self._metrics.store_error("admit")
             raise
+
+    async def begin_session(self, **arguments: Any) -> SessionAdmission:
+        # Counted like every operation, and a start that leaves its project near its quota
+        # is counted in `icegate_sessions_near_quota_total` (no project label: the alert
+        # says some project is near; `icegate admin usage` says which).
+        admission: SessionAdmission = await self._begin_session(**arguments)
+        if admission.outcome is SessionOutcome.STARTED:
+            self._metrics.session_started(admission.sessions_this_month, arguments["quota"])
+        return admission
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.wrapped, name)
