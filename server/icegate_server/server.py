@@ -140,8 +140,9 @@ class IcegateServer:
 
     async def start(self) -> None:
         """Starts serving (every listener) and reports SERVING."""
-        # The HTTP listeners first: once the gRPC port accepts (what supervisors and tests
-        # wait for), the others do too.
+        # The HTTP listeners first, so that once the gRPC server answers, the others do too
+        # (grpc's port takes connections into its backlog from `create_server` on, before
+        # it answers anything).
         if self.http_listener is not None:
             await self.http_listener.start()
         if self.webhook_listener is not None:

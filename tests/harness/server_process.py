@@ -50,13 +50,21 @@ class ServerProcess:
         self.process = subprocess.Popen([str(BIN / "icegate-server")], cwd=self.workdir,
                                         env=self.env, stdout=self.log, stderr=self.log,
                                         start_new_session=self.new_session)
+        # Every port it was given: grpc accepts connections on the gRPC port from the moment
+        # the server is created, before the HTTP listener (started first) listens.
+        ports = [self.port]
+        http_listen = self.env.get("ICEGATE_HTTP_LISTEN", "")
+        if http_listen and not http_listen.endswith(":0"):
+            ports.append(int(http_listen.rpartition(":")[2]))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"icegate-server exited: {self.read_log()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
+                for port in ports:
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                        pass
+                return self
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"icegate-server did not listen within {timeout} s")
