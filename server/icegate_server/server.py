@@ -271,7 +271,8 @@ async def create_server(
     vault = Vault(load_master_keys(settings.master_key or None,
                                    settings.master_key_file or None))
     store = instrument_store(
-        await open_store(settings.store_url, timeout=settings.store_timeout), metrics)
+        await open_store(settings.store_url, timeout=settings.store_timeout,
+                         linger=settings.store_linger), metrics)
     if tracing is not None:
         store = tracing.traced_store(store, settings.store_url)
     http = make_http_client(settings.upstream_connect_timeout, settings.upstream_read_timeout,

@@ -308,6 +308,11 @@ class Settings:
         0.1, "seconds a Redis store call may take before the call fails UNAVAILABLE (0.1)",
         check=_require(lambda seconds: 0 < seconds <= 60,
                        "must be more than 0 and at most 60 seconds"))
+    store_linger: float = setting(
+        0.002, "seconds a busy server's Redis admissions may wait to go out together "
+        "(0.002; 0: never)",
+        check=_require(lambda seconds: 0 <= seconds <= 0.1,
+                       "must be at least 0 and at most 0.1 seconds"))
     rate_limit_fail_open: bool = setting(
         False, "admit known callers uncounted while the store is unreachable (false)")
     master_key: str = setting(

@@ -15,17 +15,21 @@ import contextlib
 import hashlib
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import pytest
+import redis.asyncio
 
 from harness.redis_server import RedisServer
 from icegate_server.access.rate_limit import RateLimitPolicy, gcra_admit
 from icegate_server.errors import StoreUnavailableError
 from icegate_server.projects.records import ApiKey, Project
+from icegate_server.store import redis_admission
 from icegate_server.store.base import Admission, AdmitOutcome
 from icegate_server.store.redis import _ADMIT, RedisStore
+from icegate_server.store.redis_admission import AdmissionConnection
 
 pytestmark = pytest.mark.redis
 
@@ -63,9 +67,10 @@ def assert_unavailable(outcomes: list[Admission | BaseException]) -> None:
         assert outcome.message.startswith("Redis store unavailable")
 
 
-def run_with_store(url: str, scenario: Callable[[RedisStore], Awaitable[T]]) -> T:
+def run_with_store(url: str, scenario: Callable[[RedisStore], Awaitable[T]], *,
+                   linger: float = 0.0) -> T:
     async def main() -> T:
-        store = await RedisStore.open(url)
+        store = await RedisStore.open(url, linger=linger)
         try:
             return await scenario(store)
         finally:
@@ -283,3 +288,139 @@ def test_a_reply_that_is_not_resp_fails_its_batch(redis_server: RedisServer) -> 
         assert (await admit(store)).tat_ms == reference_tat(1)
 
     with_proxy(redis_server, scenario)
+
+
+# -- batches that linger while the loop is busy ---------------------------------------------
+
+PING = b"*1\r\n$4\r\nPING\r\n"
+
+
+@pytest.fixture
+def busy_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A quarter: the test's loop works most of its window, but the suite's other processes
+    # may take the core from it for part of the wall time.
+    monkeypatch.setattr(redis_admission, "BUSY_SHARE", 0.25)
+
+
+def work_the_loop() -> None:
+    """Keeps the loop's thread working, without a turn of the loop, for more than a busy
+    window of its own CPU time: what a saturated server's loop does."""
+    until = time.thread_time() + redis_admission.BUSY_WINDOW * 3
+    while time.thread_time() < until:
+        pass
+
+
+def pings(redis_server: RedisServer, *, linger: float) -> tuple[
+        AdmissionConnection[asyncio.Future[object]], list[int]]:
+    """An admissions connection sending PINGs to `redis_server`, and the sizes of the
+    batches it sent."""
+    async def connect() -> redis.asyncio.Connection:
+        connection = redis.asyncio.Connection(port=redis_server.port)
+        await connection.connect()
+        return connection
+
+    def pack(batch: list[asyncio.Future[object]]) -> bytes:
+        sizes.append(len(batch))
+        return PING * len(batch)
+
+    sizes: list[int] = []
+    return AdmissionConnection(
+        connect, timeout=5.0, pack=pack, answer=lambda future, reply: future.set_result(reply),
+        fail=lambda future, error: future.set_exception(error),
+        gone=lambda future: future.done(), linger=linger), sizes
+
+
+def ping(connection: AdmissionConnection[asyncio.Future[object]]) -> asyncio.Future[object]:
+    future = asyncio.get_running_loop().create_future()
+    connection.submit(future)
+    return future
+
+
+def test_a_busy_loop_sends_the_calls_of_several_turns_in_one_batch(
+        redis_server: RedisServer, busy_share: None) -> None:
+    async def scenario() -> list[int]:
+        connection, sizes = pings(redis_server, linger=0.5)
+        try:
+            assert await ping(connection) == b"PONG"  # not busy yet: sent at once
+            work_the_loop()
+            calls = []
+            for _ in range(10):
+                calls.append(ping(connection))
+                await asyncio.sleep(0)  # a turn of the loop between calls
+            assert await asyncio.gather(*calls) == [b"PONG"] * 10
+        finally:
+            await connection.close()
+        return sizes
+
+    assert asyncio.run(scenario()) == [1, 10]
+
+
+def test_a_loop_with_time_to_spare_never_holds_a_call(
+        redis_server: RedisServer, busy_share: None) -> None:
+    """With a linger of a minute, every call is still answered at once."""
+    async def scenario() -> list[int]:
+        connection, sizes = pings(redis_server, linger=60.0)
+        try:
+            for _ in range(3):
+                assert await asyncio.wait_for(ping(connection), 5) == b"PONG"
+                await asyncio.sleep(redis_admission.BUSY_WINDOW * 2)  # the loop idles
+        finally:
+            await connection.close()
+        return sizes
+
+    assert asyncio.run(scenario()) == [1, 1, 1]
+
+
+def test_close_sends_a_lingering_batch(redis_server: RedisServer, busy_share: None) -> None:
+    async def scenario() -> list[int]:
+        connection, sizes = pings(redis_server, linger=60.0)
+        assert await ping(connection) == b"PONG"
+        work_the_loop()
+        calls = [ping(connection) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        assert not any(call.done() for call in calls)  # held
+        await asyncio.wait_for(connection.close(), 5)
+        assert [call.result() for call in calls] == [b"PONG"] * 3
+        return sizes
+
+    assert asyncio.run(scenario()) == [1, 3]
+
+
+def test_a_call_cancelled_while_its_batch_lingers_takes_nothing(
+        redis_server: RedisServer, busy_share: None) -> None:
+    async def scenario(store: RedisStore) -> None:
+        await setup(store)
+        assert (await admit(store)).tat_ms == reference_tat(1)
+        work_the_loop()
+        calls = [asyncio.ensure_future(admit(store)) for _ in range(5)]
+        await asyncio.sleep(0.05)  # each has submitted; the batch is held
+        for call in calls[1:3]:
+            call.cancel()
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        assert [type(o) for o in outcomes[1:3]] == [asyncio.CancelledError] * 2
+        admitted = [outcomes[0], *outcomes[3:]]
+        assert sorted(a.tat_ms for a in admitted) == [  # type: ignore[union-attr,type-var]
+            reference_tat(n) for n in (2, 3, 4)]
+        assert await store.rate_position("alpha") == reference_tat(4)
+
+    run_with_store(redis_server.url, scenario, linger=0.3)
+
+
+def test_redis_killed_while_a_batch_lingers(redis_server: RedisServer,
+                                            busy_share: None) -> None:
+    """The held callers hear "unavailable" when their batch meets the dead connection; after
+    a restart the store counts on exactly."""
+    async def scenario(store: RedisStore) -> None:
+        await setup(store)
+        assert (await admit(store)).tat_ms == reference_tat(1)
+        work_the_loop()
+        batch = asyncio.ensure_future(admit_many(store, 4))
+        await asyncio.sleep(0.05)
+        redis_server.kill()
+        assert_unavailable(await batch)
+
+        redis_server.start()
+        assert [(await admit(store)).tat_ms for _ in range(3)] == [
+            reference_tat(n) for n in (2, 3, 4)]
+
+    run_with_store(redis_server.url, scenario, linger=0.3)

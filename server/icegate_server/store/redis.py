@@ -831,6 +831,10 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _caller_gone(call: _AdmitCall) -> bool:
+    return call[1].done()  # cancelled: nothing else settles a call before its batch is sent
+
+
 def _settle(future: asyncio.Future[Any], outcome: Any) -> None:
     if future.done():  # its caller was cancelled
         return
@@ -966,7 +970,7 @@ async def _close_client(client: aioredis.Redis) -> None:
 class RedisStore:
     """The `Store` on one Redis primary, shared by every replica of the service."""
 
-    def __init__(self, client: aioredis.Redis, *, timeout: float,
+    def __init__(self, client: aioredis.Redis, *, timeout: float, linger: float = 0.0,
                  secrets: Sequence[str] = ()) -> None:
         self._redis = client
         self._secrets = [secret for secret in secrets if secret]
@@ -977,7 +981,7 @@ class RedisStore:
         # The admissions' own connection (redis_admission.py), batches of `_ADMIT` calls.
         self._admissions: AdmissionConnection[_AdmitCall] = AdmissionConnection(
             self._connect_admissions, timeout=timeout, pack=self._pack_admits,
-            answer=self._answer_admit, fail=self._fail_admit)
+            answer=self._answer_admit, fail=self._fail_admit, gone=_caller_gone, linger=linger)
         self._admits_sent_ms = 0.0
         """When the batch of admissions on the wire was packed (our wall clock); 0 once its
         first reply set the clock offset."""
@@ -1036,7 +1040,7 @@ class RedisStore:
         )
 
     @classmethod
-    async def open(cls, url: str, *, timeout: float = 0.1) -> RedisStore:
+    async def open(cls, url: str, *, timeout: float = 0.1, linger: float = 0.0) -> RedisStore:
         """Connects to the Redis at `url` and loads the scripts.
 
         Args:
@@ -1046,6 +1050,8 @@ class RedisStore:
                 (`rediss+sentinel://` over TLS; sentinel_url.py has its options).
             timeout: Seconds any one Redis operation (connect, send, read) may take before
                 the call fails with `StoreUnavailableError`.
+            linger: Seconds a batch of admissions may wait for more calls while the event
+                loop is busy (redis_admission.py); 0 sends each batch on the next loop turn.
 
         Raises:
             StoreUnavailableError: Redis cannot be reached now.
@@ -1077,7 +1083,7 @@ class RedisStore:
                 aioredis.BlockingConnectionPool.from_url(url, **options))
             parts = urlsplit(url)
             passwords = [parts.password or "", *parse_qs(parts.query).get("password", [])]
-        store = cls(client, timeout=timeout,
+        store = cls(client, timeout=timeout, linger=linger,
                     secrets=[*passwords, *(unquote(p) for p in passwords)])
         try:
             with store._unavailable_on_error():
