@@ -330,10 +330,16 @@ def pings(redis_server: RedisServer, *, linger: float) -> tuple[
         gone=lambda future: future.done(), linger=linger), sizes
 
 
-def ping(connection: AdmissionConnection[asyncio.Future[object]]) -> asyncio.Future[object]:
+def ping(connection: AdmissionConnection[asyncio.Future[object]], *,
+         may_linger: bool = True) -> asyncio.Future[object]:
     future = asyncio.get_running_loop().create_future()
-    connection.submit(future)
+    connection.submit(future, may_linger)
     return future
+
+
+async def admit_lingering(store: RedisStore) -> Admission:
+    return await store.admit(digest=DIGEST, project_id="", now_ms=NOW, count=True,
+                             may_linger=True)
 
 
 def test_a_busy_loop_sends_the_calls_of_several_turns_in_one_batch(
@@ -353,6 +359,28 @@ def test_a_busy_loop_sends_the_calls_of_several_turns_in_one_batch(
         return sizes
 
     assert asyncio.run(scenario()) == [1, 10]
+
+
+def test_a_call_that_may_not_linger_is_never_held(
+        redis_server: RedisServer, busy_share: None) -> None:
+    """Connect's calls: sent on the next turn of a busy loop, as the calls of a loop with
+    time to spare are; one that may linger behind them still waits."""
+    async def scenario() -> list[int]:
+        connection, sizes = pings(redis_server, linger=60.0)
+        try:
+            assert await ping(connection) == b"PONG"
+            work_the_loop()
+            for _ in range(3):
+                assert await asyncio.wait_for(ping(connection, may_linger=False), 5) == b"PONG"
+            lingering = ping(connection)
+            await asyncio.sleep(0.05)
+            assert not lingering.done()
+        finally:
+            await connection.close()
+        assert lingering.result() == b"PONG"
+        return sizes
+
+    assert asyncio.run(scenario()) == [1, 1, 1, 1, 1]
 
 
 def test_a_loop_with_time_to_spare_never_holds_a_call(
@@ -390,9 +418,9 @@ def test_a_call_cancelled_while_its_batch_lingers_takes_nothing(
         redis_server: RedisServer, busy_share: None) -> None:
     async def scenario(store: RedisStore) -> None:
         await setup(store)
-        assert (await admit(store)).tat_ms == reference_tat(1)
+        assert (await admit_lingering(store)).tat_ms == reference_tat(1)  # not busy yet
         work_the_loop()
-        calls = [asyncio.ensure_future(admit(store)) for _ in range(5)]
+        calls = [asyncio.ensure_future(admit_lingering(store)) for _ in range(5)]
         await asyncio.sleep(0.05)  # each has submitted; the batch is held
         for call in calls[1:3]:
             call.cancel()
@@ -412,9 +440,10 @@ def test_redis_killed_while_a_batch_lingers(redis_server: RedisServer,
     a restart the store counts on exactly."""
     async def scenario(store: RedisStore) -> None:
         await setup(store)
-        assert (await admit(store)).tat_ms == reference_tat(1)
+        assert (await admit_lingering(store)).tat_ms == reference_tat(1)  # not busy yet
         work_the_loop()
-        batch = asyncio.ensure_future(admit_many(store, 4))
+        batch = asyncio.gather(*(admit_lingering(store) for _ in range(4)),
+                               return_exceptions=True)
         await asyncio.sleep(0.05)
         redis_server.kill()
         assert_unavailable(await batch)

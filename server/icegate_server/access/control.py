@@ -89,12 +89,13 @@ class AccessControl:
         return bool(self._identity_projects)
 
     async def admit(self, key: str, policy: MethodPolicy, project_id: str, *,
-                    turn_subject: str | None = None) -> CallContext:
+                    turn_subject: str | None = None, may_linger: bool = False) -> CallContext:
         """Admits one call, or raises the domain error that says why not.
 
         `turn_subject` is given for a call that issues TURN credentials: the user (or
         session) id they are for; the project's TURN limits and the subject's revocation
-        are then checked in the same store round trip (`turn.limits`).
+        are then checked in the same store round trip (`turn.limits`). `may_linger`: see
+        `Store.admit`.
 
         Raises:
             InvalidApiKeyError: Unknown or revoked key.
@@ -124,7 +125,7 @@ class AccessControl:
 
         admission = await self._admit_in_store(
             None if static_caller is not None else digest, project_id, policy,
-            remembered_as=digest, turn_subject=turn_subject)
+            remembered_as=digest, turn_subject=turn_subject, may_linger=may_linger)
         if isinstance(admission, CallContext):
             return admission
         caller = static_caller or self._caller_of(admission)
@@ -134,8 +135,8 @@ class AccessControl:
         return context
 
     async def admit_identity(self, identities: Sequence[str], policy: MethodPolicy,
-                             project_id: str, *,
-                             turn_subject: str | None = None) -> CallContext:
+                             project_id: str, *, turn_subject: str | None = None,
+                             may_linger: bool = False) -> CallContext:
         """Admits a call that has no key by its verified client certificate's typed names.
 
         `identities` are `<type>:<name>` as `tls.peer_identities` gives them. The names found
@@ -180,7 +181,8 @@ class AccessControl:
         # digest=None admits as an authenticated admin would: the project check is above.
         admission = await self._admit_in_store(None, project_id or caller.project_id, policy,
                                                remembered_as=identity, asked_for=project_id,
-                                               turn_subject=turn_subject)
+                                               turn_subject=turn_subject,
+                                               may_linger=may_linger)
         if isinstance(admission, CallContext):
             return admission
         context = self._decide(admission, caller, project_id or caller.project_id,
@@ -191,15 +193,15 @@ class AccessControl:
 
     async def _admit_in_store(self, digest: bytes | None, project_id: str,
                               policy: MethodPolicy, *, remembered_as: bytes | str,
-                              asked_for: str | None = None,
-                              turn_subject: str | None = None) -> Admission | CallContext:
+                              asked_for: str | None = None, turn_subject: str | None = None,
+                              may_linger: bool = False) -> Admission | CallContext:
         """`Store.admit`, or, when the store is unavailable and fail-open allows it, the call
         context remembered for `remembered_as` (a key digest or a certificate name)."""
         try:
             return await self._store.admit(digest=digest, project_id=project_id,
                                            now_ms=self._now_ms(),
                                            count=policy is MethodPolicy.PROJECT,
-                                           turn_subject=turn_subject)
+                                           turn_subject=turn_subject, may_linger=may_linger)
         except StoreUnavailableError:
             remembered = self._remembered(
                 remembered_as, project_id if asked_for is None else asked_for)

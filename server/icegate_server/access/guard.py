@@ -162,10 +162,15 @@ def refusal(error: Exception) -> Refusal:
 class GuardedMethod:
     """One guarded method: what admits its calls and what observes them."""
 
-    __slots__ = ("_access", "_issues_turn", "_metrics", "_observe", "name", "policy")
+    __slots__ = ("_access", "_issues_turn", "_may_linger", "_metrics", "_observe", "name",
+                 "policy")
 
-    def __init__(self, name: str, access: AccessControl, metrics: IcegateMetrics) -> None:
+    def __init__(self, name: str, access: AccessControl, metrics: IcegateMetrics, *,
+                 may_linger: bool = False) -> None:
         self.name = name
+        self._may_linger = may_linger
+        """Whether its calls may wait for others to go to the store with them (gRPC's;
+        `Store.admit`)."""
         self.policy = method_policy(name)
         self._issues_turn = name in TURN_ISSUING_METHODS
         self._access = access
@@ -195,10 +200,11 @@ class GuardedMethod:
         # missing one (mutual TLS with ICEGATE_TLS_CLIENT_PROJECTS).
         if access.admits_identities and not has_authorization(metadata):
             call = await access.admit_identity(identities(), self.policy, project_id,
-                                               turn_subject=subject)
+                                               turn_subject=subject,
+                                               may_linger=self._may_linger)
         else:
             call = await access.admit(bearer_key(metadata), self.policy, project_id,
-                                      turn_subject=subject)
+                                      turn_subject=subject, may_linger=self._may_linger)
         _current_call.set(call)
         return call
 
@@ -221,8 +227,8 @@ class TracedMethod(GuardedMethod):
     __slots__ = ("_spans",)
 
     def __init__(self, name: str, access: AccessControl, metrics: IcegateMetrics,
-                 spans: RpcSpans) -> None:
-        super().__init__(name, access, metrics)
+                 spans: RpcSpans, *, may_linger: bool = False) -> None:
+        super().__init__(name, access, metrics, may_linger=may_linger)
         self._spans = spans
 
     async def admit(self, request: Any, metadata: Metadata,
@@ -259,11 +265,14 @@ class CallGuard:
         and transport; they share the method's metric series)."""
         guarded = self._methods.get((name, transport))
         if guarded is None:
+            may_linger = transport == GRPC_TRANSPORT
             if self._tracing is None:
-                guarded = GuardedMethod(name, self._access, self._metrics)
+                guarded = GuardedMethod(name, self._access, self._metrics,
+                                        may_linger=may_linger)
             else:
                 guarded = TracedMethod(name, self._access, self._metrics,
-                                       self._tracing.rpc_spans(name, transport))
+                                       self._tracing.rpc_spans(name, transport),
+                                       may_linger=may_linger)
             self._methods[name, transport] = guarded
         return guarded
 

@@ -416,12 +416,14 @@ class InstrumentedStore:
                         _counting(operation, getattr(store, operation), metrics))
 
     async def admit(self, *, digest: bytes | None, project_id: str, now_ms: int,
-                    count: bool, turn_subject: str | None = None) -> Admission:
+                    count: bool, turn_subject: str | None = None,
+                    may_linger: bool = False) -> Admission:
         # Every call's: spelled out, because the generic wrapper's *args/**kwargs packing
         # costs each call about a microsecond, as much as the rest of the wrapping.
         try:
             return await self._admit(digest=digest, project_id=project_id, now_ms=now_ms,
-                                     count=count, turn_subject=turn_subject)
+                                     count=count, turn_subject=turn_subject,
+                                     may_linger=may_linger)
         except Exception:
             self._metrics.store_error("admit")
             raise

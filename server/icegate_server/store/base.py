@@ -262,7 +262,8 @@ class Store(Protocol):
     # -- the hot path: one round trip per call -----------------------------------------------
 
     async def admit(self, *, digest: bytes | None, project_id: str, now_ms: int,
-                    count: bool, turn_subject: str | None = None) -> Admission:
+                    count: bool, turn_subject: str | None = None,
+                    may_linger: bool = False) -> Admission:
         """Authenticates, authorises and rate-limits one call, atomically.
 
         Args:
@@ -279,6 +280,11 @@ class Store(Protocol):
                 project's TURN state (`TurnAdmission`: live allocations, the month's relayed
                 bytes, and until when the subject is revoked), read in the same step. The
                 caller decides what it allows; None reads nothing of it.
+            may_linger: Whether the call may wait, while the server is busy, for others to
+                go to the store with it (Redis: `ICEGATE_STORE_LINGER`, store/redis_admission.py).
+                The gRPC transport's calls may: its stack answers calls that finish together
+                for less. Connect's may not: a held call holds its connection's next request
+                back, and the loop idles.
 
         A key bound to project A naming project B gets FORBIDDEN and counts nothing. An admin
         key may name any project. RATE_LIMITED leaves the TAT unchanged.

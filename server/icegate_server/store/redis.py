@@ -1238,12 +1238,13 @@ class RedisStore:
     # -- the hot path -----------------------------------------------------------------------
 
     async def admit(self, *, digest: bytes | None, project_id: str, now_ms: int,
-                    count: bool, turn_subject: str | None = None) -> Admission:
+                    count: bool, turn_subject: str | None = None,
+                    may_linger: bool = False) -> Admission:
         month = month_of(now_ms) if turn_subject is not None else ""
         future: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
         self._admissions.submit((
             _admit_argv(digest, project_id, now_ms, count, turn_subject, month), future,
-            (digest, project_id, now_ms, count, turn_subject, month)))
+            (digest, project_id, now_ms, count, turn_subject, month)), may_linger)
         return await future
 
     async def _connect_admissions(self) -> aioredis.connection.AbstractConnection:

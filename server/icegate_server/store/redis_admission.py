@@ -16,19 +16,22 @@ next turn of the loop. Per batch: one `transport.write` and a timeout check (one
 every batch sent within a timeout of the one that armed it). Per reply: hiredis's `gets()` and
 the store's `answer`.
 
-A busy loop's batches linger (`linger`, `ICEGATE_STORE_LINGER`, 2 ms by default). Over gRPC
+A busy loop's gRPC calls linger (`linger`, `ICEGATE_STORE_LINGER`, 2 ms by default). Over gRPC
 the loop meets about one admission a turn, so batches stayed near one call (1.05) at any load,
 and the round trip's fixed cost (two system calls on each side and a wake-up of each process)
-was paid per call: it was most of what a Redis call cost beyond a SQLite one. So when the
-loop's thread worked at least `BUSY_SHARE` of the last `BUSY_WINDOW` (CPU time over wall time,
-measured by the first call after each window), a batch's first call holds it for `linger`, and
-what arrives meanwhile joins it. A loop with time to spare never holds a call: its calls are
-not queued behind others, and holding would only add to their latency; a saturated one queues
-its calls anyway, and batches of about 9 calls let it answer more of them. Measured in
-alternating rounds over gRPC (h2load -c 32 -m 8, issue 16; docs/PERFORMANCE.md): CPU per call,
-icegate and redis-server together, 1.38 x SQLite's without lingering, 0.98 x with it; at a fixed
-2,500 calls a second, p99 52 ms without, 14 ms with; at 1,000 a second (the loop half idle)
-p99 unchanged.
+was paid per call: most of what a Redis call cost beyond a SQLite one. So when the loop's
+thread worked at least `BUSY_SHARE` of the last `BUSY_WINDOW` (its CPU time over wall time,
+measured by the first such call after each window), a batch whose first call `may_linger` is
+held for `linger`, and what arrives meanwhile joins it. A loop with time to spare never holds
+a call: holding would only add to its latency. A saturated one queues its calls anyway, and
+grpc answers calls that finish together for less: batches of about 9 calls let it answer more
+of them. Connect's calls never linger: each holds its connection's next request back, so a
+held batch leaves the loop idle (measured over Connect: 0.79 x the bare Connect server's
+calls a second not lingering, 0.62-0.68 x lingering).
+Measured in alternating rounds over gRPC (h2load -c 32 -m 8, issue 16, docs/PERFORMANCE.md,
+"Lingering batches"): CPU per call, icegate and redis-server together, 1.32-1.38 x SQLite's
+without lingering, 0.96-1.01 x with it; at a fixed 2,500 calls a second, p99 52 ms without,
+14 ms with; at 1,000 a second, where the loop has time to spare, no call is held.
 
 The connection is opened by redis-py (`connection_pool.make_connection()`, `connect()`):
 TCP, TLS or a Unix socket, AUTH, SELECT and CLIENT SETNAME under the pool's connect and
@@ -119,14 +122,15 @@ class AdmissionConnection(Generic[Item]):
         """redis-py connections whose socket was dropped, to tidy up before the next one."""
         self._closed = False
 
-    def submit(self, item: Item) -> None:
-        """Queues `item`: it goes out with the next batch."""
+    def submit(self, item: Item, may_linger: bool = False) -> None:
+        """Queues `item`: it goes out with the next batch. A first item that `may_linger`
+        holds its batch for `linger` while the loop is busy."""
         if self._closed:
             self._fail(item, redis.exceptions.ConnectionError("closing"))
             return
         waiting = self._waiting
         waiting.append(item)
-        if self._linger:
+        if may_linger and self._linger:
             now = time.monotonic()
             if now >= self._window_end:
                 self._measure_busy(now)

@@ -505,7 +505,8 @@ class SqliteStore:
     # -- the hot path --------------------------------------------------------------------------
 
     async def admit(self, *, digest: bytes | None, project_id: str, now_ms: int,
-                    count: bool, turn_subject: str | None = None) -> Admission:
+                    count: bool, turn_subject: str | None = None,
+                    may_linger: bool = False) -> Admission:
         try:
             return self._admit_from_memory(digest, project_id, now_ms, count, turn_subject)
         except sqlite3.OperationalError:

@@ -69,10 +69,12 @@ class StandInAccess:
 
     def __init__(self) -> None:
         self.asked: list[tuple[str, MethodPolicy, str]] = []
+        self.may_linger: list[bool] = []
 
     async def admit(self, key: str, policy: MethodPolicy, project_id: str, *,
-                    turn_subject: str | None = None) -> CallContext:
+                    turn_subject: str | None = None, may_linger: bool = False) -> CallContext:
         self.asked.append((key, policy, project_id))
+        self.may_linger.append(may_linger)
         if key == GOOD_KEY:
             return ACME
         if key == LIMITED_KEY:
@@ -204,6 +206,8 @@ def test_the_admission_outcome_decides_the_status(caplog, metadata, error):
             if metadata:  # a PROJECT method asks for the project the request names
                 assert served.access.asked == [(metadata[0][1][len("Bearer "):],
                                                 MethodPolicy.PROJECT, "acme")]
+                # gRPC's calls may wait for others to go to the store with them.
+                assert served.access.may_linger == [True]
             if error is None:
                 # The servicer ran with the admitted call, and only then.
                 assert (await call).username == "for-alice"
@@ -448,6 +452,8 @@ def test_over_connect_the_admission_outcome_decides_the_status(caplog, key, erro
             status, headers, body = await served.issue("alice", key)
             assert status == http_status
             assert len(headers["x-request-id"]) == 32
+            # Connect's may not: a held call would hold its connection's next request back.
+            assert served.access.may_linger == ([] if key is None else [False])
             assert served.calls(code.name) == 1
             if error is None:
                 answer = credentials_pb2.IssueTurnCredentialsResponse.FromString(body)
