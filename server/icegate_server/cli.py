@@ -24,6 +24,7 @@ from icegate_server.settings import (
     Settings,
     add_setting_flags,
     load_settings,
+    parse_listen_address,
 )
 from icegate_server.workers import refuse_sqlite_workers, supervise_workers
 
@@ -85,17 +86,34 @@ def _recorder(settings: Settings, dev_file: Path) -> Callable[[IcegateServer, in
 
     def record(server: IcegateServer, port: int) -> None:
         listener = server.http_listener
-        http_url = None if listener is None else (
-            f"{listener.scheme}://{dialable(settings.http_listen.rpartition(':')[0])}:"
-            f"{listener.port}")
-        try:
-            record_listening(dev_file, f"{dialable(settings.listen.rpartition(':')[0])}:{port}",
-                             http_url)
-        except (OSError, ValueError) as error:  # the server runs on; only discovery suffers
-            log.warning("could not record the listening address in %s: %s", dev_file,
-                        Safe(type(error).__name__))
+        _record_listening(settings, dev_file, port,
+                          None if listener is None else (listener.scheme, listener.port))
 
     return record
+
+
+def _record_workers_listening(settings: Settings, dev_file: Path) -> Callable[[], None]:
+    """Records the ports `--workers N` serve on: fixed ones (settings refuse port 0 there)."""
+    def record() -> None:
+        http = None if not settings.http_listen else (
+            "https" if settings.tls_cert else "http",
+            parse_listen_address(settings.http_listen)[1])
+        _record_listening(settings, dev_file, parse_listen_address(settings.listen)[1], http)
+
+    return record
+
+
+def _record_listening(settings: Settings, dev_file: Path, grpc_port: int,
+                      http: tuple[str, int] | None) -> None:
+    """Writes the dialable gRPC target and HTTP URL (`http`: scheme and port) to `dev_file`."""
+    http_url = None if http is None else (
+        f"{http[0]}://{dialable(settings.http_listen.rpartition(':')[0])}:{http[1]}")
+    try:
+        record_listening(dev_file, f"{dialable(settings.listen.rpartition(':')[0])}:{grpc_port}",
+                         http_url)
+    except (OSError, ValueError) as error:  # the server runs on; only discovery suffers
+        log.warning("could not record the listening address in %s: %s", dev_file,
+                    Safe(type(error).__name__))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -134,8 +152,10 @@ def _run(args: argparse.Namespace, settings: Settings, dev_file: Path | None) ->
         return 0
 
     if settings.workers > 1:
+        record = (lambda: None) if dev_file is None else _record_workers_listening(settings,
+                                                                                  dev_file)
         try:
-            return supervise_workers(settings)
+            return supervise_workers(settings, record)
         except (OSError, IcegateError) as error:
             print(f"icegate-server: {error}", file=sys.stderr)
             return 1

@@ -47,6 +47,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 
 from icegate_server.observability.logs import Safe, configure_logging, stop_logging
@@ -176,8 +177,12 @@ def _terminate(worker: multiprocessing.process.BaseProcess) -> None:
             os.kill(worker.pid, signal.SIGTERM)
 
 
-def supervise_workers(settings: Settings) -> int:
+def supervise_workers(settings: Settings,
+                      on_ports_free: Callable[[], None] = lambda: None) -> int:
     """Runs `settings.workers` server processes on one port until SIGTERM/SIGINT.
+
+    `on_ports_free` is called once the listen addresses are found free, before the workers
+    start on them (the dev server records them there).
 
     Returns:
         The exit status: 0 when every worker stopped cleanly after a stop request, else 1.
@@ -191,6 +196,7 @@ def supervise_workers(settings: Settings) -> int:
     probe_listen_address(settings.listen)
     if settings.http_listen:
         probe_listen_address(settings.http_listen)
+    on_ports_free()
     return supervisor.run()
 
 

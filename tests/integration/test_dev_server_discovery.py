@@ -20,6 +20,7 @@ import pytest
 
 import icegate
 from harness.ports import free_tcp_port
+from harness.redis_server import RedisServer
 
 BIN = Path(sys.executable).parent
 
@@ -116,3 +117,26 @@ def test_a_tampered_record_is_ignored(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.delenv("ICEGATE_TARGET", raising=False)
     with icegate.Client() as client:
         assert client._connection.target == "127.0.0.1:50051"
+
+
+@pytest.mark.redis
+def test_dev_workers_record_their_fixed_ports(tmp_path: Path, redis_server: RedisServer) -> None:
+    """`--workers 2` (on Redis, on fixed ports): the command finds them too."""
+    port, http_port = free_tcp_port(), free_tcp_port()
+    process = subprocess.Popen(
+        [str(BIN / "icegate-server"), "--workers", "2", "--listen", f"127.0.0.1:{port}",
+         "--http-listen", f"127.0.0.1:{http_port}", "--store", redis_server.url],
+        cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        stored = recorded(tmp_path / ".icegate" / "dev-secrets.json", process)
+        assert stored["grpc_target"] == f"127.0.0.1:{port}"
+        assert stored["http_url"] == f"http://127.0.0.1:{http_port}"
+        deadline = time.monotonic() + 30  # recorded before the workers listen
+        while (health := icegate_command("health", cwd=tmp_path, env=clean_env())
+               ).stdout.strip() != "SERVING" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert health.stdout.strip() == "SERVING", health.stderr
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
