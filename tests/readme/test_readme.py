@@ -16,63 +16,23 @@ that cannot run here (`make run` itself, files only the reader has).
 from __future__ import annotations
 
 import base64
-import json
-import os
 import re
-import signal
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
-from fake_upstreams import FakeUpstream, OpenAIEmulation
-from harness.fake_coturn_cli import FAKE_CLI_PASSWORD, FakeCoturnCli
+from harness.markdown_blocks import Block, markdown_blocks
+from harness.readme_server import OPENAI_KEY, DevServer, clean_env
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 RUN = ("sh", "bash", "python")
-UNTESTED = re.compile(r"# untested: (\S.{9,})")
-OPENAI_KEY = "sk-readme-openai-key-0123456789"
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"readme-webhook-secret-32-bytes!!").decode()
 NOT_RUN = ("", "json", "toml", "text", "ini", "yaml", "javascript", "typescript", "html")
 """Languages of blocks that are data or another runtime's code, shown and not run."""
 MAX_UNTESTED = 5
 
 
-@dataclass(frozen=True)
-class Block:
-    line: int
-    language: str
-    text: str
-
-    @property
-    def untested(self) -> str | None:
-        first = self.text.partition("\n")[0]
-        match = UNTESTED.fullmatch(first.strip())
-        return match.group(1) if match else None
-
-
-def readme_blocks(text: str) -> list[Block]:
-    """The fenced blocks of a Markdown text, with the line their fence opens on."""
-    blocks, language, start, lines = [], None, 0, []
-    for number, line in enumerate(text.splitlines(), start=1):
-        fence = re.fullmatch(r"\s*```\s*([\w+-]*).*", line)
-        if language is None and fence:
-            language, start, lines = fence.group(1), number, []
-        elif language is not None and re.fullmatch(r"\s*```\s*", line):
-            blocks.append(Block(start, language, "\n".join(lines)))
-            language = None
-        elif language is not None:
-            lines.append(line)
-    assert language is None, f"README.md line {start}: a fence is never closed"
-    return blocks
-
-
-BLOCKS = readme_blocks(README.read_text(encoding="utf-8"))
+BLOCKS = markdown_blocks(README.read_text(encoding="utf-8"), "README.md")
 
 
 def script(blocks: list[Block], addresses: dict[str, str]) -> str:
@@ -89,64 +49,6 @@ def script(blocks: list[Block], addresses: dict[str, str]) -> str:
         else:
             parts.append(text)
     return "\n".join(parts) + "\n"
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    keep = ("HOME", "LANG", "LC_ALL", "TMPDIR")
-    env = {name: os.environ[name] for name in keep if name in os.environ}
-    env.update(PATH="/usr/local/bin:/usr/bin:/bin", **extra)
-    return env
-
-
-@dataclass
-class DevServer:
-    workdir: Path
-    grpc_target: str
-    http_address: str
-
-
-@pytest.fixture(scope="module")
-def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevServer]:
-    """`make run`'s server in a fresh directory holding the repository's .venv and examples."""
-    workdir = tmp_path_factory.mktemp("readme")
-    (workdir / ".venv").symlink_to(ROOT / ".venv")
-    (workdir / "examples").symlink_to(ROOT / "examples")
-    (workdir / ".icegate" / "coturn").mkdir(parents=True)
-    with FakeUpstream(OpenAIEmulation(OPENAI_KEY)) as openai, FakeCoturnCli() as coturn_cli:
-        env = clean_env(
-            ICEGATE_DATA_DIR=".icegate",
-            ICEGATE_COTURN_SQLITE=str(workdir / ".icegate" / "coturn" / "turndb"),
-            ICEGATE_LISTEN="127.0.0.1:0", ICEGATE_HTTP_LISTEN="127.0.0.1:0",
-            ICEGATE_OPENAI_BASE_URL=openai.base_url,
-            ICEGATE_COTURN_CLI=coturn_cli.address,
-            ICEGATE_COTURN_CLI_PASSWORD=FAKE_CLI_PASSWORD,
-        )
-        log = (workdir / "server.log").open("wb")
-        process = subprocess.Popen([str(Path(sys.executable).parent / "icegate-server")],
-                                   cwd=workdir, env=env, stdout=log, stderr=log)
-        try:
-            stored = _listening(workdir / ".icegate" / "dev-secrets.json", process, workdir)
-            yield DevServer(workdir, stored["grpc_target"],
-                            stored["http_url"].removeprefix("http://"))
-        finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=15)
-            log.close()
-
-
-def _listening(path: Path, process: subprocess.Popen[bytes], workdir: Path) -> dict[str, str]:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError((workdir / "server.log").read_text(errors="replace"))
-        try:
-            stored = json.loads(path.read_text())
-        except (OSError, ValueError):
-            stored = {}
-        if "grpc_target" in stored and "http_url" in stored:
-            return stored  # type: ignore[no-any-return]
-        time.sleep(0.1)
-    raise AssertionError("the dev server did not record where it listens within 30 s")
 
 
 def test_every_shell_and_python_block_runs_in_order(dev_server: DevServer) -> None:
