@@ -152,6 +152,23 @@ async def held(store: RedisStore) -> tuple[int, int, int]:
     return ((tat - NOW) // interval if tat is not None else 0), used, active
 
 
+async def seed(store: RedisStore) -> None:
+    """Project alpha, with an OpenAI key to begin sessions with."""
+    await store.create_project(Project("alpha", rate_limit_requests=1000,
+                                       rate_limit_window_seconds=3600))
+    await store.put_provider_key(ProviderKeyRecord("alpha", "openai", b"k", "abcd", 1))
+
+
+async def held_after_failover(store: RedisStore) -> tuple[int, int, int]:
+    """`held`, once the store's calls reach the new master (up to 5 s of UNAVAILABLE)."""
+    for _ in range(100):
+        try:
+            return await held(store)
+        except StoreUnavailableError:
+            await asyncio.sleep(0.05)
+    return await held(store)
+
+
 async def renewable(store: RedisStore, session_id: str) -> bool:
     """Whether the session's lease is live (KeepAliveSession would renew it)."""
     return await store.renew_session(project_id="alpha", session_id=session_id, now_ms=NOW,
@@ -167,9 +184,7 @@ def test_what_a_failover_keeps_is_what_the_replica_had_received(group: SentinelG
     async def scenario() -> tuple[tuple[int, int, int], bool, bool]:
         store = await RedisStore.open(group.url, timeout=0.5)
         try:
-            await store.create_project(Project("alpha", rate_limit_requests=1000,
-                                               rate_limit_window_seconds=3600))
-            await store.put_provider_key(ProviderKeyRecord("alpha", "openai", b"k", "abcd", 1))
+            await seed(store)
             await write_burst(store, 0, 10)
             assert await held(store) == (10, 10, 10)
             if cut_off:
@@ -182,12 +197,7 @@ def test_what_a_failover_keeps_is_what_the_replica_had_received(group: SentinelG
             killed = group.kill_master()
             await asyncio.to_thread(group.wait_for_failover, killed)
             # The same store, with no reopen, reads the new master.
-            for _ in range(100):
-                try:
-                    counts = await held(store)
-                    break
-                except StoreUnavailableError:
-                    await asyncio.sleep(0.05)
+            counts = await held_after_failover(store)
             return counts, await renewable(store, "s0"), await renewable(store, "s10")
         finally:
             await store.close()
@@ -218,21 +228,14 @@ def test_min_replicas_to_write_refuses_unavailable_what_the_replica_would_not_ge
     async def scenario() -> tuple[str, tuple[int, int, int]]:
         store = await RedisStore.open(group.url, timeout=0.5)
         try:
-            await store.create_project(Project("alpha", rate_limit_requests=1000,
-                                               rate_limit_window_seconds=3600))
-            await store.put_provider_key(ProviderKeyRecord("alpha", "openai", b"k", "abcd", 1))
+            await seed(store)
             await write_burst(store, 0, 10)
             await asyncio.to_thread(group.cut_off_replica)
             with pytest.raises(StoreUnavailableError) as refused:
                 await write_burst(store, 10, 1)
             killed = group.kill_master()
             await asyncio.to_thread(group.wait_for_failover, killed)
-            for _ in range(100):
-                try:
-                    return refused.value.message, await held(store)
-                except StoreUnavailableError:
-                    await asyncio.sleep(0.05)
-            return refused.value.message, await held(store)
+            return refused.value.message, await held_after_failover(store)
         finally:
             await store.close()
 
@@ -324,9 +327,7 @@ def test_rediss_sentinel_reaches_the_master_and_the_sentinels_over_tls(
     async def scenario() -> tuple[int, int, int]:
         store = await RedisStore.open(group.url, timeout=0.5)
         try:
-            await store.create_project(Project("alpha", rate_limit_requests=1000,
-                                               rate_limit_window_seconds=3600))
-            await store.put_provider_key(ProviderKeyRecord("alpha", "openai", b"k", "abcd", 1))
+            await seed(store)
             await write_burst(store, 0, 5)  # admissions: the hiredis protocol over TLS
             return await held(store)
         finally:
