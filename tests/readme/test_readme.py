@@ -18,12 +18,10 @@ from __future__ import annotations
 import base64
 import re
 import subprocess
-from pathlib import Path
 
 from harness.markdown_blocks import Block, markdown_blocks
-from harness.readme_server import OPENAI_KEY, DevServer, clean_env
+from harness.readme_server import OPENAI_KEY, ROOT, DevServer, clean_env
 
-ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 RUN = ("sh", "bash", "python")
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"readme-webhook-secret-32-bytes!!").decode()

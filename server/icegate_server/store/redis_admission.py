@@ -116,7 +116,7 @@ class AdmissionConnection(Generic[Item]):
         """While a busy store's batch lingers for more calls: the timer that ends it."""
         self._busy = False
         """Whether the loop's thread worked `BUSY_SHARE` of the last window or more."""
-        self._window_start = self._window_end = self._window_cpu = 0.0
+        self._window_start = self._window_cpu = 0.0
         self._pack = pack
         self._answer = answer
         self._fail = fail
@@ -139,7 +139,7 @@ class AdmissionConnection(Generic[Item]):
         waiting.append(item)
         if may_linger and self._linger:
             now = time.monotonic()
-            if now >= self._window_end:
+            if now - self._window_start >= BUSY_WINDOW:
                 self._measure_busy(now)
             if len(waiting) == 1 and self._busy:
                 self._hold = asyncio.get_running_loop().call_later(self._linger, self._release)
@@ -157,7 +157,7 @@ class AdmissionConnection(Generic[Item]):
         # call, made once a window.)
         cpu = time.thread_time()
         self._busy = cpu - self._window_cpu >= BUSY_SHARE * (now - self._window_start)
-        self._window_start, self._window_end, self._window_cpu = now, now + BUSY_WINDOW, cpu
+        self._window_start, self._window_cpu = now, cpu
 
     def _release(self) -> None:
         """Ends the linger: the batch goes out, or, with one on the wire, when it is in."""
